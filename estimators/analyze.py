@@ -1,0 +1,56 @@
+"""analyze: trace a loaded model once into a LayerTable (cached per model spec, input shape and weights)."""
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from .modelspec import LoadedModel
+from .pruning import PrunePlan, finish_plan, plan_pruning
+from .table import LayerTable, build_table
+from .trace import Trace, trace_model
+
+log = logging.getLogger(__name__)
+_CACHE: dict[str, LayerTable] = {}
+CLASSIFIER_OPS = ("Linear", "Conv1d", "Conv2d", "Conv3d")
+
+
+def find_classifier(tr: Trace) -> list[str]:
+    """The module(s) whose outputs are the model's outputs (walking back through pass-through ops)."""
+    found: list[str] = []
+    for tid in tr.output_tids:
+        row = tr.tensors[tid].producer
+        seen = 0
+        while row >= 0 and seen < 50:
+            r = tr.rows[row]
+            if r.is_module and r.op in CLASSIFIER_OPS:
+                if r.module_name not in found:
+                    found.append(r.module_name)
+                break
+            if not r.inputs:
+                break
+            row = tr.tensors[r.inputs[0]].producer
+            seen += 1
+    return found
+
+
+def analyze(loaded: LoadedModel, use_cache: bool = True) -> LayerTable:
+    key = loaded.cache_key
+    if use_cache and key in _CACHE:
+        return _CACHE[key]
+    t0 = time.perf_counter()
+    example = loaded.example_input()
+    tr = trace_model(loaded.model, example)
+    classifier = find_classifier(tr)
+    if loaded.kind == "pt2":
+        plan, pruner = PrunePlan(), None
+        plan.error = "a .pt2 program has no nn.Module layers for torch-pruning to prune"
+        plan.unpruned.append({"layer": "*", "reason": plan.error})
+    else:
+        plan, pruner = plan_pruning(loaded.model, example, classifier)
+    table, unfollowed = build_table(loaded.spec, loaded.input_shape, tr, plan)
+    finish_plan(plan, pruner, unfollowed)
+    table.notes.append(f"analysed in {time.perf_counter() - t0:.2f} s")
+    _CACHE[key] = table
+    return table

@@ -1,0 +1,162 @@
+"""Structured-pruning plan from torch-pruning's own dependency graph and importance, without pruning.
+
+`plan_pruning` builds torch-pruning's MetaPruner on the model (which only traces it), enumerates the
+same channel groups that `pruner.step()` would prune, and stores per group what the count of pruned
+channels depends on: the group's size, its channel grouping and its importance scores (for global
+ranking). The estimator then reproduces torch-pruning's thresholding arithmetic vectorised, so it
+predicts exactly the channels torch-pruning removes for any ratio, scope and round_to.
+
+Groups the estimator cannot follow (a channel mapping through an op it does not track, an unwrapped
+parameter) are left unpruned, and the executor is told to ignore them the same way (`ignored_roots`).
+"""
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+def make_importance():
+    """The importance criterion shared by the estimator and the executor (group L2 magnitude)."""
+    import torch_pruning as tp
+
+    return tp.importance.GroupMagnitudeImportance(p=2)
+
+
+@dataclass
+class PruneGroup:
+    index: int  # position in the dependency graph's group enumeration
+    root: str  # root module (its output channels define the group)
+    channels: int  # root output channels
+    ch_groups: int  # channel grouping (group convs): indices are pruned in every group alike
+    imp_sorted: np.ndarray  # per-index importance (averaged over channel groups), ascending, float32
+    out_deps: list[tuple[str, int]]  # (module, channels of it in this group) pruned on their outputs
+    scope_modules: list[str]  # modules whose layer-specific ratio applies, in torch-pruning's look-up order
+
+
+@dataclass
+class PrunePlan:
+    groups: list[PruneGroup] = field(default_factory=list)
+    n_dg_groups: int = 0
+    module_out: dict[str, list[tuple[int, int]]] = field(default_factory=dict)  # module -> [(dg group, count)]
+    module_in: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
+    group_channels: dict[int, int] = field(default_factory=dict)  # dg group -> root channels
+    group_root: dict[int, str] = field(default_factory=dict)
+    classifier: list[str] = field(default_factory=list)
+    ignored_roots: list[str] = field(default_factory=list)  # passed to the executor's ignored_layers
+    unpruned: list[dict] = field(default_factory=list)  # {"layer": ..., "reason": ...}
+    prunable_modules: list[str] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def total_channels(self) -> int:
+        return int(sum(len(g.imp_sorted) for g in self.groups))
+
+
+def _names(model: nn.Module) -> dict[int, str]:
+    return {id(m): n for n, m in model.named_modules()}
+
+
+def build_pruner(model: nn.Module, example: torch.Tensor, ignored: list[str], *, ratio: float = 0.5,
+                 global_pruning: bool = False, round_to: int | None = None,
+                 layer_ratios: dict[str, float] | None = None):
+    """The MetaPruner configuration both the plan and the executor use."""
+    import torch_pruning as tp
+
+    mods = dict(model.named_modules())
+    ratio_dict = {mods[n]: r for n, r in (layer_ratios or {}).items()} or None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with torch.enable_grad():
+            return tp.pruner.MetaPruner(
+                model, example, importance=make_importance(), pruning_ratio=ratio, global_pruning=global_pruning,
+                ignored_layers=[mods[n] for n in ignored if n in mods], round_to=round_to, pruning_ratio_dict=ratio_dict,
+            )
+
+
+def plan_pruning(model: nn.Module, example: torch.Tensor, classifier: list[str]) -> tuple[PrunePlan, object]:
+    """Enumerate torch-pruning's groups on `model` (unchanged) and compute their importance."""
+    plan = PrunePlan(classifier=list(classifier))
+    for c in classifier:
+        plan.unpruned.append({"layer": c, "reason": "classifier outputs are never pruned"})
+    try:
+        pruner = build_pruner(model, example, classifier)
+    except Exception as exc:  # noqa: BLE001 - torch-pruning cannot trace this model: nothing is pruned
+        plan.error = f"torch-pruning cannot build a dependency graph: {type(exc).__name__}: {exc}"
+        plan.unpruned.append({"layer": "*", "reason": plan.error})
+        return plan, None
+    import torch_pruning as tp
+
+    DG = pruner.DG
+    names = _names(model)
+    prunable_types = tuple(tp.ops.type2class(t) for t in DG.REGISTERED_PRUNERS.keys())
+    plan.prunable_modules = [n for n, m in model.named_modules() if n and isinstance(m, prunable_types)]
+    dg_groups = list(DG.get_all_groups(ignored_layers=pruner.ignored_layers, root_module_types=pruner.root_module_types))
+    plan.n_dg_groups = len(dg_groups)
+    plan._dg_groups = dg_groups  # type: ignore[attr-defined]  # kept only while analysing
+    plan._pruner = pruner  # type: ignore[attr-defined]
+    for gi, group in enumerate(dg_groups):
+        root_mod = group[0][0].target.module
+        root = names.get(id(root_mod), "?")
+        plan.group_root[gi] = root
+        plan.group_channels[gi] = int(DG.get_out_channels(root_mod))
+        for dep, idxs in group:
+            mod = dep.target.module
+            if dep.target.type == tp.ops.OPTYPE.PARAMETER:
+                continue
+            n = names.get(id(mod))
+            if n is None:
+                continue
+            if DG.is_out_channel_pruning_fn(dep.handler):
+                plan.module_out.setdefault(n, []).append((gi, len(idxs)))
+            elif DG.is_in_channel_pruning_fn(dep.handler):
+                plan.module_in.setdefault(n, []).append((gi, len(idxs)))
+    return plan, pruner
+
+
+def finish_plan(plan: PrunePlan, pruner, unfollowed: dict[int, str]) -> PrunePlan:
+    """Compute importance for the groups the estimator follows; record why the others stay unpruned."""
+    if pruner is None:
+        return plan
+    import torch_pruning as tp
+
+    DG = pruner.DG
+    names = _names(pruner.model)
+    for gi, group in enumerate(plan._dg_groups):  # type: ignore[attr-defined]
+        root = plan.group_root[gi]
+        if any(dep.target.type == tp.ops.OPTYPE.PARAMETER for dep, _ in group):
+            unfollowed.setdefault(gi, "the group prunes an unwrapped nn.Parameter, which the estimator does not follow")
+        if gi in unfollowed:
+            plan.ignored_roots.append(root)
+            plan.unpruned.append({"layer": root, "reason": unfollowed[gi]})
+            continue
+        if not pruner._check_pruning_ratio(group):
+            plan.unpruned.append({"layer": root, "reason": "a layer of the group has a single channel"})
+            continue
+        ch_groups = pruner._get_channel_groups(group)
+        with torch.no_grad():
+            imp = pruner.estimate_importance(group)
+        if imp is None:
+            plan.unpruned.append({"layer": root, "reason": "torch-pruning's importance gives no score for this group"})
+            continue
+        dim_imp = imp.view(ch_groups, -1).mean(dim=0) if ch_groups > 1 else imp
+        out_deps, scope = [], []
+        for dep, idxs in group:
+            for mod, fn in ((dep.source.module, dep.trigger), (dep.target.module, dep.handler)):
+                n = names.get(id(mod))
+                if n is not None and DG.is_out_channel_pruning_fn(fn) and n not in scope:
+                    scope.append(n)
+            n = names.get(id(dep.target.module))
+            if n is not None and DG.is_out_channel_pruning_fn(dep.handler):
+                out_deps.append((n, len(idxs)))
+        plan.groups.append(PruneGroup(gi, root, plan.group_channels[gi], ch_groups,
+                                      np.sort(dim_imp.detach().float().cpu().numpy()), out_deps, scope))
+    del plan._dg_groups  # type: ignore[attr-defined]
+    del plan._pruner  # type: ignore[attr-defined]
+    return plan

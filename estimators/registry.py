@@ -1,0 +1,506 @@
+"""Per-operator cost registry: one pure function of shapes per operator, returning a cost record.
+
+Every quantity of a row is a sum of terms `num * cin**a * cout**b // den`, where `cin` and `cout`
+are the row's input and output channel counts. Written that way, the same record costs the layer
+before and after pruning (the pruning estimator only changes `cin`/`cout`), exactly and vectorised.
+
+Quantities (per traced batch, elements unless said otherwise):
+  params       parameter elements owned by the row
+  buffers      floating-point buffer elements the deployed model needs (BatchNorm running stats)
+  fixed_bytes  other stored bytes (e.g. BatchNorm's int64 num_batches_tracked)
+  macs         multiply-accumulates as torch-pruning's counter (tp.utils.count_ops_and_params) counts
+               them: conv/linear/attention MACs plus one per element for the norm, activation and
+               pooling module types it knows; functional ops count zero there
+  gemm_macs    true multiply-accumulates of conv, linear, matmul and attention (FlopCounterMode / 2)
+  act_in       activation elements read
+  act_out      activation elements written
+
+Module handlers are keyed by exact module type (as torch-pruning's counter matches them); function
+handlers by the function's name (torch function, Tensor method or aten op packet name).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+QUANTITIES = ("params", "buffers", "fixed_bytes", "macs", "gemm_macs", "act_in", "act_out")
+Q_INDEX = {q: i for i, q in enumerate(QUANTITIES)}
+
+# latency classes (hardware profiles give an efficiency per class)
+KINDS = ("conv", "dwconv", "gemm", "attention", "elementwise", "norm", "pool", "copy", "view", "param")
+
+
+@dataclass
+class TMeta:
+    """What a cost function sees of a tensor."""
+
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def chan_axis(self) -> int:
+        # NCHW-style tensors carry channels on dim 1, token tensors (N, L, D) on the last dim
+        return -1 if len(self.shape) == 3 else 1
+
+    @property
+    def chan(self) -> int:
+        if len(self.shape) < 2:
+            return self.shape[0] if self.shape else 1
+        return self.shape[self.chan_axis]
+
+    @property
+    def per_chan(self) -> int:
+        return self.numel // self.chan if self.chan else 0
+
+
+@dataclass
+class Cost:
+    kind: str
+    cin: int
+    cout: int
+    terms: list[tuple[str, int, int, int, int]] = field(default_factory=list)  # (quantity, num, den, a, b)
+    # False when a term is a constant that pruning would change (then the row must not be pruned through)
+    channel_exact: bool = True
+
+    def add(self, q: str, num: int, a: int = 0, b: int = 0, den: int = 1) -> "Cost":
+        if num:
+            self.terms.append((q, int(num), int(den), a, b))
+        return self
+
+    def value(self, q: str) -> int:
+        return sum(n * self.cin**a * self.cout**b // d for qq, n, d, a, b in self.terms if qq == q)
+
+
+@dataclass
+class Ctx:
+    """Inputs of a cost function: activation tensors in/out, the module (module rows) or the call."""
+
+    inputs: list[TMeta]
+    outputs: list[TMeta]
+    module: nn.Module | None = None
+    params: list[torch.Tensor] = field(default_factory=list)  # parameter/buffer tensors passed to a function
+    args: tuple = ()
+    kwargs: dict = field(default_factory=dict)
+
+
+CostFn = Callable[[Ctx], Cost]
+MODULE_COSTS: dict[type, CostFn] = {}
+FUNCTION_COSTS: dict[str, tuple[CostFn, str]] = {}  # name -> (cost fn, channel rule)
+CHANNEL_RULES = ("same", "cat", "reshape", "fixed")
+
+
+def register_module(*types: type) -> Callable[[CostFn], CostFn]:
+    def deco(fn: CostFn) -> CostFn:
+        for t in types:
+            if t in MODULE_COSTS:
+                raise ValueError(f"duplicate cost registration for module type {t.__name__}")
+            MODULE_COSTS[t] = fn
+        return fn
+
+    return deco
+
+
+def register_function(*names: str, rule: str = "same") -> Callable[[CostFn], CostFn]:
+    if rule not in CHANNEL_RULES:
+        raise ValueError(f"unknown channel rule {rule!r}")
+
+    def deco(fn: CostFn) -> CostFn:
+        for n in names:
+            if n in FUNCTION_COSTS:
+                raise ValueError(f"duplicate cost registration for function {n!r}")
+            FUNCTION_COSTS[n] = (fn, rule)
+        return fn
+
+    return deco
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+
+
+def _acts(c: Cost, ctx: Ctx) -> Cost:
+    """Activation reads and writes, each tensor in terms of cin (first input) or cout when its channel
+    count is one of those; otherwise a constant and the row is not channel-exact."""
+    for i, t in enumerate(ctx.inputs):
+        if i == 0 and t.chan == c.cin:
+            c.add("act_in", t.per_chan, a=1)
+        elif t.chan == c.cout:
+            c.add("act_in", t.per_chan, b=1)
+        elif t.chan == c.cin:
+            c.add("act_in", t.per_chan, a=1)
+        else:
+            c.add("act_in", t.numel)
+            c.channel_exact = False
+    for t in ctx.outputs:
+        if t.chan == c.cout:
+            c.add("act_out", t.per_chan, b=1)
+        else:
+            c.add("act_out", t.numel)
+            c.channel_exact = False
+    return c
+
+
+def _io(ctx: Ctx) -> tuple[int, int]:
+    cin = ctx.inputs[0].chan if ctx.inputs else 0
+    cout = ctx.outputs[0].chan if ctx.outputs else 0
+    return cin, cout
+
+
+def _const_params(c: Cost, tensors: list[torch.Tensor]) -> Cost:
+    for p in tensors:
+        q = "params" if isinstance(p, nn.Parameter) else "buffers"
+        if p.is_floating_point():
+            c.add(q, p.numel())
+        else:
+            c.add("fixed_bytes", p.numel() * p.element_size())
+        c.channel_exact = False
+    return c
+
+
+# ----------------------------------------------------------------------------------------------
+# modules (exact types, as torch-pruning's counter)
+
+
+def _conv_cost(cin: int, cout: int, groups: int, ksize: int, out_per_chan: int, bias: bool, kind_hint: str) -> Cost:
+    depthwise = groups > 1 and groups == cin
+    c = Cost("dwconv" if depthwise else "conv", cin, cout)
+    if depthwise:  # groups follow the channels when pruned: everything scales with cout
+        c.add("params", ksize, b=1)
+        c.add("macs", ksize * out_per_chan, b=1)
+        c.add("gemm_macs", ksize * out_per_chan, b=1)
+    else:
+        c.add("params", ksize, a=1, b=1, den=groups)
+        c.add("macs", ksize * out_per_chan, a=1, b=1, den=groups)
+        c.add("gemm_macs", ksize * out_per_chan, a=1, b=1, den=groups)
+    if bias:
+        c.add("params", 1, b=1)
+        c.add("macs", out_per_chan, b=1)
+    return c
+
+
+@register_module(nn.Conv1d, nn.Conv2d, nn.Conv3d)
+def conv_module(ctx: Ctx) -> Cost:
+    m = ctx.module
+    y = ctx.outputs[0]
+    c = _conv_cost(m.in_channels, m.out_channels, m.groups, math.prod(m.kernel_size), y.numel // m.out_channels,
+                   m.bias is not None, "conv")
+    return _acts(c, ctx)
+
+
+@register_module(nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+def conv_transpose_module(ctx: Ctx) -> Cost:
+    m = ctx.module
+    y = ctx.outputs[0]
+    # torch-pruning's counter uses the conv formula on the output positions
+    c = _conv_cost(m.in_channels, m.out_channels, m.groups, math.prod(m.kernel_size), y.numel // m.out_channels,
+                   m.bias is not None, "conv")
+    return _acts(c, ctx)
+
+
+@register_module(nn.Linear)
+def linear_module(ctx: Ctx) -> Cost:
+    m = ctx.module
+    x = ctx.inputs[0]
+    c = Cost("gemm", m.in_features, m.out_features)
+    rows = x.numel // m.in_features
+    c.add("params", 1, a=1, b=1)
+    c.add("macs", rows, a=1, b=1)
+    c.add("gemm_macs", rows, a=1, b=1)
+    if m.bias is not None:
+        c.add("params", 1, b=1)
+        c.add("macs", 1, b=1)  # the counter adds out_features once, not per row
+    # a Linear on (N, L, D) reads tokens along the last dim, on (N, F) features: both are cin/cout
+    for t in ctx.inputs:
+        c.add("act_in", t.numel // m.in_features, a=1)
+    for t in ctx.outputs:
+        c.add("act_out", t.numel // m.out_features, b=1)
+    return c
+
+
+def _norm(ctx: Ctx, channels: int, affine: bool, stats: bool) -> Cost:
+    x = ctx.inputs[0]
+    c = Cost("norm", channels, channels)
+    if affine:
+        c.add("params", 2, b=1)
+    if stats:
+        c.add("buffers", 2, b=1)
+        c.add("fixed_bytes", 8)  # num_batches_tracked, int64
+    c.add("macs", (2 if affine else 1) * (x.numel // channels), b=1)
+    return _acts(c, ctx)
+
+
+@register_module(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+def batchnorm_module(ctx: Ctx) -> Cost:
+    m = ctx.module
+    c = _norm(ctx, m.num_features, m.affine, m.track_running_stats)
+    if m.track_running_stats and m.num_batches_tracked is None:
+        c.terms = [t for t in c.terms if t[0] != "fixed_bytes"]
+    return c
+
+
+@register_module(nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
+def instancenorm_module(ctx: Ctx) -> Cost:
+    m = ctx.module
+    return _norm(ctx, m.num_features, m.affine, m.track_running_stats)
+
+
+@register_module(nn.GroupNorm)
+def groupnorm_module(ctx: Ctx) -> Cost:
+    m = ctx.module
+    c = _norm(ctx, m.num_channels, m.affine, False)
+    return c
+
+
+@register_module(nn.LayerNorm)
+def layernorm_module(ctx: Ctx) -> Cost:
+    m = ctx.module
+    x = ctx.inputs[0]
+    d = x.shape[-1]
+    c = Cost("norm", d, d)
+    per = math.prod(m.normalized_shape) // d
+    if m.elementwise_affine:
+        c.add("params", per, b=1)
+        if m.bias is not None:
+            c.add("params", per, b=1)
+    c.add("macs", (2 if m.elementwise_affine else 1) * (x.numel // d), b=1)
+    return _acts(c, ctx)
+
+
+@register_module(nn.ReLU, nn.ReLU6, nn.ELU, nn.LeakyReLU, nn.GELU, nn.PReLU)
+def counted_activation_module(ctx: Ctx) -> Cost:
+    cin, cout = _io(ctx)
+    c = Cost("elementwise", cin, cout)
+    y = ctx.outputs[0]
+    c.add("macs", y.per_chan, b=1)
+    if isinstance(ctx.module, nn.PReLU):
+        n = ctx.module.weight.numel()
+        if n == cout and n > 1:
+            c.add("params", 1, b=1)
+        else:
+            c.add("params", n)
+    return _acts(c, ctx)
+
+
+@register_module(nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+                 nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
+                 nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
+def pool_module(ctx: Ctx) -> Cost:
+    cin, cout = _io(ctx)
+    c = Cost("pool", cin, cout)
+    c.add("macs", ctx.inputs[0].per_chan, a=1)
+    return _acts(c, ctx)
+
+
+@register_module(nn.Upsample)
+def upsample_module(ctx: Ctx) -> Cost:
+    cin, cout = _io(ctx)
+    c = Cost("copy", cin, cout)
+    y = ctx.outputs[0]
+    c.add("macs", math.prod(y.shape[2:]), b=1)  # the counter counts output[0]'s elements
+    return _acts(c, ctx)
+
+
+@register_module(nn.MultiheadAttention)
+def mha_module(ctx: Ctx) -> Cost:
+    m = ctx.module
+    q, k, v = ctx.inputs[:3] if len(ctx.inputs) >= 3 else (ctx.inputs[0],) * 3
+    if m.batch_first:
+        b, ql, kl, vl = q.shape[0], q.shape[1], k.shape[1], v.shape[1]
+    else:
+        b, ql, kl, vl = q.shape[1], q.shape[0], k.shape[0], v.shape[0]
+    qd, kd, vd = q.shape[2], k.shape[2], v.shape[2]
+    h = m.num_heads
+    macs = ql * qd + ql * qd * qd + kl * kd * kd + vl * vd * vd
+    if m.in_proj_bias is not None:
+        macs += (ql + kl + vl) * qd
+    macs += h * (ql * kl * (qd // h) + ql * kl + ql * kl * (vd // h))
+    macs += ql * vd * (vd + 1)
+    gemm = ql * qd * qd + kl * kd * kd + vl * vd * vd + h * ql * kl * (qd // h + vd // h) + ql * vd * vd
+    c = Cost("attention", qd, vd, channel_exact=False)
+    c.add("macs", macs * b)
+    c.add("gemm_macs", gemm * b)
+    c.add("params", sum(p.numel() for p in m.parameters()))
+    inter = b * h * ql * kl  # attention scores written and read once
+    c.add("act_in", sum(t.numel for t in ctx.inputs) + inter)
+    c.add("act_out", sum(t.numel for t in ctx.outputs) + inter)
+    return c
+
+
+# ----------------------------------------------------------------------------------------------
+# functions (torch functions, Tensor methods, aten ops)
+
+
+def _weight_args(ctx: Ctx) -> list[torch.Tensor]:
+    return list(ctx.params)
+
+
+@register_function("conv1d", "conv2d", "conv3d", "convolution", "_convolution", rule="fixed")
+def conv_function(ctx: Ctx) -> Cost:
+    args = list(ctx.args) + [None] * 9
+    w = args[1]
+    bias = args[2] if len(ctx.args) > 2 else ctx.kwargs.get("bias")
+    groups = ctx.kwargs.get("groups")
+    if groups is None:
+        groups = args[8] if args[0] is not None and w is not None and len(ctx.args) > 8 and args[6] in (True, False) else (args[6] if isinstance(args[6], int) else 1)
+    cin = ctx.inputs[0].chan
+    cout = w.shape[0]
+    c = _conv_cost(cin, cout, int(groups), math.prod(w.shape[2:]), ctx.outputs[0].numel // cout,
+                   isinstance(bias, torch.Tensor), "conv")
+    return _acts(c, ctx)
+
+
+@register_function("linear", rule="fixed")
+def linear_function(ctx: Ctx) -> Cost:
+    w = ctx.args[1] if len(ctx.args) > 1 else ctx.kwargs["weight"]
+    bias = ctx.args[2] if len(ctx.args) > 2 else ctx.kwargs.get("bias")
+    cout, cin = w.shape
+    x = ctx.inputs[0]
+    c = Cost("gemm", cin, cout)
+    c.add("params", 1, a=1, b=1)
+    c.add("gemm_macs", x.numel // cin, a=1, b=1)
+    if isinstance(bias, torch.Tensor):
+        c.add("params", 1, b=1)
+    return _acts(c, ctx)
+
+
+@register_function("batch_norm", "_native_batch_norm_legit_no_training", "native_batch_norm", "instance_norm", "group_norm",
+                   "layer_norm", "native_layer_norm", "rms_norm", rule="same")
+def norm_function(ctx: Ctx) -> Cost:
+    cin, cout = _io(ctx)
+    c = Cost("norm", cin, cout)
+    for p in ctx.params:
+        if p.dim() == 1 and p.numel() == cout and p.is_floating_point():
+            c.add("params" if isinstance(p, nn.Parameter) else "buffers", 1, b=1)
+        else:
+            _const_params(c, [p])
+    return _acts(c, ctx)
+
+
+@register_function(
+    "relu", "relu_", "relu6", "hardtanh", "hardtanh_", "silu", "silu_", "gelu", "sigmoid", "sigmoid_", "hardsigmoid",
+    "hardswish", "hardswish_", "tanh", "elu", "leaky_relu", "mish", "softplus", "dropout", "dropout_", "alpha_dropout",
+    "feature_alpha_dropout", "clone", "contiguous", "to", "float", "softmax", "log_softmax", "_softmax", "abs", "neg",
+    "exp", "sqrt", "rsqrt", "pow", "__pow__", "clamp", "clamp_min", "erf", "layer_scale", "masked_fill",
+    "add", "add_", "__add__", "__iadd__", "__radd__", "sub", "sub_", "__sub__", "__rsub__", "__isub__",
+    "mul", "mul_", "__mul__", "__imul__", "__rmul__", "div", "div_", "__truediv__", "__itruediv__", "__rtruediv__",
+    "where", "stochastic_depth", "eq", "ne", "lt", "gt", "le", "ge", "__eq__", "__ne__", "__lt__", "__gt__",
+    "__le__", "__ge__", "logical_not", "__and__", "__or__", "logical_and", "logical_or", rule="same")
+def elementwise_function(ctx: Ctx) -> Cost:
+    cin, cout = _io(ctx)
+    c = Cost("elementwise", cin, cout)
+    _const_params(c, ctx.params)
+    if ctx.params:
+        # a learned per-channel scale (layer scale) still costs one element per channel
+        c.terms = [t for t in c.terms if t[0] not in ("params", "buffers")]
+        for p in ctx.params:
+            if p.numel() == cout and p.is_floating_point():
+                c.add("params" if isinstance(p, nn.Parameter) else "buffers", 1, b=1)
+            else:
+                c.add("params" if isinstance(p, nn.Parameter) else "buffers", p.numel())
+                c.channel_exact = False
+    return _acts(c, ctx)
+
+
+@register_function("max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d", "avg_pool2d", "avg_pool3d",
+                   "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d", "adaptive_max_pool1d",
+                   "adaptive_max_pool2d", "adaptive_max_pool3d", "_adaptive_avg_pool2d", "max_pool2d_with_indices",
+                   "mean", "sum", "amax", "interpolate", "upsample_nearest2d", "upsample_bilinear2d", rule="same")
+def pool_function(ctx: Ctx) -> Cost:
+    cin, cout = _io(ctx)
+    c = Cost("pool", cin, cout)
+    _const_params(c, ctx.params)
+    return _acts(c, ctx)
+
+
+@register_function("cat", "concat", "concatenate", "stack", rule="cat")
+def cat_function(ctx: Ctx) -> Cost:
+    cin, cout = _io(ctx)
+    c = Cost("copy", cin, cout)
+    y = ctx.outputs[0]
+    # every input is read once and written once: the reads add up to the output
+    c.add("act_in", y.per_chan, b=1)
+    c.add("act_out", y.per_chan, b=1)
+    return c
+
+
+@register_function("flatten", "view", "reshape", "unsqueeze", "squeeze", "permute", "transpose", "t", "__getitem__",
+                   "select", "narrow", "expand", "expand_as", "unflatten", "chunk", "split", "unbind", "unsafe_view",
+                   "_unsafe_view", "detach", "movedim", "swapaxes", "swapdims", "alias", "view_as", "reshape_as", "slice", rule="reshape")
+def view_function(ctx: Ctx) -> Cost:
+    """Views move no data (a copy is costed where a later op needs one: contiguous, clone)."""
+    cin, cout = _io(ctx)
+    c = Cost("view", cin, cout)
+    if ctx.params:  # indexing a parameter table (e.g. relative position bias) reads it
+        _const_params(c, ctx.params)
+        for t in ctx.outputs:
+            c.add("act_out", t.numel)
+    return c
+
+
+@register_function("pad", "roll", "channel_shuffle", "native_channel_shuffle", "pixel_shuffle", "repeat", rule="reshape")
+def copy_function(ctx: Ctx) -> Cost:
+    cin, cout = _io(ctx)
+    c = Cost("copy", cin, cout)
+    _const_params(c, ctx.params)
+    return _acts(c, ctx)
+
+
+@register_function("matmul", "__matmul__", "bmm", "mm", "einsum", "baddbmm", "addmm", rule="fixed")
+def matmul_function(ctx: Ctx) -> Cost:
+    cin, cout = _io(ctx)
+    c = Cost("gemm", cin, cout, channel_exact=False)
+    ops = [t for t in ctx.inputs] + [TMeta(tuple(p.shape)) for p in ctx.params]
+    a, b = (ops + [None, None])[:2]
+    y = ctx.outputs[0]
+    if a is not None:
+        k = a.shape[-1]
+        c.add("gemm_macs", y.numel * k)
+    _const_params(c, ctx.params)
+    for t in ctx.inputs:
+        c.add("act_in", t.numel)
+    for t in ctx.outputs:
+        c.add("act_out", t.numel)
+    return c
+
+
+@register_function("scaled_dot_product_attention", rule="fixed")
+def sdpa_function(ctx: Ctx) -> Cost:
+    q, k, v = ctx.inputs[:3]
+    y = ctx.outputs[0]
+    batch_heads = q.numel // (q.shape[-2] * q.shape[-1])
+    lq, lk, d, dv = q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
+    c = Cost("attention", q.chan, y.chan, channel_exact=False)
+    c.add("gemm_macs", batch_heads * lq * lk * (d + dv))
+    c.add("act_in", sum(t.numel for t in ctx.inputs))
+    c.add("act_out", y.numel)
+    return c
+
+
+@register_function("zeros", "ones", "full", "arange", "new_zeros", "new_ones", "new_full", "zeros_like", "ones_like",
+                   "full_like", "empty", "empty_like", "tensor", "as_tensor", "meshgrid", "fill_", "zero_", rule="fixed")
+def creation_function(ctx: Ctx) -> Cost:
+    cin, cout = _io(ctx)
+    c = Cost("copy", cin, cout, channel_exact=False)
+    for t in ctx.outputs:
+        c.add("act_out", t.numel)
+    return c
+
+
+def module_cost_fn(module: nn.Module) -> CostFn | None:
+    return MODULE_COSTS.get(type(module))
+
+
+def function_name(func: Any) -> str:
+    """Canonical name of a torch function, Tensor method or aten overload."""
+    op = getattr(func, "overloadpacket", None)
+    if op is not None:
+        return getattr(op, "__name__", str(op)).split(".")[-1]
+    name = getattr(func, "__name__", None) or str(func)
+    return name

@@ -1,0 +1,150 @@
+"""Compression strategies: an ordered list of steps, as JSON or as a compact string.
+
+    {"steps": [{"method": "prune", "ratio": 0.5, "scope": "global"}, {"method": "quantize", "dtype": "int8"}]}
+    prune:0.5:global,quantize:int8          distill:width:0.5          distill:torchvision:resnet18          none
+
+A prune token takes optional `:uniform`/`:global` and `:round_to=N`.
+"""
+from __future__ import annotations
+
+import json
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import UserInputError
+
+QUANT_DTYPES = ("int8", "int8-weight-only", "fp16", "bf16")
+STRATEGY_FORMS = (
+    "strategy forms: JSON {\"steps\": [{\"method\": \"prune\", \"ratio\": 0.5, \"scope\": \"uniform\"}, "
+    "{\"method\": \"quantize\", \"dtype\": \"int8\"}]} or a compact string such as prune:0.5,quantize:int8 "
+    "(prune:RATIO[:uniform|:global][:round_to=N], quantize:int8|int8-weight-only|fp16|bf16, distill:width:F, "
+    "distill:MODEL_SPEC, none)"
+)
+
+
+class _Step(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PruneStep(_Step):
+    method: Literal["prune"] = "prune"
+    ratio: float = Field(ge=0.0, lt=1.0, description="share of channels removed per group (uniform) or overall (global)")
+    scope: Literal["uniform", "global"] = "uniform"
+    round_to: int | None = Field(default=None, ge=1, description="keep channel counts multiples of this")
+    layers: dict[str, float] | None = Field(default=None, description="per-layer ratios (module name -> ratio), uniform scope")
+
+    @field_validator("layers")
+    @classmethod
+    def _layers(cls, v):
+        if v:
+            for k, r in v.items():
+                if not 0.0 <= r < 1.0:
+                    raise ValueError(f"ratio {r} for layer {k!r} is outside [0, 1)")
+        return v
+
+    def compact(self) -> str:
+        s = f"prune:{self.ratio:g}"
+        if self.scope != "uniform":
+            s += f":{self.scope}"
+        if self.round_to:
+            s += f":round_to={self.round_to}"
+        return s
+
+
+class QuantizeStep(_Step):
+    method: Literal["quantize"] = "quantize"
+    dtype: Literal["int8", "int8-weight-only", "fp16", "bf16"]
+
+    def compact(self) -> str:
+        return f"quantize:{self.dtype}"
+
+
+class DistillStep(_Step):
+    method: Literal["distill"] = "distill"
+    student: str = Field(description="width:F (the teacher at width F) or a model spec")
+
+    @field_validator("student")
+    @classmethod
+    def _student(cls, v: str):
+        if v.startswith("width:"):
+            try:
+                f = float(v[6:])
+            except ValueError:
+                raise ValueError(f"bad width multiplier in {v!r}") from None
+            if not 0.0 < f <= 1.0:
+                raise ValueError(f"width multiplier {f} is outside (0, 1]")
+        return v
+
+    @property
+    def width(self) -> float | None:
+        return float(self.student[6:]) if self.student.startswith("width:") else None
+
+    def compact(self) -> str:
+        return f"distill:{self.student}"
+
+
+Step = Annotated[Union[PruneStep, QuantizeStep, DistillStep], Field(discriminator="method")]
+
+
+class Strategy(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    steps: list[Step] = Field(default_factory=list)
+
+    def compact(self) -> str:
+        return ",".join(s.compact() for s in self.steps) or "none"
+
+
+def _parse_token(tok: str) -> dict:
+    method, _, rest = tok.partition(":")
+    method = method.strip()
+    if method == "prune":
+        parts = [p for p in rest.split(":") if p]
+        if not parts:
+            raise UserInputError(f"prune needs a ratio, e.g. prune:0.5; {STRATEGY_FORMS}")
+        try:
+            step: dict = {"method": "prune", "ratio": float(parts[0])}
+        except ValueError:
+            raise UserInputError(f"bad prune ratio {parts[0]!r}; {STRATEGY_FORMS}") from None
+        for p in parts[1:]:
+            if p in ("uniform", "global"):
+                step["scope"] = p
+            elif p.startswith("round_to="):
+                try:
+                    step["round_to"] = int(p.split("=", 1)[1])
+                except ValueError:
+                    raise UserInputError(f"bad round_to in {tok!r}; {STRATEGY_FORMS}") from None
+            else:
+                raise UserInputError(f"unknown prune option {p!r} in {tok!r}; {STRATEGY_FORMS}")
+        return step
+    if method == "quantize":
+        return {"method": "quantize", "dtype": rest}
+    if method == "distill":
+        return {"method": "distill", "student": rest}
+    raise UserInputError(f"unknown compression method {method!r}; methods are prune, quantize, distill; {STRATEGY_FORMS}")
+
+
+def parse_strategy(text: "str | dict | Strategy | None") -> Strategy:
+    if isinstance(text, Strategy):
+        return text
+    try:
+        if text is None:
+            return Strategy()
+        if isinstance(text, dict):
+            return Strategy.model_validate(text)
+        t = text.strip()
+        if t.startswith("{"):
+            try:
+                data = json.loads(t)
+            except json.JSONDecodeError as exc:
+                raise UserInputError(f"strategy is not valid JSON: {exc}; {STRATEGY_FORMS}") from None
+            return Strategy.model_validate(data)
+        if t in ("", "none"):
+            return Strategy()
+        return Strategy.model_validate({"steps": [_parse_token(tok) for tok in t.split(",") if tok.strip()]})
+    except ValidationError as exc:
+        msgs = []
+        for e in exc.errors():
+            loc = ".".join(str(x) for x in e["loc"] if not isinstance(x, int) or True)
+            msgs.append(f"{loc}: {e['msg']}")
+        raise UserInputError(f"bad strategy: {'; '.join(msgs)}; {STRATEGY_FORMS}") from None

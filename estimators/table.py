@@ -1,0 +1,408 @@
+"""The LayerTable: one row per operator, vectorised so that compression estimates are array arithmetic.
+
+A table holds the traced model (rows, their cost terms, the channel composition of every row's input
+and output, tensor lifetimes) and a compression *state*: channels kept per pruning group and bytes per
+element of weights and activations per row. Estimators return a new table with a new state; `totals`
+evaluates it. No model is touched after analysis.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+
+from . import registry as R
+from .pruning import PrunePlan
+from .trace import Trace
+
+NQ = len(R.QUANTITIES)
+QI = R.Q_INDEX
+DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1}
+
+
+@dataclass
+class State:
+    kept: np.ndarray  # per dependency-graph group: root channels kept
+    wbytes: np.ndarray  # per row: bytes per parameter element
+    bbytes: np.ndarray  # per row: bytes per float buffer element
+    abytes: np.ndarray  # per row: bytes per activation element it writes (and, for its inputs, reads)
+    fixed_scale: np.ndarray  # per row: multiplier of fixed_bytes (0 when folded away)
+    wscale: np.ndarray  # per row: multiplier of param/buffer bytes (0 when folded into another row)
+    extra_per_cout: np.ndarray  # per row: extra stored bytes per output channel (scales, zero points, folded bias)
+    extra_const: np.ndarray  # per row: extra stored bytes (activation scales etc.)
+    wdtype: list[str]  # per row: storage dtype name of its weights
+    steps: list[dict] = field(default_factory=list)
+
+    def copy(self) -> "State":
+        return State(self.kept.copy(), self.wbytes.copy(), self.bbytes.copy(), self.abytes.copy(), self.fixed_scale.copy(),
+                     self.wscale.copy(), self.extra_per_cout.copy(), self.extra_const.copy(), list(self.wdtype),
+                     list(self.steps))
+
+
+@dataclass
+class LayerTable:
+    model: str
+    input_shape: tuple[int, ...]
+    batch: int
+    names: list[str]
+    ops: list[str]
+    kinds: list[str]
+    module_names: list[str]
+    is_module: np.ndarray
+    in_shapes: list[list[tuple[int, ...]]]
+    out_shapes: list[list[tuple[int, ...]]]
+    cin0: np.ndarray
+    cout0: np.ndarray
+    # cost terms
+    t_row: np.ndarray
+    t_q: np.ndarray
+    t_num: np.ndarray
+    t_den: np.ndarray
+    t_a: np.ndarray
+    t_b: np.ndarray
+    # channel composition: chan' = chan0 - sum(mult * pruned[group]) over segments
+    in_seg: tuple[np.ndarray, np.ndarray, np.ndarray]  # (row, group, mult)
+    out_seg: tuple[np.ndarray, np.ndarray, np.ndarray]
+    # activation storages for peak memory
+    st_bytes0: np.ndarray  # bytes at fp32 storage... per storage (elements * elem bytes of the traced dtype)
+    st_elems_per_chan: np.ndarray
+    st_chan0: np.ndarray
+    st_row: np.ndarray  # producer row (for the activation dtype); -1 for the model input
+    st_birth: np.ndarray
+    st_death: np.ndarray
+    st_seg: tuple[np.ndarray, np.ndarray, np.ndarray]  # (storage, group, mult)
+    group_channels: np.ndarray  # per dg group: root channels at analysis
+    plan: PrunePlan
+    unsupported: list[dict]
+    state: State
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def n(self) -> int:
+        return len(self.names)
+
+    def with_state(self, state: State) -> "LayerTable":
+        return replace(self, state=state)
+
+
+# ----------------------------------------------------------------------------------------------
+# building
+
+
+def _comp_key(segs: dict[int, int]) -> tuple:
+    return tuple(sorted((g, m) for g, m in segs.items() if m))
+
+
+def build_table(model_spec: str, input_shape: tuple[int, ...], tr: Trace, plan: PrunePlan) -> tuple["LayerTable", dict[int, str]]:
+    """Assemble the table, propagating channel compositions; returns it with the groups it cannot follow."""
+    rows = tr.rows
+    T = tr.tensors
+    n = len(rows)
+    unfollowed: dict[int, str] = {}
+    gch = plan.group_channels
+    comp: dict[int, dict[int, int]] = {}  # tensor -> {group: channels of the tensor per root channel}
+    for tid in tr.input_tids:
+        comp[tid] = {}
+
+    def cget(tid: int) -> dict[int, int]:
+        return comp.get(tid, {})
+
+    def breaks(segs: dict[int, int], why: str) -> None:
+        for g in segs:
+            unfollowed.setdefault(g, why)
+
+    def from_deps(deps: list[tuple[int, int]]) -> dict[int, int]:
+        out: dict[int, int] = {}
+        for g, cnt in deps:
+            if cnt % gch[g]:
+                unfollowed.setdefault(g, "a channel mapping that is not a whole multiple of the group")
+                continue
+            out[g] = out.get(g, 0) + cnt // gch[g]
+        return out
+
+    for i, r in enumerate(rows):
+        ins = [cget(t) for t in r.inputs]
+        x0 = ins[0] if ins else {}
+        if r.cost is None:
+            for s in ins:
+                breaks(s, f"channels pass through {r.op}, which the estimator cannot cost")
+            for t in r.outputs:
+                comp[t] = {}
+            continue
+        if not r.cost.channel_exact:
+            for s in ins:
+                breaks(s, f"{r.name} ({r.op}) does not scale with channels")
+        if r.is_module:
+            mname = r.module_name
+            din = from_deps(plan.module_in.get(mname, []))
+            dout = from_deps(plan.module_out.get(mname, []))
+            kind = r.cost.kind
+            if kind in ("conv", "gemm", "attention"):  # a new channel space: what enters must match torch-pruning's map
+                if _comp_key(din) != _comp_key(x0):
+                    why = f"the channels entering {mname} do not map one-to-one through the ops before it"
+                    breaks(din, why)
+                    breaks(x0, why)
+                out = dout
+            else:  # channels pass through (depthwise conv, norm, activation, pooling)
+                out = dout if dout else dict(x0)
+                if dout and _comp_key(dout) != _comp_key(x0):
+                    why = f"{mname} couples channels the estimator maps differently"
+                    breaks(dout, why)
+                    breaks(x0, why)
+            for t in r.outputs:
+                comp[t] = dict(out) if T[t].meta.chan == (T[r.outputs[0]].meta.chan) else {}
+            continue
+        # functions
+        rule = r.rule
+        y = T[r.outputs[0]].meta
+        if rule == "same":
+            src = None
+            for tid, s in zip(r.inputs, ins):
+                if T[tid].meta.chan == y.chan and (T[tid].shape == y.shape or src is None):
+                    if src is None or T[tid].shape == y.shape:
+                        src = s
+                        if T[tid].shape == y.shape:
+                            break
+            if src is None:
+                for s in ins:
+                    breaks(s, f"{r.name} ({r.op}) changes the channel count")
+                src = {}
+            for s in ins:
+                if s and s is not src and T[r.inputs[ins.index(s)]].meta.chan == y.chan and _comp_key(s) != _comp_key(src):
+                    why = f"{r.name} ({r.op}) joins channels that torch-pruning couples differently"
+                    breaks(s, why)
+                    breaks(src, why)
+            out = dict(src)
+        elif rule == "cat":
+            dim = r.kwargs.get("dim", r.args[1] if len(r.args) > 1 else 0)
+            ax = y.chan_axis
+            nd = len(y.shape)
+            if isinstance(dim, int) and (dim % nd) == (ax % nd):
+                out = {}
+                for s in ins:
+                    for g, m in s.items():
+                        out[g] = out.get(g, 0) + m
+            else:
+                out = dict(x0)
+        elif rule == "reshape":
+            x = T[r.inputs[0]].meta if r.inputs else None
+            out = {}
+            if x is not None and x0:
+                if len(x.shape) >= 3 and len(y.shape) == 2 and x.chan_axis == 1 and y.shape[0] == x.shape[0] \
+                        and y.shape[1] == math.prod(x.shape[1:]):
+                    k = math.prod(x.shape[2:])
+                    out = {g: m * k for g, m in x0.items()}
+                elif y.chan == x.chan and y.shape[0] == x.shape[0] and (len(y.shape) == len(x.shape) or y.numel == x.numel) \
+                        and (r.op not in ("permute", "transpose", "swapaxes", "movedim", "t") or y.shape == x.shape):
+                    out = dict(x0)
+                else:
+                    breaks(x0, f"channels pass through {r.name} ({r.op}), a reshape the estimator does not follow")
+            for s in ins[1:]:
+                breaks(s, f"channels pass through {r.name} ({r.op}), a reshape the estimator does not follow")
+        else:  # fixed
+            for s in ins:
+                breaks(s, f"channels pass through {r.name} ({r.op}), which makes a new channel space")
+            out = {}
+        for t in r.outputs:
+            comp[t] = dict(out) if T[t].meta.chan == y.chan else {}
+            if T[t].meta.chan != y.chan and out:
+                breaks(out, f"{r.name} ({r.op}) splits channels")
+
+    # model outputs: nothing may prune them (the classifier is ignored; anything else reaching them is not followed)
+    for t in tr.output_tids:
+        breaks(cget(t), "the group reaches the model output")
+
+    # ---- arrays
+    names = [r.name for r in rows]
+    cost_rows = [r.cost if r.cost is not None else R.Cost("unsupported", 0, 0) for r in rows]
+    cin0 = np.array([c.cin for c in cost_rows], dtype=np.int64)
+    cout0 = np.array([c.cout for c in cost_rows], dtype=np.int64)
+    tr_, tq, tn, td, ta, tb = [], [], [], [], [], []
+    for i, c in enumerate(cost_rows):
+        for q, num, den, a, b in c.terms:
+            tr_.append(i); tq.append(QI[q]); tn.append(num); td.append(den); ta.append(a); tb.append(b)
+    # unowned parameters/buffers are stored too: one row each
+    extra_names, extra_costs = [], []
+    for pname, p in tr.unowned:
+        c = R.Cost("param", 0, 0)
+        if p.is_floating_point():
+            c.add("params" if p.requires_grad or type(p).__name__ == "Parameter" else "buffers", p.numel())
+        else:
+            c.add("fixed_bytes", p.numel() * p.element_size())
+        extra_names.append(f"param:{pname}")
+        extra_costs.append(c)
+    for j, c in enumerate(extra_costs):
+        for q, num, den, a, b in c.terms:
+            tr_.append(n + j); tq.append(QI[q]); tn.append(num); td.append(den); ta.append(a); tb.append(b)
+
+    def segs(which: str):
+        rr, gg, mm = [], [], []
+        for i, r in enumerate(rows):
+            tids = r.inputs[:1] if which == "in" else r.outputs[:1]
+            for t in tids:
+                for g, m in cget(t).items():
+                    rr.append(i); gg.append(g); mm.append(m)
+        return np.array(rr, dtype=np.int64), np.array(gg, dtype=np.int64), np.array(mm, dtype=np.int64)
+
+    # activation storages: one per storage key, sized by its largest tensor, alive from first write to last read
+    st_index: dict[int, int] = {}
+    st_bytes, st_pc, st_ch, st_row, st_birth, st_death, st_tid = [], [], [], [], [], [], []
+    last_use: dict[int, int] = {}
+    for i, r in enumerate(rows):
+        for t in r.inputs:
+            last_use[T[t].storage] = i
+    end = n
+    for t in tr.output_tids:
+        last_use[T[t].storage] = end
+    for info in T:
+        if info.producer == -2 and info.storage not in st_index:
+            continue  # constants made outside rows (tensors the model builds on the fly) are tiny
+        k = info.storage
+        nbytes = info.meta.numel * info.elem_bytes
+        birth = max(info.producer, -1)
+        if k not in st_index:
+            st_index[k] = len(st_bytes)
+            st_bytes.append(nbytes); st_pc.append(info.meta.per_chan * info.elem_bytes); st_ch.append(info.meta.chan)
+            st_row.append(info.producer); st_birth.append(birth); st_death.append(last_use.get(k, birth)); st_tid.append(info.tid)
+        else:
+            j = st_index[k]
+            st_birth[j] = min(st_birth[j], birth)
+            if nbytes > st_bytes[j]:
+                st_bytes[j] = nbytes; st_pc[j] = info.meta.per_chan * info.elem_bytes; st_ch[j] = info.meta.chan
+                st_tid[j] = info.tid
+    sr, sg, sm = [], [], []
+    for j, tid in enumerate(st_tid):
+        for g, m in cget(tid).items():
+            sr.append(j); sg.append(g); sm.append(m)
+    for j in range(len(st_death)):
+        st_death[j] = max(st_death[j], st_birth[j])
+
+    unsupported = []
+    for r in rows:
+        if r.cost is None:
+            unsupported.append({"layer": r.name, "op": r.op,
+                                "input_shapes": [list(T[t].shape) for t in r.inputs],
+                                "output_shapes": [list(T[t].shape) for t in r.outputs]})
+    ntot = n + len(extra_names)
+    ng = max(plan.n_dg_groups, 1)
+    gchan = np.array([plan.group_channels.get(g, 0) for g in range(ng)], dtype=np.int64)
+    state = State(
+        kept=gchan.copy(),
+        wbytes=np.full(ntot, 4.0), bbytes=np.full(ntot, 4.0), abytes=np.full(ntot, 4.0),
+        fixed_scale=np.ones(ntot), wscale=np.ones(ntot), extra_per_cout=np.zeros(ntot), extra_const=np.zeros(ntot),
+        wdtype=["fp32"] * ntot,
+    )
+    pad = lambda a, v: np.concatenate([a, np.full(len(extra_names), v, dtype=a.dtype)])  # noqa: E731
+    table = LayerTable(
+        model=model_spec, input_shape=tuple(input_shape), batch=tr.batch,
+        names=names + extra_names,
+        ops=[r.op for r in rows] + ["parameter"] * len(extra_names),
+        kinds=[c.kind for c in cost_rows] + ["param"] * len(extra_names),
+        module_names=[r.module_name for r in rows] + [x[6:] for x in extra_names],
+        is_module=np.array([r.is_module for r in rows] + [False] * len(extra_names)),
+        in_shapes=[[T[t].shape for t in r.inputs] for r in rows] + [[]] * len(extra_names),
+        out_shapes=[[T[t].shape for t in r.outputs] for r in rows] + [[]] * len(extra_names),
+        cin0=pad(cin0, 0), cout0=pad(cout0, 0),
+        t_row=np.array(tr_, dtype=np.int64), t_q=np.array(tq, dtype=np.int64), t_num=np.array(tn, dtype=np.int64),
+        t_den=np.array(td, dtype=np.int64), t_a=np.array(ta, dtype=np.int64), t_b=np.array(tb, dtype=np.int64),
+        in_seg=segs("in"), out_seg=segs("out"),
+        st_bytes0=np.array(st_bytes, dtype=np.int64), st_elems_per_chan=np.array(st_pc, dtype=np.int64),
+        st_chan0=np.array(st_ch, dtype=np.int64), st_row=np.array(st_row, dtype=np.int64),
+        st_birth=np.array(st_birth, dtype=np.int64), st_death=np.array(st_death, dtype=np.int64),
+        st_seg=(np.array(sr, dtype=np.int64), np.array(sg, dtype=np.int64), np.array(sm, dtype=np.int64)),
+        group_channels=gchan, plan=plan, unsupported=unsupported, state=state,
+    )
+    return table, unfollowed
+
+
+# ----------------------------------------------------------------------------------------------
+# evaluation
+
+
+@dataclass
+class Evaluated:
+    cin: np.ndarray
+    cout: np.ndarray
+    q: np.ndarray  # rows x quantities
+    weight_bytes: np.ndarray  # per row, stored bytes
+    act_read_bytes: np.ndarray
+    act_write_bytes: np.ndarray
+    peak_act_bytes: int
+
+
+def _pruned(table: LayerTable) -> np.ndarray:
+    return (table.group_channels - table.state.kept).astype(np.int64)
+
+
+def evaluate(table: LayerTable) -> Evaluated:
+    s = table.state
+    n = table.n
+    P = _pruned(table)
+    cin = table.cin0.copy()
+    cout = table.cout0.copy()
+    if P.any():
+        r, g, m = table.in_seg
+        if len(r):
+            cin -= np.bincount(r, weights=m * P[g], minlength=n).astype(np.int64)
+        r, g, m = table.out_seg
+        if len(r):
+            cout -= np.bincount(r, weights=m * P[g], minlength=n).astype(np.int64)
+    tr = table.t_row
+    vals = table.t_num * np.where(table.t_a == 1, cin[tr], 1) * np.where(table.t_b == 1, cout[tr], 1) // table.t_den
+    q = np.bincount(tr * NQ + table.t_q, weights=vals.astype(np.float64), minlength=n * NQ).reshape(n, NQ)
+    wb = (q[:, QI["params"]] * s.wbytes + q[:, QI["buffers"]] * s.bbytes) * s.wscale \
+        + q[:, QI["fixed_bytes"]] * s.fixed_scale + s.extra_per_cout * cout + s.extra_const
+    # activations: a row writes in its own activation dtype and reads in its producers' (approximated by its own)
+    ab = s.abytes
+    arb = q[:, QI["act_in"]] * ab
+    awb = q[:, QI["act_out"]] * ab
+    # peak: storages sized by their channels and the producer's activation dtype
+    sch = table.st_chan0.copy()
+    if P.any() and len(table.st_seg[0]):
+        r, g, m = table.st_seg
+        sch -= np.bincount(r, weights=m * P[g], minlength=len(sch)).astype(np.int64)
+    prod_bytes = np.where(table.st_row >= 0, ab[np.maximum(table.st_row, 0)], 4.0) / 4.0
+    sizes = table.st_elems_per_chan * sch * prod_bytes
+    steps = n + 2
+    delta = np.zeros(steps + 1)
+    np.add.at(delta, table.st_birth + 1, sizes)
+    np.add.at(delta, table.st_death + 2, -sizes)
+    live = np.cumsum(delta)
+    return Evaluated(cin, cout, q, wb, arb, awb, int(live.max()) if len(live) else 0)
+
+
+METRICS = ("params", "size_bytes", "macs", "flops", "memory_access_bytes", "peak_memory_bytes")
+
+
+def totals(table: LayerTable, ev: Evaluated | None = None) -> dict[str, Any]:
+    ev = ev or evaluate(table)
+    q = ev.q.sum(axis=0)
+    size = float(ev.weight_bytes.sum())
+    macs = q[QI["macs"]] / table.batch
+    return {
+        "params": int(round(q[QI["params"]])),
+        "size_bytes": int(round(size)),
+        "macs": int(round(macs)) if float(macs).is_integer() else float(macs),
+        "flops": int(round(2 * macs)) if float(2 * macs).is_integer() else float(2 * macs),
+        "gemm_macs": int(round(q[QI["gemm_macs"]] / table.batch)),
+        "memory_access_bytes": int(round(size + ev.act_read_bytes.sum() + ev.act_write_bytes.sum())),
+        "peak_memory_bytes": int(round(size + ev.peak_act_bytes)),
+    }
+
+
+def layer_rows(table: LayerTable, ev: Evaluated | None = None) -> list[dict[str, Any]]:
+    ev = ev or evaluate(table)
+    out = []
+    for i in range(table.n):
+        out.append({
+            "name": table.names[i], "op": table.ops[i], "kind": table.kinds[i],
+            "input_shapes": [list(s) for s in table.in_shapes[i]], "output_shapes": [list(s) for s in table.out_shapes[i]],
+            "in_channels": int(ev.cin[i]), "out_channels": int(ev.cout[i]),
+            "params": int(ev.q[i, QI["params"]]), "macs": float(ev.q[i, QI["macs"]]),
+            "gemm_macs": int(ev.q[i, QI["gemm_macs"]]),
+            "weight_bytes": int(round(ev.weight_bytes[i])), "weight_dtype": table.state.wdtype[i],
+            "act_read_bytes": int(ev.act_read_bytes[i]), "act_write_bytes": int(ev.act_write_bytes[i]),
+        })
+    return out

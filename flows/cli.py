@@ -1,0 +1,189 @@
+"""The `deployfit` command line. Every subcommand takes --json and then prints one JSON object."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+import warnings
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from estimators.errors import UserInputError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Estimate, search and execute DNN compression strategies against deployment requirements.")
+err_console = Console(stderr=True)
+console = Console()
+
+MODEL_HELP = ("torchvision:NAME, demo:NAME (demo:digits-cnn, demo:digits-resnet), package.module:factory, "
+              "or a .pt2 file")
+
+
+def _quiet() -> None:
+    warnings.filterwarnings("ignore")
+    for name in ("torch_pruning", "neural_compressor", "torchao", "torch._export", "torch.export"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    os.environ.setdefault("TQDM_DISABLE", "1")
+
+
+def _emit(obj: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(obj, default=_json_default) + "\n")
+    sys.stdout.flush()
+
+
+def _json_default(o: Any):
+    import numpy as np
+
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, tuple):
+        return list(o)
+    return str(o)
+
+
+def _fail(msg: str, as_json: bool) -> None:
+    err_console.print(f"[bold red]error:[/] {msg}", highlight=False)
+    if as_json:
+        _emit({"error": msg})
+    raise typer.Exit(code=2)
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float) and not v.is_integer():
+        return f"{v:,.1f}"
+    if isinstance(v, (int, float)):
+        return f"{int(v):,}"
+    return str(v)
+
+
+def _totals_table(title: str, cols: dict[str, dict[str, Any]]) -> Table:
+    t = Table(title=title)
+    t.add_column("metric")
+    for c in cols:
+        t.add_column(c, justify="right")
+    keys = list(next(iter(cols.values())).keys())
+    for k in keys:
+        t.add_row(k, *[_fmt(cols[c].get(k, "")) for c in cols])
+    return t
+
+
+def _load(model: str, weights: Optional[str], input_shape: Optional[str]):
+    from estimators.modelspec import load_model
+
+    return load_model(model, weights=weights, input_shape=input_shape)
+
+
+@app.command()
+def analyze(
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    weights: Optional[str] = typer.Option(None, "--weights", help="state_dict file (loaded with weights_only=True)"),
+    input_shape: Optional[str] = typer.Option(None, "--input-shape", help="e.g. 1,3,224,224"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+) -> None:
+    """Trace MODEL into a layer table: per-operator params, MACs, bytes; coupled channel groups."""
+    _quiet()
+    try:
+        from estimators.analyze import analyze as run_analysis
+        from estimators.report import analysis_report
+
+        loaded = _load(model, weights, input_shape)
+        rep = analysis_report(loaded, run_analysis(loaded))
+    except UserInputError as exc:
+        _fail(str(exc), as_json)
+    if as_json:
+        _emit(rep)
+        return
+    t = Table(title=f"{model}  input {','.join(map(str, rep['input_shape']))}")
+    for c in ("layer", "op", "kind", "output", "params", "MACs", "weight B", "act read B", "act write B"):
+        t.add_column(c, justify="left" if c in ("layer", "op", "kind", "output") else "right")
+    for r in rep["layers"]:
+        if r["kind"] == "view":
+            continue
+        out = "x".join(map(str, r["output_shapes"][0])) if r["output_shapes"] else ""
+        t.add_row(r["name"], r["op"], r["kind"], out, _fmt(r["params"]), _fmt(r["macs"]), _fmt(r["weight_bytes"]),
+                  _fmt(r["act_read_bytes"]), _fmt(r["act_write_bytes"]))
+    console.print(t)
+    console.print(_totals_table("totals", {"value": rep["totals"]}))
+    console.print(f"{len(rep['channel_groups'])} prunable channel groups; "
+                  f"{len(rep['unpruned'])} parts stay unpruned" + (":" if rep["unpruned"] else ""))
+    for u in rep["unpruned"]:
+        console.print(f"  {u['layer']}: {u['reason']}", highlight=False)
+    if rep["unsupported_ops"]:
+        console.print(f"[yellow]unsupported ops (not costed):[/] " + ", ".join(f"{u['layer']} ({u['op']})" for u in rep["unsupported_ops"]))
+
+
+@app.command()
+def estimate(
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    strategy: str = typer.Option("none", "--strategy", "-s", help="e.g. prune:0.5,quantize:int8 or JSON"),
+    weights: Optional[str] = typer.Option(None, "--weights"),
+    input_shape: Optional[str] = typer.Option(None, "--input-shape"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Predict what STRATEGY does to MODEL without compressing it."""
+    _quiet()
+    try:
+        from estimators.analyze import analyze as run_analysis
+        from estimators.report import estimate_report
+        from estimators.strategy import parse_strategy
+
+        strat = parse_strategy(strategy)
+        loaded = _load(model, weights, input_shape)
+        rep = estimate_report(loaded, run_analysis(loaded), strat)
+    except UserInputError as exc:
+        _fail(str(exc), as_json)
+    if as_json:
+        _emit(rep)
+        return
+    console.print(_totals_table(f"{model} with {rep['compact']} (predicted)", {"pred": rep["pred"]}))
+    for u in rep["unpruned"]:
+        console.print(f"  unpruned {u['layer']}: {u['reason']}", highlight=False)
+
+
+@app.command()
+def apply(
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    strategy: str = typer.Option("none", "--strategy", "-s"),
+    out: str = typer.Option(..., "--out", help="output folder for model.pt2 and strategy.json"),
+    weights: Optional[str] = typer.Option(None, "--weights"),
+    input_shape: Optional[str] = typer.Option(None, "--input-shape"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Execute STRATEGY on MODEL, save the artifact, and measure it against the prediction."""
+    _quiet()
+    try:
+        from estimators.strategy import parse_strategy
+        from tasks.apply import apply_and_measure
+
+        strat = parse_strategy(strategy)
+        loaded = _load(model, weights, input_shape)
+        progress = (lambda m: err_console.print(f"[dim]{m}[/]", highlight=False))
+        rep = apply_and_measure(loaded, strat, out, progress=progress)
+    except UserInputError as exc:
+        _fail(str(exc), as_json)
+    if as_json:
+        _emit(rep)
+        return
+    cols = {"pred": rep["pred"], "meas": {k: rep["meas"].get(k, "") for k in rep["pred"]},
+            "err %": {k: (f"{100 * rep['err'][k]:+.2f}" if k in rep["err"] else "") for k in rep["pred"]}}
+    console.print(_totals_table(f"{model} with {rep['compact']}", cols))
+    console.print(f"artifact: {rep['artifact']['model']}")
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,130 @@
+"""Measurement of real (compressed) models: what the estimates are checked against.
+
+- `count_module`: parameters and MACs of an nn.Module with torch-pruning's own counter.
+- `gemm_macs`: conv/linear/matmul MACs of any callable with torch's FlopCounterMode (FLOPs / 2).
+- `stored_tensor_bytes`: bytes of every tensor an ExportedProgram stores (state_dict + constants).
+- `measure_peak_activation_bytes`: the largest total of activation storages alive at once while the
+  model runs eagerly, tracked at the ATen dispatcher: every op output's storage is counted from its
+  creation until the last tensor viewing it is freed (weak references), so it measures the real
+  lifetimes PyTorch's eager execution gives, not the estimator's liveness analysis.
+"""
+from __future__ import annotations
+
+import weakref
+from typing import Callable
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+
+def count_module(model: torch.nn.Module, example: torch.Tensor) -> dict[str, float]:
+    import torch_pruning as tp
+
+    was_training = model.training
+    model.eval()
+    macs, params = tp.utils.count_ops_and_params(model, example)
+    model.train(was_training)
+    macs = int(macs) if float(macs).is_integer() else float(macs)
+    return {"params": int(params), "macs": macs, "flops": 2 * macs}
+
+
+def gemm_macs(fn: Callable, example: torch.Tensor) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        fn(example)
+    return int(fc.get_total_flops() // 2 // example.shape[0])
+
+
+def stored_tensor_bytes(ep) -> int:
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    tensors = list(ep.state_dict.values()) + [v for v in ep.constants.values() if isinstance(v, torch.Tensor)]
+    for t in tensors:
+        if not isinstance(t, torch.Tensor):
+            continue
+        key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()) if t.numel() else (id(t), 0)
+        if key in seen:
+            continue
+        seen.add(key)
+        total += t.untyped_storage().nbytes() if t.numel() else 0
+    return total
+
+
+class _PeakTracker(TorchDispatchMode):
+    def __init__(self, exclude: set[int]):
+        super().__init__()
+        self.refs: dict[int, int] = {}
+        self.sizes: dict[int, int] = {}
+        self.live = 0
+        self.peak = 0
+        self.exclude = exclude
+
+    def track(self, t: torch.Tensor) -> None:
+        st = t.untyped_storage()
+        key = st.data_ptr()
+        if not st.nbytes() or key in self.exclude:
+            return
+        if key not in self.refs:
+            self.refs[key] = 0
+            self.sizes[key] = st.nbytes()
+            self.live += st.nbytes()
+            self.peak = max(self.peak, self.live)
+        self.refs[key] += 1
+        weakref.finalize(t, self._release, key)
+
+    def _release(self, key: int) -> None:
+        if key in self.refs:
+            self.refs[key] -= 1
+            if self.refs[key] == 0:
+                self.live -= self.sizes.pop(key)
+                del self.refs[key]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                self.track(t)
+        return out
+
+
+def measure_peak_activation_bytes(fn: Callable, example: torch.Tensor, weights: list[torch.Tensor]) -> int:
+    """Peak bytes of activation storages alive at once during one eager forward (input included)."""
+    exclude = {w.untyped_storage().data_ptr() for w in weights if isinstance(w, torch.Tensor) and w.numel()}
+    x = example.clone()
+    tracker = _PeakTracker(exclude)
+    with torch.no_grad():
+        tracker.track(x)
+        with tracker:
+            out = fn(x)
+        del out
+    return tracker.peak
+
+
+_VIEW_OPS = {"view", "_unsafe_view", "reshape", "t", "transpose", "permute", "expand", "select", "slice", "alias",
+             "unsqueeze", "squeeze", "detach", "as_strided", "lift_fresh", "_reshape_alias"}
+
+
+class _TrafficCounter(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__ if hasattr(func, "overloadpacket") else str(func)
+        if name in _VIEW_OPS:
+            return out
+        ins = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)]
+        outs = [o for o in tree_flatten(out)[0] if isinstance(o, torch.Tensor)]
+        self.bytes += sum(t.numel() * t.element_size() for t in ins + outs)
+        return out
+
+
+def measure_memory_access_bytes(fn: Callable, example: torch.Tensor) -> int:
+    """Bytes every non-view ATen op reads (its tensor arguments, weights included) and writes, summed."""
+    counter = _TrafficCounter()
+    with torch.no_grad(), counter:
+        fn(example)
+    return counter.bytes

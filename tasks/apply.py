@@ -1,0 +1,67 @@
+"""apply: execute a strategy, save the artifact, measure it and compare with the prediction."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from estimators.analyze import analyze
+from estimators.compress import estimate
+from estimators.modelspec import LoadedModel
+from estimators.report import public, rel_err
+from estimators.strategy import Strategy
+from estimators.table import totals
+from hardware.measure import (count_module, gemm_macs, measure_memory_access_bytes, measure_peak_activation_bytes,
+                              stored_tensor_bytes)
+
+from .executors import Work, run_strategy, save_artifact
+
+
+def measure_work(work: Work, artifact_path: str) -> tuple[dict[str, Any], list[str]]:
+    """Measure the real artifact (loaded back from disk) and the compressed module it was made from."""
+    notes: list[str] = []
+    ex = work.example(work.loaded.input_shape[0])
+    meas: dict[str, Any] = {}
+    counted = count_module(work.model, ex)  # parameters and MACs of the compressed float module
+    meas.update(counted)
+    ep = torch.export.load(artifact_path)
+    meas["size_bytes"] = stored_tensor_bytes(ep)
+    meas["artifact_file_bytes"] = Path(artifact_path).stat().st_size
+    run = ep.module()
+    meas["gemm_macs"] = gemm_macs(run, ex)
+    quantized = work.quant is not None and work.quant.dtype in ("int8", "int8-weight-only")
+    if quantized:
+        notes.append("params and macs are counted on the float module before quantization (quantization keeps them); "
+                     "memory access and peak memory are not measured on the eager Q/DQ graph, which is not the form an "
+                     "int8 model is deployed in")
+    else:
+        weights = list(ep.state_dict.values()) + [v for v in ep.constants.values() if isinstance(v, torch.Tensor)]
+        meas["memory_access_bytes"] = measure_memory_access_bytes(run, ex)
+        meas["peak_memory_bytes"] = meas["size_bytes"] + measure_peak_activation_bytes(run, ex, weights)
+    return meas, notes
+
+
+def apply_and_measure(loaded: LoadedModel, strategy: Strategy, out_dir: str,
+                      progress: Callable[[str], None] = lambda m: None) -> dict[str, Any]:
+    progress(f"analysing {loaded.spec}")
+    table = analyze(loaded)
+    est = estimate(table, strategy)
+    pred = public(totals(est))
+    progress(f"executing {strategy.compact()}")
+    work = run_strategy(loaded, strategy)
+    paths = save_artifact(work, strategy, out_dir)
+    progress(f"saved {paths['model']}; measuring")
+    meas, notes = measure_work(work, paths["model"])
+    return {
+        "model": loaded.spec,
+        "strategy": strategy.model_dump(exclude_none=True),
+        "compact": strategy.compact(),
+        "artifact": paths,
+        "pred": pred,
+        "meas": meas,
+        "err": rel_err(pred, meas),
+        "unpruned": est.plan.unpruned if any(s.method in ("prune", "distill") for s in strategy.steps) else [],
+        "log": work.log,
+        "notes": notes,
+    }
