@@ -85,6 +85,10 @@ def _build(spec: str) -> tuple[str, nn.Module, tuple[int, ...] | None]:
         if not path.is_file():
             raise UserInputError(f"model file {spec} does not exist; {SPEC_FORMS}")
         try:
+            try:  # int8 programs use the quantized_decomposed ops, registered by this import
+                importlib.import_module("torch.ao.quantization.fx._decomposed")
+            except Exception:  # noqa: BLE001
+                pass
             ep = torch.export.load(str(path))
         except Exception as exc:  # noqa: BLE001 - any load failure is the user's file
             raise UserInputError(f"cannot load {spec} with torch.export.load: {exc}") from None
@@ -154,7 +158,8 @@ def load_model(spec: str, weights: str | None = None, input_shape: str | tuple[i
         digest = sha256_file(weights)
     elif kind == "pt2":
         digest = sha256_file(spec)
-    model.eval()
+    if kind != "pt2":  # an exported program's module has no train/eval switch (it is exported in eval)
+        model.eval()
     loaded = LoadedModel(spec=spec, kind=kind, model=model, input_shape=shape, weights=weights, weights_sha256=digest)
     try:
         with torch.no_grad():

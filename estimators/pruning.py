@@ -11,7 +11,11 @@ parameter) are left unpruned, and the executor is told to ignore them the same w
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import signal
+import threading
 import warnings
 from dataclasses import dataclass, field
 
@@ -20,6 +24,33 @@ import torch
 from torch import nn
 
 log = logging.getLogger(__name__)
+
+# torch-pruning's dependency graph can explode on some models (swin_t: > 20 GB and minutes in its index
+# mapping); past this budget the model is treated as one torch-pruning cannot prune
+GRAPH_BUDGET_S = float(os.environ.get("DEPLOYFIT_PRUNE_GRAPH_BUDGET_S", "45"))
+
+
+class _Budget(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def time_budget(seconds: float):
+    """Raise _Budget in the main thread after `seconds` (no limit elsewhere, where signals cannot go)."""
+    if seconds <= 0 or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def _alarm(signum, frame):
+        raise _Budget()
+
+    old = signal.signal(signal.SIGALRM, _alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
 
 
 def make_importance():
@@ -86,7 +117,15 @@ def plan_pruning(model: nn.Module, example: torch.Tensor, classifier: list[str])
     for c in classifier:
         plan.unpruned.append({"layer": c, "reason": "classifier outputs are never pruned"})
     try:
-        pruner = build_pruner(model, example, classifier)
+        with time_budget(GRAPH_BUDGET_S):
+            pruner = build_pruner(model, example, classifier)
+            dg_groups = list(pruner.DG.get_all_groups(ignored_layers=pruner.ignored_layers,
+                                                      root_module_types=pruner.root_module_types))
+    except _Budget:
+        plan.error = (f"torch-pruning did not finish its dependency graph within {GRAPH_BUDGET_S:g} s "
+                      "(DEPLOYFIT_PRUNE_GRAPH_BUDGET_S); the model is left unpruned")
+        plan.unpruned.append({"layer": "*", "reason": plan.error})
+        return plan, None
     except Exception as exc:  # noqa: BLE001 - torch-pruning cannot trace this model: nothing is pruned
         plan.error = f"torch-pruning cannot build a dependency graph: {type(exc).__name__}: {exc}"
         plan.unpruned.append({"layer": "*", "reason": plan.error})
@@ -97,7 +136,6 @@ def plan_pruning(model: nn.Module, example: torch.Tensor, classifier: list[str])
     names = _names(model)
     prunable_types = tuple(tp.ops.type2class(t) for t in DG.REGISTERED_PRUNERS.keys())
     plan.prunable_modules = [n for n, m in model.named_modules() if n and isinstance(m, prunable_types)]
-    dg_groups = list(DG.get_all_groups(ignored_layers=pruner.ignored_layers, root_module_types=pruner.root_module_types))
     plan.n_dg_groups = len(dg_groups)
     plan._dg_groups = dg_groups  # type: ignore[attr-defined]  # kept only while analysing
     plan._pruner = pruner  # type: ignore[attr-defined]

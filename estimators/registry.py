@@ -68,6 +68,7 @@ class Cost:
     terms: list[tuple[str, int, int, int, int]] = field(default_factory=list)  # (quantity, num, den, a, b)
     # False when a term is a constant that pruning would change (then the row must not be pruned through)
     channel_exact: bool = True
+    bias: bool = False  # the layer stores a bias (stays float when its weight is quantized)
 
     def add(self, q: str, num: int, a: int = 0, b: int = 0, den: int = 1) -> "Cost":
         if num:
@@ -180,6 +181,7 @@ def _conv_cost(cin: int, cout: int, groups: int, ksize: int, out_per_chan: int, 
         c.add("macs", ksize * out_per_chan, a=1, b=1, den=groups)
         c.add("gemm_macs", ksize * out_per_chan, a=1, b=1, den=groups)
     if bias:
+        c.bias = True
         c.add("params", 1, b=1)
         c.add("macs", out_per_chan, b=1)
     return c
@@ -214,6 +216,7 @@ def linear_module(ctx: Ctx) -> Cost:
     c.add("macs", rows, a=1, b=1)
     c.add("gemm_macs", rows, a=1, b=1)
     if m.bias is not None:
+        c.bias = True
         c.add("params", 1, b=1)
         c.add("macs", 1, b=1)  # the counter adds out_features once, not per row
     # a Linear on (N, L, D) reads tokens along the last dim, on (N, F) features: both are cin/cout
@@ -366,6 +369,7 @@ def linear_function(ctx: Ctx) -> Cost:
     c.add("params", 1, a=1, b=1)
     c.add("gemm_macs", x.numel // cin, a=1, b=1)
     if isinstance(bias, torch.Tensor):
+        c.bias = True
         c.add("params", 1, b=1)
     return _acts(c, ctx)
 
@@ -391,7 +395,8 @@ def norm_function(ctx: Ctx) -> Cost:
     "add", "add_", "__add__", "__iadd__", "__radd__", "sub", "sub_", "__sub__", "__rsub__", "__isub__",
     "mul", "mul_", "__mul__", "__imul__", "__rmul__", "div", "div_", "__truediv__", "__itruediv__", "__rtruediv__",
     "where", "stochastic_depth", "eq", "ne", "lt", "gt", "le", "ge", "__eq__", "__ne__", "__lt__", "__gt__",
-    "__le__", "__ge__", "logical_not", "__and__", "__or__", "logical_and", "logical_or", rule="same")
+    "__le__", "__ge__", "logical_not", "quantize_per_tensor", "dequantize_per_tensor", "quantize_per_channel",
+    "dequantize_per_channel", "__and__", "__or__", "logical_and", "logical_or", rule="same")
 def elementwise_function(ctx: Ctx) -> Cost:
     cin, cout = _io(ctx)
     c = Cost("elementwise", cin, cout)

@@ -55,6 +55,8 @@ class LayerTable:
     out_shapes: list[list[tuple[int, ...]]]
     cin0: np.ndarray
     cout0: np.ndarray
+    has_bias: np.ndarray
+    src_row: np.ndarray  # producer row of the first input (-1: model input or none)
     # cost terms
     t_row: np.ndarray
     t_q: np.ndarray
@@ -254,7 +256,8 @@ def build_table(model_spec: str, input_shape: tuple[int, ...], tr: Trace, plan: 
         for t in r.inputs:
             last_use[T[t].storage] = i
     end = n
-    for t in tr.output_tids:
+    # the model's outputs and its input (held by the caller) stay alive to the end
+    for t in tr.output_tids + tr.input_tids:
         last_use[T[t].storage] = end
     for info in T:
         if info.producer == -2 and info.storage not in st_index:
@@ -305,6 +308,9 @@ def build_table(model_spec: str, input_shape: tuple[int, ...], tr: Trace, plan: 
         in_shapes=[[T[t].shape for t in r.inputs] for r in rows] + [[]] * len(extra_names),
         out_shapes=[[T[t].shape for t in r.outputs] for r in rows] + [[]] * len(extra_names),
         cin0=pad(cin0, 0), cout0=pad(cout0, 0),
+        has_bias=np.array([c.bias for c in cost_rows] + [False] * len(extra_names)),
+        src_row=np.array([T[r.inputs[0]].producer if r.inputs else -1 for r in rows] + [-1] * len(extra_names),
+                         dtype=np.int64),
         t_row=np.array(tr_, dtype=np.int64), t_q=np.array(tq, dtype=np.int64), t_num=np.array(tn, dtype=np.int64),
         t_den=np.array(td, dtype=np.int64), t_a=np.array(ta, dtype=np.int64), t_b=np.array(tb, dtype=np.int64),
         in_seg=segs("in"), out_seg=segs("out"),

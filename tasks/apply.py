@@ -16,6 +16,7 @@ from hardware.measure import (count_module, gemm_macs, measure_memory_access_byt
                               stored_tensor_bytes)
 
 from .executors import Work, run_strategy, save_artifact
+from .quantize_exec import load_program
 
 
 def measure_work(work: Work, artifact_path: str) -> tuple[dict[str, Any], list[str]]:
@@ -25,7 +26,7 @@ def measure_work(work: Work, artifact_path: str) -> tuple[dict[str, Any], list[s
     meas: dict[str, Any] = {}
     counted = count_module(work.model, ex)  # parameters and MACs of the compressed float module
     meas.update(counted)
-    ep = torch.export.load(artifact_path)
+    ep = load_program(artifact_path)
     meas["size_bytes"] = stored_tensor_bytes(ep)
     meas["artifact_file_bytes"] = Path(artifact_path).stat().st_size
     run = ep.module()

@@ -1,0 +1,48 @@
+"""Tiny models for the tests (also used as `tinynets:NAME` factory specs)."""
+import torch
+from torch import nn
+
+
+class HandNet(nn.Module):
+    """conv(3->8, 3x3, bias) -> bn -> relu -> maxpool 2 -> flatten -> linear(128 -> 10), input 1x3x8x8."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1, bias=True)
+        self.bn = nn.BatchNorm2d(8)
+        self.relu = nn.ReLU()
+        self.pool = nn.MaxPool2d(2)
+        self.fc = nn.Linear(8 * 4 * 4, 10)
+
+    def forward(self, x):
+        x = self.pool(self.relu(self.bn(self.conv(x))))
+        return self.fc(torch.flatten(x, 1))
+
+
+class CumsumNet(nn.Module):
+    """Uses an op the cost registry does not know (cumsum): it must be listed as unsupported."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        x = self.conv(x).cumsum(dim=2)
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+def hand_net():
+    return HandNet()
+
+
+def cumsum_net():
+    return CumsumNet()
+
+
+def broken_factory():
+    raise RuntimeError("factory exploded")
+
+
+def not_a_module():
+    return 42
