@@ -11,21 +11,13 @@ from typing import Any, Callable
 import numpy as np
 
 from .errors import UserInputError
+from .plugins import Registry
 from .strategy import DistillStep, PruneStep, QuantizeStep, Strategy
 from .table import LayerTable, State, totals
 
 Estimator = Callable[[LayerTable, Any], LayerTable]
-ESTIMATORS: dict[str, Estimator] = {}
-
-
-def register_estimator(method: str) -> Callable[[Estimator], Estimator]:
-    def deco(fn: Estimator) -> Estimator:
-        if method in ESTIMATORS:
-            raise ValueError(f"duplicate estimator for {method!r}")
-        ESTIMATORS[method] = fn
-        return fn
-
-    return deco
+ESTIMATORS = Registry("estimator")  # compression method -> estimator
+register_estimator = ESTIMATORS.register
 
 
 # ----------------------------------------------------------------------------------------------

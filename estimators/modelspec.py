@@ -54,7 +54,7 @@ def parse_input_shape(text: str | None) -> tuple[int, ...] | None:
     if text is None or text == "":
         return None
     try:
-        shape = tuple(int(p) for p in str(text).replace("x", ",").split(",") if p.strip())
+        shape = tuple(int(p) for p in str(text).replace("x", ",").split(","))
     except ValueError:
         raise UserInputError(f"bad --input-shape {text!r}: expected comma-separated positive integers such as 1,3,224,224") from None
     if not shape or any(d <= 0 for d in shape):
@@ -92,7 +92,11 @@ def _build(spec: str) -> tuple[str, nn.Module, tuple[int, ...] | None]:
             ep = torch.export.load(str(path))
         except Exception as exc:  # noqa: BLE001 - any load failure is the user's file
             raise UserInputError(f"cannot load {spec} with torch.export.load: {exc}") from None
-        return "pt2", ep.module(), None
+        shape = None
+        example = getattr(ep, "example_inputs", None)
+        if example and example[0] and isinstance(example[0][0], torch.Tensor):
+            shape = (1, *example[0][0].shape[1:])
+        return "pt2", ep.module(), shape
     if ":" not in spec:
         raise UserInputError(f"unrecognised model spec {spec!r}; {SPEC_FORMS}")
     prefix, _, name = spec.partition(":")

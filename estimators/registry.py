@@ -27,6 +27,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from .plugins import Registry
+
 QUANTITIES = ("params", "buffers", "fixed_bytes", "macs", "gemm_macs", "act_in", "act_out")
 Q_INDEX = {q: i for i, q in enumerate(QUANTITIES)}
 
@@ -92,34 +94,19 @@ class Ctx:
 
 
 CostFn = Callable[[Ctx], Cost]
-MODULE_COSTS: dict[type, CostFn] = {}
-FUNCTION_COSTS: dict[str, tuple[CostFn, str]] = {}  # name -> (cost fn, channel rule)
+MODULE_COSTS = Registry("module cost")  # module type -> cost fn
+FUNCTION_COSTS = Registry("function cost")  # function name -> (cost fn, channel rule)
 CHANNEL_RULES = ("same", "cat", "reshape", "fixed")
 
 
 def register_module(*types: type) -> Callable[[CostFn], CostFn]:
-    def deco(fn: CostFn) -> CostFn:
-        for t in types:
-            if t in MODULE_COSTS:
-                raise ValueError(f"duplicate cost registration for module type {t.__name__}")
-            MODULE_COSTS[t] = fn
-        return fn
-
-    return deco
+    return MODULE_COSTS.register(*types)
 
 
 def register_function(*names: str, rule: str = "same") -> Callable[[CostFn], CostFn]:
     if rule not in CHANNEL_RULES:
         raise ValueError(f"unknown channel rule {rule!r}")
-
-    def deco(fn: CostFn) -> CostFn:
-        for n in names:
-            if n in FUNCTION_COSTS:
-                raise ValueError(f"duplicate cost registration for function {n!r}")
-            FUNCTION_COSTS[n] = (fn, rule)
-        return fn
-
-    return deco
+    return FUNCTION_COSTS.register(*names, value=rule)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -169,7 +156,7 @@ def _const_params(c: Cost, tensors: list[torch.Tensor]) -> Cost:
 # modules (exact types, as torch-pruning's counter)
 
 
-def _conv_cost(cin: int, cout: int, groups: int, ksize: int, out_per_chan: int, bias: bool, kind_hint: str) -> Cost:
+def _conv_cost(cin: int, cout: int, groups: int, ksize: int, out_per_chan: int, bias: bool) -> Cost:
     depthwise = groups > 1 and groups == cin
     c = Cost("dwconv" if depthwise else "conv", cin, cout)
     if depthwise:  # groups follow the channels when pruned: everything scales with cout
@@ -187,22 +174,13 @@ def _conv_cost(cin: int, cout: int, groups: int, ksize: int, out_per_chan: int, 
     return c
 
 
-@register_module(nn.Conv1d, nn.Conv2d, nn.Conv3d)
+@register_module(nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 def conv_module(ctx: Ctx) -> Cost:
+    """Convolutions; transposed ones too (torch-pruning's counter uses the conv formula on output positions)."""
     m = ctx.module
     y = ctx.outputs[0]
     c = _conv_cost(m.in_channels, m.out_channels, m.groups, math.prod(m.kernel_size), y.numel // m.out_channels,
-                   m.bias is not None, "conv")
-    return _acts(c, ctx)
-
-
-@register_module(nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-def conv_transpose_module(ctx: Ctx) -> Cost:
-    m = ctx.module
-    y = ctx.outputs[0]
-    # torch-pruning's counter uses the conv formula on the output positions
-    c = _conv_cost(m.in_channels, m.out_channels, m.groups, math.prod(m.kernel_size), y.numel // m.out_channels,
-                   m.bias is not None, "conv")
+                   m.bias is not None)
     return _acts(c, ctx)
 
 
@@ -340,22 +318,17 @@ def mha_module(ctx: Ctx) -> Cost:
 # functions (torch functions, Tensor methods, aten ops)
 
 
-def _weight_args(ctx: Ctx) -> list[torch.Tensor]:
-    return list(ctx.params)
-
-
 @register_function("conv1d", "conv2d", "conv3d", "convolution", "_convolution", rule="fixed")
 def conv_function(ctx: Ctx) -> Cost:
-    args = list(ctx.args) + [None] * 9
-    w = args[1]
-    bias = args[2] if len(ctx.args) > 2 else ctx.kwargs.get("bias")
+    w = ctx.args[1] if len(ctx.args) > 1 else ctx.kwargs["weight"]
+    bias = ctx.args[2] if len(ctx.args) > 2 else ctx.kwargs.get("bias")
     groups = ctx.kwargs.get("groups")
-    if groups is None:
-        groups = args[8] if args[0] is not None and w is not None and len(ctx.args) > 8 and args[6] in (True, False) else (args[6] if isinstance(args[6], int) else 1)
+    if groups is None:  # F.conv2d(x, w, b, stride, padding, dilation, groups); aten.convolution puts it 9th
+        groups = ctx.args[8] if len(ctx.args) >= 9 else (ctx.args[6] if len(ctx.args) >= 7 else 1)
     cin = ctx.inputs[0].chan
     cout = w.shape[0]
     c = _conv_cost(cin, cout, int(groups), math.prod(w.shape[2:]), ctx.outputs[0].numel // cout,
-                   isinstance(bias, torch.Tensor), "conv")
+                   isinstance(bias, torch.Tensor))
     return _acts(c, ctx)
 
 

@@ -5,9 +5,8 @@ import json
 import logging
 import os
 import sys
-import time
 import warnings
-from typing import Any, Optional
+from typing import Annotated, Any, Callable, Optional
 
 import typer
 from rich.console import Console
@@ -17,7 +16,7 @@ from estimators.errors import UserInputError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Estimate, search and execute DNN compression strategies against deployment requirements.")
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)
 console = Console()
 
 MODEL_HELP = ("torchvision:NAME, demo:NAME (demo:digits-cnn, demo:digits-resnet), package.module:factory, "
@@ -74,31 +73,49 @@ def _totals_table(title: str, cols: dict[str, dict[str, Any]]) -> Table:
     return t
 
 
+ModelArg = Annotated[str, typer.Argument(help=MODEL_HELP)]
+WeightsOpt = Annotated[Optional[str], typer.Option("--weights", help="state_dict file (loaded with weights_only=True)")]
+ShapeOpt = Annotated[Optional[str], typer.Option("--input-shape", help="e.g. 1,3,224,224 (default: the model's own)")]
+StrategyOpt = Annotated[str, typer.Option("--strategy", "-s", help="e.g. prune:0.5:global,quantize:int8, or JSON")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="print one JSON object on stdout")]
+
+
+def _compute(as_json: bool, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """Run a command body; bad input ends with exit code 2 and one message, never a traceback."""
+    _quiet()
+    try:
+        rep = fn()
+    except UserInputError as exc:
+        _fail(str(exc), as_json)
+    if as_json:
+        _emit(rep)
+    return rep
+
+
 def _load(model: str, weights: Optional[str], input_shape: Optional[str]):
     from estimators.modelspec import load_model
 
     return load_model(model, weights=weights, input_shape=input_shape)
 
 
+def _print_unpruned(rep: dict[str, Any]) -> None:
+    for u in rep["unpruned"]:
+        console.print(f"  unpruned {u['layer']}: {u['reason']}", highlight=False)
+
+
 @app.command()
-def analyze(
-    model: str = typer.Argument(..., help=MODEL_HELP),
-    weights: Optional[str] = typer.Option(None, "--weights", help="state_dict file (loaded with weights_only=True)"),
-    input_shape: Optional[str] = typer.Option(None, "--input-shape", help="e.g. 1,3,224,224"),
-    as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
-) -> None:
+def analyze(model: ModelArg, weights: WeightsOpt = None, input_shape: ShapeOpt = None, as_json: JsonOpt = False) -> None:
     """Trace MODEL into a layer table: per-operator params, MACs, bytes; coupled channel groups."""
-    _quiet()
-    try:
+
+    def body():
         from estimators.analyze import analyze as run_analysis
         from estimators.report import analysis_report
 
         loaded = _load(model, weights, input_shape)
-        rep = analysis_report(loaded, run_analysis(loaded))
-    except UserInputError as exc:
-        _fail(str(exc), as_json)
+        return analysis_report(loaded, run_analysis(loaded))
+
+    rep = _compute(as_json, body)
     if as_json:
-        _emit(rep)
         return
     t = Table(title=f"{model}  input {','.join(map(str, rep['input_shape']))}")
     for c in ("layer", "op", "kind", "output", "params", "MACs", "weight B", "act read B", "act write B"):
@@ -111,69 +128,57 @@ def analyze(
                   _fmt(r["act_read_bytes"]), _fmt(r["act_write_bytes"]))
     console.print(t)
     console.print(_totals_table("totals", {"value": rep["totals"]}))
-    console.print(f"{len(rep['channel_groups'])} prunable channel groups; "
-                  f"{len(rep['unpruned'])} parts stay unpruned" + (":" if rep["unpruned"] else ""))
-    for u in rep["unpruned"]:
-        console.print(f"  {u['layer']}: {u['reason']}", highlight=False)
+    console.print(f"{len(rep['channel_groups'])} prunable channel groups; {len(rep['unpruned'])} parts stay unpruned")
+    _print_unpruned(rep)
     if rep["unsupported_ops"]:
-        console.print(f"[yellow]unsupported ops (not costed):[/] " + ", ".join(f"{u['layer']} ({u['op']})" for u in rep["unsupported_ops"]))
+        console.print("[yellow]unsupported ops (not costed):[/] "
+                      + ", ".join(f"{u['layer']} ({u['op']})" for u in rep["unsupported_ops"]))
 
 
 @app.command()
-def estimate(
-    model: str = typer.Argument(..., help=MODEL_HELP),
-    strategy: str = typer.Option("none", "--strategy", "-s", help="e.g. prune:0.5,quantize:int8 or JSON"),
-    weights: Optional[str] = typer.Option(None, "--weights"),
-    input_shape: Optional[str] = typer.Option(None, "--input-shape"),
-    as_json: bool = typer.Option(False, "--json"),
-) -> None:
+def estimate(model: ModelArg, strategy: StrategyOpt = "none", weights: WeightsOpt = None, input_shape: ShapeOpt = None,
+             as_json: JsonOpt = False) -> None:
     """Predict what STRATEGY does to MODEL without compressing it."""
-    _quiet()
-    try:
+
+    def body():
         from estimators.analyze import analyze as run_analysis
         from estimators.report import estimate_report
         from estimators.strategy import parse_strategy
 
         strat = parse_strategy(strategy)
         loaded = _load(model, weights, input_shape)
-        rep = estimate_report(loaded, run_analysis(loaded), strat)
-    except UserInputError as exc:
-        _fail(str(exc), as_json)
+        return estimate_report(loaded, run_analysis(loaded), strat)
+
+    rep = _compute(as_json, body)
     if as_json:
-        _emit(rep)
         return
     console.print(_totals_table(f"{model} with {rep['compact']} (predicted)", {"pred": rep["pred"]}))
-    for u in rep["unpruned"]:
-        console.print(f"  unpruned {u['layer']}: {u['reason']}", highlight=False)
+    _print_unpruned(rep)
 
 
 @app.command()
-def apply(
-    model: str = typer.Argument(..., help=MODEL_HELP),
-    strategy: str = typer.Option("none", "--strategy", "-s"),
-    out: str = typer.Option(..., "--out", help="output folder for model.pt2 and strategy.json"),
-    weights: Optional[str] = typer.Option(None, "--weights"),
-    input_shape: Optional[str] = typer.Option(None, "--input-shape"),
-    as_json: bool = typer.Option(False, "--json"),
-) -> None:
+def apply(model: ModelArg, out: Annotated[str, typer.Option("--out", help="folder for model.pt2 and strategy.json")],
+          strategy: StrategyOpt = "none", weights: WeightsOpt = None, input_shape: ShapeOpt = None,
+          as_json: JsonOpt = False) -> None:
     """Execute STRATEGY on MODEL, save the artifact, and measure it against the prediction."""
-    _quiet()
-    try:
+
+    def body():
         from estimators.strategy import parse_strategy
         from tasks.apply import apply_and_measure
 
         strat = parse_strategy(strategy)
         loaded = _load(model, weights, input_shape)
-        progress = (lambda m: err_console.print(f"[dim]{m}[/]", highlight=False))
-        rep = apply_and_measure(loaded, strat, out, progress=progress)
-    except UserInputError as exc:
-        _fail(str(exc), as_json)
+        return apply_and_measure(loaded, strat, out, progress=lambda m: err_console.print(f"[dim]{m}[/]", highlight=False))
+
+    rep = _compute(as_json, body)
     if as_json:
-        _emit(rep)
         return
     cols = {"pred": rep["pred"], "meas": {k: rep["meas"].get(k, "") for k in rep["pred"]},
             "err %": {k: (f"{100 * rep['err'][k]:+.2f}" if k in rep["err"] else "") for k in rep["pred"]}}
     console.print(_totals_table(f"{model} with {rep['compact']}", cols))
+    _print_unpruned(rep)
+    for n in rep["notes"]:
+        console.print(f"  note: {n}", highlight=False)
     console.print(f"artifact: {rep['artifact']['model']}")
 
 

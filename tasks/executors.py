@@ -21,6 +21,7 @@ from torch import nn
 from estimators.analyze import analyze
 from estimators.errors import UserInputError
 from estimators.modelspec import LoadedModel, load_model
+from estimators.plugins import Registry
 from estimators.pruning import build_pruner
 from estimators.strategy import DistillStep, PruneStep, QuantizeStep, Strategy
 from estimators.table import LayerTable
@@ -44,17 +45,8 @@ class Work:
 
 
 Executor = Callable[[Work, Any], Work]
-EXECUTORS: dict[str, Executor] = {}
-
-
-def register_executor(method: str) -> Callable[[Executor], Executor]:
-    def deco(fn: Executor) -> Executor:
-        if method in EXECUTORS:
-            raise ValueError(f"duplicate executor for {method!r}")
-        EXECUTORS[method] = fn
-        return fn
-
-    return deco
+EXECUTORS = Registry("executor")  # compression method -> executor
+register_executor = EXECUTORS.register
 
 
 def _prune_module(work: Work, step: PruneStep) -> None:
@@ -126,7 +118,8 @@ def export_program(model: nn.Module, example: torch.Tensor):
         return torch.export.export(model.eval(), (ex,), dynamic_shapes=({0: batch},))
 
 
-def run_strategy(loaded: LoadedModel, strategy: Strategy) -> Work:
+def run_strategy(loaded: LoadedModel, strategy: Strategy, export: bool = True) -> Work:
+    """Execute every step on a copy of the model; export the result unless told not to."""
     check_order(strategy)
     work = Work(loaded=loaded, model=copy.deepcopy(loaded.model).eval(), table=analyze(loaded))
     for step in strategy.steps:
@@ -135,7 +128,7 @@ def run_strategy(loaded: LoadedModel, strategy: Strategy) -> Work:
             raise UserInputError(f"no executor for method {step.method!r}")
         work = fn(work, step)
         work.model.eval()
-    if work.program is None:
+    if work.program is None and export:
         work.program = export_program(work.model, work.example(2))
     return work
 

@@ -1,0 +1,111 @@
+"""The command line: JSON shapes, and exit code 2 with one clear message on bad input."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from flows.cli import app
+
+runner = CliRunner()
+
+
+def run(*args):
+    return runner.invoke(app, list(args))
+
+
+def test_analyze_json():
+    r = run("analyze", "demo:digits-cnn", "--json")
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.stdout)
+    assert set(d) >= {"totals", "layers", "unsupported_ops"}
+    assert d["totals"]["params"] == 56554
+    assert {"name", "op", "input_shapes", "output_shapes", "params", "macs", "weight_bytes", "act_read_bytes",
+            "act_write_bytes"} <= set(d["layers"][0])
+    assert d["channel_groups"] and d["unsupported_ops"] == []
+
+
+def test_analyze_table():
+    r = run("analyze", "demo:digits-resnet")
+    assert r.exit_code == 0
+    assert "totals" in r.stdout and "params" in r.stdout and "prunable channel groups" in r.stdout
+
+
+def test_estimate_json():
+    r = run("estimate", "demo:digits-resnet", "--strategy", "prune:0.5,quantize:int8", "--json")
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.stdout)
+    assert d["model"] == "demo:digits-resnet"
+    assert d["strategy"]["steps"][0] == {"method": "prune", "ratio": 0.5, "scope": "uniform"}
+    assert set(d["pred"]) == {"params", "size_bytes", "macs", "flops", "memory_access_bytes", "peak_memory_bytes"}
+    assert d["unsupported_ops"] == []
+
+
+def test_factory_and_weights(tmp_path):
+    from tinynets import HandNet
+
+    w = tmp_path / "w.pt"
+    torch.save(HandNet().state_dict(), w)
+    r = run("estimate", "tinynets:hand_net", "--weights", str(w), "--input-shape", "1,3,8,8", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["pred"]["params"] == 1530
+
+
+def test_pt2_spec(tmp_path):
+    out = tmp_path / "a"
+    r = run("apply", "demo:digits-cnn", "--strategy", "none", "--out", str(out), "--json")
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.stdout)
+    assert d["err"]["params"] == 0 and d["err"]["size_bytes"] == 0
+    r = run("analyze", str(out / "model.pt2"), "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["totals"]["params"] == 56554
+
+
+BAD = [
+    (["analyze", "nosuchthing"], "unrecognised model spec"),
+    (["analyze", "torchvision:resnet999"], "unknown torchvision classification model"),
+    (["analyze", "demo:nope"], "unknown demo model"),
+    (["analyze", "/no/such/model.pt2"], "does not exist"),
+    (["analyze", "no_such_module_xyz:factory"], "cannot import module"),
+    (["analyze", "tinynets:broken_factory"], "factory tinynets:broken_factory failed"),
+    (["analyze", "tinynets:not_a_module"], "not a torch.nn.Module"),
+    (["analyze", "tinynets:missing"], "has no callable"),
+    (["analyze", "demo:digits-cnn", "--input-shape", "1,3,224,224"], "does not fit"),
+    (["analyze", "demo:digits-cnn", "--input-shape", "1,x"], "bad --input-shape"),
+    (["analyze", "demo:digits-cnn", "--weights", "/no/such/w.pt"], "does not exist"),
+    (["estimate", "demo:digits-cnn", "--strategy", "shrink:0.5"], "unknown compression method"),
+    (["estimate", "demo:digits-cnn", "--strategy", "prune:1.0"], "less than 1"),
+    (["estimate", "demo:digits-cnn", "--strategy", "prune:-0.1"], "greater than or equal to 0"),
+    (["estimate", "demo:digits-cnn", "--strategy", "quantize:int4"], "quantize.dtype"),
+    (["estimate", "demo:digits-cnn", "--strategy", '{"steps": [{"method": "prune"}]}'], "ratio"),
+    (["estimate", "demo:digits-cnn", "--strategy", "{bad json"], "not valid JSON"),
+    (["estimate", "demo:digits-cnn", "--strategy", "distill:width:1.5"], "outside (0, 1]"),
+]
+
+
+@pytest.mark.parametrize("args,message", BAD, ids=[" ".join(a) for a, _ in BAD])
+def test_bad_input_exits_2_with_message(args, message):
+    r = run(*args, "--json")
+    assert r.exit_code == 2, r.output
+    assert message in r.stderr
+    assert "Traceback" not in r.output
+    assert "error" in json.loads(r.stdout)
+
+
+def test_bad_weights_file(tmp_path):
+    w = tmp_path / "w.pt"
+    torch.save({"conv.weight": torch.zeros(1)}, w)
+    r = run("analyze", "tinynets:hand_net", "--input-shape", "1,3,8,8", "--weights", str(w))
+    assert r.exit_code == 2 and "do not fit" in r.stderr
+
+
+def test_console_script_exit_code_and_no_traceback():
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(__file__))
+    p = subprocess.run([sys.executable, "-m", "flows.cli", "estimate", "demo:digits-cnn", "--strategy", "prune:2"],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 2
+    assert "Traceback" not in p.stderr and "ratio" in p.stderr

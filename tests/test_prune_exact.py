@@ -1,0 +1,56 @@
+"""The pruning estimate equals what torch-pruning really produces, for both scopes and several ratios."""
+import pytest
+
+from estimators.analyze import analyze
+from estimators.compress import estimate
+from estimators.modelspec import load_model
+from estimators.strategy import parse_strategy
+from estimators.table import totals
+from hardware.measure import count_module
+from tasks.executors import run_strategy
+
+MODELS = [("demo:digits-cnn", None), ("demo:digits-resnet", None), ("torchvision:resnet18", "1,3,64,64"),
+          ("torchvision:mobilenet_v2", "1,3,64,64"), ("torchvision:vgg11", "1,3,64,64"),
+          ("torchvision:densenet121", "1,3,64,64"), ("torchvision:efficientnet_b0", "1,3,64,64")]
+STRATEGIES = ["prune:0.3", "prune:0.5", "prune:0.7", "prune:0.3:global", "prune:0.5:global", "prune:0.7:global"]
+
+
+def state_bytes(model) -> int:
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+
+
+@pytest.mark.parametrize("spec,shape", MODELS, ids=[m for m, _ in MODELS])
+def test_prune_estimate_equals_torch_pruning(spec, shape):
+    loaded = load_model(spec, input_shape=shape)
+    table = analyze(loaded)
+    assert table.plan.groups, "the model has prunable groups"
+    for text in STRATEGIES:
+        strategy = parse_strategy(text)
+        pred = totals(estimate(table, strategy))
+        work = run_strategy(loaded, strategy, export=False)
+        meas = count_module(work.model, loaded.example_input())
+        assert pred["params"] == meas["params"], text
+        assert pred["macs"] == pytest.approx(meas["macs"], rel=0.005), text
+        assert pred["size_bytes"] == pytest.approx(state_bytes(work.model), rel=0.01), text
+
+
+def test_round_to_and_layer_ratios_match():
+    loaded = load_model("torchvision:resnet18", input_shape="1,3,64,64")
+    table = analyze(loaded)
+    for text in ['prune:0.4:round_to=8', '{"steps": [{"method": "prune", "ratio": 0.2, "layers": {"layer3": 0.6, "layer1.0.conv1": 0.5}}]}',
+                 "prune:0.3,prune:0.3", "distill:width:0.5"]:
+        strategy = parse_strategy(text)
+        pred = totals(estimate(table, strategy))
+        work = run_strategy(loaded, strategy, export=False)
+        meas = count_module(work.model, loaded.example_input())
+        assert pred["params"] == meas["params"], text
+        assert pred["macs"] == meas["macs"], text
+    rt = run_strategy(loaded, parse_strategy("prune:0.4:round_to=8"), export=False).model
+    assert all(m.out_channels % 8 == 0 for n, m in rt.named_modules() if hasattr(m, "out_channels") and n != "conv1")
+
+
+def test_classifier_outputs_never_pruned():
+    loaded = load_model("torchvision:mobilenet_v2", input_shape="1,3,64,64")
+    work = run_strategy(loaded, parse_strategy("prune:0.7:global"), export=False)
+    assert work.model.classifier[1].out_features == 1000
+    assert analyze(loaded).plan.unpruned[0] == {"layer": "classifier.1", "reason": "classifier outputs are never pruned"}
