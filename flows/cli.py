@@ -25,7 +25,8 @@ MODEL_HELP = ("torchvision:NAME, demo:NAME (demo:digits-cnn, demo:digits-resnet)
 
 def _quiet() -> None:
     warnings.filterwarnings("ignore")
-    for name in ("torch_pruning", "neural_compressor", "torchao", "torch._export", "torch.export"):
+    os.environ.setdefault("LOGLEVEL", "ERROR")  # Intel Neural Compressor's logger level, read on import
+    for name in ("torch_pruning", "neural_compressor", "torchao", "torch._export", "torch.export", "torch.utils._pytree"):
         logging.getLogger(name).setLevel(logging.ERROR)
     os.environ.setdefault("TQDM_DISABLE", "1")
 

@@ -333,6 +333,8 @@ def _quantize_weight_only(model, example_input):
     from neural_compressor.torch.algorithms.weight_only.modules import INCWeightOnlyLinear
     from neural_compressor.torch.quantization import RTNConfig, convert, prepare
 
+    _inc_quiet()
+
     original_biases = {n: (m.bias is not None) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     work = copy.deepcopy(model).eval()
     # group_size=-1: one scale per output channel; use_layer_wise=False: the layer-wise
@@ -497,6 +499,11 @@ def _fold_and_rename(q: torch.fx.GraphModule) -> list[str]:
     return layers
 
 
+def _inc_quiet() -> None:
+    """INC sets its logger to INFO on import; keep it to errors unless DEPLOYFIT_INC_LOGLEVEL says otherwise."""
+    logging.getLogger("neural_compressor").setLevel(os.environ.get("DEPLOYFIT_INC_LOGLEVEL", "ERROR").upper())
+
+
 def _default_calibration(example: torch.Tensor, n_random: int = 3) -> list[torch.Tensor]:
     batches = [example]
     if example.is_floating_point():
@@ -513,6 +520,7 @@ def _quantize_int8(model, example_input, calib_batches):
     from neural_compressor.torch.export import export as inc_export
     from neural_compressor.torch.quantization import StaticQuantConfig, convert, prepare
 
+    _inc_quiet()
     example = _example_batch(example_input)
     work = copy.deepcopy(model).eval()
     gm = inc_export(work, (example,), dynamic_shapes=({0: _batch_dim()},))
