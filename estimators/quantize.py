@@ -41,6 +41,7 @@ def estimate_quantize(table: LayerTable, step: QuantizeStep) -> LayerTable:
         s.bbytes[:] = 2.0
         s.abytes[:] = 2.0
         s.wdtype = [step.dtype] * table.n
+        s.xdtype = [step.dtype] * table.n
     elif step.dtype == "int8-weight-only":
         for i in range(table.n):
             if mod[i] and ops[i] == "Linear" and not any(p in table.module_names[i] for p in _LM_HEAD):
@@ -72,6 +73,7 @@ def estimate_quantize(table: LayerTable, step: QuantizeStep) -> LayerTable:
             if i in folded_into and not table.has_bias[i]:
                 s.extra_per_cout[i] += 4.0
         s.abytes[:] = 1.0
+        s.xdtype = ["int8"] * table.n
     else:  # pydantic already restricts the dtype
         raise ValueError(step.dtype)
     s.steps.append(step.model_dump())

@@ -33,7 +33,8 @@ QUANTITIES = ("params", "buffers", "fixed_bytes", "macs", "gemm_macs", "act_in",
 Q_INDEX = {q: i for i, q in enumerate(QUANTITIES)}
 
 # latency classes (hardware profiles give an efficiency per class)
-KINDS = ("conv", "dwconv", "gemm", "attention", "elementwise", "norm", "pool", "copy", "view", "param")
+KINDS = ("conv", "dwconv", "gemm", "attention", "elementwise", "norm", "pool", "maxpool", "copy", "view", "param")
+_MAXPOOL = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
 
 
 @dataclass
@@ -274,7 +275,7 @@ def counted_activation_module(ctx: Ctx) -> Cost:
                  nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
 def pool_module(ctx: Ctx) -> Cost:
     cin, cout = _io(ctx)
-    c = Cost("pool", cin, cout)
+    c = Cost("maxpool" if isinstance(ctx.module, _MAXPOOL) else "pool", cin, cout)
     c.add("macs", ctx.inputs[0].per_chan, a=1)
     return _acts(c, ctx)
 

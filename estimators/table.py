@@ -33,12 +33,13 @@ class State:
     extra_per_cout: np.ndarray  # per row: extra stored bytes per output channel (scales, zero points, folded bias)
     extra_const: np.ndarray  # per row: extra stored bytes (activation scales etc.)
     wdtype: list[str]  # per row: storage dtype name of its weights
+    xdtype: list[str]  # per row: the dtype it computes in (weight-only int8 still computes in fp32)
     steps: list[dict] = field(default_factory=list)
 
     def copy(self) -> "State":
         return State(self.kept.copy(), self.wbytes.copy(), self.bbytes.copy(), self.abytes.copy(), self.fixed_scale.copy(),
                      self.wscale.copy(), self.extra_per_cout.copy(), self.extra_const.copy(), list(self.wdtype),
-                     list(self.steps))
+                     list(self.xdtype), list(self.steps))
 
 
 @dataclass
@@ -295,7 +296,7 @@ def build_table(model_spec: str, input_shape: tuple[int, ...], tr: Trace, plan: 
         kept=gchan.copy(),
         wbytes=np.full(ntot, 4.0), bbytes=np.full(ntot, 4.0), abytes=np.full(ntot, 4.0),
         fixed_scale=np.ones(ntot), wscale=np.ones(ntot), extra_per_cout=np.zeros(ntot), extra_const=np.zeros(ntot),
-        wdtype=["fp32"] * ntot,
+        wdtype=["fp32"] * ntot, xdtype=["fp32"] * ntot,
     )
     pad = lambda a, v: np.concatenate([a, np.full(len(extra_names), v, dtype=a.dtype)])  # noqa: E731
     table = LayerTable(

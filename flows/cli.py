@@ -136,9 +136,26 @@ def analyze(model: ModelArg, weights: WeightsOpt = None, input_shape: ShapeOpt =
                       + ", ".join(f"{u['layer']} ({u['op']})" for u in rep["unsupported_ops"]))
 
 
+HardwareOpt = Annotated[Optional[str], typer.Option("--hardware", help="hardware profile name or YAML path (adds latency_ms)")]
+BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="batch size for latency")]
+
+
+def _with_latency(rep: dict[str, Any], loaded, table, strat, hardware: Optional[str], batch_size: int) -> dict[str, Any]:
+    if hardware:
+        from estimators.compress import estimate as run_estimate
+        from hardware.latency import predict_latency
+        from hardware.profile import load_profile
+
+        prof = load_profile(hardware)
+        lat = predict_latency(run_estimate(table, strat), prof, batch_size)
+        rep["pred"]["latency_ms"] = round(lat.latency_ms, 4)
+        rep["hardware"] = {"name": prof.name, "runtime": prof.runtime, "batch_size": batch_size}
+    return rep
+
+
 @app.command()
 def estimate(model: ModelArg, strategy: StrategyOpt = "none", weights: WeightsOpt = None, input_shape: ShapeOpt = None,
-             as_json: JsonOpt = False) -> None:
+             hardware: HardwareOpt = None, batch_size: BatchOpt = 1, as_json: JsonOpt = False) -> None:
     """Predict what STRATEGY does to MODEL without compressing it."""
 
     def body():
@@ -148,7 +165,8 @@ def estimate(model: ModelArg, strategy: StrategyOpt = "none", weights: WeightsOp
 
         strat = parse_strategy(strategy)
         loaded = _load(model, weights, input_shape)
-        return estimate_report(loaded, run_analysis(loaded), strat)
+        table = run_analysis(loaded)
+        return _with_latency(estimate_report(loaded, table, strat), loaded, table, strat, hardware, batch_size)
 
     rep = _compute(as_json, body)
     if as_json:
@@ -160,8 +178,10 @@ def estimate(model: ModelArg, strategy: StrategyOpt = "none", weights: WeightsOp
 @app.command()
 def apply(model: ModelArg, out: Annotated[str, typer.Option("--out", help="folder for model.pt2 and strategy.json")],
           strategy: StrategyOpt = "none", weights: WeightsOpt = None, input_shape: ShapeOpt = None,
-          as_json: JsonOpt = False) -> None:
-    """Execute STRATEGY on MODEL, save the artifact, and measure it against the prediction."""
+          hardware: HardwareOpt = None, batch_size: BatchOpt = 1, as_json: JsonOpt = False) -> None:
+    """Execute STRATEGY on MODEL, save the artifact, and measure it against the prediction.
+
+    With --hardware host the artifact's latency is measured here too (median after warm-up)."""
 
     def body():
         from estimators.strategy import parse_strategy
@@ -169,7 +189,8 @@ def apply(model: ModelArg, out: Annotated[str, typer.Option("--out", help="folde
 
         strat = parse_strategy(strategy)
         loaded = _load(model, weights, input_shape)
-        return apply_and_measure(loaded, strat, out, progress=lambda m: err_console.print(f"[dim]{m}[/]", highlight=False))
+        return apply_and_measure(loaded, strat, out, hardware=hardware, batch_size=batch_size,
+                                 progress=lambda m: err_console.print(f"[dim]{m}[/]", highlight=False))
 
     rep = _compute(as_json, body)
     if as_json:
@@ -181,6 +202,73 @@ def apply(model: ModelArg, out: Annotated[str, typer.Option("--out", help="folde
     for n in rep["notes"]:
         console.print(f"  note: {n}", highlight=False)
     console.print(f"artifact: {rep['artifact']['model']}")
+
+
+hardware_app = typer.Typer(help="Hardware profiles (hardware/profiles/*.yaml).", no_args_is_help=True)
+app.add_typer(hardware_app, name="hardware")
+
+
+@hardware_app.command("list")
+def hardware_list(as_json: JsonOpt = False) -> None:
+    """List the hardware profiles and the runtime each predicts."""
+
+    def body():
+        from hardware.profile import list_profiles, load_profile
+
+        return {"profiles": [{"name": n, "runtime": load_profile(n).runtime} for n in list_profiles()]}
+
+    rep = _compute(as_json, body)
+    if not as_json:
+        t = Table(title="hardware profiles")
+        t.add_column("name")
+        t.add_column("runtime")
+        for p in rep["profiles"]:
+            t.add_row(p["name"], p["runtime"])
+        console.print(t)
+
+
+@hardware_app.command("show")
+def hardware_show(name: Annotated[str, typer.Argument(help="profile name or YAML path")], as_json: JsonOpt = False) -> None:
+    """Show one profile with its sources."""
+
+    def body():
+        from hardware.profile import load_profile
+
+        return load_profile(name).model_dump(exclude_none=True)
+
+    rep = _compute(as_json, body)
+    if not as_json:
+        import yaml
+
+        console.print(yaml.safe_dump(rep, sort_keys=False, width=110), highlight=False)
+
+
+@app.command()
+def calibrate(
+    hardware: Annotated[str, typer.Option("--hardware", help="only `host` (this machine) can be calibrated here")] = "host",
+    out: Annotated[Optional[str], typer.Option("--out", help="profile path (default hardware/profiles/host.yaml)")] = None,
+    quick: Annotated[bool, typer.Option("--quick", help="fewer shapes (tests)")] = False,
+    int8: Annotated[bool, typer.Option("--int8/--no-int8", help="also calibrate the compiled INT8 path")] = True,
+    as_json: JsonOpt = False,
+) -> None:
+    """Fit the host profile from micro-benchmarks on this machine and write it with its provenance."""
+
+    def body():
+        from pathlib import Path
+
+        from hardware.calibrate import calibrate_host
+        from hardware.profile import profile_path, save_profile
+
+        if hardware != "host":
+            raise UserInputError(f"only the host can be calibrated from here, not {hardware!r}")
+        prof = calibrate_host(quick=quick, int8=int8, progress=lambda m: err_console.print(f"[dim]{m}[/]", highlight=False))
+        path = Path(out) if out else profile_path("host")
+        save_profile(prof, path)
+        return {"profile": str(path), "provenance": prof.provenance.model_dump() if prof.provenance else None}
+
+    rep = _compute(as_json, body)
+    if not as_json:
+        console.print(f"wrote {rep['profile']} in {rep['provenance']['fit']['seconds']} s")
 
 
 def main() -> None:

@@ -128,3 +128,24 @@ def measure_memory_access_bytes(fn: Callable, example: torch.Tensor) -> int:
     with torch.no_grad(), counter:
         fn(example)
     return counter.bytes
+
+
+def measure_latency(fn: Callable, example: torch.Tensor, warmup: int = 3, min_runs: int = 10, max_runs: int = 200,
+                    budget_s: float = 2.0) -> dict[str, float]:
+    """Median wall time of fn(example) after warm-up (with p90 and run count), threads and batch fixed."""
+    import statistics
+    import time
+
+    with torch.inference_mode():
+        for _ in range(warmup):
+            fn(example)
+        times: list[float] = []
+        start = time.perf_counter()
+        while len(times) < max_runs and (len(times) < min_runs or time.perf_counter() - start < budget_s):
+            t0 = time.perf_counter()
+            fn(example)
+            times.append(time.perf_counter() - t0)
+    times.sort()
+    p90 = times[min(len(times) - 1, int(round(0.9 * (len(times) - 1))))]
+    return {"latency_ms": statistics.median(times) * 1e3, "latency_p90_ms": p90 * 1e3, "latency_runs": len(times),
+            "threads": torch.get_num_threads(), "batch_size": int(example.shape[0])}

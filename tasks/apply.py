@@ -12,8 +12,8 @@ from estimators.modelspec import LoadedModel
 from estimators.report import public, rel_err
 from estimators.strategy import Strategy
 from estimators.table import totals
-from hardware.measure import (count_module, gemm_macs, measure_memory_access_bytes, measure_peak_activation_bytes,
-                              stored_tensor_bytes)
+from hardware.measure import (count_module, gemm_macs, measure_latency, measure_memory_access_bytes,
+                              measure_peak_activation_bytes, stored_tensor_bytes)
 
 from .executors import Work, run_strategy, save_artifact
 from .quantize_exec import load_program
@@ -43,8 +43,22 @@ def measure_work(work: Work, artifact_path: str) -> tuple[dict[str, Any], list[s
     return meas, notes
 
 
-def apply_and_measure(loaded: LoadedModel, strategy: Strategy, out_dir: str,
-                      progress: Callable[[str], None] = lambda m: None) -> dict[str, Any]:
+def measure_artifact_latency(work: Work, artifact_path: str, batch_size: int) -> dict[str, Any]:
+    """Latency of the saved artifact on this machine, in the form that runs it fast: eager for float
+    programs, inductor-compiled (freezing) for int8 ones."""
+    ep = load_program(artifact_path)
+    ex = work.example(batch_size)
+    if work.quant is not None and work.quant.dtype == "int8":
+        from .quantize_exec import compile_for_inference
+
+        fn = compile_for_inference(ep)
+    else:
+        fn = ep.module()
+    return measure_latency(fn, ex, warmup=3, min_runs=10, budget_s=3.0)
+
+
+def apply_and_measure(loaded: LoadedModel, strategy: Strategy, out_dir: str, hardware: str | None = None,
+                      batch_size: int = 1, progress: Callable[[str], None] = lambda m: None) -> dict[str, Any]:
     progress(f"analysing {loaded.spec}")
     table = analyze(loaded)
     est = estimate(table, strategy)
@@ -54,7 +68,22 @@ def apply_and_measure(loaded: LoadedModel, strategy: Strategy, out_dir: str,
     paths = save_artifact(work, strategy, out_dir)
     progress(f"saved {paths['model']}; measuring")
     meas, notes = measure_work(work, paths["model"])
+    lat_info = None
+    if hardware:
+        from hardware.latency import predict_latency
+        from hardware.profile import load_profile
+
+        prof = load_profile(hardware)
+        pred["latency_ms"] = round(predict_latency(est, prof, batch_size).latency_ms, 4)
+        if prof.name == "host":
+            progress(f"measuring latency at batch {batch_size}")
+            lat = measure_artifact_latency(work, paths["model"], batch_size)
+            meas["latency_ms"] = round(lat["latency_ms"], 4)
+            lat_info = lat
+        else:
+            notes.append(f"latency is predicted for {prof.name}; it can be measured only on that device")
     return {
+        "latency_measurement": lat_info,
         "model": loaded.spec,
         "strategy": strategy.model_dump(exclude_none=True),
         "compact": strategy.compact(),

@@ -1,0 +1,99 @@
+"""Latency prediction: a per-layer roofline with the profile's efficiencies plus per-kernel overhead.
+
+For every row of an (estimated) LayerTable, at batch size B:
+    compute_s = FLOPs / (peak[dtype] * efficiency[class])   (conv/linear/attention: 2 x MACs; others 1 op/element)
+    memory_s  = (weight bytes + activation bytes x B / traced batch) / (bandwidth * bandwidth_efficiency[class])
+    time      = max(compute_s, memory_s) x slow-dtype factor + kernel overhead
+Rows of a class the runtime fuses into the preceding conv/linear cost nothing; views cost the
+profile's view overhead (eager dispatch) and move no data. A dtype the device cannot run fast runs as
+the profile's `slow_dtypes` says, at its measured factor.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from estimators.registry import Q_INDEX
+from estimators.table import DTYPE_BYTES, LayerTable, evaluate
+
+from .profile import ALL_CLASSES, HardwareProfile
+
+GEMM_CLASSES = ("conv", "dwconv", "gemm", "attention")
+__all__ = ["predict_latency", "LatencyPrediction", "GEMM_CLASSES", "ALL_CLASSES"]
+
+
+@dataclass
+class LatencyPrediction:
+    latency_ms: float
+    per_row_ms: np.ndarray
+    batch_size: int
+    profile: str
+    runtime: str
+    unsupported_rows: int
+
+    def top(self, table: LayerTable, k: int = 10) -> list[dict]:
+        order = np.argsort(-self.per_row_ms)[:k]
+        return [{"name": table.names[i], "kind": table.kinds[i], "ms": round(float(self.per_row_ms[i]), 4)} for i in order]
+
+
+def _row_features(table: LayerTable, batch: int):
+    """FLOPs and bytes per row at `batch`, plus the class of each row and the dtype it computes in."""
+    ev = evaluate(table)
+    scale = batch / table.batch
+    q = ev.q
+    gemm = q[:, Q_INDEX["gemm_macs"]] * 2 * scale
+    elems = q[:, Q_INDEX["act_out"]] * scale
+    kinds = np.array(table.kinds)
+    is_gemm = np.isin(kinds, GEMM_CLASSES)
+    flops = np.where(is_gemm, gemm, elems)
+    act_bytes = (ev.act_read_bytes + ev.act_write_bytes) * scale
+    return flops, ev.weight_bytes, act_bytes, kinds
+
+
+def fused_mask(table: LayerTable, kinds: np.ndarray, fused: list[str]) -> np.ndarray:
+    """Rows of a fused class whose producer chain reaches a conv/linear only through fused rows."""
+    n = table.n
+    out = np.zeros(n, dtype=bool)
+    if not fused:
+        return out
+    fusable = np.isin(kinds, fused)
+    anchor = np.isin(kinds, GEMM_CLASSES)
+    for i in range(n):
+        if not fusable[i]:
+            continue
+        src = int(table.src_row[i])
+        if src >= 0 and (anchor[src] or out[src]):
+            out[i] = True
+    return out
+
+
+def predict_latency(table: LayerTable, profile: HardwareProfile, batch_size: int = 1) -> LatencyPrediction:
+    if batch_size < 1:
+        raise ValueError("batch size must be at least 1")
+    flops, wbytes, abytes, kinds = _row_features(table, batch_size)
+    n = table.n
+    per_row = np.zeros(n)
+    xdtypes = np.array(table.state.xdtype)
+    unsupported = int((kinds == "unsupported").sum())
+    bw_dram = profile.memory_bandwidth_gbs * 1e9
+    work = wbytes + abytes
+    bw_row = np.where(work <= (profile.cache_bytes or 0), (profile.cache_bandwidth_gbs or 0) * 1e9, bw_dram)
+    for dt in np.unique(xdtypes):
+        rows = xdtypes == dt
+        run, factor = profile.runs(str(dt))
+        eff = profile.eff(run)
+        peak = profile.peak_gflops[run] * 1e9
+        # an fp32 model run in half precision moves half the bytes
+        byte_scale = DTYPE_BYTES[run] / DTYPE_BYTES[str(dt)] if str(dt) == "fp32" and run in ("fp16", "bf16") else 1.0
+        fused = fused_mask(table, kinds, eff.fused) & rows
+        for cls in ALL_CLASSES:
+            sel = rows & (kinds == cls) & ~fused
+            if not sel.any():
+                continue
+            comp = flops[sel] / (peak * eff.compute_of(cls))
+            mem = work[sel] * byte_scale / (bw_row[sel] * eff.bandwidth_of(cls))
+            per_row[sel] = np.maximum(comp, mem) * factor + eff.kernel_overhead_us * 1e-6
+        views = rows & (kinds == "view")
+        per_row[views] = eff.view_overhead_us * 1e-6
+    return LatencyPrediction(float(per_row.sum() * 1e3), per_row * 1e3, batch_size, profile.name, profile.runtime, unsupported)

@@ -1,0 +1,163 @@
+"""Hardware profiles: one YAML file per device and runtime under hardware/profiles/, validated on load.
+
+A profile is data (never an if-chain on device names): peak throughput per dtype, memory bandwidth,
+the share of peak each operator class reaches, a per-kernel overhead, which dtypes run fast, how a
+slow dtype really runs, which operators the runtime fuses into the preceding conv/linear, and the
+source of every number. `dtype_overrides` lets one runtime path (e.g. inductor-compiled int8 on a
+CPU) carry its own efficiencies, overhead and fusion.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from estimators.errors import UserInputError
+
+PROFILE_DIR = Path(__file__).parent / "profiles"
+DTYPES = ("fp32", "fp16", "bf16", "int8")
+OP_CLASSES = ("conv", "dwconv", "gemm", "attention", "elementwise", "norm", "pool", "copy")
+# optional finer classes: a profile may give them, else they cost as their parent class
+SUBCLASSES = {"maxpool": "pool"}
+ALL_CLASSES = OP_CLASSES + tuple(SUBCLASSES)
+Dtype = Literal["fp32", "fp16", "bf16", "int8"]
+OpClass = Literal["conv", "dwconv", "gemm", "attention", "elementwise", "norm", "pool", "copy", "maxpool"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SlowDtype(_Strict):
+    runs_as: Dtype = Field(description="the dtype whose kernels the runtime really uses")
+    factor: float = Field(gt=0, description="time multiplier against running in `runs_as`")
+    source: str
+
+
+class Efficiency(_Strict):
+    """Share of peak compute (and of bandwidth) an operator class reaches; overhead per kernel."""
+
+    compute: dict[OpClass, float] = Field(description="share of the dtype's peak FLOP/s per operator class")
+    bandwidth: dict[OpClass, float] = Field(default_factory=dict, description="share of peak bandwidth (default 1)")
+    kernel_overhead_us: float = Field(ge=0, description="fixed time per kernel launched")
+    view_overhead_us: float = Field(default=0.0, ge=0, description="time of an op that moves no data (eager dispatch)")
+    fused: list[OpClass] = Field(default_factory=list, description="classes fused into the preceding conv/linear")
+
+    def compute_of(self, cls: str) -> float:
+        return self.compute.get(cls) or self.compute[SUBCLASSES.get(cls, cls)]
+
+    def bandwidth_of(self, cls: str) -> float:
+        return self.bandwidth.get(cls) or self.bandwidth.get(SUBCLASSES.get(cls, cls), 1.0)
+
+    @model_validator(mode="after")
+    def _ranges(self):
+        for k, v in self.compute.items():
+            if not 0 < v <= 4:
+                raise ValueError(f"compute efficiency of {k} is {v}: expected a share of peak in (0, 4]")
+        for k, v in self.bandwidth.items():
+            # above 1 where working sets stay in cache (CPU), against the DRAM bandwidth
+            if not 0 < v <= 50:
+                raise ValueError(f"bandwidth efficiency of {k} is {v}: expected a share of peak in (0, 50]")
+        missing = [c for c in OP_CLASSES if c not in self.compute]
+        if missing:
+            raise ValueError(f"compute efficiency missing for {', '.join(missing)}")
+        return self
+
+
+class Provenance(_Strict):
+    date: str
+    cpu: str
+    threads: int
+    torch: str
+    method: str
+    fit: dict[str, float] = Field(default_factory=dict)
+
+
+class HardwareProfile(_Strict):
+    name: str
+    description: str
+    runtime: str = Field(description="what the prediction is for (engine, precision, threads)")
+    peak_gflops: dict[Dtype, float] = Field(description="peak dense throughput per dtype, GFLOP/s (int8: GOP/s)")
+    memory_bandwidth_gbs: float = Field(gt=0)
+    cache_bytes: Optional[int] = Field(default=None, gt=0, description="last-level cache; smaller working sets use cache bandwidth")
+    cache_bandwidth_gbs: Optional[float] = Field(default=None, gt=0)
+    fast_dtypes: list[Dtype]
+    float_runs_as: Dtype = Field(default="fp32", description="the dtype an fp32 model is executed in")
+    slow_dtypes: dict[Dtype, SlowDtype] = Field(default_factory=dict)
+    efficiency: Efficiency
+    dtype_overrides: dict[Dtype, Efficiency] = Field(default_factory=dict)
+    channel_multiple: Optional[int] = Field(default=None, ge=1, description="channel counts the kernels prefer")
+    sources: dict[str, str] = Field(description="where each number comes from")
+    provenance: Optional[Provenance] = None
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        for d in self.fast_dtypes:
+            if d not in self.peak_gflops:
+                raise ValueError(f"fast dtype {d} has no peak_gflops entry")
+        for v in self.peak_gflops.values():
+            if v <= 0:
+                raise ValueError("peak_gflops must be positive")
+        if self.float_runs_as not in self.peak_gflops:
+            raise ValueError(f"float_runs_as {self.float_runs_as} has no peak_gflops entry")
+        for d, s in self.slow_dtypes.items():
+            if s.runs_as not in self.peak_gflops:
+                raise ValueError(f"slow dtype {d} runs as {s.runs_as}, which has no peak_gflops entry")
+        if (self.cache_bytes is None) != (self.cache_bandwidth_gbs is None):
+            raise ValueError("cache_bytes and cache_bandwidth_gbs go together")
+        for key in ("peak_gflops", "memory_bandwidth_gbs") + (("cache_bandwidth_gbs",) if self.cache_bytes else ()):
+            if key not in self.sources:
+                raise ValueError(f"sources must say where {key} comes from")
+        return self
+
+    def runs(self, dtype: str) -> tuple[str, float]:
+        """The dtype a tensor of `dtype` really runs in here, and the time factor that costs."""
+        if dtype == "fp32":
+            return self.float_runs_as, 1.0
+        if dtype in self.fast_dtypes or (dtype in self.peak_gflops and dtype not in self.slow_dtypes):
+            return dtype, 1.0
+        if dtype in self.slow_dtypes:
+            s = self.slow_dtypes[dtype]
+            return s.runs_as, s.factor
+        return self.float_runs_as, 1.0
+
+    def eff(self, dtype: str) -> Efficiency:
+        return self.dtype_overrides.get(dtype, self.efficiency)
+
+
+def profile_path(name: str) -> Path:
+    return PROFILE_DIR / f"{name}.yaml"
+
+
+def list_profiles() -> list[str]:
+    return sorted(p.stem for p in PROFILE_DIR.glob("*.yaml"))
+
+
+def parse_profile(data: dict, origin: str) -> HardwareProfile:
+    try:
+        return HardwareProfile.model_validate(data)
+    except ValidationError as exc:
+        msgs = [f"{'.'.join(str(x) for x in e['loc']) or '(top level)'}: {e['msg']}" for e in exc.errors()]
+        raise UserInputError(f"invalid hardware profile {origin}: {'; '.join(msgs)}") from None
+
+
+def load_profile(name_or_path: str) -> HardwareProfile:
+    path = Path(name_or_path)
+    if not (path.suffix in (".yaml", ".yml") and path.is_file()):
+        path = profile_path(name_or_path)
+    if not path.is_file():
+        raise UserInputError(f"unknown hardware {name_or_path!r}; profiles: {', '.join(list_profiles())} "
+                             "(or a path to a profile YAML)")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise UserInputError(f"hardware profile {path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise UserInputError(f"hardware profile {path} must be a mapping of fields")
+    return parse_profile(data, str(path))
+
+
+def save_profile(profile: HardwareProfile, path: Path) -> None:
+    path.write_text(yaml.safe_dump(profile.model_dump(exclude_none=True), sort_keys=False, width=110))

@@ -1,0 +1,40 @@
+"""Calibration on a tiny budget writes a profile that loads and predicts; hardware commands."""
+import json
+
+from typer.testing import CliRunner
+
+from estimators.analyze import analyze
+from estimators.modelspec import load_model
+from flows.cli import app
+from hardware.calibrate import calibrate_host
+from hardware.latency import predict_latency
+from hardware.profile import load_profile, save_profile
+
+
+def test_quick_calibration_writes_loadable_profile(tmp_path):
+    prof = calibrate_host(quick=True, int8=False, budget_s=3.0)
+    path = tmp_path / "host.yaml"
+    save_profile(prof, path)
+    again = load_profile(str(path))
+    assert again.provenance is not None and again.provenance.threads >= 1
+    assert again.peak_gflops["fp32"] > 0 and again.memory_bandwidth_gbs > 0
+    table = analyze(load_model("demo:digits-cnn"))
+    p1 = predict_latency(table, again, 1).latency_ms
+    p8 = predict_latency(table, again, 8).latency_ms
+    assert 0 < p1 < p8
+
+
+def test_hardware_commands_and_estimate_latency():
+    runner = CliRunner()
+    r = runner.invoke(app, ["hardware", "list", "--json"])
+    assert r.exit_code == 0
+    names = [p["name"] for p in json.loads(r.stdout)["profiles"]]
+    assert "host" in names
+    r = runner.invoke(app, ["hardware", "show", "host", "--json"])
+    assert r.exit_code == 0 and json.loads(r.stdout)["name"] == "host"
+    r = runner.invoke(app, ["estimate", "demo:digits-cnn", "--hardware", "host", "--batch-size", "4", "--json"])
+    assert r.exit_code == 0
+    d = json.loads(r.stdout)
+    assert d["pred"]["latency_ms"] > 0 and d["hardware"]["batch_size"] == 4
+    r = runner.invoke(app, ["estimate", "demo:digits-cnn", "--hardware", "no-such-device", "--json"])
+    assert r.exit_code == 2 and "unknown hardware" in r.stderr
