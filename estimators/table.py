@@ -161,19 +161,16 @@ def build_table(model_spec: str, input_shape: tuple[int, ...], tr: Trace, plan: 
         rule = r.rule
         y = T[r.outputs[0]].meta
         if rule == "same":
-            src = None
-            for tid, s in zip(r.inputs, ins):
-                if T[tid].meta.chan == y.chan and (T[tid].shape == y.shape or src is None):
-                    if src is None or T[tid].shape == y.shape:
-                        src = s
-                        if T[tid].shape == y.shape:
-                            break
+            # the output's channels are those of the input shaped like it (else of one with as many channels)
+            same_shape = [s for tid, s in zip(r.inputs, ins) if T[tid].shape == y.shape]
+            same_chan = [(tid, s) for tid, s in zip(r.inputs, ins) if T[tid].meta.chan == y.chan]
+            src = (same_shape or [s for _, s in same_chan] or [None])[0]
             if src is None:
                 for s in ins:
                     breaks(s, f"{r.name} ({r.op}) changes the channel count")
                 src = {}
-            for s in ins:
-                if s and s is not src and T[r.inputs[ins.index(s)]].meta.chan == y.chan and _comp_key(s) != _comp_key(src):
+            for tid, s in same_chan:
+                if s and _comp_key(s) != _comp_key(src):
                     why = f"{r.name} ({r.op}) joins channels that torch-pruning couples differently"
                     breaks(s, why)
                     breaks(src, why)
