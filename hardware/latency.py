@@ -48,7 +48,13 @@ def _row_features(table: LayerTable, batch: int):
     is_gemm = np.isin(kinds, GEMM_CLASSES)
     flops = np.where(is_gemm, gemm, elems)
     act_bytes = (ev.act_read_bytes + ev.act_write_bytes) * scale
-    return flops, ev.weight_bytes, act_bytes, kinds
+    return flops, ev.weight_bytes, act_bytes, kinds, ev.cin, ev.cout
+
+
+def misaligned(cin: np.ndarray, cout: np.ndarray, multiple: int | None) -> np.ndarray:
+    if not multiple or multiple <= 1:
+        return np.zeros(len(cin), dtype=bool)
+    return ((cin % multiple) != 0) | ((cout % multiple) != 0)
 
 
 def fused_mask(table: LayerTable, kinds: np.ndarray, fused: list[str]) -> np.ndarray:
@@ -71,14 +77,19 @@ def fused_mask(table: LayerTable, kinds: np.ndarray, fused: list[str]) -> np.nda
 def predict_latency(table: LayerTable, profile: HardwareProfile, batch_size: int = 1) -> LatencyPrediction:
     if batch_size < 1:
         raise ValueError("batch size must be at least 1")
-    flops, wbytes, abytes, kinds = _row_features(table, batch_size)
+    flops, wbytes, abytes, kinds, cin, cout = _row_features(table, batch_size)
+    off = misaligned(cin, cout, profile.channel_multiple)
     n = table.n
     per_row = np.zeros(n)
+    call_s = 0.0
     xdtypes = np.array(table.state.xdtype)
     unsupported = int((kinds == "unsupported").sum())
     bw_dram = profile.memory_bandwidth_gbs * 1e9
     work = wbytes + abytes
-    bw_row = np.where(work <= (profile.cache_bytes or 0), (profile.cache_bandwidth_gbs or 0) * 1e9, bw_dram)
+    cache = profile.cache_bytes or 0
+    bw_row = np.where(work <= cache, (profile.cache_bandwidth_gbs or 0) * 1e9, bw_dram)
+    # weights of a model larger than the cache stream from memory on every call
+    streams = cache > 0 and float(wbytes.sum()) > cache
     for dt in np.unique(xdtypes):
         rows = xdtypes == dt
         run, factor = profile.runs(str(dt))
@@ -92,8 +103,15 @@ def predict_latency(table: LayerTable, profile: HardwareProfile, batch_size: int
             if not sel.any():
                 continue
             comp = flops[sel] / (peak * eff.compute_of(cls))
-            mem = work[sel] * byte_scale / (bw_row[sel] * eff.bandwidth_of(cls))
-            per_row[sel] = np.maximum(comp, mem) * factor + eff.kernel_overhead_us * 1e-6
+            if streams:
+                act_bw = np.where(abytes[sel] <= cache, profile.cache_bandwidth_gbs * 1e9, bw_dram)
+                mem = (wbytes[sel] / bw_dram + abytes[sel] / (act_bw * eff.bandwidth_of(cls))) * byte_scale
+            else:
+                mem = work[sel] * byte_scale / (bw_row[sel] * eff.bandwidth_of(cls))
+            slow = np.where(off[sel], eff.misaligned_factor.get(cls, 1.0), 1.0)
+            body = comp * slow + mem if profile.combine == "sum" else np.maximum(comp, mem) * slow
+            per_row[sel] = body * factor + eff.kernel_overhead_us * 1e-6
         views = rows & (kinds == "view")
         per_row[views] = eff.view_overhead_us * 1e-6
-    return LatencyPrediction(float(per_row.sum() * 1e3), per_row * 1e3, batch_size, profile.name, profile.runtime, unsupported)
+        call_s += eff.call_overhead_us * 1e-6
+    return LatencyPrediction(float((per_row.sum() + call_s) * 1e3), per_row * 1e3, batch_size, profile.name, profile.runtime, unsupported)

@@ -43,7 +43,11 @@ class Efficiency(_Strict):
     bandwidth: dict[OpClass, float] = Field(default_factory=dict, description="share of peak bandwidth (default 1)")
     kernel_overhead_us: float = Field(ge=0, description="fixed time per kernel launched")
     view_overhead_us: float = Field(default=0.0, ge=0, description="time of an op that moves no data (eager dispatch)")
+    call_overhead_us: float = Field(default=0.0, ge=0, description="fixed time per model call (e.g. a compiled graph's guards)")
     fused: list[OpClass] = Field(default_factory=list, description="classes fused into the preceding conv/linear")
+    misaligned_factor: dict[OpClass, float] = Field(
+        default_factory=dict, description="time multiplier when a layer's channels are not multiples of the profile's "
+                                          "channel_multiple (kernels fall back to slower paths)")
 
     def compute_of(self, cls: str) -> float:
         return self.compute.get(cls) or self.compute[SUBCLASSES.get(cls, cls)]
@@ -85,6 +89,8 @@ class HardwareProfile(_Strict):
     cache_bandwidth_gbs: Optional[float] = Field(default=None, gt=0)
     fast_dtypes: list[Dtype]
     float_runs_as: Dtype = Field(default="fp32", description="the dtype an fp32 model is executed in")
+    combine: Literal["max", "sum"] = Field(
+        default="max", description="max: roofline max(compute, memory); sum: compute + memory (no overlap, as eager CPU kernels)")
     slow_dtypes: dict[Dtype, SlowDtype] = Field(default_factory=dict)
     efficiency: Efficiency
     dtype_overrides: dict[Dtype, Efficiency] = Field(default_factory=dict)
