@@ -85,31 +85,36 @@ def _solve(f, target, lo, hi, increasing, tol=1e-5):
     return (lo + hi) / 2
 
 
+def _alternate(solve_a, solve_b, b, tol: float, iters: int):
+    """Alternate two one-dimensional solves until the second parameter settles; returns (a, b)."""
+    for _ in range(iters):
+        a = solve_a(b)
+        new = solve_b(a)
+        done = abs(new - b) < tol
+        b = new
+        if done:
+            break
+    return a, b
+
+
 def fit_tensorrt(base: HardwareProfile, T, overhead=None):
     """compute.conv on DenseNet-121 and bandwidth.gemm on AlexNet (TensorRT FP16), the rest at the priors."""
     p = base if overhead is None else _with(base, overhead=overhead)
-    conv, bwg = p.efficiency.compute["conv"], p.efficiency.bandwidth.get("gemm", 1.0)
-    for _ in range(30):  # alternate: DenseNet hardly depends on bw.gemm, AlexNet mostly on it
-        conv = _solve(lambda x: ms(T["densenet121"], _with(p, conv=x, bw_gemm=bwg)), FIT_TRT["densenet121"], 0.01, 4.0, False)
-        new = _solve(lambda x: ms(T["alexnet"], _with(p, conv=conv, bw_gemm=x)), FIT_TRT["alexnet"], 0.01, 4.0, False)
-        done = abs(new - bwg) < 1e-4
-        bwg = new
-        if done:
-            break
+    # DenseNet hardly depends on bw.gemm, AlexNet mostly on it
+    conv, bwg = _alternate(
+        lambda b: _solve(lambda x: ms(T["densenet121"], _with(p, conv=x, bw_gemm=b)), FIT_TRT["densenet121"], 0.01, 4.0, False),
+        lambda c: _solve(lambda x: ms(T["alexnet"], _with(p, conv=c, bw_gemm=x)), FIT_TRT["alexnet"], 0.01, 4.0, False),
+        p.efficiency.bandwidth.get("gemm", 1.0), 1e-4, 30)
     return _with(p, conv=conv, bw_gemm=bwg)
 
 
 def fit_pytorch(base: HardwareProfile, T, bw_gemm):
     """compute.conv and kernel_overhead_us on AlexNet and DenseNet-121 (PyTorch FP16); bandwidth.gemm given."""
     p = _with(base, bw_gemm=bw_gemm)
-    conv, oh = p.efficiency.compute["conv"], p.efficiency.kernel_overhead_us
-    for _ in range(60):
-        conv = _solve(lambda x: ms(T["alexnet"], _with(p, conv=x, overhead=oh)), FIT_PT["alexnet"], 0.01, 4.0, False)
-        new = _solve(lambda x: ms(T["densenet121"], _with(p, conv=conv, overhead=x)), FIT_PT["densenet121"], 0.0, 2000.0, True)
-        done = abs(new - oh) < 1e-3
-        oh = new
-        if done:
-            break
+    conv, oh = _alternate(
+        lambda o: _solve(lambda x: ms(T["alexnet"], _with(p, conv=x, overhead=o)), FIT_PT["alexnet"], 0.01, 4.0, False),
+        lambda c: _solve(lambda x: ms(T["densenet121"], _with(p, conv=c, overhead=x)), FIT_PT["densenet121"], 0.0, 2000.0, True),
+        p.efficiency.kernel_overhead_us, 1e-3, 60)
     return _with(p, conv=conv, overhead=oh)
 
 

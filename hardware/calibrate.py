@@ -231,7 +231,10 @@ def fit_sum(samples: list[Sample], peak: float, bw: "np.ndarray", view_us: float
     B = np.array([s.bytes for s in samples]) / (np.asarray(bw) * 1e9)
     M = np.array([s.misaligned for s in samples], float)
     T = np.array([s.seconds - s.views * view_us * 1e-6 for s in samples])
-    T = np.maximum(T, 1e-7)
+    # traffic that spills out of the cache moves at memory bandwidth (no class share), as the predictor says
+    spill = np.array([s.bytes > cache_bytes() for s in samples])
+    T = np.maximum(T - np.where(spill, B, 0.0), 1e-7)
+    B = np.where(spill, 0.0, B)
     cols = np.stack([K, F, B, F * M], 1)
     x, _ = nnls(cols / T[:, None], np.ones(len(T)))
     mape = float(np.abs((cols @ x - T) / T).mean())

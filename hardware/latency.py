@@ -87,7 +87,6 @@ def predict_latency(table: LayerTable, profile: HardwareProfile, batch_size: int
     bw_dram = profile.memory_bandwidth_gbs * 1e9
     work = wbytes + abytes
     cache = profile.cache_bytes or 0
-    bw_row = np.where(work <= cache, (profile.cache_bandwidth_gbs or 0) * 1e9, bw_dram)
     # weights of a model larger than the cache stream from memory on every call
     streams = cache > 0 and float(wbytes.sum()) > cache
     for dt in np.unique(xdtypes):
@@ -103,11 +102,17 @@ def predict_latency(table: LayerTable, profile: HardwareProfile, batch_size: int
             if not sel.any():
                 continue
             comp = flops[sel] / (peak * eff.compute_of(cls))
+            # the class's bandwidth share applies to cache-resident traffic (where calibration measures it);
+            # traffic that spills to memory moves at the memory's bandwidth
+            share = eff.bandwidth_of(cls)
             if streams:
-                act_bw = np.where(abytes[sel] <= cache, profile.cache_bandwidth_gbs * 1e9, bw_dram)
-                mem = (wbytes[sel] / bw_dram + abytes[sel] / (act_bw * eff.bandwidth_of(cls))) * byte_scale
+                act_bw = np.where(abytes[sel] <= cache, profile.cache_bandwidth_gbs * 1e9 * share, bw_dram)
+                mem = (wbytes[sel] / bw_dram + abytes[sel] / act_bw) * byte_scale
+            elif cache:
+                row_bw = np.where(work[sel] <= cache, profile.cache_bandwidth_gbs * 1e9 * share, bw_dram)
+                mem = work[sel] * byte_scale / row_bw
             else:
-                mem = work[sel] * byte_scale / (bw_row[sel] * eff.bandwidth_of(cls))
+                mem = work[sel] * byte_scale / (bw_dram * share)
             slow = np.where(off[sel], eff.misaligned_factor.get(cls, 1.0), 1.0)
             body = comp * slow + mem if profile.combine == "sum" else np.maximum(comp, mem) * slow
             per_row[sel] = body * factor + eff.kernel_overhead_us * 1e-6
