@@ -4,8 +4,9 @@ The micro-benchmarks are single operators over a spread of shapes (GEMM, dense, 
 convolutions, elementwise, pooling, normalisation, memory copy; FP32 eager and INT8 in the
 inductor-compiled form that runs fast on x86). Their FLOPs and bytes come from the same analysis the
 predictor uses, so the fit is consistent with prediction. Calibration never runs the benchmark models.
-Per operator class it fits the share of peak compute, the share of bandwidth and a per-kernel
-overhead that minimise the squared relative error of the roofline-plus-overhead model.
+Per operator class it fits the share of peak compute, the share of cache bandwidth, a per-kernel
+overhead and a misaligned-channel factor by non-negative least squares on the relative error of
+t = overhead + FLOPs / (peak x share) + bytes / (bandwidth x share).
 """
 from __future__ import annotations
 
@@ -199,28 +200,6 @@ def measure_peaks(progress: Progress) -> tuple[float, float, float]:
     return gflops, gbs, cbs
 
 
-def fit_class(samples: list[Sample], peak: float, bw: "np.ndarray", view_us: float) -> tuple[float, float, float, float]:
-    """Grid-fit (compute share, bandwidth share, overhead s) minimising squared relative error; returns also MAPE.
-    `bw` is each sample's bandwidth (GB/s): cache or DRAM by its working set."""
-    F = np.array([s.flops for s in samples])
-    B = np.array([s.bytes for s in samples])
-    K = np.array([s.kernels for s in samples])
-    V = np.array([s.views for s in samples])
-    T = np.array([s.seconds for s in samples]) - V * view_us * 1e-6
-    effs = np.geomspace(1e-5, 4.0, 110)
-    bws = np.geomspace(0.01, 50.0, 60)
-    ovs = np.concatenate([[0.0], np.geomspace(0.5e-6, 2000e-6, 60)])
-    comp = F[None, :] / (peak * 1e9 * effs[:, None])  # e x n
-    mem = B[None, :] / (np.asarray(bw)[None, :] * 1e9 * bws[:, None])  # b x n
-    base = np.maximum(comp[:, None, :], mem[None, :, :])  # e x b x n
-    pred = base[:, :, None, :] + ovs[None, None, :, None] * K[None, None, None, :]  # e x b x o x n
-    err = ((pred - T) / T) ** 2
-    loss = err.mean(axis=-1)
-    i, j, k = np.unravel_index(np.argmin(loss), loss.shape)
-    mape = float(np.abs((pred[i, j, k] - T) / T).mean())
-    return float(effs[i]), float(bws[j]), float(ovs[k]), mape
-
-
 def fit_sum(samples: list[Sample], peak: float, bw: "np.ndarray", view_us: float):
     """Non-negative least squares on relative error of t = overhead x kernels + FLOPs/(peak e) (x misaligned
     factor) + bytes/(bandwidth b). Returns (e, b, overhead s, MAPE, misaligned factor)."""
@@ -232,7 +211,8 @@ def fit_sum(samples: list[Sample], peak: float, bw: "np.ndarray", view_us: float
     M = np.array([s.misaligned for s in samples], float)
     T = np.array([s.seconds - s.views * view_us * 1e-6 for s in samples])
     # traffic that spills out of the cache moves at memory bandwidth (no class share), as the predictor says
-    spill = np.array([s.bytes > cache_bytes() for s in samples])
+    llc = cache_bytes()
+    spill = np.array([s.bytes > llc for s in samples])
     T = np.maximum(T - np.where(spill, B, 0.0), 1e-7)
     B = np.where(spill, 0.0, B)
     cols = np.stack([K, F, B, F * M], 1)
@@ -245,26 +225,8 @@ def fit_sum(samples: list[Sample], peak: float, bw: "np.ndarray", view_us: float
     return float(e), float(b), float(o), mape, float(min(factor, 8.0))
 
 
-def fit_with_alignment(samples: list[Sample], peak: float, bw: "np.ndarray", view_us: float):
-    """Fit on channel-aligned samples, then the time factor misaligned ones pay (median ratio, at least 1)."""
-    aligned = [i for i, s in enumerate(samples) if not s.misaligned] or list(range(len(samples)))
-    odd = [i for i, s in enumerate(samples) if s.misaligned]
-    bw = np.asarray(bw)
-    e, b, o, mape = fit_class([samples[i] for i in aligned], peak, bw[aligned], view_us)
-    factor = 1.0
-    if odd:
-        ratios = []
-        for i in odd:
-            s = samples[i]
-            base = max(s.flops / (peak * 1e9 * e), s.bytes / (bw[i] * 1e9 * b))
-            ratios.append(max(s.seconds - s.views * view_us * 1e-6 - o * s.kernels, 1e-9) / base)
-        factor = float(min(max(np.median(ratios), 1.0), 8.0))
-    return e, b, o, mape, factor
-
-
 INT8_LANES = 4  # int8 dot products (VNNI) do 4x the multiply-adds of fp32 FMA per instruction
 COMBINE = "sum"  # eager CPU kernels barely overlap compute and memory traffic: fitted additively
-FIT = fit_sum
 
 
 def calibrate_host(quick: bool = False, progress: Progress = lambda m: None, int8: bool = True,
@@ -289,7 +251,7 @@ def calibrate_host(quick: bool = False, progress: Progress = lambda m: None, int
         s = [x for x in fp32 if x.cls == cls]
         if cls == "attention":
             s = [x for x in fp32 if x.cls == "gemm"]
-        e, b, o, mape, mf = FIT(s, peak, bws(s), view_us)
+        e, b, o, mape, mf = fit_sum(s, peak, bws(s), view_us)
         compute[cls], bandwidth[cls] = e, b
         if mf > 1.0:
             misfit[cls] = round(mf, 4)
@@ -318,7 +280,7 @@ def calibrate_host(quick: bool = False, progress: Progress = lambda m: None, int
             s = [x for x in q if x.cls == cls]
             if not s:
                 continue
-            e, b, o, mape, mf = FIT(s, INT8_LANES * peak, bws(s), 0.0)
+            e, b, o, mape, mf = fit_sum(s, INT8_LANES * peak, bws(s), 0.0)
             comp8[cls], bw8[cls] = e, b
             mis8[cls] = round(mf, 4)
             ovs.append(o)
