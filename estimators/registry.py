@@ -153,6 +153,17 @@ def _const_params(c: Cost, tensors: list[torch.Tensor]) -> Cost:
     return c
 
 
+def _channel_params(c: Cost, tensors: list[torch.Tensor]) -> Cost:
+    """A float tensor with one element per output channel (norm affine, layer scale) scales with the channels;
+    any other parameter or buffer is a constant."""
+    for p in tensors:
+        if p.is_floating_point() and p.numel() == c.cout and c.cout > 1:
+            c.add("params" if isinstance(p, nn.Parameter) else "buffers", 1, b=1)
+        else:
+            _const_params(c, [p])
+    return c
+
+
 # ----------------------------------------------------------------------------------------------
 # modules (exact types, as torch-pruning's counter)
 
@@ -353,11 +364,7 @@ def linear_function(ctx: Ctx) -> Cost:
 def norm_function(ctx: Ctx) -> Cost:
     cin, cout = _io(ctx)
     c = Cost("norm", cin, cout)
-    for p in ctx.params:
-        if p.dim() == 1 and p.numel() == cout and p.is_floating_point():
-            c.add("params" if isinstance(p, nn.Parameter) else "buffers", 1, b=1)
-        else:
-            _const_params(c, [p])
+    _channel_params(c, ctx.params)
     return _acts(c, ctx)
 
 
@@ -374,16 +381,7 @@ def norm_function(ctx: Ctx) -> Cost:
 def elementwise_function(ctx: Ctx) -> Cost:
     cin, cout = _io(ctx)
     c = Cost("elementwise", cin, cout)
-    _const_params(c, ctx.params)
-    if ctx.params:
-        # a learned per-channel scale (layer scale) still costs one element per channel
-        c.terms = [t for t in c.terms if t[0] not in ("params", "buffers")]
-        for p in ctx.params:
-            if p.numel() == cout and p.is_floating_point():
-                c.add("params" if isinstance(p, nn.Parameter) else "buffers", 1, b=1)
-            else:
-                c.add("params" if isinstance(p, nn.Parameter) else "buffers", p.numel())
-                c.channel_exact = False
+    _channel_params(c, ctx.params)
     return _acts(c, ctx)
 
 
