@@ -31,6 +31,7 @@ from hardware.latency import predict_latency  # noqa: E402
 from hardware.profile import Efficiency, load_profile  # noqa: E402
 from tasks.apply import measure_artifact_latency  # noqa: E402
 from tasks.executors import run_strategy, save_artifact  # noqa: E402
+from tasks.quantize_exec import load_program  # noqa: E402
 
 MODELS = "mobilenet_v2,mobilenet_v3_large,efficientnet_b0,shufflenet_v2_x1_0,regnet_y_400mf,resnet18,resnet50,vgg11"
 
@@ -67,9 +68,9 @@ def main() -> None:
                 strat = parse_strategy(text)
                 est = estimate(table, strat)
                 work = run_strategy(loaded, strat)
-                path = save_artifact(work, strat, f"{tmp}/{name}-{len(rows)}")["model"]
+                ep = load_program(save_artifact(work, strat, f"{tmp}/{name}-{len(rows)}")["model"])
                 for b in (int(x) for x in args.batches.split(",")):
-                    meas = measure_artifact_latency(work, path, b)["latency_ms"]
+                    meas = measure_artifact_latency(work, ep, b)["latency_ms"]
                     cal = predict_latency(est, host, b).latency_ms
                     rf = predict_latency(est, roof, b).latency_ms
                     fl = totals(est)["gemm_macs"] * 2 * b * s_per_flop * 1e3

@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import logging
 import weakref
 from typing import Callable
 
@@ -37,19 +38,26 @@ def gemm_macs(fn: Callable, example: torch.Tensor) -> int:
     return int(fc.get_total_flops() // 2 // example.shape[0])
 
 
+def stored_tensors(ep) -> list[tuple[str, torch.Tensor]]:
+    """(name, tensor) for every tensor an ExportedProgram stores: its state_dict and its tensor constants."""
+    items = [(n, t.data if isinstance(t, torch.nn.Parameter) else t) for n, t in ep.state_dict.items()]
+    for name, t in ep.constants.items():
+        if isinstance(t, torch.Tensor):
+            items.append((name, t))
+        else:  # a ScriptObject or similar cannot be sized here
+            logging.getLogger(__name__).warning("program constant %s is a %s, not a tensor; not counted",
+                                                name, type(t).__name__)
+    return items
+
+
 def stored_tensor_bytes(ep) -> int:
-    seen: set[tuple[int, int]] = set()
-    total = 0
-    tensors = list(ep.state_dict.values()) + [v for v in ep.constants.values() if isinstance(v, torch.Tensor)]
-    for t in tensors:
-        if not isinstance(t, torch.Tensor):
-            continue
-        key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()) if t.numel() else (id(t), 0)
-        if key in seen:
-            continue
-        seen.add(key)
-        total += t.untyped_storage().nbytes() if t.numel() else 0
-    return total
+    """Bytes of all tensors the program stores, each storage counted once (tied weights, views)."""
+    seen: dict[tuple, int] = {}
+    for _, t in stored_tensors(ep):
+        st = t.untyped_storage()
+        key = (t.device.type, t.device.index, st.data_ptr()) if st.data_ptr() != 0 else ("obj", id(st))
+        seen[key] = max(seen.get(key, 0), st.nbytes())
+    return int(sum(seen.values()))
 
 
 class _PeakTracker(TorchDispatchMode):

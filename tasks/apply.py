@@ -4,7 +4,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
 
 from estimators.analyze import analyze
 from estimators.compress import estimate
@@ -13,20 +12,19 @@ from estimators.report import public, rel_err
 from estimators.strategy import Strategy
 from estimators.table import totals
 from hardware.measure import (count_module, gemm_macs, measure_latency, measure_memory_access_bytes,
-                              measure_peak_activation_bytes, stored_tensor_bytes)
+                              measure_peak_activation_bytes, stored_tensor_bytes, stored_tensors)
 
 from .executors import Work, run_strategy, save_artifact
 from .quantize_exec import load_program
 
 
-def measure_work(work: Work, artifact_path: str) -> tuple[dict[str, Any], list[str]]:
-    """Measure the real artifact (loaded back from disk) and the compressed module it was made from."""
+def measure_work(work: Work, ep, artifact_path: str) -> tuple[dict[str, Any], list[str]]:
+    """Measure the real artifact `ep` (loaded back from `artifact_path`) and the compressed module it was made from."""
     notes: list[str] = []
     ex = work.example(work.loaded.input_shape[0])
     meas: dict[str, Any] = {}
     counted = count_module(work.model, ex)  # parameters and MACs of the compressed float module
     meas.update(counted)
-    ep = load_program(artifact_path)
     meas["size_bytes"] = stored_tensor_bytes(ep)
     meas["artifact_file_bytes"] = Path(artifact_path).stat().st_size
     run = ep.module()
@@ -37,16 +35,15 @@ def measure_work(work: Work, artifact_path: str) -> tuple[dict[str, Any], list[s
                      "memory access and peak memory are not measured on the eager Q/DQ graph, which is not the form an "
                      "int8 model is deployed in")
     else:
-        weights = list(ep.state_dict.values()) + [v for v in ep.constants.values() if isinstance(v, torch.Tensor)]
+        weights = [t for _, t in stored_tensors(ep)]
         meas["memory_access_bytes"] = measure_memory_access_bytes(run, ex)
         meas["peak_memory_bytes"] = meas["size_bytes"] + measure_peak_activation_bytes(run, ex, weights)
     return meas, notes
 
 
-def measure_artifact_latency(work: Work, artifact_path: str, batch_size: int) -> dict[str, Any]:
-    """Latency of the saved artifact on this machine, in the form that runs it fast: eager for float
+def measure_artifact_latency(work: Work, ep, batch_size: int) -> dict[str, Any]:
+    """Latency of the saved artifact `ep` on this machine, in the form that runs it fast: eager for float
     programs, inductor-compiled (freezing) for int8 ones."""
-    ep = load_program(artifact_path)
     ex = work.example(batch_size)
     if work.quant is not None and work.quant.dtype == "int8":
         from .quantize_exec import compile_for_inference
@@ -67,7 +64,8 @@ def apply_and_measure(loaded: LoadedModel, strategy: Strategy, out_dir: str, har
     work = run_strategy(loaded, strategy)
     paths = save_artifact(work, strategy, out_dir)
     progress(f"saved {paths['model']}; measuring")
-    meas, notes = measure_work(work, paths["model"])
+    ep = load_program(paths["model"])  # measure what was saved, as a user would load it
+    meas, notes = measure_work(work, ep, paths["model"])
     lat_info = None
     if hardware:
         from hardware.latency import predict_latency
@@ -77,7 +75,7 @@ def apply_and_measure(loaded: LoadedModel, strategy: Strategy, out_dir: str, har
         pred["latency_ms"] = round(predict_latency(est, prof, batch_size).latency_ms, 4)
         if prof.name == "host":
             progress(f"measuring latency at batch {batch_size}")
-            lat = measure_artifact_latency(work, paths["model"], batch_size)
+            lat = measure_artifact_latency(work, ep, batch_size)
             meas["latency_ms"] = round(lat["latency_ms"], 4)
             lat_info = lat
         else:

@@ -150,6 +150,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from hardware.measure import stored_tensor_bytes, stored_tensors  # noqa: F401  (re-exported)
+
 logger = logging.getLogger(__name__)
 # Intel Neural Compressor writes a log folder under $HOME unless HABANA_LOGS points elsewhere
 os.environ.setdefault("HABANA_LOGS", os.path.join(tempfile.gettempdir(), "deployfit-inc-logs"))
@@ -172,43 +174,10 @@ class QuantResult:
 # --------------------------------------------------------------------------- helpers
 
 
-def _stored_items(ep: torch.export.ExportedProgram):
-    """(name, tensor) for every tensor the program stores: state_dict + constants."""
-    items = []
-    for name, t in ep.state_dict.items():
-        items.append((name, t))
-    for name, t in ep.constants.items():
-        if isinstance(t, torch.Tensor):
-            items.append((name, t))
-        else:  # ScriptObject or similar: not a plain tensor, cannot be sized here
-            logger.warning("program constant %s is a %s, not a tensor; not counted", name, type(t).__name__)
-    return items
-
-
-def _plain(t: torch.Tensor) -> torch.Tensor:
-    return t.data if isinstance(t, torch.nn.Parameter) else t
-
-
-def stored_tensor_bytes(ep: torch.export.ExportedProgram) -> int:
-    """Bytes of all tensors stored by ``ep`` (state_dict + constants), deduplicated by storage.
-
-    Tensors that share one storage (tied weights, views) are counted once, by the
-    storage's size in bytes.
-    """
-    seen: dict[tuple, int] = {}
-    for _, t in _stored_items(ep):
-        t = _plain(t)
-        st = t.untyped_storage()
-        key = (t.device.type, t.device.index, st.data_ptr()) if st.data_ptr() != 0 else ("obj", id(st))
-        seen[key] = max(seen.get(key, 0), st.nbytes())
-    return int(sum(seen.values()))
-
-
 def _describe_storage(ep: torch.export.ExportedProgram):
     stored: dict[str, tuple[str, tuple[int, ...]]] = {}
     total = 0
-    for name, t in _stored_items(ep):
-        t = _plain(t)
+    for name, t in stored_tensors(ep):
         stored[name] = (str(t.dtype).replace("torch.", ""), tuple(int(s) for s in t.shape))
         total += t.numel() * t.element_size()
     dedup = stored_tensor_bytes(ep)
