@@ -4,9 +4,13 @@ Prints, side by side, MAPE, the share within +-10% and Kendall's tau for
   calibrated   the `host` profile fitted by `deployfit calibrate`
   roofline     the same peaks (measured GEMM FLOP/s and DRAM bandwidth) with no fitted efficiency/overhead
   flops        latency proportional to FLOPs (seconds per FLOP of the host's dense-conv fit)
-Float models are measured eagerly, int8 ones inductor-compiled (the forms the host profile predicts).
+Every configuration is measured as its saved artifact runs: float programs as ExportedProgram.module(), int8
+ones inductor-compiled (the forms the host profile predicts). All artifacts are built first, then measured
+round-robin `--rounds` times (median): this machine's speed drifts by 10-40% over minutes (shared cache and
+memory), and the spread between rounds is printed as the noise floor.
 
     .venv/bin/python bench/latency.py [--models resnet18,...] [--strategies none,prune:0.3,...] [--batches 1,8]
+                                      [--rounds 3] [--profile host]
 """
 from __future__ import annotations
 
@@ -29,9 +33,9 @@ from estimators.strategy import parse_strategy  # noqa: E402
 from estimators.table import totals  # noqa: E402
 from hardware.latency import predict_latency  # noqa: E402
 from hardware.profile import Efficiency, load_profile  # noqa: E402
-from tasks.apply import measure_artifact_latency  # noqa: E402
+from hardware.measure import measure_latency  # noqa: E402
 from tasks.executors import run_strategy, save_artifact  # noqa: E402
-from tasks.quantize_exec import load_program  # noqa: E402
+from tasks.quantize_exec import compile_for_inference, load_program  # noqa: E402
 
 MODELS = "mobilenet_v2,mobilenet_v3_large,efficientnet_b0,shufflenet_v2_x1_0,regnet_y_400mf,resnet18,resnet50,vgg11"
 
@@ -39,8 +43,8 @@ MODELS = "mobilenet_v2,mobilenet_v3_large,efficientnet_b0,shufflenet_v2_x1_0,reg
 def uncalibrated(host):
     ones = {c: 1.0 for c in host.efficiency.compute}
     flat = Efficiency(compute=ones, bandwidth=ones, kernel_overhead_us=0.0, view_overhead_us=0.0, fused=[])
-    return host.model_copy(update={"name": "roofline", "efficiency": flat, "dtype_overrides": {}, "cache_bytes": None,
-                                   "cache_bandwidth_gbs": None})
+    return host.model_copy(update={"name": "roofline", "efficiency": flat, "dtype_overrides": {}, "batch_efficiency": {},
+                                   "cache_bytes": None, "cache_bandwidth_gbs": None, "combine": "max"})
 
 
 def stats(pred, meas):
@@ -54,12 +58,14 @@ def main() -> None:
     ap.add_argument("--models", default=MODELS)
     ap.add_argument("--strategies", default="none,prune:0.3,prune:0.6,quantize:int8")
     ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--rounds", type=int, default=3, help="measure every configuration this many times, round-robin")
+    ap.add_argument("--profile", default="host", help="the calibrated profile to test (name or YAML path)")
     args = ap.parse_args()
-    host = load_profile("host")
+    host = load_profile(args.profile)
     roof = uncalibrated(host)
     s_per_flop = 1.0 / (host.peak_gflops["fp32"] * 1e9 * host.efficiency.compute["conv"])
-    rows = []
-    print(f"{'model':20s} {'strategy':14s} {'b':>2s} {'meas ms':>9s} {'calibrated':>11s} {'roofline':>9s} {'flops':>9s}")
+    batches = [int(x) for x in args.batches.split(",")]
+    configs = []  # (name, strategy, batch, fn, example, predictions)
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):
             loaded = load_model(f"torchvision:{name}")
@@ -68,21 +74,43 @@ def main() -> None:
                 strat = parse_strategy(text)
                 est = estimate(table, strat)
                 work = run_strategy(loaded, strat)
-                ep = load_program(save_artifact(work, strat, f"{tmp}/{name}-{len(rows)}")["model"])
-                for b in (int(x) for x in args.batches.split(",")):
-                    meas = measure_artifact_latency(work, ep, b)["latency_ms"]
-                    cal = predict_latency(est, host, b).latency_ms
-                    rf = predict_latency(est, roof, b).latency_ms
-                    fl = totals(est)["gemm_macs"] * 2 * b * s_per_flop * 1e3
-                    rows.append((name, text, b, meas, cal, rf, fl))
-                    print(f"{name:20s} {text:14s} {b:2d} {meas:9.2f} {cal:11.2f} {rf:9.2f} {fl:9.2f}", flush=True)
-    meas = [r[3] for r in rows]
-    print(f"\n{len(rows)} measurements on host ({host.provenance.cpu if host.provenance else ''}, "
-          f"{host.provenance.threads if host.provenance else '?'} threads)")
+                ep = load_program(save_artifact(work, strat, f"{tmp}/{name}-{len(configs)}")["model"])
+                fn = compile_for_inference(ep) if work.quant is not None and work.quant.dtype == "int8" else ep.module()
+                for b in batches:
+                    preds = (predict_latency(est, host, b).latency_ms, predict_latency(est, roof, b).latency_ms,
+                             totals(est)["gemm_macs"] * 2 * b * s_per_flop * 1e3)
+                    configs.append((name, text, b, fn, work.example(b), preds))
+            print(f"built {name}: {len(configs)} configurations", flush=True)
+        # measure round-robin: a slow spell of the machine spreads over all configurations instead of a few
+        meas = np.zeros((args.rounds, len(configs)))
+        for r in range(args.rounds):
+            for i, (name, text, b, fn, ex, _) in enumerate(configs):
+                meas[r, i] = measure_latency(fn, ex, warmup=3, min_runs=10, budget_s=1.0)["latency_ms"]
+            print(f"round {r + 1}/{args.rounds} measured", flush=True)
+    med = np.median(meas, axis=0)
+    print(f"\n{'model':20s} {'strategy':14s} {'b':>2s} {'meas ms':>9s} {'spread %':>8s} {'calibrated':>11s} {'roofline':>9s} "
+          f"{'flops':>9s}")
+    rows = []
+    for i, (name, text, b, _, _, preds) in enumerate(configs):
+        spread = 100 * (meas[:, i].max() - meas[:, i].min()) / med[i]
+        rows.append((name, text, b, med[i]) + preds)
+        print(f"{name:20s} {text:14s} {b:2d} {med[i]:9.2f} {spread:8.1f} {preds[0]:11.2f} {preds[1]:9.2f} {preds[2]:9.2f}")
+    print(f"\n{len(rows)} configurations x {args.rounds} rounds on host ({host.provenance.cpu if host.provenance else ''}, "
+          f"{host.provenance.threads if host.provenance else '?'} threads); median of the rounds against the predictions")
     print(f"{'predictor':12s} {'MAPE %':>8s} {'within 10% (%)':>15s} {'Kendall tau':>12s}")
     for label, idx in (("calibrated", 4), ("roofline", 5), ("flops", 6)):
-        mape, within, tau = stats([r[idx] for r in rows], meas)
+        mape, within, tau = stats([r[idx] for r in rows], med)
         print(f"{label:12s} {mape:8.1f} {within:15.1f} {tau:12.3f}")
+    if args.rounds > 1:  # the noise floor: one round against the median of all
+        single = np.abs(meas / med - 1)
+        print(f"{'one round':12s} {100 * single.mean():8.1f} {100 * (single <= 0.10).mean():15.1f} {'':>12s}  "
+              "(a single measurement against the median: the machine's own noise)")
+    cal = np.array([r[4] for r in rows])
+    for lab, sel in (("float", np.array([r[1] != "quantize:int8" for r in rows])),
+                     ("int8", np.array([r[1] == "quantize:int8" for r in rows]))):
+        if sel.any():
+            e = np.abs(cal[sel] / med[sel] - 1)
+            print(f"calibrated, {lab:5s}: MAPE {100 * e.mean():.1f}%, within 10% {100 * (e <= 0.1).mean():.1f}%")
 
 
 if __name__ == "__main__":

@@ -72,6 +72,8 @@ class Cost:
     # False when a term is a constant that pruning would change (then the row must not be pruned through)
     channel_exact: bool = True
     bias: bool = False  # the layer stores a bias (stays float when its weight is quantized)
+    ksize: int = 1  # kernel elements of a convolution or pooling window (1 otherwise): latency models use it
+    groups: int = 1  # convolution groups (latency models tell grouped convolutions apart)
 
     def add(self, q: str, num: int, a: int = 0, b: int = 0, den: int = 1) -> "Cost":
         if num:
@@ -170,7 +172,7 @@ def _channel_params(c: Cost, tensors: list[torch.Tensor]) -> Cost:
 
 def _conv_cost(cin: int, cout: int, groups: int, ksize: int, out_per_chan: int, bias: bool) -> Cost:
     depthwise = groups > 1 and groups == cin
-    c = Cost("dwconv" if depthwise else "conv", cin, cout)
+    c = Cost("dwconv" if depthwise else "conv", cin, cout, ksize=ksize, groups=int(groups))
     if depthwise:  # groups follow the channels when pruned: everything scales with cout
         c.add("params", ksize, b=1)
         c.add("macs", ksize * out_per_chan, b=1)
@@ -281,12 +283,20 @@ def counted_activation_module(ctx: Ctx) -> Cost:
     return _acts(c, ctx)
 
 
+def _window(k) -> int:
+    """Elements of a pooling window (kernel_size as an int or a tuple; adaptive pools count 1)."""
+    if isinstance(k, (tuple, list)):
+        return int(math.prod(int(x) for x in k)) if all(isinstance(x, int) for x in k) else 1
+    return int(k) ** 2 if isinstance(k, int) else 1
+
+
 @register_module(nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
                  nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
                  nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
 def pool_module(ctx: Ctx) -> Cost:
     cin, cout = _io(ctx)
-    c = Cost("maxpool" if isinstance(ctx.module, _MAXPOOL) else "pool", cin, cout)
+    c = Cost("maxpool" if isinstance(ctx.module, _MAXPOOL) else "pool", cin, cout,
+             ksize=_window(getattr(ctx.module, "kernel_size", 1)))
     c.add("macs", ctx.inputs[0].per_chan, a=1)
     return _acts(c, ctx)
 
@@ -385,13 +395,22 @@ def elementwise_function(ctx: Ctx) -> Cost:
     return _acts(c, ctx)
 
 
-@register_function("max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d", "avg_pool2d", "avg_pool3d",
-                   "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d", "adaptive_max_pool1d",
-                   "adaptive_max_pool2d", "adaptive_max_pool3d", "_adaptive_avg_pool2d", "max_pool2d_with_indices",
-                   "mean", "sum", "amax", "interpolate", "upsample_nearest2d", "upsample_bilinear2d", rule="same")
+@register_function("avg_pool1d", "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d",
+                   "adaptive_avg_pool3d", "_adaptive_avg_pool2d", "mean", "sum", "interpolate", "upsample_nearest2d",
+                   "upsample_bilinear2d", rule="same")
 def pool_function(ctx: Ctx) -> Cost:
     cin, cout = _io(ctx)
     c = Cost("pool", cin, cout)
+    _const_params(c, ctx.params)
+    return _acts(c, ctx)
+
+
+@register_function("max_pool1d", "max_pool2d", "max_pool3d", "adaptive_max_pool1d", "adaptive_max_pool2d",
+                   "adaptive_max_pool3d", "max_pool2d_with_indices", "amax", rule="same")
+def maxpool_function(ctx: Ctx) -> Cost:
+    """Max pooling as a function (exported programs): the same class as the MaxPool modules."""
+    cin, cout = _io(ctx)
+    c = Cost("maxpool", cin, cout, ksize=_window(ctx.args[1] if len(ctx.args) > 1 else ctx.kwargs.get("kernel_size", 1)))
     _const_params(c, ctx.params)
     return _acts(c, ctx)
 

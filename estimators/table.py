@@ -81,6 +81,8 @@ class LayerTable:
     unsupported: list[dict]
     state: State
     notes: list[str] = field(default_factory=list)
+    ksize: np.ndarray | None = None  # per row: kernel elements of a convolution or pooling window, 1 otherwise
+    groups: np.ndarray | None = None  # per row: convolution groups, 1 otherwise
 
     @property
     def n(self) -> int:
@@ -301,6 +303,8 @@ def build_table(model_spec: str, input_shape: tuple[int, ...], tr: Trace, plan: 
         names=names + extra_names,
         ops=[r.op for r in rows] + ["parameter"] * len(extra_names),
         kinds=[c.kind for c in cost_rows] + ["param"] * len(extra_names),
+        ksize=np.array([c.ksize for c in cost_rows] + [1] * len(extra_names), dtype=np.int64),
+        groups=np.array([c.groups for c in cost_rows] + [1] * len(extra_names), dtype=np.int64),
         module_names=[r.module_name for r in rows] + [x[6:] for x in extra_names],
         is_module=np.array([r.is_module for r in rows] + [False] * len(extra_names)),
         in_shapes=[[T[t].shape for t in r.inputs] for r in rows] + [[]] * len(extra_names),

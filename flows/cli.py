@@ -247,11 +247,13 @@ def hardware_show(name: Annotated[str, typer.Argument(help="profile name or YAML
 def calibrate(
     hardware: Annotated[str, typer.Option("--hardware", help="only `host` (this machine) can be calibrated here")] = "host",
     out: Annotated[Optional[str], typer.Option("--out", help="profile path (default hardware/profiles/host.yaml)")] = None,
-    quick: Annotated[bool, typer.Option("--quick", help="fewer shapes (tests)")] = False,
+    quick: Annotated[bool, typer.Option("--quick", help="a 20 s budget: fewer synthetic networks (tests, demos)")] = False,
     int8: Annotated[bool, typer.Option("--int8/--no-int8", help="also calibrate the compiled INT8 path")] = True,
+    budget: Annotated[float, typer.Option("--budget", help="seconds of timing (peaks and set-up come on top)")] = 150.0,
     as_json: JsonOpt = False,
 ) -> None:
-    """Fit the host profile from micro-benchmarks on this machine and write it with its provenance."""
+    """Fit the host profile to operators timed inside synthetic networks on this machine (about 2.5 minutes
+    on 2 cores) and write it with its provenance."""
 
     def body():
         from pathlib import Path
@@ -261,7 +263,10 @@ def calibrate(
 
         if hardware != "host":
             raise UserInputError(f"only the host can be calibrated from here, not {hardware!r}")
-        prof = calibrate_host(quick=quick, int8=int8, progress=lambda m: err_console.print(f"[dim]{m}[/]", highlight=False))
+        if budget <= 0:
+            raise UserInputError(f"--budget must be positive seconds, not {budget}")
+        prof = calibrate_host(quick=quick, int8=int8, budget_s=budget,
+                              progress=lambda m: err_console.print(f"[dim]{m}[/]", highlight=False))
         path = Path(out) if out else profile_path("host")
         save_profile(prof, path)
         return {"profile": str(path), "provenance": prof.provenance.model_dump() if prof.provenance else None}

@@ -1,12 +1,19 @@
-"""Calibration: fit a profile's factors from micro-benchmarks run on this machine.
+"""Calibration: fit the host profile to operators timed inside running networks on this machine.
 
-The micro-benchmarks are single operators over a spread of shapes (GEMM, dense, depthwise and grouped
-convolutions, elementwise, pooling, normalisation, memory copy; FP32 eager and INT8 in the
-inductor-compiled form that runs fast on x86). Their FLOPs and bytes come from the same analysis the
-predictor uses, so the fit is consistent with prediction. Calibration never runs the benchmark models.
-Per operator class it fits the share of peak compute, the share of cache bandwidth, a per-kernel
-overhead and a misaligned-channel factor by non-negative least squares on the relative error of
-t = overhead + FLOPs / (peak x share) + bytes / (bandwidth x share).
+Single-operator loops flatter a CPU: weights and inputs stay hot in the cache and no other operator
+evicts them, so they miss by 30-60% against the same operator inside a model (seen here: BatchNorm
+1.7x, a 5 MB classifier 4.9x slower in context). Calibration therefore times every operator *inside*
+random synthetic CNNs (hardware.synthetic: strided stems, plain, residual, bottleneck, grouped,
+inverted-residual and squeeze-excitation blocks, concatenation, pooling, linear heads; widths drawn
+freely, aligned or not) exported as deployfit's artifacts are, at each calibrated batch size. That
+covers GEMM, dense/depthwise/grouped convolutions over a spread of shapes, elementwise, pooling,
+normalisation and copies. Per operator class a non-negative least-squares fit of the split model
+(hardware.latency.split_terms: overhead, FLOPs, 1x1 and misaligned-channel FLOPs, weight bytes,
+activation bytes in and beyond the cache) on the rows' relative error gives the efficiencies; the
+networks' untimed totals give the per-operator dispatch and per-call costs. INT8 runs compiled
+(inductor with freezing), where operators cannot be timed one by one: whole quantized synthetic
+networks are timed and the FP32 fit is rescaled (overheads, compute, memory traffic, unfused rest) to
+them. Calibration never runs the benchmark models, so bench/latency.py tests what it fitted.
 """
 from __future__ import annotations
 
@@ -25,13 +32,15 @@ from estimators.pruning import PrunePlan
 from estimators.table import LayerTable, build_table
 from estimators.trace import trace_model
 
-from .latency import ALL_CLASSES, _row_features, fused_mask, misaligned
+from .latency import ALL_CLASSES, _row_features, fused_mask, misaligned, pointwise, split_terms
 from .measure import measure_latency
-from .profile import OP_CLASSES, Efficiency, HardwareProfile, Provenance
+from .profile import SUBCLASSES, Efficiency, HardwareProfile, Provenance
 
 Progress = Callable[[str], None]
-BATCHES = (1, 8)  # every micro-benchmark runs at both: what does not scale with the batch is overhead
+BATCHES = (1, 8)  # batch sizes calibrated; a prediction uses the nearest (hardware.profile.HardwareProfile.eff)
 CHANNEL_MULTIPLE = 16  # oneDNN's channel blocking with AVX-512
+CACHE_SHARE = 0.25  # activations up to this share of the last-level cache move at cache speed (best fit of 1/4, 1/2, 1)
+INT8_LANES = 4  # int8 dot products (VNNI) do 4x the multiply-adds of fp32 FMA per instruction
 
 
 def light_table(model: nn.Module, example: torch.Tensor, name: str = "bench") -> LayerTable:
@@ -39,27 +48,6 @@ def light_table(model: nn.Module, example: torch.Tensor, name: str = "bench") ->
     tr = trace_model(model, example)
     table, _ = build_table(name, tuple(example.shape), tr, PrunePlan())
     return table
-
-
-@dataclass
-class Sample:
-    cls: str
-    flops: float
-    bytes: float
-    kernels: int
-    views: int
-    seconds: float
-    label: str
-    misaligned: bool = False
-
-
-class _Op(nn.Module):
-    def __init__(self, fn):
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, x):
-        return self.fn(x)
 
 
 def _cpu_name() -> str:
@@ -70,105 +58,6 @@ def _cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
-
-
-def _fp32_cases(quick: bool) -> list[tuple[str, nn.Module, tuple[int, ...]]]:
-    cases: list[tuple[str, nn.Module, tuple[int, ...]]] = []
-    conv = [(3, 64, 112, 7, 2), (64, 64, 56, 3, 1), (64, 256, 56, 1, 1), (128, 128, 28, 3, 1), (256, 64, 56, 1, 1),
-            (256, 256, 14, 3, 1), (512, 512, 7, 3, 1), (32, 16, 112, 1, 1), (96, 24, 56, 1, 1), (1024, 256, 14, 1, 1),
-            (128, 32, 28, 3, 1), (512, 2048, 7, 1, 1)]
-    dw = [(32, 112, 3, 1), (96, 112, 3, 2), (144, 56, 3, 1), (192, 28, 3, 1), (384, 14, 3, 1), (960, 7, 3, 1),
-          (240, 28, 5, 1), (672, 14, 5, 2)]
-    grouped = [(64, 64, 56, 8), (128, 128, 28, 8), (256, 256, 14, 16), (440, 440, 7, 55)]
-    gemm = [(1, 512, 1000), (1, 2048, 1000), (1, 25088, 4096), (8, 4096, 4096), (8, 1280, 1000), (197, 768, 768)]
-    elem = [(64, 112), (256, 56), (512, 28), (1024, 14), (16, 112), (144, 56)]
-    if quick:
-        conv, dw, grouped, gemm, elem = conv[::3], dw[::3], grouped[::2], gemm[::2], elem[::3]
-    for cin, cout, hw, k, s in conv:
-        cases.append(("conv", nn.Conv2d(cin, cout, k, s, k // 2, bias=False), (1, cin, hw, hw)))
-    for c, hw, k, s in dw:
-        cases.append(("dwconv", nn.Conv2d(c, c, k, s, k // 2, groups=c, bias=False), (1, c, hw, hw)))
-    # channel counts pruning leaves behind (not multiples of the SIMD width)
-    odd_conv = [(45, 45, 56, 3, 1), (90, 179, 28, 1, 1), (179, 179, 14, 3, 1), (358, 90, 14, 1, 1), (25, 77, 56, 1, 1),
-                (3, 45, 112, 7, 2)]
-    odd_dw = [(67, 112, 3, 1), (134, 56, 3, 2), (269, 28, 3, 1), (538, 14, 5, 1)]
-    if quick:
-        odd_conv, odd_dw = odd_conv[::3], odd_dw[::2]
-    for cin, cout, hw, k, s in odd_conv:
-        cases.append(("conv", nn.Conv2d(cin, cout, k, s, k // 2, bias=False), (1, cin, hw, hw)))
-    for c, hw, k, s in odd_dw:
-        cases.append(("dwconv", nn.Conv2d(c, c, k, s, k // 2, groups=c, bias=False), (1, c, hw, hw)))
-    for cin, cout, hw, g in grouped:
-        cases.append(("conv", nn.Conv2d(cin, cout, 3, 1, 1, groups=g, bias=False), (1, cin, hw, hw)))
-    for m, k, n in gemm:
-        cases.append(("gemm", nn.Linear(k, n), (m, k)))
-    for c, hw in elem:
-        cases.append(("elementwise", nn.ReLU(), (1, c, hw, hw)))
-        cases.append(("elementwise", _Op(lambda x: x + x), (1, c, hw, hw)))
-        cases.append(("norm", nn.BatchNorm2d(c), (1, c, hw, hw)))
-        cases.append(("maxpool", nn.MaxPool2d(3, 2, 1), (1, c, hw, hw)))
-        cases.append(("pool", nn.AdaptiveAvgPool2d(1), (1, c, hw, hw)))
-        cases.append(("copy", _Op(lambda x: torch.cat([x, x], 1)), (1, c, hw, hw)))
-    return cases
-
-
-def _int8_cases(quick: bool) -> list[tuple[str, nn.Module, tuple[int, ...]]]:
-    def block(cin, cout, k, s, groups=1):
-        return nn.Sequential(nn.Conv2d(cin, cout, k, s, k // 2, groups=groups, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
-
-    cases = [
-        ("conv", block(64, 64, 3, 1), (1, 64, 56, 56)),
-        ("conv", block(256, 64, 1, 1), (1, 256, 56, 56)),
-        ("conv", block(256, 256, 3, 1), (1, 256, 14, 14)),
-        ("conv", block(512, 2048, 1, 1), (1, 512, 7, 7)),
-        ("conv", block(45, 90, 3, 1), (1, 45, 56, 56)),
-        ("conv", block(179, 45, 1, 1), (1, 179, 28, 28)),
-        ("dwconv", block(144, 144, 3, 1, groups=144), (1, 144, 56, 56)),
-        ("dwconv", block(67, 67, 3, 1, groups=67), (1, 67, 56, 56)),
-        ("dwconv", block(672, 672, 5, 2, groups=672), (1, 672, 14, 14)),
-        ("gemm", nn.Sequential(nn.Flatten(), nn.Linear(2048, 1000)), (1, 2048)),
-    ]
-    return cases[::2] if quick else cases
-
-
-def _sample(cls: str, label: str, table: LayerTable, seconds: float, fused: list[str] | None = None,
-            multiple: int = 16) -> Sample:
-    flops, wbytes, abytes, kinds, cin, cout = _row_features(table, table.batch)
-    costed = np.isin(kinds, ALL_CLASSES)
-    if fused:
-        costed &= ~fused_mask(table, kinds, fused)
-    main = costed & (kinds == cls) if (costed & (kinds == cls)).any() else costed
-    return Sample(cls, float(flops[main].sum()), float((wbytes + abytes)[costed].sum()), int(costed.sum()),
-                  int((kinds == "view").sum()), seconds, label, bool(misaligned(cin[main], cout[main], multiple).any()))
-
-
-def run_benchmarks(dtype: str, quick: bool, progress: Progress, budget_s: float) -> list[Sample]:
-    torch.manual_seed(0)
-    out: list[Sample] = []
-    cases = _fp32_cases(quick) if dtype == "fp32" else _int8_cases(quick)
-    per = max(0.1, budget_s / max(1, len(cases) * len(BATCHES)))
-    for i, (cls, mod, shape) in enumerate(cases):
-        mod = mod.eval()
-        fn = mod
-        if dtype != "fp32":
-            from tasks.quantize_exec import compile_for_inference, quantize
-
-            fn = compile_for_inference(quantize(mod, torch.randn(*shape), "int8").program)
-        for batch in BATCHES:
-            x = torch.randn(batch, *shape[1:])
-            label = f"{cls} {type(mod).__name__} {tuple(x.shape)}"
-            table = light_table(mod, x)
-            fused = None
-            if dtype != "fp32":
-                from estimators.quantize import estimate_quantize
-                from estimators.strategy import QuantizeStep
-
-                table = estimate_quantize(table, QuantizeStep(dtype="int8"))
-                fused = ["norm", "elementwise"]
-            m = measure_latency(fn, x, warmup=3, min_runs=8, budget_s=per)
-            out.append(_sample(cls, label, table, m["latency_ms"] / 1e3, fused=fused))
-        progress(f"[{dtype} {i + 1}/{len(cases)}] {label}: {out[-1].seconds * 1e6:.0f} us at batch {BATCHES[-1]}")
-    return out
 
 
 def cache_bytes() -> int:
@@ -184,8 +73,9 @@ def cache_bytes() -> int:
     return best or 8 * 1024**2
 
 
-def measure_peaks(progress: Progress) -> tuple[float, float, float]:
-    """Peak FP32 GEMM throughput (GFLOP/s), DRAM and cache copy bandwidth (GB/s, read + write)."""
+def measure_peaks(progress: Progress) -> tuple[float, float, float, float]:
+    """Peak FP32 GEMM throughput (GFLOP/s), DRAM and cache copy bandwidth (GB/s, read + write), DRAM read
+    bandwidth (GB/s, a reduction over 256 MB)."""
     a = torch.randn(1024, 1024)
     b = torch.randn(1024, 1024)
     m = measure_latency(lambda x: torch.mm(x, b), a, warmup=2, min_runs=10, budget_s=1.0)
@@ -196,129 +86,371 @@ def measure_peaks(progress: Progress) -> tuple[float, float, float]:
     small = torch.randn(256 * 1024)  # 1 MB: stays in cache
     m3 = measure_latency(lambda x: x.clone(), small, warmup=5, min_runs=50, budget_s=0.5)
     cbs = 2 * small.numel() * 4 / (m3["latency_ms"] / 1e3) / 1e9
-    progress(f"peak fp32 GEMM {gflops:.1f} GFLOP/s, DRAM copy {gbs:.1f} GB/s, cache copy {cbs:.1f} GB/s")
-    return gflops, gbs, cbs
+    huge = torch.randn(64 * 1024 * 1024)  # 256 MB
+    m4 = measure_latency(lambda x: x.sum(), huge, warmup=1, min_runs=5, budget_s=1.0)
+    rbs = huge.numel() * 4 / (m4["latency_ms"] / 1e3) / 1e9
+    progress(f"peak fp32 GEMM {gflops:.1f} GFLOP/s, DRAM copy {gbs:.1f} GB/s, DRAM read {rbs:.1f} GB/s, "
+             f"cache copy {cbs:.1f} GB/s")
+    return gflops, gbs, cbs, rbs
 
 
-def fit_sum(samples: list[Sample], peak: float, bw: "np.ndarray", view_us: float):
-    """Non-negative least squares on relative error of t = overhead x kernels + FLOPs/(peak e) (x misaligned
-    factor) + bytes/(bandwidth b). Returns (e, b, overhead s, MAPE, misaligned factor)."""
+@dataclass
+class NetSample:
+    """One synthetic network timed in context: its analysis, every row's seconds, the untimed total."""
+
+    label: str
+    table: LayerTable
+    row_seconds: np.ndarray
+    total_seconds: float
+    batch: int = 0  # the batch the rows were timed at (0: the table's)
+
+
+def exported(model: nn.Module, shape: tuple[int, ...]) -> nn.Module:
+    """The form deployfit's artifacts run in: the torch.export program (dynamic batch) as a module."""
+    ex = torch.randn(max(2, shape[0]), *shape[1:])
+    ep = torch.export.export(model, (ex,), dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=1024)},))
+    return ep.module()
+
+
+def time_network(model: nn.Module, x: torch.Tensor, label: str, runs: int = 3) -> NetSample:
+    """Analyse `model` and time every row of it in context, plus its untimed total."""
+    from .timing import row_times
+
+    table = light_table(model, x, name=label)
+    rows = np.array(row_times(model, x, runs=runs, warmup=1))
+    ops = int((np.array(table.kinds) != "param").sum())  # parameter rows (appended last) run nothing
+    if len(rows) != ops:
+        raise RuntimeError(f"{label}: timed {len(rows)} operators, analysed {ops}")
+    rows = np.concatenate([rows, np.zeros(table.n - ops)])
+    total = measure_latency(model, x, warmup=1, min_runs=3, max_runs=20, budget_s=0.2)["latency_ms"] / 1e3
+    return NetSample(label, table, rows, total)
+
+
+def network_samples(budget_s: float, progress: Progress, batches: tuple[int, ...] = BATCHES, max_nets: int = 400,
+                    seed0: int = 0) -> dict[int, list[NetSample]]:
+    """Time synthetic networks (hardware.synthetic), exported as artifacts are, operator by operator at every
+    batch size until the budget is spent."""
+    from .synthetic import synthetic_cnn
+
+    out: dict[int, list[NetSample]] = {b: [] for b in batches}
+    t0 = time.perf_counter()
+    seed, n = seed0, 0
+    while n < max_nets and time.perf_counter() - t0 < budget_s:
+        model, shape = synthetic_cnn(seed)
+        seed += 1
+        with torch.inference_mode():
+            t1 = time.perf_counter()
+            model(torch.randn(max(batches), *shape[1:]))
+            if time.perf_counter() - t1 > 0.3:  # keep calibration inside its budget
+                continue
+        gm = exported(model, shape)
+        for b in batches:
+            label = f"synthetic-{seed - 1} {(b,) + tuple(shape[1:])}"
+            out[b].append(time_network(gm, torch.randn(b, *shape[1:]), label))
+        n += 1
+        if n % 10 == 0:
+            progress(f"[fp32 {time.perf_counter() - t0:4.0f}/{budget_s:.0f} s] {n} synthetic networks timed at batch "
+                     f"{', '.join(map(str, batches))}: {sum(x.table.n for v in out.values() for x in v)} operators")
+    return out
+
+
+# columns of latency.split_terms each class is fitted with (the others are held at zero)
+SPLIT_COLUMNS = {"conv": [0, 1, 2, 3, 4, 5, 6], "gconv": [0, 1, 3, 4, 5, 6], "dwconv": [0, 1, 3, 4, 5, 6], "gemm": [0, 1, 3, 4, 5, 6]}
+OTHER_COLUMNS = [0, 1, 4, 5, 6]
+FIT_FLOOR_S = 20e-6  # rows are fitted on relative error, floored: a 2 us row should not weigh like a 2 ms one
+
+
+def _net_columns(net: NetSample, multiple: int, cache: float):
+    flops, wbytes, abytes, kinds, cin, cout = _row_features(net.table, net.batch or net.table.batch)
+    off = misaligned(cin, cout, multiple)
+    return split_terms(flops, wbytes, abytes, pointwise(net.table), off, cache), kinds
+
+
+def fit_split_model(nets: list[NetSample], multiple: int, cache: float) -> tuple[dict[str, np.ndarray], float, float]:
+    """Per class, non-negative least squares of every row's seconds on the split model's columns.
+    Returns (seconds per column unit per class, view seconds, weighted relative error of the rows)."""
     from scipy.optimize import nnls
 
-    K = np.array([s.kernels for s in samples], float)
-    F = np.array([s.flops for s in samples]) / (peak * 1e9)
-    B = np.array([s.bytes for s in samples]) / (np.asarray(bw) * 1e9)
-    M = np.array([s.misaligned for s in samples], float)
-    T = np.array([s.seconds - s.views * view_us * 1e-6 for s in samples])
-    # traffic that spills out of the cache moves at memory bandwidth (no class share), as the predictor says
-    llc = cache_bytes()
-    spill = np.array([s.bytes > llc for s in samples])
-    T = np.maximum(T - np.where(spill, B, 0.0), 1e-7)
-    B = np.where(spill, 0.0, B)
-    cols = np.stack([K, F, B, F * M], 1)
-    x, _ = nnls(cols / T[:, None], np.ones(len(T)))
-    mape = float(np.abs((cols @ x - T) / T).mean())
-    o, inv_e, inv_b, extra = x
-    e = 1.0 / inv_e if inv_e > 0.25 else 4.0
-    b = 1.0 / inv_b if inv_b > 0.02 else 50.0
-    factor = 1.0 + extra / inv_e if inv_e > 0 else 1.0
-    return float(e), float(b), float(o), mape, float(min(factor, 8.0))
+    cols, kinds, t, floor = [], [], [], []
+    for net in nets:
+        c, k = _net_columns(net, multiple, cache)
+        cols.append(c)
+        kinds.append(k)
+        t.append(net.row_seconds)
+        floor.append(np.full(len(k), FIT_FLOOR_S))
+    C, K, T, Fl = np.concatenate(cols), np.concatenate(kinds), np.concatenate(t), np.concatenate(floor)
+    coef: dict[str, np.ndarray] = {}
+    err, wsum = 0.0, 0.0
+    for cls in ALL_CLASSES:
+        sel = K == cls
+        if sel.sum() < 8:
+            continue
+        use = SPLIT_COLUMNS.get(cls, OTHER_COLUMNS)
+        w = 1.0 / (T[sel] + Fl[sel])
+        A = C[sel][:, use] * w[:, None]
+        scale = np.maximum(np.abs(A).max(0), 1e-30)  # columns differ by 12 orders of magnitude
+        x, _ = nnls(A / scale, T[sel] * w)
+        full = np.zeros(C.shape[1])
+        full[use] = x / scale
+        coef[cls] = full
+        err += float(np.abs(C[sel] @ full - T[sel]).dot(w))
+        wsum += float(sel.sum())
+    view = K == "view"
+    view_s = float(np.median(T[view])) if view.any() else 0.0
+    return coef, view_s, err / max(wsum, 1.0)
 
 
-INT8_LANES = 4  # int8 dot products (VNNI) do 4x the multiply-adds of fp32 FMA per instruction
-COMBINE = "sum"  # eager CPU kernels barely overlap compute and memory traffic: fitted additively
+def predict_rows(nets: list[NetSample], coef: dict[str, np.ndarray], view_s: float, multiple: int, cache: float):
+    out = []
+    for net in nets:
+        c, k = _net_columns(net, multiple, cache)
+        p = np.zeros(len(k))
+        for cls, x in coef.items():
+            sel = k == cls
+            p[sel] = c[sel] @ x
+        p[k == "view"] = view_s
+        out.append(p)
+    return out
+
+
+def _ops(net: NetSample) -> float:
+    return float((np.array(net.table.kinds) != "param").sum())
+
+
+def fit_glue(nets: list[NetSample]) -> tuple[float, float]:
+    """Seconds per operator and per call that the untimed network spends outside its operators (the
+    program's Python between calls), non-negative least squares on the networks' relative error."""
+    from scipy.optimize import nnls
+
+    A = np.array([[_ops(n), 1.0] for n in nets])
+    y = np.array([n.total_seconds - n.row_seconds.sum() for n in nets])
+    w = 1.0 / np.array([n.total_seconds for n in nets])
+    if not len(nets):
+        return 0.0, 0.0
+    x, _ = nnls(A * w[:, None], np.maximum(y, 0.0) * w) if (y > 0).any() else (np.zeros(2), 0)
+    return float(x[0]), float(x[1])
+
+
+def network_error(nets: list[NetSample], coef, view_s: float, glue: tuple[float, float], multiple: int, cache: float):
+    """Relative error of every network's predicted total (rows + glue) against its untimed total."""
+    pred = predict_rows(nets, coef, view_s, multiple, cache)
+    return np.array([(p.sum() + glue[0] * _ops(n) + glue[1]) / n.total_seconds - 1 for n, p in zip(nets, pred)])
+
+
+def split_efficiency(coef: dict[str, np.ndarray], view_s: float, peak: float, bwr: float, cbw: float, bw: float,
+                     glue: tuple[float, float] = (0.0, 0.0), fused: list[str] | None = None) -> Efficiency:
+    """The fitted seconds per unit as a profile's efficiencies (inverse of latency.split_coefficients); the
+    per-operator glue joins every class's overhead, the per-call glue is the call overhead."""
+    fallback = coef.get("elementwise", next(iter(coef.values())))
+    compute, bandwidth, wband, spill, over, pwf, misf = {}, {}, {}, {}, {}, {}, {}
+
+    def share(x, ref):
+        return float(min(50.0, 1.0 / (ref * x))) if x > 0 else 50.0
+
+    for cls in ALL_CLASSES:
+        x = coef.get(cls)
+        if x is None:
+            x = coef.get("gemm", fallback) if cls == "attention" else coef.get(SUBCLASSES.get(cls, ""), fallback)
+        c_f = x[1] if x[1] > 0 else 1.0 / (4.0 * peak * 1e9)
+        compute[cls] = float(min(4.0, 1.0 / (peak * 1e9 * c_f)))
+        over[cls] = round(float((x[0] + glue[0]) * 1e6), 3)
+        if x[2] > 0:
+            pwf[cls] = round(float(min(8.0, 1.0 + x[2] / c_f)), 4)
+        if x[3] > 0:
+            misf[cls] = round(float(min(8.0, 1.0 + x[3] / c_f)), 4)
+        wband[cls] = share(x[4], bwr * 1e9)
+        bandwidth[cls] = share(x[5], cbw * 1e9)
+        spill[cls] = share(x[6], bw * 1e9)
+    return Efficiency(compute=compute, bandwidth=bandwidth, kernel_overhead_us=float(np.median(list(over.values()))),
+                      view_overhead_us=round((view_s + glue[0]) * 1e6, 3), call_overhead_us=round(glue[1] * 1e6, 3),
+                      fused=list(fused or []), misaligned_factor=misf, overhead_us=over, weight_bandwidth=wband,
+                      spill_bandwidth=spill, pointwise_factor=pwf)
+
+
+
+
+@dataclass
+class Int8Sample:
+    label: str
+    table: LayerTable  # the int8 estimate of the synthetic network
+    batch: int
+    total_seconds: float
+
+
+def int8_samples(budget_s: float, progress: Progress, batches: tuple[int, ...] = BATCHES, seed0: int = 100_000
+                 ) -> list[Int8Sample]:
+    """Quantize (Intel Neural Compressor static INT8), compile and time whole synthetic networks."""
+    from estimators.quantize import estimate_quantize
+    from estimators.strategy import QuantizeStep
+    from tasks.quantize_exec import compile_for_inference, quantize
+
+    from .synthetic import synthetic_cnn
+
+    out: list[Int8Sample] = []
+    t0 = time.perf_counter()
+    seed, last = seed0, 0.0
+    while time.perf_counter() - t0 + 0.8 * last < budget_s:
+        model, shape = synthetic_cnn(seed)
+        seed += 1
+        with torch.inference_mode():
+            t1 = time.perf_counter()
+            model(torch.randn(max(batches), *shape[1:]))
+            if time.perf_counter() - t1 > 0.15:  # compiled int8 networks cost compile time: keep them small
+                continue
+        t1 = time.perf_counter()
+        fn = compile_for_inference(quantize(model, torch.randn(2, *shape[1:]), "int8").program)
+        table = estimate_quantize(light_table(model, torch.randn(1, *shape[1:]), name=f"synthetic-{seed - 1}"),
+                                  QuantizeStep(dtype="int8"))
+        for b in batches:
+            m = measure_latency(fn, torch.randn(b, *shape[1:]), warmup=2, min_runs=5, max_runs=50, budget_s=0.3)
+            out.append(Int8Sample(f"synthetic-{seed - 1} {(b,) + tuple(shape[1:])}", table, b, m["latency_ms"] / 1e3))
+        last = time.perf_counter() - t1
+        progress(f"[int8 {time.perf_counter() - t0:4.0f}/{budget_s:.0f} s] {out[-1].label}: compiled and timed "
+                 f"({', '.join(f'{x.total_seconds * 1e3:.2f} ms' for x in out[-len(batches):])})")
+    return out
+
+
+FUSED_INT8 = ["norm", "elementwise"]  # inductor folds norms into the int8 conv and fuses activations
+
+
+def _int8_parts(sample: Int8Sample, coef: dict[str, np.ndarray], cache: float) -> np.ndarray:
+    """A network's FP32-fitted time split into [1, conv/linear overheads, conv/linear compute, memory
+    traffic], evaluated on its int8 estimate (int8 bytes, fused rows dropped). Memory traffic includes the
+    unfused rest (activations, pooling, copies), which the compiled graph runs as fused loops over memory."""
+    from .latency import GEMM_CLASSES
+
+    flops, wbytes, abytes, kinds, cin, cout = _row_features(sample.table, sample.batch)
+    cols = split_terms(flops, wbytes, abytes, pointwise(sample.table), misaligned(cin, cout, CHANNEL_MULTIPLE), cache)
+    keep = ~fused_mask(sample.table, kinds, FUSED_INT8)
+    parts = np.zeros(4)
+    parts[0] = 1.0
+    for cls, x in coef.items():
+        sel = keep & (kinds == cls)
+        if not sel.any():
+            continue
+        c = cols[sel]
+        if cls in GEMM_CLASSES:
+            parts[1] += c[:, 0].sum() * x[0]
+            parts[2] += (c[:, 1:4] @ x[1:4]).sum()
+        parts[3] += (c[:, 4:7] @ x[4:7]).sum()
+    return parts
+
+
+def fit_int8(samples: list[Int8Sample], coefs: dict[int, dict[str, np.ndarray]], cache: float):
+    """Scale factors (call seconds, conv/linear overheads, compute, memory) mapping the FP32 fit onto compiled
+    INT8, non-negative least squares on the networks' relative error."""
+    from scipy.optimize import nnls
+
+    A = np.array([_int8_parts(s, coefs[nearest_batch(s.batch, list(coefs))], cache) for s in samples])
+    T = np.array([s.total_seconds for s in samples])
+    x, _ = nnls(A / T[:, None], np.ones(len(T)))
+    err = np.abs(A @ x / T - 1)
+    return x, float(err.mean()) if len(err) else 0.0
+
+
+def nearest_batch(batch: int, calibrated: list[int]) -> int:
+    return min(calibrated, key=lambda b: (abs(np.log2(b) - np.log2(batch)), b))
+
+
+def _scaled_int8(coef: dict[str, np.ndarray], scale: np.ndarray) -> dict[str, np.ndarray]:
+    from .latency import GEMM_CLASSES
+
+    out = {}
+    for cls, x in coef.items():
+        y = x.copy()
+        if cls in GEMM_CLASSES:
+            y[0] *= scale[1]
+            y[1:4] *= scale[2]
+        else:  # unfused rest: fused loops over memory, no per-kernel dispatch
+            y[0:4] = 0.0
+        y[4:7] *= scale[3]
+        out[cls] = y
+    return out
 
 
 def calibrate_host(quick: bool = False, progress: Progress = lambda m: None, int8: bool = True,
                    budget_s: float = 150.0) -> HardwareProfile:
+    """Calibrate this machine: peaks, then FP32 operators timed in synthetic networks at every batch in
+    BATCHES, then (int8=True) compiled INT8 synthetic networks. `budget_s` bounds the timing; `quick` is a
+    small budget for tests."""
     t0 = time.perf_counter()
+    if quick:
+        budget_s = min(budget_s, 20.0)
     threads = torch.get_num_threads()
-    peak, bw, cbw = measure_peaks(progress)
+    peak, bw, cbw, rbw = measure_peaks(progress)
     llc = cache_bytes()
-
-    def bws(samples):
-        return np.array([cbw if s.bytes <= llc else bw for s in samples])
-
-    # view/dispatch overhead of an op that moves no data
-    x = torch.randn(1, 64, 8, 8)
-    view_us = measure_latency(lambda t: t.view(1, -1), x, warmup=5, min_runs=50, budget_s=0.3)["latency_ms"] * 1e3
-    fp32 = run_benchmarks("fp32", quick, progress, budget_s * (0.45 if int8 else 0.9))
+    cache = CACHE_SHARE * llc
+    nets = network_samples(budget_s * (0.5 if int8 else 0.95), progress)
     fit: dict[str, float] = {}
-    compute, bandwidth = {}, {}
-    overheads = []
-    misfit: dict[str, float] = {}
-    for cls in ALL_CLASSES:
-        s = [x for x in fp32 if x.cls == cls]
-        if cls == "attention":
-            s = [x for x in fp32 if x.cls == "gemm"]
-        e, b, o, mape, mf = fit_sum(s, peak, bws(s), view_us)
-        compute[cls], bandwidth[cls] = e, b
-        if mf > 1.0:
-            misfit[cls] = round(mf, 4)
-        overheads.append((o, len(s)))
-        fit[f"fp32.{cls}.mape"] = round(mape, 4)
-        progress(f"fit fp32 {cls}: compute {e:.3f} of peak, bandwidth {b:.3f}, overhead {o * 1e6:.1f} us, MAPE {100 * mape:.1f}%")
-    overhead_us = float(np.average([o for o, _ in overheads], weights=[n for _, n in overheads])) * 1e6
-    eff = Efficiency(compute=compute, bandwidth=bandwidth, kernel_overhead_us=round(overhead_us, 3),
-                     view_overhead_us=round(view_us, 3), fused=[], misaligned_factor=misfit)
-    overrides = {}
+    coefs: dict[int, dict[str, np.ndarray]] = {}
+    effs: dict[int, Efficiency] = {}
+    for b, ns in nets.items():
+        coef, view_s, row_err = fit_split_model(ns, CHANNEL_MULTIPLE, cache)
+        if not {"conv", "elementwise"} <= set(coef):
+            raise RuntimeError(f"calibration budget too small: {len(ns)} networks timed at batch {b}, not enough "
+                               "convolutions and elementwise operators to fit")
+        glue = fit_glue(ns)
+        net_err = np.abs(network_error(ns, coef, view_s, glue, CHANNEL_MULTIPLE, cache))
+        coefs[b] = coef
+        effs[b] = split_efficiency(coef, view_s, peak, rbw, cbw, bw, glue)
+        fit.update({f"fp32.b{b}.networks": len(ns), f"fp32.b{b}.operators": int(sum(n.table.n for n in ns)),
+                    f"fp32.b{b}.row_error": round(row_err, 4), f"fp32.b{b}.network_mape": round(float(net_err.mean()), 4),
+                    f"fp32.b{b}.glue_us_per_op": round(glue[0] * 1e6, 3)})
+        progress(f"fit fp32 batch {b}: {len(ns)} networks, operator error {100 * row_err:.1f}%, network MAPE "
+                 f"{100 * net_err.mean():.1f}% (in sample), {glue[0] * 1e6:.1f} us per operator outside operators")
     peaks = {"fp32": round(peak, 2)}
+    overrides: dict[int, Efficiency] = {}
     if int8:
-        # a compiled graph's fixed cost per call, measured on a near-empty quantized graph
-        from tasks.quantize_exec import compile_for_inference, quantize
-
-        tiny = nn.Sequential(nn.Conv2d(16, 16, 1, bias=False), nn.ReLU()).eval()
-        xt = torch.randn(1, 16, 4, 4)
-        call_us = measure_latency(compile_for_inference(quantize(tiny, xt, "int8").program), xt, warmup=3, min_runs=50,
-                                  budget_s=0.5)["latency_ms"] * 1e3
-        progress(f"int8 compiled graph: {call_us:.1f} us per call")
-        q = run_benchmarks("int8", quick, progress, budget_s * 0.45)
-        for smp in q:
-            smp.seconds = max(smp.seconds - call_us * 1e-6, 1e-7)
-        comp8, bw8, ovs, mis8 = dict(compute), dict(bandwidth), [], dict(misfit)
-        for cls in ("conv", "dwconv", "gemm"):
-            s = [x for x in q if x.cls == cls]
-            if not s:
-                continue
-            e, b, o, mape, mf = fit_sum(s, INT8_LANES * peak, bws(s), 0.0)
-            comp8[cls], bw8[cls] = e, b
-            mis8[cls] = round(mf, 4)
-            ovs.append(o)
-            fit[f"int8.{cls}.mape"] = round(mape, 4)
-            progress(f"fit int8 {cls}: compute {e:.3f} of int8 peak, bandwidth {b:.3f}, overhead {o * 1e6:.1f} us, MAPE {100 * mape:.1f}%")
-        comp8["attention"] = comp8["gemm"]
-        overrides["int8"] = Efficiency(compute=comp8, bandwidth=bw8, kernel_overhead_us=round(float(np.mean(ovs)) * 1e6, 3),
-                                       view_overhead_us=0.0, call_overhead_us=round(call_us, 3),
-                                       fused=["norm", "elementwise"], misaligned_factor=mis8)
-        peaks["int8"] = round(INT8_LANES * peak, 2)
+        q = int8_samples(budget_s - (time.perf_counter() - t0), progress)
+        if q:
+            scale, err8 = fit_int8(q, coefs, cache)
+            peaks["int8"] = round(INT8_LANES * peak, 2)
+            for b, coef in coefs.items():
+                e8 = split_efficiency(_scaled_int8(coef, scale), 0.0, INT8_LANES * peak, rbw, cbw, bw,
+                                      (0.0, float(scale[0])), fused=FUSED_INT8)
+                overrides[b] = e8.model_copy(update={"view_overhead_us": 0.0})
+            fit.update({"int8.networks": len(q) // len(BATCHES), "int8.network_mape": round(err8, 4),
+                        "int8.call_us": round(float(scale[0]) * 1e6, 2), "int8.scale_overhead": round(float(scale[1]), 4),
+                        "int8.scale_compute": round(float(scale[2]), 4), "int8.scale_memory": round(float(scale[3]), 4)})
+            progress(f"fit int8: {len(q)} compiled networks x batches, MAPE {100 * err8:.1f}% (in sample); scales "
+                     f"overhead {scale[1]:.2f}, compute {scale[2]:.2f}, memory {scale[3]:.2f}, call {scale[0] * 1e6:.0f} us")
+        else:
+            progress("int8: no time left in the budget; the profile has no int8 entry")
+    first = BATCHES[0]
     fit["seconds"] = round(time.perf_counter() - t0, 1)
     return HardwareProfile(
         name="host",
         description=f"this machine: {_cpu_name()}, {threads} threads",
-        runtime=f"PyTorch {torch.__version__} eager on {threads} threads for float models; int8 as the "
-                "inductor-compiled (freezing) Intel Neural Compressor Q/DQ graph",
+        runtime=f"PyTorch {torch.__version__} on {threads} threads: float models as deployfit's exported program "
+                "(ExportedProgram.module(), eager ATen); int8 as the inductor-compiled (freezing) Intel Neural "
+                "Compressor graph",
         peak_gflops=peaks,
         memory_bandwidth_gbs=round(bw, 2),
-        cache_bytes=llc,
+        memory_read_bandwidth_gbs=round(rbw, 2),
+        cache_bytes=int(cache),
         cache_bandwidth_gbs=round(cbw, 2),
         fast_dtypes=list(peaks),
         channel_multiple=CHANNEL_MULTIPLE,
         float_runs_as="fp32",
-        combine=COMBINE,
+        combine="sum",
         slow_dtypes={},
-        efficiency=eff,
-        dtype_overrides=overrides,
+        efficiency=effs[first],
+        dtype_overrides={"int8": overrides[first]} if overrides else {},
+        batch_efficiency={b: {"fp32": effs[b], **({"int8": overrides[b]} if overrides else {})} for b in BATCHES[1:]},
         sources={
             "peak_gflops": "measured: 1024^3 fp32 torch.mm on this machine; int8 = 4 x that (VNNI: 4 int8 "
                            "multiply-adds per fp32 FMA lane)",
             "memory_bandwidth_gbs": "measured: clone of a 128 MB tensor (read + write)",
-            "cache_bandwidth_gbs": "measured: clone of a 1 MB tensor (read + write); cache_bytes from sysfs",
-            "efficiency": "fitted by `deployfit calibrate` to single-operator micro-benchmarks (see provenance.fit)",
+            "memory_read_bandwidth_gbs": "measured: sum over a 256 MB tensor",
+            "cache_bandwidth_gbs": f"measured: clone of a 1 MB tensor (read + write); cache_bytes = {CACHE_SHARE} x the "
+                                   f"{llc // 2**20} MiB last-level cache (sysfs), the share fitted best",
+            "efficiency": "fitted by `deployfit calibrate` to operators timed inside synthetic networks (provenance)",
         },
         provenance=Provenance(date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), cpu=_cpu_name(),
                               threads=threads, torch=torch.__version__,
-                              method="per class: overhead x kernels + FLOPs/(peak e) x misaligned factor + bytes/"
-                                     "(bandwidth b), non-negative least squares on relative error, batches 1 and 8"
-                                     + (" [quick]" if quick else ""),
+                              method="split model per operator class, non-negative least squares on the relative "
+                                     "error of operators timed in context in random synthetic CNNs (exported), batches "
+                                     f"{', '.join(map(str, BATCHES))}; int8: compiled synthetic networks, FP32 fit "
+                                     "rescaled" + (" [quick]" if quick else ""),
                               fit=fit),
     )

@@ -7,6 +7,14 @@ For every row of an (estimated) LayerTable, at batch size B:
 Rows of a class the runtime fuses into the preceding conv/linear cost nothing; views cost the
 profile's view overhead (eager dispatch) and move no data. A dtype the device cannot run fast runs as
 the profile's `slow_dtypes` says, at its measured factor.
+
+A calibrated CPU profile (`efficiency.weight_bandwidth` given) uses the split model, fitted to operators
+timed inside running networks (hardware.calibrate):
+    time = overhead[class] + FLOPs / (peak x compute[class]) x (1x1 factor) x (misaligned factor)
+           + weight bytes / (memory read bandwidth x weight_bandwidth[class])
+           + activation bytes up to cache_bytes / (cache bandwidth x bandwidth[class])
+           + activation bytes beyond it / (memory bandwidth x spill_bandwidth[class])
+with the efficiencies of the calibrated batch nearest the requested one (profile.batch_efficiency).
 """
 from __future__ import annotations
 
@@ -19,7 +27,7 @@ from estimators.table import DTYPE_BYTES, LayerTable, evaluate
 
 from .profile import ALL_CLASSES, HardwareProfile
 
-GEMM_CLASSES = ("conv", "dwconv", "gemm", "attention")
+GEMM_CLASSES = ("conv", "gconv", "dwconv", "gemm", "attention")
 __all__ = ["predict_latency", "LatencyPrediction", "GEMM_CLASSES", "ALL_CLASSES"]
 
 
@@ -37,6 +45,15 @@ class LatencyPrediction:
         return [{"name": table.names[i], "kind": table.kinds[i], "ms": round(float(self.per_row_ms[i]), 4)} for i in order]
 
 
+def latency_kinds(table: LayerTable) -> np.ndarray:
+    """The analysis's kinds, with grouped (not depthwise) convolutions as `gconv` and a pooling row's FLOPs
+    counted over its window."""
+    kinds = np.array(table.kinds)
+    if table.groups is not None:
+        kinds = np.where((kinds == "conv") & (table.groups > 1), "gconv", kinds)
+    return kinds
+
+
 def _row_features(table: LayerTable, batch: int):
     """FLOPs and bytes per row at `batch`, plus the class of each row and the dtype it computes in."""
     ev = evaluate(table)
@@ -44,17 +61,45 @@ def _row_features(table: LayerTable, batch: int):
     q = ev.q
     gemm = q[:, Q_INDEX["gemm_macs"]] * 2 * scale
     elems = q[:, Q_INDEX["act_out"]] * scale
-    kinds = np.array(table.kinds)
+    kinds = latency_kinds(table)
     is_gemm = np.isin(kinds, GEMM_CLASSES)
-    flops = np.where(is_gemm, gemm, elems)
+    window = table.ksize if table.ksize is not None else np.ones(table.n)
+    flops = np.where(is_gemm, gemm, np.where(kinds == "maxpool", elems * window, elems))
     act_bytes = (ev.act_read_bytes + ev.act_write_bytes) * scale
     return flops, ev.weight_bytes, act_bytes, kinds, ev.cin, ev.cout
 
 
-def misaligned(cin: np.ndarray, cout: np.ndarray, multiple: int | None) -> np.ndarray:
+def pointwise(table: LayerTable) -> np.ndarray:
+    """Convolutions with a 1x1 kernel."""
+    k = table.ksize if table.ksize is not None else np.ones(table.n, dtype=np.int64)
+    return np.isin(np.array(table.kinds), ("conv", "gconv")) & (k == 1)
+
+
+def split_terms(flops, wbytes, abytes, pw, off, cache: float):
+    """Columns of the split model for some rows: 1, FLOPs, FLOPs of 1x1 rows, FLOPs on padded channels
+    (FLOPs of rows whose channels are not multiples of the profile's channel_multiple), weight bytes, activation bytes up to the cache's size, activation bytes beyond it (from memory)."""
+    hot = np.minimum(abytes, cache) if cache else np.zeros(len(abytes))
+    return np.stack([np.ones(len(flops)), flops, flops * pw, flops * off, wbytes, hot, abytes - hot], 1)
+
+
+def split_coefficients(profile: HardwareProfile, eff, cls: str, peak: float) -> np.ndarray:
+    """Seconds per unit of each split_terms column, from a profile's efficiencies."""
+    c_f = 1.0 / (peak * eff.compute_of(cls))
+    bwr = (profile.memory_read_bandwidth_gbs or profile.memory_bandwidth_gbs) * 1e9
+    cbw = (profile.cache_bandwidth_gbs or profile.memory_bandwidth_gbs) * 1e9
+    return np.array([eff.overhead_of(cls) * 1e-6, c_f, c_f * (eff._of(eff.pointwise_factor, cls, 1.0) - 1.0),
+                     c_f * (eff._of(eff.misaligned_factor, cls, 1.0) - 1.0),
+                     1.0 / (bwr * eff._of(eff.weight_bandwidth, cls, 1.0)),
+                     1.0 / (cbw * eff.bandwidth_of(cls)),
+                     1.0 / (profile.memory_bandwidth_gbs * 1e9 * eff._of(eff.spill_bandwidth, cls, 1.0))])
+
+
+def misaligned(cin: np.ndarray, cout: np.ndarray, multiple: int | None, both: bool = False) -> np.ndarray:
+    """Rows whose channels are not multiples of `multiple`: either count, or (both=True) input and output."""
     if not multiple or multiple <= 1:
         return np.zeros(len(cin), dtype=bool)
-    return ((cin % multiple) != 0) | ((cout % multiple) != 0)
+    a, b = (cin % multiple) != 0, (cout % multiple) != 0
+    return (a & b) if both else (a | b)
 
 
 def fused_mask(table: LayerTable, kinds: np.ndarray, fused: list[str]) -> np.ndarray:
@@ -79,6 +124,7 @@ def predict_latency(table: LayerTable, profile: HardwareProfile, batch_size: int
         raise ValueError("batch size must be at least 1")
     flops, wbytes, abytes, kinds, cin, cout = _row_features(table, batch_size)
     off = misaligned(cin, cout, profile.channel_multiple)
+    pw = pointwise(table)
     n = table.n
     per_row = np.zeros(n)
     call_s = 0.0
@@ -92,7 +138,7 @@ def predict_latency(table: LayerTable, profile: HardwareProfile, batch_size: int
     for dt in np.unique(xdtypes):
         rows = xdtypes == dt
         run, factor = profile.runs(str(dt))
-        eff = profile.eff(run)
+        eff = profile.eff(run, batch_size)
         peak = profile.peak_gflops[run] * 1e9
         # an fp32 model run in half precision moves half the bytes
         byte_scale = DTYPE_BYTES[run] / DTYPE_BYTES[str(dt)] if str(dt) == "fp32" and run in ("fp16", "bf16") else 1.0
@@ -100,6 +146,11 @@ def predict_latency(table: LayerTable, profile: HardwareProfile, batch_size: int
         for cls in ALL_CLASSES:
             sel = rows & (kinds == cls) & ~fused
             if not sel.any():
+                continue
+            if eff.split:
+                cols = split_terms(flops[sel], wbytes[sel] * byte_scale, abytes[sel] * byte_scale, pw[sel], off[sel],
+                                   cache)
+                per_row[sel] = cols @ split_coefficients(profile, eff, cls, peak) * factor
                 continue
             comp = flops[sel] / (peak * eff.compute_of(cls))
             # the class's bandwidth share applies to cache-resident traffic (where calibration measures it);

@@ -20,10 +20,10 @@ PROFILE_DIR = Path(__file__).parent / "profiles"
 DTYPES = ("fp32", "fp16", "bf16", "int8")
 OP_CLASSES = ("conv", "dwconv", "gemm", "attention", "elementwise", "norm", "pool", "copy")
 # optional finer classes: a profile may give them, else they cost as their parent class
-SUBCLASSES = {"maxpool": "pool"}
+SUBCLASSES = {"maxpool": "pool", "gconv": "conv"}  # gconv: grouped (not depthwise) convolutions
 ALL_CLASSES = OP_CLASSES + tuple(SUBCLASSES)
 Dtype = Literal["fp32", "fp16", "bf16", "int8"]
-OpClass = Literal["conv", "dwconv", "gemm", "attention", "elementwise", "norm", "pool", "copy", "maxpool"]
+OpClass = Literal["conv", "dwconv", "gemm", "attention", "elementwise", "norm", "pool", "copy", "maxpool", "gconv"]
 
 
 class _Strict(BaseModel):
@@ -48,12 +48,35 @@ class Efficiency(_Strict):
     misaligned_factor: dict[OpClass, float] = Field(
         default_factory=dict, description="time multiplier when a layer's channels are not multiples of the profile's "
                                           "channel_multiple (kernels fall back to slower paths)")
+    # the split memory model (a calibrated CPU): given when weights and activations move at different rates
+    overhead_us: dict[OpClass, float] = Field(default_factory=dict, description="fixed time per kernel of a class "
+                                              "(default kernel_overhead_us)")
+    weight_bandwidth: dict[OpClass, float] = Field(
+        default_factory=dict, description="share of memory_read_bandwidth_gbs at which a class reads its weights "
+                                          "(given: weights are costed apart from activations, as in the split model)")
+    spill_bandwidth: dict[OpClass, float] = Field(
+        default_factory=dict, description="share of memory_bandwidth_gbs for activation traffic larger than the cache")
+    pointwise_factor: dict[OpClass, float] = Field(
+        default_factory=dict, description="compute-time multiplier of 1x1 convolutions against the class's efficiency")
 
     def compute_of(self, cls: str) -> float:
         return self.compute.get(cls) or self.compute[SUBCLASSES.get(cls, cls)]
 
     def bandwidth_of(self, cls: str) -> float:
         return self.bandwidth.get(cls) or self.bandwidth.get(SUBCLASSES.get(cls, cls), 1.0)
+
+    def _of(self, table: dict, cls: str, default: float) -> float:
+        v = table.get(cls)
+        if v is None:
+            v = table.get(SUBCLASSES.get(cls, cls), default)
+        return v
+
+    def overhead_of(self, cls: str) -> float:
+        return self._of(self.overhead_us, cls, self.kernel_overhead_us)
+
+    @property
+    def split(self) -> bool:
+        return bool(self.weight_bandwidth)
 
     @model_validator(mode="after")
     def _ranges(self):
@@ -64,6 +87,17 @@ class Efficiency(_Strict):
             # above 1 where working sets stay in cache (CPU), against the DRAM bandwidth
             if not 0 < v <= 50:
                 raise ValueError(f"bandwidth efficiency of {k} is {v}: expected a share of peak in (0, 50]")
+        for name in ("weight_bandwidth", "spill_bandwidth"):
+            for k, v in getattr(self, name).items():
+                if not 0 < v <= 50:
+                    raise ValueError(f"{name} of {k} is {v}: expected a share in (0, 50]")
+        for name in ("pointwise_factor", "misaligned_factor"):
+            for k, v in getattr(self, name).items():
+                if not 0 < v <= 8:
+                    raise ValueError(f"{name} of {k} is {v}: expected a time multiplier in (0, 8]")
+        for k, v in self.overhead_us.items():
+            if v < 0:
+                raise ValueError(f"overhead_us of {k} is {v}: expected at least 0")
         missing = [c for c in OP_CLASSES if c not in self.compute]
         if missing:
             raise ValueError(f"compute efficiency missing for {', '.join(missing)}")
@@ -85,6 +119,8 @@ class HardwareProfile(_Strict):
     runtime: str = Field(description="what the prediction is for (engine, precision, threads)")
     peak_gflops: dict[Dtype, float] = Field(description="peak dense throughput per dtype, GFLOP/s (int8: GOP/s)")
     memory_bandwidth_gbs: float = Field(gt=0)
+    memory_read_bandwidth_gbs: Optional[float] = Field(
+        default=None, gt=0, description="read-only streaming bandwidth (weights); default memory_bandwidth_gbs")
     cache_bytes: Optional[int] = Field(default=None, gt=0, description="last-level cache; smaller working sets use cache bandwidth")
     cache_bandwidth_gbs: Optional[float] = Field(default=None, gt=0)
     fast_dtypes: list[Dtype]
@@ -94,6 +130,9 @@ class HardwareProfile(_Strict):
     slow_dtypes: dict[Dtype, SlowDtype] = Field(default_factory=dict)
     efficiency: Efficiency
     dtype_overrides: dict[Dtype, Efficiency] = Field(default_factory=dict)
+    batch_efficiency: dict[int, dict[Dtype, Efficiency]] = Field(
+        default_factory=dict, description="efficiencies calibrated at other batch sizes (efficiency and dtype_overrides "
+                                          "hold batch 1); a prediction uses the nearest calibrated batch")
     channel_multiple: Optional[int] = Field(default=None, ge=1, description="channel counts the kernels prefer")
     sources: dict[str, str] = Field(description="where each number comes from")
     provenance: Optional[Provenance] = None
@@ -108,6 +147,9 @@ class HardwareProfile(_Strict):
                 raise ValueError("peak_gflops must be positive")
         if self.float_runs_as not in self.peak_gflops:
             raise ValueError(f"float_runs_as {self.float_runs_as} has no peak_gflops entry")
+        for b in self.batch_efficiency:
+            if b < 2:
+                raise ValueError(f"batch_efficiency key {b}: batch 1 is `efficiency` itself; keys must be 2 or more")
         for d, s in self.slow_dtypes.items():
             if s.runs_as not in self.peak_gflops:
                 raise ValueError(f"slow dtype {d} runs as {s.runs_as}, which has no peak_gflops entry")
@@ -129,7 +171,19 @@ class HardwareProfile(_Strict):
             return s.runs_as, s.factor
         return self.float_runs_as, 1.0
 
-    def eff(self, dtype: str) -> Efficiency:
+    def eff(self, dtype: str, batch: int = 1) -> Efficiency:
+        """The efficiencies for `dtype` at the calibrated batch nearest `batch` (log scale)."""
+        import math
+
+        if self.batch_efficiency:
+            near = min([1, *self.batch_efficiency], key=lambda b: (abs(math.log2(b) - math.log2(max(batch, 1))), b))
+            if near != 1:
+                per = self.batch_efficiency[near]
+                if dtype in per:
+                    return per[dtype]
+                if dtype in self.dtype_overrides:
+                    return self.dtype_overrides[dtype]
+                return per.get(self.float_runs_as, self.efficiency)
         return self.dtype_overrides.get(dtype, self.efficiency)
 
 

@@ -12,12 +12,17 @@ from hardware.profile import load_profile, save_profile
 
 
 def test_quick_calibration_writes_loadable_profile(tmp_path):
-    prof = calibrate_host(quick=True, int8=False, budget_s=3.0)
+    messages = []
+    prof = calibrate_host(quick=True, int8=False, budget_s=6.0, progress=messages.append)
     path = tmp_path / "host.yaml"
     save_profile(prof, path)
     again = load_profile(str(path))
     assert again.provenance is not None and again.provenance.threads >= 1
     assert again.peak_gflops["fp32"] > 0 and again.memory_bandwidth_gbs > 0
+    assert again.memory_read_bandwidth_gbs and again.efficiency.split
+    assert 8 in again.batch_efficiency and again.eff("fp32", 8).split  # calibrated at batch 8 too
+    assert again.provenance.fit["fp32.b1.networks"] >= 2 and again.provenance.fit["seconds"] < 60
+    assert any(m.startswith("fit fp32 batch 1") for m in messages)  # progress is shown
     table = analyze(load_model("demo:digits-cnn"))
     p1 = predict_latency(table, again, 1).latency_ms
     p8 = predict_latency(table, again, 8).latency_ms

@@ -1,0 +1,78 @@
+"""Per-row wall time of an eager model in context: every operator timed where the model runs it.
+
+The rows are the analysis's rows (estimators.trace): the same module types timed as one row, the same
+torch functions timed where no such module encloses them, in the same order. Timing a row inside the
+running model sees what a single-operator loop hides: weights and activations that the rest of the
+forward pass evicted from the cache, freshly allocated outputs, the dispatch of the calls around it.
+Calibration fits the host's latency model to these times on synthetic networks.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten
+
+from estimators import registry as R
+from estimators.trace import _IGNORED
+
+
+class _Timer(TorchFunctionMode):
+    def __init__(self):
+        super().__init__()
+        self.times: list[float] = []
+        self.stack: list[float | None] = []
+        self.suppress = 0
+
+    def pre_hook(self, module: nn.Module, args):
+        if R.module_cost_fn(module) is not None:
+            self.stack.append(time.perf_counter() if self.suppress == 0 else None)
+            self.suppress += 1
+
+    def hook(self, module: nn.Module, args, output):
+        if R.module_cost_fn(module) is None:
+            return
+        t0 = self.stack.pop()
+        self.suppress -= 1
+        if t0 is not None:
+            self.times.append(time.perf_counter() - t0)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if self.suppress or R.function_name(func) in _IGNORED:
+            return func(*args, **kwargs)
+        t0 = time.perf_counter()
+        out = func(*args, **kwargs)
+        dt = time.perf_counter() - t0
+        if any(isinstance(o, torch.Tensor) for o in tree_flatten(out)[0]):
+            self.times.append(dt)
+        return out
+
+
+def row_times(model: nn.Module, example: torch.Tensor, runs: int = 5, warmup: int = 2) -> list[float]:
+    """Median in-context seconds of every analysis row of `model(example)` over `runs` forward passes."""
+    from .measure import steady_allocator
+
+    steady_allocator()
+    per_run: list[list[float]] = []
+    timer = _Timer()
+    h1 = torch.nn.modules.module.register_module_forward_pre_hook(timer.pre_hook)
+    h2 = torch.nn.modules.module.register_module_forward_hook(timer.hook)
+    try:
+        with torch.inference_mode():
+            for i in range(warmup + runs):
+                timer.times = []
+                with timer:
+                    model(example)
+                if i >= warmup:
+                    per_run.append(timer.times)
+    finally:
+        h1.remove()
+        h2.remove()
+    n = len(per_run[0])
+    if any(len(r) != n for r in per_run):
+        raise RuntimeError("the model ran a different number of operators from one call to the next")
+    return [statistics.median(r[i] for r in per_run) for i in range(n)]

@@ -1,0 +1,166 @@
+"""The host's calibrated latency model: the split formula by hand, batch-calibrated efficiencies, the
+in-context operator timer's alignment with the analysis, the synthetic networks, the fit recovering known
+coefficients, and the steady-state allocator of every measurement."""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from estimators.analyze import analyze
+from estimators.errors import UserInputError
+from estimators.modelspec import load_model
+from hardware.calibrate import NetSample, exported, fit_split_model, light_table, split_efficiency, time_network
+from hardware.latency import _row_features, misaligned, pointwise, predict_latency, split_terms
+from hardware.measure import measure_latency, steady_allocator
+from hardware.profile import parse_profile
+from hardware.synthetic import synthetic_cnn
+from hardware.timing import row_times
+
+from test_profiles import CONV1_FLOPS, CONV1_IN, CONV1_OUT, CONV1_W, CONV2_FLOPS, _valid
+
+
+def _split_profile() -> dict:
+    d = _valid()
+    d.update(memory_read_bandwidth_gbs=20.0, cache_bytes=4096, cache_bandwidth_gbs=100.0, channel_multiple=16,
+             combine="sum")
+    d["sources"]["cache_bandwidth_gbs"] = "test"
+    e = d["efficiency"]
+    e["overhead_us"] = {"conv": 11.0}
+    e["weight_bandwidth"] = {"conv": 0.5}
+    e["spill_bandwidth"] = {"conv": 0.25}
+    e["misaligned_factor"] = {"conv": 3.0}
+    e["pointwise_factor"] = {"conv": 2.0}
+    return d
+
+
+@pytest.fixture(scope="module")
+def table():
+    return analyze(load_model("demo:digits-cnn"))
+
+
+def test_split_formula_by_hand(table):
+    p = parse_profile(_split_profile(), "test")
+    pred = predict_latency(table, p)
+    ms = lambda name: pred.per_row_ms[table.names.index(name)]  # noqa: E731
+    # features.0: Conv2d(1, 32, 3): input channels 1 are not a multiple of 16 -> misaligned factor 3
+    compute = CONV1_FLOPS / (100e9 * 0.25) * 3.0
+    weights = CONV1_W / (20e9 * 0.5)
+    act = CONV1_IN + CONV1_OUT  # 8,448 bytes: 4,096 from the cache, the rest from memory
+    memory = 4096 / (100e9 * 0.8) + (act - 4096) / (10e9 * 0.25)
+    assert ms("features.0") == pytest.approx((11e-6 + compute + weights + memory) * 1e3, rel=1e-9)
+    # features.3: Conv2d(32, 64, 3): aligned, 3x3 (no pointwise factor)
+    w2 = 64 * 32 * 9 * 4
+    a2 = 32 * 64 * 4 + 64 * 64 * 4
+    expect = 11e-6 + CONV2_FLOPS / (100e9 * 0.25) + w2 / (20e9 * 0.5) + 4096 / 80e9 + (a2 - 4096) / 2.5e9
+    assert ms("features.3") == pytest.approx(expect * 1e3, rel=1e-9)
+    # a class without split entries falls back to the kernel overhead and full-share bandwidths
+    fc = table.names.index("classifier")
+    flops, wb, ab, *_ = _row_features(table, 1)
+    expect = 7e-6 + flops[fc] / (100e9 * 0.4) + wb[fc] / 20e9 + min(ab[fc], 4096) / 80e9 + max(ab[fc] - 4096, 0) / 10e9
+    assert pred.per_row_ms[fc] == pytest.approx(expect * 1e3, rel=1e-9)
+
+
+def test_pointwise_factor_applies_to_1x1_convolutions():
+    t = light_table(torch.nn.Sequential(torch.nn.Conv2d(16, 32, 1, bias=False)).eval(), torch.randn(1, 16, 8, 8))
+    assert pointwise(t).tolist() == [True]
+    d = _split_profile()
+    d["cache_bytes"] = 1 << 30
+    a = predict_latency(t, parse_profile(d, "test")).per_row_ms[0]
+    d["efficiency"]["pointwise_factor"]["conv"] = 5.0
+    b = predict_latency(t, parse_profile(d, "test")).per_row_ms[0]
+    flops = 2 * 16 * 32 * 64
+    assert b - a == pytest.approx(3.0 * flops / 25e9 * 1e3, rel=1e-9)  # (5 - 2) x compute time
+
+
+def test_batch_efficiency_uses_the_nearest_calibrated_batch(table):
+    d = _split_profile()
+    e8 = copy.deepcopy(d["efficiency"])
+    e8["overhead_us"] = {"conv": 500.0}
+    d["batch_efficiency"] = {8: {"fp32": e8}}
+    p = parse_profile(d, "test")
+    assert p.eff("fp32", 1).overhead_us["conv"] == 11.0
+    assert p.eff("fp32", 2).overhead_us["conv"] == 11.0  # log2: 1 from batch 1, 2 from batch 8
+    for b in (4, 8, 64):
+        assert p.eff("fp32", b).overhead_us["conv"] == 500.0
+    i = table.names.index("features.0")
+    base = parse_profile(_split_profile(), "test")
+    assert predict_latency(table, p, 8).per_row_ms[i] - predict_latency(table, base, 8).per_row_ms[i] == \
+        pytest.approx((500e-6 - 11e-6) * 1e3, rel=1e-9)
+    d["batch_efficiency"] = {1: {"fp32": e8}}
+    with pytest.raises(UserInputError, match="batch_efficiency"):
+        parse_profile(d, "test")
+
+
+def test_bad_split_fields_name_the_field():
+    for path, value in (("weight_bandwidth", {"conv": 0.0}), ("spill_bandwidth", {"norm": 99.0}),
+                        ("pointwise_factor", {"conv": 20.0}), ("overhead_us", {"conv": -1.0})):
+        d = _split_profile()
+        d["efficiency"][path] = value
+        with pytest.raises(UserInputError, match=path):
+            parse_profile(d, "test")
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_operator_timer_aligns_with_the_analysis(seed):
+    model, shape = synthetic_cnn(seed)
+    x = torch.randn(*shape)
+    table = light_table(model, x)
+    rows = row_times(model, x, runs=2, warmup=1)
+    assert len(rows) == table.n and all(t > 0 for t in rows)
+    net = time_network(exported(model, shape), x, f"seed {seed}", runs=2)  # raises if the rows do not align
+    assert net.total_seconds > 0 and (net.row_seconds >= 0).all()
+    assert net.row_seconds.sum() < 5 * net.total_seconds
+
+
+def test_synthetic_networks_are_seeded_and_varied():
+    a, sa = synthetic_cnn(7)
+    b, sb = synthetic_cnn(7)
+    assert str(a) == str(b) and sa == sb
+    assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+    shapes = {synthetic_cnn(s)[1] for s in range(12)}
+    assert len(shapes) > 3
+    kinds = set()
+    for s in range(12):
+        m, shape = synthetic_cnn(s)
+        kinds |= set(light_table(m, torch.randn(1, *shape[1:])).kinds)
+    assert {"conv", "dwconv", "gemm", "elementwise", "norm", "pool"} <= kinds
+
+
+def test_fit_recovers_known_coefficients():
+    """Rows timed exactly by a known split model: the per-class least squares gets the model back."""
+    known = {"conv": np.array([20e-6, 2e-12, 1e-12, 3e-12, 5e-11, 1e-11, 8e-11]),
+             "dwconv": np.array([30e-6, 1e-11, 0.0, 2e-12, 4e-11, 2e-11, 9e-11]),
+             "gemm": np.array([10e-6, 4e-12, 0.0, 1e-12, 3e-11, 1e-11, 5e-11]),
+             "elementwise": np.array([3e-6, 1e-11, 0.0, 0.0, 0.0, 5e-12, 2e-11]),
+             "norm": np.array([5e-6, 2e-11, 0.0, 0.0, 1e-11, 6e-12, 2e-11])}
+    cache = 2e6
+    nets, seen = [], {cls: np.zeros(7, dtype=bool) for cls in known}
+    for seed in range(24):
+        model, shape = synthetic_cnn(seed)
+        table = light_table(model, torch.randn(*shape))
+        flops, wb, ab, kinds, cin, cout = _row_features(table, table.batch)
+        cols = split_terms(flops, wb, ab, pointwise(table), misaligned(cin, cout, 16), cache)
+        t = np.zeros(table.n)
+        for cls, x in known.items():
+            t[kinds == cls] = cols[kinds == cls] @ x
+            seen[cls] |= (cols[kinds == cls] != 0).any(axis=0)
+        t[~np.isin(kinds, list(known))] = 1e-6
+        nets.append(NetSample(f"seed {seed}", table, t, float(t.sum())))
+    coef, view_s, err = fit_split_model(nets, 16, cache)
+    assert err < 1e-6
+    # every row is reproduced (norm and elementwise FLOPs are proportional to their bytes, so only their
+    # times are identifiable); the convolutions' columns are independent and come back one by one
+    assert seen["conv"].all()
+    assert coef["conv"] == pytest.approx(known["conv"], rel=1e-4, abs=1e-16)
+    eff = split_efficiency(coef, view_s, peak=200.0, bwr=20.0, cbw=100.0, bw=10.0)
+    assert eff.compute["conv"] == pytest.approx(1 / (200e9 * 2e-12))
+    assert eff.overhead_us["dwconv"] == pytest.approx(30.0)
+
+
+def test_measurements_run_with_the_steady_allocator():
+    desc = steady_allocator()
+    m = measure_latency(torch.nn.ReLU(), torch.randn(4, 4), warmup=1, min_runs=3, budget_s=0.01)
+    assert m["allocator"] == desc and desc
