@@ -17,7 +17,7 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/deployfit analyze demo:digits-resnet
 	$(VENV)/bin/deployfit estimate demo:digits-resnet --strategy prune:0.5:global,quantize:int8
-	$(VENV)/bin/deployfit apply demo:digits-resnet --strategy prune:0.5:global,quantize:int8 --out build/demo
+	$(VENV)/bin/deployfit apply demo:digits-resnet --strategy prune:0.5:global,quantize:int8 --out build/demo --data digits
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -76,6 +76,9 @@ def _torchvision_names() -> list[str]:
     return sorted(torchvision.models.list_models(module=torchvision.models))
 
 
+DEMO_WEIGHTS = Path(__file__).parent / "weights"
+
+
 def _build(spec: str) -> tuple[str, nn.Module, tuple[int, ...] | None]:
     if not isinstance(spec, str) or not spec.strip():
         raise UserInputError(f"empty model spec; {SPEC_FORMS}")
@@ -116,7 +119,11 @@ def _build(spec: str) -> tuple[str, nn.Module, tuple[int, ...] | None]:
         if name not in DEMOS:
             raise UserInputError(f"unknown demo model {name!r}; built-in demos: {', '.join(DEMOS)}")
         factory, shape = DEMOS[name]
-        return "demo", factory(), shape
+        model = factory()
+        trained = DEMO_WEIGHTS / f"{name}.pt"
+        if trained.is_file():  # trained on digits by scripts/train_demos.py
+            model.load_state_dict(torch.load(trained, map_location="cpu", weights_only=True))
+        return "demo", model, shape
     # package.module:factory
     if not prefix.replace(".", "").replace("_", "").isalnum():
         raise UserInputError(f"unrecognised model spec {spec!r}; {SPEC_FORMS}")

@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from estimators.errors import UserInputError
+from estimators.errors import FINETUNE_EPOCHS, UserInputError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Estimate, search and execute DNN compression strategies against deployment requirements.")
@@ -178,19 +178,32 @@ def estimate(model: ModelArg, strategy: StrategyOpt = "none", weights: WeightsOp
 @app.command()
 def apply(model: ModelArg, out: Annotated[str, typer.Option("--out", help="folder for model.pt2 and strategy.json")],
           strategy: StrategyOpt = "none", weights: WeightsOpt = None, input_shape: ShapeOpt = None,
-          hardware: HardwareOpt = None, batch_size: BatchOpt = 1, as_json: JsonOpt = False) -> None:
+          hardware: HardwareOpt = None, batch_size: BatchOpt = 1,
+          data: Annotated[Optional[str], typer.Option("--data", help="digits | imagefolder:PATH | cifar10:PATH | "
+                                                                     "package.module:function")] = None,
+          finetune_epochs: Annotated[int, typer.Option("--finetune-epochs", help="training budget of every step that "
+                                                       "trains (fine-tuning after pruning, distilling a student)")] = FINETUNE_EPOCHS,
+          kd: Annotated[bool, typer.Option("--kd/--no-kd", help="distil from the original model when fine-tuning "
+                                           "after pruning")] = False,
+          as_json: JsonOpt = False) -> None:
     """Execute STRATEGY on MODEL, save the artifact, and measure it against the prediction.
 
-    With --hardware host the artifact's latency is measured here too (median after warm-up)."""
+    With --hardware host the artifact's latency is measured here too (median after warm-up); with --data,
+    pruned models are fine-tuned, students distilled, int8 calibrated on the data, and the accuracy before
+    and after is measured on its validation split."""
 
     def body():
         from estimators.strategy import parse_strategy
         from tasks.apply import apply_and_measure
+        from tasks.train import TrainConfig
 
+        if finetune_epochs < 0:
+            raise UserInputError(f"--finetune-epochs must be 0 or more, not {finetune_epochs}")
         strat = parse_strategy(strategy)
         loaded = _load(model, weights, input_shape)
         return apply_and_measure(loaded, strat, out, hardware=hardware, batch_size=batch_size,
-                                 progress=lambda m: err_console.print(f"[dim]{m}[/]", highlight=False))
+                                 progress=lambda m: err_console.print(f"[dim]{m}[/]", highlight=False), data_spec=data,
+                                 train_cfg=TrainConfig(epochs=finetune_epochs, kd_finetune=kd))
 
     rep = _compute(as_json, body)
     if as_json:
@@ -198,6 +211,11 @@ def apply(model: ModelArg, out: Annotated[str, typer.Option("--out", help="folde
     cols = {"pred": rep["pred"], "meas": {k: rep["meas"].get(k, "") for k in rep["pred"]},
             "err %": {k: (f"{100 * rep['err'][k]:+.2f}" if k in rep["err"] else "") for k in rep["pred"]}}
     console.print(_totals_table(f"{model} with {rep['compact']}", cols))
+    if rep.get("data"):
+        d = rep["data"]
+        console.print(f"accuracy on {d['spec']} ({d['val_size']} validation inputs): {d['accuracy_before']:.2f}% -> "
+                      f"{rep['meas']['accuracy']:.2f}% (drop {rep['meas']['accuracy_drop']:+.2f} points; "
+                      f"{d['finetune_epochs']} training epochs per step)", highlight=False)
     _print_unpruned(rep)
     for n in rep["notes"]:
         console.print(f"  note: {n}", highlight=False)

@@ -54,18 +54,42 @@ def measure_artifact_latency(work: Work, ep, batch_size: int) -> dict[str, Any]:
     return measure_latency(fn, ex, warmup=3, min_runs=10, budget_s=3.0)
 
 
+def artifact_accuracy(ep, data) -> float:
+    """Top-1 accuracy of a saved artifact on the validation data, run as the program it is."""
+    from .train import accuracy
+
+    return accuracy(ep.module(), data.val, set_eval=False)
+
+
 def apply_and_measure(loaded: LoadedModel, strategy: Strategy, out_dir: str, hardware: str | None = None,
-                      batch_size: int = 1, progress: Callable[[str], None] = lambda m: None) -> dict[str, Any]:
+                      batch_size: int = 1, progress: Callable[[str], None] = lambda m: None, data_spec: str | None = None,
+                      train_cfg: Any = None) -> dict[str, Any]:
     progress(f"analysing {loaded.spec}")
     table = analyze(loaded)
     est = estimate(table, strategy)
     pred = public(totals(est))
+    data = None
+    acc_before = None
+    if data_spec:
+        from estimators.data import check_fits, load_data
+
+        from .train import TrainConfig, accuracy
+
+        data = load_data(data_spec, sample_shape=tuple(loaded.input_shape[1:]))
+        check_fits(data, loaded.model, loaded.input_shape, loaded.spec)
+        train_cfg = train_cfg or TrainConfig()
+        acc_before = accuracy(loaded.model, data.val)
+        progress(f"{loaded.spec} on {data.spec}: validation accuracy {acc_before:.2f}% ({data.val_size} inputs)")
     progress(f"executing {strategy.compact()}")
-    work = run_strategy(loaded, strategy)
+    work = run_strategy(loaded, strategy, data=data, train_cfg=train_cfg, progress=progress)
     paths = save_artifact(work, strategy, out_dir)
     progress(f"saved {paths['model']}; measuring")
     ep = load_program(paths["model"])  # measure what was saved, as a user would load it
     meas, notes = measure_work(work, ep, paths["model"])
+    if data is not None:
+        meas["accuracy"] = round(artifact_accuracy(ep, data), 4)
+        meas["accuracy_drop"] = round(acc_before - meas["accuracy"], 4)
+        progress(f"artifact accuracy {meas['accuracy']:.2f}% (drop {meas['accuracy_drop']:+.2f} points)")
     lat_info = None
     if hardware:
         from hardware.latency import predict_latency
@@ -92,4 +116,8 @@ def apply_and_measure(loaded: LoadedModel, strategy: Strategy, out_dir: str, har
         "unpruned": est.plan.unpruned if any(s.method in ("prune", "distill") for s in strategy.steps) else [],
         "log": work.log,
         "notes": notes,
+        "data": None if data is None else {"spec": data.spec, "train_size": data.train_size, "val_size": data.val_size,
+                                           "accuracy_before": round(acc_before, 4),
+                                           "finetune_epochs": train_cfg.epochs, "kd_finetune": train_cfg.kd_finetune},
+        "training": work.training,
     }

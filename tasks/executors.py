@@ -1,9 +1,11 @@
 """Executors: really compress a model, step by step, as the estimators predict.
 
-    prune     torch-pruning's MetaPruner with the plan's ignored layers (classifier, groups not followed)
-    distill   builds the student: width:F is the teacher pruned uniformly to width F and re-initialised
-              (training it by knowledge distillation comes with the data pipeline), or a model spec
-    quantize  Intel Neural Compressor 3.x (see quantize_exec); must be the last step
+    prune     torch-pruning's MetaPruner with the plan's ignored layers (classifier, groups not followed);
+              with data, fine-tuned for the training budget (optionally distilling from the original)
+    distill   builds the student: width:F is the teacher pruned uniformly to width F and re-initialised,
+              or a model spec; with data, trained by knowledge distillation from the original model
+    quantize  Intel Neural Compressor 3.x (see quantize_exec), calibrated on the data's training batches
+              when there are data; must be the last step
 """
 from __future__ import annotations
 
@@ -39,6 +41,24 @@ class Work:
     program: Any = None  # torch.export.ExportedProgram once quantized
     quant: Any = None
     log: list[str] = field(default_factory=list)
+    data: Any = None  # estimators.data.LoadedData when the strategy is executed with data
+    train_cfg: Any = None  # tasks.train.TrainConfig
+    teacher: nn.Module | None = None  # the original model, frozen
+    progress: Callable[[str], None] = lambda m: None
+    training: list[dict] = field(default_factory=list)  # what each training step did
+
+    def trains(self) -> bool:
+        return self.data is not None and self.train_cfg is not None and self.train_cfg.epochs > 0
+
+    def fit(self, label: str, teacher: nn.Module | None) -> None:
+        from .train import train
+
+        res = train(self.model, self.data.train, self.data.val, self.train_cfg, teacher=teacher, progress=self.progress,
+                    label=label)
+        self.training.append({"step": label, "epochs": res.epochs, "seconds": round(res.seconds, 2),
+                              "distilled": teacher is not None, "history": res.history})
+        self.log.append(f"{label}: {res.epochs} epochs in {res.seconds:.1f} s"
+                        + (f", val accuracy {res.history[-1]['accuracy']:.2f}%" if res.history else ""))
 
     def example(self, batch: int | None = None) -> torch.Tensor:
         return self.loaded.example_input(batch)
@@ -68,6 +88,8 @@ def execute_prune(work: Work, step: PruneStep) -> Work:
             raise UserInputError(f"per-layer ratios name modules that {work.loaded.spec} lacks: {', '.join(missing)}")
     _prune_module(work, step)
     work.log.append(f"pruned with torch-pruning: {step.compact()}")
+    if work.trains():
+        work.fit(f"fine-tune after {step.compact()}", work.teacher if work.train_cfg.kd_finetune else None)
     return work
 
 
@@ -79,14 +101,22 @@ def execute_distill(work: Work, step: DistillStep) -> Work:
         for m in work.model.modules():
             if hasattr(m, "reset_parameters") and m is not work.model:
                 m.reset_parameters()
-        work.log.append(f"student: the teacher at width {step.width:g}, re-initialised (train it with --data)")
+        work.log.append(f"student: the teacher at width {step.width:g}, re-initialised")
+        if work.trains():
+            work.fit(f"distill to width {step.width:g}", work.teacher)
+        else:
+            work.log.append("the student is untrained: give --data to train it by knowledge distillation")
         return work
     shape = ",".join(map(str, work.loaded.input_shape))
     student = load_model(step.student, input_shape=shape)
     work.loaded = student
     work.model = copy.deepcopy(student.model)
     work.table = analyze(student)
-    work.log.append(f"student: {step.student}, untrained (train it with --data)")
+    work.log.append(f"student: {step.student}")
+    if work.trains():
+        work.fit(f"distill to {step.student}", work.teacher)
+    else:
+        work.log.append("the student is untrained: give --data to train it by knowledge distillation")
     return work
 
 
@@ -95,8 +125,14 @@ def execute_quantize(work: Work, step: QuantizeStep) -> Work:
     from .quantize_exec import quantize
 
     t0 = time.perf_counter()
-    calib = [work.example(2)] + [torch.randn_like(work.example(2)) for _ in range(3)]
-    work.quant = quantize(work.model, work.example(2), step.dtype, calib_batches=calib)
+    if work.data is not None:
+        calib = work.data.calibration_batches(4)
+        source = f"{sum(len(c) for c in calib)} training inputs of {work.data.spec}"
+    else:
+        calib = [work.example(2)] + [torch.randn_like(work.example(2)) for _ in range(3)]
+        source = "random inputs (no data given)"
+    work.quant = quantize(work.model, calib[0], step.dtype, calib_batches=calib)
+    work.log.append(f"calibrated on {source}")
     work.program = work.quant.program
     work.log.append(f"quantized to {step.dtype} in {time.perf_counter() - t0:.1f} s")
     return work
@@ -118,10 +154,17 @@ def export_program(model: nn.Module, example: torch.Tensor):
         return torch.export.export(model.eval(), (ex,), dynamic_shapes=({0: batch},))
 
 
-def run_strategy(loaded: LoadedModel, strategy: Strategy, export: bool = True) -> Work:
-    """Execute every step on a copy of the model; export the result unless told not to."""
+def run_strategy(loaded: LoadedModel, strategy: Strategy, export: bool = True, data: Any = None, train_cfg: Any = None,
+                 progress: Callable[[str], None] = lambda m: None) -> Work:
+    """Execute every step on a copy of the model; export the result unless told not to. With `data`, the
+    steps that train (fine-tuning after pruning, distillation) train for `train_cfg.epochs`."""
     check_order(strategy)
-    work = Work(loaded=loaded, model=copy.deepcopy(loaded.model).eval(), table=analyze(loaded))
+    work = Work(loaded=loaded, model=copy.deepcopy(loaded.model).eval(), table=analyze(loaded), data=data,
+                train_cfg=train_cfg, progress=progress)
+    if data is not None:
+        from .train import frozen_copy
+
+        work.teacher = frozen_copy(loaded.model)
     for step in strategy.steps:
         fn = EXECUTORS.get(step.method)
         if fn is None:

@@ -46,3 +46,23 @@ def broken_factory():
 
 def not_a_module():
     return 42
+
+
+def five_class_net():
+    """1x8x8 input, 5 classes: does not fit the 10 digit classes."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 5))
+
+
+def tiny_loaders():
+    """A package.module:function data spec: (train_loader, val_loader) of 1x8x8 inputs, 10 classes."""
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(40, 1, 8, 8, generator=g)
+    y = torch.arange(40) % 10
+    return DataLoader(TensorDataset(x, y), batch_size=8), DataLoader(TensorDataset(x, y), batch_size=16)
+
+
+def not_loaders():
+    return 42
