@@ -127,15 +127,15 @@ def time_network(model: nn.Module, x: torch.Tensor, label: str, runs: int = 3) -
 
 
 def network_samples(budget_s: float, progress: Progress, batches: tuple[int, ...] = BATCHES, max_nets: int = 400,
-                    seed0: int = 0) -> dict[int, list[NetSample]]:
+                    seed0: int = 0, min_nets: int = 4) -> dict[int, list[NetSample]]:
     """Time synthetic networks (hardware.synthetic), exported as artifacts are, operator by operator at every
-    batch size until the budget is spent."""
+    batch size until the budget is spent (and at least `min_nets`, so that a tiny budget still fits)."""
     from .synthetic import synthetic_cnn
 
     out: dict[int, list[NetSample]] = {b: [] for b in batches}
     t0 = time.perf_counter()
     seed, n = seed0, 0
-    while n < max_nets and time.perf_counter() - t0 < budget_s:
+    while n < max_nets and (n < min_nets or time.perf_counter() - t0 < budget_s):
         model, shape = synthetic_cnn(seed)
         seed += 1
         with torch.inference_mode():
