@@ -69,6 +69,7 @@ class PruneGroup:
     imp_sorted: np.ndarray  # per-index importance (averaged over channel groups), ascending, float32
     out_deps: list[tuple[str, int]]  # (module, channels of it in this group) pruned on their outputs
     scope_modules: list[str]  # modules whose layer-specific ratio applies, in torch-pruning's look-up order
+    order: np.ndarray | None = None  # channel indices, least important first (what a ratio removes first)
 
 
 @dataclass
@@ -193,8 +194,9 @@ def finish_plan(plan: PrunePlan, pruner, unfollowed: dict[int, str]) -> PrunePla
             n = names.get(id(dep.target.module))
             if n is not None and DG.is_out_channel_pruning_fn(dep.handler):
                 out_deps.append((n, len(idxs)))
-        plan.groups.append(PruneGroup(gi, root, plan.group_channels[gi], ch_groups,
-                                      np.sort(dim_imp.detach().float().cpu().numpy()), out_deps, scope))
+        imp_np = dim_imp.detach().float().cpu().numpy()
+        plan.groups.append(PruneGroup(gi, root, plan.group_channels[gi], ch_groups, np.sort(imp_np), out_deps, scope,
+                                      np.argsort(imp_np, kind="stable")))
     del plan._dg_groups  # type: ignore[attr-defined]
     del plan._pruner  # type: ignore[attr-defined]
     return plan

@@ -49,6 +49,12 @@ def estimate_quantize(table: LayerTable, step: QuantizeStep) -> LayerTable:
                 s.extra_per_cout[i] += 4.0 + (3.0 if table.has_bias[i] else 0.0)  # fp32 scale; bias stays fp32
                 s.wdtype[i] = "int8"
     elif step.dtype == "int8":
+        keep_float = set(step.keep_float)
+        unknown = keep_float - set(table.module_names)
+        if unknown:
+            from .errors import UserInputError
+
+            raise UserInputError(f"keep_float names layers the model lacks: {', '.join(sorted(unknown))}")
         consumers: dict[int, list[int]] = {}
         for i, src in enumerate(table.src_row):
             if src >= 0:
@@ -64,8 +70,9 @@ def estimate_quantize(table: LayerTable, step: QuantizeStep) -> LayerTable:
         for i in range(table.n):
             if not mod[i]:
                 continue
-            quantized = ops[i] in ("Conv2d", "Linear") or (
-                ops[i] == "Conv1d" and any(ops[c] in _RELU for c in consumers.get(i, [])))
+            quantized = (ops[i] in ("Conv2d", "Linear") or (
+                ops[i] == "Conv1d" and any(ops[c] in _RELU for c in consumers.get(i, [])))) \
+                and table.module_names[i] not in keep_float
             if quantized:
                 s.wbytes[i] = 1.0
                 s.extra_per_cout[i] += 12.0 + (3.0 if table.has_bias[i] else 0.0)

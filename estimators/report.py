@@ -46,9 +46,15 @@ def estimate_report(loaded: LoadedModel, table: LayerTable, strategy: Strategy) 
     }
 
 
+POINTS = ("accuracy", "accuracy_drop")  # in percentage points: their error is pred - meas, in points
+
+
 def rel_err(pred: dict[str, Any], meas: dict[str, Any]) -> dict[str, float]:
+    """Relative error (pred - meas) / meas of every measured metric; accuracy metrics in points instead."""
     err = {}
     for k, v in meas.items():
-        if k in pred and isinstance(v, (int, float)) and v:
+        if k in pred and k in POINTS and isinstance(v, (int, float)):
+            err[k] = round(pred[k] - v, 4)
+        elif k in pred and isinstance(v, (int, float)) and v:
             err[k] = round((pred[k] - v) / v, 6)
     return err

@@ -8,7 +8,7 @@ A prune token takes optional `:uniform`/`:global` and `:round_to=N`.
 from __future__ import annotations
 
 import json
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -18,7 +18,8 @@ QUANT_DTYPES = ("int8", "int8-weight-only", "fp16", "bf16")
 STRATEGY_FORMS = (
     "strategy forms: JSON {\"steps\": [{\"method\": \"prune\", \"ratio\": 0.5, \"scope\": \"uniform\"}, "
     "{\"method\": \"quantize\", \"dtype\": \"int8\"}]} or a compact string such as prune:0.5,quantize:int8 "
-    "(prune:RATIO[:uniform|:global][:round_to=N], quantize:int8|int8-weight-only|fp16|bf16, distill:width:F, "
+    "(prune:RATIO[:uniform|:global][:round_to=N], quantize:int8|int8-weight-only|fp16|bf16"
+    "[:keep_float=LAYER+LAYER][:tolerable_loss=0.01], distill:width:F, "
     "distill:MODEL_SPEC, none)"
 )
 
@@ -55,9 +56,18 @@ class PruneStep(_Step):
 class QuantizeStep(_Step):
     method: Literal["quantize"] = "quantize"
     dtype: Literal["int8", "int8-weight-only", "fp16", "bf16"]
+    keep_float: list[str] = Field(default_factory=list, description="int8: conv/linear modules left in float")
+    tolerable_loss: Optional[float] = Field(default=None, ge=0.0, le=1.0, description=(
+        "int8 with data: Intel Neural Compressor's accuracy-aware autotune, relative accuracy loss allowed "
+        "(0.01 = 1%); layers it falls back to float are reported and re-estimated"))
 
     def compact(self) -> str:
-        return f"quantize:{self.dtype}"
+        out = f"quantize:{self.dtype}"
+        if self.keep_float:
+            out += ":keep_float=" + "+".join(self.keep_float)
+        if self.tolerable_loss is not None:
+            out += f":tolerable_loss={self.tolerable_loss:g}"
+        return out
 
 
 class DistillStep(_Step):
@@ -118,7 +128,20 @@ def _parse_token(tok: str) -> dict:
                 raise UserInputError(f"unknown prune option {p!r} in {tok!r}; {STRATEGY_FORMS}")
         return step
     if method == "quantize":
-        return {"method": "quantize", "dtype": rest}
+        dtype, *opts = rest.split(":")
+        step = {"method": "quantize", "dtype": dtype}
+        for p in opts:
+            key, _, val = p.partition("=")
+            if key == "keep_float" and val:
+                step["keep_float"] = [v for v in val.split("+") if v]
+            elif key == "tolerable_loss" and val:
+                try:
+                    step["tolerable_loss"] = float(val)
+                except ValueError:
+                    raise UserInputError(f"bad tolerable_loss in {tok!r}; {STRATEGY_FORMS}") from None
+            else:
+                raise UserInputError(f"unknown quantize option {p!r} in {tok!r}; {STRATEGY_FORMS}")
+        return step
     if method == "distill":
         return {"method": "distill", "student": rest}
     raise UserInputError(f"unknown compression method {method!r}; methods are prune, quantize, distill; {STRATEGY_FORMS}")

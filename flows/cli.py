@@ -140,6 +140,12 @@ HardwareOpt = Annotated[Optional[str], typer.Option("--hardware", help="hardware
 BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="batch size for latency")]
 
 
+DataOpt = Annotated[Optional[str], typer.Option("--data", help="digits | imagefolder:PATH | cifar10:PATH | "
+                                                               "package.module:function")]
+EpochsOpt = Annotated[int, typer.Option("--finetune-epochs", help="training budget of every step that trains "
+                                        "(fine-tuning after pruning, distilling a student)")]
+
+
 def _with_latency(rep: dict[str, Any], loaded, table, strat, hardware: Optional[str], batch_size: int) -> dict[str, Any]:
     if hardware:
         from estimators.compress import estimate as run_estimate
@@ -155,23 +161,46 @@ def _with_latency(rep: dict[str, Any], loaded, table, strat, hardware: Optional[
 
 @app.command()
 def estimate(model: ModelArg, strategy: StrategyOpt = "none", weights: WeightsOpt = None, input_shape: ShapeOpt = None,
-             hardware: HardwareOpt = None, batch_size: BatchOpt = 1, as_json: JsonOpt = False) -> None:
-    """Predict what STRATEGY does to MODEL without compressing it."""
+             hardware: HardwareOpt = None, batch_size: BatchOpt = 1, data: DataOpt = None,
+             finetune_epochs: EpochsOpt = FINETUNE_EPOCHS, as_json: JsonOpt = False) -> None:
+    """Predict what STRATEGY does to MODEL without compressing it.
+
+    With --data, pred.accuracy_drop comes from a sensitivity analysis on the validation data and a recovery
+    model for --finetune-epochs of training (it learns from every `apply --data` truth); without, a
+    data-free proxy ranks candidates (`accuracy_proxy`, not in points)."""
 
     def body():
+        from estimators.accuracy import predict_drop, proxy_report
         from estimators.analyze import analyze as run_analysis
         from estimators.report import estimate_report
         from estimators.strategy import parse_strategy
 
+        if finetune_epochs < 0:
+            raise UserInputError(f"--finetune-epochs must be 0 or more, not {finetune_epochs}")
         strat = parse_strategy(strategy)
         loaded = _load(model, weights, input_shape)
         table = run_analysis(loaded)
-        return _with_latency(estimate_report(loaded, table, strat), loaded, table, strat, hardware, batch_size)
+        rep = _with_latency(estimate_report(loaded, table, strat), loaded, table, strat, hardware, batch_size)
+        if data:
+            from estimators.data import check_fits, load_data
+
+            d = load_data(data, sample_shape=tuple(loaded.input_shape[1:]))
+            check_fits(d, loaded.model, loaded.input_shape, loaded.spec)
+            acc = predict_drop(loaded, table, strat, d, finetune_epochs,
+                               progress=lambda m: err_console.print(f"[dim]{m}[/]", highlight=False))
+            rep["pred"]["accuracy_drop"] = acc["accuracy_drop"]
+            rep["accuracy_estimate"] = acc
+        else:
+            rep["accuracy_proxy"] = proxy_report(table, strat)
+        return rep
 
     rep = _compute(as_json, body)
     if as_json:
         return
     console.print(_totals_table(f"{model} with {rep['compact']} (predicted)", {"pred": rep["pred"]}))
+    if "accuracy_proxy" in rep:
+        console.print(f"accuracy proxy {rep['accuracy_proxy']['score']:.4f}: {rep['accuracy_proxy']['note']}",
+                      highlight=False)
     _print_unpruned(rep)
 
 
@@ -179,10 +208,7 @@ def estimate(model: ModelArg, strategy: StrategyOpt = "none", weights: WeightsOp
 def apply(model: ModelArg, out: Annotated[str, typer.Option("--out", help="folder for model.pt2 and strategy.json")],
           strategy: StrategyOpt = "none", weights: WeightsOpt = None, input_shape: ShapeOpt = None,
           hardware: HardwareOpt = None, batch_size: BatchOpt = 1,
-          data: Annotated[Optional[str], typer.Option("--data", help="digits | imagefolder:PATH | cifar10:PATH | "
-                                                                     "package.module:function")] = None,
-          finetune_epochs: Annotated[int, typer.Option("--finetune-epochs", help="training budget of every step that "
-                                                       "trains (fine-tuning after pruning, distilling a student)")] = FINETUNE_EPOCHS,
+          data: DataOpt = None, finetune_epochs: EpochsOpt = FINETUNE_EPOCHS,
           kd: Annotated[bool, typer.Option("--kd/--no-kd", help="distil from the original model when fine-tuning "
                                            "after pruning")] = False,
           as_json: JsonOpt = False) -> None:

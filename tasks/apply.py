@@ -80,8 +80,23 @@ def apply_and_measure(loaded: LoadedModel, strategy: Strategy, out_dir: str, har
         train_cfg = train_cfg or TrainConfig()
         acc_before = accuracy(loaded.model, data.val)
         progress(f"{loaded.spec} on {data.spec}: validation accuracy {acc_before:.2f}% ({data.val_size} inputs)")
+        from estimators.accuracy import predict_drop
+
+        acc_pred = predict_drop(loaded, table, strategy, data, train_cfg.epochs, progress=progress)
+        pred["accuracy_drop"] = acc_pred["accuracy_drop"]
     progress(f"executing {strategy.compact()}")
     work = run_strategy(loaded, strategy, data=data, train_cfg=train_cfg, progress=progress)
+    pred_before_tuning = None
+    qstep = next((s for s in strategy.steps if s.method == "quantize"), None)
+    if qstep is not None and qstep.dtype == "int8" and work.quant is not None \
+            and set(work.quant.float_layers) != set(qstep.keep_float):
+        # layers the quantizer (autotune) left in float: the prediction follows what was really built
+        tuned = strategy.model_copy(update={"steps": [s.model_copy(update={"keep_float": list(work.quant.float_layers)})
+                                                      if s is qstep else s for s in strategy.steps]})
+        pred_before_tuning = dict(pred)
+        est = estimate(table, tuned)
+        pred.update(public(totals(est)))
+        progress(f"re-estimated with {', '.join(work.quant.float_layers)} in float")
     paths = save_artifact(work, strategy, out_dir)
     progress(f"saved {paths['model']}; measuring")
     ep = load_program(paths["model"])  # measure what was saved, as a user would load it
@@ -89,7 +104,11 @@ def apply_and_measure(loaded: LoadedModel, strategy: Strategy, out_dir: str, har
     if data is not None:
         meas["accuracy"] = round(artifact_accuracy(ep, data), 4)
         meas["accuracy_drop"] = round(acc_before - meas["accuracy"], 4)
-        progress(f"artifact accuracy {meas['accuracy']:.2f}% (drop {meas['accuracy_drop']:+.2f} points)")
+        progress(f"artifact accuracy {meas['accuracy']:.2f}% (drop {meas['accuracy_drop']:+.2f} points, predicted "
+                 f"{pred['accuracy_drop']:+.2f})")
+        from estimators.accuracy import record_truth
+
+        record_truth(acc_pred, meas["accuracy_drop"])  # the recovery model learns from this truth
     lat_info = None
     if hardware:
         from hardware.latency import predict_latency
@@ -116,8 +135,10 @@ def apply_and_measure(loaded: LoadedModel, strategy: Strategy, out_dir: str, har
         "unpruned": est.plan.unpruned if any(s.method in ("prune", "distill") for s in strategy.steps) else [],
         "log": work.log,
         "notes": notes,
+        "pred_before_tuning": pred_before_tuning,
+        "float_layers": list(work.quant.float_layers) if work.quant is not None else [],
         "data": None if data is None else {"spec": data.spec, "train_size": data.train_size, "val_size": data.val_size,
-                                           "accuracy_before": round(acc_before, 4),
+                                           "accuracy_before": round(acc_before, 4), "accuracy_estimate": acc_pred,
                                            "finetune_epochs": train_cfg.epochs, "kd_finetune": train_cfg.kd_finetune},
         "training": work.training,
     }

@@ -131,8 +131,21 @@ def execute_quantize(work: Work, step: QuantizeStep) -> Work:
     else:
         calib = [work.example(2)] + [torch.randn_like(work.example(2)) for _ in range(3)]
         source = "random inputs (no data given)"
-    work.quant = quantize(work.model, calib[0], step.dtype, calib_batches=calib)
+    eval_fn = None
+    if step.tolerable_loss is not None:
+        if work.data is None:
+            raise UserInputError("tolerable_loss (accuracy-aware autotune) needs --data to measure accuracy on")
+        from .train import accuracy
+
+        def eval_fn(m):
+            return accuracy(m, work.data.val, set_eval=False) / 100.0
+
+    work.quant = quantize(work.model, calib[0], step.dtype, calib_batches=calib, keep_float=step.keep_float,
+                          tolerable_loss=step.tolerable_loss, eval_fn=eval_fn)
     work.log.append(f"calibrated on {source}")
+    if step.dtype == "int8" and work.quant.float_layers:
+        work.log.append(f"kept in float: {', '.join(work.quant.float_layers)}"
+                        + (" (chosen by autotune)" if step.tolerable_loss is not None else ""))
     work.program = work.quant.program
     work.log.append(f"quantized to {step.dtype} in {time.perf_counter() - t0:.1f} s")
     return work

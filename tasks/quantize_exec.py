@@ -485,20 +485,58 @@ def _default_calibration(example: torch.Tensor, n_random: int = 3) -> list[torch
     return batches
 
 
-def _quantize_int8(model, example_input, calib_batches):
+def _static_config(keep_float=()):
+    from neural_compressor.torch.quantization import StaticQuantConfig
+
+    cfg = StaticQuantConfig()  # W int8 sym per-channel, A uint8 asym per-tensor
+    for name in keep_float:
+        cfg.set_local(name, StaticQuantConfig(w_dtype="fp32", act_dtype="fp32"))
+    return cfg
+
+
+def tuning_configs(model, keep_float=()) -> list:
+    """Intel Neural Compressor autotune's search space, cheapest first: everything int8, then the
+    classifier (linear layers) in float, then also the first convolution (the stem) in float."""
+    names = _conv_linear_names(model)
+    linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    convs = [n for n in names if n not in linears]
+    sets, seen = [], set()
+    for extra in ([], linears, linears + convs[:1]):
+        key = tuple(sorted(set(keep_float) | set(extra)))
+        if key not in seen:
+            seen.add(key)
+            sets.append(list(key))
+    return [_static_config(k) for k in sets]
+
+
+def _quantize_int8(model, example_input, calib_batches, keep_float=(), tolerable_loss=None, eval_fn=None):
     from neural_compressor.torch.export import export as inc_export
-    from neural_compressor.torch.quantization import StaticQuantConfig, convert, prepare
+    from neural_compressor.torch.quantization import TuningConfig, autotune, convert, prepare
 
     _inc_quiet()
     example = _example_batch(example_input)
     work = copy.deepcopy(model).eval()
     gm = inc_export(work, (example,), dynamic_shapes=({0: _batch_dim()},))
-    prepared = prepare(gm, StaticQuantConfig())  # W int8 sym per-channel, A uint8 asym per-tensor
     calib = calib_batches if calib_batches else _default_calibration(example)
-    with torch.no_grad():
-        for b in calib:
-            prepared(b)
-    q = convert(prepared)  # Q/DQ graph, fp32 weights
+
+    def run_fn(m):
+        with torch.no_grad():
+            for b in calib:
+                m(b)
+
+    if tolerable_loss is not None and eval_fn is not None:  # accuracy-aware: INC tries the configs in order
+        q = autotune(gm, TuningConfig(config_set=tuning_configs(model, keep_float), tolerable_loss=tolerable_loss),
+                     eval_fn=eval_fn, run_fn=run_fn, example_inputs=(example,))
+        if q is None:
+            from estimators.errors import UserInputError
+
+            raise UserInputError(f"Intel Neural Compressor's autotune found no int8 configuration within a relative "
+                                 f"accuracy loss of {tolerable_loss:g} (tried: all int8, linear layers in float, "
+                                 "also the first convolution in float); allow more loss or keep layers float")
+    else:
+        prepared = prepare(gm, _static_config(keep_float))
+        run_fn(prepared)
+        q = convert(prepared)  # Q/DQ graph, fp32 weights
     layers = _fold_and_rename(q)
     ep = _export(q, example)
     return _result(ep, "int8", layers, model)
@@ -512,19 +550,23 @@ def quantize(
     example_input: torch.Tensor,
     dtype: str,
     calib_batches: list[torch.Tensor] | None = None,
+    keep_float: list[str] | tuple = (),
+    tolerable_loss: float | None = None,
+    eval_fn=None,
 ) -> QuantResult:
     """Quantize/convert ``model`` to ``dtype`` and export it (dynamic batch dim).
 
     ``model`` is not modified (a deep copy is used). ``example_input`` is a batched
-    tensor; if its batch is < 2 it is repeated to 2 for export. ``calib_batches`` is
-    only used for ``int8``.
+    tensor; if its batch is < 2 it is repeated to 2 for export. ``calib_batches``,
+    ``keep_float`` (module names left in float) and the accuracy-aware autotune
+    (``tolerable_loss`` relative, ``eval_fn(graph_module) -> accuracy``) are only used for ``int8``.
     """
     if dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"unsupported dtype {dtype!r}; supported: {', '.join(SUPPORTED_DTYPES)}")
     if not isinstance(example_input, torch.Tensor):
         raise TypeError("example_input must be a torch.Tensor")
     if dtype == "int8":
-        return _quantize_int8(model, example_input, calib_batches)
+        return _quantize_int8(model, example_input, calib_batches, keep_float, tolerable_loss, eval_fn)
     if dtype == "int8-weight-only":
         return _quantize_weight_only(model, example_input)
     return _quantize_half(model, example_input, dtype)

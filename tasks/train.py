@@ -68,6 +68,9 @@ def train(model: nn.Module, train_loader: Iterable, val_loader: Iterable | None,
     if cfg.epochs <= 0:
         return res
     torch.manual_seed(cfg.seed)
+    gen = getattr(train_loader, "generator", None)
+    if isinstance(gen, torch.Generator):  # the shuffling order follows the seed too
+        gen.manual_seed(cfg.seed)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
     steps = cfg.epochs * max(1, len(train_loader)) if hasattr(train_loader, "__len__") else None
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps) if steps else None

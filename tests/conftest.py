@@ -12,5 +12,6 @@ os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "120"
 os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{_TMP / 'mlflow.db'}"
 os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(_TMP / "inductor")
 os.environ["TQDM_DISABLE"] = "1"
+os.environ["DEPLOYFIT_CACHE_DIR"] = str(_TMP / "cache")
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests/tinynets.py as a factory module

@@ -142,3 +142,39 @@ def test_int8_on_digits_within_one_point(tmp_path):
                             data_spec="digits")
     assert abs(rep["meas"]["accuracy_drop"]) <= 1.0
     assert any("training inputs of digits" in line for line in rep["log"])
+
+
+def test_quantize_options_parse_and_round_trip():
+    s = parse_strategy("prune:0.3,quantize:int8:keep_float=features.0+classifier:tolerable_loss=0.01")
+    q = s.steps[-1]
+    assert q.keep_float == ["features.0", "classifier"] and q.tolerable_loss == 0.01
+    assert parse_strategy(s.compact()) == s
+    with pytest.raises(UserInputError, match="unknown quantize option"):
+        parse_strategy("quantize:int8:float=x")
+    with pytest.raises(UserInputError):
+        parse_strategy("quantize:int8:tolerable_loss=2")
+
+
+def test_layers_kept_float_are_in_the_size_estimate(tmp_path):
+    rep = apply_and_measure(load_model("demo:digits-cnn"), parse_strategy("quantize:int8:keep_float=classifier"),
+                            str(tmp_path))
+    assert rep["float_layers"] == ["classifier"]
+    assert rep["pred"]["size_bytes"] == rep["meas"]["size_bytes"]
+    with pytest.raises(UserInputError, match="lacks: nope"):
+        apply_and_measure(load_model("demo:digits-cnn"), parse_strategy("quantize:int8:keep_float=nope"),
+                          str(tmp_path / "x"))
+
+
+def test_autotune_falls_back_and_the_estimate_follows(tmp_path):
+    """Zero tolerable loss on digits-resnet: all-int8 loses a little, so Intel Neural Compressor's autotune
+    moves on to configurations with float layers; the prediction is re-estimated with them and matches."""
+    rep = apply_and_measure(load_model("demo:digits-resnet"), parse_strategy("quantize:int8:tolerable_loss=0"),
+                            str(tmp_path), data_spec="digits")
+    assert rep["float_layers"], "autotune kept everything int8 although its accuracy was lower"
+    assert rep["pred"]["size_bytes"] == rep["meas"]["size_bytes"]
+    assert rep["pred_before_tuning"]["size_bytes"] < rep["pred"]["size_bytes"]
+    assert rep["meas"]["accuracy_drop"] <= 0.0
+    runner = CliRunner()
+    r = runner.invoke(app, ["apply", "demo:digits-cnn", "--strategy", "quantize:int8:tolerable_loss=0.01", "--out",
+                            str(tmp_path / "nodata")])
+    assert r.exit_code == 2 and "needs --data" in r.stderr
