@@ -14,6 +14,8 @@ from rich.table import Table
 
 from estimators.errors import FINETUNE_EPOCHS, UserInputError
 
+POINTS = ("accuracy", "accuracy_drop")  # metrics whose error is in points (estimators.report.rel_err)
+
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Estimate, search and execute DNN compression strategies against deployment requirements.")
 err_console = Console(stderr=True, soft_wrap=True)
@@ -235,7 +237,8 @@ def apply(model: ModelArg, out: Annotated[str, typer.Option("--out", help="folde
     if as_json:
         return
     cols = {"pred": rep["pred"], "meas": {k: rep["meas"].get(k, "") for k in rep["pred"]},
-            "err %": {k: (f"{100 * rep['err'][k]:+.2f}" if k in rep["err"] else "") for k in rep["pred"]}}
+            "err": {k: ("" if k not in rep["err"] else f"{rep['err'][k]:+.2f} pts" if k in POINTS
+                        else f"{100 * rep['err'][k]:+.2f} %") for k in rep["pred"]}}
     console.print(_totals_table(f"{model} with {rep['compact']}", cols))
     if rep.get("data"):
         d = rep["data"]
