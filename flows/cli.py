@@ -251,6 +251,85 @@ def apply(model: ModelArg, out: Annotated[str, typer.Option("--out", help="folde
     console.print(f"artifact: {rep['artifact']['model']}")
 
 
+@app.command()
+def plan(model: ModelArg, hardware: Annotated[str, typer.Option("--hardware", help="hardware profile name or YAML path")],
+         weights: WeightsOpt = None, input_shape: ShapeOpt = None,
+         max_latency_ms: Annotated[Optional[float], typer.Option("--max-latency-ms")] = None,
+         max_size_mb: Annotated[Optional[float], typer.Option("--max-size-mb")] = None,
+         max_params: Annotated[Optional[int], typer.Option("--max-params")] = None,
+         max_macs: Annotated[Optional[int], typer.Option("--max-macs")] = None,
+         max_memory_mb: Annotated[Optional[float], typer.Option("--max-memory-mb")] = None,
+         max_accuracy_drop: Annotated[Optional[float], typer.Option("--max-accuracy-drop", help="points")] = None,
+         min_accuracy: Annotated[Optional[float], typer.Option("--min-accuracy", help="percent (needs --data)")] = None,
+         batch_size: Annotated[Optional[int], typer.Option("--batch-size")] = None,
+         requirements: Annotated[Optional[str], typer.Option("--requirements", help="requirements.yaml with the "
+                                                              "same fields (flags win)")] = None,
+         data: DataOpt = None, finetune_epochs: EpochsOpt = FINETUNE_EPOCHS,
+         students: Annotated[Optional[str], typer.Option("--students", help="comma-separated student model specs")] = None,
+         top_k: Annotated[int, typer.Option("--top-k", min=1)] = 5, as_json: JsonOpt = False) -> None:
+    """Search distill -> prune -> quantize strategies for the one that meets every requirement on HARDWARE
+    with the least predicted accuracy drop. Exit code 3 when nothing fits (with the nearest relaxation)."""
+
+    def body():
+        from estimators.accuracy import predict_drop, proxy_score
+        from estimators.analyze import analyze as run_analysis
+        from hardware.profile import load_profile
+        from search.plan import plan as run_plan
+        from search.requirements import parse_requirements
+
+        req = parse_requirements({"max_latency_ms": max_latency_ms, "max_size_mb": max_size_mb, "max_params": max_params,
+                                  "max_macs": max_macs, "max_memory_mb": max_memory_mb,
+                                  "max_accuracy_drop": max_accuracy_drop, "min_accuracy": min_accuracy,
+                                  "batch_size": batch_size}, requirements)
+        if finetune_epochs < 0:
+            raise UserInputError(f"--finetune-epochs must be 0 or more, not {finetune_epochs}")
+        prof = load_profile(hardware)
+        loaded = _load(model, weights, input_shape)
+        table = run_analysis(loaded)
+        say = lambda m: err_console.print(f"[dim]{m}[/]", highlight=False)  # noqa: E731
+        if data:
+            from estimators.data import check_fits, load_data
+            from tasks.train import accuracy as measure_accuracy
+
+            d = load_data(data, sample_shape=tuple(loaded.input_shape[1:]))
+            check_fits(d, loaded.model, loaded.input_shape, loaded.spec)
+            req = req.resolve_accuracy(measure_accuracy(loaded.model, d.val))
+
+            def acc(strat, est):
+                return predict_drop(loaded, table, strat, d, finetune_epochs)["accuracy_drop"], "points"
+        else:
+            req = req.resolve_accuracy(None)
+            if req.max_accuracy_drop is not None:
+                raise UserInputError("--max-accuracy-drop needs --data: without data accuracy is only ranked by a proxy")
+
+            def acc(strat, est):
+                return proxy_score(est), "proxy"
+
+        names = tuple(x.strip() for x in (students or "").split(",") if x.strip())
+        shape = ",".join(map(str, loaded.input_shape))
+        tables = {n: run_analysis(_load(n, None, shape)) for n in names}
+        return run_plan(table, prof, req, acc, top_k=top_k, students=names, student_tables=tables, progress=say)
+
+    rep = _compute(as_json, body)
+    if not as_json:
+        t = Table(title=f"{model} on {rep['hardware']}: {rep['candidates_evaluated']} candidates in {rep['seconds']} s")
+        for c in ("strategy", "latency ms", "size MB", "params", "accuracy drop" if rep["accuracy_unit"] == "points"
+                  else "accuracy proxy"):
+            t.add_column(c, justify="left" if c == "strategy" else "right")
+        for r in rep["top"]:
+            p = r["pred"]
+            t.add_row(r["compact"], f"{p['latency_ms']:.3f}", f"{p['size_bytes'] / 1e6:.3f}", f"{p['params']:,}",
+                      f"{p['accuracy_drop']:.3f}")
+        console.print(t)
+        if rep.get("recommended"):
+            console.print(f"recommended: {rep['recommended']['compact']}; binding: "
+                          + (", ".join(b["requirement"] for b in rep["binding"]) or "none"), highlight=False)
+        console.print(f"Pareto front: {len(rep['pareto'])} strategies")
+    if rep.get("infeasible"):
+        err_console.print(f"infeasible: {rep['infeasible']['message']}", highlight=False)
+        raise typer.Exit(3)
+
+
 hardware_app = typer.Typer(help="Hardware profiles (hardware/profiles/*.yaml).", no_args_is_help=True)
 app.add_typer(hardware_app, name="hardware")
 

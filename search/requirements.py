@@ -1,0 +1,75 @@
+"""Deployment requirements: the limits a strategy must meet (CLI flags or a requirements.yaml)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from estimators.errors import UserInputError
+
+# requirement -> (predicted metric it limits, "max" or "min", unit factor from the requirement to the metric)
+LIMITS = {
+    "max_latency_ms": ("latency_ms", "max", 1.0),
+    "max_size_mb": ("size_bytes", "max", 1e6),
+    "max_params": ("params", "max", 1.0),
+    "max_macs": ("macs", "max", 1.0),
+    "max_memory_mb": ("peak_memory_bytes", "max", 1e6),
+    "max_accuracy_drop": ("accuracy_drop", "max", 1.0),
+}
+
+
+class Requirements(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    max_latency_ms: Optional[float] = Field(default=None, gt=0)
+    max_size_mb: Optional[float] = Field(default=None, gt=0)
+    max_params: Optional[int] = Field(default=None, gt=0)
+    max_macs: Optional[int] = Field(default=None, gt=0)
+    max_memory_mb: Optional[float] = Field(default=None, gt=0)
+    max_accuracy_drop: Optional[float] = Field(default=None, ge=0, description="points")
+    min_accuracy: Optional[float] = Field(default=None, gt=0, le=100, description="percent")
+    batch_size: int = Field(default=1, ge=1)
+
+    @model_validator(mode="after")
+    def _one_accuracy_form(self):
+        if self.max_accuracy_drop is not None and self.min_accuracy is not None:
+            raise ValueError("give max_accuracy_drop or min_accuracy, not both")
+        return self
+
+    def active(self) -> dict[str, float]:
+        return {k: getattr(self, k) for k in LIMITS if getattr(self, k) is not None}
+
+    def resolve_accuracy(self, base_accuracy: float | None) -> "Requirements":
+        """min_accuracy as a max_accuracy_drop against the model's own accuracy (an error if above it)."""
+        if self.min_accuracy is None:
+            return self
+        if base_accuracy is None:
+            raise UserInputError("min_accuracy needs --data: the model's accuracy is measured on it")
+        if self.min_accuracy > base_accuracy:
+            raise UserInputError(f"min_accuracy {self.min_accuracy:g}% is above the model's own accuracy "
+                                 f"{base_accuracy:.2f}%: no compression can reach it")
+        return self.model_copy(update={"min_accuracy": None, "max_accuracy_drop": base_accuracy - self.min_accuracy})
+
+
+def parse_requirements(values: dict, path: str | None = None) -> Requirements:
+    """Flags (None = not given) over the fields of an optional requirements.yaml."""
+    data: dict = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise UserInputError(f"requirements file {path} does not exist")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise UserInputError(f"requirements file {path} is not valid YAML: {exc}") from None
+        if not isinstance(loaded, dict):
+            raise UserInputError(f"requirements file {path} must be a mapping of fields")
+        data.update(loaded)
+    data.update({k: v for k, v in values.items() if v is not None})
+    try:
+        return Requirements.model_validate(data)
+    except ValidationError as exc:
+        msgs = [f"{'.'.join(str(x) for x in e['loc']) or 'requirements'}: {e['msg']}" for e in exc.errors()]
+        raise UserInputError("invalid requirements: " + "; ".join(msgs)) from None
