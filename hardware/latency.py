@@ -54,9 +54,9 @@ def latency_kinds(table: LayerTable) -> np.ndarray:
     return kinds
 
 
-def _row_features(table: LayerTable, batch: int):
+def _row_features(table: LayerTable, batch: int, ev=None):
     """FLOPs and bytes per row at `batch`, plus the class of each row and the dtype it computes in."""
-    ev = evaluate(table)
+    ev = ev if ev is not None else evaluate(table)
     scale = batch / table.batch
     q = ev.q
     gemm = q[:, Q_INDEX["gemm_macs"]] * 2 * scale
@@ -102,8 +102,24 @@ def misaligned(cin: np.ndarray, cout: np.ndarray, multiple: int | None, both: bo
     return (a & b) if both else (a | b)
 
 
+_FUSED_CACHE: dict[tuple, tuple] = {}
+
+
 def fused_mask(table: LayerTable, kinds: np.ndarray, fused: list[str]) -> np.ndarray:
-    """Rows of a fused class whose producer chain reaches a conv/linear only through fused rows."""
+    """Rows of a fused class whose producer chain reaches a conv/linear only through fused rows (depends on
+    the table's structure only: cached for the estimated tables of one analysis)."""
+    key = (id(table.src_row), tuple(fused), kinds.tobytes())
+    hit = _FUSED_CACHE.get(key)
+    if hit is not None and hit[0] is table.src_row:
+        return hit[1]
+    out = _fused_mask(table, kinds, fused)
+    if len(_FUSED_CACHE) > 256:
+        _FUSED_CACHE.clear()
+    _FUSED_CACHE[key] = (table.src_row, out)
+    return out
+
+
+def _fused_mask(table: LayerTable, kinds: np.ndarray, fused: list[str]) -> np.ndarray:
     n = table.n
     out = np.zeros(n, dtype=bool)
     if not fused:
@@ -119,10 +135,11 @@ def fused_mask(table: LayerTable, kinds: np.ndarray, fused: list[str]) -> np.nda
     return out
 
 
-def predict_latency(table: LayerTable, profile: HardwareProfile, batch_size: int = 1) -> LatencyPrediction:
+def predict_latency(table: LayerTable, profile: HardwareProfile, batch_size: int = 1, ev=None) -> LatencyPrediction:
+    """`ev`: the table's estimates.table.evaluate() when the caller has it already (searches do)."""
     if batch_size < 1:
         raise ValueError("batch size must be at least 1")
-    flops, wbytes, abytes, kinds, cin, cout = _row_features(table, batch_size)
+    flops, wbytes, abytes, kinds, cin, cout = _row_features(table, batch_size, ev)
     off = misaligned(cin, cout, profile.channel_multiple)
     pw = pointwise(table)
     n = table.n

@@ -19,12 +19,13 @@ from estimators.compress import estimate
 from estimators.report import public
 from estimators.strategy import DistillStep, PruneStep, QuantizeStep, Strategy
 from estimators.table import LayerTable, totals
+from estimators.table import evaluate as evaluate_table
 from hardware.latency import predict_latency
 from hardware.profile import HardwareProfile
 
 from .requirements import LIMITS, Requirements
 
-PRUNE_GRID = tuple(round(0.05 * i, 2) for i in range(1, 19))  # 0.05 .. 0.90
+PRUNE_GRID = tuple(round(0.05 * i, 2) for i in range(1, 19))  # 0.05 .. 0.90 (ratio_grid(0.05))
 WIDTHS = (0.75, 0.5)
 QUANT_DTYPES = ("int8", "fp16", "bf16")
 OBJECTIVES = ("latency_ms", "accuracy_drop", "size_bytes")
@@ -69,9 +70,10 @@ def evaluate(table: LayerTable, strategy: Strategy, profile: HardwareProfile, ba
             base = (student_tables or {})[s.student]
     steps = [s for s in strategy.steps if not (s.method == "distill" and s.width is None)]
     est = estimate(base, Strategy(steps=steps))
-    pred = public(totals(est))
+    ev = evaluate_table(est)
+    pred = public(totals(est, ev))
     # rounded as reported, so that the Pareto front is computed on the numbers the user sees
-    pred["latency_ms"] = round(predict_latency(est, profile, batch).latency_ms, 4)
+    pred["latency_ms"] = round(predict_latency(est, profile, batch, ev).latency_ms, 4)
     drop, unit = accuracy(strategy, est)
     pred["accuracy_drop"] = round(float(drop), 4)
     return {"strategy": strategy.model_dump(exclude_none=True), "compact": strategy.compact(), "pred": pred,
@@ -114,11 +116,17 @@ def _fmt_limit(name: str, value: float) -> str:
             "max_accuracy_drop": f"{v:.2f} points"}.get(name, f"{v:,.0f}")
 
 
+def ratio_grid(step: float) -> tuple[float, ...]:
+    """Pruning ratios from `step` to 0.90 in steps of `step`."""
+    n = int(round(0.90 / step))
+    return tuple(round(step * i, 4) for i in range(1, n + 1))
+
+
 def plan(table: LayerTable, profile: HardwareProfile, req: Requirements, accuracy: AccuracyFn, top_k: int = 5,
          students: tuple[str, ...] = (), student_tables: dict[str, LayerTable] | None = None,
-         progress: Callable[[str], None] = lambda m: None) -> dict[str, Any]:
+         progress: Callable[[str], None] = lambda m: None, grid_step: float = 0.05) -> dict[str, Any]:
     t0 = time.perf_counter()
-    cands = candidate_space(table, profile, students)
+    cands = candidate_space(table, profile, students, grid=ratio_grid(grid_step))
     rows = []
     for i, strat in enumerate(cands):
         row = evaluate(table, strat, profile, req.batch_size, accuracy, student_tables)
