@@ -5,9 +5,10 @@
    remove first) silenced at a few ratios, and the accuracy lost is recorded; likewise the whole model and
    each conv/linear layer alone with INT8 fake-quantized weights (per channel) and outputs (per tensor),
    so that layers kept in float are credited.
-2. Raw drop of a candidate: each group's pruning ratio comes from the estimated table (uniform, global,
+2. Damage of a candidate: each group's pruning ratio comes from the estimated table (uniform, global,
    per-layer and distillation widths alike); the group's curve is interpolated at it and the groups are
-   summed (capped at what is left above chance), plus the quantization drop when the strategy quantizes.
+   summed, plus the quantization drop when the strategy quantizes (without training the prediction is
+   the damage capped at what is left above chance).
 3. Recovery: training (fine-tuning after pruning, distilling a student) wins most of the raw drop back.
    The share that remains is a per-method factor with a prior, updated from measured results
    (`RecoveryModel.observe`): the executed candidates' truths replace the guess as they come in.
@@ -20,7 +21,7 @@ from __future__ import annotations
 import copy
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -28,6 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .data import accuracy
 from .strategy import Strategy
 from .table import LayerTable
 
@@ -66,15 +68,6 @@ def _subset(data, max_samples: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         if n >= max_samples:
             break
     return out
-
-
-def _accuracy(model: nn.Module, batches) -> float:
-    correct = total = 0
-    with torch.inference_mode():
-        for x, y in batches:
-            correct += int((model(x).argmax(1) == y).sum())
-            total += len(y)
-    return 100.0 * correct / max(total, 1)
 
 
 def _mask_hooks(model: nn.Module, group, ratio: float) -> list:
@@ -119,7 +112,7 @@ def _fake_quant(model: nn.Module, batches, only: set[str] | None = None) -> nn.M
     hooks = [m.register_forward_hook(lambda mod, a, out: ranges.__setitem__(id(mod), max(ranges.get(id(mod), 0.0),
                                                                                          float(out.abs().max()))))
              for m in layers]
-    _accuracy(q, batches[:2])
+    accuracy(q, batches[:2])
     for h in hooks:
         h.remove()
     for m in layers:
@@ -138,14 +131,14 @@ def sensitivity(loaded, table: LayerTable, data, ratios=RATIOS, max_samples: int
     t0 = time.perf_counter()
     model = loaded.model.eval()
     batches = _subset(data, max_samples)
-    base = _accuracy(model, batches)
+    base = accuracy(model, batches)
     groups, drops = [], []
     for gi, g in enumerate(table.plan.groups):
         row = []
         for r in ratios:
             hooks = _mask_hooks(model, g, r)
             try:
-                row.append(max(0.0, base - _accuracy(model, batches)) if hooks else 0.0)
+                row.append(max(0.0, base - accuracy(model, batches)) if hooks else 0.0)
             finally:
                 for h in hooks:
                     h.remove()
@@ -153,11 +146,11 @@ def sensitivity(loaded, table: LayerTable, data, ratios=RATIOS, max_samples: int
         drops.append(row)
         progress(f"sensitivity {gi + 1}/{len(table.plan.groups)}: {g.root} loses "
                  + ", ".join(f"{d:.1f}" for d in row) + f" points at {', '.join(f'{r:g}' for r in ratios)}")
-    quant = max(0.0, base - _accuracy(_fake_quant(model, batches), batches))
+    quant = max(0.0, base - accuracy(_fake_quant(model, batches), batches))
     per_layer = {}
     for name, m in model.named_modules():
         if isinstance(m, (nn.Conv2d, nn.Linear)):
-            per_layer[name] = max(0.0, base - _accuracy(_fake_quant(model, batches, {name}), batches))
+            per_layer[name] = max(0.0, base - accuracy(_fake_quant(model, batches, {name}), batches))
     n = sum(len(y) for _, y in batches)
     sens = Sensitivity(loaded.spec, data.spec, base, n, list(ratios), groups, drops, quant, 100.0 / data.num_classes,
                        round(time.perf_counter() - t0, 2), per_layer)
@@ -196,11 +189,6 @@ def int8_drop(strategy: Strategy, sens: Sensitivity) -> float:
     if step is None:
         return 0.0
     return max(0.0, sens.quant_drop - sum(sens.quant_layers.get(n, 0.0) for n in step.keep_float))
-
-
-def raw_drop(est: LayerTable, strategy: Strategy, sens: Sensitivity) -> float:
-    """Points lost without training: the damage capped at what is left above chance."""
-    return min(damage(est, strategy, sens), sens.base_accuracy - sens.chance)
 
 
 def trained_by(strategy: Strategy) -> str:
@@ -279,13 +267,6 @@ def proxy_score(est: LayerTable) -> float:
         removed += float(imp[:cut].sum())
         total += float(imp.sum())
     return removed / total if total else 0.0
-
-
-def summary(sens: Sensitivity) -> dict:
-    d = asdict(sens)
-    d.pop("drops")
-    d["most_sensitive"] = sorted(((max(r) if r else 0.0, g) for g, r in zip(sens.groups, sens.drops)), reverse=True)[:5]
-    return d
 
 
 def recovery_path(model_spec: str, data_spec: str) -> str:

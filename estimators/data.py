@@ -170,6 +170,26 @@ def load_data(spec: str | None, batch_size: int = 64, sample_shape: tuple[int, .
     raise _bad(f"unknown data spec {spec!r}")
 
 
+def accuracy(model: torch.nn.Module, batches: Iterable, set_eval: bool = True) -> float:
+    """Top-1 accuracy in percent over (inputs, labels) batches (set_eval=False for an exported program's
+    module, which has no train mode)."""
+    if set_eval:
+        model.eval()
+    correct = total = 0
+    with torch.inference_mode():
+        for x, y in batches:
+            correct += int((model(x).argmax(1) == y).sum())
+            total += len(y)
+    return 100.0 * correct / max(total, 1)
+
+
+def load_data_for(spec: str, loaded) -> LoadedData:
+    """Load a data spec sized for a loaded model and check that it fits the model."""
+    data = load_data(spec, sample_shape=tuple(loaded.input_shape[1:]))
+    check_fits(data, loaded.model, loaded.input_shape, loaded.spec)
+    return data
+
+
 def check_fits(data: LoadedData, model: torch.nn.Module, input_shape: tuple[int, ...], spec: str) -> None:
     """The data's inputs have the model's input shape and the model has an output per class."""
     if tuple(data.sample_shape) != tuple(input_shape[1:]):

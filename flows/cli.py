@@ -14,8 +14,6 @@ from rich.table import Table
 
 from estimators.errors import FINETUNE_EPOCHS, UserInputError
 
-POINTS = ("accuracy", "accuracy_drop")  # metrics whose error is in points (estimators.report.rel_err)
-
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Estimate, search and execute DNN compression strategies against deployment requirements.")
 err_console = Console(stderr=True, soft_wrap=True)
@@ -144,8 +142,8 @@ BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="batch size f
 
 DataOpt = Annotated[Optional[str], typer.Option("--data", help="digits | imagefolder:PATH | cifar10:PATH | "
                                                                "package.module:function")]
-EpochsOpt = Annotated[int, typer.Option("--finetune-epochs", help="training budget of every step that trains "
-                                        "(fine-tuning after pruning, distilling a student)")]
+EpochsOpt = Annotated[int, typer.Option("--finetune-epochs", min=0, help="training budget of every step that "
+                                        "trains (fine-tuning after pruning, distilling a student)")]
 
 
 def _with_latency(rep: dict[str, Any], loaded, table, strat, hardware: Optional[str], batch_size: int) -> dict[str, Any]:
@@ -177,17 +175,14 @@ def estimate(model: ModelArg, strategy: StrategyOpt = "none", weights: WeightsOp
         from estimators.report import estimate_report
         from estimators.strategy import parse_strategy
 
-        if finetune_epochs < 0:
-            raise UserInputError(f"--finetune-epochs must be 0 or more, not {finetune_epochs}")
         strat = parse_strategy(strategy)
         loaded = _load(model, weights, input_shape)
         table = run_analysis(loaded)
         rep = _with_latency(estimate_report(loaded, table, strat), loaded, table, strat, hardware, batch_size)
         if data:
-            from estimators.data import check_fits, load_data
+            from estimators.data import load_data_for
 
-            d = load_data(data, sample_shape=tuple(loaded.input_shape[1:]))
-            check_fits(d, loaded.model, loaded.input_shape, loaded.spec)
+            d = load_data_for(data, loaded)
             acc = predict_drop(loaded, table, strat, d, finetune_epochs,
                                progress=lambda m: err_console.print(f"[dim]{m}[/]", highlight=False))
             rep["pred"]["accuracy_drop"] = acc["accuracy_drop"]
@@ -225,8 +220,6 @@ def apply(model: ModelArg, out: Annotated[str, typer.Option("--out", help="folde
         from tasks.apply import apply_and_measure
         from tasks.train import TrainConfig
 
-        if finetune_epochs < 0:
-            raise UserInputError(f"--finetune-epochs must be 0 or more, not {finetune_epochs}")
         strat = parse_strategy(strategy)
         loaded = _load(model, weights, input_shape)
         return apply_and_measure(loaded, strat, out, hardware=hardware, batch_size=batch_size,
@@ -236,6 +229,8 @@ def apply(model: ModelArg, out: Annotated[str, typer.Option("--out", help="folde
     rep = _compute(as_json, body)
     if as_json:
         return
+    from estimators.report import POINTS
+
     cols = {"pred": rep["pred"], "meas": {k: rep["meas"].get(k, "") for k in rep["pred"]},
             "err": {k: ("" if k not in rep["err"] else f"{rep['err'][k]:+.2f} pts" if k in POINTS
                         else f"{100 * rep['err'][k]:+.2f} %") for k in rep["pred"]}}
@@ -281,19 +276,15 @@ def plan(model: ModelArg, hardware: Annotated[str, typer.Option("--hardware", he
                                   "max_macs": max_macs, "max_memory_mb": max_memory_mb,
                                   "max_accuracy_drop": max_accuracy_drop, "min_accuracy": min_accuracy,
                                   "batch_size": batch_size}, requirements)
-        if finetune_epochs < 0:
-            raise UserInputError(f"--finetune-epochs must be 0 or more, not {finetune_epochs}")
         prof = load_profile(hardware)
         loaded = _load(model, weights, input_shape)
         table = run_analysis(loaded)
         say = lambda m: err_console.print(f"[dim]{m}[/]", highlight=False)  # noqa: E731
         if data:
-            from estimators.data import check_fits, load_data
-            from tasks.train import accuracy as measure_accuracy
+            from estimators.data import accuracy, load_data_for
 
-            d = load_data(data, sample_shape=tuple(loaded.input_shape[1:]))
-            check_fits(d, loaded.model, loaded.input_shape, loaded.spec)
-            req = req.resolve_accuracy(measure_accuracy(loaded.model, d.val))
+            d = load_data_for(data, loaded)
+            req = req.resolve_accuracy(accuracy(loaded.model, d.val))
 
             def acc(strat, est):
                 return predict_drop(loaded, table, strat, d, finetune_epochs)["accuracy_drop"], "points"

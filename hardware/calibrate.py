@@ -160,10 +160,14 @@ OTHER_COLUMNS = [0, 1, 4, 5, 6]
 FIT_FLOOR_S = 20e-6  # rows are fitted on relative error, floored: a 2 us row should not weigh like a 2 ms one
 
 
+def _columns(table: LayerTable, batch: int, multiple: int, cache: float):
+    """The split model's columns of every row of `table` at `batch`, and the rows' classes."""
+    flops, wbytes, abytes, kinds, cin, cout = _row_features(table, batch)
+    return split_terms(flops, wbytes, abytes, pointwise(table), misaligned(cin, cout, multiple), cache), kinds
+
+
 def _net_columns(net: NetSample, multiple: int, cache: float):
-    flops, wbytes, abytes, kinds, cin, cout = _row_features(net.table, net.batch or net.table.batch)
-    off = misaligned(cin, cout, multiple)
-    return split_terms(flops, wbytes, abytes, pointwise(net.table), off, cache), kinds
+    return _columns(net.table, net.batch or net.table.batch, multiple, cache)
 
 
 def fit_split_model(nets: list[NetSample], multiple: int, cache: float) -> tuple[dict[str, np.ndarray], float, float]:
@@ -222,12 +226,12 @@ def fit_glue(nets: list[NetSample]) -> tuple[float, float]:
     program's Python between calls), non-negative least squares on the networks' relative error."""
     from scipy.optimize import nnls
 
-    A = np.array([[_ops(n), 1.0] for n in nets])
     y = np.array([n.total_seconds - n.row_seconds.sum() for n in nets])
-    w = 1.0 / np.array([n.total_seconds for n in nets])
-    if not len(nets):
+    if not (y > 0).any():  # no networks, or none spends time outside its operators
         return 0.0, 0.0
-    x, _ = nnls(A * w[:, None], np.maximum(y, 0.0) * w) if (y > 0).any() else (np.zeros(2), 0)
+    A = np.array([[_ops(n), 1.0] for n in nets])
+    w = 1.0 / np.array([n.total_seconds for n in nets])
+    x, _ = nnls(A * w[:, None], np.maximum(y, 0.0) * w)
     return float(x[0]), float(x[1])
 
 
@@ -319,8 +323,7 @@ def _int8_parts(sample: Int8Sample, coef: dict[str, np.ndarray], cache: float) -
     unfused rest (activations, pooling, copies), which the compiled graph runs as fused loops over memory."""
     from .latency import GEMM_CLASSES
 
-    flops, wbytes, abytes, kinds, cin, cout = _row_features(sample.table, sample.batch)
-    cols = split_terms(flops, wbytes, abytes, pointwise(sample.table), misaligned(cin, cout, CHANNEL_MULTIPLE), cache)
+    cols, kinds = _columns(sample.table, sample.batch, CHANNEL_MULTIPLE, cache)
     keep = ~fused_mask(sample.table, kinds, FUSED_INT8)
     parts = np.zeros(4)
     parts[0] = 1.0

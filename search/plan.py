@@ -25,7 +25,13 @@ from hardware.profile import HardwareProfile
 
 from .requirements import LIMITS, Requirements
 
-PRUNE_GRID = tuple(round(0.05 * i, 2) for i in range(1, 19))  # 0.05 .. 0.90 (ratio_grid(0.05))
+def ratio_grid(step: float) -> tuple[float, ...]:
+    """Pruning ratios from `step` to 0.90 in steps of `step`."""
+    n = int(round(0.90 / step))
+    return tuple(round(step * i, 4) for i in range(1, n + 1))
+
+
+PRUNE_GRID = ratio_grid(0.05)  # 0.05 .. 0.90
 WIDTHS = (0.75, 0.5)
 QUANT_DTYPES = ("int8", "fp16", "bf16")
 OBJECTIVES = ("latency_ms", "accuracy_drop", "size_bytes")
@@ -114,12 +120,6 @@ def _fmt_limit(name: str, value: float) -> str:
     v = value / unit
     return {"max_latency_ms": f"{v:.3g} ms", "max_size_mb": f"{v:.3g} MB", "max_memory_mb": f"{v:.3g} MB",
             "max_accuracy_drop": f"{v:.2f} points"}.get(name, f"{v:,.0f}")
-
-
-def ratio_grid(step: float) -> tuple[float, ...]:
-    """Pruning ratios from `step` to 0.90 in steps of `step`."""
-    n = int(round(0.90 / step))
-    return tuple(round(step * i, 4) for i in range(1, n + 1))
 
 
 def plan(table: LayerTable, profile: HardwareProfile, req: Requirements, accuracy: AccuracyFn, top_k: int = 5,

@@ -56,7 +56,7 @@ def measure_artifact_latency(work: Work, ep, batch_size: int) -> dict[str, Any]:
 
 def artifact_accuracy(ep, data) -> float:
     """Top-1 accuracy of a saved artifact on the validation data, run as the program it is."""
-    from .train import accuracy
+    from estimators.data import accuracy
 
     return accuracy(ep.module(), data.val, set_eval=False)
 
@@ -71,12 +71,11 @@ def apply_and_measure(loaded: LoadedModel, strategy: Strategy, out_dir: str, har
     data = None
     acc_before = None
     if data_spec:
-        from estimators.data import check_fits, load_data
+        from estimators.data import accuracy, load_data_for
 
-        from .train import TrainConfig, accuracy
+        from .train import TrainConfig
 
-        data = load_data(data_spec, sample_shape=tuple(loaded.input_shape[1:]))
-        check_fits(data, loaded.model, loaded.input_shape, loaded.spec)
+        data = load_data_for(data_spec, loaded)
         train_cfg = train_cfg or TrainConfig()
         acc_before = accuracy(loaded.model, data.val)
         progress(f"{loaded.spec} on {data.spec}: validation accuracy {acc_before:.2f}% ({data.val_size} inputs)")

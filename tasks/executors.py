@@ -102,19 +102,20 @@ def execute_distill(work: Work, step: DistillStep) -> Work:
             if hasattr(m, "reset_parameters") and m is not work.model:
                 m.reset_parameters()
         work.log.append(f"student: the teacher at width {step.width:g}, re-initialised")
-        if work.trains():
-            work.fit(f"distill to width {step.width:g}", work.teacher)
-        else:
-            work.log.append("the student is untrained: give --data to train it by knowledge distillation")
-        return work
+        return _train_student(work, f"distill to width {step.width:g}")
     shape = ",".join(map(str, work.loaded.input_shape))
     student = load_model(step.student, input_shape=shape)
     work.loaded = student
     work.model = copy.deepcopy(student.model)
     work.table = analyze(student)
     work.log.append(f"student: {step.student}")
+    return _train_student(work, f"distill to {step.student}")
+
+
+def _train_student(work: Work, label: str) -> Work:
+    """Knowledge distillation from the original model when there are data; else say the student is untrained."""
     if work.trains():
-        work.fit(f"distill to {step.student}", work.teacher)
+        work.fit(label, work.teacher)
     else:
         work.log.append("the student is untrained: give --data to train it by knowledge distillation")
     return work

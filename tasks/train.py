@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from estimators.data import accuracy  # noqa: F401  (the one top-1 accuracy; re-exported for tasks)
 from estimators.errors import FINETUNE_EPOCHS
 
 Progress = Callable[[str], None]
@@ -36,19 +37,6 @@ class TrainResult:
     epochs: int
     seconds: float
     history: list[dict] = field(default_factory=list)
-
-
-def accuracy(model: nn.Module, loader: Iterable, set_eval: bool = True) -> float:
-    """Top-1 accuracy in percent (set_eval=False for an exported program's module, which has no train mode)."""
-    if set_eval:
-        model.eval()
-    correct = total = 0
-    with torch.inference_mode():
-        for x, y in loader:
-            pred = model(x).argmax(1)
-            correct += int((pred == y).sum())
-            total += len(y)
-    return 100.0 * correct / max(total, 1)
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
