@@ -14,10 +14,11 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# the `deployfit-run` flow on the embedded defaults: the digits demo CNN, the digits data, this machine's
+# profile (calibrated quickly when missing), a latency and a size requirement, the top 3 executed and measured
 demo: $(STAMP)
-	$(VENV)/bin/deployfit analyze demo:digits-resnet
-	$(VENV)/bin/deployfit estimate demo:digits-resnet --strategy prune:0.5:global,quantize:int8
-	$(VENV)/bin/deployfit apply demo:digits-resnet --strategy prune:0.5:global,quantize:int8 --out build/demo --data digits
+	PREFECT_SERVER_ANALYTICS_ENABLED=false $(VENV)/bin/deployfit run demo:digits-cnn --data digits --hardware host \
+		--max-latency-ms 0.25 --max-size-mb 0.05 --top-k 3
 
 test: $(STAMP)
 	$(PY) -m pytest -q

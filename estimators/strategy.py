@@ -3,7 +3,8 @@
     {"steps": [{"method": "prune", "ratio": 0.5, "scope": "global"}, {"method": "quantize", "dtype": "int8"}]}
     prune:0.5:global,quantize:int8          distill:width:0.5          distill:torchvision:resnet18          none
 
-A prune token takes optional `:uniform`/`:global` and `:round_to=N`.
+A prune token takes optional `:uniform`/`:global`, `:round_to=N` and per-layer ratios
+`:layers=NAME=R+NAME=R` (module names; `prune:layers=...` prunes only the named layers' groups).
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ QUANT_DTYPES = ("int8", "int8-weight-only", "fp16", "bf16")
 STRATEGY_FORMS = (
     "strategy forms: JSON {\"steps\": [{\"method\": \"prune\", \"ratio\": 0.5, \"scope\": \"uniform\"}, "
     "{\"method\": \"quantize\", \"dtype\": \"int8\"}]} or a compact string such as prune:0.5,quantize:int8 "
-    "(prune:RATIO[:uniform|:global][:round_to=N], quantize:int8|int8-weight-only|fp16|bf16"
+    "(prune:RATIO[:uniform|:global][:round_to=N][:layers=NAME=R+NAME=R], quantize:int8|int8-weight-only|fp16|bf16"
     "[:keep_float=LAYER+LAYER][:tolerable_loss=0.01], distill:width:F, "
     "distill:MODEL_SPEC, none)"
 )
@@ -45,12 +46,22 @@ class PruneStep(_Step):
         return v
 
     def compact(self) -> str:
-        s = f"prune:{self.ratio:g}"
+        s = "prune" if self.layers and self.ratio == 0 else f"prune:{self.ratio:g}"
         if self.scope != "uniform":
             s += f":{self.scope}"
         if self.round_to:
             s += f":round_to={self.round_to}"
+        if self.layers:
+            s += ":layers=" + "+".join(f"{k}={v:g}" for k, v in self.layers.items())
         return s
+
+    def label(self) -> str:
+        """compact(), with a per-layer list summarised (for tables and messages)."""
+        if not self.layers:
+            return self.compact()
+        rs = list(self.layers.values())
+        base = f"prune:{self.ratio:g}" if self.ratio else "prune"
+        return f"{base}:per-layer({len(rs)} layers, {min(rs):g}-{max(rs):g})"
 
 
 class QuantizeStep(_Step):
@@ -104,6 +115,10 @@ class Strategy(BaseModel):
     def compact(self) -> str:
         return ",".join(s.compact() for s in self.steps) or "none"
 
+    def label(self) -> str:
+        """A short form for tables: per-layer ratio lists summarised (compact() spells them out)."""
+        return ",".join(s.label() if isinstance(s, PruneStep) else s.compact() for s in self.steps) or "none"
+
 
 def _parse_token(tok: str) -> dict:
     method, _, rest = tok.partition(":")
@@ -112,12 +127,26 @@ def _parse_token(tok: str) -> dict:
         parts = [p for p in rest.split(":") if p]
         if not parts:
             raise UserInputError(f"prune needs a ratio, e.g. prune:0.5; {STRATEGY_FORMS}")
+        if parts[0].startswith("layers="):
+            parts.insert(0, "0")  # per-layer ratios only: groups not named are not pruned
         try:
             step: dict = {"method": "prune", "ratio": float(parts[0])}
         except ValueError:
             raise UserInputError(f"bad prune ratio {parts[0]!r}; {STRATEGY_FORMS}") from None
         for p in parts[1:]:
-            if p in ("uniform", "global"):
+            if p.startswith("layers="):
+                layers = {}
+                for item in p[len("layers="):].split("+"):
+                    name, eq, val = item.rpartition("=")
+                    try:
+                        layers[name] = float(val)
+                    except ValueError:
+                        name = ""
+                    if not eq or not name:
+                        raise UserInputError(f"bad per-layer ratio {item!r} in {tok!r}: use layers=NAME=RATIO+NAME=RATIO; "
+                                             f"{STRATEGY_FORMS}") from None
+                step["layers"] = layers
+            elif p in ("uniform", "global"):
                 step["scope"] = p
             elif p.startswith("round_to="):
                 try:

@@ -246,36 +246,49 @@ def apply(model: ModelArg, out: Annotated[str, typer.Option("--out", help="folde
     console.print(f"artifact: {rep['artifact']['model']}")
 
 
+HardwareReq = Annotated[str, typer.Option("--hardware", help="hardware profile name or YAML path")]
+MaxLatency = Annotated[Optional[float], typer.Option("--max-latency-ms")]
+MaxSize = Annotated[Optional[float], typer.Option("--max-size-mb")]
+MaxParams = Annotated[Optional[int], typer.Option("--max-params")]
+MaxMacs = Annotated[Optional[int], typer.Option("--max-macs")]
+MaxMemory = Annotated[Optional[float], typer.Option("--max-memory-mb")]
+MaxDrop = Annotated[Optional[float], typer.Option("--max-accuracy-drop", help="points")]
+MinAcc = Annotated[Optional[float], typer.Option("--min-accuracy", help="percent (needs --data)")]
+ReqBatch = Annotated[Optional[int], typer.Option("--batch-size")]
+ReqFile = Annotated[Optional[str], typer.Option("--requirements", help="requirements.yaml with the same fields (flags win)")]
+StudentsOpt = Annotated[Optional[str], typer.Option("--students", help="comma-separated student model specs")]
+GridOpt = Annotated[float, typer.Option("--grid-step", min=0.005, max=0.45, help="pruning-ratio grid of the structured space")]
+NsgaOpt = Annotated[int, typer.Option("--nsga-evals", min=0, help="per-layer candidates NSGA-II evaluates (0: structured "
+                                      "space only)")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="NSGA-II's random seed")]
+
+
+def _requirements(requirements: Optional[str], **flags):
+    from search.requirements import parse_requirements
+
+    return parse_requirements(flags, requirements)
+
+
 @app.command()
-def plan(model: ModelArg, hardware: Annotated[str, typer.Option("--hardware", help="hardware profile name or YAML path")],
-         weights: WeightsOpt = None, input_shape: ShapeOpt = None,
-         max_latency_ms: Annotated[Optional[float], typer.Option("--max-latency-ms")] = None,
-         max_size_mb: Annotated[Optional[float], typer.Option("--max-size-mb")] = None,
-         max_params: Annotated[Optional[int], typer.Option("--max-params")] = None,
-         max_macs: Annotated[Optional[int], typer.Option("--max-macs")] = None,
-         max_memory_mb: Annotated[Optional[float], typer.Option("--max-memory-mb")] = None,
-         max_accuracy_drop: Annotated[Optional[float], typer.Option("--max-accuracy-drop", help="points")] = None,
-         min_accuracy: Annotated[Optional[float], typer.Option("--min-accuracy", help="percent (needs --data)")] = None,
-         batch_size: Annotated[Optional[int], typer.Option("--batch-size")] = None,
-         requirements: Annotated[Optional[str], typer.Option("--requirements", help="requirements.yaml with the "
-                                                              "same fields (flags win)")] = None,
-         data: DataOpt = None, finetune_epochs: EpochsOpt = FINETUNE_EPOCHS,
-         students: Annotated[Optional[str], typer.Option("--students", help="comma-separated student model specs")] = None,
-         top_k: Annotated[int, typer.Option("--top-k", min=1)] = 5, as_json: JsonOpt = False) -> None:
+def plan(model: ModelArg, hardware: HardwareReq, weights: WeightsOpt = None, input_shape: ShapeOpt = None,
+         max_latency_ms: MaxLatency = None, max_size_mb: MaxSize = None, max_params: MaxParams = None,
+         max_macs: MaxMacs = None, max_memory_mb: MaxMemory = None, max_accuracy_drop: MaxDrop = None,
+         min_accuracy: MinAcc = None, batch_size: ReqBatch = None, requirements: ReqFile = None,
+         data: DataOpt = None, finetune_epochs: EpochsOpt = FINETUNE_EPOCHS, students: StudentsOpt = None,
+         top_k: Annotated[int, typer.Option("--top-k", min=1)] = 5, grid_step: GridOpt = 0.01,
+         nsga_evals: NsgaOpt = 10000, seed: SeedOpt = 0, as_json: JsonOpt = False) -> None:
     """Search distill -> prune -> quantize strategies for the one that meets every requirement on HARDWARE
     with the least predicted accuracy drop. Exit code 3 when nothing fits (with the nearest relaxation)."""
 
     def body():
-        from estimators.accuracy import predict_drop, proxy_score
+        from estimators.accuracy import DropScorer, ProxyScorer
         from estimators.analyze import analyze as run_analysis
         from hardware.profile import load_profile
         from search.plan import plan as run_plan
-        from search.requirements import parse_requirements
 
-        req = parse_requirements({"max_latency_ms": max_latency_ms, "max_size_mb": max_size_mb, "max_params": max_params,
-                                  "max_macs": max_macs, "max_memory_mb": max_memory_mb,
-                                  "max_accuracy_drop": max_accuracy_drop, "min_accuracy": min_accuracy,
-                                  "batch_size": batch_size}, requirements)
+        req = _requirements(requirements, max_latency_ms=max_latency_ms, max_size_mb=max_size_mb, max_params=max_params,
+                            max_macs=max_macs, max_memory_mb=max_memory_mb, max_accuracy_drop=max_accuracy_drop,
+                            min_accuracy=min_accuracy, batch_size=batch_size)
         prof = load_profile(hardware)
         loaded = _load(model, weights, input_shape)
         table = run_analysis(loaded)
@@ -285,40 +298,131 @@ def plan(model: ModelArg, hardware: Annotated[str, typer.Option("--hardware", he
 
             d = load_data_for(data, loaded)
             req = req.resolve_accuracy(accuracy(loaded.model, d.val))
-
-            def acc(strat, est):
-                return predict_drop(loaded, table, strat, d, finetune_epochs)["accuracy_drop"], "points"
+            scorer = DropScorer(loaded, table, d, finetune_epochs, progress=say)
         else:
             req = req.resolve_accuracy(None)
             if req.max_accuracy_drop is not None:
                 raise UserInputError("--max-accuracy-drop needs --data: without data accuracy is only ranked by a proxy")
-
-            def acc(strat, est):
-                return proxy_score(est), "proxy"
+            scorer = ProxyScorer()
 
         names = tuple(x.strip() for x in (students or "").split(",") if x.strip())
         shape = ",".join(map(str, loaded.input_shape))
         tables = {n: run_analysis(_load(n, None, shape)) for n in names}
-        return run_plan(table, prof, req, acc, top_k=top_k, students=names, student_tables=tables, progress=say)
+        return run_plan(table, prof, req, scorer, top_k=top_k, students=names, student_tables=tables, progress=say,
+                        grid_step=grid_step, nsga_evals=nsga_evals, seed=seed)
 
     rep = _compute(as_json, body)
-    if not as_json:
-        t = Table(title=f"{model} on {rep['hardware']}: {rep['candidates_evaluated']} candidates in {rep['seconds']} s")
+    if not as_json and rep["top"]:
+        t = Table(title=f"{model} on {rep['hardware']}: {rep['candidates_evaluated']:,} candidates in {rep['seconds']} s "
+                        f"({rep['search']['structured']:,} structured, {rep['search']['nsga2']:,} by NSGA-II)")
         for c in ("strategy", "latency ms", "size MB", "params", "accuracy drop" if rep["accuracy_unit"] == "points"
                   else "accuracy proxy"):
             t.add_column(c, justify="left" if c == "strategy" else "right")
         for r in rep["top"]:
             p = r["pred"]
-            t.add_row(r["compact"], f"{p['latency_ms']:.3f}", f"{p['size_bytes'] / 1e6:.3f}", f"{p['params']:,}",
+            t.add_row(r["label"], f"{p['latency_ms']:.3f}", f"{p['size_bytes'] / 1e6:.3f}", f"{p['params']:,}",
                       f"{p['accuracy_drop']:.3f}")
         console.print(t)
-        if rep.get("recommended"):
-            console.print(f"recommended: {rep['recommended']['compact']}; binding: "
-                          + (", ".join(b["requirement"] for b in rep["binding"]) or "none"), highlight=False)
-        console.print(f"Pareto front: {len(rep['pareto'])} strategies")
+        console.print(f"recommended: {rep['recommended']['compact']}; binding: "
+                      + (", ".join(b["requirement"] for b in rep["binding"]) or "none"), highlight=False)
+    if not as_json:
+        console.print(f"{rep['candidates_evaluated']:,} candidates in {rep['seconds']} s "
+                      f"({rep['candidates_per_second']:,.0f}/s); Pareto front: {len(rep['pareto'])} strategies "
+                      "(--json lists them)", highlight=False)
     if rep.get("infeasible"):
         err_console.print(f"infeasible: {rep['infeasible']['message']}", highlight=False)
         raise typer.Exit(3)
+
+
+@app.command("run")
+def run_cmd(model: ModelArg, hardware: HardwareReq = "host", weights: WeightsOpt = None, input_shape: ShapeOpt = None,
+            max_latency_ms: MaxLatency = None, max_size_mb: MaxSize = None, max_params: MaxParams = None,
+            max_macs: MaxMacs = None, max_memory_mb: MaxMemory = None, max_accuracy_drop: MaxDrop = None,
+            min_accuracy: MinAcc = None, batch_size: ReqBatch = None, requirements: ReqFile = None,
+            data: DataOpt = None, finetune_epochs: EpochsOpt = FINETUNE_EPOCHS, students: StudentsOpt = None,
+            top_k: Annotated[int, typer.Option("--top-k", min=1, max=50, help="strategies to execute")] = 3,
+            execute: Annotated[bool, typer.Option("--execute/--no-execute", help="execute and measure the top-k")] = True,
+            grid_step: GridOpt = 0.01, nsga_evals: NsgaOpt = 10000, seed: SeedOpt = 0,
+            out_dir: Annotated[str, typer.Option("--out-dir", help="run reports and executed artifacts")] = "build/runs",
+            as_json: JsonOpt = False) -> None:
+    """Run the `deployfit-run` Prefect flow: plan, execute the top-k, measure and compare, tracked in MLflow
+    (the same parameters as the flow's form in the Prefect UI)."""
+
+    def body():
+        from flows.pipeline import run_flow
+        from tasks.pipeline import ModelInput, SearchOptions
+
+        req = _requirements(requirements, max_latency_ms=max_latency_ms, max_size_mb=max_size_mb, max_params=max_params,
+                            max_macs=max_macs, max_memory_mb=max_memory_mb, max_accuracy_drop=max_accuracy_drop,
+                            min_accuracy=min_accuracy, batch_size=batch_size)
+        names = [x.strip() for x in (students or "").split(",") if x.strip()]
+        opts = SearchOptions(grid_step=grid_step, nsga_evals=nsga_evals, seed=seed, students=names,
+                             finetune_epochs=finetune_epochs)
+        state = run_flow(model=ModelInput(spec=model, weights=weights, input_shape=input_shape), data=data,
+                         hardware=hardware, requirements=req, search=opts, execute=execute, top_k=top_k,
+                         batch_size=req.batch_size, out_dir=out_dir, return_state=True)
+        if state.is_failed():
+            try:
+                state.result()
+            except UserInputError:
+                raise
+            except Exception as exc:
+                raise UserInputError(f"flow run failed: {type(exc).__name__}: {exc}") from None
+        return state.result()
+
+    rep = _compute(as_json, body)
+    if not as_json:
+        _print_run(rep)
+    if rep.get("infeasible"):
+        raise typer.Exit(3)
+
+
+def _print_run(rep: dict[str, Any]) -> None:
+    if rep.get("recommended"):
+        console.print(f"recommended: {rep['recommended']['label']}  ({rep['candidates_evaluated']:,} candidates in "
+                      f"{rep['seconds']} s)", highlight=False)
+    else:
+        err_console.print(f"infeasible: {rep['infeasible']['message']}", highlight=False)
+    if rep.get("executed"):
+        t = Table(title="executed: predicted vs measured")
+        for c in ("strategy", "metric", "predicted", "measured", "error"):
+            t.add_column(c, justify="left" if c in ("strategy", "metric") else "right")
+        for e in rep["executed"]:
+            for k in ("latency_ms", "size_bytes", "params", "accuracy", "accuracy_drop"):
+                if k in e["meas"] and k in e["pred"]:
+                    err = e["err"].get(k)
+                    es = "" if err is None else (f"{err:+.2f} pts" if k.startswith("accuracy") else f"{err:+.1%}")
+                    t.add_row(e["label"], k, _fmt(e["pred"][k]), _fmt(e["meas"][k]), es)
+        console.print(t)
+    tr = rep.get("tracking", {})
+    if tr.get("run_id"):
+        console.print(f"MLflow: run {tr['run_id']} in {tr['uri']}; UI: {tr['link']}", highlight=False)
+    else:
+        err_console.print(f"tracking store unreachable; results saved under {tr.get('saved_locally')}", highlight=False)
+    console.print(f"report: {rep['report_dir']}/report.json; Prefect flow run {rep['flow_run_id']}. "
+                  "See both UIs with `deployfit ui`.", highlight=False)
+
+
+@app.command()
+def serve(file: Annotated[str, typer.Option("--file", help="deployments file")] = "prefect.yaml") -> None:
+    """Serve the deployments of prefect.yaml (schedules included) so the Prefect UI can trigger them; runs
+    until interrupted."""
+    from flows.deployments import serve_deployments
+
+    try:
+        serve_deployments(file)
+    except UserInputError as exc:
+        _fail(str(exc), False)
+
+
+@app.command()
+def ui(prefect_port: Annotated[int, typer.Option("--prefect-port")] = 4200,
+       mlflow_port: Annotated[int, typer.Option("--mlflow-port")] = 5000) -> None:
+    """Start a Prefect server and an MLflow server on 127.0.0.1 over the same stores the flows use, print
+    both URLs, and run until interrupted."""
+    from flows.deployments import start_uis
+
+    start_uis(prefect_port, mlflow_port, say=lambda m: console.print(m, highlight=False))
 
 
 hardware_app = typer.Typer(help="Hardware profiles (hardware/profiles/*.yaml).", no_args_is_help=True)

@@ -135,6 +135,22 @@ def _fused_mask(table: LayerTable, kinds: np.ndarray, fused: list[str]) -> np.nd
     return out
 
 
+def dtype_parts(table: LayerTable, kinds: np.ndarray, profile: HardwareProfile, batch_size: int):
+    """Per dtype the table's rows compute in: (its rows, the efficiencies, peak FLOP/s, slow-dtype factor,
+    byte scale, [(class, rows of that class not fused away)])."""
+    xdtypes = np.array(table.state.xdtype)
+    for dt in np.unique(xdtypes):
+        rows = xdtypes == dt
+        run, factor = profile.runs(str(dt))
+        eff = profile.eff(run, batch_size)
+        peak = profile.peak_gflops[run] * 1e9
+        # an fp32 model run in half precision moves half the bytes
+        byte_scale = DTYPE_BYTES[run] / DTYPE_BYTES[str(dt)] if str(dt) == "fp32" and run in ("fp16", "bf16") else 1.0
+        fused = fused_mask(table, kinds, eff.fused) & rows
+        classes = [(cls, sel) for cls in ALL_CLASSES if (sel := rows & (kinds == cls) & ~fused).any()]
+        yield rows, eff, peak, factor, byte_scale, classes
+
+
 def predict_latency(table: LayerTable, profile: HardwareProfile, batch_size: int = 1, ev=None) -> LatencyPrediction:
     """`ev`: the table's estimates.table.evaluate() when the caller has it already (searches do)."""
     if batch_size < 1:
@@ -145,25 +161,14 @@ def predict_latency(table: LayerTable, profile: HardwareProfile, batch_size: int
     n = table.n
     per_row = np.zeros(n)
     call_s = 0.0
-    xdtypes = np.array(table.state.xdtype)
     unsupported = int((kinds == "unsupported").sum())
     bw_dram = profile.memory_bandwidth_gbs * 1e9
     work = wbytes + abytes
     cache = profile.cache_bytes or 0
     # weights of a model larger than the cache stream from memory on every call
     streams = cache > 0 and float(wbytes.sum()) > cache
-    for dt in np.unique(xdtypes):
-        rows = xdtypes == dt
-        run, factor = profile.runs(str(dt))
-        eff = profile.eff(run, batch_size)
-        peak = profile.peak_gflops[run] * 1e9
-        # an fp32 model run in half precision moves half the bytes
-        byte_scale = DTYPE_BYTES[run] / DTYPE_BYTES[str(dt)] if str(dt) == "fp32" and run in ("fp16", "bf16") else 1.0
-        fused = fused_mask(table, kinds, eff.fused) & rows
-        for cls in ALL_CLASSES:
-            sel = rows & (kinds == cls) & ~fused
-            if not sel.any():
-                continue
+    for rows, eff, peak, factor, byte_scale, classes in dtype_parts(table, kinds, profile, batch_size):
+        for cls, sel in classes:
             if eff.split:
                 cols = split_terms(flops[sel], wbytes[sel] * byte_scale, abytes[sel] * byte_scale, pw[sel], off[sel],
                                    cache)

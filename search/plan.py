@@ -3,27 +3,36 @@ accuracy drop), the feasible ones ranked by predicted accuracy drop, the Pareto 
 accuracy drop, size), which requirements bind the recommendation, and, when nothing fits, the nearest
 feasible relaxation.
 
-The space (order distill -> prune -> quantize, each optional): students at width multipliers and from
-`students`, pruning ratios on a 0.05 grid, uniform and global (and uniform with round_to the profile's
-channel multiple), and only the dtypes the hardware profile runs fast (no INT8 for a device without fast
-INT8). Exhaustive: the space is a few hundred to a few thousand candidates.
+The space, in the order distill -> prune -> quantize, each optional:
+  students   the model itself, the model at width multipliers (distilled), and `students` (model specs)
+  pruning    ratios on a fine grid (`grid_step`, default 0.01 up to 0.90), uniform and global, uniform with
+             round_to the profile's channel multiple, and per-layer ratios allocated by sensitivity: for
+             each trade-off lambda every group takes the ratio that minimises its predicted loss minus lambda
+             x the latency (or size) it saves, so less sensitive groups are pruned harder
+  quantize   only the dtypes the hardware profile runs fast (no INT8 for a device without fast INT8)
+That structured space is evaluated exhaustively. Free per-layer ratios (up to 19 levels per group: 19^G
+candidates) are searched by NSGA-II (pymoo), seeded with the structured space's best, with the
+requirements as constraints and (latency, accuracy drop, size) as objectives.
+
+Candidates of one student and one quantization differ only in the channels their groups keep: they are
+evaluated as matrices by search.batch.BatchEvaluator, tens of thousands per second.
 """
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
 
 import numpy as np
 
-from estimators.compress import estimate
-from estimators.report import public
+from estimators.compress import estimate, prune_counts
 from estimators.strategy import DistillStep, PruneStep, QuantizeStep, Strategy
-from estimators.table import LayerTable, totals
-from estimators.table import evaluate as evaluate_table
-from hardware.latency import predict_latency
+from estimators.table import LayerTable
 from hardware.profile import HardwareProfile
 
+from .batch import BatchEvaluator, counts_for_ratios
 from .requirements import LIMITS, Requirements
+
 
 def ratio_grid(step: float) -> tuple[float, ...]:
     """Pruning ratios from `step` to 0.90 in steps of `step`."""
@@ -31,10 +40,27 @@ def ratio_grid(step: float) -> tuple[float, ...]:
     return tuple(round(step * i, 4) for i in range(1, n + 1))
 
 
-PRUNE_GRID = ratio_grid(0.05)  # 0.05 .. 0.90
+GRID_STEP = 0.01
+PRUNE_GRID = ratio_grid(0.05)
+LEVEL = 0.05  # per-layer ratios move in steps of this (0 .. 0.90: 19 levels)
+LEVELS = np.round(np.arange(0, 0.90 + 1e-9, LEVEL), 4)
 WIDTHS = (0.75, 0.5)
 QUANT_DTYPES = ("int8", "fp16", "bf16")
 OBJECTIVES = ("latency_ms", "accuracy_drop", "size_bytes")
+METRICS = ("params", "size_bytes", "macs", "flops", "memory_access_bytes", "peak_memory_bytes", "latency_ms")
+NSGA_EVALS = 10000
+LAMBDAS = 160
+
+
+class Scorer(Protocol):
+    """Predicted accuracy drop (or a proxy) of K candidates of one strategy shape: estimators.accuracy's
+    ProxyScorer and DropScorer."""
+
+    unit: str
+
+    def __call__(self, strategy: Strategy, est: LayerTable, kept: np.ndarray) -> np.ndarray: ...
+
+    def group_curves(self, table: LayerTable, ratios: np.ndarray) -> np.ndarray: ...
 
 
 def quantize_dtypes(profile: HardwareProfile) -> list[str]:
@@ -42,131 +68,412 @@ def quantize_dtypes(profile: HardwareProfile) -> list[str]:
     return [d for d in QUANT_DTYPES if d in profile.fast_dtypes]
 
 
-def candidate_space(table: LayerTable, profile: HardwareProfile, students: tuple[str, ...] = (),
-                    widths: tuple[float, ...] = WIDTHS, grid: tuple[float, ...] = PRUNE_GRID) -> list[Strategy]:
-    prunable = bool(table.plan.groups)
-    distills: list[list] = [[]] + ([[DistillStep(student=f"width:{w:g}")] for w in widths] if prunable else []) \
-        + [[DistillStep(student=s)] for s in students]
-    prunes: list[list] = [[]]
-    if prunable:
-        for r in grid:
-            prunes.append([PruneStep(ratio=r, scope="uniform")])
-            prunes.append([PruneStep(ratio=r, scope="global")])
-            if profile.channel_multiple and profile.channel_multiple > 1:
-                prunes.append([PruneStep(ratio=r, scope="uniform", round_to=profile.channel_multiple)])
-    quants: list[list] = [[]] + [[QuantizeStep(dtype=d)] for d in quantize_dtypes(profile)]
+@dataclass
+class Family:
+    """Candidates sharing a student and a quantization: one BatchEvaluator."""
+
+    distill: DistillStep | None
+    quant: QuantizeStep | None
+    table: LayerTable  # the student (teacher, teacher at a width, or another model), unquantized
+    evaluator: BatchEvaluator
+
+    def strategy(self, prune: PruneStep | None) -> Strategy:
+        return Strategy(steps=[s for s in (self.distill, prune, self.quant) if s is not None])
+
+
+@dataclass
+class Pool:
+    """Every evaluated candidate: its family, its pruning (a descriptor), kept channels and predictions."""
+
+    families: list[Family]
+    fam: list[np.ndarray] = field(default_factory=list)
+    desc: list = field(default_factory=list)
+    kept: list[np.ndarray] = field(default_factory=list)
+    metrics: list[dict[str, np.ndarray]] = field(default_factory=list)
+
+    def add(self, fi: int, descs: list, kept: np.ndarray, scorer: Scorer) -> dict[str, np.ndarray]:
+        f = self.families[fi]
+        m = f.evaluator(kept)
+        # one strategy shape per block: with or without a pruning step (decides who trains)
+        has = np.array([d is not None for d in descs])
+        drop = np.zeros(len(descs))
+        for flag in (False, True):
+            sel = has == flag
+            if sel.any():
+                shape = f.strategy(PruneStep(ratio=0.5) if flag else None)
+                drop[sel] = scorer(shape, f.table, kept[sel])
+        m["accuracy_drop"] = drop
+        self.fam.append(np.full(len(descs), fi))
+        self.desc.extend(descs)
+        self.kept.append(kept)
+        self.metrics.append(m)
+        return m
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+        fam = np.concatenate(self.fam)
+        kept = np.concatenate(self.kept)
+        m = {k: np.concatenate([x[k] for x in self.metrics]) for k in self.metrics[0]}
+        return fam, kept, m
+
+
+def layer_step(table: LayerTable, ratios: np.ndarray) -> PruneStep:
+    """A per-layer PruneStep giving each followed group (plan order) its ratio: keyed by the first module of
+    the group's torch-pruning look-up order, so the executor's pruning_ratio_dict finds the same ratio."""
+    rs = [round(float(r), 4) for r in ratios]
+    if len(set(rs)) == 1:
+        return PruneStep(ratio=rs[0], scope="uniform")
+    return PruneStep(ratio=0.0, scope="uniform",
+                     layers={g.scope_modules[0]: r for g, r in zip(table.plan.groups, rs) if r > 0})
+
+
+def _prune_step(desc) -> PruneStep | None:
+    if desc is None:
+        return None
+    kind = desc[0]
+    if kind == "uniform":
+        return PruneStep(ratio=desc[1], scope="uniform")
+    if kind == "global":
+        return PruneStep(ratio=desc[1], scope="global")
+    if kind == "round_to":
+        return PruneStep(ratio=desc[1], scope="uniform", round_to=desc[2])
+    return None  # "layers": built with the table (layer_step)
+
+
+def _kept_for(table: LayerTable, P: np.ndarray) -> np.ndarray:
+    kept = np.tile(table.state.kept, (len(P), 1))
+    gidx = np.array([g.index for g in table.plan.groups], dtype=np.int64)
+    if len(gidx):
+        kept[:, gidx] -= P
+    return kept
+
+
+def layer_levels(scorer: Scorer) -> np.ndarray:
+    """Per-layer ratios the search may give one group: LEVELS up to what the scorer really measured (the
+    sensitivity probes reach 0.75; past that a group's curve is only interpolated toward chance, and a
+    search would exploit that guess: one group pruned to 10% recovered far worse than predicted)."""
+    top = getattr(scorer, "max_layer_ratio", float(LEVELS[-1]))
+    return LEVELS[LEVELS <= top + 1e-9]
+
+
+def allocations(table: LayerTable, scorer: Scorer, base_eval: BatchEvaluator, n_lambda: int = LAMBDAS) -> np.ndarray:
+    """Per-layer ratios allocated by sensitivity (rows: allocations, columns: followed groups).
+
+    For a trade-off lambda every group takes, from layer_levels(scorer), the ratio minimising its own predicted loss
+    (the scorer's single-group curve) minus lambda x what that ratio saves alone (latency, then size, in
+    shares of the unpruned model): the cheapest accuracy per unit of gain first. Sweeping lambda runs from
+    no pruning to the heaviest; distinct allocations are returned."""
+    groups = table.plan.groups
+    G = len(groups)
+    if not G:
+        return np.zeros((0, 0))
+    levels = layer_levels(scorer)
+    loss = scorer.group_curves(table, levels)  # G x levels
+    # what each group saves alone at each level, from the evaluator (G x levels batch)
+    R = np.zeros((G * len(levels), G))
+    for j in range(G):
+        R[j * len(levels):(j + 1) * len(levels), j] = levels
+    kept = _kept_for(table, counts_for_ratios(table, R))
+    m = base_eval(kept)
+    base = base_eval(table.state.kept[None, :])
     out = []
-    for d in distills:
-        for p in prunes:
-            if d and p and d[0].width is not None:
-                continue  # a narrower student, pruned again, is another width: the grid covers it
-            for q in quants:
-                out.append(Strategy(steps=d + p + q))
-    return out
+    for metric in ("latency_ms" if "latency_ms" in m else "macs", "size_bytes"):
+        gain = ((base[metric][0] - m[metric]) / max(base[metric][0], 1e-30)).reshape(G, len(levels))
+        gain = np.maximum(gain, 0.0)
+        # lambda spans the loss-per-gain ratios of the groups' levels
+        with np.errstate(divide="ignore", invalid="ignore"):
+            slopes = loss[:, 1:] / gain[:, 1:]
+        slopes = slopes[np.isfinite(slopes) & (slopes > 0)]
+        if not len(slopes):
+            continue
+        lams = np.geomspace(slopes.min() / 2, slopes.max() * 2, n_lambda)
+        for lam in lams:
+            pick = np.argmin(loss - lam * gain + 1e-12 * levels[None, :], axis=1)
+            out.append(levels[pick])
+    if not out:
+        return np.zeros((0, G))
+    arr = np.unique(np.round(np.array(out), 4), axis=0)
+    return arr[arr.sum(1) > 0]
 
 
-AccuracyFn = Callable[[Strategy, LayerTable], tuple[float, str]]  # (predicted drop or proxy, "points"|"proxy")
+def build_families(table: LayerTable, profile: HardwareProfile, batch: int, students: tuple[str, ...] = (),
+                   student_tables: dict[str, LayerTable] | None = None,
+                   widths: tuple[float, ...] = WIDTHS) -> list[Family]:
+    prunable = bool(table.plan.groups)
+    distills: list[tuple[DistillStep | None, LayerTable]] = [(None, table)]
+    if prunable:
+        for w in widths:
+            d = DistillStep(student=f"width:{w:g}")
+            distills.append((d, estimate(table, Strategy(steps=[d]))))
+    for s in students:
+        st = (student_tables or {}).get(s)
+        if st is None:
+            raise ValueError(f"student {s!r} has no analysed table")
+        distills.append((DistillStep(student=s), st))
+    fams = []
+    for d, base in distills:
+        for q in [None] + [QuantizeStep(dtype=x) for x in quantize_dtypes(profile)]:
+            qt = base if q is None else estimate(base, Strategy(steps=[q]))
+            fams.append(Family(d, q, base, BatchEvaluator(qt, profile, batch)))
+    return fams
 
 
-def evaluate(table: LayerTable, strategy: Strategy, profile: HardwareProfile, batch: int,
-             accuracy: AccuracyFn, student_tables: dict[str, LayerTable] | None = None) -> dict[str, Any]:
-    base = table
-    for s in strategy.steps:
-        if s.method == "distill" and s.width is None:
-            base = (student_tables or {})[s.student]
-    steps = [s for s in strategy.steps if not (s.method == "distill" and s.width is None)]
-    est = estimate(base, Strategy(steps=steps))
-    ev = evaluate_table(est)
-    pred = public(totals(est, ev))
-    # rounded as reported, so that the Pareto front is computed on the numbers the user sees
-    pred["latency_ms"] = round(predict_latency(est, profile, batch, ev).latency_ms, 4)
-    drop, unit = accuracy(strategy, est)
-    pred["accuracy_drop"] = round(float(drop), 4)
-    return {"strategy": strategy.model_dump(exclude_none=True), "compact": strategy.compact(), "pred": pred,
-            "accuracy_unit": unit}
+def structured(fams: list[Family], profile: HardwareProfile, grid: tuple[float, ...],
+               alloc: np.ndarray | None) -> list[tuple[int, list, np.ndarray]]:
+    """(family, descriptors, kept) blocks of the structured space."""
+    blocks = []
+    for fi, f in enumerate(fams):
+        t = f.table
+        descs: list = [None]
+        Ps = [np.zeros((1, len(t.plan.groups)), dtype=np.int64)]
+        if t.plan.groups:
+            width = f.distill is not None and f.distill.width is not None
+            g = np.array(grid)
+            if not width:  # a width student pruned uniformly is another width: the widths and grid cover it
+                R = np.repeat(g[:, None], len(t.plan.groups), 1)
+                descs += [("uniform", r) for r in grid]
+                Ps.append(counts_for_ratios(t, R))
+                if profile.channel_multiple and profile.channel_multiple > 1:
+                    descs += [("round_to", r, profile.channel_multiple) for r in grid]
+                    Ps.append(counts_for_ratios(t, R, round_to=profile.channel_multiple))
+            descs += [("global", r) for r in grid]
+            Ps.append(np.array([prune_counts(t, PruneStep(ratio=r, scope="global")) for r in grid]))
+            if f.distill is None and alloc is not None and len(alloc):
+                descs += [("layers", tuple(a)) for a in alloc]
+                Ps.append(counts_for_ratios(t, alloc))
+        blocks.append((fi, descs, _kept_for(t, np.concatenate(Ps))))
+    return blocks
 
 
-def violations(pred: dict, req: Requirements) -> dict[str, float]:
-    """Requirement -> predicted value / limit for every requirement the prediction breaks."""
+def _violation_ratios(m: dict[str, np.ndarray], req: Requirements, unit: str) -> dict[str, np.ndarray]:
+    """Requirement -> predicted value / limit, per candidate (accuracy skipped for a proxy)."""
     out = {}
     for name, limit in req.active().items():
-        metric, _, unit = LIMITS[name]
-        if name == "max_accuracy_drop" and pred.get("accuracy_unit") == "proxy":
+        metric, _, factor = LIMITS[name]
+        if name == "max_accuracy_drop" and unit == "proxy":
             continue
-        v = pred[metric]
-        if v > limit * unit + 1e-9:
-            out[name] = v / (limit * unit)
+        out[name] = m[metric] / (limit * factor)
     return out
 
 
-def pareto_front(rows: list[dict]) -> list[dict]:
+def nsga(fams: list[Family], pool: Pool, scorer: Scorer, req: Requirements, evals: int, seeds: np.ndarray,
+         seed_q: np.ndarray, seed: int = 0, progress: Callable[[str], None] = lambda m: None) -> int:
+    """NSGA-II (pymoo) over free per-layer ratios (layer_levels per followed group) and the quantization, for the
+    model itself (no distillation). Every evaluated candidate goes into the pool. Returns evaluations."""
+    import warnings
+
+    from pymoo.algorithms.moo.nsga2 import NSGA2
+    from pymoo.config import Config
+    from pymoo.core.population import Population
+    from pymoo.core.problem import Problem
+    from pymoo.operators.crossover.sbx import SBX
+    from pymoo.operators.mutation.pm import PM
+    from pymoo.operators.repair.rounding import RoundingRepair
+    from pymoo.operators.sampling.rnd import IntegerRandomSampling
+    from pymoo.optimize import minimize
+
+    Config.warnings["not_compiled"] = False
+    own = [i for i, f in enumerate(fams) if f.distill is None]
+    table = fams[own[0]].table
+    G = len(table.plan.groups)
+    if not G or evals <= 0:
+        return 0
+    levels = layer_levels(scorer)
+    n_lev = len(levels)
+    names = [n for n in req.active() if not (n == "max_accuracy_drop" and scorer.unit == "proxy")]
+    done = {"n": 0, "gen": 0}
+
+    class Space(Problem):
+        def __init__(self):
+            super().__init__(n_var=G + 1, n_obj=3, n_ieq_constr=max(len(names), 1), xl=0,
+                             xu=np.array([n_lev - 1] * G + [len(own) - 1]), vtype=int)
+
+        def _evaluate(self, X, out, *args, **kwargs):
+            X = np.asarray(X).round().astype(np.int64)
+            F = np.zeros((len(X), 3))
+            Gc = np.zeros((len(X), max(len(names), 1))) - 1.0
+            for qi, fi in enumerate(own):
+                sel = np.flatnonzero(X[:, G] == qi)
+                if not len(sel):
+                    continue
+                R = levels[X[sel, :G]]
+                kept = _kept_for(table, counts_for_ratios(table, R))
+                m = pool.add(fi, [("layers", tuple(r)) for r in R], kept, scorer)
+                F[sel] = np.stack([m[o] for o in OBJECTIVES], 1)
+                v = _violation_ratios(m, req, scorer.unit)
+                for j, n in enumerate(names):
+                    Gc[sel, j] = v[n] - 1.0
+            done["n"] += len(X)
+            done["gen"] += 1
+            if done["gen"] % 10 == 0:
+                progress(f"NSGA-II: {done['n']}/{evals} per-layer candidates")
+            out["F"], out["G"] = F, Gc
+
+    pop = max(40, min(200, evals // 20))
+    X0 = np.concatenate([np.clip(np.round(seeds / LEVEL), 0, n_lev - 1), seed_q[:, None]], 1).astype(np.int64) \
+        if len(seeds) else np.zeros((0, G + 1), dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    if len(X0) < pop:
+        rand = np.concatenate([rng.integers(0, n_lev, (pop - len(X0), G)), rng.integers(0, len(own), (pop - len(X0), 1))], 1)
+        X0 = np.concatenate([X0, rand])
+    algo = NSGA2(pop_size=pop, sampling=Population.new("X", X0[:pop]),
+                 crossover=SBX(prob=0.9, eta=3.0, vtype=float, repair=RoundingRepair()),
+                 mutation=PM(eta=3.0, vtype=float, repair=RoundingRepair()), eliminate_duplicates=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        minimize(Space(), algo, ("n_evals", evals), seed=seed, verbose=False)
+    return done["n"]
+
+
+def pareto_mask(F: np.ndarray) -> np.ndarray:
     """Rows no other row beats on every objective (minimised) while being strictly better on one."""
-    pts = np.array([[r["pred"][o] for o in OBJECTIVES] for r in rows], dtype=float)
-    keep = []
-    for i, p in enumerate(pts):
-        dominated = np.any(np.all(pts <= p, axis=1) & np.any(pts < p, axis=1))
-        if not dominated:
-            keep.append(rows[i])
-    return keep
+    from pymoo.util.nds.non_dominated_sorting import NonDominatedSorting
 
-
-def _rank_key(r: dict):
-    p = r["pred"]
-    return (round(p["accuracy_drop"], 6), p["latency_ms"], p["size_bytes"])
+    mask = np.zeros(len(F), dtype=bool)
+    if len(F):
+        mask[NonDominatedSorting().do(F, only_non_dominated_front=True)] = True
+    return mask
 
 
 def _fmt_limit(name: str, value: float) -> str:
     metric, _, unit = LIMITS[name]
     v = value / unit
-    return {"max_latency_ms": f"{v:.3g} ms", "max_size_mb": f"{v:.3g} MB", "max_memory_mb": f"{v:.3g} MB",
-            "max_accuracy_drop": f"{v:.2f} points"}.get(name, f"{v:,.0f}")
+    return {"max_latency_ms": f"{v:.3g} ms", "max_size_mb": f"{v:.3g} MB", "max_memory_mb": f"{v:.3g} MB peak memory",
+            "max_accuracy_drop": f"{v:.2f} points of accuracy", "max_params": f"{v:,.0f} parameters",
+            "max_macs": f"{v:,.0f} MACs"}[name]
 
 
-def plan(table: LayerTable, profile: HardwareProfile, req: Requirements, accuracy: AccuracyFn, top_k: int = 5,
+def _round_pred(m: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Predictions rounded as reported, so that ranking and the Pareto front use the numbers the user sees."""
+    out = dict(m)
+    for k in ("latency_ms", "accuracy_drop"):
+        if k in out:
+            out[k] = np.round(out[k], 4)
+    return out
+
+
+def plan(table: LayerTable, profile: HardwareProfile, req: Requirements, scorer: Scorer, top_k: int = 5,
          students: tuple[str, ...] = (), student_tables: dict[str, LayerTable] | None = None,
-         progress: Callable[[str], None] = lambda m: None, grid_step: float = 0.05) -> dict[str, Any]:
+         progress: Callable[[str], None] = lambda m: None, grid_step: float = GRID_STEP,
+         nsga_evals: int = NSGA_EVALS, seed: int = 0, keep_candidates: bool = False) -> dict[str, Any]:
+    """`keep_candidates`: also return the whole space as columns (`candidates`: strategy, label and every
+    prediction per distinct candidate), for tracking."""
     t0 = time.perf_counter()
-    cands = candidate_space(table, profile, students, grid=ratio_grid(grid_step))
-    rows = []
-    for i, strat in enumerate(cands):
-        row = evaluate(table, strat, profile, req.batch_size, accuracy, student_tables)
-        row["pred"]["accuracy_unit"] = row["accuracy_unit"]
-        row["violates"] = violations(row["pred"], req)
-        rows.append(row)
-        if (i + 1) % 500 == 0:
-            progress(f"{i + 1}/{len(cands)} candidates estimated")
+    fams = build_families(table, profile, req.batch_size, students, student_tables)
+    pool = Pool(fams)
+    own0 = next(i for i, f in enumerate(fams) if f.distill is None and f.quant is None)
+    alloc = allocations(table, scorer, fams[own0].evaluator) if table.plan.groups else None
+    for fi, descs, kept in structured(fams, profile, ratio_grid(grid_step), alloc):
+        pool.add(fi, descs, kept, scorer)
+    n_struct = sum(len(k) for k in pool.kept)
+    t_struct = time.perf_counter() - t0
+    progress(f"{n_struct} structured candidates estimated in {t_struct:.2f} s")
+    n_nsga = 0
+    if nsga_evals > 0 and table.plan.groups:
+        # seeds: the structured candidates of the model itself with per-group ratios on LEVELS, best first
+        fam, kept, m = pool.arrays()
+        own = [i for i, f in enumerate(fams) if f.distill is None]
+        viol = _violation_ratios(_round_pred(m), req, scorer.unit)
+        worst = np.max(np.stack(list(viol.values())), 0) if viol else np.zeros(len(fam))
+        order = np.lexsort((m["latency_ms"], m["accuracy_drop"], np.maximum(worst, 1.0)))
+        seeds, seed_q = [], []
+        for i in order:
+            d = pool.desc[i]
+            if fam[i] not in own or d is None or d[0] not in ("uniform", "layers"):
+                continue
+            R = np.full(len(table.plan.groups), d[1]) if d[0] == "uniform" else np.array(d[1])
+            if np.allclose(np.round(R / LEVEL) * LEVEL, R) and R.max() <= layer_levels(scorer)[-1] + 1e-9:
+                seeds.append(R)
+                seed_q.append(own.index(int(fam[i])))
+            if len(seeds) >= 60:
+                break
+        n_nsga = nsga(fams, pool, scorer, req, nsga_evals, np.array(seeds).reshape(-1, len(table.plan.groups)),
+                      np.array(seed_q, dtype=np.int64), seed=seed, progress=progress)
     seconds = time.perf_counter() - t0
-    feasible = sorted((r for r in rows if not r["violates"]), key=_rank_key)
-    out: dict[str, Any] = {"candidates_evaluated": len(rows), "seconds": round(seconds, 3),
-                           "candidates_per_second": round(len(rows) / max(seconds, 1e-9), 1),
-                           "hardware": profile.name, "requirements": req.model_dump(exclude_none=True),
-                           "accuracy_unit": rows[0]["accuracy_unit"] if rows else "points",
-                           "pareto": [_public(r) for r in sorted(pareto_front(rows), key=_rank_key)]}
-    if feasible:
-        rec = feasible[0]
-        better = [r for r in rows if _rank_key(r) < _rank_key(rec)]
-        counts: dict[str, int] = {}
-        for r in better:
-            for name in r["violates"]:
-                counts[name] = counts.get(name, 0) + 1
-        out.update(recommended=_public(rec), top=[_public(r) for r in feasible[:top_k]],
+    return _report(table, profile, req, scorer, pool, top_k, seconds, n_struct, n_nsga, t_struct, keep_candidates)
+
+
+def _report(table: LayerTable, profile: HardwareProfile, req: Requirements, scorer: Scorer, pool: Pool, top_k: int,
+            seconds: float, n_struct: int, n_nsga: int, t_struct: float, keep_candidates: bool = False) -> dict[str, Any]:
+    fam, kept, m = pool.arrays()
+    n_eval = len(fam)
+    # distinct candidates: same student, quantization and kept channels predict the same; keep the first
+    key = np.concatenate([fam[:, None], kept], 1)
+    _, first = np.unique(key, axis=0, return_index=True)
+    idx = np.sort(first)
+    fam, kept = fam[idx], kept[idx]
+    m = _round_pred({k: v[idx] for k, v in m.items()})
+    desc = [pool.desc[i] for i in idx]
+    viol = _violation_ratios(m, req, scorer.unit)
+    V = np.stack(list(viol.values()), 1) if viol else np.zeros((len(idx), 0))
+    breaks = V > 1.0 + 1e-9
+    feasible = ~breaks.any(1)
+    rank = np.lexsort((m["size_bytes"], m["latency_ms"], np.round(m["accuracy_drop"], 6)))  # best first
+    pos = np.empty(len(rank), dtype=np.int64)
+    pos[rank] = np.arange(len(rank))
+
+    def row(i: int, full: bool = True) -> dict:
+        f = pool.families[fam[i]]
+        d = desc[i]
+        step = layer_step(f.table, np.array(d[1])) if d is not None and d[0] == "layers" else _prune_step(d)
+        strat = f.strategy(step)
+        pred = {}
+        for k in METRICS + ("accuracy_drop",):
+            if k in m:
+                v = float(m[k][i])
+                pred[k] = int(v) if k != "latency_ms" and k != "accuracy_drop" and v.is_integer() else round(v, 4)
+        out = {"compact": strat.compact(), "label": strat.label(), "pred": pred}
+        if full:
+            out["strategy"] = strat.model_dump(exclude_none=True)
+        return out
+
+    F = np.stack([m[o] for o in OBJECTIVES], 1)
+    front = np.flatnonzero(pareto_mask(F))
+    front = front[np.argsort(pos[front])]
+    out: dict[str, Any] = {
+        "candidates_evaluated": int(n_eval), "distinct_candidates": int(len(idx)), "seconds": round(seconds, 3),
+        "candidates_per_second": round(n_eval / max(seconds, 1e-9), 1),
+        "search": {"structured": int(n_struct), "structured_seconds": round(t_struct, 3), "nsga2": int(n_nsga)},
+        "hardware": profile.name, "requirements": req.model_dump(exclude_none=True), "accuracy_unit": scorer.unit,
+        "pareto": [row(i, full=False) for i in front]}  # compact strategies: the front can hold hundreds
+    if keep_candidates:
+        rows = [row(int(i), full=False) for i in rank]
+        cols: dict[str, list] = {"strategy": [r["compact"] for r in rows], "label": [r["label"] for r in rows]}
+        for k in rows[0]["pred"] if rows else []:
+            cols[k] = [r["pred"].get(k) for r in rows]
+        cols["feasible"] = [bool(feasible[i]) for i in rank]
+        out["candidates"] = cols
+    names = list(viol)
+    if feasible.any():
+        feas = rank[feasible[rank]]
+        rec = int(feas[0])
+        better = pos < pos[rec]
+        counts = {n: int((breaks[better, j]).sum()) for j, n in enumerate(names) if (breaks[better, j]).any()}
+        out.update(recommended=row(rec), top=[row(int(i)) for i in feas[:top_k]],
                    binding=[{"requirement": n, "limit": req.active()[n], "candidates_excluded": c}
                             for n, c in sorted(counts.items(), key=lambda kv: -kv[1])])
         return out
     # nothing fits: the candidate that breaks the requirements least (largest ratio over its limit)
-    worst = min(rows, key=lambda r: (max(r["violates"].values()), _rank_key(r)))
-    relaxed = {n: worst["pred"][LIMITS[n][0]] / LIMITS[n][2] for n in worst["violates"]}
-    words = [f"{_fmt_limit(n, req.active()[n] * LIMITS[n][2])} is not reachable" for n in worst["violates"]]
-    kept = [f"{_fmt_limit(n, v * LIMITS[n][2])}" for n, v in req.active().items() if n not in worst["violates"]]
+    worst = V.max(1)
+    i = int(np.lexsort((pos, worst))[0])
+    broken = [n for j, n in enumerate(names) if breaks[i, j]]
+    relaxed = {n: float(m[LIMITS[n][0]][i]) / LIMITS[n][2] for n in broken}
+    words = [f"{_fmt_limit(n, req.active()[n] * LIMITS[n][2])} is not reachable" for n in broken]
+    kept_req = [_fmt_limit(n, v * LIMITS[n][2]) for n, v in req.active().items() if n not in broken]
     nearest = ", ".join(_fmt_limit(n, v * LIMITS[n][2]) for n, v in relaxed.items())
-    msg = f"{' and '.join(words)}{' within ' + ', '.join(kept) if kept else ''}; the nearest is {nearest} with " \
-          f"{worst['compact']}"
-    out.update(recommended=None, top=[], binding=[{"requirement": n, "limit": req.active()[n]} for n in worst["violates"]],
-               infeasible={"message": msg, "unreachable": sorted(worst["violates"]), "relaxed": relaxed,
-                           "nearest": _public(worst)})
+    r = row(i)
+    msg = f"{' and '.join(words)}{' within ' + ', '.join(kept_req) if kept_req else ''}; the nearest is {nearest} " \
+          f"with {r['label']}"
+    out.update(recommended=None, top=[], binding=[{"requirement": n, "limit": req.active()[n]} for n in broken],
+               infeasible={"message": msg, "unreachable": sorted(broken), "relaxed": relaxed, "nearest": r})
     return out
 
 
-def _public(r: dict) -> dict:
-    pred = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in r["pred"].items() if k != "accuracy_unit"}
-    return {"compact": r["compact"], "strategy": r["strategy"], "pred": pred}
+def candidate_space(table: LayerTable, profile: HardwareProfile, students: tuple[str, ...] = (),
+                    student_tables: dict[str, LayerTable] | None = None, grid_step: float = 0.05) -> list[Strategy]:
+    """The structured space's strategies (without the sensitivity allocations, which need a scorer)."""
+    fams = build_families(table, profile, 1, students, student_tables)
+    out = []
+    for fi, descs, _ in structured(fams, profile, ratio_grid(grid_step), None):
+        for d in descs:
+            out.append(fams[fi].strategy(_prune_step(d)))
+    return out

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from estimators.accuracy import proxy_score
+from estimators.accuracy import ProxyScorer
 from estimators.analyze import analyze
 from estimators.errors import UserInputError
 from estimators.modelspec import load_model
@@ -23,8 +23,8 @@ def table():
     return analyze(load_model("demo:digits-cnn"))
 
 
-def _proxy(strat, est):
-    return proxy_score(est), "proxy"
+def _proxy():
+    return ProxyScorer()
 
 
 def test_requirements_validation(tmp_path):
@@ -55,7 +55,7 @@ def test_no_int8_where_the_device_has_no_fast_int8(table):
 
 def test_pareto_points_are_non_dominated_and_recommendation_feasible(table):
     req = Requirements(max_latency_ms=1e9, max_size_mb=0.15)
-    rep = plan(table, load_profile("host"), req, _proxy)
+    rep = plan(table, load_profile("host"), req, _proxy(), nsga_evals=400)
     front = np.array([[r["pred"][o] for o in OBJECTIVES] for r in rep["pareto"]])
     for i, p in enumerate(front):
         others = np.delete(front, i, axis=0)
@@ -64,7 +64,8 @@ def test_pareto_points_are_non_dominated_and_recommendation_feasible(table):
     assert rec["size_bytes"] <= 0.15e6
     assert rep["top"][0]["compact"] == rep["recommended"]["compact"]
     assert [b["requirement"] for b in rep["binding"]] == ["max_size_mb"]  # the only limit that excludes better ones
-    assert rep["candidates_evaluated"] == len(candidate_space(table, load_profile("host")))
+    assert rep["search"]["structured"] >= len(candidate_space(table, load_profile("host"), grid_step=0.01))
+    assert rep["candidates_evaluated"] == rep["search"]["structured"] + rep["search"]["nsga2"]
 
 
 def test_infeasible_gives_the_relaxation_and_exit_3():
@@ -92,3 +93,133 @@ def test_plan_cli_with_data_and_errors():
     r = runner.invoke(app, ["plan", "demo:digits-cnn", "--hardware", "host", "--min-accuracy", "99.99",
                             "--data", "digits"])
     assert r.exit_code == 2 and "above the model's own accuracy" in r.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# the batched evaluation equals the per-candidate estimators; per-layer allocation; NSGA-II
+
+from estimators.accuracy import DropScorer, predict_drop, proxy_score  # noqa: E402
+from estimators.compress import estimate, prune_counts  # noqa: E402
+from estimators.data import load_data  # noqa: E402
+from estimators.strategy import PruneStep, QuantizeStep, Strategy, parse_strategy  # noqa: E402
+from estimators.table import totals  # noqa: E402
+from hardware.latency import predict_latency  # noqa: E402
+from search.batch import BatchEvaluator, counts_for_ratios  # noqa: E402
+from search.plan import allocations, build_families, layer_step  # noqa: E402
+
+METRICS = ("params", "size_bytes", "macs", "flops", "memory_access_bytes", "peak_memory_bytes")
+
+
+@pytest.fixture(scope="module")
+def resnet():
+    loaded = load_model("demo:digits-resnet")
+    return loaded, analyze(loaded)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_data("digits")
+
+
+def _steps(table, rng):
+    """Pruning steps of every kind the search makes: per-layer (as layer_step builds them), uniform,
+    round_to, global."""
+    G = len(table.plan.groups)
+    out = [layer_step(table, rng.integers(0, 19, G) * 0.05) for _ in range(6)]
+    out += [PruneStep(ratio=0.37), PruneStep(ratio=0.5, round_to=8), PruneStep(ratio=0.61, scope="global")]
+    return out
+
+
+@pytest.mark.parametrize("spec,shape", [("demo:digits-resnet", None), ("torchvision:mobilenet_v2", "1,3,32,32")])
+def test_batch_evaluator_equals_the_per_candidate_estimators(spec, shape):
+    table = analyze(load_model(spec, input_shape=shape))
+    rng = np.random.default_rng(1)
+    gidx = np.array([g.index for g in table.plan.groups])
+    for hw, batch in (("host", 1), ("host", 8), ("jetson-nano", 1)):
+        prof = load_profile(hw)
+        for pre in ([], [parse_strategy("distill:width:0.75").steps[0]]):
+            base = estimate(table, Strategy(steps=pre))
+            for q in (None, "int8", "fp16"):
+                qt = base if q is None else estimate(base, Strategy(steps=[QuantizeStep(dtype=q)]))
+                ev = BatchEvaluator(qt, prof, batch)
+                steps = _steps(table, rng)
+                kept = np.tile(base.state.kept, (len(steps), 1))
+                for k, st in enumerate(steps):
+                    kept[k, gidx] -= prune_counts(base, st)
+                out = ev(kept)
+                for k, st in enumerate(steps):
+                    est = estimate(table, Strategy(steps=pre + [st] + ([QuantizeStep(dtype=q)] if q else [])))
+                    want = totals(est)
+                    for m in METRICS:
+                        assert out[m][k] == pytest.approx(want[m], rel=1e-12, abs=1e-9), (hw, q, st.compact(), m)
+                    assert out["latency_ms"][k] == pytest.approx(predict_latency(est, prof, batch).latency_ms, rel=1e-9)
+
+
+def test_per_group_counts_and_layer_steps_agree(resnet):
+    _, table = resnet
+    rng = np.random.default_rng(2)
+    R = rng.integers(0, 19, (20, len(table.plan.groups))) * 0.05
+    P = counts_for_ratios(table, R)
+    for r, p in zip(R, P):
+        step = layer_step(table, r)
+        assert (prune_counts(table, step) == p).all()
+        assert parse_strategy(Strategy(steps=[step]).compact()) == Strategy(steps=[step])  # compact round-trips
+    with pytest.raises(UserInputError, match="per-layer ratio"):
+        parse_strategy("prune:layers=conv1")
+
+
+def test_batched_scorers_equal_single_candidate_predictions(resnet, digits):
+    loaded, table = resnet
+    rng = np.random.default_rng(3)
+    scorer = DropScorer(loaded, table, digits, 3)
+    proxy = ProxyScorer()
+    gidx = np.array([g.index for g in table.plan.groups])
+    for tail in ([], [QuantizeStep(dtype="int8")]):
+        for pre in ([], [parse_strategy("distill:width:0.5").steps[0]]):
+            base = estimate(table, Strategy(steps=pre))
+            steps = _steps(table, rng)
+            kept = np.tile(base.state.kept, (len(steps), 1))
+            for k, st in enumerate(steps):
+                kept[k, gidx] -= prune_counts(base, st)
+            shape = Strategy(steps=pre + [PruneStep(ratio=0.5)] + tail)
+            drops, scores = scorer(shape, base, kept), proxy(shape, base, kept)
+            for k, st in enumerate(steps):
+                strat = Strategy(steps=pre + [st] + tail)
+                assert drops[k] == pytest.approx(predict_drop(loaded, table, strat, digits, 3)["accuracy_drop"], abs=1e-4)
+                assert scores[k] == pytest.approx(proxy_score(estimate(table, strat)), rel=1e-12)
+
+
+def test_sensitivity_allocation_prunes_less_sensitive_groups_harder_and_executes_exactly(resnet, digits):
+    from scipy.stats import spearmanr
+
+    from hardware.measure import count_module
+    from tasks.executors import run_strategy
+
+    loaded, table = resnet
+    scorer = DropScorer(loaded, table, digits, 3)
+    fams = build_families(table, load_profile("host"), 1)
+    alloc = allocations(table, scorer, fams[0].evaluator)
+    assert len(alloc) >= 10 and alloc.shape[1] == len(table.plan.groups)
+    loss = scorer.group_curves(table, np.array([0.25, 0.5, 0.75])).sum(1)
+    rho = spearmanr(loss, alloc.mean(0)).statistic
+    assert rho < -0.5, (loss, alloc.mean(0))  # the more a group's pruning costs, the less it is pruned
+    assert alloc.mean(0)[np.argmin(loss)] == alloc.mean(0).max()  # the least sensitive group is pruned hardest
+    for a in alloc[[len(alloc) // 3, 2 * len(alloc) // 3]]:
+        strat = Strategy(steps=[layer_step(table, a)])
+        pred = totals(estimate(table, strat))
+        work = run_strategy(loaded, strat, export=False)
+        meas = count_module(work.model, loaded.example_input())
+        assert (pred["params"], pred["macs"]) == (meas["params"], meas["macs"])
+
+
+def test_nsga2_explores_per_layer_ratios_reproducibly(table):
+    req = Requirements(max_size_mb=0.05)
+    a = plan(table, load_profile("host"), req, ProxyScorer(), nsga_evals=1500, seed=7)
+    b = plan(table, load_profile("host"), req, ProxyScorer(), nsga_evals=1500, seed=7)
+    assert a["search"]["nsga2"] >= 1500 and a["candidates_evaluated"] > a["search"]["structured"]
+    assert a["recommended"]["compact"] == b["recommended"]["compact"]
+    assert a["recommended"]["pred"]["size_bytes"] <= 0.05e6
+    # the search can only improve on the structured space: NSGA-II candidates join the same pool
+    c = plan(table, load_profile("host"), req, ProxyScorer(), nsga_evals=0)
+    assert a["recommended"]["pred"]["accuracy_drop"] <= c["recommended"]["pred"]["accuracy_drop"]
+    assert any("layers=" in r["compact"] for r in a["pareto"])

@@ -1,0 +1,128 @@
+"""Deployments and UIs: `deployfit serve` serves prefect.yaml's deployments (their schedules included) so
+the Prefect UI can trigger them; `deployfit ui` starts a Prefect server and an MLflow server on 127.0.0.1
+over the stores the flows use."""
+from __future__ import annotations
+
+import importlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Callable
+
+import yaml
+
+from estimators.errors import UserInputError
+
+from . import tracking
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_deployments(file: str) -> list[dict]:
+    """The deployments of a prefect.yaml: name, entrypoint (path.py:function), schedules, parameters."""
+    p = Path(file)
+    if not p.is_file():
+        p = REPO / file
+    if not p.is_file():
+        raise UserInputError(f"deployments file {file} does not exist")
+    try:
+        doc = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise UserInputError(f"{file} is not valid YAML: {exc}") from None
+    deps = doc.get("deployments") or []
+    if not deps:
+        raise UserInputError(f"{file} names no deployments")
+    for d in deps:
+        for key in ("name", "entrypoint"):
+            if not d.get(key):
+                raise UserInputError(f"a deployment in {file} has no {key}")
+    return deps
+
+
+def _flow_of(entrypoint: str):
+    path, _, fn = entrypoint.partition(":")
+    module = path.removesuffix(".py").replace("/", ".")
+    try:
+        return getattr(importlib.import_module(module), fn)
+    except (ImportError, AttributeError) as exc:
+        raise UserInputError(f"entrypoint {entrypoint} cannot be loaded: {exc}") from None
+
+
+def runner_deployments(file: str) -> list:
+    out = []
+    for d in load_deployments(file):
+        from prefect.schedules import Cron
+
+        schedules = [Cron(s["cron"], timezone=s.get("timezone")) for s in d.get("schedules") or [] if s.get("cron")]
+        out.append(_flow_of(d["entrypoint"]).to_deployment(
+            name=d["name"], schedules=schedules or None, parameters=d.get("parameters") or {},
+            description=d.get("description"), tags=d.get("tags") or ["deployfit"]))
+    return out
+
+
+def serve_deployments(file: str = "prefect.yaml") -> None:
+    from prefect import serve
+
+    serve(*runner_deployments(file))
+
+
+def _wait(url: str, timeout: float) -> bool:
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return True
+        except Exception:
+            time.sleep(0.5)
+    return False
+
+
+def start_uis(prefect_port: int = 4200, mlflow_port: int = 5000, say: Callable[[str], None] = print,
+              block: bool = True) -> list[subprocess.Popen]:
+    """A Prefect server (the database under PREFECT_HOME the ephemeral runs use) and an MLflow server (the
+    tracking store the flows write: MLFLOW_TRACKING_URI, else mlflow/mlflow.db) on 127.0.0.1."""
+    uri = tracking.tracking_uri()
+    if uri.startswith("http"):
+        raise UserInputError(f"MLFLOW_TRACKING_URI is a server ({uri}): open it directly")
+    bindir = Path(sys.executable).parent
+    prefect_bin = shutil.which("prefect", path=str(bindir)) or "prefect"
+    mlflow_bin = shutil.which("mlflow", path=str(bindir)) or "mlflow"
+    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    art = tracking.DEFAULT_ARTIFACTS if uri == f"sqlite:///{tracking.DEFAULT_DB}" else None
+    tracking.DEFAULT_DB.parent.mkdir(parents=True, exist_ok=True)
+    procs = [subprocess.Popen([prefect_bin, "server", "start", "--host", "127.0.0.1", "--port", str(prefect_port)],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT),
+             subprocess.Popen([mlflow_bin, "server", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port",
+                               str(mlflow_port), "--workers", "1"]
+                              + (["--default-artifact-root", art.resolve().as_uri()] if art else []),
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)]
+    purl, murl = f"http://127.0.0.1:{prefect_port}", f"http://127.0.0.1:{mlflow_port}"
+    say("starting the Prefect and MLflow servers ...")
+    ok_p = _wait(f"{purl}/api/health", 90)
+    ok_m = _wait(f"{murl}/health", 90)
+    say(f"Prefect UI: {purl}  ({'up' if ok_p else 'not answering yet'}; flows run from this machine use it when "
+        f"PREFECT_API_URL={purl}/api)")
+    say(f"MLflow UI:  {murl}  ({'up' if ok_m else 'not answering yet'}; store {uri})")
+    if not block:
+        return procs
+    say("Ctrl-C stops both.")
+    try:
+        while all(p.poll() is None for p in procs):
+            time.sleep(1)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGINT)
+        for p in procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+    return procs

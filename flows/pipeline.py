@@ -1,0 +1,198 @@
+"""Prefect flows: `plan` (analyze -> sensitivity -> estimate, predict latency and search -> report),
+`run` (plan, then execute the top-k, measure and compare) and `calibrate`.
+
+Parameters are pydantic models, so the Prefect UI renders a form with defaults and validation. Each flow
+run leaves a markdown artifact (recommendation, top-k, predicted against measured, the MLflow link) and an
+MLflow parent run (flows/tracking.py); when the tracking store is down the results are written under the
+run's folder and the artifact and the returned report say where.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.utilities.annotations import quote
+from pydantic import Field
+
+from search.requirements import Requirements
+from tasks.pipeline import (ModelInput, SearchOptions, analyze_task, calibrate_task, execute_task, search_task,
+                            sensitivity_task)
+
+from . import tracking
+
+DEFAULT_OUT = "build/runs"
+
+
+@task(name="track", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
+def track_task(record: dict, plan: dict, executed: list[dict], layers: list[dict], workdir: str) -> dict:
+    return tracking.log_run(record, plan, executed, layers, Path(workdir))
+
+
+def _flow_run_id() -> str:
+    from prefect.runtime import flow_run
+
+    return str(flow_run.id or "")
+
+
+def _key(*parts: str) -> str:
+    return re.sub(r"[^a-z0-9-]+", "-", "-".join(parts).lower()).strip("-")[:100]
+
+
+def _fmt(v: Any, k: str) -> str:
+    if v is None:
+        return ""
+    if k == "size_bytes" or k == "peak_memory_bytes":
+        return f"{v / 1e6:.4f} MB"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return f"{v:,}" if isinstance(v, int) else str(v)
+
+
+COLUMNS = ("latency_ms", "size_bytes", "params", "macs", "peak_memory_bytes", "accuracy_drop")
+
+
+def markdown_report(title: str, rep: dict, executed: list[dict], tracked: dict) -> str:
+    lines = [f"# {title}", ""]
+    req = rep.get("requirements", {})
+    lines.append(f"Requirements: {', '.join(f'{k} = {v}' for k, v in req.items()) or 'none'}; "
+                 f"{rep['candidates_evaluated']:,} candidates in {rep['seconds']} s "
+                 f"({rep['candidates_per_second']:,.0f}/s); accuracy as {rep['accuracy_unit']}.")
+    lines.append("")
+    if rep.get("recommended"):
+        lines.append(f"**Recommended:** `{rep['recommended']['label']}`; binding: "
+                     f"{', '.join(b['requirement'] for b in rep['binding']) or 'none'}")
+    else:
+        lines.append(f"**Infeasible:** {rep['infeasible']['message']}")
+    lines += ["", "## Top candidates (predicted)", "", "| strategy | " + " | ".join(COLUMNS) + " |",
+              "|---" * (len(COLUMNS) + 1) + "|"]
+    for r in rep.get("top", []):
+        lines.append(f"| `{r['label']}` | " + " | ".join(_fmt(r["pred"].get(k), k) for k in COLUMNS) + " |")
+    if executed:
+        lines += ["", "## Executed: predicted vs measured", "",
+                  "| strategy | metric | predicted | measured | error |", "|---|---|---|---|---|"]
+        for e in executed:
+            for k in COLUMNS + ("accuracy",):
+                if k in e["meas"] and k in e["pred"]:
+                    err = e["err"].get(k)
+                    es = "" if err is None else (f"{err:+.2f} points" if k.startswith("accuracy") else f"{err:+.1%}")
+                    lines.append(f"| `{e['label']}` | {k} | {_fmt(e['pred'][k], k)} | {_fmt(e['meas'][k], k)} | {es} |")
+    lines.append("")
+    if tracked.get("run_id"):
+        lines.append(f"MLflow run {tracked['run_id']} in {tracked['uri']} ({tracked['nested_runs']} nested runs): "
+                     f"[open in the MLflow UI]({tracked['link']})"
+                     + (" (start it with `deployfit ui`)" if not tracked["uri"].startswith("http") else ""))
+    else:
+        lines.append(f"Tracking store {tracked.get('uri')} unreachable ({tracked.get('error')}): results saved "
+                     f"locally under `{tracked.get('saved_locally')}`.")
+    return "\n".join(lines)
+
+
+def _ensure_profile(hardware: str) -> None:
+    from hardware.profile import profile_path
+
+    if hardware == "host" and not profile_path("host").is_file():
+        get_run_logger().info("no host profile: calibrating this machine quickly")
+        calibrate_task(quick=True)
+
+
+def _plan_steps(model: ModelInput, data: Optional[str], hardware: str, requirements: Requirements,
+                search: SearchOptions, top_k: int) -> tuple[dict, list[dict]]:
+    log = get_run_logger()
+    _ensure_profile(hardware)
+    table = analyze_task(model)
+    sens = sensitivity_task(model, data, quote(table)) if data else None
+    shape = ",".join(map(str, table.input_shape))
+    students = {s: analyze_task(ModelInput(spec=s, input_shape=shape)) for s in search.students}
+    # quote(): large payloads pass through as they are (Prefect would walk them looking for futures)
+    rep = search_task(model, quote(table), hardware, requirements, search, data=data, sens=quote(sens),
+                      student_tables=quote(students), top_k=top_k)
+    log.info(f"{rep['candidates_evaluated']:,} candidates in {rep['seconds']} s; recommended "
+             f"{rep['recommended']['label'] if rep.get('recommended') else 'none: ' + rep['infeasible']['message']}")
+    from estimators.table import layer_rows
+
+    return rep, layer_rows(table)
+
+
+def _finish(flow_name: str, model: ModelInput, data: Optional[str], hardware: str, requirements: Requirements,
+            search: SearchOptions, rep: dict, executed: list[dict], layers: list[dict], out_dir: str,
+            t0: float) -> dict:
+    log = get_run_logger()
+    run_id = _flow_run_id()
+    workdir = Path(out_dir) / (run_id or time.strftime("%Y%m%d-%H%M%S"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    record = {"flow": flow_name, "flow_run_id": run_id, "model": model.spec, "hardware": hardware, "data": data,
+              "requirements": requirements.model_dump(exclude_none=True), "search": search.model_dump()}
+    t_track = time.perf_counter()
+    state = track_task(record, quote(rep), quote(executed), quote(layers), str(workdir), return_state=True)
+    if state.is_completed():
+        tracked = state.result()
+        log.info(f"tracked in MLflow run {tracked['run_id']} ({tracked['link']})")
+    else:
+        try:
+            state.result()
+            error = "unknown"
+        except Exception as exc:  # the store is down: keep everything on disk and say where
+            error = f"{type(exc).__name__}: {str(exc)[:300]}"
+        tracked = tracking.save_local(workdir / "tracking-fallback", record, rep, executed, layers, error)
+        log.warning(f"tracking store unreachable ({error}); results saved under {tracked['saved_locally']}")
+    tracked["seconds"] = round(time.perf_counter() - t_track, 3)
+    title = f"deployfit {flow_name}: {model.spec} on {hardware}"
+    create_markdown_artifact(markdown_report(title, rep, executed, tracked), key=_key("deployfit", flow_name, model.spec,
+                                                                                     hardware),
+                             description=title)
+    out = {k: v for k, v in rep.items() if k != "candidates"}
+    out.update(executed=[{k: e[k] for k in ("compact", "label", "pred", "meas", "err", "artifact")} for e in executed],
+               tracking=tracked, flow_run_id=run_id, seconds_total=round(time.perf_counter() - t0, 2),
+               report_dir=str(workdir))
+    (workdir / "report.json").write_text(json.dumps(out, indent=1, default=str))
+    return out
+
+
+@flow(name="deployfit-plan", log_prints=True)
+def plan_flow(model: ModelInput = ModelInput(), data: Optional[str] = "digits", hardware: str = "host",
+              requirements: Requirements = Requirements(max_size_mb=0.05),
+              search: SearchOptions = SearchOptions(), top_k: Annotated[int, Field(ge=1, le=100)] = 5,
+              out_dir: str = DEFAULT_OUT) -> dict:
+    """Estimate every candidate of the distill -> prune -> quantize space for MODEL on HARDWARE and
+    recommend the strategy that meets the requirements with the least predicted accuracy drop."""
+    t0 = time.perf_counter()
+    tracking.prefetch()
+    rep, layers = _plan_steps(model, data, hardware, requirements, search, top_k)
+    return _finish("plan", model, data, hardware, requirements, search, rep, [], layers, out_dir, t0)
+
+
+@flow(name="deployfit-run", log_prints=True)
+def run_flow(model: ModelInput = ModelInput(), data: Optional[str] = "digits", hardware: str = "host",
+             requirements: Requirements = Requirements(max_latency_ms=0.25, max_size_mb=0.05),
+             search: SearchOptions = SearchOptions(), execute: bool = True,
+             top_k: Annotated[int, Field(ge=1, le=50)] = 3, batch_size: Annotated[int, Field(ge=1)] = 1,
+             out_dir: str = DEFAULT_OUT) -> dict:
+    """Plan, then execute the top-k strategies (training where they train), measure each artifact and
+    compare it with its prediction; everything tracked in MLflow."""
+    t0 = time.perf_counter()
+    log = get_run_logger()
+    tracking.prefetch()
+    rep, layers = _plan_steps(model, data, hardware, requirements, search, top_k)
+    executed = []
+    if execute and rep.get("top"):
+        for i, cand in enumerate(rep["top"][:top_k]):
+            log.info(f"executing {i + 1}/{min(top_k, len(rep['top']))}: {cand['label']}")
+            tag = hashlib.sha256(f"{model.fingerprint()}|{cand['compact']}".encode()).hexdigest()[:12]
+            res = execute_task(model, cand["compact"], str(Path(out_dir) / "artifacts" / f"{_key(model.spec)}-{tag}"),
+                               hardware, batch_size=batch_size, data=data, finetune_epochs=search.finetune_epochs)
+            executed.append(res)
+    return _finish("run", model, data, hardware, requirements, search, rep, executed, layers, out_dir, t0)
+
+
+@flow(name="deployfit-calibrate", log_prints=True)
+def calibrate_flow(quick: bool = False, budget_s: Annotated[float, Field(gt=0, le=3600)] = 150.0,
+                   out: Optional[str] = None) -> str:
+    """Calibrate the host profile on this machine (micro-benchmarks in synthetic networks) and write it."""
+    return calibrate_task(quick=quick, budget_s=budget_s, out=out)

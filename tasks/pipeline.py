@@ -1,0 +1,182 @@
+"""The pipeline's steps as pure functions with typed inputs, and the same steps as Prefect tasks.
+
+    analyze_model -> accuracy_sensitivity -> search_space -> execute_candidate (top-k) -> (tracking)
+
+The pure functions are what `bench/flow_overhead.py` calls directly; the tasks wrap them with what Prefect
+adds: caching of the analysis and of the sensitivity by model spec and weights hash (never by an nn.Module
+argument), persisted results (a rerun after a crash finds the finished steps, executed candidates included),
+retries where the outside can fail (tracking). Estimating the candidates, predicting their latency and the
+search are one task: they are one vectorised pass over thousands of candidates (search/batch.py), which a
+task per candidate would slow by orders of magnitude.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Optional
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from pydantic import BaseModel, ConfigDict, Field
+
+from estimators.errors import UserInputError
+from estimators.modelspec import DEMO_WEIGHTS
+from estimators.strategy import parse_strategy
+from search.requirements import Requirements
+
+CODE_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _code_version(*packages: str) -> str:
+    """Hash of the sources a cached result depends on: a code change invalidates the cache."""
+    h = hashlib.sha256()
+    for pkg in packages:
+        for f in sorted((CODE_ROOT / pkg).glob("*.py")):
+            h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+ESTIMATOR_CODE = _code_version("estimators")
+EXECUTOR_CODE = _code_version("estimators", "hardware", "tasks")
+
+
+class ModelInput(BaseModel):
+    """Which model: a model spec (torchvision:NAME, demo:NAME, package.module:factory or a .pt2 path), optional
+    state_dict weights and input shape."""
+
+    model_config = ConfigDict(extra="forbid")
+    spec: str = Field(default="demo:digits-cnn", description="model spec")
+    weights: Optional[str] = Field(default=None, description="state_dict file (loaded with weights_only=True)")
+    input_shape: Optional[str] = Field(default=None, description="e.g. 1,3,224,224 (default: the model's own)")
+
+    def fingerprint(self) -> str:
+        """Spec, input shape and the weights' content hash: what the analysis and sensitivity depend on."""
+        h = hashlib.sha256(f"{self.spec}|{self.input_shape}".encode())
+        w = Path(self.weights) if self.weights else None
+        if w is None and self.spec.startswith("demo:"):
+            w = DEMO_WEIGHTS / f"{self.spec[5:]}.pt"
+        if w is None and self.spec.endswith(".pt2"):
+            w = Path(self.spec)
+        if w is not None and w.is_file():
+            h.update(hashlib.sha256(w.read_bytes()).digest())
+        return h.hexdigest()[:24]
+
+    def load(self):
+        from estimators.modelspec import load_model
+
+        return load_model(self.spec, weights=self.weights, input_shape=self.input_shape)
+
+
+class SearchOptions(BaseModel):
+    """How the strategy space is searched and how executed candidates are trained."""
+
+    model_config = ConfigDict(extra="forbid")
+    grid_step: float = Field(default=0.01, ge=0.005, le=0.45, description="pruning-ratio grid of the structured space")
+    nsga_evals: int = Field(default=10000, ge=0, le=200000, description="per-layer candidates NSGA-II evaluates")
+    seed: int = Field(default=0, description="NSGA-II's random seed")
+    students: list[str] = Field(default_factory=list, description="student model specs to distil into")
+    finetune_epochs: int = Field(default=5, ge=0, le=1000, description="training budget of each executed candidate")
+
+
+# ----------------------------------------------------------------------------------------------
+# pure steps
+
+
+def analyze_model(model: ModelInput):
+    """The model's LayerTable."""
+    from estimators.analyze import analyze
+
+    return analyze(model.load())
+
+
+def accuracy_sensitivity(model: ModelInput, data: str, table):
+    """The accuracy estimator's sensitivity analysis of the model on the data's validation split."""
+    from estimators.accuracy import sensitivity
+    from estimators.data import load_data_for
+
+    loaded = model.load()
+    return sensitivity(loaded, table, load_data_for(data, loaded))
+
+
+def search_space(model: ModelInput, table, hardware: str, requirements: Requirements, options: SearchOptions,
+                 data: str | None = None, sens=None, student_tables: dict | None = None,
+                 top_k: int = 5) -> dict[str, Any]:
+    """Estimate every candidate (size, params, MACs, memory, latency on `hardware`, accuracy drop), search
+    them against the requirements: the plan report (search.plan.plan), with the whole space as columns."""
+    from estimators.accuracy import DropScorer, ProxyScorer
+    from hardware.profile import load_profile
+    from search.plan import plan
+
+    prof = load_profile(hardware)
+    if data:
+        if sens is None:
+            raise UserInputError("data given without its sensitivity analysis")
+        req = requirements.resolve_accuracy(sens.base_accuracy)
+        scorer = DropScorer(None, table, None, options.finetune_epochs, sens=sens)
+    else:
+        req = requirements.resolve_accuracy(None)
+        if req.max_accuracy_drop is not None:
+            raise UserInputError("max_accuracy_drop needs data: without data accuracy is only ranked by a proxy")
+        scorer = ProxyScorer()
+    rep = plan(table, prof, req, scorer, top_k=top_k, students=tuple(options.students),
+               student_tables=student_tables or {}, grid_step=options.grid_step, nsga_evals=options.nsga_evals,
+               seed=options.seed, keep_candidates=True)
+    rep["model"] = model.spec
+    rep["data"] = data
+    if sens is not None:
+        rep["base_accuracy"] = round(sens.base_accuracy, 4)
+    return rep
+
+
+def execute_candidate(model: ModelInput, strategy: str, out_dir: str, hardware: str, batch_size: int = 1,
+                      data: str | None = None, finetune_epochs: int = 5) -> dict[str, Any]:
+    """Execute one strategy (train where it trains), save the artifact, measure it against its prediction."""
+    from tasks.apply import apply_and_measure
+    from tasks.train import TrainConfig
+
+    rep = apply_and_measure(model.load(), parse_strategy(strategy), out_dir, hardware=hardware, batch_size=batch_size,
+                            data_spec=data, train_cfg=TrainConfig(epochs=finetune_epochs) if data else None)
+    rep["label"] = parse_strategy(strategy).label()
+    return rep
+
+
+def calibrate_profile(quick: bool = True, budget_s: float = 150.0, out: str | None = None) -> str:
+    """Calibrate the host profile on this machine and write it; returns its path."""
+    from hardware.calibrate import calibrate_host
+    from hardware.profile import profile_path, save_profile
+
+    prof = calibrate_host(quick=quick, budget_s=budget_s)
+    path = Path(out) if out else profile_path("host")
+    save_profile(prof, path)
+    return str(path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Prefect tasks
+
+
+def _analysis_key(ctx, params: dict) -> str:
+    return f"deployfit-analysis-{params['model'].fingerprint()}-{ESTIMATOR_CODE}"
+
+
+def _sensitivity_key(ctx, params: dict) -> str:
+    return f"deployfit-sensitivity-{params['model'].fingerprint()}-{params['data']}-{ESTIMATOR_CODE}"
+
+
+def _execution_key(ctx, params: dict) -> str:
+    h = hashlib.sha256(repr([params["model"].fingerprint(), params["strategy"], os.path.abspath(params["out_dir"]),
+                             params["hardware"], params.get("batch_size", 1), params.get("data"),
+                             params.get("finetune_epochs", 5), EXECUTOR_CODE]).encode()).hexdigest()[:24]
+    return f"deployfit-execution-{h}"
+
+
+analyze_task = task(analyze_model, name="analyze", cache_key_fn=_analysis_key, persist_result=True,
+                    cache_expiration=timedelta(days=30))
+sensitivity_task = task(accuracy_sensitivity, name="accuracy-sensitivity", cache_key_fn=_sensitivity_key,
+                        persist_result=True, cache_expiration=timedelta(days=30))
+search_task = task(search_space, name="search", persist_result=True, cache_policy=NO_CACHE)
+execute_task = task(execute_candidate, name="execute-and-measure", cache_key_fn=_execution_key, persist_result=True,
+                    cache_expiration=timedelta(days=30), task_run_name="execute {strategy}")
+calibrate_task = task(calibrate_profile, name="calibrate", persist_result=False, cache_policy=NO_CACHE)

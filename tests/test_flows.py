@@ -1,0 +1,168 @@
+"""The Prefect flows against the real Prefect test harness and a real SQLite MLflow store (no mocks): a `run`
+flow completes and leaves its parent run, nested runs with pred/meas/err metrics and artifacts in MLflow and
+its flow run and markdown artifact in Prefect; an unreachable tracking store leaves the results on disk; a
+served deployment can be triggered with run_deployment and completes."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from prefect.testing.utilities import prefect_test_harness
+
+from search.requirements import Requirements
+from tasks.pipeline import ModelInput, SearchOptions
+
+FAST = SearchOptions(nsga_evals=300, grid_step=0.05, finetune_epochs=1)
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def harness():
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture()
+def mlflow_store(tmp_path, monkeypatch):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return uri
+
+
+def _prefect(coro_fn):
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+
+    async def go():
+        async with get_client() as client:
+            return await coro_fn(client)
+
+    return asyncio.run(go())
+
+
+def test_run_flow_tracks_every_candidate_and_leaves_a_prefect_artifact(harness, mlflow_store, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from flows.pipeline import run_flow
+
+    rep = run_flow(model=ModelInput(spec="demo:digits-cnn"), data="digits", hardware="host",
+                   requirements=Requirements(max_size_mb=0.05), search=FAST, top_k=2, out_dir=str(tmp_path / "runs"))
+    assert rep["recommended"] and len(rep["executed"]) == 2
+    for e in rep["executed"]:
+        assert {"params", "size_bytes", "latency_ms", "accuracy", "accuracy_drop"} <= set(e["meas"])
+        assert e["err"]["params"] == 0.0  # the pruning estimate is exact
+    tr = rep["tracking"]
+    client = MlflowClient(tracking_uri=mlflow_store)
+    exp = client.get_experiment_by_name("deployfit/demo:digits-cnn/host")
+    assert exp is not None and exp.experiment_id == tr["experiment_id"]
+    parent = client.get_run(tr["run_id"])
+    assert parent.data.params["model"] == "demo:digits-cnn" and parent.data.params["data"] == "digits"
+    assert parent.data.params["req.max_size_mb"] == "0.05"
+    assert parent.data.tags["prefect.flow_run_id"] == rep["flow_run_id"]
+    assert parent.data.metrics["candidates_evaluated"] == rep["candidates_evaluated"]
+    names = {a.path for a in client.list_artifacts(tr["run_id"])}
+    assert {"candidates.json", "plan.json", "layers.json", "pareto.png", "record.json"} <= names
+    table = json.loads(Path(client.download_artifacts(tr["run_id"], "candidates.json", str(tmp_path))).read_text())
+    assert len(table["data"]) == rep["distinct_candidates"]  # the whole space
+    kids = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{tr['run_id']}'", max_results=500)
+    executed = [r for r in kids if r.data.tags["deployfit.kind"] == "executed"]
+    pareto = [r for r in kids if r.data.tags["deployfit.kind"] == "pareto"]
+    assert len(executed) == 2 and len(pareto) == min(len(rep["pareto"]), 25) and len(kids) == tr["nested_runs"]
+    for r in executed:
+        keys = set(r.data.metrics)
+        assert {"pred.size_bytes", "meas.size_bytes", "err.size_bytes", "pred.latency_ms", "meas.latency_ms",
+                "err.latency_ms", "meas.accuracy", "err.accuracy_drop"} <= keys
+        files = {a.path for a in client.list_artifacts(r.info.run_id)}
+        assert {"strategy.json", "result.json", "model.pt2"} <= files
+    assert all("pred.latency_ms" in r.data.metrics for r in pareto)
+
+    async def prefect_side(client):
+        from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+        run = await client.read_flow_run(rep["flow_run_id"])
+        arts = await client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[run.id])))
+        return run, arts
+
+    run, arts = _prefect(prefect_side)
+    assert run.state.is_completed()
+    md = [a for a in arts if a.type == "markdown"]
+    assert md and "Executed: predicted vs measured" in md[0].data and tr["run_id"] in md[0].data
+
+
+def test_flow_parameters_are_validated_models(harness):
+    from prefect.exceptions import ParameterTypeError
+
+    from flows.pipeline import plan_flow, run_flow
+
+    from prefect.utilities.callables import parameter_schema
+
+    schema = parameter_schema(run_flow.fn).model_dump()  # what the Prefect UI renders as the run form
+    props = schema["properties"]
+    assert {"model", "data", "hardware", "requirements", "search", "execute", "top_k"} <= set(props)
+    assert props["top_k"]["default"] == 3 and props["top_k"]["minimum"] == 1
+    assert {"max_latency_ms", "max_size_mb", "max_accuracy_drop"} <= set(schema["definitions"]["Requirements"]["properties"])
+    with pytest.raises(ParameterTypeError):
+        plan_flow(top_k=0)
+
+
+def test_unreachable_tracking_store_keeps_results_on_disk(harness, tmp_path, monkeypatch):
+    from flows.pipeline import plan_flow
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # nothing listens there
+    t0 = time.time()
+    rep = plan_flow(model=ModelInput(spec="demo:digits-cnn"), data=None, hardware="host",
+                    requirements=Requirements(max_size_mb=0.05), search=FAST, out_dir=str(tmp_path / "runs"))
+    assert time.time() - t0 < 120
+    tr = rep["tracking"]
+    assert "run_id" not in tr and tr["uri"] == "http://127.0.0.1:9" and tr["error"]
+    folder = Path(tr["saved_locally"])
+    for f in ("plan.json", "candidates.json", "layers.json", "pareto.png", "record.json"):
+        assert (folder / f).is_file(), f
+    assert json.loads((folder / "record.json").read_text())["tracking_error"] == tr["error"]
+    assert json.loads((folder / "plan.json").read_text())["recommended"]["compact"] == rep["recommended"]["compact"]
+
+
+def test_served_deployment_runs_when_triggered(harness, mlflow_store, tmp_path):
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL
+
+    spec = tmp_path / "deployments.yaml"
+    spec.write_text(json.dumps({"deployments": [{
+        "name": "test-plan", "entrypoint": "flows/pipeline.py:plan_flow",
+        "parameters": {"model": {"spec": "demo:digits-cnn"}, "data": None, "hardware": "host",
+                       "requirements": {"max_size_mb": 0.05}, "search": FAST.model_dump(),
+                       "out_dir": str(tmp_path / "served")}}]}))
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PREFECT_RUNNER_POLL_FREQUENCY": "2"}
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--file", str(spec)], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        async def wait_deployment(client):
+            import asyncio
+
+            for _ in range(240):
+                try:
+                    return await client.read_deployment_by_name("deployfit-plan/test-plan")
+                except Exception:
+                    if proc.poll() is not None:
+                        raise RuntimeError(proc.stdout.read())
+                    await asyncio.sleep(0.5)
+            raise TimeoutError("the deployment was never served")
+
+        _prefect(wait_deployment)
+        run = run_deployment("deployfit-plan/test-plan", timeout=300, poll_interval=2)
+        assert run.state.is_completed(), run.state
+        reports = list((tmp_path / "served").glob("*/report.json"))
+        assert reports and json.loads(reports[0].read_text())["flow_run_id"] == str(run.id)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
