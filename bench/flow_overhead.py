@@ -9,7 +9,7 @@ the runs, as a user's does. The flow is measured against a Prefect
 server already running (how scheduled and UI-triggered runs meet it) and, separately, cold: a process with
 no server, which starts Prefect's ephemeral API itself. Runs alternate, one warm-up pair first.
 
-    .venv/bin/python bench/flow_overhead.py [--rounds 2]
+    .venv/bin/python bench/flow_overhead.py [--rounds 2] [--model demo:digits-resnet --limits '{"max_size_mb": 0.05}']
 """
 from __future__ import annotations
 
@@ -34,8 +34,8 @@ from search.requirements import Requirements
 from tasks.pipeline import (ModelInput, SearchOptions, accuracy_sensitivity, analyze_model, execute_candidate,
                             search_space)
 from flows.pipeline import run_flow
-mode, out = sys.argv[1], sys.argv[2]
-model, req, opts = ModelInput(spec="demo:digits-cnn"), Requirements(max_latency_ms=0.25, max_size_mb=0.05), SearchOptions()
+mode, out, spec, limits = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
+model, req, opts = ModelInput(spec=spec), Requirements(**limits), SearchOptions()
 t0 = time.perf_counter()
 if mode == "direct":
     table = analyze_model(model)
@@ -52,11 +52,14 @@ print(json.dumps({"seconds": time.perf_counter() - t0, "top": top}))
 """
 
 
+SPEC = ["demo:digits-cnn", '{"max_latency_ms": 0.25, "max_size_mb": 0.05}']
+
+
 def run(mode: str, env: dict) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         e = {**env, "DEPLOYFIT_CACHE_DIR": f"{tmp}/cache", "PREFECT_LOCAL_STORAGE_PATH": f"{tmp}/results",
              "HABANA_LOGS": f"{tmp}/inc"}
-        p = subprocess.run([sys.executable, "-c", CHILD, mode, f"{tmp}/out"], cwd=REPO, env=e, capture_output=True,
+        p = subprocess.run([sys.executable, "-c", CHILD, mode, f"{tmp}/out", *SPEC], cwd=REPO, env=e, capture_output=True,
                            text=True, timeout=900)
         if p.returncode:
             raise RuntimeError(p.stdout[-3000:] + p.stderr[-3000:])
@@ -69,7 +72,10 @@ def run(mode: str, env: dict) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--model", default=SPEC[0], help="another model spec (with --limits) to see the cost amortised")
+    ap.add_argument("--limits", default=SPEC[1], help="requirements as JSON")
     args = ap.parse_args()
+    SPEC[:] = [args.model, args.limits]
     home = tempfile.mkdtemp(prefix="deployfit-overhead-")
     base = {**os.environ, "PREFECT_HOME": f"{home}/prefect", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
             "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120", "TQDM_DISABLE": "1"}

@@ -392,8 +392,11 @@ def _print_run(rep: dict[str, Any]) -> None:
                 if k in e["meas"] and k in e["pred"]:
                     err = e["err"].get(k)
                     es = "" if err is None else (f"{err:+.2f} pts" if k.startswith("accuracy") else f"{err:+.1%}")
-                    t.add_row(e["label"], k, _fmt(e["pred"][k]), _fmt(e["meas"][k]), es)
+                    fmt = (lambda v: f"{v:.4g}") if k in ("latency_ms", "accuracy", "accuracy_drop") else _fmt
+                    t.add_row(e["label"], k, fmt(e["pred"][k]), fmt(e["meas"][k]), es)
         console.print(t)
+    for f in rep.get("failed", []):
+        err_console.print(f"execution failed: {f['label']}: {f['error']}", highlight=False)
     tr = rep.get("tracking", {})
     if tr.get("run_id"):
         console.print(f"MLflow: run {tr['run_id']} in {tr['uri']}; UI: {tr['link']}", highlight=False)

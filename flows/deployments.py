@@ -95,6 +95,10 @@ def start_uis(prefect_port: int = 4200, mlflow_port: int = 5000, say: Callable[[
     env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     art = tracking.DEFAULT_ARTIFACTS if uri == f"sqlite:///{tracking.DEFAULT_DB}" else None
     tracking.DEFAULT_DB.parent.mkdir(parents=True, exist_ok=True)
+    from prefect.settings import PREFECT_HOME
+
+    home = os.environ.get("PREFECT_HOME") or str(PREFECT_HOME.value())
+    Path(home).expanduser().mkdir(parents=True, exist_ok=True)  # the server's database lives there
     procs = [subprocess.Popen([prefect_bin, "server", "start", "--host", "127.0.0.1", "--port", str(prefect_port)],
                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT),
              subprocess.Popen([mlflow_bin, "server", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port",

@@ -58,7 +58,7 @@ def _fmt(v: Any, k: str) -> str:
 COLUMNS = ("latency_ms", "size_bytes", "params", "macs", "peak_memory_bytes", "accuracy_drop")
 
 
-def markdown_report(title: str, rep: dict, executed: list[dict], tracked: dict) -> str:
+def markdown_report(title: str, rep: dict, executed: list[dict], tracked: dict, failed: list[dict] = ()) -> str:
     lines = [f"# {title}", ""]
     req = rep.get("requirements", {})
     lines.append(f"Requirements: {', '.join(f'{k} = {v}' for k, v in req.items()) or 'none'}; "
@@ -83,6 +83,8 @@ def markdown_report(title: str, rep: dict, executed: list[dict], tracked: dict) 
                     err = e["err"].get(k)
                     es = "" if err is None else (f"{err:+.2f} points" if k.startswith("accuracy") else f"{err:+.1%}")
                     lines.append(f"| `{e['label']}` | {k} | {_fmt(e['pred'][k], k)} | {_fmt(e['meas'][k], k)} | {es} |")
+    for f in failed:
+        lines.append(f"\n**Execution failed:** `{f['label']}`: {f['error']}")
     lines.append("")
     if tracked.get("run_id"):
         lines.append(f"MLflow run {tracked['run_id']} in {tracked['uri']} ({tracked['nested_runs']} nested runs): "
@@ -122,7 +124,7 @@ def _plan_steps(model: ModelInput, data: Optional[str], hardware: str, requireme
 
 def _finish(flow_name: str, model: ModelInput, data: Optional[str], hardware: str, requirements: Requirements,
             search: SearchOptions, rep: dict, executed: list[dict], layers: list[dict], out_dir: str,
-            t0: float) -> dict:
+            t0: float, failed: list[dict] | None = None) -> dict:
     log = get_run_logger()
     run_id = _flow_run_id()
     workdir = Path(out_dir) / (run_id or time.strftime("%Y%m%d-%H%M%S"))
@@ -144,12 +146,13 @@ def _finish(flow_name: str, model: ModelInput, data: Optional[str], hardware: st
         log.warning(f"tracking store unreachable ({error}); results saved under {tracked['saved_locally']}")
     tracked["seconds"] = round(time.perf_counter() - t_track, 3)
     title = f"deployfit {flow_name}: {model.spec} on {hardware}"
-    create_markdown_artifact(markdown_report(title, rep, executed, tracked), key=_key("deployfit", flow_name, model.spec,
+    create_markdown_artifact(markdown_report(title, rep, executed, tracked, failed or []), key=_key("deployfit", flow_name, model.spec,
                                                                                      hardware),
                              description=title)
     out = {k: v for k, v in rep.items() if k != "candidates"}
     out.update(executed=[{k: e[k] for k in ("compact", "label", "pred", "meas", "err", "artifact")} for e in executed],
-               tracking=tracked, flow_run_id=run_id, seconds_total=round(time.perf_counter() - t0, 2),
+               failed=failed or [], tracking=tracked, flow_run_id=run_id,
+               seconds_total=round(time.perf_counter() - t0, 2),
                report_dir=str(workdir))
     (workdir / "report.json").write_text(json.dumps(out, indent=1, default=str))
     return out
@@ -180,15 +183,24 @@ def run_flow(model: ModelInput = ModelInput(), data: Optional[str] = "digits", h
     log = get_run_logger()
     tracking.prefetch()
     rep, layers = _plan_steps(model, data, hardware, requirements, search, top_k)
-    executed = []
+    executed: list[dict] = []
+    failed: list[dict] = []
     if execute and rep.get("top"):
         for i, cand in enumerate(rep["top"][:top_k]):
             log.info(f"executing {i + 1}/{min(top_k, len(rep['top']))}: {cand['label']}")
             tag = hashlib.sha256(f"{model.fingerprint()}|{cand['compact']}".encode()).hexdigest()[:12]
-            res = execute_task(model, cand["compact"], str(Path(out_dir) / "artifacts" / f"{_key(model.spec)}-{tag}"),
-                               hardware, batch_size=batch_size, data=data, finetune_epochs=search.finetune_epochs)
-            executed.append(res)
-    return _finish("run", model, data, hardware, requirements, search, rep, executed, layers, out_dir, t0)
+            state = execute_task(model, cand["compact"], str(Path(out_dir) / "artifacts" / f"{_key(model.spec)}-{tag}"),
+                                 hardware, batch_size=batch_size, data=data, finetune_epochs=search.finetune_epochs,
+                                 return_state=True)
+            if state.is_completed():
+                executed.append(state.result())
+                continue
+            try:  # one candidate failing (a runtime that cannot build it) must not lose the others
+                state.result()
+            except Exception as exc:
+                failed.append({"compact": cand["compact"], "label": cand["label"], "error": f"{type(exc).__name__}: {exc}"})
+                log.warning(f"{cand['label']} failed: {failed[-1]['error']}")
+    return _finish("run", model, data, hardware, requirements, search, rep, executed, layers, out_dir, t0, failed)
 
 
 @flow(name="deployfit-calibrate", log_prints=True)

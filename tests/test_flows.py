@@ -166,3 +166,30 @@ def test_served_deployment_runs_when_triggered(harness, mlflow_store, tmp_path):
             proc.wait(20)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+def test_ui_starts_prefect_and_mlflow_servers_on_loopback(tmp_path, monkeypatch):
+    import socket
+    import urllib.request
+
+    from flows.deployments import start_uis
+
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect-home"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'ui.db'}")
+    ports = []
+    for _ in range(2):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            ports.append(s.getsockname()[1])
+    said = []
+    procs = start_uis(*ports, say=said.append, block=False)
+    try:
+        assert urllib.request.urlopen(f"http://127.0.0.1:{ports[0]}/api/health", timeout=10).status == 200
+        assert urllib.request.urlopen(f"http://127.0.0.1:{ports[1]}/health", timeout=10).status == 200
+        text = "\n".join(said)
+        assert f"http://127.0.0.1:{ports[0]}" in text and f"http://127.0.0.1:{ports[1]}" in text
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(30)
