@@ -46,10 +46,12 @@ def _prefect(coro_fn):
     return asyncio.run(go())
 
 
-def test_run_flow_tracks_every_candidate_and_leaves_a_prefect_artifact(harness, mlflow_store, tmp_path):
+def test_run_flow_tracks_every_candidate_and_leaves_a_prefect_artifact(harness, mlflow_store, tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
 
     from flows.pipeline import run_flow
+
+    monkeypatch.setenv("DEPLOYFIT_CACHE_DIR", str(tmp_path / "cache-1"))  # the recovery model's truths
 
     rep = run_flow(model=ModelInput(spec="demo:digits-cnn"), data="digits", hardware="host",
                    requirements=Requirements(max_size_mb=0.05), search=FAST, top_k=2, out_dir=str(tmp_path / "runs"))
@@ -94,6 +96,23 @@ def test_run_flow_tracks_every_candidate_and_leaves_a_prefect_artifact(harness, 
     assert run.state.is_completed()
     md = [a for a in arts if a.type == "markdown"]
     assert md and "Executed: predicted vs measured" in md[0].data and tr["run_id"] in md[0].data
+
+    # a rerun (as after a crash) finds the analysis, the sensitivity and the executed candidates persisted
+    # (the recovery store starts empty again, so the plan and its top-2 are the same)
+    monkeypatch.setenv("DEPLOYFIT_CACHE_DIR", str(tmp_path / "cache-2"))
+    again = run_flow(model=ModelInput(spec="demo:digits-cnn"), data="digits", hardware="host",
+                     requirements=Requirements(max_size_mb=0.05), search=FAST, top_k=2, out_dir=str(tmp_path / "runs"))
+
+    async def task_states(client):
+        from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+        trs = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[again["flow_run_id"]])))
+        return {t.name: t.state.name for t in trs}
+
+    states = _prefect(task_states)
+    cached = {n: st for n, st in states.items() if n.startswith(("analyze", "accuracy-sensitivity", "execute"))}
+    assert len(cached) == 4 and set(cached.values()) == {"Cached"}, states
+    assert [e["meas"] for e in again["executed"]] == [e["meas"] for e in rep["executed"]]
 
 
 def test_flow_parameters_are_validated_models(harness):
