@@ -231,8 +231,24 @@ class RecoveryModel:
             Path(self.path).write_text(json.dumps({"truths": self.truths}, indent=1))
 
     def observe(self, method: str, epochs: int, raw: float, measured: float) -> None:
-        self.truths.append({"method": method, "epochs": int(epochs), "raw": float(raw), "measured": float(measured)})
-        self.save()
+        """Add a truth; with a store, under a file lock and re-read first, so that candidates executed in
+        parallel (several processes) all keep theirs."""
+        truth = {"method": method, "epochs": int(epochs), "raw": float(raw), "measured": float(measured)}
+        if not self.path:
+            self.truths.append(truth)
+            return
+        import fcntl
+        import os
+
+        Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path + ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            p = Path(self.path)
+            self.truths = json.loads(p.read_text()).get("truths", []) if p.is_file() else []
+            self.truths.append(truth)
+            tmp = f"{self.path}.{os.getpid()}.tmp"
+            Path(tmp).write_text(json.dumps({"truths": self.truths}, indent=1))
+            os.replace(tmp, self.path)
 
     def fit(self, method: str, epochs: int) -> tuple[float, float]:
         """(c, d0) of the hinge `points lost = c x max(0, damage - d0)`: training wins small damage back

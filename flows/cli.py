@@ -344,13 +344,19 @@ def run_cmd(model: ModelArg, hardware: HardwareReq = "host", weights: WeightsOpt
             execute: Annotated[bool, typer.Option("--execute/--no-execute", help="execute and measure the top-k")] = True,
             grid_step: GridOpt = 0.01, nsga_evals: NsgaOpt = 10000, seed: SeedOpt = 0,
             out_dir: Annotated[str, typer.Option("--out-dir", help="run reports and executed artifacts")] = "build/runs",
+            workers: Annotated[int, typer.Option("--workers", min=1, help="build and train the top-k on a local Dask "
+                                                 "cluster of this many workers (1: in this process)")] = 1,
+            dask_address: Annotated[Optional[str], typer.Option("--dask-address", help="an existing Dask scheduler "
+                                                                "(default $DEPLOYFIT_DASK_ADDRESS)")] = None,
+            threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="torch threads per executed "
+                                                           "candidate")] = None,
             as_json: JsonOpt = False) -> None:
     """Run the `deployfit-run` Prefect flow: plan, execute the top-k, measure and compare, tracked in MLflow
     (the same parameters as the flow's form in the Prefect UI)."""
 
     def body():
         from flows.pipeline import run_flow
-        from tasks.pipeline import ModelInput, SearchOptions
+        from tasks.pipeline import ModelInput, ParallelOptions, SearchOptions
 
         req = _requirements(requirements, max_latency_ms=max_latency_ms, max_size_mb=max_size_mb, max_params=max_params,
                             max_macs=max_macs, max_memory_mb=max_memory_mb, max_accuracy_drop=max_accuracy_drop,
@@ -360,7 +366,8 @@ def run_cmd(model: ModelArg, hardware: HardwareReq = "host", weights: WeightsOpt
                              finetune_epochs=finetune_epochs)
         state = run_flow(model=ModelInput(spec=model, weights=weights, input_shape=input_shape), data=data,
                          hardware=hardware, requirements=req, search=opts, execute=execute, top_k=top_k,
-                         batch_size=req.batch_size, out_dir=out_dir, return_state=True)
+                         batch_size=req.batch_size, out_dir=out_dir, return_state=True,
+                         parallel=ParallelOptions(workers=workers, dask_address=dask_address, threads=threads))
         if state.is_failed():
             try:
                 state.result()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import time
 from pathlib import Path
@@ -22,8 +23,8 @@ from prefect.utilities.annotations import quote
 from pydantic import Field
 
 from search.requirements import Requirements
-from tasks.pipeline import (ModelInput, SearchOptions, analyze_task, calibrate_task, execute_task, search_task,
-                            sensitivity_task)
+from tasks.pipeline import (ModelInput, ParallelOptions, SearchOptions, analyze_task, calibrate_task, execute_task,
+                            measure_task, search_task, sensitivity_task)
 
 from . import tracking
 
@@ -150,7 +151,8 @@ def _finish(flow_name: str, model: ModelInput, data: Optional[str], hardware: st
                                                                                      hardware),
                              description=title)
     out = {k: v for k, v in rep.items() if k != "candidates"}
-    out.update(executed=[{k: e[k] for k in ("compact", "label", "pred", "meas", "err", "artifact")} for e in executed],
+    out.update(executed=[{k: e.get(k) for k in ("compact", "label", "pred", "meas", "err", "artifact", "executed_by")}
+                         for e in executed],
                failed=failed or [], tracking=tracked, flow_run_id=run_id,
                seconds_total=round(time.perf_counter() - t0, 2),
                report_dir=str(workdir))
@@ -171,14 +173,56 @@ def plan_flow(model: ModelInput = ModelInput(), data: Optional[str] = "digits", 
     return _finish("plan", model, data, hardware, requirements, search, rep, [], layers, out_dir, t0)
 
 
+@flow(name="deployfit-execute", log_prints=True)
+def execute_flow(model: ModelInput, candidates: list[dict], out_dir: str, hardware: str, batch_size: int,
+                 data: Optional[str], finetune_epochs: int, threads: Optional[int]) -> list[dict]:
+    """Build, train and measure (all but latency) the candidates concurrently on the flow's task runner (a
+    DaskTaskRunner when called from `run` with workers or a cluster address). Returns one dict per candidate:
+    its result, or {"error": ...}."""
+    futures = [execute_task.submit(model, c["compact"], c["out_dir"], hardware, batch_size=batch_size, data=data,
+                                   finetune_epochs=finetune_epochs, latency_now=False, threads=threads)
+               for c in candidates]
+    out = []
+    for c, f in zip(candidates, futures):
+        try:
+            out.append(f.result())
+        except Exception as exc:
+            out.append({"error": f"{type(exc).__name__}: {exc}", "compact": c["compact"], "label": c["label"]})
+    return out
+
+
+def _with_plan_prediction(res: dict, pred: dict) -> dict:
+    """An executed candidate's accuracy prediction is the plan's, which chose it: the one `apply` makes while
+    executing has already learnt from candidates executed before it (and in parallel, from whichever finished
+    first), so the order of execution would change it."""
+    from estimators.report import rel_err
+
+    if "accuracy_drop" not in pred or "accuracy_drop" not in res["pred"]:
+        return res
+    out = dict(res)
+    out["pred"] = {**res["pred"], "accuracy_drop": pred["accuracy_drop"]}
+    out["err"] = rel_err(out["pred"], out["meas"])
+    return out
+
+
+def _task_runner(parallel: ParallelOptions):
+    from prefect_dask import DaskTaskRunner
+
+    if parallel.address():
+        return DaskTaskRunner(address=parallel.address())
+    return DaskTaskRunner(cluster_kwargs={"n_workers": parallel.workers, "threads_per_worker": 1, "processes": True,
+                                          "dashboard_address": None})
+
+
 @flow(name="deployfit-run", log_prints=True)
 def run_flow(model: ModelInput = ModelInput(), data: Optional[str] = "digits", hardware: str = "host",
              requirements: Requirements = Requirements(max_latency_ms=0.25, max_size_mb=0.05),
              search: SearchOptions = SearchOptions(), execute: bool = True,
              top_k: Annotated[int, Field(ge=1, le=50)] = 3, batch_size: Annotated[int, Field(ge=1)] = 1,
-             out_dir: str = DEFAULT_OUT) -> dict:
-    """Plan, then execute the top-k strategies (training where they train), measure each artifact and
-    compare it with its prediction; everything tracked in MLflow."""
+             parallel: ParallelOptions = ParallelOptions(), out_dir: str = DEFAULT_OUT) -> dict:
+    """Plan, then execute the top-k strategies (training where they train; in parallel on Dask with
+    `parallel`), measure each artifact (latency one at a time) and compare it with its prediction;
+    everything tracked in MLflow."""
     t0 = time.perf_counter()
     log = get_run_logger()
     tracking.prefetch()
@@ -186,20 +230,36 @@ def run_flow(model: ModelInput = ModelInput(), data: Optional[str] = "digits", h
     executed: list[dict] = []
     failed: list[dict] = []
     if execute and rep.get("top"):
-        for i, cand in enumerate(rep["top"][:top_k]):
-            log.info(f"executing {i + 1}/{min(top_k, len(rep['top']))}: {cand['label']}")
+        cands = []
+        plan_pred = {c["compact"]: c["pred"] for c in rep["top"][:top_k]}
+        for cand in rep["top"][:top_k]:
             tag = hashlib.sha256(f"{model.fingerprint()}|{cand['compact']}".encode()).hexdigest()[:12]
-            state = execute_task(model, cand["compact"], str(Path(out_dir) / "artifacts" / f"{_key(model.spec)}-{tag}"),
-                                 hardware, batch_size=batch_size, data=data, finetune_epochs=search.finetune_epochs,
-                                 return_state=True)
-            if state.is_completed():
-                executed.append(state.result())
+            cands.append({"compact": cand["compact"], "label": cand["label"],
+                          "out_dir": str(Path(out_dir) / "artifacts" / f"{_key(model.spec)}-{tag}")})
+        if parallel.distributed():
+            runner = _task_runner(parallel)
+            log.info(f"executing {len(cands)} candidates on Dask ({parallel.address() or f'{parallel.workers} local workers'})")
+            per = parallel.threads or (None if parallel.address() else max(1, (os.cpu_count() or 1) // parallel.workers))
+            built = execute_flow.with_options(task_runner=runner)(model, cands, out_dir, hardware, batch_size, data,
+                                                                 search.finetune_epochs, per)
+        else:
+            built = []
+            for i, c in enumerate(cands):
+                log.info(f"executing {i + 1}/{len(cands)}: {c['label']}")
+                state = execute_task(model, c["compact"], c["out_dir"], hardware, batch_size=batch_size, data=data,
+                                     finetune_epochs=search.finetune_epochs, latency_now=False,
+                                     threads=parallel.threads, return_state=True)
+                try:  # one candidate failing (a runtime that cannot build it) must not lose the others
+                    built.append(state.result())
+                except Exception as exc:
+                    built.append({"error": f"{type(exc).__name__}: {exc}", "compact": c["compact"], "label": c["label"]})
+        for res in built:
+            if "error" in res:
+                failed.append(res)
+                log.warning(f"{res['label']} failed: {res['error']}")
                 continue
-            try:  # one candidate failing (a runtime that cannot build it) must not lose the others
-                state.result()
-            except Exception as exc:
-                failed.append({"compact": cand["compact"], "label": cand["label"], "error": f"{type(exc).__name__}: {exc}"})
-                log.warning(f"{cand['label']} failed: {failed[-1]['error']}")
+            res = measure_task(quote(res), hardware)  # one at a time: nothing else runs meanwhile
+            executed.append(_with_plan_prediction(res, plan_pred[res["compact"]]))
     return _finish("run", model, data, hardware, requirements, search, rep, executed, layers, out_dir, t0, failed)
 
 

@@ -41,17 +41,40 @@ def measure_work(work: Work, ep, artifact_path: str) -> tuple[dict[str, Any], li
     return meas, notes
 
 
-def measure_artifact_latency(work: Work, ep, batch_size: int) -> dict[str, Any]:
-    """Latency of the saved artifact `ep` on this machine, in the form that runs it fast: eager for float
-    programs, inductor-compiled (freezing) for int8 ones."""
-    ex = work.example(batch_size)
-    if work.quant is not None and work.quant.dtype == "int8":
+def fast_latency(ep, int8: bool, example) -> dict[str, Any]:
+    """Latency of a saved program in the form that runs it fast: eager for float programs,
+    inductor-compiled (freezing) for int8 ones."""
+    if int8:
         from .quantize_exec import compile_for_inference
 
         fn = compile_for_inference(ep)
     else:
         fn = ep.module()
-    return measure_latency(fn, ex, warmup=3, min_runs=10, budget_s=3.0)
+    return measure_latency(fn, example, warmup=3, min_runs=10, budget_s=3.0)
+
+
+def measure_artifact_latency(work: Work, ep, batch_size: int) -> dict[str, Any]:
+    """Latency of the saved artifact `ep` on this machine (fast_latency)."""
+    return fast_latency(ep, work.quant is not None and work.quant.dtype == "int8", work.example(batch_size))
+
+
+def measure_saved_latency(result: dict[str, Any]) -> dict[str, Any]:
+    """Measure the latency of an artifact `apply_and_measure(..., latency_now=False)` saved, in the form
+    that runs it fast, and complete its `meas` and `err` (the result is returned updated)."""
+    import torch
+
+    from estimators.modelspec import SEED
+
+    ep = load_program(result["artifact"]["model"])
+    int8 = any(s.get("method") == "quantize" and s.get("dtype") == "int8" for s in result["strategy"]["steps"])
+    shape = [result["batch_size"], *result["input_shape"][1:]]
+    lat = fast_latency(ep, int8, torch.randn(*shape, generator=torch.Generator().manual_seed(SEED)))
+    out = dict(result)
+    out["meas"] = {**result["meas"], "latency_ms": round(lat["latency_ms"], 4)}
+    out["err"] = rel_err(result["pred"], out["meas"])
+    out["latency_measurement"] = lat
+    out["notes"] = [n for n in result.get("notes", []) if not n.startswith("latency to be measured")]
+    return out
 
 
 def artifact_accuracy(ep, data) -> float:
@@ -63,7 +86,9 @@ def artifact_accuracy(ep, data) -> float:
 
 def apply_and_measure(loaded: LoadedModel, strategy: Strategy, out_dir: str, hardware: str | None = None,
                       batch_size: int = 1, progress: Callable[[str], None] = lambda m: None, data_spec: str | None = None,
-                      train_cfg: Any = None) -> dict[str, Any]:
+                      train_cfg: Any = None, latency_now: bool = True) -> dict[str, Any]:
+    """`latency_now=False`: predict the latency but leave measuring it to `measure_saved_latency` (a
+    pipeline that builds candidates in parallel measures them one at a time afterwards)."""
     progress(f"analysing {loaded.spec}")
     table = analyze(loaded)
     est = estimate(table, strategy)
@@ -115,16 +140,20 @@ def apply_and_measure(loaded: LoadedModel, strategy: Strategy, out_dir: str, har
 
         prof = load_profile(hardware)
         pred["latency_ms"] = round(predict_latency(est, prof, batch_size).latency_ms, 4)
-        if prof.name == "host":
+        if prof.name == "host" and latency_now:
             progress(f"measuring latency at batch {batch_size}")
             lat = measure_artifact_latency(work, ep, batch_size)
             meas["latency_ms"] = round(lat["latency_ms"], 4)
             lat_info = lat
+        elif prof.name == "host":
+            notes.append("latency to be measured by measure_saved_latency")
         else:
             notes.append(f"latency is predicted for {prof.name}; it can be measured only on that device")
     return {
         "latency_measurement": lat_info,
         "model": loaded.spec,
+        "input_shape": list(loaded.input_shape),
+        "batch_size": batch_size,
         "strategy": strategy.model_dump(exclude_none=True),
         "compact": strategy.compact(),
         "artifact": paths,

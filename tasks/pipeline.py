@@ -69,6 +69,26 @@ class ModelInput(BaseModel):
         return load_model(self.spec, weights=self.weights, input_shape=self.input_shape)
 
 
+class ParallelOptions(BaseModel):
+    """Where executed candidates are built and trained: in the flow's process, or on a Dask cluster (a local
+    one with `workers` > 1, or an existing one at `dask_address`). Latency is always measured afterwards, one
+    candidate at a time, so that parallel builds never disturb it."""
+
+    model_config = ConfigDict(extra="forbid")
+    workers: int = Field(default=1, ge=1, le=64, description="local Dask workers (1: no cluster)")
+    dask_address: Optional[str] = Field(default=None, description="an existing Dask scheduler, e.g. "
+                                        "tcp://10.0.0.5:8786 (default: $DEPLOYFIT_DASK_ADDRESS)")
+    threads: Optional[int] = Field(default=None, ge=1, le=256, description="torch threads per executed candidate "
+                                   "(default: all cores in the flow's process, cores / workers on a local cluster); "
+                                   "training results depend on it")
+
+    def address(self) -> str | None:
+        return self.dask_address or os.environ.get("DEPLOYFIT_DASK_ADDRESS") or None
+
+    def distributed(self) -> bool:
+        return self.workers > 1 or self.address() is not None
+
+
 class SearchOptions(BaseModel):
     """How the strategy space is searched and how executed candidates are trained."""
 
@@ -131,15 +151,39 @@ def search_space(model: ModelInput, table, hardware: str, requirements: Requirem
 
 
 def execute_candidate(model: ModelInput, strategy: str, out_dir: str, hardware: str, batch_size: int = 1,
-                      data: str | None = None, finetune_epochs: int = 5) -> dict[str, Any]:
-    """Execute one strategy (train where it trains), save the artifact, measure it against its prediction."""
+                      data: str | None = None, finetune_epochs: int = 5, latency_now: bool = True,
+                      threads: int | None = None) -> dict[str, Any]:
+    """Execute one strategy (train where it trains), save the artifact, measure it against its prediction.
+    `latency_now=False` leaves the latency to `measure_candidate_latency` (candidates built in parallel are
+    timed one at a time); `threads`: torch threads while executing (training results depend on it)."""
+    import torch
+
+    from hardware.measure import steady_allocator
     from tasks.apply import apply_and_measure
     from tasks.train import TrainConfig
 
-    rep = apply_and_measure(model.load(), parse_strategy(strategy), out_dir, hardware=hardware, batch_size=batch_size,
-                            data_spec=data, train_cfg=TrainConfig(epochs=finetune_epochs) if data else None)
+    steady_allocator()  # a Dask worker trims freed memory eagerly (MALLOC_TRIM_THRESHOLD_): 2x slower without
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        rep = apply_and_measure(model.load(), parse_strategy(strategy), out_dir, hardware=hardware,
+                                batch_size=batch_size, data_spec=data,
+                                train_cfg=TrainConfig(epochs=finetune_epochs) if data else None, latency_now=latency_now)
+    finally:
+        torch.set_num_threads(before)
     rep["label"] = parse_strategy(strategy).label()
+    import socket
+
+    rep["executed_by"] = {"host": socket.gethostname(), "pid": os.getpid()}
     return rep
+
+
+def measure_candidate_latency(result: dict[str, Any], hardware: str) -> dict[str, Any]:
+    """The latency of an executed candidate's artifact, measured on this machine when `hardware` is host."""
+    from tasks.apply import measure_saved_latency
+
+    return measure_saved_latency(result) if hardware == "host" else result
 
 
 def calibrate_profile(quick: bool = True, budget_s: float = 150.0, out: str | None = None) -> str:
@@ -168,7 +212,8 @@ def _sensitivity_key(ctx, params: dict) -> str:
 def _execution_key(ctx, params: dict) -> str:
     h = hashlib.sha256(repr([params["model"].fingerprint(), params["strategy"], os.path.abspath(params["out_dir"]),
                              params["hardware"], params.get("batch_size", 1), params.get("data"),
-                             params.get("finetune_epochs", 5), EXECUTOR_CODE]).encode()).hexdigest()[:24]
+                             params.get("finetune_epochs", 5), params.get("latency_now", True), params.get("threads"),
+                             EXECUTOR_CODE]).encode()).hexdigest()[:24]
     return f"deployfit-execution-{h}"
 
 
@@ -179,4 +224,6 @@ sensitivity_task = task(accuracy_sensitivity, name="accuracy-sensitivity", cache
 search_task = task(search_space, name="search", persist_result=True, cache_policy=NO_CACHE)
 execute_task = task(execute_candidate, name="execute-and-measure", cache_key_fn=_execution_key, persist_result=True,
                     cache_expiration=timedelta(days=30), task_run_name="execute {strategy}")
+measure_task = task(measure_candidate_latency, name="measure-latency", cache_policy=NO_CACHE,
+                    task_run_name="measure latency")
 calibrate_task = task(calibrate_profile, name="calibrate", persist_result=False, cache_policy=NO_CACHE)
