@@ -395,12 +395,13 @@ def _print_run(rep: dict[str, Any]) -> None:
         for c in ("strategy", "metric", "predicted", "measured", "error"):
             t.add_column(c, justify="left" if c in ("strategy", "metric") else "right")
         for e in rep["executed"]:
-            for k in ("latency_ms", "size_bytes", "params", "accuracy", "accuracy_drop"):
-                if k in e["meas"] and k in e["pred"]:
-                    err = e["err"].get(k)
-                    es = "" if err is None else (f"{err:+.2f} pts" if k.startswith("accuracy") else f"{err:+.1%}")
-                    fmt = (lambda v: f"{v:.4g}") if k in ("latency_ms", "accuracy", "accuracy_drop") else _fmt
-                    t.add_row(e["label"], k, fmt(e["pred"][k]), fmt(e["meas"][k]), es)
+            keys = [k for k in ("latency_ms", "size_bytes", "params", "accuracy_drop") if k in e["meas"] and k in e["pred"]]
+            for i, k in enumerate(keys):
+                err = e["err"].get(k)
+                es = "" if err is None else (f"{err:+.2f} pts" if k.startswith("accuracy") else f"{err:+.1%}")
+                fmt = (lambda v: f"{v:.4g}") if k in ("latency_ms", "accuracy_drop") else _fmt
+                t.add_row(e["label"] if i == 0 else "", k, fmt(e["pred"][k]), fmt(e["meas"][k]), es,
+                          end_section=i == len(keys) - 1)
         console.print(t)
     for f in rep.get("failed", []):
         err_console.print(f"execution failed: {f['label']}: {f['error']}", highlight=False)

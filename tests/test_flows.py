@@ -270,3 +270,21 @@ def test_parallel_execution_on_a_dask_cluster_tracks_the_same_as_serial(harness,
                 assert set(x) ^ set(y) == set(), (a[:2], sorted(set(x) ^ set(y)))
         assert a == b
     assert len(content["dask"]["runs"]) == 1 + 2 + min(25, len(rep["pareto"]))
+
+
+def test_run_command_runs_the_flow_and_prints_the_comparison(harness, mlflow_store, tmp_path):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    args = ["run", "demo:digits-cnn", "--data", "digits", "--max-size-mb", "0.05", "--top-k", "1", "--finetune-epochs",
+            "1", "--grid-step", "0.05", "--nsga-evals", "200", "--out-dir", str(tmp_path / "cli")]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert "executed: predicted vs measured" in r.stdout and "MLflow: run" in r.stdout
+    r = CliRunner().invoke(app, args + ["--json", "--no-execute"])
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.stdout)
+    assert d["recommended"] and d["executed"] == [] and d["tracking"]["run_id"]
+    r = CliRunner().invoke(app, ["run", "demo:digits-cnn", "--max-accuracy-drop", "1", "--out-dir", str(tmp_path / "x")])
+    assert r.exit_code == 2 and "needs data" in r.stderr
