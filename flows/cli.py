@@ -436,6 +436,35 @@ def ui(prefect_port: Annotated[int, typer.Option("--prefect-port")] = 4200,
     start_uis(prefect_port, mlflow_port, say=lambda m: console.print(m, highlight=False))
 
 
+stores_app = typer.Typer(help="Shared stores: PostgreSQL, a Prefect server and an MLflow server on it (loopback).",
+                         no_args_is_help=True)
+app.add_typer(stores_app, name="stores")
+
+
+@stores_app.command("up")
+def stores_up(folder: Annotated[str, typer.Option("--dir", help="cluster, logs and MLflow artifacts")] = "build/stores",
+              pg_port: Annotated[int, typer.Option("--pg-port")] = 5433,
+              prefect_port: Annotated[int, typer.Option("--prefect-port")] = 4200,
+              mlflow_port: Annotated[int, typer.Option("--mlflow-port")] = 5000) -> None:
+    """Start PostgreSQL (Debian's postgresql package) on 127.0.0.1, the Prefect server and the MLflow server on
+    it, print the variables every user sets, and run until interrupted (then stop all three)."""
+    import time as _time
+
+    from flows.stores import up
+
+    try:
+        st = up(folder, pg_port, prefect_port, mlflow_port, say=lambda m: console.print(m, highlight=False))
+    except UserInputError as exc:
+        _fail(str(exc), False)
+    try:
+        while all(p.poll() is None for p in st.procs):
+            _time.sleep(1)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        st.stop()
+
+
 hardware_app = typer.Typer(help="Hardware profiles (hardware/profiles/*.yaml).", no_args_is_help=True)
 app.add_typer(hardware_app, name="hardware")
 

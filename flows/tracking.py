@@ -145,6 +145,7 @@ def log_run(record: dict, plan: dict, executed: list[dict], layers: list[dict], 
 
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")  # a down server fails in seconds, not minutes
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # stdout carries --json's one object
     uri = tracking_uri()
     client = MlflowClient(tracking_uri=uri)
     name = f"deployfit/{record['model']}/{record['hardware']}"

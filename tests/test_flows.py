@@ -288,3 +288,67 @@ def test_run_command_runs_the_flow_and_prints_the_comparison(harness, mlflow_sto
     assert d["recommended"] and d["executed"] == [] and d["tracking"]["run_id"]
     r = CliRunner().invoke(app, ["run", "demo:digits-cnn", "--max-accuracy-drop", "1", "--out-dir", str(tmp_path / "x")])
     assert r.exit_code == 2 and "needs data" in r.stderr
+
+
+def test_two_concurrent_runs_on_shared_postgresql_stores(tmp_path):
+    """PostgreSQL (Debian's package) on loopback, the Prefect and MLflow servers on it (flows/stores.py), two
+    `deployfit run` processes at once: both flow runs and every run and metric of both are in the stores."""
+    import shutil
+    import socket
+    import tempfile
+    import urllib.request
+
+    from mlflow.tracking import MlflowClient
+
+    from flows.stores import up
+
+    ports = []
+    socks = [socket.socket() for _ in range(3)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+        ports.append(s.getsockname()[1])
+    for s in socks:
+        s.close()
+    root = tempfile.mkdtemp(prefix="deployfit-stores-")  # under /tmp: the postgres user must reach it
+    os.chmod(root, 0o755)
+    st = up(root, *ports, say=lambda m: None)
+    try:
+        procs = []
+        for i, (spec, size) in enumerate((("demo:digits-cnn", "0.05"), ("demo:digits-resnet", "0.06"))):
+            env = {**os.environ, **st.env, "DEPLOYFIT_CACHE_DIR": str(tmp_path / f"cache{i}"),
+                   "PREFECT_HOME": str(tmp_path / f"home{i}")}
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "flows.cli", "run", spec, "--data", "digits", "--max-size-mb", size, "--top-k", "1",
+                 "--finetune-epochs", "1", "--grid-step", "0.05", "--nsga-evals", "200", "--out-dir",
+                 str(tmp_path / f"out{i}"), "--json"], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE, text=True))
+        reps = []
+        for p in procs:
+            out, err = p.communicate(timeout=600)
+            assert p.returncode == 0, err[-3000:]
+            assert out.strip().startswith("{"), (out[:2000], err[-2000:])
+            reps.append(json.loads(out))
+        api = st.env["PREFECT_API_URL"]
+        client = MlflowClient(tracking_uri=st.env["MLFLOW_TRACKING_URI"])
+        for rep in reps:
+            with urllib.request.urlopen(f"{api}/flow_runs/{rep['flow_run_id']}", timeout=10) as r:
+                assert json.loads(r.read())["state"]["type"] == "COMPLETED"
+            tr = rep["tracking"]
+            assert tr["uri"] == st.env["MLFLOW_TRACKING_URI"]
+            parent = client.get_run(tr["run_id"])
+            assert parent.data.tags["prefect.flow_run_id"] == rep["flow_run_id"]
+            assert parent.data.metrics["candidates_evaluated"] == rep["candidates_evaluated"]
+            assert "candidates.json" in {a.path for a in client.list_artifacts(tr["run_id"])}
+            kids = client.search_runs([tr["experiment_id"]], f"tags.mlflow.parentRunId = '{tr['run_id']}'",
+                                      max_results=200)
+            assert len(kids) == tr["nested_runs"]
+            ex = [k for k in kids if k.data.tags["deployfit.kind"] == "executed"]
+            assert len(ex) == 1
+            e = rep["executed"][0]
+            for k in ("size_bytes", "params", "accuracy", "latency_ms"):
+                assert ex[0].data.metrics[f"meas.{k}"] == pytest.approx(e["meas"][k])
+            assert {"model.pt2", "strategy.json"} <= {a.path for a in client.list_artifacts(ex[0].info.run_id)}
+        assert reps[0]["tracking"]["experiment_id"] != reps[1]["tracking"]["experiment_id"]
+    finally:
+        st.stop()
+        shutil.rmtree(root, ignore_errors=True)
