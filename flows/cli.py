@@ -350,6 +350,10 @@ def run_cmd(model: ModelArg, hardware: HardwareReq = "host", weights: WeightsOpt
                                                                 "(default $DEPLOYFIT_DASK_ADDRESS)")] = None,
             threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="torch threads per executed "
                                                            "candidate")] = None,
+            device_measure: Annotated[bool, typer.Option("--device-measure", help="measure latency on the device: "
+                                                         "through the work pool deployfit-HARDWARE")] = False,
+            device_timeout: Annotated[float, typer.Option("--device-timeout", min=1, help="seconds to wait for a "
+                                                          "device worker per candidate")] = 600.0,
             as_json: JsonOpt = False) -> None:
     """Run the `deployfit-run` Prefect flow: plan, execute the top-k, measure and compare, tracked in MLflow
     (the same parameters as the flow's form in the Prefect UI)."""
@@ -367,7 +371,8 @@ def run_cmd(model: ModelArg, hardware: HardwareReq = "host", weights: WeightsOpt
         state = run_flow(model=ModelInput(spec=model, weights=weights, input_shape=input_shape), data=data,
                          hardware=hardware, requirements=req, search=opts, execute=execute, top_k=top_k,
                          batch_size=req.batch_size, out_dir=out_dir, return_state=True,
-                         parallel=ParallelOptions(workers=workers, dask_address=dask_address, threads=threads))
+                         parallel=ParallelOptions(workers=workers, dask_address=dask_address, threads=threads),
+                         device_measure=device_measure, device_timeout_s=device_timeout)
         if state.is_failed():
             try:
                 state.result()
@@ -434,6 +439,22 @@ def ui(prefect_port: Annotated[int, typer.Option("--prefect-port")] = 4200,
     from flows.deployments import start_uis
 
     start_uis(prefect_port, mlflow_port, say=lambda m: console.print(m, highlight=False))
+
+
+@app.command()
+def worker(hardware: HardwareReq) -> None:
+    """On the device: create the work pool deployfit-HARDWARE if needed, register the deployfit-measure/HARDWARE
+    deployment and run a Prefect process worker on it (needs PREFECT_API_URL and MLFLOW_TRACKING_URI pointing at
+    the shared servers); runs until interrupted."""
+    from flows.device import start_worker
+
+    p = start_worker(hardware)
+    console.print(f"worker on pool deployfit-{hardware}; Ctrl-C stops it", highlight=False)
+    try:
+        p.wait()
+    except KeyboardInterrupt:
+        p.terminate()
+        p.wait(30)
 
 
 stores_app = typer.Typer(help="Shared stores: PostgreSQL, a Prefect server and an MLflow server on it (loopback).",

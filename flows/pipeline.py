@@ -97,6 +97,12 @@ def markdown_report(title: str, rep: dict, executed: list[dict], tracked: dict, 
     return "\n".join(lines)
 
 
+def tracking_pool(hardware: str) -> str:
+    from .device import pool_name
+
+    return pool_name(hardware)
+
+
 def _ensure_profile(hardware: str) -> None:
     from hardware.profile import profile_path
 
@@ -125,7 +131,7 @@ def _plan_steps(model: ModelInput, data: Optional[str], hardware: str, requireme
 
 def _finish(flow_name: str, model: ModelInput, data: Optional[str], hardware: str, requirements: Requirements,
             search: SearchOptions, rep: dict, executed: list[dict], layers: list[dict], out_dir: str,
-            t0: float, failed: list[dict] | None = None) -> dict:
+            t0: float, failed: list[dict] | None = None, device: tuple[int, float] | None = None) -> dict:
     log = get_run_logger()
     run_id = _flow_run_id()
     workdir = Path(out_dir) / (run_id or time.strftime("%Y%m%d-%H%M%S"))
@@ -146,12 +152,32 @@ def _finish(flow_name: str, model: ModelInput, data: Optional[str], hardware: st
         tracked = tracking.save_local(workdir / "tracking-fallback", record, rep, executed, layers, error)
         log.warning(f"tracking store unreachable ({error}); results saved under {tracked['saved_locally']}")
     tracked["seconds"] = round(time.perf_counter() - t_track, 3)
+    if device is not None:
+        # measurement on the device: the worker of pool deployfit-<hardware> fetches each artifact from the
+        # tracking store, measures it and logs into the candidate's run; the measurements come back here
+        from .device import measure_remote
+
+        if not tracked.get("executed_runs"):
+            log.warning("device measurement needs the tracking store (the artifacts travel through it): skipped")
+        else:
+            got = measure_remote(tracked["executed_runs"], tracked["uri"], hardware, device[0], device[1],
+                                 say=log.warning)
+            for e, m in zip(executed, got):
+                if m and "meas.latency_ms" in m:
+                    e["meas"]["latency_ms"] = m["meas.latency_ms"]
+                    from estimators.report import rel_err
+
+                    e["err"] = rel_err(e["pred"], e["meas"])
+                    e["measured_on"] = f"pool {tracking_pool(hardware)}"
+                else:
+                    e.setdefault("notes", []).append("latency not measured: no device worker answered in time")
     title = f"deployfit {flow_name}: {model.spec} on {hardware}"
     create_markdown_artifact(markdown_report(title, rep, executed, tracked, failed or []), key=_key("deployfit", flow_name, model.spec,
                                                                                      hardware),
                              description=title)
     out = {k: v for k, v in rep.items() if k != "candidates"}
-    out.update(executed=[{k: e.get(k) for k in ("compact", "label", "pred", "meas", "err", "artifact", "executed_by")}
+    out.update(executed=[{k: e.get(k) for k in ("compact", "label", "pred", "meas", "err", "artifact", "executed_by",
+                                                 "measured_on", "notes")}
                          for e in executed],
                failed=failed or [], tracking=tracked, flow_run_id=run_id,
                seconds_total=round(time.perf_counter() - t0, 2),
@@ -219,7 +245,8 @@ def run_flow(model: ModelInput = ModelInput(), data: Optional[str] = "digits", h
              requirements: Requirements = Requirements(max_latency_ms=0.25, max_size_mb=0.05),
              search: SearchOptions = SearchOptions(), execute: bool = True,
              top_k: Annotated[int, Field(ge=1, le=50)] = 3, batch_size: Annotated[int, Field(ge=1)] = 1,
-             parallel: ParallelOptions = ParallelOptions(), out_dir: str = DEFAULT_OUT) -> dict:
+             parallel: ParallelOptions = ParallelOptions(), device_measure: bool = False,
+             device_timeout_s: Annotated[float, Field(gt=0, le=86400)] = 600.0, out_dir: str = DEFAULT_OUT) -> dict:
     """Plan, then execute the top-k strategies (training where they train; in parallel on Dask with
     `parallel`), measure each artifact (latency one at a time) and compare it with its prediction;
     everything tracked in MLflow."""
@@ -258,9 +285,11 @@ def run_flow(model: ModelInput = ModelInput(), data: Optional[str] = "digits", h
                 failed.append(res)
                 log.warning(f"{res['label']} failed: {res['error']}")
                 continue
-            res = measure_task(quote(res), hardware)  # one at a time: nothing else runs meanwhile
+            if not device_measure:
+                res = measure_task(quote(res), hardware)  # one at a time: nothing else runs meanwhile
             executed.append(_with_plan_prediction(res, plan_pred[res["compact"]]))
-    return _finish("run", model, data, hardware, requirements, search, rep, executed, layers, out_dir, t0, failed)
+    return _finish("run", model, data, hardware, requirements, search, rep, executed, layers, out_dir, t0, failed,
+                   device=(batch_size, device_timeout_s) if device_measure and executed else None)
 
 
 @flow(name="deployfit-calibrate", log_prints=True)

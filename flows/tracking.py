@@ -188,6 +188,7 @@ def log_run(record: dict, plan: dict, executed: list[dict], layers: list[dict], 
 
     for p in _pareto_subset(plan.get("pareto", [])):
         nested.append(child("pareto", p, {}, []))  # the strategy is the run's `strategy` param
+    executed_runs = []
     for i, e in enumerate(executed):
         sub = bundle / f"executed-{i}"
         files = [sub / "strategy.json", sub / "result.json"]
@@ -196,9 +197,10 @@ def log_run(record: dict, plan: dict, executed: list[dict], layers: list[dict], 
             files.append(Path(model_file))
         nested.append(child("executed", {**e, "label": e.get("label", e["compact"])},
                             {**_metrics("meas", e.get("meas")), **_metrics("err", e.get("err"))}, files))
+        executed_runs.append(nested[-1])
     client.set_terminated(pid)
     return {"uri": uri, "experiment_id": exp_id, "run_id": pid, "nested_runs": len(nested),
-            "link": ui_link(uri, exp_id, pid)}
+            "executed_runs": executed_runs, "link": ui_link(uri, exp_id, pid)}
 
 
 def save_local(folder: Path, record: dict, plan: dict, executed: list[dict], layers: list[dict], error: str) -> dict:
@@ -209,3 +211,27 @@ def save_local(folder: Path, record: dict, plan: dict, executed: list[dict], lay
         if model_file and Path(model_file).is_file():
             shutil.copy2(model_file, folder / f"executed-{i}" / Path(model_file).name)
     return {"uri": tracking_uri(), "saved_locally": str(folder), "error": error}
+
+
+def download(uri: str, run_id: str, names: list[str], dest: str) -> dict[str, str]:
+    """Artifacts of a run, downloaded from the tracking store (how a device worker receives a candidate)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    return {n: client.download_artifacts(run_id, n, dest) for n in names}
+
+
+def log_measurement(uri: str, run_id: str, metrics: dict[str, float], tags: dict[str, str]) -> None:
+    from mlflow.entities import Metric, RunTag
+    from mlflow.tracking import MlflowClient
+
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    MlflowClient(tracking_uri=uri).log_batch(run_id, metrics=[Metric(k, float(v), 0, 0) for k, v in metrics.items()],
+                                             tags=[RunTag(k, v) for k, v in tags.items()])
+
+
+def read_metrics(uri: str, run_id: str, names: tuple[str, ...]) -> dict[str, float]:
+    from mlflow.tracking import MlflowClient
+
+    m = MlflowClient(tracking_uri=uri).get_run(run_id).data.metrics
+    return {k: m[k] for k in names if k in m}

@@ -34,6 +34,14 @@ def mlflow_store(tmp_path, monkeypatch):
     return uri
 
 
+def _stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
 def _prefect(coro_fn):
     import asyncio
 
@@ -183,11 +191,7 @@ def test_served_deployment_runs_when_triggered(harness, mlflow_store, tmp_path):
         reports = list((tmp_path / "served").glob("*/report.json"))
         assert reports and json.loads(reports[0].read_text())["flow_run_id"] == str(run.id)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        _stop(proc)
 
 
 def test_ui_starts_prefect_and_mlflow_servers_on_loopback(tmp_path, monkeypatch):
@@ -352,3 +356,44 @@ def test_two_concurrent_runs_on_shared_postgresql_stores(tmp_path):
     finally:
         st.stop()
         shutil.rmtree(root, ignore_errors=True)
+
+
+def test_device_measurement_through_the_hardware_work_pool(harness, mlflow_store, tmp_path):
+    """A real Prefect server (the harness's) and a process worker on pool deployfit-host, on loopback: the run
+    flow sends the executed candidate there; the worker fetches its artifact from the MLflow store, measures it
+    and the measured latency comes back into the run's report and the candidate's MLflow run."""
+    from mlflow.tracking import MlflowClient
+    from prefect.settings import PREFECT_API_URL
+
+    from flows.device import start_worker
+    from flows.pipeline import run_flow
+
+    env = {"PREFECT_API_URL": PREFECT_API_URL.value(), "PREFECT_WORKER_QUERY_SECONDS": "2",
+           "MLFLOW_TRACKING_URI": mlflow_store}
+    proc = start_worker("host", env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        rep = run_flow(model=ModelInput(spec="demo:digits-cnn"), data="digits", hardware="host",
+                       requirements=Requirements(max_size_mb=0.05), search=FAST, top_k=1, device_measure=True,
+                       device_timeout_s=240, out_dir=str(tmp_path / "dev"))
+        e = rep["executed"][0]
+        assert e["measured_on"] == "pool deployfit-host" and e["meas"]["latency_ms"] > 0
+        rid = rep["tracking"]["executed_runs"][0]
+        run = MlflowClient(tracking_uri=mlflow_store).get_run(rid)
+        assert run.data.metrics["meas.latency_ms"] == e["meas"]["latency_ms"]
+        assert "deployfit.measured_on" in run.data.tags and "err.latency_ms" in run.data.metrics
+    finally:
+        _stop(proc)
+
+
+def test_no_device_worker_keeps_the_predictions_and_says_so(harness, mlflow_store, tmp_path):
+    from flows.device import register
+    from flows.pipeline import run_flow
+
+    register("host")  # the deployment exists, but no worker serves the pool
+    rep = run_flow(model=ModelInput(spec="demo:digits-cnn"), data="digits", hardware="host",
+                   requirements=Requirements(max_size_mb=0.05), search=FAST, top_k=1, device_measure=True,
+                   device_timeout_s=5, out_dir=str(tmp_path / "nodev"))
+    e = rep["executed"][0]
+    assert "latency_ms" not in e["meas"] and "latency_ms" in e["pred"] and e["measured_on"] is None
+    assert e["meas"]["params"] == e["pred"]["params"]  # everything else was measured where it was built
+    assert any("no device worker answered" in n for n in e["notes"])

@@ -1,0 +1,122 @@
+"""Measurement on the target device through a Prefect work pool per hardware target.
+
+    deployfit worker --hardware NAME     (on the device: creates pool `deployfit-NAME` if needed, registers the
+                                          `deployfit-measure/NAME` deployment, starts a process worker on it)
+
+The `run` flow with `device_measure` sends each executed candidate to that pool (`run_deployment`) after
+tracking it: the artifact travels through the MLflow artifact store (the worker downloads the candidate's
+`model.pt2` from its nested run), the worker measures the latency in the form that runs it fast and logs
+`meas.latency_ms` and `err.latency_ms` into that run; the flow waits, reads them back and reports them. When
+no worker answers within the timeout, the run says so and keeps the predictions.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from prefect import flow
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def pool_name(hardware: str) -> str:
+    return f"deployfit-{hardware}"
+
+
+@flow(name="deployfit-measure", log_prints=True)
+def measure_flow(run_id: str, tracking_uri: str, batch_size: int = 1) -> dict:
+    """Download an executed candidate's artifact from its MLflow run, measure its latency here, and log the
+    measurement into that run."""
+    import tempfile
+
+    import torch
+
+    from estimators.modelspec import SEED
+    from hardware.measure import steady_allocator
+    from tasks.apply import fast_latency
+    from tasks.quantize_exec import load_program
+
+    from . import tracking
+
+    steady_allocator()
+    with tempfile.TemporaryDirectory() as tmp:
+        files = tracking.download(tracking_uri, run_id, ["model.pt2", "result.json"], tmp)
+        result = json.loads(Path(files["result.json"]).read_text())
+        ep = load_program(files["model.pt2"])
+        int8 = any(s.get("method") == "quantize" and s.get("dtype") == "int8" for s in result["strategy"]["steps"])
+        shape = [batch_size, *result["input_shape"][1:]]
+        lat = fast_latency(ep, int8, torch.randn(*shape, generator=torch.Generator().manual_seed(SEED)))
+    pred = result["pred"].get("latency_ms")
+    meas = {"meas.latency_ms": round(lat["latency_ms"], 4)}
+    if pred:
+        meas["err.latency_ms"] = round((pred - meas["meas.latency_ms"]) / meas["meas.latency_ms"], 6)
+    tracking.log_measurement(tracking_uri, run_id, meas, {"deployfit.measured_on": socket.gethostname()})
+    print(f"measured {result['compact']}: {meas['meas.latency_ms']} ms on {socket.gethostname()}")
+    return {**meas, "p90_ms": lat.get("p90_ms"), "runs": lat.get("runs"), "host": socket.gethostname()}
+
+
+async def _ensure_pool(hardware: str) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
+    async with get_client() as client:
+        try:
+            await client.read_work_pool(pool_name(hardware))
+        except ObjectNotFound:
+            try:
+                await client.create_work_pool(WorkPoolCreate(name=pool_name(hardware), type="process",
+                                                             description=f"deployfit measurements on {hardware}"))
+            except ObjectAlreadyExists:
+                pass
+
+
+def register(hardware: str) -> str:
+    """The pool `deployfit-<hardware>` and the deployment `deployfit-measure/<hardware>` on it (code from this
+    checkout: a process worker runs it where deployfit is installed)."""
+    asyncio.run(_ensure_pool(hardware))
+    measure_flow.from_source(source=str(REPO), entrypoint="flows/device.py:measure_flow").deploy(
+        name=hardware, work_pool_name=pool_name(hardware), build=False, push=False, print_next_steps=False,
+        description=f"measure an executed candidate's latency on {hardware}")
+    return f"deployfit-measure/{hardware}"
+
+
+def start_worker(hardware: str, env: dict | None = None, **popen) -> subprocess.Popen:
+    """`prefect worker start` on the hardware's pool (deployment registered first)."""
+    register(hardware)
+    cmd = [str(Path(sys.executable).parent / "prefect"), "worker", "start", "--pool", pool_name(hardware), "--type",
+           "process", "--name", f"deployfit-{hardware}-{socket.gethostname()}"]
+    return subprocess.Popen(cmd, env={**os.environ, **(env or {})}, **popen)
+
+
+def measure_remote(executed_runs: list[str], tracking_uri: str, hardware: str, batch_size: int, timeout_s: float,
+                   say=print) -> list[dict | None]:
+    """Send each executed candidate (its MLflow run) to the hardware's pool and wait for the measurement;
+    None for those no worker finished within the timeout."""
+    from prefect.deployments import run_deployment
+
+    out: list[dict | None] = []
+    for rid in executed_runs:
+        try:
+            fr = run_deployment(f"deployfit-measure/{hardware}", parameters={"run_id": rid, "tracking_uri": tracking_uri,
+                                                                             "batch_size": batch_size},
+                                timeout=timeout_s, poll_interval=2, as_subflow=False)
+        except Exception as exc:  # no such deployment: nobody registered a worker for this hardware
+            say(f"no measurement deployment for {hardware} ({type(exc).__name__}: {exc}); start `deployfit worker "
+                f"--hardware {hardware}` on the device")
+            out.append(None)
+            continue
+        if fr.state is None or not fr.state.is_completed():
+            say(f"no worker on pool {pool_name(hardware)} finished measuring within {timeout_s:.0f} s "
+                f"(flow run {fr.id}, state {fr.state.name if fr.state else 'none'}); predictions kept")
+            out.append(None)
+            continue
+        from . import tracking
+
+        out.append(tracking.read_metrics(tracking_uri, rid, ("meas.latency_ms", "err.latency_ms")))
+    return out
