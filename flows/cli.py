@@ -350,10 +350,15 @@ def run_cmd(model: ModelArg, hardware: HardwareReq = "host", weights: WeightsOpt
                                                                 "(default $DEPLOYFIT_DASK_ADDRESS)")] = None,
             threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="torch threads per executed "
                                                            "candidate")] = None,
-            device_measure: Annotated[bool, typer.Option("--device-measure", help="measure latency on the device: "
-                                                         "through the work pool deployfit-HARDWARE")] = False,
+            device_measure: Annotated[Optional[bool], typer.Option("--device-measure/--no-device-measure",
+                                                                   help="measure latency on the device through the "
+                                                                   "work pool deployfit-HARDWARE (default: for any "
+                                                                   "hardware but host)")] = None,
+            device_calibrate: Annotated[bool, typer.Option("--device-calibrate", help="calibrate the hardware's "
+                                                           "profile on the device first (work pool)")] = False,
+            device_calibrate_budget: Annotated[float, typer.Option("--device-calibrate-budget", min=1)] = 150.0,
             device_timeout: Annotated[float, typer.Option("--device-timeout", min=1, help="seconds to wait for a "
-                                                          "device worker per candidate")] = 600.0,
+                                                          "device worker per step")] = 600.0,
             as_json: JsonOpt = False) -> None:
     """Run the `deployfit-run` Prefect flow: plan, execute the top-k, measure and compare, tracked in MLflow
     (the same parameters as the flow's form in the Prefect UI)."""
@@ -372,7 +377,8 @@ def run_cmd(model: ModelArg, hardware: HardwareReq = "host", weights: WeightsOpt
                          hardware=hardware, requirements=req, search=opts, execute=execute, top_k=top_k,
                          batch_size=req.batch_size, out_dir=out_dir, return_state=True,
                          parallel=ParallelOptions(workers=workers, dask_address=dask_address, threads=threads),
-                         device_measure=device_measure, device_timeout_s=device_timeout)
+                         device_measure=device_measure, device_timeout_s=device_timeout,
+                         device_calibrate=device_calibrate, device_calibrate_budget_s=device_calibrate_budget)
         if state.is_failed():
             try:
                 state.result()

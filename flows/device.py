@@ -3,7 +3,8 @@
     deployfit worker --hardware NAME     (on the device: creates pool `deployfit-NAME` if needed, registers the
                                           `deployfit-measure/NAME` deployment, starts a process worker on it)
 
-The `run` flow with `device_measure` sends each executed candidate to that pool (`run_deployment`) after
+With `device_calibrate`, the `run` flow first has the device calibrate the hardware's profile (the profile
+comes back through the tracking store) and plans with it. With `device_measure`, it sends each executed candidate to that pool (`run_deployment`) after
 tracking it: the artifact travels through the MLflow artifact store (the worker downloads the candidate's
 `model.pt2` from its nested run), the worker measures the latency in the form that runs it fast and logs
 `meas.latency_ms` and `err.latency_ms` into that run; the flow waits, reads them back and reports them. When
@@ -60,6 +61,48 @@ def measure_flow(run_id: str, tracking_uri: str, batch_size: int = 1) -> dict:
     return {**meas, "p90_ms": lat.get("p90_ms"), "runs": lat.get("runs"), "host": socket.gethostname()}
 
 
+@flow(name="deployfit-calibrate-device", log_prints=True)
+def calibrate_device_flow(hardware: str, tracking_uri: str, quick: bool = False, budget_s: float = 150.0,
+                          int8: bool = True) -> str:
+    """Calibrate this machine (the device) as profile `hardware` and log the profile to the tracking store
+    (experiment deployfit/calibration/<hardware>, artifact profile.yaml); returns the MLflow run id."""
+    import tempfile
+
+    from hardware.calibrate import calibrate_host
+    from hardware.profile import save_profile
+
+    from . import tracking
+
+    prof = calibrate_host(quick=quick, budget_s=budget_s, int8=int8, progress=print)
+    prof = prof.model_copy(update={"name": hardware,
+                                   "description": f"{hardware}, calibrated on {socket.gethostname()}: {prof.description}"})
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "profile.yaml"
+        save_profile(prof, path)
+        return tracking.log_profile(tracking_uri, hardware, path, {"host": socket.gethostname(), "quick": str(quick)})
+
+
+def calibrate_remote(hardware: str, tracking_uri: str, dest: Path, quick: bool, budget_s: float, timeout_s: float,
+                     say=print) -> Path | None:
+    """Calibrate the hardware's profile on its device (pool deployfit-<hardware>) and fetch it to `dest`; None
+    when no worker is online or none finished within the timeout."""
+    from prefect.deployments import run_deployment
+
+    if not online_workers(hardware):
+        say(f"no worker online on pool {pool_name(hardware)}: the stored {hardware} profile is used")
+        return None
+    fr = run_deployment(f"deployfit-calibrate-device/{hardware}", parameters={
+        "hardware": hardware, "tracking_uri": tracking_uri, "quick": quick, "budget_s": budget_s},
+        timeout=timeout_s, poll_interval=2, as_subflow=False)
+    if fr.state is None or not fr.state.is_completed():
+        say(f"no worker on pool {pool_name(hardware)} finished calibrating within {timeout_s:.0f} s; the stored "
+            f"{hardware} profile is used")
+        return None
+    from . import tracking
+
+    return tracking.fetch_profile(tracking_uri, hardware, dest)
+
+
 async def _ensure_pool(hardware: str) -> None:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
@@ -83,6 +126,9 @@ def register(hardware: str) -> str:
     measure_flow.from_source(source=str(REPO), entrypoint="flows/device.py:measure_flow").deploy(
         name=hardware, work_pool_name=pool_name(hardware), build=False, push=False, print_next_steps=False,
         description=f"measure an executed candidate's latency on {hardware}")
+    calibrate_device_flow.from_source(source=str(REPO), entrypoint="flows/device.py:calibrate_device_flow").deploy(
+        name=hardware, work_pool_name=pool_name(hardware), build=False, push=False, print_next_steps=False,
+        description=f"calibrate the {hardware} profile on the device")
     return f"deployfit-measure/{hardware}"
 
 
@@ -94,12 +140,33 @@ def start_worker(hardware: str, env: dict | None = None, **popen) -> subprocess.
     return subprocess.Popen(cmd, env={**os.environ, **(env or {})}, **popen)
 
 
+async def _online_workers(hardware: str) -> list[str]:
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    async with get_client() as client:
+        try:
+            workers = await client.read_workers_for_work_pool(pool_name(hardware))
+        except ObjectNotFound:
+            return []
+    return [w.name for w in workers if str(getattr(w.status, "value", w.status)).upper() == "ONLINE"]
+
+
+def online_workers(hardware: str) -> list[str]:
+    """Workers of the hardware's pool that the Prefect API currently sees as online."""
+    return asyncio.run(_online_workers(hardware))
+
+
 def measure_remote(executed_runs: list[str], tracking_uri: str, hardware: str, batch_size: int, timeout_s: float,
                    say=print) -> list[dict | None]:
     """Send each executed candidate (its MLflow run) to the hardware's pool and wait for the measurement;
     None for those no worker finished within the timeout."""
     from prefect.deployments import run_deployment
 
+    if not online_workers(hardware):
+        say(f"no worker online on pool {pool_name(hardware)}: latency stays predicted (start `deployfit worker "
+            f"--hardware {hardware}` on the device)")
+        return [None] * len(executed_runs)
     out: list[dict | None] = []
     for rid in executed_runs:
         try:

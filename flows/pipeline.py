@@ -112,7 +112,8 @@ def _ensure_profile(hardware: str) -> None:
 
 
 def _plan_steps(model: ModelInput, data: Optional[str], hardware: str, requirements: Requirements,
-                search: SearchOptions, top_k: int) -> tuple[dict, list[dict]]:
+                search: SearchOptions, top_k: int, profile: str | None = None) -> tuple[dict, list[dict]]:
+    """`profile`: the profile to plan with when not the stored `hardware` one (a device calibration's YAML)."""
     log = get_run_logger()
     _ensure_profile(hardware)
     table = analyze_task(model)
@@ -120,7 +121,7 @@ def _plan_steps(model: ModelInput, data: Optional[str], hardware: str, requireme
     shape = ",".join(map(str, table.input_shape))
     students = {s: analyze_task(ModelInput(spec=s, input_shape=shape)) for s in search.students}
     # quote(): large payloads pass through as they are (Prefect would walk them looking for futures)
-    rep = search_task(model, quote(table), hardware, requirements, search, data=data, sens=quote(sens),
+    rep = search_task(model, quote(table), profile or hardware, requirements, search, data=data, sens=quote(sens),
                       student_tables=quote(students), top_k=top_k)
     log.info(f"{rep['candidates_evaluated']:,} candidates in {rep['seconds']} s; recommended "
              f"{rep['recommended']['label'] if rep.get('recommended') else 'none: ' + rep['infeasible']['message']}")
@@ -245,15 +246,30 @@ def run_flow(model: ModelInput = ModelInput(), data: Optional[str] = "digits", h
              requirements: Requirements = Requirements(max_latency_ms=0.25, max_size_mb=0.05),
              search: SearchOptions = SearchOptions(), execute: bool = True,
              top_k: Annotated[int, Field(ge=1, le=50)] = 3, batch_size: Annotated[int, Field(ge=1)] = 1,
-             parallel: ParallelOptions = ParallelOptions(), device_measure: bool = False,
+             parallel: ParallelOptions = ParallelOptions(), device_measure: Optional[bool] = None,
+             device_calibrate: bool = False, device_calibrate_budget_s: Annotated[float, Field(gt=0, le=3600)] = 150.0,
              device_timeout_s: Annotated[float, Field(gt=0, le=86400)] = 600.0, out_dir: str = DEFAULT_OUT) -> dict:
     """Plan, then execute the top-k strategies (training where they train; in parallel on Dask with
-    `parallel`), measure each artifact (latency one at a time) and compare it with its prediction;
-    everything tracked in MLflow."""
+    `parallel`), measure each artifact (latency one at a time; on the device through the work pool
+    deployfit-<hardware> with `device_measure`, by default for any target but host) and compare it with its
+    prediction; everything tracked in MLflow."""
     t0 = time.perf_counter()
     log = get_run_logger()
     tracking.prefetch()
-    rep, layers = _plan_steps(model, data, hardware, requirements, search, top_k)
+    profile = None
+    if device_calibrate:  # the device calibrates the hardware's profile; it comes back through the tracking store
+        from .device import calibrate_remote
+
+        got = calibrate_remote(hardware, tracking.tracking_uri(), Path(out_dir) / "profiles", quick=
+                               device_calibrate_budget_s < 30, budget_s=device_calibrate_budget_s,
+                               timeout_s=device_timeout_s, say=log.warning)
+        profile = str(got) if got else None
+        if got:
+            log.info(f"planning with the {hardware} profile calibrated on the device ({got})")
+    rep, layers = _plan_steps(model, data, hardware, requirements, search, top_k, profile)
+    rep["profile"] = profile or hardware
+    if device_measure is None:  # a target other than this machine is measured on the device when a worker serves it
+        device_measure = hardware != "host"
     executed: list[dict] = []
     failed: list[dict] = []
     if execute and rep.get("top"):

@@ -235,3 +235,38 @@ def read_metrics(uri: str, run_id: str, names: tuple[str, ...]) -> dict[str, flo
 
     m = MlflowClient(tracking_uri=uri).get_run(run_id).data.metrics
     return {k: m[k] for k in names if k in m}
+
+
+def log_profile(uri: str, hardware: str, path: Path, params: dict[str, str]) -> str:
+    """A device-calibrated profile, as artifact profile.yaml of a run in experiment deployfit/calibration/<hw>."""
+    from mlflow.entities import Param
+    from mlflow.tracking import MlflowClient
+
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    client = MlflowClient(tracking_uri=uri)
+    name = f"deployfit/calibration/{hardware}"
+    exp = client.get_experiment_by_name(name)
+    exp_id = exp.experiment_id if exp else client.create_experiment(name, artifact_location=artifact_location(uri, name))
+    run = client.create_run(exp_id, tags={"mlflow.runName": f"calibrate {hardware}", "deployfit.kind": "calibration"})
+    client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in params.items()])
+    client.log_artifact(run.info.run_id, str(path))
+    client.set_terminated(run.info.run_id)
+    return run.info.run_id
+
+
+def fetch_profile(uri: str, hardware: str, dest: Path) -> Path | None:
+    """The newest device-calibrated profile of `hardware` from the tracking store, copied to `dest`."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(f"deployfit/calibration/{hardware}")
+    if exp is None:
+        return None
+    runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"], max_results=1)
+    if not runs:
+        return None
+    dest.mkdir(parents=True, exist_ok=True)
+    got = Path(client.download_artifacts(runs[0].info.run_id, "profile.yaml", str(dest)))
+    final = dest / f"{hardware}.yaml"
+    got.replace(final)
+    return final

@@ -370,11 +370,24 @@ def test_device_measurement_through_the_hardware_work_pool(harness, mlflow_store
 
     env = {"PREFECT_API_URL": PREFECT_API_URL.value(), "PREFECT_WORKER_QUERY_SECONDS": "2",
            "MLFLOW_TRACKING_URI": mlflow_store}
-    proc = start_worker("host", env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = start_worker("host", env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
+        from flows.device import online_workers
+
+        for _ in range(120):  # the worker registers with the API within seconds
+            if online_workers("host"):
+                break
+            assert proc.poll() is None, "the worker exited"
+            time.sleep(1)
         rep = run_flow(model=ModelInput(spec="demo:digits-cnn"), data="digits", hardware="host",
                        requirements=Requirements(max_size_mb=0.05), search=FAST, top_k=1, device_measure=True,
-                       device_timeout_s=240, out_dir=str(tmp_path / "dev"))
+                       device_calibrate=True, device_calibrate_budget_s=6, device_timeout_s=240,
+                       out_dir=str(tmp_path / "dev"))
+        # the profile was calibrated by the worker, came back through the tracking store and was planned with
+        assert rep["profile"] == str(tmp_path / "dev" / "profiles" / "host.yaml")
+        from hardware.profile import load_profile
+
+        assert load_profile(rep["profile"]).name == "host" and rep["hardware"] == "host"
         e = rep["executed"][0]
         assert e["measured_on"] == "pool deployfit-host" and e["meas"]["latency_ms"] > 0
         rid = rep["tracking"]["executed_runs"][0]
@@ -389,10 +402,12 @@ def test_no_device_worker_keeps_the_predictions_and_says_so(harness, mlflow_stor
     from flows.device import register
     from flows.pipeline import run_flow
 
-    register("host")  # the deployment exists, but no worker serves the pool
-    rep = run_flow(model=ModelInput(spec="demo:digits-cnn"), data="digits", hardware="host",
-                   requirements=Requirements(max_size_mb=0.05), search=FAST, top_k=1, device_measure=True,
-                   device_timeout_s=5, out_dir=str(tmp_path / "nodev"))
+    register("x86-laptop")  # the pool and deployment exist, but no worker serves them
+    t0 = time.time()
+    rep = run_flow(model=ModelInput(spec="demo:digits-cnn"), data="digits", hardware="x86-laptop",
+                   requirements=Requirements(max_size_mb=0.05), search=FAST, top_k=1,  # device_measure: on by default
+                   device_timeout_s=600, out_dir=str(tmp_path / "nodev"))
+    assert time.time() - t0 < 300  # no worker online: said at once, not after the timeout
     e = rep["executed"][0]
     assert "latency_ms" not in e["meas"] and "latency_ms" in e["pred"] and e["measured_on"] is None
     assert e["meas"]["params"] == e["pred"]["params"]  # everything else was measured where it was built
