@@ -14,9 +14,8 @@ import urllib.request
 from pathlib import Path
 from typing import Callable
 
-import yaml
 
-from estimators.errors import UserInputError
+from estimators.errors import UserInputError, read_yaml_mapping
 
 from . import tracking
 
@@ -30,11 +29,7 @@ def load_deployments(file: str) -> list[dict]:
         p = REPO / file
     if not p.is_file():
         raise UserInputError(f"deployments file {file} does not exist")
-    try:
-        doc = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise UserInputError(f"{file} is not valid YAML: {exc}") from None
-    deps = doc.get("deployments") or []
+    deps = read_yaml_mapping(p, f"deployments file {file}", empty_ok=True).get("deployments") or []
     if not deps:
         raise UserInputError(f"{file} names no deployments")
     for d in deps:

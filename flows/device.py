@@ -35,12 +35,9 @@ def measure_flow(run_id: str, tracking_uri: str, batch_size: int = 1) -> dict:
     measurement into that run."""
     import tempfile
 
-    import torch
-
-    from estimators.modelspec import SEED
+    from estimators.report import rel_err
     from hardware.measure import steady_allocator
-    from tasks.apply import fast_latency
-    from tasks.quantize_exec import load_program
+    from tasks.apply import saved_latency
 
     from . import tracking
 
@@ -48,14 +45,10 @@ def measure_flow(run_id: str, tracking_uri: str, batch_size: int = 1) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         files = tracking.download(tracking_uri, run_id, ["model.pt2", "result.json"], tmp)
         result = json.loads(Path(files["result.json"]).read_text())
-        ep = load_program(files["model.pt2"])
-        int8 = any(s.get("method") == "quantize" and s.get("dtype") == "int8" for s in result["strategy"]["steps"])
-        shape = [batch_size, *result["input_shape"][1:]]
-        lat = fast_latency(ep, int8, torch.randn(*shape, generator=torch.Generator().manual_seed(SEED)))
-    pred = result["pred"].get("latency_ms")
-    meas = {"meas.latency_ms": round(lat["latency_ms"], 4)}
-    if pred:
-        meas["err.latency_ms"] = round((pred - meas["meas.latency_ms"]) / meas["meas.latency_ms"], 6)
+        lat = saved_latency(files["model.pt2"], result["strategy"], result["input_shape"], batch_size)
+    measured = {"latency_ms": round(lat["latency_ms"], 4)}
+    meas = {"meas.latency_ms": measured["latency_ms"],
+            **{f"err.{k}": v for k, v in rel_err(result["pred"], measured).items()}}
     tracking.log_measurement(tracking_uri, run_id, meas, {"deployfit.measured_on": socket.gethostname()})
     print(f"measured {result['compact']}: {meas['meas.latency_ms']} ms on {socket.gethostname()}")
     return {**meas, "p90_ms": lat.get("p90_ms"), "runs": lat.get("runs"), "host": socket.gethostname()}

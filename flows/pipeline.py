@@ -97,12 +97,6 @@ def markdown_report(title: str, rep: dict, executed: list[dict], tracked: dict, 
     return "\n".join(lines)
 
 
-def tracking_pool(hardware: str) -> str:
-    from .device import pool_name
-
-    return pool_name(hardware)
-
-
 def _ensure_profile(hardware: str) -> None:
     from hardware.profile import profile_path
 
@@ -156,7 +150,9 @@ def _finish(flow_name: str, model: ModelInput, data: Optional[str], hardware: st
     if device is not None:
         # measurement on the device: the worker of pool deployfit-<hardware> fetches each artifact from the
         # tracking store, measures it and logs into the candidate's run; the measurements come back here
-        from .device import measure_remote
+        from estimators.report import rel_err
+
+        from .device import measure_remote, pool_name
 
         if not tracked.get("executed_runs"):
             log.warning("device measurement needs the tracking store (the artifacts travel through it): skipped")
@@ -166,10 +162,8 @@ def _finish(flow_name: str, model: ModelInput, data: Optional[str], hardware: st
             for e, m in zip(executed, got):
                 if m and "meas.latency_ms" in m:
                     e["meas"]["latency_ms"] = m["meas.latency_ms"]
-                    from estimators.report import rel_err
-
                     e["err"] = rel_err(e["pred"], e["meas"])
-                    e["measured_on"] = f"pool {tracking_pool(hardware)}"
+                    e["measured_on"] = f"pool {pool_name(hardware)}"
                 else:
                     e.setdefault("notes", []).append("latency not measured: no device worker answered in time")
     title = f"deployfit {flow_name}: {model.spec} on {hardware}"
@@ -200,6 +194,11 @@ def plan_flow(model: ModelInput = ModelInput(), data: Optional[str] = "digits", 
     return _finish("plan", model, data, hardware, requirements, search, rep, [], layers, out_dir, t0)
 
 
+def _failure(candidate: dict, exc: Exception) -> dict:
+    """A candidate whose execution raised: reported, the others go on."""
+    return {"error": f"{type(exc).__name__}: {exc}", "compact": candidate["compact"], "label": candidate["label"]}
+
+
 @flow(name="deployfit-execute", log_prints=True)
 def execute_flow(model: ModelInput, candidates: list[dict], out_dir: str, hardware: str, batch_size: int,
                  data: Optional[str], finetune_epochs: int, threads: Optional[int]) -> list[dict]:
@@ -214,7 +213,7 @@ def execute_flow(model: ModelInput, candidates: list[dict], out_dir: str, hardwa
         try:
             out.append(f.result())
         except Exception as exc:
-            out.append({"error": f"{type(exc).__name__}: {exc}", "compact": c["compact"], "label": c["label"]})
+            out.append(_failure(c, exc))
     return out
 
 
@@ -295,7 +294,7 @@ def run_flow(model: ModelInput = ModelInput(), data: Optional[str] = "digits", h
                 try:  # one candidate failing (a runtime that cannot build it) must not lose the others
                     built.append(state.result())
                 except Exception as exc:
-                    built.append({"error": f"{type(exc).__name__}: {exc}", "compact": c["compact"], "label": c["label"]})
+                    built.append(_failure(c, exc))
         for res in built:
             if "error" in res:
                 failed.append(res)

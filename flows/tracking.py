@@ -138,22 +138,28 @@ def write_bundle(folder: Path, record: dict, plan: dict, executed: list[dict], l
     return folder
 
 
+def _client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # stdout carries --json's one object
+    return MlflowClient(tracking_uri=uri)
+
+
+def _experiment_id(client, uri: str, name: str) -> str:
+    """The experiment `name`, created (artifacts placed by artifact_location) when missing."""
+    exp = client.get_experiment_by_name(name)
+    return exp.experiment_id if exp else client.create_experiment(name, artifact_location=artifact_location(uri, name))
+
+
 def log_run(record: dict, plan: dict, executed: list[dict], layers: list[dict], workdir: Path) -> dict[str, Any]:
     """Log a flow run to MLflow. Raises when the store cannot be reached (the caller keeps a local copy)."""
     from mlflow.entities import Metric, Param, RunTag
-    from mlflow.tracking import MlflowClient
 
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")  # a down server fails in seconds, not minutes
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # stdout carries --json's one object
     uri = tracking_uri()
-    client = MlflowClient(tracking_uri=uri)
-    name = f"deployfit/{record['model']}/{record['hardware']}"
-    exp = client.get_experiment_by_name(name)
-    if exp is None:
-        exp_id = client.create_experiment(name, artifact_location=artifact_location(uri, name))
-    else:
-        exp_id = exp.experiment_id
+    client = _client(uri)
+    exp_id = _experiment_id(client, uri, f"deployfit/{record['model']}/{record['hardware']}")
     bundle = write_bundle(workdir / "tracking-bundle", record, plan, executed, layers)
     tags = {"prefect.flow_run_id": record.get("flow_run_id") or "", "deployfit.flow": record.get("flow", ""),
             "mlflow.runName": record.get("run_name") or f"{record['flow']} {record['model']}"}
@@ -215,38 +221,28 @@ def save_local(folder: Path, record: dict, plan: dict, executed: list[dict], lay
 
 def download(uri: str, run_id: str, names: list[str], dest: str) -> dict[str, str]:
     """Artifacts of a run, downloaded from the tracking store (how a device worker receives a candidate)."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=uri)
+    client = _client(uri)
     return {n: client.download_artifacts(run_id, n, dest) for n in names}
 
 
 def log_measurement(uri: str, run_id: str, metrics: dict[str, float], tags: dict[str, str]) -> None:
     from mlflow.entities import Metric, RunTag
-    from mlflow.tracking import MlflowClient
 
-    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
-    MlflowClient(tracking_uri=uri).log_batch(run_id, metrics=[Metric(k, float(v), 0, 0) for k, v in metrics.items()],
-                                             tags=[RunTag(k, v) for k, v in tags.items()])
+    _client(uri).log_batch(run_id, metrics=[Metric(k, float(v), 0, 0) for k, v in metrics.items()],
+                           tags=[RunTag(k, v) for k, v in tags.items()])
 
 
 def read_metrics(uri: str, run_id: str, names: tuple[str, ...]) -> dict[str, float]:
-    from mlflow.tracking import MlflowClient
-
-    m = MlflowClient(tracking_uri=uri).get_run(run_id).data.metrics
+    m = _client(uri).get_run(run_id).data.metrics
     return {k: m[k] for k in names if k in m}
 
 
 def log_profile(uri: str, hardware: str, path: Path, params: dict[str, str]) -> str:
     """A device-calibrated profile, as artifact profile.yaml of a run in experiment deployfit/calibration/<hw>."""
     from mlflow.entities import Param
-    from mlflow.tracking import MlflowClient
 
-    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
-    client = MlflowClient(tracking_uri=uri)
-    name = f"deployfit/calibration/{hardware}"
-    exp = client.get_experiment_by_name(name)
-    exp_id = exp.experiment_id if exp else client.create_experiment(name, artifact_location=artifact_location(uri, name))
+    client = _client(uri)
+    exp_id = _experiment_id(client, uri, f"deployfit/calibration/{hardware}")
     run = client.create_run(exp_id, tags={"mlflow.runName": f"calibrate {hardware}", "deployfit.kind": "calibration"})
     client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in params.items()])
     client.log_artifact(run.info.run_id, str(path))
@@ -256,9 +252,7 @@ def log_profile(uri: str, hardware: str, path: Path, params: dict[str, str]) -> 
 
 def fetch_profile(uri: str, hardware: str, dest: Path) -> Path | None:
     """The newest device-calibrated profile of `hardware` from the tracking store, copied to `dest`."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=uri)
+    client = _client(uri)
     exp = client.get_experiment_by_name(f"deployfit/calibration/{hardware}")
     if exp is None:
         return None

@@ -14,7 +14,7 @@ from typing import Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from estimators.errors import UserInputError
+from estimators.errors import UserInputError, read_yaml_mapping
 
 PROFILE_DIR = Path(__file__).parent / "profiles"
 DTYPES = ("fp32", "fp16", "bf16", "int8")
@@ -210,13 +210,7 @@ def load_profile(name_or_path: str) -> HardwareProfile:
     if not path.is_file():
         raise UserInputError(f"unknown hardware {name_or_path!r}; profiles: {', '.join(list_profiles())} "
                              "(or a path to a profile YAML)")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise UserInputError(f"hardware profile {path} is not valid YAML: {exc}") from None
-    if not isinstance(data, dict):
-        raise UserInputError(f"hardware profile {path} must be a mapping of fields")
-    return parse_profile(data, str(path))
+    return parse_profile(read_yaml_mapping(path, f"hardware profile {path}"), str(path))
 
 
 def save_profile(profile: HardwareProfile, path: Path) -> None:

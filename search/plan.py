@@ -126,7 +126,8 @@ def layer_step(table: LayerTable, ratios: np.ndarray) -> PruneStep:
                      layers={g.scope_modules[0]: r for g, r in zip(table.plan.groups, rs) if r > 0})
 
 
-def _prune_step(desc) -> PruneStep | None:
+def _prune_step(table: LayerTable, desc) -> PruneStep | None:
+    """The PruneStep a candidate's pruning descriptor stands for (per-layer ones keyed on `table`'s groups)."""
     if desc is None:
         return None
     kind = desc[0]
@@ -136,7 +137,7 @@ def _prune_step(desc) -> PruneStep | None:
         return PruneStep(ratio=desc[1], scope="global")
     if kind == "round_to":
         return PruneStep(ratio=desc[1], scope="uniform", round_to=desc[2])
-    return None  # "layers": built with the table (layer_step)
+    return layer_step(table, np.array(desc[1]))
 
 
 def _kept_for(table: LayerTable, P: np.ndarray) -> np.ndarray:
@@ -268,7 +269,6 @@ def nsga(fams: list[Family], pool: Pool, scorer: Scorer, req: Requirements, eval
     from pymoo.operators.crossover.sbx import SBX
     from pymoo.operators.mutation.pm import PM
     from pymoo.operators.repair.rounding import RoundingRepair
-    from pymoo.operators.sampling.rnd import IntegerRandomSampling
     from pymoo.optimize import minimize
 
     Config.warnings["not_compiled"] = False
@@ -414,7 +414,7 @@ def _report(table: LayerTable, profile: HardwareProfile, req: Requirements, scor
     def row(i: int, full: bool = True) -> dict:
         f = pool.families[fam[i]]
         d = desc[i]
-        step = layer_step(f.table, np.array(d[1])) if d is not None and d[0] == "layers" else _prune_step(d)
+        step = _prune_step(f.table, d)
         strat = f.strategy(step)
         pred = {}
         for k in METRICS + ("accuracy_drop",):
@@ -475,5 +475,5 @@ def candidate_space(table: LayerTable, profile: HardwareProfile, students: tuple
     out = []
     for fi, descs, _ in structured(fams, profile, ratio_grid(grid_step), None):
         for d in descs:
-            out.append(fams[fi].strategy(_prune_step(d)))
+            out.append(fams[fi].strategy(_prune_step(fams[fi].table, d)))
     return out

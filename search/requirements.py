@@ -4,10 +4,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from estimators.errors import UserInputError
+from estimators.errors import UserInputError, read_yaml_mapping
 
 # requirement -> (predicted metric it limits, "max" or "min", unit factor from the requirement to the metric)
 LIMITS = {
@@ -60,13 +59,7 @@ def parse_requirements(values: dict, path: str | None = None) -> Requirements:
         p = Path(path)
         if not p.is_file():
             raise UserInputError(f"requirements file {path} does not exist")
-        try:
-            loaded = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise UserInputError(f"requirements file {path} is not valid YAML: {exc}") from None
-        if not isinstance(loaded, dict):
-            raise UserInputError(f"requirements file {path} must be a mapping of fields")
-        data.update(loaded)
+        data.update(read_yaml_mapping(p, f"requirements file {path}", empty_ok=True))
     data.update({k: v for k, v in values.items() if v is not None})
     try:
         return Requirements.model_validate(data)

@@ -58,17 +58,23 @@ def measure_artifact_latency(work: Work, ep, batch_size: int) -> dict[str, Any]:
     return fast_latency(ep, work.quant is not None and work.quant.dtype == "int8", work.example(batch_size))
 
 
-def measure_saved_latency(result: dict[str, Any]) -> dict[str, Any]:
-    """Measure the latency of an artifact `apply_and_measure(..., latency_now=False)` saved, in the form
-    that runs it fast, and complete its `meas` and `err` (the result is returned updated)."""
+def saved_latency(model_path: str, strategy: dict[str, Any], input_shape: list[int], batch_size: int) -> dict[str, Any]:
+    """Latency of a saved artifact, loaded from `model_path`, on the seeded example input at `batch_size`
+    (fast_latency: compiled when the strategy is int8)."""
     import torch
 
     from estimators.modelspec import SEED
 
-    ep = load_program(result["artifact"]["model"])
-    int8 = any(s.get("method") == "quantize" and s.get("dtype") == "int8" for s in result["strategy"]["steps"])
-    shape = [result["batch_size"], *result["input_shape"][1:]]
-    lat = fast_latency(ep, int8, torch.randn(*shape, generator=torch.Generator().manual_seed(SEED)))
+    ep = load_program(model_path)
+    int8 = any(s.get("method") == "quantize" and s.get("dtype") == "int8" for s in strategy["steps"])
+    shape = [batch_size, *input_shape[1:]]
+    return fast_latency(ep, int8, torch.randn(*shape, generator=torch.Generator().manual_seed(SEED)))
+
+
+def measure_saved_latency(result: dict[str, Any]) -> dict[str, Any]:
+    """Measure the latency of an artifact `apply_and_measure(..., latency_now=False)` saved, in the form
+    that runs it fast, and complete its `meas` and `err` (the result is returned updated)."""
+    lat = saved_latency(result["artifact"]["model"], result["strategy"], result["input_shape"], result["batch_size"])
     out = dict(result)
     out["meas"] = {**result["meas"], "latency_ms": round(lat["latency_ms"], 4)}
     out["err"] = rel_err(result["pred"], out["meas"])

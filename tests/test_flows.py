@@ -412,3 +412,18 @@ def test_no_device_worker_keeps_the_predictions_and_says_so(harness, mlflow_stor
     assert "latency_ms" not in e["meas"] and "latency_ms" in e["pred"] and e["measured_on"] is None
     assert e["meas"]["params"] == e["pred"]["params"]  # everything else was measured where it was built
     assert any("no device worker answered" in n for n in e["notes"])
+
+
+def test_bad_deployment_files_are_clear_errors(tmp_path):
+    from estimators.errors import UserInputError
+    from flows.deployments import load_deployments
+
+    for text, words in (("- a\n- b\n", "must be a mapping"), ("deployments: [\n", "is not valid YAML"),
+                        ("", "names no deployments"), ("deployments:\n  - name: x\n", "has no entrypoint")):
+        f = tmp_path / "d.yaml"
+        f.write_text(text)
+        with pytest.raises(UserInputError, match=words):
+            load_deployments(str(f))
+    with pytest.raises(UserInputError, match="does not exist"):
+        load_deployments(str(tmp_path / "missing.yaml"))
+    assert [d["name"] for d in load_deployments("prefect.yaml")] == ["nightly-digits-cnn", "plan-on-demand"]
