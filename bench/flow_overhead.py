@@ -1,15 +1,18 @@
 """What Prefect and MLflow add to the demo: the `deployfit-run` flow (tasks, result persistence, Prefect
 artifact, MLflow parent + nested runs and artifacts) against calling the same pure functions directly
-(tasks/pipeline.py: analyze_model, accuracy_sensitivity, search_space, execute_candidate), on the demo's
+(tasks/pipeline.py: analyze_model, accuracy_sensitivity, search_space, execute_candidate then
+measure_latencies, with the arguments the flow gives them), on the demo's
 parameters (demo:digits-cnn, digits, host, latency <= 0.25 ms and size <= 0.05 MB, top 3 executed).
 
 Every measured run is a fresh process with fresh caches (no cache hit, no recovery truth carried over), so
 both sides do the same work; the timer starts after the imports. The MLflow store (SQLite) exists before
 the runs, as a user's does. The flow is measured against a Prefect
-server already running (how scheduled and UI-triggered runs meet it) and, separately, cold: a process with
-no server, which starts Prefect's ephemeral API itself. Runs alternate, one warm-up pair first.
+server already running (how scheduled and UI-triggered runs meet it), as `deployfit run` runs it (no flow-run
+heartbeats: flows.pipeline.terminal_run) and as a served deployment runs it (heartbeats on: Prefect stops their
+thread in 1 s sleeps), and, separately, cold: a process with no server, which starts Prefect's ephemeral API
+itself. Runs alternate, one warm-up pair first.
 
-    .venv/bin/python bench/flow_overhead.py [--rounds 2] [--model demo:digits-resnet --limits '{"max_size_mb": 0.05}']
+    .venv/bin/python bench/flow_overhead.py [--rounds 5] [--model demo:digits-resnet --limits '{"max_size_mb": 0.05}']
 """
 from __future__ import annotations
 
@@ -32,8 +35,8 @@ import json, sys, time, warnings
 warnings.filterwarnings("ignore")
 from search.requirements import Requirements
 from tasks.pipeline import (ModelInput, SearchOptions, accuracy_sensitivity, analyze_model, execute_candidate,
-                            search_space)
-from flows.pipeline import run_flow
+                            measure_latencies, search_space)
+from flows.pipeline import run_flow, terminal_run
 mode, out, spec, limits = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
 model, req, opts = ModelInput(spec=spec), Requirements(**limits), SearchOptions()
 t0 = time.perf_counter()
@@ -41,11 +44,19 @@ if mode == "direct":
     table = analyze_model(model)
     sens = accuracy_sensitivity(model, "digits", table)
     rep = search_space(model, table, "host", req, opts, data="digits", sens=sens, top_k=3)
-    done = [execute_candidate(model, c["compact"], f"{out}/a{i}", "host", data="digits",
-                              finetune_epochs=opts.finetune_epochs) for i, c in enumerate(rep["top"][:3])]
+    # as the flow calls them: every candidate built and trained, then each one's latency timed
+    built = [execute_candidate(model, c["compact"], f"{out}/a{i}", "host", data="digits",
+                               finetune_epochs=opts.finetune_epochs, latency_now=False)
+             for i, c in enumerate(rep["top"][:3])]
+    done = measure_latencies(built, "host")
     top = [c["compact"] for c in rep["top"][:3]]
 else:
-    rep = run_flow(model=model, data="digits", hardware="host", requirements=req, search=opts, top_k=3, out_dir=out)
+    kw = dict(model=model, data="digits", hardware="host", requirements=req, search=opts, top_k=3, out_dir=out)
+    if mode == "flow":
+        with terminal_run():  # as `deployfit run` (the demo) runs it
+            rep = run_flow(**kw)
+    else:  # "flow-heartbeats": as a served or worker-run deployment runs it
+        rep = run_flow(**kw)
     top = [e["compact"] for e in rep["executed"]]
     print("tracking", rep["tracking"].get("seconds"), file=sys.stderr)
 print(json.dumps({"seconds": time.perf_counter() - t0, "top": top}))
@@ -71,7 +82,7 @@ def run(mode: str, env: dict) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--model", default=SPEC[0], help="another model spec (with --limits) to see the cost amortised")
     ap.add_argument("--limits", default=SPEC[1], help="requirements as JSON")
     args = ap.parse_args()
@@ -96,14 +107,18 @@ def main() -> None:
             except Exception:
                 time.sleep(0.5)
         served = {**base, "PREFECT_API_URL": f"http://127.0.0.1:{port}/api"}
+        # cold runs keep their own Prefect database: the running server would otherwise work through the
+        # flow runs and events that the ephemeral APIs write into its database, during the next measured runs
+        cold = {**base, "PREFECT_HOME": f"{home}/prefect-cold"}
         print("warm-up (torch/inductor caches) ...", flush=True)
         run("direct", base)
         run("flow", served)
-        times: dict[str, list[float]] = {"direct": [], "flow": [], "flow, cold ephemeral API": []}
+        variants = (("direct", "direct", base), ("flow", "flow", served),
+                    ("flow, with heartbeats", "flow-heartbeats", served), ("flow, cold ephemeral API", "flow", cold))
+        times: dict[str, list[float]] = {name: [] for name, _, _ in variants}
         tops = set()
         for r in range(args.rounds):
-            for name, mode, env in (("direct", "direct", base), ("flow", "flow", served),
-                                    ("flow, cold ephemeral API", "flow", base)):
+            for name, mode, env in variants:
                 res = run(mode, env)
                 times[name].append(res["seconds"])
                 tops.add(tuple(res["top"]))

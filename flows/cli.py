@@ -361,10 +361,11 @@ def run_cmd(model: ModelArg, hardware: HardwareReq = "host", weights: WeightsOpt
                                                           "device worker per step")] = 600.0,
             as_json: JsonOpt = False) -> None:
     """Run the `deployfit-run` Prefect flow: plan, execute the top-k, measure and compare, tracked in MLflow
-    (the same parameters as the flow's form in the Prefect UI)."""
+    (the same parameters as the flow's form in the Prefect UI). Runs in this terminal without flow-run
+    heartbeats unless PREFECT_FLOWS_HEARTBEAT_FREQUENCY is set."""
 
     def body():
-        from flows.pipeline import run_flow
+        from flows.pipeline import run_flow, terminal_run
         from tasks.pipeline import ModelInput, ParallelOptions, SearchOptions
 
         req = _requirements(requirements, max_latency_ms=max_latency_ms, max_size_mb=max_size_mb, max_params=max_params,
@@ -373,12 +374,13 @@ def run_cmd(model: ModelArg, hardware: HardwareReq = "host", weights: WeightsOpt
         names = [x.strip() for x in (students or "").split(",") if x.strip()]
         opts = SearchOptions(grid_step=grid_step, nsga_evals=nsga_evals, seed=seed, students=names,
                              finetune_epochs=finetune_epochs)
-        state = run_flow(model=ModelInput(spec=model, weights=weights, input_shape=input_shape), data=data,
-                         hardware=hardware, requirements=req, search=opts, execute=execute, top_k=top_k,
-                         batch_size=req.batch_size, out_dir=out_dir, return_state=True,
-                         parallel=ParallelOptions(workers=workers, dask_address=dask_address, threads=threads),
-                         device_measure=device_measure, device_timeout_s=device_timeout,
-                         device_calibrate=device_calibrate, device_calibrate_budget_s=device_calibrate_budget)
+        with terminal_run():
+            state = run_flow(model=ModelInput(spec=model, weights=weights, input_shape=input_shape), data=data,
+                             hardware=hardware, requirements=req, search=opts, execute=execute, top_k=top_k,
+                             batch_size=req.batch_size, out_dir=out_dir, return_state=True,
+                             parallel=ParallelOptions(workers=workers, dask_address=dask_address, threads=threads),
+                             device_measure=device_measure, device_timeout_s=device_timeout,
+                             device_calibrate=device_calibrate, device_calibrate_budget_s=device_calibrate_budget)
         if state.is_failed():
             try:
                 state.result()

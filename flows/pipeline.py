@@ -13,8 +13,9 @@ import json
 import os
 import re
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, Iterator, Optional
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
@@ -31,8 +32,26 @@ from . import tracking
 DEFAULT_OUT = "build/runs"
 
 
+@contextmanager
+def terminal_run() -> Iterator[None]:
+    """Settings for a flow run started in a terminal (`deployfit run`), not by a deployment: no flow-run
+    heartbeats unless PREFECT_FLOWS_HEARTBEAT_FREQUENCY is set. Heartbeats let an automation mark a
+    deployment's run Crashed when its machine vanishes; a terminal run's crash is seen in the terminal, and
+    Prefect stops its heartbeat thread in 1 s sleeps, so each run would end up to 1 s later (half a second
+    on average, measured by bench/flow_overhead.py). Served and worker-run deployments keep Prefect's setting."""
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+    with temporary_settings(set_defaults={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+        yield
+
+
 @task(name="track", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
-def track_task(record: dict, plan: dict, executed: list[dict], layers: list[dict], workdir: str) -> dict:
+def track_task(record: dict, plan: dict, executed: list[dict], layers: list[dict], workdir: str,
+               session: Optional[tracking.Session] = None) -> dict:
+    """The flow run in MLflow: the first attempt completes the background session (the plan already logged
+    while the candidates executed), a retry logs the whole run anew."""
+    if session is not None and not session.used:
+        return session.finish(executed)
     return tracking.log_run(record, plan, executed, layers, Path(workdir))
 
 
@@ -109,7 +128,6 @@ def _plan_steps(model: ModelInput, data: Optional[str], hardware: str, requireme
                 search: SearchOptions, top_k: int, profile: str | None = None) -> tuple[dict, list[dict]]:
     """`profile`: the profile to plan with when not the stored `hardware` one (a device calibration's YAML)."""
     log = get_run_logger()
-    _ensure_profile(hardware)
     table = analyze_task(model)
     sens = sensitivity_task(model, data, quote(table)) if data else None
     shape = ",".join(map(str, table.input_shape))
@@ -124,17 +142,24 @@ def _plan_steps(model: ModelInput, data: Optional[str], hardware: str, requireme
     return rep, layer_rows(table)
 
 
-def _finish(flow_name: str, model: ModelInput, data: Optional[str], hardware: str, requirements: Requirements,
-            search: SearchOptions, rep: dict, executed: list[dict], layers: list[dict], out_dir: str,
-            t0: float, failed: list[dict] | None = None, device: tuple[int, float] | None = None) -> dict:
-    log = get_run_logger()
+def _record(flow_name: str, model: ModelInput, data: Optional[str], hardware: str, requirements: Requirements,
+            search: SearchOptions, out_dir: str) -> tuple[dict, Path]:
+    """What the tracking store records of this flow run (params, tags) and the run's own folder."""
     run_id = _flow_run_id()
     workdir = Path(out_dir) / (run_id or time.strftime("%Y%m%d-%H%M%S"))
     workdir.mkdir(parents=True, exist_ok=True)
-    record = {"flow": flow_name, "flow_run_id": run_id, "model": model.spec, "hardware": hardware, "data": data,
-              "requirements": requirements.model_dump(exclude_none=True), "search": search.model_dump()}
+    return ({"flow": flow_name, "flow_run_id": run_id, "model": model.spec, "hardware": hardware, "data": data,
+             "requirements": requirements.model_dump(exclude_none=True), "search": search.model_dump()}, workdir)
+
+
+def _finish(flow_name: str, model: ModelInput, hardware: str, record: dict, workdir: Path,
+            session: tracking.Session, rep: dict, executed: list[dict], layers: list[dict],
+            t0: float, failed: list[dict] | None = None, device: tuple[int, float] | None = None) -> dict:
+    log = get_run_logger()
+    run_id = record["flow_run_id"]
     t_track = time.perf_counter()
-    state = track_task(record, quote(rep), quote(executed), quote(layers), str(workdir), return_state=True)
+    state = track_task(record, quote(rep), quote(executed), quote(layers), str(workdir), quote(session),
+                       return_state=True)
     if state.is_completed():
         tracked = state.result()
         log.info(f"tracked in MLflow run {tracked['run_id']} ({tracked['link']})")
@@ -189,9 +214,15 @@ def plan_flow(model: ModelInput = ModelInput(), data: Optional[str] = "digits", 
     """Estimate every candidate of the distill -> prune -> quantize space for MODEL on HARDWARE and
     recommend the strategy that meets the requirements with the least predicted accuracy drop."""
     t0 = time.perf_counter()
-    tracking.prefetch()
-    rep, layers = _plan_steps(model, data, hardware, requirements, search, top_k)
-    return _finish("plan", model, data, hardware, requirements, search, rep, [], layers, out_dir, t0)
+    _ensure_profile(hardware)
+    session = tracking.Session()  # after any calibration: the session's start must not disturb its timing
+    try:
+        record, workdir = _record("plan", model, data, hardware, requirements, search, out_dir)
+        rep, layers = _plan_steps(model, data, hardware, requirements, search, top_k)
+        session.start(record, rep, layers, workdir)
+        return _finish("plan", model, hardware, record, workdir, session, rep, [], layers, t0)
+    finally:
+        session.close()
 
 
 def _failure(candidate: dict, exc: Exception) -> dict:
@@ -254,7 +285,8 @@ def run_flow(model: ModelInput = ModelInput(), data: Optional[str] = "digits", h
     prediction; everything tracked in MLflow."""
     t0 = time.perf_counter()
     log = get_run_logger()
-    tracking.prefetch()
+    _ensure_profile(hardware)
+    record, workdir = _record("run", model, data, hardware, requirements, search, out_dir)
     profile = None
     if device_calibrate:  # the device calibrates the hardware's profile; it comes back through the tracking store
         from .device import calibrate_remote
@@ -265,8 +297,22 @@ def run_flow(model: ModelInput = ModelInput(), data: Optional[str] = "digits", h
         profile = str(got) if got else None
         if got:
             log.info(f"planning with the {hardware} profile calibrated on the device ({got})")
+    session = tracking.Session()  # after any calibration: the session's start must not disturb its timing
+    try:
+        return _run_steps(model, data, hardware, requirements, search, execute, top_k, batch_size, parallel,
+                          device_measure, device_timeout_s, out_dir, record, workdir, profile, session, t0)
+    finally:
+        session.close()
+
+
+def _run_steps(model: ModelInput, data: Optional[str], hardware: str, requirements: Requirements,
+               search: SearchOptions, execute: bool, top_k: int, batch_size: int, parallel: ParallelOptions,
+               device_measure: Optional[bool], device_timeout_s: float, out_dir: str, record: dict, workdir: Path, profile: Optional[str],
+               session: tracking.Session, t0: float) -> dict:
+    log = get_run_logger()
     rep, layers = _plan_steps(model, data, hardware, requirements, search, top_k, profile)
     rep["profile"] = profile or hardware
+    session.start(record, rep, layers, workdir)  # logged in the background while the candidates execute
     if device_measure is None:  # a target other than this machine is measured on the device when a worker serves it
         device_measure = hardware != "host"
     executed: list[dict] = []
@@ -278,32 +324,36 @@ def run_flow(model: ModelInput = ModelInput(), data: Optional[str] = "digits", h
             tag = hashlib.sha256(f"{model.fingerprint()}|{cand['compact']}".encode()).hexdigest()[:12]
             cands.append({"compact": cand["compact"], "label": cand["label"],
                           "out_dir": str(Path(out_dir) / "artifacts" / f"{_key(model.spec)}-{tag}")})
+
+        def built(res: dict) -> None:  # tracked in the background while the next candidates execute
+            if "error" in res:
+                failed.append(res)
+                log.warning(f"{res['label']} failed: {res['error']}")
+                return
+            executed.append(_with_plan_prediction(res, plan_pred[res["compact"]]))
+            session.executed(len(executed) - 1, executed[-1])
+
         if parallel.distributed():
             runner = _task_runner(parallel)
             log.info(f"executing {len(cands)} candidates on Dask ({parallel.address() or f'{parallel.workers} local workers'})")
             per = parallel.threads or (None if parallel.address() else max(1, (os.cpu_count() or 1) // parallel.workers))
-            built = execute_flow.with_options(task_runner=runner)(model, cands, out_dir, hardware, batch_size, data,
-                                                                 search.finetune_epochs, per)
+            for res in execute_flow.with_options(task_runner=runner)(model, cands, out_dir, hardware, batch_size, data,
+                                                                     search.finetune_epochs, per):
+                built(res)
         else:
-            built = []
             for i, c in enumerate(cands):
                 log.info(f"executing {i + 1}/{len(cands)}: {c['label']}")
                 state = execute_task(model, c["compact"], c["out_dir"], hardware, batch_size=batch_size, data=data,
                                      finetune_epochs=search.finetune_epochs, latency_now=False,
                                      threads=parallel.threads, return_state=True)
                 try:  # one candidate failing (a runtime that cannot build it) must not lose the others
-                    built.append(state.result())
+                    built(state.result())
                 except Exception as exc:
-                    built.append(_failure(c, exc))
-        for res in built:
-            if "error" in res:
-                failed.append(res)
-                log.warning(f"{res['label']} failed: {res['error']}")
-                continue
-            if not device_measure:
-                res = measure_task(quote(res), hardware)  # one at a time: nothing else runs meanwhile
-            executed.append(_with_plan_prediction(res, plan_pred[res["compact"]]))
-    return _finish("run", model, data, hardware, requirements, search, rep, executed, layers, out_dir, t0, failed,
+                    built(_failure(c, exc))
+        if not device_measure:
+            session.idle()  # nothing else runs while latency is timed, one candidate at a time
+            executed[:] = measure_task(quote(executed), hardware)
+    return _finish("run", model, hardware, record, workdir, session, rep, executed, layers, t0, failed,
                    device=(batch_size, device_timeout_s) if device_measure and executed else None)
 
 

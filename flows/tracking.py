@@ -6,6 +6,11 @@ candidate space as a table artifact (`candidates.json`), the layer table, the pl
 one nested run per Pareto-front point (`pred.*`) and per executed candidate (`pred.*`, `meas.*`, `err.*`,
 strategy.json and the compressed model).
 
+A flow logs through a `Session`: a background process (nice 19) that opens the store while the flow
+analyses, logs the plan while the candidates execute and each executed candidate as it is built, so that
+the flow's end waits only for the measured latencies and the plot. `log_run` logs a whole run in one go
+(the `track` task's retry).
+
 Store: `MLFLOW_TRACKING_URI` when set, else the SQLite store under mlflow/ (artifacts in mlflow/artifacts),
 which `deployfit ui` serves. When the store cannot be reached, `save_local` writes the same content under a
 folder and the flow says where: nothing is lost.
@@ -25,24 +30,6 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DB = REPO / "mlflow" / "mlflow.db"
 DEFAULT_ARTIFACTS = REPO / "mlflow" / "artifacts"
 PARETO_RUNS = 25  # nested runs for the front (the whole front is in pareto.json and candidates.json)
-
-
-def prefetch() -> None:
-    """Import mlflow and matplotlib in a background thread while the flow computes (about 1.5 s of imports
-    that would otherwise wait until tracking)."""
-    import threading
-
-    def go():
-        try:
-            import matplotlib
-
-            matplotlib.use("Agg")
-            import matplotlib.pyplot  # noqa: F401
-            import mlflow.tracking  # noqa: F401
-        except Exception:  # tracking reports its own errors later
-            pass
-
-    threading.Thread(target=go, name="deployfit-prefetch", daemon=True).start()
 
 
 def tracking_uri() -> str:
@@ -120,22 +107,29 @@ def _pareto_subset(front: list[dict], n: int = PARETO_RUNS) -> list[dict]:
     return [by_lat[i] for i in idx]
 
 
-def write_bundle(folder: Path, record: dict, plan: dict, executed: list[dict], layers: list[dict]) -> Path:
+def write_bundle(folder: Path, record: dict, plan: dict, executed: list[dict], layers: list[dict],
+                 plot: bool = True) -> Path:
     """Everything a run logs, as files: record.json (params, tags), plan.json, candidates.json, layers.json,
-    pareto.png and per executed candidate its strategy and result."""
+    pareto.png (unless `plot` is false) and per executed candidate its strategy and result."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "record.json").write_text(json.dumps(record, indent=1, default=str))
     (folder / "plan.json").write_text(json.dumps({k: v for k, v in plan.items() if k != "candidates"}, default=str))
     (folder / "candidates.json").write_text(json.dumps(plan.get("candidates", {}), default=str))
     (folder / "layers.json").write_text(json.dumps(layers, default=str))
-    pareto_plot(plan, executed, folder / "pareto.png")
     for i, e in enumerate(executed):
-        sub = folder / f"executed-{i}"
-        sub.mkdir(exist_ok=True)
-        strategy = e.get("strategy") or parse_strategy(e["compact"]).model_dump(exclude_none=True)
-        (sub / "strategy.json").write_text(json.dumps(strategy, indent=1))
-        (sub / "result.json").write_text(json.dumps({k: v for k, v in e.items() if k != "log"}, default=str))
+        write_executed(folder, i, e)
+    if plot:
+        pareto_plot(plan, executed, folder / "pareto.png")
     return folder
+
+
+def write_executed(folder: Path, i: int, e: dict) -> Path:
+    sub = folder / f"executed-{i}"
+    sub.mkdir(exist_ok=True)
+    strategy = e.get("strategy") or parse_strategy(e["compact"]).model_dump(exclude_none=True)
+    (sub / "strategy.json").write_text(json.dumps(strategy, indent=1))
+    (sub / "result.json").write_text(json.dumps({k: v for k, v in e.items() if k != "log"}, default=str))
+    return sub
 
 
 def _client(uri: str):
@@ -151,40 +145,60 @@ def _experiment_id(client, uri: str, name: str) -> str:
     return exp.experiment_id if exp else client.create_experiment(name, artifact_location=artifact_location(uri, name))
 
 
-def log_run(record: dict, plan: dict, executed: list[dict], layers: list[dict], workdir: Path) -> dict[str, Any]:
-    """Log a flow run to MLflow. Raises when the store cannot be reached (the caller keeps a local copy)."""
-    from mlflow.entities import Metric, Param, RunTag
+class _Logger:
+    """Logs one flow run in three phases: `start` (parent run, params, the plan's summary, the candidate table,
+    plan/layers/record files and the Pareto nested runs), `executed` (one nested run per executed candidate)
+    and `finish` (the Pareto plot with the measured points, the parent closed). Raises when the store cannot
+    be reached."""
 
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")  # a down server fails in seconds, not minutes
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-    uri = tracking_uri()
-    client = _client(uri)
-    exp_id = _experiment_id(client, uri, f"deployfit/{record['model']}/{record['hardware']}")
-    bundle = write_bundle(workdir / "tracking-bundle", record, plan, executed, layers)
-    tags = {"prefect.flow_run_id": record.get("flow_run_id") or "", "deployfit.flow": record.get("flow", ""),
-            "mlflow.runName": record.get("run_name") or f"{record['flow']} {record['model']}"}
-    parent = client.create_run(exp_id, tags=tags)
-    pid = parent.info.run_id
-    params = {"model": record["model"], "hardware": record["hardware"], "data": record.get("data") or "none",
-              **_flat("req", record.get("requirements", {})), **_flat("search", record.get("search", {}))}
-    client.log_batch(pid, params=[Param(k, v[:6000]) for k, v in params.items()])
-    summary = {"candidates_evaluated": plan.get("candidates_evaluated", 0), "search_seconds": plan.get("seconds", 0.0),
-               "candidates_per_second": plan.get("candidates_per_second", 0.0), "pareto_points": len(plan.get("pareto", []))}
-    if plan.get("recommended"):
-        summary.update(_metrics("pred", plan["recommended"]["pred"]))
-    client.log_batch(pid, metrics=[Metric(k, v, 0, 0) for k, v in summary.items()])
-    cands = plan.get("candidates") or {}
-    if cands:
-        client.log_table(pid, cands, "candidates.json")
-    for f in ("plan.json", "layers.json", "pareto.png", "record.json"):
-        client.log_artifact(pid, str(bundle / f))
-    nested = []
+    def __init__(self, uri: str | None = None):
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")  # a down server fails in seconds, not minutes
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+        self.uri = uri or tracking_uri()
+        self.client = _client(self.uri)
+        self.pid: str | None = None
+        self.nested: list[str] = []
+        self.executed_runs: dict[int, str] = {}  # executed candidate's index -> its nested run
+        self.logged: dict[int, dict[str, float]] = {}  # the metrics logged into it
 
-    def child(kind: str, row: dict, extra_metrics: dict, files: list[Path]) -> str:
-        r = client.create_run(exp_id, tags={"mlflow.parentRunId": pid, "mlflow.runName": f"{kind}: {row.get('label', row['compact'])}"[:250],
-                                            "deployfit.kind": kind, "prefect.flow_run_id": tags["prefect.flow_run_id"]})
+    def start(self, record: dict, plan: dict, layers: list[dict], workdir: Path) -> None:
+        from mlflow.entities import Metric, Param
+
+        client = self.client
+        self.plan = plan
+        self.exp_id = _experiment_id(client, self.uri, f"deployfit/{record['model']}/{record['hardware']}")
+        self.bundle = write_bundle(Path(workdir) / "tracking-bundle", record, plan, [], layers, plot=False)
+        self.tags = {"prefect.flow_run_id": record.get("flow_run_id") or "", "deployfit.flow": record.get("flow", ""),
+                     "mlflow.runName": record.get("run_name") or f"{record['flow']} {record['model']}"}
+        self.pid = client.create_run(self.exp_id, tags=self.tags).info.run_id
+        params = {"model": record["model"], "hardware": record["hardware"], "data": record.get("data") or "none",
+                  **_flat("req", record.get("requirements", {})), **_flat("search", record.get("search", {}))}
+        client.log_batch(self.pid, params=[Param(k, v[:6000]) for k, v in params.items()])
+        summary = {"candidates_evaluated": plan.get("candidates_evaluated", 0), "search_seconds": plan.get("seconds", 0.0),
+                   "candidates_per_second": plan.get("candidates_per_second", 0.0),
+                   "pareto_points": len(plan.get("pareto", []))}
+        if plan.get("recommended"):
+            summary.update(_metrics("pred", plan["recommended"]["pred"]))
+        client.log_batch(self.pid, metrics=[Metric(k, v, 0, 0) for k, v in summary.items()])
+        cands = plan.get("candidates") or {}
+        if cands:
+            client.log_table(self.pid, cands, "candidates.json")
+        for f in ("plan.json", "layers.json", "record.json"):
+            client.log_artifact(self.pid, str(self.bundle / f))
+        for p in _pareto_subset(plan.get("pareto", [])):
+            self.nested.append(self._child("pareto", p, {}, []))  # the strategy is the run's `strategy` param
+
+    def _child(self, kind: str, row: dict, extra_metrics: dict, files: list[Path]) -> str:
+        from mlflow.entities import Metric, Param, RunTag
+
+        client = self.client
+        r = client.create_run(self.exp_id, tags={"mlflow.parentRunId": self.pid,
+                                                 "mlflow.runName": f"{kind}: {row.get('label', row['compact'])}"[:250],
+                                                 "deployfit.kind": kind,
+                                                 "prefect.flow_run_id": self.tags["prefect.flow_run_id"]})
         rid = r.info.run_id
-        client.log_batch(rid, metrics=[Metric(k, v, 0, 0) for k, v in {**_metrics("pred", row["pred"]), **extra_metrics}.items()],
+        client.log_batch(rid, metrics=[Metric(k, v, 0, 0) for k, v in {**_metrics("pred", row["pred"]),
+                                                                        **extra_metrics}.items()],
                          params=[Param("strategy", row["compact"][:6000])],
                          tags=[RunTag("deployfit.label", row.get("label", row["compact"])[:5000])])
         for f in files:
@@ -192,21 +206,198 @@ def log_run(record: dict, plan: dict, executed: list[dict], layers: list[dict], 
         client.set_terminated(rid)
         return rid
 
-    for p in _pareto_subset(plan.get("pareto", [])):
-        nested.append(child("pareto", p, {}, []))  # the strategy is the run's `strategy` param
-    executed_runs = []
-    for i, e in enumerate(executed):
-        sub = bundle / f"executed-{i}"
-        files = [sub / "strategy.json", sub / "result.json"]
-        model_file = (e.get("artifact") or {}).get("model")
-        if model_file and Path(model_file).is_file():
-            files.append(Path(model_file))
-        nested.append(child("executed", {**e, "label": e.get("label", e["compact"])},
-                            {**_metrics("meas", e.get("meas")), **_metrics("err", e.get("err"))}, files))
-        executed_runs.append(nested[-1])
-    client.set_terminated(pid)
-    return {"uri": uri, "experiment_id": exp_id, "run_id": pid, "nested_runs": len(nested),
-            "executed_runs": executed_runs, "link": ui_link(uri, exp_id, pid)}
+    def executed(self, i: int, e: dict, final: bool = True) -> None:
+        """The nested run of executed candidate `i` (strategy.json, the model, pred/meas/err metrics); called
+        again with the final result (its latency is timed after every candidate is built), it logs what is
+        new or changed. result.json is logged with the final result."""
+        sub = write_executed(self.bundle, i, e)
+        metrics = {**_metrics("meas", e.get("meas")), **_metrics("err", e.get("err"))}
+        if i in self.executed_runs:
+            from mlflow.entities import Metric
+
+            rid, old = self.executed_runs[i], self.logged[i]
+            new = {k: v for k, v in metrics.items() if old.get(k) != v}
+            if new:
+                self.client.log_batch(rid, metrics=[Metric(k, v, 0, 0) for k, v in new.items()])
+            files = [sub / "result.json"] if final else []
+        else:
+            files = [sub / "strategy.json"] + ([sub / "result.json"] if final else [])
+            model_file = (e.get("artifact") or {}).get("model")
+            if model_file and Path(model_file).is_file():
+                files.append(Path(model_file))
+            rid = self._child("executed", {**e, "label": e.get("label", e["compact"])}, metrics, [])
+            self.nested.append(rid)
+            self.executed_runs[i] = rid
+        for f in files:
+            self.client.log_artifact(rid, str(f))
+        self.logged[i] = metrics
+
+    def finish(self, executed: list[dict]) -> dict[str, Any]:
+        """Each executed candidate's final result, the Pareto plot with the measured points, the parent closed."""
+        for i, e in enumerate(executed):
+            self.executed(i, e)
+        self.client.log_artifact(self.pid, str(pareto_plot(self.plan, executed, self.bundle / "pareto.png")))
+        self.client.set_terminated(self.pid)
+        return {"uri": self.uri, "experiment_id": self.exp_id, "run_id": self.pid, "nested_runs": len(self.nested),
+                "executed_runs": [self.executed_runs[i] for i in range(len(executed))],
+                "link": ui_link(self.uri, self.exp_id, self.pid)}
+
+    def abandon(self) -> None:
+        """A failed attempt's parent run is closed as FAILED (a retry logs the run anew)."""
+        if self.pid:
+            try:
+                self.client.set_terminated(self.pid, "FAILED")
+            except Exception:
+                pass
+
+
+def log_run(record: dict, plan: dict, executed: list[dict], layers: list[dict], workdir: Path) -> dict[str, Any]:
+    """Log a flow run to MLflow in one go. Raises when the store cannot be reached (the caller keeps a local
+    copy)."""
+    lg = _Logger()
+    try:
+        lg.start(record, plan, layers, workdir)
+        return lg.finish(executed)
+    except Exception:
+        lg.abandon()
+        raise
+
+
+# The background session: a process of its own (`python -m flows.tracking`, so nothing of the flow's torch
+# state is copied and no main module is re-imported), where mlflow is imported and the store opened while
+# the flow analyses, and the plan is logged while the candidates execute. A process, not a thread: MLflow's
+# work is Python and would hold the GIL against the flow's own Python (training loops, the search).
+# Requests and replies are pickled over the process's stdin and its original stdout.
+_W: dict[str, Any] = {}
+
+
+class TrackingError(RuntimeError):
+    """The tracking store failed (or the tracking process ended); the message names the original error."""
+
+
+def _w_call(method: str, *args) -> Any:
+    if "error" in _W:
+        raise _W["error"]
+    try:
+        if "logger" not in _W:
+            _W["logger"] = _Logger()
+        return getattr(_W["logger"], method)(*args)
+    except Exception as exc:
+        _W["error"] = exc
+        if "logger" in _W:
+            _W["logger"].abandon()
+        raise
+
+
+def _serve() -> None:
+    import pickle
+    import sys
+
+    try:  # the flow's own work (and its timings) come first
+        os.nice(19)
+    except OSError:
+        pass
+    out = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)  # anything printed goes to stderr, never into the replies
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot  # noqa: F401
+
+        _W["logger"] = _Logger()
+    except Exception as exc:  # said at the first request
+        _W["error"] = exc
+    inp = sys.stdin.buffer
+    while True:
+        try:
+            method, args = pickle.load(inp)
+        except EOFError:
+            return
+        try:
+            reply = (True, _w_call(method, *args))
+        except Exception as exc:
+            reply = (False, f"{type(exc).__name__}: {exc}")
+        pickle.dump(reply, out)
+        out.flush()
+
+
+class Session:
+    """MLflow logging of one flow run in a background process. `start` is called once the plan is known,
+    `finish` at the end (its result is `log_run`'s, or it raises the first error); `idle` waits until the
+    process has nothing left to do (before latency is timed, so that it does not disturb the timing)."""
+
+    def __init__(self):
+        import queue
+        import subprocess
+        import sys
+        import threading
+
+        env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri(), "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
+               "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+        self._proc = subprocess.Popen([sys.executable, "-m", "flows.tracking"], stdin=subprocess.PIPE,
+                                      stdout=subprocess.PIPE, env=env)
+        self._queue: queue.Queue = queue.Queue()
+        self._pending: list = []
+        self.used = False
+        threading.Thread(target=self._pump, name="deployfit-tracking", daemon=True).start()
+
+    def _pump(self) -> None:
+        import pickle
+
+        while (item := self._queue.get()) is not None:
+            fut, method, args = item
+            try:
+                pickle.dump((method, args), self._proc.stdin)
+                self._proc.stdin.flush()
+                ok, value = pickle.load(self._proc.stdout)
+            except Exception as exc:  # the process is gone
+                fut.set_exception(TrackingError(f"the tracking process ended ({type(exc).__name__}: {exc})"))
+                continue
+            if ok:
+                fut.set_result(value)
+            else:
+                fut.set_exception(TrackingError(value))
+
+    def _submit(self, method: str, *args):
+        from concurrent.futures import Future
+
+        fut: Future = Future()
+        self._pending.append(fut)
+        self._queue.put((fut, method, args))
+        return fut
+
+    def start(self, record: dict, plan: dict, layers: list[dict], workdir: Path) -> None:
+        self._submit("start", record, plan, layers, Path(workdir))
+
+    def executed(self, i: int, e: dict) -> None:
+        """Executed candidate `i` as known now (`finish` completes it)."""
+        self._submit("executed", i, e, False)
+
+    def idle(self) -> None:
+        from concurrent.futures import wait
+
+        wait(self._pending)
+
+    def finish(self, executed: list[dict]) -> dict[str, Any]:
+        """The tracked run (as `log_run` returns it); raises the session's first error."""
+        self.used = True
+        last = self._submit("finish", executed)
+        try:
+            for f in self._pending:
+                f.result()
+            return last.result()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """The process ends when its input closes (also when this process dies)."""
+        self._queue.put(None)
+        if self._proc.stdin and not self._proc.stdin.closed:
+            try:
+                self._proc.stdin.close()
+            except OSError:
+                pass
 
 
 def save_local(folder: Path, record: dict, plan: dict, executed: list[dict], layers: list[dict], error: str) -> dict:
@@ -264,3 +455,7 @@ def fetch_profile(uri: str, hardware: str, dest: Path) -> Path | None:
     final = dest / f"{hardware}.yaml"
     got.replace(final)
     return final
+
+
+if __name__ == "__main__":
+    _serve()

@@ -170,8 +170,11 @@ def _net_columns(net: NetSample, multiple: int, cache: float):
     return _columns(net.table, net.batch or net.table.batch, multiple, cache)
 
 
-def fit_split_model(nets: list[NetSample], multiple: int, cache: float) -> tuple[dict[str, np.ndarray], float, float]:
+def fit_split_model(nets: list[NetSample], multiple: int, cache: float, bound: dict[str, np.ndarray] | None = None
+                    ) -> tuple[dict[str, np.ndarray], float, float]:
     """Per class, non-negative least squares of every row's seconds on the split model's columns.
+    `bound`: another batch's fit whose per-operator overheads (column 0) bound these from below (a larger
+    batch does not dispatch an operator faster; a small budget's noise could say so).
     Returns (seconds per column unit per class, view seconds, weighted relative error of the rows)."""
     from scipy.optimize import nnls
 
@@ -193,15 +196,22 @@ def fit_split_model(nets: list[NetSample], multiple: int, cache: float) -> tuple
         w = 1.0 / (T[sel] + Fl[sel])
         A = C[sel][:, use] * w[:, None]
         scale = np.maximum(np.abs(A).max(0), 1e-30)  # columns differ by 12 orders of magnitude
-        x, _ = nnls(A / scale, T[sel] * w)
+        low = np.zeros(len(use))
+        if bound is not None and cls in bound:
+            low[0] = bound[cls][use[0]]  # use[0] is column 0, the per-operator overhead
+        x, _ = nnls(A / scale, T[sel] * w - A @ low)
         full = np.zeros(C.shape[1])
-        full[use] = x / scale
+        full[use] = x / scale + low
         coef[cls] = full
         err += float(np.abs(C[sel] @ full - T[sel]).dot(w))
         wsum += float(sel.sum())
     view = K == "view"
     view_s = float(np.median(T[view])) if view.any() else 0.0
     return coef, view_s, err / max(wsum, 1.0)
+
+
+def _floored(x: float, floor: float | None) -> float:
+    return x if floor is None else max(x, floor)
 
 
 def predict_rows(nets: list[NetSample], coef: dict[str, np.ndarray], view_s: float, multiple: int, cache: float):
@@ -221,18 +231,20 @@ def _ops(net: NetSample) -> float:
     return float((np.array(net.table.kinds) != "param").sum())
 
 
-def fit_glue(nets: list[NetSample]) -> tuple[float, float]:
+def fit_glue(nets: list[NetSample], floor: tuple[float, float] = (0.0, 0.0)) -> tuple[float, float]:
     """Seconds per operator and per call that the untimed network spends outside its operators (the
-    program's Python between calls), non-negative least squares on the networks' relative error."""
+    program's Python between calls), non-negative least squares on the networks' relative error, bounded
+    below by `floor` (another batch's: a larger batch does not run the Python between operators faster)."""
     from scipy.optimize import nnls
 
     y = np.array([n.total_seconds - n.row_seconds.sum() for n in nets])
     if not (y > 0).any():  # no networks, or none spends time outside its operators
-        return 0.0, 0.0
+        return floor
     A = np.array([[_ops(n), 1.0] for n in nets])
     w = 1.0 / np.array([n.total_seconds for n in nets])
-    x, _ = nnls(A * w[:, None], np.maximum(y, 0.0) * w)
-    return float(x[0]), float(x[1])
+    low = np.asarray(floor, dtype=float)
+    x, _ = nnls(A * w[:, None], (np.maximum(y, 0.0) - A @ low) * w)
+    return float(x[0] + low[0]), float(x[1] + low[1])
 
 
 def network_error(nets: list[NetSample], coef, view_s: float, glue: tuple[float, float], multiple: int, cache: float):
@@ -387,12 +399,17 @@ def calibrate_host(quick: bool = False, progress: Progress = lambda m: None, int
     fit: dict[str, float] = {}
     coefs: dict[int, dict[str, np.ndarray]] = {}
     effs: dict[int, Efficiency] = {}
-    for b, ns in nets.items():
-        coef, view_s, row_err = fit_split_model(ns, CHANNEL_MULTIPLE, cache)
+    first = BATCHES[0]
+    glues: dict[int, tuple[float, float]] = {}
+    views: dict[int, float] = {}
+    for b, ns in sorted(nets.items()):  # larger batches bounded below by the first one's overheads
+        coef, view_s, row_err = fit_split_model(ns, CHANNEL_MULTIPLE, cache, coefs.get(first))
         if not {"conv", "elementwise"} <= set(coef):
             raise RuntimeError(f"calibration budget too small: {len(ns)} networks timed at batch {b}, not enough "
                                "convolutions and elementwise operators to fit")
-        glue = fit_glue(ns)
+        glue = fit_glue(ns, glues.get(first, (0.0, 0.0)))
+        view_s = _floored(view_s, views.get(first))
+        glues[b], views[b] = glue, view_s
         net_err = np.abs(network_error(ns, coef, view_s, glue, CHANNEL_MULTIPLE, cache))
         coefs[b] = coef
         effs[b] = split_efficiency(coef, view_s, peak, rbw, cbw, bw, glue)
@@ -419,7 +436,6 @@ def calibrate_host(quick: bool = False, progress: Progress = lambda m: None, int
                      f"overhead {scale[1]:.2f}, compute {scale[2]:.2f}, memory {scale[3]:.2f}, call {scale[0] * 1e6:.0f} us")
         else:
             progress("int8: no time left in the budget; the profile has no int8 entry")
-    first = BATCHES[0]
     fit["seconds"] = round(time.perf_counter() - t0, 1)
     return HardwareProfile(
         name="host",

@@ -154,7 +154,7 @@ def execute_candidate(model: ModelInput, strategy: str, out_dir: str, hardware: 
                       data: str | None = None, finetune_epochs: int = 5, latency_now: bool = True,
                       threads: int | None = None) -> dict[str, Any]:
     """Execute one strategy (train where it trains), save the artifact, measure it against its prediction.
-    `latency_now=False` leaves the latency to `measure_candidate_latency` (candidates built in parallel are
+    `latency_now=False` leaves the latency to `measure_latencies` (candidates built in parallel are
     timed one at a time); `threads`: torch threads while executing (training results depend on it)."""
     import torch
 
@@ -179,11 +179,12 @@ def execute_candidate(model: ModelInput, strategy: str, out_dir: str, hardware: 
     return rep
 
 
-def measure_candidate_latency(result: dict[str, Any], hardware: str) -> dict[str, Any]:
-    """The latency of an executed candidate's artifact, measured on this machine when `hardware` is host."""
+def measure_latencies(results: list[dict[str, Any]], hardware: str) -> list[dict[str, Any]]:
+    """The latency of each executed candidate's artifact, one at a time, measured on this machine when
+    `hardware` is host (the results are returned completed)."""
     from tasks.apply import measure_saved_latency
 
-    return measure_saved_latency(result) if hardware == "host" else result
+    return [measure_saved_latency(r) for r in results] if hardware == "host" else results
 
 
 def calibrate_profile(quick: bool = True, budget_s: float = 150.0, out: str | None = None) -> str:
@@ -224,6 +225,6 @@ sensitivity_task = task(accuracy_sensitivity, name="accuracy-sensitivity", cache
 search_task = task(search_space, name="search", persist_result=True, cache_policy=NO_CACHE)
 execute_task = task(execute_candidate, name="execute-and-measure", cache_key_fn=_execution_key, persist_result=True,
                     cache_expiration=timedelta(days=30), task_run_name="execute {strategy}")
-measure_task = task(measure_candidate_latency, name="measure-latency", cache_policy=NO_CACHE,
+measure_task = task(measure_latencies, name="measure-latency", cache_policy=NO_CACHE,
                     task_run_name="measure latency")
 calibrate_task = task(calibrate_profile, name="calibrate", persist_result=False, cache_policy=NO_CACHE)

@@ -142,6 +142,33 @@ def test_flow_parameters_are_validated_models(harness):
         plan_flow(top_k=0)
 
 
+def test_lost_tracking_process_is_retried_by_the_track_task(harness, mlflow_store, tmp_path, monkeypatch):
+    """The MLflow logging runs in a background process; if that process dies mid-run, the track task's retry
+    logs the whole run from the flow's process and nothing is lost."""
+    from mlflow.tracking import MlflowClient
+
+    from flows import tracking
+    from flows.pipeline import plan_flow
+
+    started = tracking.Session.start
+
+    def start_then_die(self, *args):
+        started(self, *args)
+        self._proc.kill()
+
+    monkeypatch.setattr(tracking.Session, "start", start_then_die)
+    rep = plan_flow(model=ModelInput(spec="demo:digits-cnn"), data=None, hardware="host",
+                    requirements=Requirements(max_size_mb=0.05), search=FAST, out_dir=str(tmp_path / "runs"))
+    tr = rep["tracking"]
+    assert tr.get("run_id"), tr
+    client = MlflowClient(mlflow_store)
+    run = client.get_run(tr["run_id"])
+    assert run.info.status == "FINISHED" and run.data.params["model"] == "demo:digits-cnn"
+    assert {"candidates.json", "pareto.png", "plan.json"} <= {a.path for a in client.list_artifacts(tr["run_id"])}
+    nested = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{tr['run_id']}'")
+    assert len(nested) == tr["nested_runs"] > 0
+
+
 def test_unreachable_tracking_store_keeps_results_on_disk(harness, tmp_path, monkeypatch):
     from flows.pipeline import plan_flow
 
