@@ -11,9 +11,13 @@ normalisation and copies. Per operator class a non-negative least-squares fit of
 (hardware.latency.split_terms: overhead, FLOPs, 1x1 and misaligned-channel FLOPs, weight bytes,
 activation bytes in and beyond the cache) on the rows' relative error gives the efficiencies; the
 networks' untimed totals give the per-operator dispatch and per-call costs. INT8 runs compiled
-(inductor with freezing), where operators cannot be timed one by one: whole quantized synthetic
-networks are timed and the FP32 fit is rescaled (overheads, compute, memory traffic, unfused rest) to
-them. Calibration never runs the benchmark models, so bench/latency.py tests what it fitted.
+(inductor with freezing), where operators cannot be timed one by one inside the graph: the oneDNN INT8
+convolution and linear kernels the compiled graph calls are timed directly (prepacked weights, uint8
+channels-last activations; about a thousand kernels of the synthetic networks' layers, no compile) and
+fitted per class like FP32; whole quantized synthetic networks, compiled and timed, then give what the
+graph adds (per call, per unfused other operator, per kernel in context), the rest priced as memory
+traffic at the FP32 fit's cost per byte. Calibration never runs the benchmark models, so
+bench/latency.py tests what it fitted.
 """
 from __future__ import annotations
 
@@ -329,36 +333,110 @@ def int8_samples(budget_s: float, progress: Progress, batches: tuple[int, ...] =
 FUSED_INT8 = ["norm", "elementwise"]  # inductor folds norms into the int8 conv and fuses activations
 
 
-def _int8_parts(sample: Int8Sample, coef: dict[str, np.ndarray], cache: float) -> np.ndarray:
-    """A network's FP32-fitted time split into [1, conv/linear overheads, conv/linear compute, memory
-    traffic], evaluated on its int8 estimate (int8 bytes, fused rows dropped). Memory traffic includes the
-    unfused rest (activations, pooling, copies), which the compiled graph runs as fused loops over memory."""
+def _int8_kernel(m: nn.Module, shape: tuple[int, ...]) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The oneDNN INT8 kernel an inductor-compiled INT8 graph calls for conv/linear `m` (uint8 activations,
+    channels-last, prepacked int8 weights), as a function of its uint8 input; None for other modules."""
+    if isinstance(m, nn.Conv2d):
+        g = m.groups
+        w = torch.randint(-127, 127, (m.out_channels, m.in_channels // g, *m.kernel_size), dtype=torch.int8)
+        ws, wz = torch.full((m.out_channels,), 0.01), torch.zeros(m.out_channels, dtype=torch.int64)
+        args = (list(m.stride), list(m.padding), list(m.dilation), g)
+        pw = torch.ops.onednn.qconv_prepack(w, ws, 0.02, 0, *args, list(shape))
+        bias = torch.zeros(m.out_channels)
+        return lambda x: torch.ops.onednn.qconv_pointwise(x, 0.02, 0, pw, ws, wz, bias, *args, 0.05, 0, None, "relu",
+                                                          [], None)
+    if isinstance(m, nn.Linear):
+        w = torch.randint(-127, 127, (m.out_features, m.in_features), dtype=torch.int8)
+        ws, wz = torch.full((m.out_features,), 0.01), torch.zeros(m.out_features, dtype=torch.int64)
+        pw = torch.ops.onednn.qlinear_prepack(w, list(shape))
+        return lambda x: torch.ops.onednn.qlinear_pointwise(x, 0.02, 0, pw, ws, wz, None, 0.05, 0, None, "none", [], "")
+    return None
+
+
+def int8_op_samples(budget_s: float, progress: Progress, batches: tuple[int, ...] = BATCHES, seed0: int = 200_000,
+                    min_ops: int = 24) -> dict[int, list[NetSample]]:
+    """Time the oneDNN INT8 convolution and linear kernels that compiled INT8 graphs call, one per sample,
+    for the convolutions and linears of synthetic networks (no compile, so hundreds fit in the budget),
+    at every batch size. Each sample is a one-row table (the INT8 estimate of that layer)."""
+    from estimators.quantize import estimate_quantize
+    from estimators.strategy import QuantizeStep
+
+    from .synthetic import synthetic_cnn
+
+    out: dict[int, list[NetSample]] = {b: [] for b in batches}
+    t0 = time.perf_counter()
+    seed, n = seed0, 0
+    while n < min_ops or time.perf_counter() - t0 < budget_s:
+        model, shape = synthetic_cnn(seed)
+        seed += 1
+        layers: list[tuple[nn.Module, tuple[int, ...]]] = []
+        hooks = [m.register_forward_hook(lambda m, i, o: layers.append((m, tuple(i[0].shape))))
+                 for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+        with torch.inference_mode():
+            model(torch.randn(1, *shape[1:]))
+        for h in hooks:
+            h.remove()
+        for m, in_shape in layers:
+            if time.perf_counter() - t0 > budget_s and n >= min_ops:
+                break
+            table = estimate_quantize(light_table(nn.Sequential(m), torch.randn(in_shape), name=f"int8-op-{n}"),
+                                      QuantizeStep(dtype="int8"))
+            for b in batches:
+                bshape = (b,) + in_shape[1:]
+                x = torch.randint(0, 255, bshape, dtype=torch.uint8)
+                if x.dim() == 4:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with torch.inference_mode():
+                    fn = _int8_kernel(m, bshape)
+                    sec = measure_latency(fn, x, warmup=2, min_runs=5, max_runs=30, budget_s=0.05)["latency_ms"] / 1e3
+                out[b].append(NetSample(f"int8 {type(m).__name__} {bshape}", table, np.array([sec]), sec, batch=b))
+            n += 1
+    progress(f"[int8 ops {time.perf_counter() - t0:4.0f}/{budget_s:.0f} s] {n} INT8 convolution/linear kernels timed "
+             f"at batch {', '.join(map(str, batches))}")
+    return out
+
+
+def _int8_parts(sample: Int8Sample, coef: dict[str, np.ndarray], coef8: dict[str, np.ndarray], cache: float
+                ) -> np.ndarray:
+    """A compiled INT8 network's time split into [1, unfused other operators, their memory traffic (FP32
+    fit on INT8 bytes), its convolutions and linears (the INT8 kernel fit), their count], on its INT8
+    estimate (fused rows dropped). The unfused rest (activations, pooling, copies, quantize/dequantize around them) runs as
+    generated loops over memory, one kernel each."""
     from .latency import GEMM_CLASSES
 
     cols, kinds = _columns(sample.table, sample.batch, CHANNEL_MULTIPLE, cache)
-    keep = ~fused_mask(sample.table, kinds, FUSED_INT8)
-    parts = np.zeros(4)
+    keep = ~fused_mask(sample.table, kinds, FUSED_INT8) & (kinds != "param") & (kinds != "view")
+    parts = np.zeros(5)
     parts[0] = 1.0
-    for cls, x in coef.items():
+    for cls in set(kinds[keep]):
         sel = keep & (kinds == cls)
-        if not sel.any():
-            continue
         c = cols[sel]
         if cls in GEMM_CLASSES:
-            parts[1] += c[:, 0].sum() * x[0]
-            parts[2] += (c[:, 1:4] @ x[1:4]).sum()
-        parts[3] += (c[:, 4:7] @ x[4:7]).sum()
+            x = coef8.get(cls, coef8.get("conv"))
+            parts[3] += (c @ x).sum()
+            parts[4] += sel.sum()
+        else:
+            x = coef.get(cls, coef.get("elementwise"))
+            parts[1] += sel.sum()
+            parts[2] += (c[:, 4:7] @ x[4:7]).sum()
     return parts
 
 
-def fit_int8(samples: list[Int8Sample], coefs: dict[int, dict[str, np.ndarray]], cache: float):
-    """Scale factors (call seconds, conv/linear overheads, compute, memory) mapping the FP32 fit onto compiled
-    INT8, non-negative least squares on the networks' relative error."""
+def fit_int8(samples: list[Int8Sample], coefs: dict[int, dict[str, np.ndarray]],
+             coefs8: dict[int, dict[str, np.ndarray]], cache: float):
+    """Factors (call seconds, seconds per unfused other operator, scale of their memory traffic, scale of the
+    INT8 kernels, seconds each kernel adds in context) mapping the fits onto compiled INT8 networks,
+    non-negative least squares on the networks' relative error. Memory traffic and the kernels keep their
+    own fits (scale 1: a byte and a kernel cost what they were timed at; a few compiled networks cannot
+    tell scales from per-operator costs); what a graph adds is fitted per operator and per call."""
     from scipy.optimize import nnls
 
-    A = np.array([_int8_parts(s, coefs[nearest_batch(s.batch, list(coefs))], cache) for s in samples])
+    A = np.array([_int8_parts(s, coefs[nearest_batch(s.batch, list(coefs))],
+                              coefs8[nearest_batch(s.batch, list(coefs8))], cache) for s in samples])
     T = np.array([s.total_seconds for s in samples])
-    x, _ = nnls(A / T[:, None], np.ones(len(T)))
+    free = [0, 1, 4]
+    y, _ = nnls(A[:, free] / T[:, None], 1.0 - (A[:, 2] + A[:, 3]) / T)
+    x = np.array([y[0], y[1], 1.0, 1.0, y[2]])
     err = np.abs(A @ x / T - 1)
     return x, float(err.mean()) if len(err) else 0.0
 
@@ -367,19 +445,25 @@ def nearest_batch(batch: int, calibrated: list[int]) -> int:
     return min(calibrated, key=lambda b: (abs(np.log2(b) - np.log2(batch)), b))
 
 
-def _scaled_int8(coef: dict[str, np.ndarray], scale: np.ndarray) -> dict[str, np.ndarray]:
+def _int8_coef(coef: dict[str, np.ndarray], coef8: dict[str, np.ndarray], scale: np.ndarray) -> dict[str, np.ndarray]:
+    """Per class seconds per split-model unit for compiled INT8: the INT8 kernel fit (scaled to context) for
+    convolutions and linears, one generated loop per unfused other operator over its memory traffic."""
     from .latency import GEMM_CLASSES
 
     out = {}
     for cls, x in coef.items():
-        y = x.copy()
         if cls in GEMM_CLASSES:
-            y[0] *= scale[1]
-            y[1:4] *= scale[2]
-        else:  # unfused rest: fused loops over memory, no per-kernel dispatch
-            y[0:4] = 0.0
-        y[4:7] *= scale[3]
+            y = coef8.get(cls, coef8.get("conv", x)) * scale[3]
+            y[0] += scale[4]
+        else:
+            y = x.copy()
+            y[0], y[1:4] = scale[1], 0.0
+            y[4:7] *= scale[2]
         out[cls] = y
+    for cls, x in coef8.items():
+        if cls not in out:
+            out[cls] = x * scale[3]
+            out[cls][0] += scale[4]
     return out
 
 
@@ -421,19 +505,28 @@ def calibrate_host(quick: bool = False, progress: Progress = lambda m: None, int
     peaks = {"fp32": round(peak, 2)}
     overrides: dict[int, Efficiency] = {}
     if int8:
+        left = budget_s - (time.perf_counter() - t0)
+        ops = int8_op_samples(0.3 * left, progress)
+        coefs8: dict[int, dict[str, np.ndarray]] = {}
+        for b, ns in ops.items():
+            coefs8[b], _, op_err = fit_split_model(ns, CHANNEL_MULTIPLE, cache, coefs8.get(first))
+            fit[f"int8.b{b}.kernels"] = len(ns)
+            fit[f"int8.b{b}.kernel_error"] = round(op_err, 4)
+            progress(f"fit int8 kernels batch {b}: {len(ns)} kernels, error {100 * op_err:.1f}% (in sample)")
         q = int8_samples(budget_s - (time.perf_counter() - t0), progress)
         if q:
-            scale, err8 = fit_int8(q, coefs, cache)
+            scale, err8 = fit_int8(q, coefs, coefs8, cache)
             peaks["int8"] = round(INT8_LANES * peak, 2)
             for b, coef in coefs.items():
-                e8 = split_efficiency(_scaled_int8(coef, scale), 0.0, INT8_LANES * peak, rbw, cbw, bw,
-                                      (0.0, float(scale[0])), fused=FUSED_INT8)
+                e8 = split_efficiency(_int8_coef(coef, coefs8[nearest_batch(b, list(coefs8))], scale), 0.0,
+                                      INT8_LANES * peak, rbw, cbw, bw, (0.0, float(scale[0])), fused=FUSED_INT8)
                 overrides[b] = e8.model_copy(update={"view_overhead_us": 0.0})
             fit.update({"int8.networks": len(q) // len(BATCHES), "int8.network_mape": round(err8, 4),
-                        "int8.call_us": round(float(scale[0]) * 1e6, 2), "int8.scale_overhead": round(float(scale[1]), 4),
-                        "int8.scale_compute": round(float(scale[2]), 4), "int8.scale_memory": round(float(scale[3]), 4)})
-            progress(f"fit int8: {len(q)} compiled networks x batches, MAPE {100 * err8:.1f}% (in sample); scales "
-                     f"overhead {scale[1]:.2f}, compute {scale[2]:.2f}, memory {scale[3]:.2f}, call {scale[0] * 1e6:.0f} us")
+                        "int8.call_us": round(float(scale[0]) * 1e6, 2), "int8.other_op_us": round(float(scale[1]) * 1e6, 2),
+                        "int8.kernel_context_us": round(float(scale[4]) * 1e6, 2)})
+            progress(f"fit int8: {len(q)} compiled networks x batches, MAPE {100 * err8:.1f}% (in sample); call "
+                     f"{scale[0] * 1e6:.0f} us, {scale[1] * 1e6:.1f} us per other operator, {scale[4] * 1e6:.1f} us "
+                     "per INT8 kernel in context")
         else:
             progress("int8: no time left in the budget; the profile has no int8 entry")
     fit["seconds"] = round(time.perf_counter() - t0, 1)

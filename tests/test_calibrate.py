@@ -29,6 +29,28 @@ def test_quick_calibration_writes_loadable_profile(tmp_path):
     assert 0 < p1 < p8
 
 
+def test_int8_kernel_fit_predicts_kernels_it_has_not_seen():
+    """The INT8 convolution/linear kernels compiled INT8 graphs call, timed directly on a small budget: a fit
+    on half of them predicts the other half (median error within 50%, in the right order)."""
+    import numpy as np
+    from scipy.stats import spearmanr
+
+    from hardware.calibrate import (CACHE_SHARE, CHANNEL_MULTIPLE, cache_bytes, fit_split_model, int8_op_samples,
+                                    predict_rows)
+    from hardware.latency import latency_kinds
+
+    ops = int8_op_samples(3.0, lambda m: None, batches=(1,), min_ops=60)[1]
+    assert len(ops) >= 60 and all(n.total_seconds > 0 and n.table.n == 1 for n in ops)
+    cache = CACHE_SHARE * cache_bytes()
+    coef, _, _ = fit_split_model(ops[::2], CHANNEL_MULTIPLE, cache)
+    test = [n for n in ops[1::2] if latency_kinds(n.table)[0] in coef]
+    pred = np.array([p.sum() for p in predict_rows(test, coef, 0.0, CHANNEL_MULTIPLE, cache)])
+    meas = np.array([n.total_seconds for n in test])
+    assert len(test) >= 20
+    assert np.median(np.abs(np.log(pred / meas))) < np.log(1.5)
+    assert spearmanr(pred, meas)[0] > 0.8
+
+
 def test_hardware_commands_and_estimate_latency():
     runner = CliRunner()
     r = runner.invoke(app, ["hardware", "list", "--json"])
