@@ -585,13 +585,16 @@ def load_program(path) -> torch.export.ExportedProgram:
     return torch.export.load(path)
 
 
-def compile_for_inference(ep: torch.export.ExportedProgram, dynamic: bool | None = None):
+def compile_for_inference(ep: torch.export.ExportedProgram, dynamic: bool | None = False):
     """``torch.compile`` (inductor, freezing on) of the program's module.
 
     Freezing lets inductor constant-fold the weight dequantization and, for the int8 Q/DQ
     graph on x86, lower the Q/DQ patterns to oneDNN int8 kernels (the eager Q/DQ program is a
     slow reference: ~2.7x slower than fp32 eager for resnet18). Sets the global
     ``torch._inductor.config.freezing = True``; ``dynamic`` is passed to ``torch.compile``.
+    Static by default: a graph is specialised for each batch size it runs at, as a model deployed at
+    that batch is. Dynamic recompilation (torch.compile's default after a second shape) picks slower
+    kernels: resnet50 int8 at batch 8 ran 88 ms compiled after batch 1, 42 ms static.
     """
     import torch._inductor.config as inductor_config
 
