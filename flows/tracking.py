@@ -279,13 +279,10 @@ def _w_call(method: str, *args) -> Any:
     if "error" in _W:
         raise _W["error"]
     try:
-        if "logger" not in _W:
-            _W["logger"] = _Logger()
         return getattr(_W["logger"], method)(*args)
     except Exception as exc:
         _W["error"] = exc
-        if "logger" in _W:
-            _W["logger"].abandon()
+        _W["logger"].abandon()
         raise
 
 
@@ -333,8 +330,7 @@ class Session:
         import sys
         import threading
 
-        env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri(), "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
-               "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
         self._proc = subprocess.Popen([sys.executable, "-m", "flows.tracking"], stdin=subprocess.PIPE,
                                       stdout=subprocess.PIPE, env=env)
         self._queue: queue.Queue = queue.Queue()

@@ -451,19 +451,15 @@ def _int8_coef(coef: dict[str, np.ndarray], coef8: dict[str, np.ndarray], scale:
     from .latency import GEMM_CLASSES
 
     out = {}
-    for cls, x in coef.items():
+    for cls in set(coef) | set(coef8):  # coef8 holds convolution/linear classes only
         if cls in GEMM_CLASSES:
-            y = coef8.get(cls, coef8.get("conv", x)) * scale[3]
+            y = coef8.get(cls, coef8.get("conv", coef.get(cls))) * scale[3]
             y[0] += scale[4]
         else:
-            y = x.copy()
+            y = coef[cls].copy()
             y[0], y[1:4] = scale[1], 0.0
             y[4:7] *= scale[2]
         out[cls] = y
-    for cls, x in coef8.items():
-        if cls not in out:
-            out[cls] = x * scale[3]
-            out[cls][0] += scale[4]
     return out
 
 
