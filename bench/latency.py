@@ -10,7 +10,11 @@ round-robin `--rounds` times (median): this machine's speed drifts by 10-40% ove
 memory), and the spread between rounds is printed as the noise floor.
 
     .venv/bin/python bench/latency.py [--models resnet18,...] [--strategies none,prune:0.3,...] [--batches 1,8]
-                                      [--rounds 3] [--profile host]
+                                      [--rounds 3] [--profile host] [--compare PATH,...]
+
+`--compare` adds other calibrated profiles (names or YAML paths, e.g. a previous calibration) as further
+predictors of the same measurements: this machine's speed drifts between runs, so two calibrations are
+only comparable measured together.
 """
 from __future__ import annotations
 
@@ -60,8 +64,10 @@ def main() -> None:
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--rounds", type=int, default=3, help="measure every configuration this many times, round-robin")
     ap.add_argument("--profile", default="host", help="the calibrated profile to test (name or YAML path)")
+    ap.add_argument("--compare", default="", help="other calibrated profiles to test on the same measurements")
     args = ap.parse_args()
     host = load_profile(args.profile)
+    others = [(p, load_profile(p)) for p in args.compare.split(",") if p]
     roof = uncalibrated(host)
     s_per_flop = 1.0 / (host.peak_gflops["fp32"] * 1e9 * host.efficiency.compute["conv"])
     batches = [int(x) for x in args.batches.split(",")]
@@ -78,7 +84,8 @@ def main() -> None:
                 fn = compile_for_inference(ep) if work.quant is not None and work.quant.dtype == "int8" else ep.module()
                 for b in batches:
                     preds = (predict_latency(est, host, b).latency_ms, predict_latency(est, roof, b).latency_ms,
-                             totals(est)["gemm_macs"] * 2 * b * s_per_flop * 1e3)
+                             totals(est)["gemm_macs"] * 2 * b * s_per_flop * 1e3) + tuple(
+                        predict_latency(est, o, b).latency_ms for _, o in others)
                     configs.append((name, text, b, fn, work.example(b), preds))
             print(f"built {name}: {len(configs)} configurations", flush=True)
         # measure round-robin: a slow spell of the machine spreads over all configurations instead of a few
@@ -89,28 +96,33 @@ def main() -> None:
             print(f"round {r + 1}/{args.rounds} measured", flush=True)
     med = np.median(meas, axis=0)
     print(f"\n{'model':20s} {'strategy':14s} {'b':>2s} {'meas ms':>9s} {'spread %':>8s} {'calibrated':>11s} {'roofline':>9s} "
-          f"{'flops':>9s}")
+          f"{'flops':>9s}" + "".join(f" {'compare ' + str(j + 1):>10s}" for j in range(len(others))))
     rows = []
     for i, (name, text, b, _, _, preds) in enumerate(configs):
         spread = 100 * (meas[:, i].max() - meas[:, i].min()) / med[i]
         rows.append((name, text, b, med[i]) + preds)
-        print(f"{name:20s} {text:14s} {b:2d} {med[i]:9.2f} {spread:8.1f} {preds[0]:11.2f} {preds[1]:9.2f} {preds[2]:9.2f}")
+        print(f"{name:20s} {text:14s} {b:2d} {med[i]:9.2f} {spread:8.1f} {preds[0]:11.2f} {preds[1]:9.2f} {preds[2]:9.2f}"
+              + "".join(f" {x:10.2f}" for x in preds[3:]))
     print(f"\n{len(rows)} configurations x {args.rounds} rounds on host ({host.provenance.cpu if host.provenance else ''}, "
           f"{host.provenance.threads if host.provenance else '?'} threads); median of the rounds against the predictions")
     print(f"{'predictor':12s} {'MAPE %':>8s} {'within 10% (%)':>15s} {'Kendall tau':>12s}")
-    for label, idx in (("calibrated", 4), ("roofline", 5), ("flops", 6)):
+    labels = [("calibrated", 4), ("roofline", 5), ("flops", 6)] + [(f"compare {j + 1}", 7 + j) for j in range(len(others))]
+    for label, idx in labels:
         mape, within, tau = stats([r[idx] for r in rows], med)
         print(f"{label:12s} {mape:8.1f} {within:15.1f} {tau:12.3f}")
     if args.rounds > 1:  # the noise floor: one round against the median of all
         single = np.abs(meas / med - 1)
         print(f"{'one round':12s} {100 * single.mean():8.1f} {100 * (single <= 0.10).mean():15.1f} {'':>12s}  "
               "(a single measurement against the median: the machine's own noise)")
-    cal = np.array([r[4] for r in rows])
-    for lab, sel in (("float", np.array([r[1] != "quantize:int8" for r in rows])),
-                     ("int8", np.array([r[1] == "quantize:int8" for r in rows]))):
-        if sel.any():
-            e = np.abs(cal[sel] / med[sel] - 1)
-            print(f"calibrated, {lab:5s}: MAPE {100 * e.mean():.1f}%, within 10% {100 * (e <= 0.1).mean():.1f}%")
+    for j, (label, idx) in enumerate([("calibrated", 4)] + [(f"compare {k + 1}", 7 + k) for k in range(len(others))]):
+        cal = np.array([r[idx] for r in rows])
+        for lab, sel in (("float", np.array([r[1] != "quantize:int8" for r in rows])),
+                         ("int8", np.array([r[1] == "quantize:int8" for r in rows]))):
+            if sel.any():
+                e = np.abs(cal[sel] / med[sel] - 1)
+                print(f"{label}, {lab:5s}: MAPE {100 * e.mean():.1f}%, within 10% {100 * (e <= 0.1).mean():.1f}%")
+    for j, (path, _) in enumerate(others):
+        print(f"compare {j + 1}: {path}")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,12 @@ timed inside running networks (hardware.calibrate):
            + activation bytes up to cache_bytes / (cache bandwidth x bandwidth[class])
            + activation bytes beyond it / (memory bandwidth x spill_bandwidth[class])
 with the efficiencies of the calibrated batch nearest the requested one (profile.batch_efficiency).
+Two per-element terms apply to every row of their class, fused or not: `element_ns` (e.g. a SiLU evaluated
+as an INT8 convolution's post-op: fusion saves its memory traffic, not its exponentials) and
+`remainder_ns` on the share of channels beyond a multiple of `remainder_multiple` (a kernel's scalar tail,
+e.g. quantized max pooling on 24 channels). `unfused_ops` names operators of a fused class the runtime
+does not fuse (an INT8 graph's sigmoid gate and product run as generated loops). Elementwise rows that
+evaluate exp/tanh/erf form the `transcendental` subclass.
 """
 from __future__ import annotations
 
@@ -25,7 +31,7 @@ import numpy as np
 from estimators.registry import Q_INDEX
 from estimators.table import DTYPE_BYTES, LayerTable, evaluate
 
-from .profile import ALL_CLASSES, HardwareProfile
+from .profile import ALL_CLASSES, SUBCLASSES, HardwareProfile
 
 GEMM_CLASSES = ("conv", "gconv", "dwconv", "gemm", "attention")
 __all__ = ["predict_latency", "LatencyPrediction", "GEMM_CLASSES", "ALL_CLASSES"]
@@ -45,13 +51,19 @@ class LatencyPrediction:
         return [{"name": table.names[i], "kind": table.kinds[i], "ms": round(float(self.per_row_ms[i]), 4)} for i in order]
 
 
+# elementwise operators (module class or function names, lower case) that evaluate exp, tanh or erf
+TRANSCENDENTAL = frozenset({"silu", "silu_", "sigmoid", "sigmoid_", "gelu", "tanh", "tanh_", "elu", "elu_", "mish",
+                            "softplus", "exp", "erf", "softmax", "log_softmax", "_softmax", "selu", "celu", "logsigmoid"})
+
+
 def latency_kinds(table: LayerTable) -> np.ndarray:
-    """The analysis's kinds, with grouped (not depthwise) convolutions as `gconv` and a pooling row's FLOPs
-    counted over its window."""
+    """The analysis's kinds, with grouped (not depthwise) convolutions as `gconv` and elementwise rows that
+    evaluate exp/tanh/erf as `transcendental`."""
     kinds = np.array(table.kinds)
     if table.groups is not None:
         kinds = np.where((kinds == "conv") & (table.groups > 1), "gconv", kinds)
-    return kinds
+    trans = np.array([op.lower() in TRANSCENDENTAL for op in table.ops])
+    return np.where((kinds == "elementwise") & trans, "transcendental", kinds)
 
 
 def _row_features(table: LayerTable, batch: int, ev=None):
@@ -102,29 +114,41 @@ def misaligned(cin: np.ndarray, cout: np.ndarray, multiple: int | None, both: bo
     return (a & b) if both else (a | b)
 
 
+def remainder_share(channels: np.ndarray, multiple: int) -> np.ndarray:
+    """Share of `channels` beyond the largest multiple of `multiple` (what a vectorised kernel leaves to its
+    scalar tail)."""
+    c = np.maximum(np.asarray(channels, dtype=float), 1.0)
+    return np.mod(c, max(int(multiple), 1)) / c
+
+
 _FUSED_CACHE: dict[tuple, tuple] = {}
 
 
-def fused_mask(table: LayerTable, kinds: np.ndarray, fused: list[str]) -> np.ndarray:
-    """Rows of a fused class whose producer chain reaches a conv/linear only through fused rows (depends on
-    the table's structure only: cached for the estimated tables of one analysis)."""
-    key = (id(table.src_row), tuple(fused), kinds.tobytes())
+def fused_mask(table: LayerTable, kinds: np.ndarray, fused: list[str], unfused_ops: list[str] | tuple = ()
+               ) -> np.ndarray:
+    """Rows of a fused class (or a subclass of one), not among `unfused_ops` (operator names, lower case), whose
+    producer chain reaches a conv/linear only through fused rows (depends on the table's structure only:
+    cached for the estimated tables of one analysis)."""
+    key = (id(table.src_row), tuple(fused), tuple(unfused_ops), kinds.tobytes())
     hit = _FUSED_CACHE.get(key)
     if hit is not None and hit[0] is table.src_row:
         return hit[1]
-    out = _fused_mask(table, kinds, fused)
+    out = _fused_mask(table, kinds, fused, unfused_ops)
     if len(_FUSED_CACHE) > 256:
         _FUSED_CACHE.clear()
     _FUSED_CACHE[key] = (table.src_row, out)
     return out
 
 
-def _fused_mask(table: LayerTable, kinds: np.ndarray, fused: list[str]) -> np.ndarray:
+def _fused_mask(table: LayerTable, kinds: np.ndarray, fused: list[str], unfused_ops) -> np.ndarray:
     n = table.n
     out = np.zeros(n, dtype=bool)
     if not fused:
         return out
-    fusable = np.isin(kinds, fused)
+    parent = np.array([SUBCLASSES.get(k, k) for k in kinds])
+    fusable = np.isin(kinds, fused) | np.isin(parent, fused)  # a subclass fuses where its class does
+    if unfused_ops:
+        fusable &= ~np.isin(np.char.lower(np.array(table.ops, dtype=str)), list(unfused_ops))
     anchor = np.isin(kinds, GEMM_CLASSES)
     for i in range(n):
         if not fusable[i]:
@@ -146,7 +170,7 @@ def dtype_parts(table: LayerTable, kinds: np.ndarray, profile: HardwareProfile, 
         peak = profile.peak_gflops[run] * 1e9
         # an fp32 model run in half precision moves half the bytes
         byte_scale = DTYPE_BYTES[run] / DTYPE_BYTES[str(dt)] if str(dt) == "fp32" and run in ("fp16", "bf16") else 1.0
-        fused = fused_mask(table, kinds, eff.fused) & rows
+        fused = fused_mask(table, kinds, eff.fused, eff.unfused_ops) & rows
         classes = [(cls, sel) for cls in ALL_CLASSES if (sel := rows & (kinds == cls) & ~fused).any()]
         yield rows, eff, peak, factor, byte_scale, classes
 
@@ -189,6 +213,13 @@ def predict_latency(table: LayerTable, profile: HardwareProfile, batch_size: int
             slow = np.where(off[sel], eff.misaligned_factor.get(cls, 1.0), 1.0)
             body = comp * slow + mem if profile.combine == "sum" else np.maximum(comp, mem) * slow
             per_row[sel] = body * factor + eff.kernel_overhead_us * 1e-6
+        for cls, ns in eff.element_ns.items():  # per-element costs fusion does not remove
+            sel = rows & (kinds == cls)
+            per_row[sel] += flops[sel] * ns * 1e-9 * factor
+        for cls, ns in eff.remainder_ns.items():  # a kernel's scalar tail over channels beyond its vector width
+            sel = rows & (kinds == cls)
+            per_row[sel] += flops[sel] * remainder_share(cin[sel], eff.remainder_multiple.get(
+                cls, profile.channel_multiple or 1)) * ns * 1e-9 * factor
         views = rows & (kinds == "view")
         per_row[views] = eff.view_overhead_us * 1e-6
         call_s += eff.call_overhead_us * 1e-6

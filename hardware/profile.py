@@ -20,10 +20,13 @@ PROFILE_DIR = Path(__file__).parent / "profiles"
 DTYPES = ("fp32", "fp16", "bf16", "int8")
 OP_CLASSES = ("conv", "dwconv", "gemm", "attention", "elementwise", "norm", "pool", "copy")
 # optional finer classes: a profile may give them, else they cost as their parent class
-SUBCLASSES = {"maxpool": "pool", "gconv": "conv"}  # gconv: grouped (not depthwise) convolutions
+# gconv: grouped (not depthwise) convolutions; transcendental: elementwise ops that evaluate exp/tanh/erf (SiLU,
+# sigmoid, GELU, ...), which cost far more per element than ReLU where the data is not the bottleneck
+SUBCLASSES = {"maxpool": "pool", "gconv": "conv", "transcendental": "elementwise"}
 ALL_CLASSES = OP_CLASSES + tuple(SUBCLASSES)
 Dtype = Literal["fp32", "fp16", "bf16", "int8"]
-OpClass = Literal["conv", "dwconv", "gemm", "attention", "elementwise", "norm", "pool", "copy", "maxpool", "gconv"]
+OpClass = Literal["conv", "dwconv", "gemm", "attention", "elementwise", "norm", "pool", "copy", "maxpool", "gconv",
+                  "transcendental"]
 
 
 class _Strict(BaseModel):
@@ -45,6 +48,8 @@ class Efficiency(_Strict):
     view_overhead_us: float = Field(default=0.0, ge=0, description="time of an op that moves no data (eager dispatch)")
     call_overhead_us: float = Field(default=0.0, ge=0, description="fixed time per model call (e.g. a compiled graph's guards)")
     fused: list[OpClass] = Field(default_factory=list, description="classes fused into the preceding conv/linear")
+    unfused_ops: list[str] = Field(default_factory=list, description="operators (lower-case names) of a fused class "
+                                   "the runtime does not fuse (e.g. sigmoid, mul: no INT8 convolution post-op)")
     misaligned_factor: dict[OpClass, float] = Field(
         default_factory=dict, description="time multiplier when a layer's channels are not multiples of the profile's "
                                           "channel_multiple (kernels fall back to slower paths)")
@@ -58,6 +63,15 @@ class Efficiency(_Strict):
         default_factory=dict, description="share of memory_bandwidth_gbs for activation traffic larger than the cache")
     pointwise_factor: dict[OpClass, float] = Field(
         default_factory=dict, description="compute-time multiplier of 1x1 convolutions against the class's efficiency")
+    remainder_ns: dict[OpClass, float] = Field(
+        default_factory=dict, description="nanoseconds per FLOP (per element for pooling: times the window) on the "
+                                          "channels beyond the largest multiple of remainder_multiple (a kernel's "
+                                          "scalar tail, e.g. quantized max pooling on 24 channels)")
+    remainder_multiple: dict[OpClass, int] = Field(default_factory=dict, description="channel vector width of "
+                                                   "remainder_ns (default the profile's channel_multiple)")
+    element_ns: dict[OpClass, float] = Field(
+        default_factory=dict, description="nanoseconds per output element a row of the class costs even when fused "
+                                          "(e.g. SiLU evaluated as the post-op of an INT8 convolution)")
 
     def compute_of(self, cls: str) -> float:
         return self.compute.get(cls) or self.compute[SUBCLASSES.get(cls, cls)]
@@ -95,9 +109,13 @@ class Efficiency(_Strict):
             for k, v in getattr(self, name).items():
                 if not 0 < v <= 8:
                     raise ValueError(f"{name} of {k} is {v}: expected a time multiplier in (0, 8]")
-        for k, v in self.overhead_us.items():
-            if v < 0:
-                raise ValueError(f"overhead_us of {k} is {v}: expected at least 0")
+        for name in ("overhead_us", "element_ns", "remainder_ns"):
+            for k, v in getattr(self, name).items():
+                if v < 0:
+                    raise ValueError(f"{name} of {k} is {v}: expected at least 0")
+        for k, v in self.remainder_multiple.items():
+            if v < 1:
+                raise ValueError(f"remainder_multiple of {k} is {v}: expected a channel count of at least 1")
         missing = [c for c in OP_CLASSES if c not in self.compute]
         if missing:
             raise ValueError(f"compute efficiency missing for {', '.join(missing)}")

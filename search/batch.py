@@ -14,7 +14,7 @@ from scipy import sparse
 
 from estimators import registry as R
 from estimators.table import LayerTable, NQ
-from hardware.latency import GEMM_CLASSES, dtype_parts, latency_kinds, pointwise, split_coefficients
+from hardware.latency import GEMM_CLASSES, dtype_parts, latency_kinds, pointwise, remainder_share, split_coefficients
 from hardware.profile import HardwareProfile
 
 QI = R.Q_INDEX
@@ -95,6 +95,11 @@ class BatchEvaluator:
                 else:
                     self.parts.append((sel, "roof", (peak * eff.compute_of(cls), eff.bandwidth_of(cls), bs, factor,
                                                      eff.misaligned_factor.get(cls, 1.0), eff.kernel_overhead_us * 1e-6)))
+            for cls, ns in eff.element_ns.items():
+                self.parts.append((np.flatnonzero(rows & (self.kinds == cls)), "element", (ns * 1e-9 * factor,)))
+            for cls, ns in eff.remainder_ns.items():
+                self.parts.append((np.flatnonzero(rows & (self.kinds == cls)), "remainder",
+                                   (ns * 1e-9 * factor, eff.remainder_multiple.get(cls, profile.channel_multiple or 1))))
             const[rows & (self.kinds == "view")] = eff.view_overhead_us * 1e-6
             call_s += eff.call_overhead_us * 1e-6
         self.const_s = float(const.sum()) + call_s
@@ -116,6 +121,12 @@ class BatchEvaluator:
         total = np.zeros(len(q))
         for sel, how, par in self.parts:
             f, w, a = flops[:, sel], wb[:, sel], abytes[:, sel]
+            if how == "element":
+                total += (f * par[0]).sum(1)
+                continue
+            if how == "remainder":
+                total += (f * remainder_share(cin[:, sel], par[1]) * par[0]).sum(1)
+                continue
             if how == "split":
                 c, bs, factor = par
                 w, a = w * bs, a * bs

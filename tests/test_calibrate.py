@@ -39,7 +39,7 @@ def test_int8_kernel_fit_predicts_kernels_it_has_not_seen():
                                     predict_rows)
     from hardware.latency import latency_kinds
 
-    ops = int8_op_samples(3.0, lambda m: None, batches=(1,), min_ops=60)[1]
+    ops = int8_op_samples(3.0, lambda m: None, batches=(1,), min_ops=60)[0][1]
     assert len(ops) >= 60 and all(n.total_seconds > 0 and n.table.n == 1 for n in ops)
     cache = CACHE_SHARE * cache_bytes()
     coef, _, _ = fit_split_model(ops[::2], CHANNEL_MULTIPLE, cache)
@@ -65,3 +65,50 @@ def test_hardware_commands_and_estimate_latency():
     assert d["pred"]["latency_ms"] > 0 and d["hardware"]["batch_size"] == 4
     r = runner.invoke(app, ["estimate", "demo:digits-cnn", "--hardware", "no-such-device", "--json"])
     assert r.exit_code == 2 and "unknown hardware" in r.stderr
+
+
+def test_quantized_max_pool_fit_sees_the_channel_tail():
+    """Quantized max pooling timed on a small budget: the fit prices the channels beyond a multiple of 32
+    (a scalar tail) and predicts the samples it was fitted on."""
+    import numpy as np
+
+    from hardware.calibrate import QPOOL_LANES, fit_pool, int8_pool_samples
+    from hardware.latency import _row_features, remainder_share
+
+    samples = int8_pool_samples(2.0, lambda m: None, batches=(1,), min_ops=12)
+    assert len(samples) >= 12 and all(s.total_seconds > 0 for s in samples)
+    x = fit_pool(samples)
+    assert x[2] > x[1] > 0  # a FLOP in the tail costs more than a vectorised one
+    pred, meas = [], []
+    for s in samples:
+        flops, _, _, kinds, cin, _ = _row_features(s.table, s.batch)
+        i = int(np.flatnonzero(kinds == "maxpool")[0])
+        pred.append(x[0] + flops[i] * (x[1] + x[2] * remainder_share(cin[i:i + 1], QPOOL_LANES)[0]))
+        meas.append(s.total_seconds)
+    assert np.median(np.abs(np.log(np.array(pred) / np.array(meas)))) < np.log(1.5)
+
+
+def test_compiled_int8_network_is_profiled_into_its_parts():
+    """A quantized, compiled synthetic network: its oneDNN kernels, generated loops and the rest of the
+    call are told apart by the profiler (names that change with torch would read as zero)."""
+    import torch
+    import torch._inductor.config as inductor_config
+
+    from hardware.calibrate import profiled_parts
+    from hardware.measure import measure_latency
+    from hardware.synthetic import synthetic_cnn
+    from tasks.quantize_exec import compile_for_inference, quantize
+
+    model, shape = next((m, s) for m, s in map(synthetic_cnn, range(100, 200))
+                        if s[2] <= 96 and any(isinstance(x, torch.nn.MaxPool2d) for x in m.modules()))
+    saved = inductor_config.cpp.enable_kernel_profile
+    inductor_config.cpp.enable_kernel_profile = True
+    try:
+        fn = compile_for_inference(quantize(model, torch.randn(2, *shape[1:]), "int8").program)
+        x = torch.randn(1, *shape[1:])
+        total = measure_latency(fn, x, warmup=2, min_runs=5, budget_s=0.2)["latency_ms"] / 1e3
+        kern, pool, loops = profiled_parts(fn, x)
+    finally:
+        inductor_config.cpp.enable_kernel_profile = saved
+    assert kern > 0 and pool > 0 and loops > 0  # the first quantize of the input is a generated loop
+    assert kern + pool + loops < 1.5 * total

@@ -96,7 +96,9 @@ def test_batch_efficiency_uses_the_nearest_calibrated_batch(table):
 
 def test_bad_split_fields_name_the_field():
     for path, value in (("weight_bandwidth", {"conv": 0.0}), ("spill_bandwidth", {"norm": 99.0}),
-                        ("pointwise_factor", {"conv": 20.0}), ("overhead_us", {"conv": -1.0})):
+                        ("pointwise_factor", {"conv": 20.0}), ("overhead_us", {"conv": -1.0}),
+                        ("element_ns", {"transcendental": -0.1}), ("remainder_ns", {"maxpool": -2.0}),
+                        ("remainder_multiple", {"maxpool": 0})):
         d = _split_profile()
         d["efficiency"][path] = value
         with pytest.raises(UserInputError, match=path):
@@ -164,3 +166,67 @@ def test_measurements_run_with_the_steady_allocator():
     desc = steady_allocator()
     m = measure_latency(torch.nn.ReLU(), torch.randn(4, 4), warmup=1, min_runs=3, budget_s=0.01)
     assert m["allocator"] == desc and desc
+
+
+def _tiny_table():
+    """conv -> SiLU -> 2x2 max pool on 24 channels -> 1x1 conv -> sigmoid (a gate no INT8 conv fuses)."""
+    from estimators.modelspec import LoadedModel
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 24, 3, padding=1, bias=False), torch.nn.SiLU(), torch.nn.MaxPool2d(2),
+                                torch.nn.Conv2d(24, 40, 1), torch.nn.Sigmoid()).eval()
+    return analyze(LoadedModel("test:tiny", "factory", model, (1, 3, 16, 16)))
+
+
+def test_transcendental_and_channel_tail_costs_by_hand():
+    from hardware.latency import latency_kinds, remainder_share
+
+    table = _tiny_table()
+    kinds = latency_kinds(table)
+    silu, pool, sig = (int(np.flatnonzero(kinds == k)[i]) for k, i in (("transcendental", 0), ("maxpool", 0),
+                                                                       ("transcendental", 1)))
+    assert remainder_share(np.array([24, 32, 40, 8]), 16).tolist() == [8 / 24, 0.0, 8 / 40, 8 / 8]
+    base = parse_profile(_split_profile(), "test")
+    d = _split_profile()
+    d["efficiency"].update(element_ns={"transcendental": 0.5}, remainder_ns={"maxpool": 2.0},
+                           remainder_multiple={"maxpool": 16})
+    diff = predict_latency(table, parse_profile(d, "test")).per_row_ms - predict_latency(table, base).per_row_ms
+    assert diff[silu] == pytest.approx(24 * 16 * 16 * 0.5e-9 * 1e3, rel=1e-9)  # its output elements at 0.5 ns
+    assert diff[sig] == pytest.approx(40 * 8 * 8 * 0.5e-9 * 1e3, rel=1e-9)
+    # max pooling: 24 x 8 x 8 outputs x a 4-element window; 8 of its 24 channels lie beyond a multiple of 16
+    assert diff[pool] == pytest.approx(24 * 8 * 8 * 4 * (8 / 24) * 2e-9 * 1e3, rel=1e-9)
+    others = np.ones(table.n, dtype=bool)
+    others[[silu, pool, sig]] = False
+    assert np.all(diff[others] == 0)
+
+
+def test_unfused_ops_stay_out_of_the_convolution():
+    from hardware.latency import fused_mask, latency_kinds
+
+    table = _tiny_table()
+    kinds = latency_kinds(table)
+    silu, sig = np.flatnonzero(kinds == "transcendental")[:2]
+    fused = fused_mask(table, kinds, ["elementwise"])  # a subclass fuses where its class does
+    assert fused[silu] and fused[sig]
+    fused = fused_mask(table, kinds, ["elementwise"], ["sigmoid"])
+    assert fused[silu] and not fused[sig]
+
+
+def test_batch_evaluator_prices_elements_and_channel_tails_as_predict_latency():
+    from estimators.compress import estimate, prune_counts
+    from estimators.strategy import PruneStep, Strategy
+    from search.batch import BatchEvaluator
+
+    table = _tiny_table()
+    d = _split_profile()
+    d["efficiency"].update(element_ns={"transcendental": 0.5}, remainder_ns={"maxpool": 2.0},
+                           remainder_multiple={"maxpool": 16})
+    prof = parse_profile(d, "test")
+    gidx = np.array([g.index for g in table.plan.groups])
+    steps = [PruneStep(ratio=r) for r in (0.1, 0.3, 0.55)]
+    kept = np.tile(table.state.kept, (len(steps), 1))
+    for k, st in enumerate(steps):
+        kept[k, gidx] -= prune_counts(table, st)
+    out = BatchEvaluator(table, prof, 1)(kept)
+    for k, st in enumerate(steps):
+        want = predict_latency(estimate(table, Strategy(steps=[st])), prof, 1).latency_ms
+        assert out["latency_ms"][k] == pytest.approx(want, rel=1e-9)
