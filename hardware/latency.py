@@ -114,6 +114,13 @@ def misaligned(cin: np.ndarray, cout: np.ndarray, multiple: int | None, both: bo
     return (a & b) if both else (a | b)
 
 
+def of_class(kinds: np.ndarray, cls: str, given) -> np.ndarray:
+    """Rows costed as `cls` by a per-class table whose keys are `given`: that class, and its subclasses the
+    table does not name (a subclass falls back to its class)."""
+    parent = np.array([SUBCLASSES.get(k, k) for k in kinds])
+    return (kinds == cls) | ((parent == cls) & ~np.isin(kinds, list(given)))
+
+
 def remainder_share(channels: np.ndarray, multiple: int) -> np.ndarray:
     """Share of `channels` beyond the largest multiple of `multiple` (what a vectorised kernel leaves to its
     scalar tail)."""
@@ -214,10 +221,10 @@ def predict_latency(table: LayerTable, profile: HardwareProfile, batch_size: int
             body = comp * slow + mem if profile.combine == "sum" else np.maximum(comp, mem) * slow
             per_row[sel] = body * factor + eff.kernel_overhead_us * 1e-6
         for cls, ns in eff.element_ns.items():  # per-element costs fusion does not remove
-            sel = rows & (kinds == cls)
+            sel = rows & of_class(kinds, cls, eff.element_ns)
             per_row[sel] += flops[sel] * ns * 1e-9 * factor
         for cls, ns in eff.remainder_ns.items():  # a kernel's scalar tail over channels beyond its vector width
-            sel = rows & (kinds == cls)
+            sel = rows & of_class(kinds, cls, eff.remainder_ns)
             per_row[sel] += flops[sel] * remainder_share(cin[sel], eff.remainder_multiple.get(
                 cls, profile.channel_multiple or 1)) * ns * 1e-9 * factor
         views = rows & (kinds == "view")

@@ -14,7 +14,8 @@ from scipy import sparse
 
 from estimators import registry as R
 from estimators.table import LayerTable, NQ
-from hardware.latency import GEMM_CLASSES, dtype_parts, latency_kinds, pointwise, remainder_share, split_coefficients
+from hardware.latency import (GEMM_CLASSES, dtype_parts, latency_kinds, of_class, pointwise, remainder_share,
+                              split_coefficients)
 from hardware.profile import HardwareProfile
 
 QI = R.Q_INDEX
@@ -96,9 +97,10 @@ class BatchEvaluator:
                     self.parts.append((sel, "roof", (peak * eff.compute_of(cls), eff.bandwidth_of(cls), bs, factor,
                                                      eff.misaligned_factor.get(cls, 1.0), eff.kernel_overhead_us * 1e-6)))
             for cls, ns in eff.element_ns.items():
-                self.parts.append((np.flatnonzero(rows & (self.kinds == cls)), "element", (ns * 1e-9 * factor,)))
+                self.parts.append((np.flatnonzero(rows & of_class(self.kinds, cls, eff.element_ns)), "element",
+                                   (ns * 1e-9 * factor,)))
             for cls, ns in eff.remainder_ns.items():
-                self.parts.append((np.flatnonzero(rows & (self.kinds == cls)), "remainder",
+                self.parts.append((np.flatnonzero(rows & of_class(self.kinds, cls, eff.remainder_ns)), "remainder",
                                    (ns * 1e-9 * factor, eff.remainder_multiple.get(cls, profile.channel_multiple or 1))))
             const[rows & (self.kinds == "view")] = eff.view_overhead_us * 1e-6
             call_s += eff.call_overhead_us * 1e-6

@@ -230,3 +230,18 @@ def test_batch_evaluator_prices_elements_and_channel_tails_as_predict_latency():
     for k, st in enumerate(steps):
         want = predict_latency(estimate(table, Strategy(steps=[st])), prof, 1).latency_ms
         assert out["latency_ms"][k] == pytest.approx(want, rel=1e-9)
+
+
+def test_a_subclass_takes_its_class_element_cost_unless_named():
+    from hardware.latency import latency_kinds
+
+    table = _tiny_table()
+    kinds = latency_kinds(table)
+    silu = int(np.flatnonzero(kinds == "transcendental")[0])
+    base = predict_latency(table, parse_profile(_split_profile(), "test")).per_row_ms[silu]
+    d = _split_profile()
+    d["efficiency"]["element_ns"] = {"elementwise": 0.5}
+    assert predict_latency(table, parse_profile(d, "test")).per_row_ms[silu] - base == \
+        pytest.approx(24 * 16 * 16 * 0.5e-9 * 1e3, rel=1e-9)
+    d["efficiency"]["element_ns"] = {"elementwise": 0.5, "transcendental": 0.0}
+    assert predict_latency(table, parse_profile(d, "test")).per_row_ms[silu] == pytest.approx(base, rel=1e-12)
