@@ -842,9 +842,11 @@ def calibrate_host(quick: bool = False, progress: Progress = lambda m: None, int
         },
         provenance=Provenance(date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), cpu=_cpu_name(),
                               threads=threads, torch=torch.__version__,
-                              method="split model per operator class, non-negative least squares on the relative "
-                                     "error of operators timed in context in random synthetic CNNs (exported), batches "
-                                     f"{', '.join(map(str, BATCHES))}; int8: compiled synthetic networks, FP32 fit "
-                                     "rescaled" + (" [quick]" if quick else ""),
+                              method="split model per operator class, non-negative least squares on the error "
+                                     "(relative to each network's total) of operators timed in context in random "
+                                     f"synthetic CNNs (exported), batches {', '.join(map(str, BATCHES))}; int8: oneDNN "
+                                     "kernels and quantized max pooling timed alone, plus what compiled, profiled "
+                                     "synthetic networks add (kernel context, generated loops, wrapper)"
+                                     + (" [quick]" if quick else ""),
                               fit=fit),
     )
