@@ -41,7 +41,8 @@ import torch
 from torch import nn
 
 from estimators.pruning import PrunePlan
-from estimators.table import LayerTable, build_table
+from estimators.registry import Q_INDEX
+from estimators.table import LayerTable, build_table, evaluate
 from estimators.trace import trace_model
 
 from .latency import ALL_CLASSES, _row_features, fused_mask, misaligned, pointwise, split_terms
@@ -185,10 +186,15 @@ OTHER_COLUMNS = [0, 1, 4, 5, 6]
 FIT_FLOOR_S = 20e-6  # relative errors are floored: a 2 us row should not weigh like a 2 ms one
 
 
+def _features(table: LayerTable, batch: int, multiple: int, cache: float):
+    """The split model's columns of every row of `table` at `batch`, the rows' classes and input channels."""
+    flops, wbytes, abytes, kinds, cin, cout = _row_features(table, batch)
+    return split_terms(flops, wbytes, abytes, pointwise(table), misaligned(cin, cout, multiple), cache), kinds, cin
+
+
 def _columns(table: LayerTable, batch: int, multiple: int, cache: float):
     """The split model's columns of every row of `table` at `batch`, and the rows' classes."""
-    flops, wbytes, abytes, kinds, cin, cout = _row_features(table, batch)
-    return split_terms(flops, wbytes, abytes, pointwise(table), misaligned(cin, cout, multiple), cache), kinds
+    return _features(table, batch, multiple, cache)[:2]
 
 
 def _net_columns(net: NetSample, multiple: int, cache: float):
@@ -200,8 +206,9 @@ def fit_split_model(nets: list[NetSample], multiple: int, cache: float, bound: d
     """Per class, non-negative least squares of every row's seconds on the split model's columns, each row's
     error relative to its network's total (what a network's prediction sums: fitting each row's own relative
     error let the many small rows pull the large ones down and under-predicted the synthetic networks by 5-9%
-    in sample). A one-row sample (a kernel timed alone) is fitted on its relative error. `bound`: another batch's fit whose per-operator overheads (column 0) bound these from below (a larger
-    batch does not dispatch an operator faster; a small budget's noise could say so).
+    in sample). A one-row sample (a kernel timed alone) is fitted on its relative error. `bound`: another
+    batch's fit whose per-operator overheads (column 0) bound these from below (a larger batch does not
+    dispatch an operator faster; a small budget's noise could say so).
     Returns (seconds per column unit per class, view seconds, mean relative error of the rows, floored)."""
     from scipy.optimize import nnls
 
@@ -235,10 +242,6 @@ def fit_split_model(nets: list[NetSample], multiple: int, cache: float, bound: d
     view = K == "view"
     view_s = float(np.median(T[view])) if view.any() else 0.0
     return coef, view_s, err / max(wsum, 1.0)
-
-
-def _floored(x: float, floor: float | None) -> float:
-    return x if floor is None else max(x, floor)
 
 
 def predict_rows(nets: list[NetSample], coef: dict[str, np.ndarray], view_s: float, multiple: int, cache: float):
@@ -371,54 +374,45 @@ def int8_samples(budget_s: float, progress: Progress, batches: tuple[int, ...] =
                  ) -> list[Int8Sample]:
     """Quantize (Intel Neural Compressor static INT8), compile and time whole synthetic networks, and profile
     where each call goes (oneDNN kernels, quantized max pooling, generated loops; the rest is the Python
-    wrapper and guards)."""
+    wrapper and guards). The graphs compile with inductor's kernel profile, so the generated loops show."""
     import torch._inductor.config as inductor_config
 
-    out: list[Int8Sample] = []
-    t0 = time.perf_counter()
-    profiling = inductor_config.cpp.enable_kernel_profile
-    inductor_config.cpp.enable_kernel_profile = True  # the generated loops show in the profiler
-    try:
-        _int8_networks(budget_s, progress, batches, seed0, out, t0)
-    finally:
-        inductor_config.cpp.enable_kernel_profile = profiling
-    return out
-
-
-def _int8_networks(budget_s: float, progress: Progress, batches: tuple[int, ...], seed: int, out: list[Int8Sample],
-                   t0: float) -> None:
     from estimators.quantize import estimate_quantize
     from estimators.strategy import QuantizeStep
     from tasks.quantize_exec import compile_for_inference, quantize
 
     from .synthetic import synthetic_cnn
 
-    last = 0.0
-    while time.perf_counter() - t0 + 0.8 * last < budget_s:
-        model, shape = synthetic_cnn(seed)
-        seed += 1
-        with torch.inference_mode():
+    out: list[Int8Sample] = []
+    t0 = time.perf_counter()
+    seed, last = seed0, 0.0
+    with inductor_config.patch({"cpp.enable_kernel_profile": True}):  # graphs compile at their first call
+        while time.perf_counter() - t0 + 0.8 * last < budget_s:
+            model, shape = synthetic_cnn(seed)
+            seed += 1
+            with torch.inference_mode():
+                t1 = time.perf_counter()
+                model(torch.randn(max(batches), *shape[1:]))
+                if time.perf_counter() - t1 > 0.15:  # compiled int8 networks cost compile time: keep them small
+                    continue
             t1 = time.perf_counter()
-            model(torch.randn(max(batches), *shape[1:]))
-            if time.perf_counter() - t1 > 0.15:  # compiled int8 networks cost compile time: keep them small
-                continue
-        t1 = time.perf_counter()
-        fn = compile_for_inference(quantize(model, torch.randn(2, *shape[1:]), "int8").program)
-        table = estimate_quantize(light_table(model, torch.randn(1, *shape[1:]), name=f"synthetic-{seed - 1}"),
-                                  QuantizeStep(dtype="int8"))
-        for b in batches:
-            x = torch.randn(b, *shape[1:])
-            # this machine's speed drifts for seconds at a time: the mean of two medians, around the profile
-            first = measure_latency(fn, x, warmup=2, min_runs=5, max_runs=50, budget_s=0.15)["latency_ms"]
-            kern, pool, loops = profiled_parts(fn, x)
-            second = measure_latency(fn, x, warmup=1, min_runs=5, max_runs=50, budget_s=0.15)["latency_ms"]
-            out.append(Int8Sample(f"synthetic-{seed - 1} {(b,) + tuple(shape[1:])}", table, b,
-                                  0.5 * (first + second) / 1e3, kern, pool, loops))
-        last = time.perf_counter() - t1
-        progress(f"[int8 {time.perf_counter() - t0:4.0f}/{budget_s:.0f} s] {out[-1].label}: compiled and timed "
-                 f"({', '.join(f'{x.total_seconds * 1e3:.2f} ms' for x in out[-len(batches):])}; oneDNN kernels "
-                 f"{', '.join(f'{x.kernel_seconds * 1e3:.2f}' for x in out[-len(batches):])}, generated loops "
-                 f"{', '.join(f'{x.loop_seconds * 1e3:.2f}' for x in out[-len(batches):])})")
+            fn = compile_for_inference(quantize(model, torch.randn(2, *shape[1:]), "int8").program)
+            table = estimate_quantize(light_table(model, torch.randn(1, *shape[1:]), name=f"synthetic-{seed - 1}"),
+                                      QuantizeStep(dtype="int8"))
+            for b in batches:
+                x = torch.randn(b, *shape[1:])
+                # this machine's speed drifts for seconds at a time: the mean of two medians, around the profile
+                first = measure_latency(fn, x, warmup=2, min_runs=5, max_runs=50, budget_s=0.15)["latency_ms"]
+                kern, pool, loops = profiled_parts(fn, x)
+                second = measure_latency(fn, x, warmup=1, min_runs=5, max_runs=50, budget_s=0.15)["latency_ms"]
+                out.append(Int8Sample(f"synthetic-{seed - 1} {(b,) + tuple(shape[1:])}", table, b,
+                                      0.5 * (first + second) / 1e3, kern, pool, loops))
+            last = time.perf_counter() - t1
+            progress(f"[int8 {time.perf_counter() - t0:4.0f}/{budget_s:.0f} s] {out[-1].label}: compiled and timed "
+                     f"({', '.join(f'{x.total_seconds * 1e3:.2f} ms' for x in out[-len(batches):])}; oneDNN kernels "
+                     f"{', '.join(f'{x.kernel_seconds * 1e3:.2f}' for x in out[-len(batches):])}, generated loops "
+                     f"{', '.join(f'{x.loop_seconds * 1e3:.2f}' for x in out[-len(batches):])})")
+    return out
 
 
 FUSED_INT8 = ["norm", "elementwise"]  # inductor folds norms into the int8 conv and fuses activations and adds
@@ -457,16 +451,25 @@ def _int8_kernel(m: nn.Module, shape: tuple[int, ...], post: str = "none", scala
     return None
 
 
+def _layer_inputs(model: nn.Module, example: torch.Tensor, keep: Callable[[nn.Module], bool]
+                  ) -> list[tuple[nn.Module, tuple[int, ...]]]:
+    """The modules of `model` that `keep` selects, in execution order, each with its input's shape."""
+    seen: list[tuple[nn.Module, tuple[int, ...]]] = []
+    hooks = [m.register_forward_hook(lambda m, i, o: seen.append((m, tuple(i[0].shape))))
+             for m in model.modules() if keep(m)]
+    try:
+        with torch.inference_mode():
+            model(example)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
 def _post_ops(model: nn.Module, example: torch.Tensor) -> list[tuple[nn.Module, tuple[int, ...], type | None]]:
     """The convolutions and linears of `model` in execution order, with their input shape and the activation
     module that runs right after them (BatchNorm, folded away, skipped), if any."""
-    leaves: list[tuple[nn.Module, tuple[int, ...]]] = []
-    hooks = [m.register_forward_hook(lambda m, i, o: leaves.append((m, tuple(i[0].shape))))
-             for m in model.modules() if not list(m.children())]
-    with torch.inference_mode():
-        model(example)
-    for h in hooks:
-        h.remove()
+    leaves = _layer_inputs(model, example, lambda m: not list(m.children()))
     out = []
     for j, (m, shape) in enumerate(leaves):
         if not isinstance(m, (nn.Conv2d, nn.Linear)):
@@ -510,6 +513,7 @@ def int8_op_samples(budget_s: float, progress: Progress, batches: tuple[int, ...
             table = estimate_quantize(light_table(nn.Sequential(m), torch.randn(in_shape), name=f"int8-op-{n}"),
                                       QuantizeStep(dtype="int8"))
             post, scalars = POST_OPS.get(act, ("none", [None]))
+            out_elements = int(evaluate(table).q[0, Q_INDEX["act_out"]])  # at the table's batch of 1
             for b in batches:
                 bshape = (b,) + in_shape[1:]
                 x = torch.randint(0, 255, bshape, dtype=torch.uint8)
@@ -523,7 +527,7 @@ def int8_op_samples(budget_s: float, progress: Progress, batches: tuple[int, ...
 
                 if post == "swish":  # the kernel without it, and what it adds per output element
                     sec = timed("none", [None])
-                    elements.append(ElementSample("transcendental", fn_out_elements(m, bshape), timed(post, scalars) - sec))
+                    elements.append(ElementSample("transcendental", out_elements * b, timed(post, scalars) - sec))
                 else:  # relu, hardtanh, hardswish post-ops cost next to nothing (<0.03 ns per element here)
                     sec = timed(post, scalars)
                 out[b].append(NetSample(f"int8 {type(m).__name__} {bshape} {post}", table, np.array([sec]), sec, batch=b))
@@ -557,14 +561,7 @@ def int8_pool_samples(budget_s: float, progress: Progress, batches: tuple[int, .
     while n < min_ops or time.perf_counter() - t0 < budget_s:
         model, shape = synthetic_cnn(seed)
         seed += 1
-        pools: list[tuple[nn.Module, tuple[int, ...]]] = []
-        hooks = [m.register_forward_hook(lambda m, i, o: pools.append((m, tuple(i[0].shape))))
-                 for m in model.modules() if isinstance(m, nn.MaxPool2d)]
-        with torch.inference_mode():
-            model(torch.randn(1, *shape[1:]))
-        for h in hooks:
-            h.remove()
-        for m, in_shape in pools:
+        for m, in_shape in _layer_inputs(model, torch.randn(1, *shape[1:]), lambda m: isinstance(m, nn.MaxPool2d)):
             k, st, pad, dil = (list(v) if isinstance(v, (tuple, list)) else [v, v]
                                for v in (m.kernel_size, m.stride, m.padding, m.dilation))
             for c in (in_shape[1], rng.randint(8, 160)):
@@ -603,16 +600,6 @@ def fit_pool(samples: list[NetSample]) -> np.ndarray:
     return x
 
 
-def fn_out_elements(m: nn.Module, shape: tuple[int, ...]) -> int:
-    """Output elements of conv/linear `m` on an input of `shape`."""
-    if isinstance(m, nn.Linear):
-        return int(np.prod(shape[:-1])) * m.out_features
-    h, w = shape[2:]
-    oh = (h + 2 * m.padding[0] - m.dilation[0] * (m.kernel_size[0] - 1) - 1) // m.stride[0] + 1
-    ow = (w + 2 * m.padding[1] - m.dilation[1] * (m.kernel_size[1] - 1) - 1) // m.stride[1] + 1
-    return shape[0] * m.out_channels * oh * ow
-
-
 def element_ns(samples: list[ElementSample]) -> dict[str, float]:
     """Per class, nanoseconds per element (median over the samples, at least 0)."""
     out = {}
@@ -631,14 +618,13 @@ def _int8_parts(sample: Int8Sample, coef8: dict[str, np.ndarray], cache: float,
     the convolutions and linears read and write, the max pools' predicted seconds (`pool`: fit_pool)]."""
     from .latency import GEMM_CLASSES, remainder_share
 
-    cols, kinds = _columns(sample.table, sample.batch, CHANNEL_MULTIPLE, cache)
+    cols, kinds, cin = _features(sample.table, sample.batch, CHANNEL_MULTIPLE, cache)
     keep = ~fused_mask(sample.table, kinds, FUSED_INT8, UNFUSED_INT8) & (kinds != "param") & (kinds != "view")
     parts = np.zeros(7)
     parts[0] = 1.0
-    if pool is not None:  # quantized max pooling: its own fit
-        flops, _, _, _, cin, _ = _row_features(sample.table, sample.batch)
+    if pool is not None:  # quantized max pooling: its own fit (column 1 of the split model is the FLOPs)
         mp = keep & (kinds == "maxpool")
-        parts[6] = (pool[0] + flops[mp] * (pool[1] + pool[2] * remainder_share(cin[mp], QPOOL_LANES))).sum()
+        parts[6] = (pool[0] + cols[mp, 1] * (pool[1] + pool[2] * remainder_share(cin[mp], QPOOL_LANES))).sum()
         keep = keep & ~mp
     gemm = keep & np.isin(kinds, GEMM_CLASSES)
     parts[5] = cols[gemm][:, 5:7].sum()
@@ -677,13 +663,12 @@ def fit_int8(samples: list[Int8Sample], coefs8: dict[int, dict[str, np.ndarray]]
     relative error."""
     from scipy.optimize import nnls
 
-    A = np.array([_int8_parts(s, coefs8[nearest_batch(s.batch, list(coefs8))], cache, elem_ns, pool)
-                  for s in samples])
+    near = np.array([nearest_batch(s.batch, list(coefs8)) for s in samples])
+    A = np.array([_int8_parts(s, coefs8[b], cache, elem_ns, pool) for s, b in zip(samples, near)])
     T = np.array([s.total_seconds for s in samples])
     K = np.array([s.kernel_seconds for s in samples])
     P = np.array([s.pool_seconds for s in samples])
     G = np.array([s.loop_seconds for s in samples])
-    near = np.array([nearest_batch(s.batch, list(coefs8)) for s in samples])
     per_k, per_b = {}, {}
     kern = A[:, 4].copy()
     for b in sorted(coefs8):
@@ -754,7 +739,7 @@ def calibrate_host(quick: bool = False, progress: Progress = lambda m: None, int
             raise RuntimeError(f"calibration budget too small: {len(ns)} networks timed at batch {b}, not enough "
                                "convolutions and elementwise operators to fit")
         glue = fit_glue(ns, glues.get(first, (0.0, 0.0)))
-        view_s = _floored(view_s, views.get(first))
+        view_s = max(view_s, views.get(first, 0.0))
         glues[b], views[b] = glue, view_s
         net_err = np.abs(network_error(ns, coef, view_s, glue, CHANNEL_MULTIPLE, cache))
         coefs[b] = coef

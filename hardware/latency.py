@@ -114,11 +114,15 @@ def misaligned(cin: np.ndarray, cout: np.ndarray, multiple: int | None, both: bo
     return (a & b) if both else (a | b)
 
 
+def parent_classes(kinds: np.ndarray) -> np.ndarray:
+    """Every row's class, a subclass (profile.SUBCLASSES) replaced by the class it falls back to."""
+    return np.array([SUBCLASSES.get(k, k) for k in kinds], dtype=kinds.dtype)
+
+
 def of_class(kinds: np.ndarray, cls: str, given) -> np.ndarray:
     """Rows costed as `cls` by a per-class table whose keys are `given`: that class, and its subclasses the
     table does not name (a subclass falls back to its class)."""
-    parent = np.array([SUBCLASSES.get(k, k) for k in kinds])
-    return (kinds == cls) | ((parent == cls) & ~np.isin(kinds, list(given)))
+    return (kinds == cls) | ((parent_classes(kinds) == cls) & ~np.isin(kinds, list(given)))
 
 
 def remainder_share(channels: np.ndarray, multiple: int) -> np.ndarray:
@@ -152,8 +156,7 @@ def _fused_mask(table: LayerTable, kinds: np.ndarray, fused: list[str], unfused_
     out = np.zeros(n, dtype=bool)
     if not fused:
         return out
-    parent = np.array([SUBCLASSES.get(k, k) for k in kinds])
-    fusable = np.isin(kinds, fused) | np.isin(parent, fused)  # a subclass fuses where its class does
+    fusable = np.isin(kinds, fused) | np.isin(parent_classes(kinds), fused)  # a subclass fuses where its class does
     if unfused_ops:
         fusable &= ~np.isin(np.char.lower(np.array(table.ops, dtype=str)), list(unfused_ops))
     anchor = np.isin(kinds, GEMM_CLASSES)

@@ -101,14 +101,10 @@ def test_compiled_int8_network_is_profiled_into_its_parts():
 
     model, shape = next((m, s) for m, s in map(synthetic_cnn, range(100, 200))
                         if s[2] <= 96 and any(isinstance(x, torch.nn.MaxPool2d) for x in m.modules()))
-    saved = inductor_config.cpp.enable_kernel_profile
-    inductor_config.cpp.enable_kernel_profile = True
-    try:
+    with inductor_config.patch({"cpp.enable_kernel_profile": True}):  # as calibration compiles them
         fn = compile_for_inference(quantize(model, torch.randn(2, *shape[1:]), "int8").program)
         x = torch.randn(1, *shape[1:])
         total = measure_latency(fn, x, warmup=2, min_runs=5, budget_s=0.2)["latency_ms"] / 1e3
         kern, pool, loops = profiled_parts(fn, x)
-    finally:
-        inductor_config.cpp.enable_kernel_profile = saved
     assert kern > 0 and pool > 0 and loops > 0  # the first quantize of the input is a generated loop
     assert kern + pool + loops < 1.5 * total
