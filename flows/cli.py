@@ -401,6 +401,9 @@ def _print_run(rep: dict[str, Any]) -> None:
     if rep.get("recommended"):
         console.print(f"recommended: {rep['recommended']['label']}  ({rep['candidates_evaluated']:,} candidates in "
                       f"{rep['seconds']} s)", highlight=False)
+        if rep.get("predicted_infeasible"):
+            console.print(f"predicted infeasible, settled by measurement: {rep['predicted_infeasible']['message']}",
+                          highlight=False)
     else:
         err_console.print(f"infeasible: {rep['infeasible']['message']}", highlight=False)
     if rep.get("executed"):

@@ -23,7 +23,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.utilities.annotations import quote
 from pydantic import Field
 
-from search.requirements import Requirements
+from search.requirements import Requirements, broken_as_measured
 from tasks.pipeline import (ModelInput, ParallelOptions, SearchOptions, analyze_task, calibrate_task, execute_task,
                             measure_task, search_task, sensitivity_task)
 
@@ -88,6 +88,8 @@ def markdown_report(title: str, rep: dict, executed: list[dict], tracked: dict, 
     if rep.get("recommended"):
         lines.append(f"**Recommended:** `{rep['recommended']['label']}`; binding: "
                      f"{', '.join(b['requirement'] for b in rep['binding']) or 'none'}")
+        if rep.get("predicted_infeasible"):
+            lines.append(f"(as measured; predicted infeasible: {rep['predicted_infeasible']['message']})")
     else:
         lines.append(f"**Infeasible:** {rep['infeasible']['message']}")
     lines += ["", "## Top candidates (predicted)", "", "| strategy | " + " | ".join(COLUMNS) + " |",
@@ -157,6 +159,8 @@ def _finish(flow_name: str, model: ModelInput, hardware: str, record: dict, work
             t0: float, failed: list[dict] | None = None, device: tuple[int, float] | None = None) -> dict:
     log = get_run_logger()
     run_id = record["flow_run_id"]
+    if device is None:  # measured here: settled before it is tracked
+        settle_infeasible(rep, executed)
     t_track = time.perf_counter()
     state = track_task(record, quote(rep), quote(executed), quote(layers), str(workdir), quote(session),
                        return_state=True)
@@ -191,6 +195,8 @@ def _finish(flow_name: str, model: ModelInput, hardware: str, record: dict, work
                     e["measured_on"] = f"pool {pool_name(hardware)}"
                 else:
                     e.setdefault("notes", []).append("latency not measured: no device worker answered in time")
+    if device is not None:  # measured on the device just now
+        settle_infeasible(rep, executed)
     title = f"deployfit {flow_name}: {model.spec} on {hardware}"
     create_markdown_artifact(markdown_report(title, rep, executed, tracked, failed or []), key=_key("deployfit", flow_name, model.spec,
                                                                                      hardware),
@@ -246,6 +252,29 @@ def execute_flow(model: ModelInput, candidates: list[dict], out_dir: str, hardwa
         except Exception as exc:
             out.append(_failure(c, exc))
     return out
+
+
+def settle_infeasible(rep: dict, executed: list[dict]) -> None:
+    """A plan infeasible by predicted accuracy executed the candidates that meet every other requirement
+    (`verify`): the one of them that meets every requirement as measured, with the least measured accuracy drop,
+    becomes the recommendation (the prediction's verdict moves to `predicted_infeasible`); else the message says
+    the measurements confirm it."""
+    if rep.get("recommended") or not rep.get("verify") or not executed:
+        return
+    req = Requirements(**rep["requirements"])
+    ok = [e for e in executed if not broken_as_measured(e.get("meas") or {}, req)]
+    inf = rep["infeasible"]
+    if not ok:
+        inf["message"] += f"; executed, none of the {len(executed)} meets every requirement as measured"
+        inf["verified"] = True
+        return
+    best = min(ok, key=lambda e: e["meas"].get("accuracy_drop", 0.0))
+    planned = next(r for r in rep["verify"] if r["compact"] == best["compact"])
+    rep["recommended"] = {**planned, "by": "measurement", "meas": best["meas"]}
+    rep["binding"] = []
+    inf["message"] += (f"; executed, {best['label']} meets every requirement as measured (accuracy drop "
+                       f"{best['meas'].get('accuracy_drop', 0.0):+.2f} points)")
+    rep["predicted_infeasible"] = rep.pop("infeasible")
 
 
 def _with_plan_prediction(res: dict, pred: dict) -> dict:
@@ -317,10 +346,12 @@ def _run_steps(model: ModelInput, data: Optional[str], hardware: str, requiremen
         device_measure = hardware != "host"
     executed: list[dict] = []
     failed: list[dict] = []
-    if execute and rep.get("top"):
+    # nothing predicted feasible, but candidates that miss only the predicted accuracy: executed to check it
+    chosen = (rep.get("top") or rep.get("verify") or [])[:top_k]
+    if execute and chosen:
         cands = []
-        plan_pred = {c["compact"]: c["pred"] for c in rep["top"][:top_k]}
-        for cand in rep["top"][:top_k]:
+        plan_pred = {c["compact"]: c["pred"] for c in chosen}
+        for cand in chosen:
             tag = hashlib.sha256(f"{model.fingerprint()}|{cand['compact']}".encode()).hexdigest()[:12]
             cands.append({"compact": cand["compact"], "label": cand["label"],
                           "out_dir": str(Path(out_dir) / "artifacts" / f"{_key(model.spec)}-{tag}")})

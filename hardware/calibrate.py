@@ -9,9 +9,11 @@ freely, aligned or not) exported as deployfit's artifacts are, at each calibrate
 covers GEMM, dense/depthwise/grouped convolutions over a spread of shapes, elementwise, pooling,
 normalisation and copies. Per operator class a non-negative least-squares fit of the split model
 (hardware.latency.split_terms: overhead, FLOPs, 1x1 and misaligned-channel FLOPs, weight bytes,
-activation bytes in and beyond the cache) on the rows' errors relative to their networks' totals gives the
-efficiencies; the networks' untimed totals give the per-operator dispatch and per-call costs (a network
-whose rows and totals disagree, a slow spell of this machine, is timed again). INT8 runs compiled
+activation bytes in and beyond the cache, and eager PyTorch's convolution dispatch: oneDNN's fixed cost and
+its slow reorders of activations whose channels are not multiples of 16, ATen's native kernel for small
+batch-1 dense convolutions) on the rows' errors relative to their networks' totals gives the efficiencies;
+the networks' untimed totals give the per-operator dispatch, per-call and per-byte costs outside the
+operators (a network whose rows and totals disagree, a slow spell of this machine, is timed again). INT8 runs compiled
 (inductor with freezing), where operators cannot be timed one by one inside the graph: the oneDNN INT8
 convolution and linear kernels the compiled graph calls are timed directly (prepacked weights, uint8
 channels-last activations, the activation that follows each layer fused as a post-op; a SiLU is timed
@@ -45,7 +47,8 @@ from estimators.registry import Q_INDEX
 from estimators.table import LayerTable, build_table, evaluate
 from estimators.trace import trace_model
 
-from .latency import ALL_CLASSES, _row_features, fused_mask, misaligned, pointwise, split_terms
+from .latency import (ALL_CLASSES, SPLIT_WIDTH, _row_features, conv_shape, eager_terms, fused_mask, misaligned,
+                      pointwise, split_terms)
 from .measure import measure_latency
 from .profile import SUBCLASSES, Efficiency, HardwareProfile, Provenance
 
@@ -181,40 +184,50 @@ def network_samples(budget_s: float, progress: Progress, batches: tuple[int, ...
 
 
 # columns of latency.split_terms each class is fitted with (the others are held at zero)
-SPLIT_COLUMNS = {"conv": [0, 1, 2, 3, 4, 5, 6], "gconv": [0, 1, 3, 4, 5, 6], "dwconv": [0, 1, 3, 4, 5, 6], "gemm": [0, 1, 3, 4, 5, 6]}
+# (7-10: eager PyTorch's convolution dispatch, zero columns where `threads` is 0; grouped and depthwise convolutions
+# always run on oneDNN: their overhead is column 0)
+SPLIT_COLUMNS = {"conv": list(range(SPLIT_WIDTH)), "gconv": [0, 1, 3, 4, 5, 6, 8, 9],
+                 "dwconv": [0, 1, 3, 4, 5, 6, 8, 9], "gemm": [0, 1, 3, 4, 5, 6]}
 OTHER_COLUMNS = [0, 1, 4, 5, 6]
 FIT_FLOOR_S = 20e-6  # relative errors are floored: a 2 us row should not weigh like a 2 ms one
 
 
-def _features(table: LayerTable, batch: int, multiple: int, cache: float):
-    """The split model's columns of every row of `table` at `batch`, the rows' classes and input channels."""
-    flops, wbytes, abytes, kinds, cin, cout = _row_features(table, batch)
-    return split_terms(flops, wbytes, abytes, pointwise(table), misaligned(cin, cout, multiple), cache), kinds, cin
+def _features(table: LayerTable, batch: int, multiple: int, cache: float, threads: int = 0):
+    """The split model's columns of every row of `table` at `batch` (`threads`: convolutions dispatched as eager
+    PyTorch does on that many threads; 0: a runtime that does not), the rows' classes and input channels."""
+    ev = evaluate(table)
+    flops, wbytes, abytes, kinds, cin, cout = _row_features(table, batch, ev)
+    scale = batch / table.batch
+    eager = eager_terms(conv_shape(table), cin, cout, ev.act_read_bytes * scale, ev.act_write_bytes * scale, batch,
+                        threads, multiple)
+    return split_terms(flops, wbytes, abytes, pointwise(table), misaligned(cin, cout, multiple), cache,
+                       eager), kinds, cin
 
 
-def _columns(table: LayerTable, batch: int, multiple: int, cache: float):
+def _columns(table: LayerTable, batch: int, multiple: int, cache: float, threads: int = 0):
     """The split model's columns of every row of `table` at `batch`, and the rows' classes."""
-    return _features(table, batch, multiple, cache)[:2]
+    return _features(table, batch, multiple, cache, threads)[:2]
 
 
-def _net_columns(net: NetSample, multiple: int, cache: float):
-    return _columns(net.table, net.batch or net.table.batch, multiple, cache)
+def _net_columns(net: NetSample, multiple: int, cache: float, threads: int = 0):
+    return _columns(net.table, net.batch or net.table.batch, multiple, cache, threads)
 
 
-def fit_split_model(nets: list[NetSample], multiple: int, cache: float, bound: dict[str, np.ndarray] | None = None
-                    ) -> tuple[dict[str, np.ndarray], float, float]:
+def fit_split_model(nets: list[NetSample], multiple: int, cache: float, bound: dict[str, np.ndarray] | None = None,
+                    threads: int = 0) -> tuple[dict[str, np.ndarray], float, float]:
     """Per class, non-negative least squares of every row's seconds on the split model's columns, each row's
     error relative to its network's total (what a network's prediction sums: fitting each row's own relative
     error let the many small rows pull the large ones down and under-predicted the synthetic networks by 5-9%
     in sample). A one-row sample (a kernel timed alone) is fitted on its relative error. `bound`: another
     batch's fit whose per-operator overheads (column 0) bound these from below (a larger batch does not
-    dispatch an operator faster; a small budget's noise could say so).
+    dispatch an operator faster; a small budget's noise could say so). `threads`: the networks ran in eager
+    PyTorch on that many threads (its convolution dispatch is fitted; 0: they did not).
     Returns (seconds per column unit per class, view seconds, mean relative error of the rows, floored)."""
     from scipy.optimize import nnls
 
     cols, kinds, t, whole = [], [], [], []
     for net in nets:
-        c, k = _net_columns(net, multiple, cache)
+        c, k = _net_columns(net, multiple, cache, threads)
         cols.append(c)
         kinds.append(k)
         t.append(net.row_seconds)
@@ -244,10 +257,11 @@ def fit_split_model(nets: list[NetSample], multiple: int, cache: float, bound: d
     return coef, view_s, err / max(wsum, 1.0)
 
 
-def predict_rows(nets: list[NetSample], coef: dict[str, np.ndarray], view_s: float, multiple: int, cache: float):
+def predict_rows(nets: list[NetSample], coef: dict[str, np.ndarray], view_s: float, multiple: int, cache: float,
+                 threads: int = 0):
     out = []
     for net in nets:
-        c, k = _net_columns(net, multiple, cache)
+        c, k = _net_columns(net, multiple, cache, threads)
         p = np.zeros(len(k))
         for cls, x in coef.items():
             sel = k == cls
@@ -261,34 +275,50 @@ def _ops(net: NetSample) -> float:
     return float((np.array(net.table.kinds) != "param").sum())
 
 
-def fit_glue(nets: list[NetSample], floor: tuple[float, float] = (0.0, 0.0)) -> tuple[float, float]:
-    """Seconds per operator and per call that the untimed network spends outside its operators (the
-    program's Python between calls), non-negative least squares on the networks' relative error, bounded
-    below by `floor` (another batch's: a larger batch does not run the Python between operators faster)."""
+def _written(net: NetSample) -> float:
+    """Activation bytes the network's operators write."""
+    return float(evaluate(net.table).act_write_bytes.sum()) * (net.batch or net.table.batch) / net.table.batch
+
+
+def _glue_columns(net: NetSample) -> list[float]:
+    return [_ops(net), 1.0, _written(net)]
+
+
+def fit_glue(nets: list[NetSample], floor: tuple[float, float, float] = (0.0, 0.0, 0.0)
+             ) -> tuple[float, float, float]:
+    """Seconds per operator, per call and per activation byte written that the untimed network spends outside
+    its operators (the program's Python between calls; allocating and freeing outputs: the untimed time grows
+    with the activations, 5 us per operator in networks of under 1 MB of weights, 10 in those of over 20 MB),
+    non-negative least squares on the networks' relative error, bounded below by `floor` (another batch's: a
+    larger batch does not run the Python between operators faster)."""
     from scipy.optimize import nnls
 
     y = np.array([n.total_seconds - n.row_seconds.sum() for n in nets])
     if not (y > 0).any():  # no networks, or none spends time outside its operators
         return floor
-    A = np.array([[_ops(n), 1.0] for n in nets])
+    A = np.array([_glue_columns(n) for n in nets])
     w = 1.0 / np.array([n.total_seconds for n in nets])
     low = np.asarray(floor, dtype=float)
     x, _ = nnls(A * w[:, None], (np.maximum(y, 0.0) - A @ low) * w)
-    return float(x[0] + low[0]), float(x[1] + low[1])
+    return float(x[0] + low[0]), float(x[1] + low[1]), float(x[2] + low[2])
 
 
-def network_error(nets: list[NetSample], coef, view_s: float, glue: tuple[float, float], multiple: int, cache: float):
+def network_error(nets: list[NetSample], coef, view_s: float, glue: tuple[float, float, float], multiple: int,
+                  cache: float, threads: int = 0):
     """Relative error of every network's predicted total (rows + glue) against its untimed total."""
-    pred = predict_rows(nets, coef, view_s, multiple, cache)
-    return np.array([(p.sum() + glue[0] * _ops(n) + glue[1]) / n.total_seconds - 1 for n, p in zip(nets, pred)])
+    pred = predict_rows(nets, coef, view_s, multiple, cache, threads)
+    return np.array([(p.sum() + np.dot(_glue_columns(n), glue)) / n.total_seconds - 1 for n, p in zip(nets, pred)])
 
 
 def split_efficiency(coef: dict[str, np.ndarray], view_s: float, peak: float, bwr: float, cbw: float, bw: float,
-                     glue: tuple[float, float] = (0.0, 0.0), fused: list[str] | None = None) -> Efficiency:
+                     glue: tuple[float, ...] = (0.0, 0.0, 0.0), fused: list[str] | None = None,
+                     threads: int = 0) -> Efficiency:
     """The fitted seconds per unit as a profile's efficiencies (inverse of latency.split_coefficients); the
-    per-operator glue joins every class's overhead, the per-call glue is the call overhead."""
+    per-operator glue joins every class's overhead, the per-call glue is the call overhead, the per-byte glue
+    glue_ns_per_byte. `threads`: the eager dispatch was fitted for that many threads (eager_threads)."""
     fallback = coef.get("elementwise", next(iter(coef.values())))
     compute, bandwidth, wband, spill, over, pwf, misf = {}, {}, {}, {}, {}, {}, {}
+    onednn, rin, rout, natf = {}, {}, {}, {}
 
     def share(x, ref):
         return float(min(50.0, 1.0 / (ref * x))) if x > 0 else 50.0
@@ -304,13 +334,23 @@ def split_efficiency(coef: dict[str, np.ndarray], view_s: float, peak: float, bw
             pwf[cls] = round(float(min(8.0, 1.0 + x[2] / c_f)), 4)
         if x[3] > 0:
             misf[cls] = round(float(min(8.0, 1.0 + x[3] / c_f)), 4)
+        if x[7] > 0:
+            onednn[cls] = round(float(x[7] * 1e6), 3)
+        if x[8] > 0:
+            rin[cls] = round(float(x[8] * 1e9), 5)
+        if x[9] > 0:
+            rout[cls] = round(float(x[9] * 1e9), 5)
+        if x[10] > 0:
+            natf[cls] = round(float(min(8.0, 1.0 + x[10] / c_f)), 4)
         wband[cls] = share(x[4], bwr * 1e9)
         bandwidth[cls] = share(x[5], cbw * 1e9)
         spill[cls] = share(x[6], bw * 1e9)
     return Efficiency(compute=compute, bandwidth=bandwidth, kernel_overhead_us=float(np.median(list(over.values()))),
                       view_overhead_us=round((view_s + glue[0]) * 1e6, 3), call_overhead_us=round(glue[1] * 1e6, 3),
                       fused=list(fused or []), misaligned_factor=misf, overhead_us=over, weight_bandwidth=wband,
-                      spill_bandwidth=spill, pointwise_factor=pwf)
+                      spill_bandwidth=spill, pointwise_factor=pwf, eager_threads=threads if onednn or rin or rout
+                      or natf else 0, onednn_us=onednn, reorder_in_ns=rin, reorder_out_ns=rout, native_factor=natf,
+                      glue_ns_per_byte=round(float(glue[2]) * 1e9, 6) if len(glue) > 2 else 0.0)
 
 
 
@@ -705,10 +745,10 @@ def _int8_coef(coef: dict[str, np.ndarray], coef8: dict[str, np.ndarray], f: Int
             y[0] += f.kernel_s + f.kernel_s_ctx[batch]
             y[5:7] += f.byte_s_ctx[batch]
         elif cls == "maxpool" and pool is not None:  # quantized max pooling (its channel tail: remainder_ns)
-            y = np.zeros(7)
+            y = np.zeros(SPLIT_WIDTH)
             y[0], y[1] = pool[0] + f.kernel_s, pool[1]
         else:
-            y = np.zeros(7)
+            y = np.zeros(SPLIT_WIDTH)
             y[0], y[5], y[6] = f.other_s, f.element_s, f.element_s
         out[cls] = y
     return out
@@ -731,22 +771,23 @@ def calibrate_host(quick: bool = False, progress: Progress = lambda m: None, int
     coefs: dict[int, dict[str, np.ndarray]] = {}
     effs: dict[int, Efficiency] = {}
     first = BATCHES[0]
-    glues: dict[int, tuple[float, float]] = {}
+    glues: dict[int, tuple[float, float, float]] = {}
     views: dict[int, float] = {}
     for b, ns in sorted(nets.items()):  # larger batches bounded below by the first one's overheads
-        coef, view_s, row_err = fit_split_model(ns, CHANNEL_MULTIPLE, cache, coefs.get(first))
+        coef, view_s, row_err = fit_split_model(ns, CHANNEL_MULTIPLE, cache, coefs.get(first), threads)
         if not {"conv", "elementwise"} <= set(coef):
             raise RuntimeError(f"calibration budget too small: {len(ns)} networks timed at batch {b}, not enough "
                                "convolutions and elementwise operators to fit")
-        glue = fit_glue(ns, glues.get(first, (0.0, 0.0)))
+        glue = fit_glue(ns, glues.get(first, (0.0, 0.0, 0.0)))
         view_s = max(view_s, views.get(first, 0.0))
         glues[b], views[b] = glue, view_s
-        net_err = np.abs(network_error(ns, coef, view_s, glue, CHANNEL_MULTIPLE, cache))
+        net_err = np.abs(network_error(ns, coef, view_s, glue, CHANNEL_MULTIPLE, cache, threads))
         coefs[b] = coef
-        effs[b] = split_efficiency(coef, view_s, peak, rbw, cbw, bw, glue)
+        effs[b] = split_efficiency(coef, view_s, peak, rbw, cbw, bw, glue, threads=threads)
         fit.update({f"fp32.b{b}.networks": len(ns), f"fp32.b{b}.operators": int(sum(n.table.n for n in ns)),
                     f"fp32.b{b}.row_error": round(row_err, 4), f"fp32.b{b}.network_mape": round(float(net_err.mean()), 4),
-                    f"fp32.b{b}.glue_us_per_op": round(glue[0] * 1e6, 3)})
+                    f"fp32.b{b}.glue_us_per_op": round(glue[0] * 1e6, 3),
+                    f"fp32.b{b}.glue_ns_per_kb": round(glue[2] * 1e12, 4)})
         progress(f"fit fp32 batch {b}: {len(ns)} networks, operator error {100 * row_err:.1f}%, network MAPE "
                  f"{100 * net_err.mean():.1f}% (in sample), {glue[0] * 1e6:.1f} us per operator outside operators")
     peaks = {"fp32": round(peak, 2)}

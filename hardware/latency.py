@@ -14,7 +14,13 @@ timed inside running networks (hardware.calibrate):
            + weight bytes / (memory read bandwidth x weight_bandwidth[class])
            + activation bytes up to cache_bytes / (cache bandwidth x bandwidth[class])
            + activation bytes beyond it / (memory bandwidth x spill_bandwidth[class])
-with the efficiencies of the calibrated batch nearest the requested one (profile.batch_efficiency).
+           + (eager PyTorch, `eager_threads` given) on oneDNN: onednn_us + misaligned input bytes x reorder_in_ns
+             + misaligned output bytes x reorder_out_ns; on ATen's native kernel: FLOPs x (native_factor - 1)
+with the efficiencies of the calibrated batch nearest the requested one (profile.batch_efficiency). Eager
+PyTorch runs a float convolution on oneDNN in a blocked channel layout, reordering its input and output to
+and from it (slow where channels are not multiples of the block), except small batch-1 dense ones, which run
+on ATen's native kernel (eager_onednn: the rule of ATen's ConvParams::use_mkldnn). A call also spends
+`glue_ns_per_byte` per activation byte written outside its operators (allocating and freeing outputs).
 Two per-element terms apply to every row of their class, fused or not: `element_ns` (e.g. a SiLU evaluated
 as an INT8 convolution's post-op: fusion saves its memory traffic, not its exponentials) and
 `remainder_ns` on the share of channels beyond a multiple of `remainder_multiple` (a kernel's scalar tail,
@@ -87,11 +93,78 @@ def pointwise(table: LayerTable) -> np.ndarray:
     return np.isin(np.array(table.kinds), ("conv", "gconv")) & (k == 1)
 
 
-def split_terms(flops, wbytes, abytes, pw, off, cache: float):
+SPLIT_WIDTH = 11  # columns of split_terms
+
+
+def split_terms(flops, wbytes, abytes, pw, off, cache: float, eager=None):
     """Columns of the split model for some rows: 1, FLOPs, FLOPs of 1x1 rows, FLOPs on padded channels
-    (FLOPs of rows whose channels are not multiples of the profile's channel_multiple), weight bytes, activation bytes up to the cache's size, activation bytes beyond it (from memory)."""
+    (FLOPs of rows whose channels are not multiples of the profile's channel_multiple), weight bytes, activation
+    bytes up to the cache's size, activation bytes beyond it (from memory), then eager PyTorch's convolution
+    dispatch (`eager`: eager_terms of these rows; zeros without): on oneDNN, misaligned input bytes and misaligned
+    output bytes there, FLOPs on ATen's native kernel."""
     hot = np.minimum(abytes, cache) if cache else np.zeros(len(abytes))
-    return np.stack([np.ones(len(flops)), flops, flops * pw, flops * off, wbytes, hot, abytes - hot], 1)
+    z = np.zeros(len(flops))
+    on, rin, wout, native = eager if eager is not None else (z, z, z, z)
+    return np.stack([np.ones(len(flops)), flops, flops * pw, flops * off, wbytes, hot, abytes - hot,
+                     on, rin, wout, flops * native], 1)
+
+
+@dataclass(frozen=True)
+class ConvShape:
+    """What eager PyTorch's convolution dispatch looks at, per row, that pruning does not change."""
+
+    conv: np.ndarray  # convolution rows
+    spatial: np.ndarray  # input elements per channel (per sample)
+    ksize: np.ndarray  # kernel elements
+    groups: np.ndarray
+    strided: np.ndarray  # output smaller than input
+
+
+_SHAPE_CACHE: dict[int, tuple] = {}
+
+
+def conv_shape(table: LayerTable) -> ConvShape:
+    """The table's ConvShape (depends on its structure only: cached for the estimated tables of one analysis)."""
+    hit = _SHAPE_CACHE.get(id(table.in_shapes))
+    if hit is not None and hit[0] is table.in_shapes:
+        return hit[1]
+    if len(_SHAPE_CACHE) > 256:
+        _SHAPE_CACHE.clear()
+    out = _conv_shape(table)
+    _SHAPE_CACHE[id(table.in_shapes)] = (table.in_shapes, out)
+    return out
+
+
+def _conv_shape(table: LayerTable) -> ConvShape:
+    kinds = np.array(table.kinds)
+    conv = np.isin(kinds, ("conv", "gconv", "dwconv")) & np.array(["conv" in op.lower() and "transpose" not in op.lower()
+                                                                   for op in table.ops])
+    sp_in = np.array([float(np.prod(s[0][2:])) if s and len(s[0]) >= 3 else 1.0 for s in table.in_shapes])
+    sp_out = np.array([float(np.prod(s[0][2:])) if s and len(s[0]) >= 3 else 1.0 for s in table.out_shapes])
+    ksize = table.ksize if table.ksize is not None else np.ones(table.n, dtype=np.int64)
+    groups = table.groups if table.groups is not None else np.ones(table.n, dtype=np.int64)
+    return ConvShape(conv, sp_in, ksize, groups, sp_out < sp_in)
+
+
+def eager_onednn(shape: ConvShape, cin, batch: int, threads: int) -> np.ndarray:
+    """Convolution rows eager PyTorch runs on oneDNN (float32 on a CPU), the rest on ATen's native kernel: the rule
+    of ATen's ConvParams::use_mkldnn, with the kernel's sides taken from its element count (square kernels).
+    `cin`: input channels per row (any leading candidate axes)."""
+    c1 = shape.strided | (batch >= 16) | (shape.ksize != 1) | (threads > 1)
+    c2 = (shape.groups > 1) | (shape.ksize >= 16) | (batch > 1) | (batch * cin * shape.spatial > 20480)
+    return shape.conv & c1 & c2
+
+
+def eager_terms(shape: ConvShape, cin, cout, read_bytes, write_bytes, batch: int, threads: int, multiple: int | None):
+    """split_terms' eager columns: (on oneDNN, misaligned input bytes on oneDNN, misaligned output bytes on oneDNN,
+    on ATen's native kernel) per row (any leading candidate axes; zeros for a runtime that is not eager PyTorch)."""
+    if threads <= 0:
+        z = np.zeros(np.broadcast_shapes(np.shape(cin), shape.conv.shape))
+        return z, z, z, z
+    on = eager_onednn(shape, cin, batch, threads)
+    m = multiple if multiple and multiple > 1 else 1
+    return (on.astype(float), read_bytes * (on & (cin % m != 0)), write_bytes * (on & (cout % m != 0)),
+            (shape.conv & ~on).astype(float))
 
 
 def split_coefficients(profile: HardwareProfile, eff, cls: str, peak: float) -> np.ndarray:
@@ -103,7 +176,10 @@ def split_coefficients(profile: HardwareProfile, eff, cls: str, peak: float) -> 
                      c_f * (eff._of(eff.misaligned_factor, cls, 1.0) - 1.0),
                      1.0 / (bwr * eff._of(eff.weight_bandwidth, cls, 1.0)),
                      1.0 / (cbw * eff.bandwidth_of(cls)),
-                     1.0 / (profile.memory_bandwidth_gbs * 1e9 * eff._of(eff.spill_bandwidth, cls, 1.0))])
+                     1.0 / (profile.memory_bandwidth_gbs * 1e9 * eff._of(eff.spill_bandwidth, cls, 1.0)),
+                     eff._of(eff.onednn_us, cls, 0.0) * 1e-6, eff._of(eff.reorder_in_ns, cls, 0.0) * 1e-9,
+                     eff._of(eff.reorder_out_ns, cls, 0.0) * 1e-9,
+                     c_f * (eff._of(eff.native_factor, cls, 1.0) - 1.0)])
 
 
 def misaligned(cin: np.ndarray, cout: np.ndarray, multiple: int | None, both: bool = False) -> np.ndarray:
@@ -189,8 +265,12 @@ def predict_latency(table: LayerTable, profile: HardwareProfile, batch_size: int
     """`ev`: the table's estimates.table.evaluate() when the caller has it already (searches do)."""
     if batch_size < 1:
         raise ValueError("batch size must be at least 1")
+    ev = ev if ev is not None else evaluate(table)
     flops, wbytes, abytes, kinds, cin, cout = _row_features(table, batch_size, ev)
     off = misaligned(cin, cout, profile.channel_multiple)
+    scale = batch_size / table.batch
+    rbytes, obytes = ev.act_read_bytes * scale, ev.act_write_bytes * scale
+    shape = conv_shape(table)
     pw = pointwise(table)
     n = table.n
     per_row = np.zeros(n)
@@ -202,10 +282,12 @@ def predict_latency(table: LayerTable, profile: HardwareProfile, batch_size: int
     # weights of a model larger than the cache stream from memory on every call
     streams = cache > 0 and float(wbytes.sum()) > cache
     for rows, eff, peak, factor, byte_scale, classes in dtype_parts(table, kinds, profile, batch_size):
+        eg = eager_terms(shape, cin, cout, rbytes * byte_scale, obytes * byte_scale, batch_size, eff.eager_threads,
+                         profile.channel_multiple) if eff.split and eff.eager_threads else None
         for cls, sel in classes:
             if eff.split:
                 cols = split_terms(flops[sel], wbytes[sel] * byte_scale, abytes[sel] * byte_scale, pw[sel], off[sel],
-                                   cache)
+                                   cache, None if eg is None else tuple(x[sel] for x in eg))
                 per_row[sel] = cols @ split_coefficients(profile, eff, cls, peak) * factor
                 continue
             comp = flops[sel] / (peak * eff.compute_of(cls))
@@ -232,5 +314,5 @@ def predict_latency(table: LayerTable, profile: HardwareProfile, batch_size: int
                 cls, profile.channel_multiple or 1)) * ns * 1e-9 * factor
         views = rows & (kinds == "view")
         per_row[views] = eff.view_overhead_us * 1e-6
-        call_s += eff.call_overhead_us * 1e-6
+        call_s += eff.call_overhead_us * 1e-6 + eff.glue_ns_per_byte * 1e-9 * float(obytes[rows].sum()) * byte_scale
     return LatencyPrediction(float((per_row.sum() + call_s) * 1e3), per_row * 1e3, batch_size, profile.name, profile.runtime, unsupported)

@@ -72,6 +72,20 @@ class Efficiency(_Strict):
     element_ns: dict[OpClass, float] = Field(
         default_factory=dict, description="nanoseconds per output element a row of the class costs even when fused "
                                           "(e.g. SiLU evaluated as the post-op of an INT8 convolution)")
+    # eager PyTorch's convolution dispatch (split model): oneDNN in a blocked layout, or ATen's native kernel
+    eager_threads: int = Field(default=0, ge=0, description="float convolutions are dispatched as eager PyTorch does "
+                               "on this many threads (hardware.latency.eager_onednn); 0: not an eager PyTorch runtime")
+    onednn_us: dict[OpClass, float] = Field(default_factory=dict, description="fixed time a convolution on oneDNN "
+                                            "adds (reorders to and from its blocked layout) with eager_threads")
+    reorder_in_ns: dict[OpClass, float] = Field(
+        default_factory=dict, description="nanoseconds per input activation byte of a convolution on oneDNN whose "
+                                          "input channels are not multiples of channel_multiple (a slow reorder)")
+    reorder_out_ns: dict[OpClass, float] = Field(
+        default_factory=dict, description="the same per output activation byte, output channels not multiples")
+    native_factor: dict[OpClass, float] = Field(
+        default_factory=dict, description="compute-time multiplier of a convolution on ATen's native kernel")
+    glue_ns_per_byte: float = Field(default=0.0, ge=0, description="nanoseconds per activation byte written that a "
+                                    "call spends outside its operators (allocating and freeing outputs)")
 
     def compute_of(self, cls: str) -> float:
         return self.compute.get(cls) or self.compute[SUBCLASSES.get(cls, cls)]
@@ -105,11 +119,11 @@ class Efficiency(_Strict):
             for k, v in getattr(self, name).items():
                 if not 0 < v <= 50:
                     raise ValueError(f"{name} of {k} is {v}: expected a share in (0, 50]")
-        for name in ("pointwise_factor", "misaligned_factor"):
+        for name in ("pointwise_factor", "misaligned_factor", "native_factor"):
             for k, v in getattr(self, name).items():
                 if not 0 < v <= 8:
                     raise ValueError(f"{name} of {k} is {v}: expected a time multiplier in (0, 8]")
-        for name in ("overhead_us", "element_ns", "remainder_ns"):
+        for name in ("overhead_us", "element_ns", "remainder_ns", "onednn_us", "reorder_in_ns", "reorder_out_ns"):
             for k, v in getattr(self, name).items():
                 if v < 0:
                     raise ValueError(f"{name} of {k} is {v}: expected at least 0")

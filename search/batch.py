@@ -14,8 +14,8 @@ from scipy import sparse
 
 from estimators import registry as R
 from estimators.table import LayerTable, NQ
-from hardware.latency import (GEMM_CLASSES, dtype_parts, latency_kinds, of_class, pointwise, remainder_share,
-                              split_coefficients)
+from hardware.latency import (GEMM_CLASSES, conv_shape, dtype_parts, eager_terms, latency_kinds, of_class, pointwise,
+                              remainder_share, split_coefficients)
 from hardware.profile import HardwareProfile
 
 QI = R.Q_INDEX
@@ -85,14 +85,17 @@ class BatchEvaluator:
         self.is_gemm = np.isin(self.kinds, GEMM_CLASSES)
         self.window = t.ksize if t.ksize is not None else np.ones(t.n)
         self.pw = pointwise(t)
+        self.shape = conv_shape(t)
         self.parts = []  # (row selection, kind, params) per dtype and class
+        self.glue = []  # (rows of a dtype, seconds per activation byte written)
         call_s = 0.0
         const = np.zeros(t.n)
         for rows, eff, peak, factor, bs, classes in dtype_parts(t, self.kinds, profile, batch):
             for cls, mask in classes:
                 sel = np.flatnonzero(mask)
                 if eff.split:
-                    self.parts.append((sel, "split", (split_coefficients(profile, eff, cls, peak), bs, factor)))
+                    self.parts.append((sel, "split", (split_coefficients(profile, eff, cls, peak), bs, factor,
+                                                      eff.eager_threads)))
                 else:
                     self.parts.append((sel, "roof", (peak * eff.compute_of(cls), eff.bandwidth_of(cls), bs, factor,
                                                      eff.misaligned_factor.get(cls, 1.0), eff.kernel_overhead_us * 1e-6)))
@@ -103,18 +106,23 @@ class BatchEvaluator:
                 self.parts.append((np.flatnonzero(rows & of_class(self.kinds, cls, eff.remainder_ns)), "remainder",
                                    (ns * 1e-9 * factor, eff.remainder_multiple.get(cls, profile.channel_multiple or 1))))
             const[rows & (self.kinds == "view")] = eff.view_overhead_us * 1e-6
+            if eff.glue_ns_per_byte:
+                self.glue.append((np.flatnonzero(rows), eff.glue_ns_per_byte * 1e-9 * bs))
             call_s += eff.call_overhead_us * 1e-6
         self.const_s = float(const.sum()) + call_s
 
-    def _latency(self, q: np.ndarray, cin: np.ndarray, cout: np.ndarray, wb: np.ndarray, act: np.ndarray) -> np.ndarray:
-        """Seconds per candidate: predict_latency's per-row model on K x rows arrays."""
+    def _latency(self, q: np.ndarray, cin: np.ndarray, cout: np.ndarray, wb: np.ndarray, arb: np.ndarray,
+                 awb: np.ndarray) -> np.ndarray:
+        """Seconds per candidate: predict_latency's per-row model on K x rows arrays (`arb`, `awb`: activation
+        bytes read and written at the traced batch)."""
         prof = self.profile
         t = self.table
         scale = self.batch / t.batch
         gemm = q[:, :, QI["gemm_macs"]] * 2 * scale
         elems = q[:, :, QI["act_out"]] * scale
         flops = np.where(self.is_gemm, gemm, np.where(self.kinds == "maxpool", elems * self.window, elems))
-        abytes = act * scale
+        abytes = (arb + awb) * scale
+        eager = {}  # per thread count: eager PyTorch's convolution dispatch columns
         m = prof.channel_multiple
         off = ((cin % m) != 0) | ((cout % m) != 0) if m and m > 1 else np.zeros(cin.shape, dtype=bool)
         cache = prof.cache_bytes or 0
@@ -130,11 +138,18 @@ class BatchEvaluator:
                 total += (f * remainder_share(cin[:, sel], par[1]) * par[0]).sum(1)
                 continue
             if how == "split":
-                c, bs, factor = par
+                c, bs, factor, threads = par
                 w, a = w * bs, a * bs
                 hot = np.minimum(a, cache) if cache else np.zeros_like(a)
-                per = (c[0] + c[1] * f + c[2] * f * self.pw[sel] + c[3] * f * off[:, sel] + c[4] * w + c[5] * hot
-                       + c[6] * (a - hot)) * factor
+                per = c[0] + c[1] * f + c[2] * f * self.pw[sel] + c[3] * f * off[:, sel] + c[4] * w + c[5] * hot \
+                    + c[6] * (a - hot)
+                if threads:
+                    if threads not in eager:
+                        eager[threads] = eager_terms(self.shape, cin, cout, arb * scale, awb * scale, self.batch,
+                                                     threads, m)
+                    on, rin, wout, native = (x[:, sel] for x in eager[threads])
+                    per = per + c[7] * on + (c[8] * rin + c[9] * wout) * bs + c[10] * f * native
+                per = per * factor
             else:
                 peak_eff, share, bs, factor, slow_f, kern = par
                 comp = f / peak_eff
@@ -151,6 +166,8 @@ class BatchEvaluator:
                 body = comp * slow + mem if prof.combine == "sum" else np.maximum(comp, mem) * slow
                 per = body * factor + kern
             total += per.sum(1)
+        for rows, s_per_byte in self.glue:
+            total += awb[:, rows].sum(1) * scale * s_per_byte
         return total + self.const_s
 
     # ------------------------------------------------------------------------------------------
@@ -188,5 +205,5 @@ class BatchEvaluator:
                "memory_access_bytes": np.round(size + arb.sum(1) + awb.sum(1)),
                "peak_memory_bytes": np.round(size + peak_act)}
         if self.profile is not None:
-            out["latency_ms"] = self._latency(q, cin, cout, wb, arb + awb) * 1e3
+            out["latency_ms"] = self._latency(q, cin, cout, wb, arb, awb) * 1e3
         return out

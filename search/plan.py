@@ -463,7 +463,18 @@ def _report(table: LayerTable, profile: HardwareProfile, req: Requirements, scor
     r = row(i)
     msg = f"{' and '.join(words)}{' within ' + ', '.join(kept_req) if kept_req else ''}; the nearest is {nearest} " \
           f"with {r['label']}"
+    # accuracy is the one prediction no formula gives: candidates that meet every other requirement miss only by
+    # the accuracy predictor's word, and executing them settles it (flows.pipeline: one that meets every
+    # requirement as measured is recommended)
+    verify = []
+    if "max_accuracy_drop" in names:
+        others = np.delete(breaks, names.index("max_accuracy_drop"), axis=1)
+        verify = [row(int(k)) for k in rank[~others[rank].any(1)][:top_k]]  # least predicted drop first
+        if verify:
+            msg += f"; {len(verify)} candidate{'s' if len(verify) > 1 else ''} meet every other requirement and " \
+                   "miss only the predicted accuracy: executing them checks it"
     out.update(recommended=None, top=[], binding=[{"requirement": n, "limit": req.active()[n]} for n in broken],
+               verify=verify,
                infeasible={"message": msg, "unreachable": sorted(broken), "relaxed": relaxed, "nearest": r})
     return out
 

@@ -66,3 +66,14 @@ def parse_requirements(values: dict, path: str | None = None) -> Requirements:
     except ValidationError as exc:
         msgs = [f"{'.'.join(str(x) for x in e['loc']) or 'requirements'}: {e['msg']}" for e in exc.errors()]
         raise UserInputError("invalid requirements: " + "; ".join(msgs)) from None
+
+
+def broken_as_measured(meas: dict, req: Requirements) -> list[str]:
+    """The requirements a measured candidate breaks (a metric the measurement lacks counts as broken)."""
+    broken = []
+    for name, limit in req.active().items():
+        metric, _, unit = LIMITS[name]
+        v = meas.get(metric)
+        if v is None or v > limit * unit + 1e-9:
+            broken.append(name)
+    return broken

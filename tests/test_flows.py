@@ -321,6 +321,29 @@ def test_run_command_runs_the_flow_and_prints_the_comparison(harness, mlflow_sto
     assert r.exit_code == 2 and "needs data" in r.stderr
 
 
+def test_run_executes_candidates_infeasible_only_by_predicted_accuracy(harness, mlflow_store, tmp_path):
+    """Nothing is predicted to reach 12,000 parameters within 0.01 points: the run executes the candidates that meet
+    the parameter limit and lets their measurements decide (recommended as measured, or the verdict confirmed)."""
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    args = ["run", "demo:digits-cnn", "--data", "digits", "--max-params", "12000", "--max-accuracy-drop", "0.01",
+            "--top-k", "2", "--finetune-epochs", "1", "--grid-step", "0.05", "--nsga-evals", "200", "--out-dir",
+            str(tmp_path / "cli"), "--json"]
+    r = CliRunner().invoke(app, args)
+    d = json.loads(r.stdout)
+    assert len(d["executed"]) == 2 and [e["compact"] for e in d["executed"]] == [c["compact"] for c in d["verify"]]
+    ok = [e for e in d["executed"] if e["meas"]["params"] <= 12000 and e["meas"]["accuracy_drop"] <= 0.01]
+    if ok:
+        assert r.exit_code == 0 and d["recommended"]["by"] == "measurement"
+        assert d["recommended"]["compact"] == min(ok, key=lambda e: e["meas"]["accuracy_drop"])["compact"]
+        assert "meets every requirement as measured" in d["predicted_infeasible"]["message"]
+    else:
+        assert r.exit_code == 3 and d["recommended"] is None
+        assert "none of the 2 meets every requirement as measured" in d["infeasible"]["message"]
+
+
 def test_two_concurrent_runs_on_shared_postgresql_stores(tmp_path):
     """PostgreSQL (Debian's package) on loopback, the Prefect and MLflow servers on it (flows/stores.py), two
     `deployfit run` processes at once: both flow runs and every run and metric of both are in the stores."""

@@ -132,34 +132,41 @@ def test_synthetic_networks_are_seeded_and_varied():
 
 
 def test_fit_recovers_known_coefficients():
-    """Rows timed exactly by a known split model: the per-class least squares gets the model back."""
-    known = {"conv": np.array([20e-6, 2e-12, 1e-12, 3e-12, 5e-11, 1e-11, 8e-11]),
-             "dwconv": np.array([30e-6, 1e-11, 0.0, 2e-12, 4e-11, 2e-11, 9e-11]),
-             "gemm": np.array([10e-6, 4e-12, 0.0, 1e-12, 3e-11, 1e-11, 5e-11]),
-             "elementwise": np.array([3e-6, 1e-11, 0.0, 0.0, 0.0, 5e-12, 2e-11]),
-             "norm": np.array([5e-6, 2e-11, 0.0, 0.0, 1e-11, 6e-12, 2e-11])}
+    """Rows timed exactly by a known split model (eager PyTorch's convolution dispatch included): the per-class
+    least squares gets the model back."""
+    from hardware.calibrate import _features
+
+    z4 = [0.0] * 4
+    known = {"conv": np.array([20e-6, 2e-12, 1e-12, 3e-12, 5e-11, 1e-11, 8e-11, 25e-6, 2e-10, 1.5e-10, 1e-12]),
+             "dwconv": np.array([30e-6, 1e-11, 0.0, 2e-12, 4e-11, 2e-11, 9e-11, 0.0, 1e-10, 1e-10, 0.0]),
+             "gemm": np.array([10e-6, 4e-12, 0.0, 1e-12, 3e-11, 1e-11, 5e-11] + z4),
+             "elementwise": np.array([3e-6, 1e-11, 0.0, 0.0, 0.0, 5e-12, 2e-11] + z4),
+             "norm": np.array([5e-6, 2e-11, 0.0, 0.0, 1e-11, 6e-12, 2e-11] + z4)}
     cache = 2e6
-    nets, seen = [], {cls: np.zeros(7, dtype=bool) for cls in known}
+    nets, seen = [], {cls: np.zeros(len(known["conv"]), dtype=bool) for cls in known}
     for seed in range(24):
         model, shape = synthetic_cnn(seed)
         table = light_table(model, torch.randn(*shape))
-        flops, wb, ab, kinds, cin, cout = _row_features(table, table.batch)
-        cols = split_terms(flops, wb, ab, pointwise(table), misaligned(cin, cout, 16), cache)
+        cols, kinds, _ = _features(table, table.batch, 16, cache, threads=2)
         t = np.zeros(table.n)
         for cls, x in known.items():
             t[kinds == cls] = cols[kinds == cls] @ x
             seen[cls] |= (cols[kinds == cls] != 0).any(axis=0)
         t[~np.isin(kinds, list(known))] = 1e-6
         nets.append(NetSample(f"seed {seed}", table, t, float(t.sum())))
-    coef, view_s, err = fit_split_model(nets, 16, cache)
+    coef, view_s, err = fit_split_model(nets, 16, cache, threads=2)
     assert err < 1e-6
     # every row is reproduced (norm and elementwise FLOPs are proportional to their bytes, so only their
     # times are identifiable); the convolutions' columns are independent and come back one by one
     assert seen["conv"].all()
     assert coef["conv"] == pytest.approx(known["conv"], rel=1e-4, abs=1e-16)
-    eff = split_efficiency(coef, view_s, peak=200.0, bwr=20.0, cbw=100.0, bw=10.0)
+    eff = split_efficiency(coef, view_s, peak=200.0, bwr=20.0, cbw=100.0, bw=10.0, threads=2)
     assert eff.compute["conv"] == pytest.approx(1 / (200e9 * 2e-12))
     assert eff.overhead_us["dwconv"] == pytest.approx(30.0)
+    assert eff.eager_threads == 2
+    assert eff.onednn_us == {"conv": pytest.approx(25.0)}  # depthwise convolutions always run on oneDNN
+    assert eff.reorder_in_ns["conv"] == pytest.approx(0.2) and eff.reorder_out_ns["conv"] == pytest.approx(0.15)
+    assert eff.native_factor["conv"] == pytest.approx(1.5)
 
 
 def test_measurements_run_with_the_steady_allocator():
@@ -245,3 +252,89 @@ def test_a_subclass_takes_its_class_element_cost_unless_named():
         pytest.approx(24 * 16 * 16 * 0.5e-9 * 1e3, rel=1e-9)
     d["efficiency"]["element_ns"] = {"elementwise": 0.5, "transcendental": 0.0}
     assert predict_latency(table, parse_profile(d, "test")).per_row_ms[silu] == pytest.approx(base, rel=1e-12)
+
+
+def test_eager_dispatch_rule_matches_torch():
+    """eager_onednn is ATen's own choice (torch._C._select_conv_backend) for float convolutions of every kind
+    the analysis sees: dense, grouped, depthwise, 1x1, strided, batch 1 and more, small and large inputs."""
+    from hardware.latency import ConvShape, eager_onednn
+
+    rng = np.random.default_rng(0)
+    threads = torch.get_num_threads()
+    for _ in range(300):
+        b = int(rng.choice([1, 1, 1, 2, 8, 16]))
+        cin = int(rng.integers(1, 200))
+        k = int(rng.choice([1, 1, 3, 3, 5, 7]))
+        g = int(rng.choice([1, 1, 1, cin])) if rng.random() < 0.7 else int(np.gcd(cin, int(rng.choice([2, 4, 8]))))
+        cout = g * int(rng.integers(1, 8))
+        hw = int(rng.choice([1, 3, 7, 14, 28, 56]))
+        s = int(rng.choice([1, 1, 2]))
+        x, w = torch.empty(b, cin, hw, hw), torch.empty(cout, cin // g, k, k)
+        want = torch._C._select_conv_backend(x, w, None, [s, s], [k // 2, k // 2], [1, 1], False, [0, 0], g,
+                                             None).name == "Mkldnn"
+        out_hw = (hw + 2 * (k // 2) - k) // s + 1
+        shape = ConvShape(np.array([True]), np.array([float(hw * hw)]), np.array([k * k]), np.array([g]),
+                          np.array([out_hw * out_hw < hw * hw]))
+        got = bool(eager_onednn(shape, np.array([cin]), b, threads)[0])
+        assert got == want, (b, cin, cout, k, g, hw, s)
+
+
+def test_eager_dispatch_costs_by_hand():
+    """_tiny_table's 3x3 conv 3 -> 24 on 16x16 (768 input elements) and 1x1 conv 24 -> 40 on 8x8 (1536): at batch
+    1 both run on ATen's native kernel (dense, kernels under 4x4, inputs under 20480 elements), at batch 16 on
+    oneDNN, where channels that are not multiples of 16 pay the reorder per byte; the glue per byte written."""
+    from hardware.latency import conv_shape, eager_onednn
+
+    table = _tiny_table()
+    kinds = np.array(table.kinds)
+    conv0, conv1 = np.flatnonzero(kinds == "conv")[:2]
+    shape = conv_shape(table)
+    assert not eager_onednn(shape, np.array([3] * table.n), 1, 2)[conv0]  # 3 x 16 x 16 = 768 elements: native
+    base = _split_profile()
+    d = copy.deepcopy(base)
+    d["efficiency"].update(eager_threads=2, onednn_us={"conv": 7.0}, reorder_in_ns={"conv": 0.5},
+                           reorder_out_ns={"conv": 0.25}, native_factor={"conv": 1.5}, glue_ns_per_byte=0.125)
+    p0, p1 = parse_profile(base, "test"), parse_profile(d, "test")
+    c_f = 1.0 / (100e9 * 0.25)  # _valid's fp32 peak and conv efficiency
+    for b in (1, 16):
+        diff = predict_latency(table, p1, b).per_row_ms - predict_latency(table, p0, b).per_row_ms
+        written = sum(float(np.prod(s[0])) for s in table.out_shapes if s) * 4 * b  # fp32 outputs of every row
+        if b == 1:  # both on ATen's native kernel: their FLOPs at 1.5x
+            for i, f in ((conv0, CONV_T_FLOPS[0]), (conv1, CONV_T_FLOPS[1])):
+                assert diff[i] == pytest.approx(f * c_f * 0.5 * 1e3, rel=1e-9)
+        else:  # on oneDNN: 3 input channels and 24 -> 40 are not multiples of 16
+            assert diff[conv0] == pytest.approx((7e-6 + 3 * 256 * 4 * b * 0.5e-9 + 24 * 256 * 4 * b * 0.25e-9) * 1e3)
+            assert diff[conv1] == pytest.approx((7e-6 + 24 * 64 * 4 * b * 0.5e-9 + 40 * 64 * 4 * b * 0.25e-9) * 1e3)
+        others = np.ones(table.n, dtype=bool)
+        others[[conv0, conv1]] = False
+        assert np.all(diff[others] == 0)
+        total = predict_latency(table, p1, b).latency_ms - predict_latency(table, p0, b).latency_ms
+        assert total - diff.sum() == pytest.approx(written * 0.125e-9 * 1e3, rel=1e-6)
+
+
+CONV_T_FLOPS = (2 * 3 * 24 * 9 * 16 * 16, 2 * 24 * 40 * 8 * 8)  # _tiny_table's two convolutions at batch 1
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_batch_evaluator_prices_the_eager_dispatch_as_predict_latency(batch):
+    from estimators.compress import estimate, prune_counts
+    from estimators.strategy import PruneStep, Strategy
+    from search.batch import BatchEvaluator
+
+    table = analyze(load_model("torchvision:mobilenet_v2", input_shape="1,3,64,64"))
+    d = _split_profile()
+    d["efficiency"].update(eager_threads=2, onednn_us={"conv": 7.0, "dwconv": 3.0}, reorder_in_ns={"conv": 0.5},
+                           reorder_out_ns={"conv": 0.25, "dwconv": 0.3}, native_factor={"conv": 1.5},
+                           glue_ns_per_byte=0.125)
+    prof = parse_profile(d, "test")
+    gidx = np.array([g.index for g in table.plan.groups])
+    steps = [PruneStep(ratio=r) for r in (0.0, 0.3, 0.55)] + [PruneStep(ratio=0.5, round_to=16)]
+    kept = np.tile(table.state.kept, (len(steps), 1))
+    for k, st in enumerate(steps):
+        kept[k, gidx] -= prune_counts(table, st)
+    out = BatchEvaluator(table, prof, batch)(kept)
+    plain = BatchEvaluator(table, parse_profile(_split_profile(), "test"), batch)(kept)
+    for k, st in enumerate(steps):
+        want = predict_latency(estimate(table, Strategy(steps=[st])), prof, batch).latency_ms
+        assert out["latency_ms"][k] == pytest.approx(want, rel=1e-9)
+    assert (out["latency_ms"] > plain["latency_ms"]).all()

@@ -80,6 +80,7 @@ def test_infeasible_gives_the_relaxation_and_exit_3():
     assert inf["unreachable"] == ["max_latency_ms"] and d["recommended"] is None
     assert "is not reachable within 1 MB; the nearest is" in inf["message"]
     assert inf["relaxed"]["max_latency_ms"] == pytest.approx(inf["nearest"]["pred"]["latency_ms"], rel=1e-3)
+    assert d["verify"] == []  # latency is a formula's prediction: nothing to execute to check it
 
 
 def test_plan_cli_with_data_and_errors():
@@ -225,3 +226,30 @@ def test_nsga2_explores_per_layer_ratios_reproducibly(table):
     c = plan(table, load_profile("host"), req, ProxyScorer(), nsga_evals=0)
     assert a["recommended"]["pred"]["accuracy_drop"] <= c["recommended"]["pred"]["accuracy_drop"]
     assert any("layers=" in r["compact"] for r in a["pareto"])
+
+
+def test_infeasible_by_predicted_accuracy_lists_candidates_to_execute(digits):
+    """12,000 parameters need pruning, which is predicted to cost more than 0.01 points: infeasible as predicted,
+    and the candidates that meet every other requirement are listed, least predicted drop first, to be executed."""
+    from flows.pipeline import settle_infeasible
+
+    loaded = load_model("demo:digits-cnn")
+    table = analyze(loaded)
+    req = Requirements(max_params=12000, max_accuracy_drop=0.01)
+    rep = plan(table, load_profile("host"), req, DropScorer(loaded, table, digits, 1), top_k=3, nsga_evals=200)
+    assert rep["recommended"] is None and "max_accuracy_drop" in rep["infeasible"]["unreachable"]
+    v = rep["verify"]
+    assert 2 <= len(v) <= 3 and "executing them checks it" in rep["infeasible"]["message"]
+    assert all(r["pred"]["params"] <= 12000 and r["pred"]["accuracy_drop"] > 0.01 for r in v)
+    drops = [r["pred"]["accuracy_drop"] for r in v]
+    assert drops == sorted(drops)
+    # what the run flow makes of the executed candidates' measurements
+    meas = [{"params": v[0]["pred"]["params"], "accuracy_drop": 0.5}, {"params": 11000, "accuracy_drop": -0.1}]
+    executed = [{"compact": r["compact"], "label": r["label"], "meas": m} for r, m in zip(v, meas)]
+    kept = {k: (dict(x) if isinstance(x, dict) else x) for k, x in rep.items()}
+    settle_infeasible(kept, executed[:1])  # breaks the accuracy as measured too: the verdict stands, confirmed
+    assert kept["recommended"] is None and kept["infeasible"]["verified"]
+    assert "none of the 1 meets every requirement as measured" in kept["infeasible"]["message"]
+    settle_infeasible(rep, executed)  # the second meets both as measured: recommended
+    assert rep["recommended"]["compact"] == v[1]["compact"] and rep["recommended"]["by"] == "measurement"
+    assert "infeasible" not in rep and "meets every requirement as measured" in rep["predicted_infeasible"]["message"]
