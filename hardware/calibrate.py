@@ -653,10 +653,10 @@ def element_ns(samples: list[ElementSample]) -> dict[str, float]:
 def _int8_parts(sample: Int8Sample, coef8: dict[str, np.ndarray], cache: float,
                 elem_ns: dict[str, float] | None = None, pool: np.ndarray | None = None) -> np.ndarray:
     """A compiled INT8 network's INT8 estimate (fused rows dropped) as [1, convolutions and linears, other
-    operators (generated loops), elements those read and write, the convolutions' and linears' predicted
+    operators (generated loops, the input's quantization among them), elements those read and write, the convolutions' and linears' predicted
     seconds (the INT8 kernel fit, with fused transcendental activations at `elem_ns`), the activation bytes
     the convolutions and linears read and write, the max pools' predicted seconds (`pool`: fit_pool)]."""
-    from .latency import GEMM_CLASSES, remainder_share
+    from .latency import GEMM_CLASSES, input_elements, remainder_share
 
     cols, kinds, cin = _features(sample.table, sample.batch, CHANNEL_MULTIPLE, cache)
     keep = ~fused_mask(sample.table, kinds, FUSED_INT8, UNFUSED_INT8) & (kinds != "param") & (kinds != "view")
@@ -673,8 +673,9 @@ def _int8_parts(sample: Int8Sample, coef8: dict[str, np.ndarray], cache: float,
         parts[4] += (cols[sel] @ coef8.get(cls, coef8.get("conv"))).sum()
     parts[1] = gemm.sum()
     other = keep & ~gemm
-    parts[2] = other.sum()
-    parts[3] = cols[other][:, 5:7].sum()  # activation bytes: INT8 estimates count one byte per element
+    # the graph quantizes its float input in one more generated loop (read and written: two per element)
+    parts[2] = other.sum() + 1
+    parts[3] = cols[other][:, 5:7].sum() + 2 * input_elements(sample.table) * sample.batch  # INT8: a byte an element
     for cls, ns in (elem_ns or {}).items():  # evaluated in the kernels' post-ops
         parts[4] += cols[kinds == cls, 1].sum() * ns * 1e-9
     return parts
@@ -814,9 +815,10 @@ def calibrate_host(quick: bool = False, progress: Progress = lambda m: None, int
             for b, coef in coefs.items():
                 b8 = nearest_batch(b, list(coefs8))
                 e8 = split_efficiency(_int8_coef(coef, coefs8[b8], f8, b8, pool), 0.0, INT8_LANES * peak, rbw, cbw,
-                                      bw, (0.0, f8.call_s), fused=FUSED_INT8)
+                                      bw, (0.0, f8.call_s + f8.other_s), fused=FUSED_INT8)
                 overrides[b] = e8.model_copy(update={
                     "view_overhead_us": 0.0, "unfused_ops": UNFUSED_INT8, "element_ns": elem_ns,
+                    "input_ns_per_element": round(2 * f8.element_s * 1e9, 5),  # quantizing the input: a loop
                     "remainder_ns": {"maxpool": round(float(pool[2]) * 1e9, 5)},
                     "remainder_multiple": {"maxpool": QPOOL_LANES}})
             fit.update({"int8.networks": len(q) // len(BATCHES), "int8.network_mape": round(f8.mape, 4),

@@ -20,7 +20,8 @@ with the efficiencies of the calibrated batch nearest the requested one (profile
 PyTorch runs a float convolution on oneDNN in a blocked channel layout, reordering its input and output to
 and from it (slow where channels are not multiples of the block), except small batch-1 dense ones, which run
 on ATen's native kernel (eager_onednn: the rule of ATen's ConvParams::use_mkldnn). A call also spends
-`glue_ns_per_byte` per activation byte written outside its operators (allocating and freeing outputs).
+`glue_ns_per_byte` per activation byte written outside its operators (allocating and freeing outputs), and
+`input_ns_per_element` per element of its input (an INT8 graph quantizes its float input).
 Two per-element terms apply to every row of their class, fused or not: `element_ns` (e.g. a SiLU evaluated
 as an INT8 convolution's post-op: fusion saves its memory traffic, not its exponentials) and
 `remainder_ns` on the share of channels beyond a multiple of `remainder_multiple` (a kernel's scalar tail,
@@ -190,6 +191,11 @@ def misaligned(cin: np.ndarray, cout: np.ndarray, multiple: int | None, both: bo
     return (a & b) if both else (a | b)
 
 
+def input_elements(table: LayerTable) -> float:
+    """Elements of one sample of the model's input."""
+    return float(np.prod(table.input_shape[1:])) if len(table.input_shape) > 1 else 1.0
+
+
 def parent_classes(kinds: np.ndarray) -> np.ndarray:
     """Every row's class, a subclass (profile.SUBCLASSES) replaced by the class it falls back to."""
     return np.array([SUBCLASSES.get(k, k) for k in kinds], dtype=kinds.dtype)
@@ -314,5 +320,6 @@ def predict_latency(table: LayerTable, profile: HardwareProfile, batch_size: int
                 cls, profile.channel_multiple or 1)) * ns * 1e-9 * factor
         views = rows & (kinds == "view")
         per_row[views] = eff.view_overhead_us * 1e-6
-        call_s += eff.call_overhead_us * 1e-6 + eff.glue_ns_per_byte * 1e-9 * float(obytes[rows].sum()) * byte_scale
+        call_s += eff.call_overhead_us * 1e-6 + eff.glue_ns_per_byte * 1e-9 * float(obytes[rows].sum()) * byte_scale \
+            + eff.input_ns_per_element * 1e-9 * input_elements(table) * batch_size
     return LatencyPrediction(float((per_row.sum() + call_s) * 1e3), per_row * 1e3, batch_size, profile.name, profile.runtime, unsupported)

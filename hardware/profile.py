@@ -86,6 +86,8 @@ class Efficiency(_Strict):
         default_factory=dict, description="compute-time multiplier of a convolution on ATen's native kernel")
     glue_ns_per_byte: float = Field(default=0.0, ge=0, description="nanoseconds per activation byte written that a "
                                     "call spends outside its operators (allocating and freeing outputs)")
+    input_ns_per_element: float = Field(default=0.0, ge=0, description="nanoseconds per element of the model's input "
+                                        "per call (an INT8 graph quantizing its float input in a generated loop)")
 
     def compute_of(self, cls: str) -> float:
         return self.compute.get(cls) or self.compute[SUBCLASSES.get(cls, cls)]

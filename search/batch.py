@@ -14,8 +14,8 @@ from scipy import sparse
 
 from estimators import registry as R
 from estimators.table import LayerTable, NQ
-from hardware.latency import (GEMM_CLASSES, conv_shape, dtype_parts, eager_terms, latency_kinds, of_class, pointwise,
-                              remainder_share, split_coefficients)
+from hardware.latency import (GEMM_CLASSES, conv_shape, dtype_parts, eager_terms, input_elements, latency_kinds,
+                              of_class, pointwise, remainder_share, split_coefficients)
 from hardware.profile import HardwareProfile
 
 QI = R.Q_INDEX
@@ -108,7 +108,7 @@ class BatchEvaluator:
             const[rows & (self.kinds == "view")] = eff.view_overhead_us * 1e-6
             if eff.glue_ns_per_byte:
                 self.glue.append((np.flatnonzero(rows), eff.glue_ns_per_byte * 1e-9 * bs))
-            call_s += eff.call_overhead_us * 1e-6
+            call_s += eff.call_overhead_us * 1e-6 + eff.input_ns_per_element * 1e-9 * input_elements(t) * batch
         self.const_s = float(const.sum()) + call_s
 
     def _latency(self, q: np.ndarray, cin: np.ndarray, cout: np.ndarray, wb: np.ndarray, arb: np.ndarray,

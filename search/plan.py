@@ -457,7 +457,12 @@ def _report(table: LayerTable, profile: HardwareProfile, req: Requirements, scor
     i = int(np.lexsort((pos, worst))[0])
     broken = [n for j, n in enumerate(names) if breaks[i, j]]
     relaxed = {n: float(m[LIMITS[n][0]][i]) / LIMITS[n][2] for n in broken}
-    words = [f"{_fmt_limit(n, req.active()[n] * LIMITS[n][2])} is not reachable" for n in broken]
+    lim = {n: _fmt_limit(n, req.active()[n] * LIMITS[n][2]) for n in broken}
+    # a requirement some candidate meets is out of reach only together with the others
+    together = [n for n in broken if not breaks[:, names.index(n)].all()]
+    words = [f"{lim[n]} is not reachable" for n in broken if n not in together or len(together) == 1]
+    if len(together) > 1:
+        words.append(f"{' and '.join(lim[n] for n in together)} are not reachable together")
     kept_req = [_fmt_limit(n, v * LIMITS[n][2]) for n, v in req.active().items() if n not in broken]
     nearest = ", ".join(_fmt_limit(n, v * LIMITS[n][2]) for n, v in relaxed.items())
     r = row(i)

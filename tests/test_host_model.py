@@ -338,3 +338,20 @@ def test_batch_evaluator_prices_the_eager_dispatch_as_predict_latency(batch):
         want = predict_latency(estimate(table, Strategy(steps=[st])), prof, batch).latency_ms
         assert out["latency_ms"][k] == pytest.approx(want, rel=1e-9)
     assert (out["latency_ms"] > plain["latency_ms"]).all()
+
+
+def test_input_quantization_costs_per_input_element():
+    """input_ns_per_element: a per-call cost that scales with the model's input (an INT8 graph quantizing it),
+    the same in the batch evaluator."""
+    from search.batch import BatchEvaluator
+
+    table = _tiny_table()
+    base = _split_profile()
+    d = copy.deepcopy(base)
+    d["efficiency"]["input_ns_per_element"] = 0.25
+    p0, p1 = parse_profile(base, "test"), parse_profile(d, "test")
+    for b in (1, 4):
+        diff = predict_latency(table, p1, b).latency_ms - predict_latency(table, p0, b).latency_ms
+        assert diff == pytest.approx(3 * 16 * 16 * b * 0.25e-9 * 1e3, rel=1e-9)
+        out = BatchEvaluator(table, p1, b)(table.state.kept[None, :])
+        assert out["latency_ms"][0] == pytest.approx(predict_latency(table, p1, b).latency_ms, rel=1e-9)
