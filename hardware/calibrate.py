@@ -13,8 +13,8 @@ activation bytes in and beyond the cache, and eager PyTorch's convolution dispat
 its slow reorders of activations whose channels are not multiples of 16, ATen's native kernel for small
 batch-1 dense convolutions) on the rows' errors relative to their networks' totals gives the efficiencies;
 the networks' untimed totals give the per-operator dispatch, per-call and per-byte costs outside the
-operators (a network whose rows and totals disagree, a slow spell of this machine, is timed again). INT8 runs compiled
-(inductor with freezing), where operators cannot be timed one by one inside the graph: the oneDNN INT8
+operators (a network whose rows and totals disagree, a slow spell of this machine, is timed again). INT8
+runs compiled (inductor with freezing), where operators cannot be timed one by one inside the graph: the oneDNN INT8
 convolution and linear kernels the compiled graph calls are timed directly (prepacked weights, uint8
 channels-last activations, the activation that follows each layer fused as a post-op; a SiLU is timed
 with and without, for its cost per element; several hundred kernels of the synthetic networks' layers,
@@ -22,7 +22,8 @@ no compile) and fitted per class like FP32; quantized max pooling is timed the s
 beyond a multiple of 32 run a scalar tail). Whole quantized synthetic networks, compiled and profiled
 (torch.profiler, inductor's kernel profile on), then split each call into oneDNN kernels, quantized
 pooling, generated loops and the rest (Python wrapper, guards): what a graph adds to its kernels (per
-kernel and per activation byte), the generated loops' cost (per operator and per element moved) and the
+kernel and per activation byte), the generated loops' cost (per operator and per element moved; the
+graph's quantization of its float input is one of them, priced per input element) and the
 per-call and per-kernel wrapper costs are each fitted on their own part. Calibration never runs the
 benchmark models, so bench/latency.py tests what it fitted.
 """
@@ -653,9 +654,10 @@ def element_ns(samples: list[ElementSample]) -> dict[str, float]:
 def _int8_parts(sample: Int8Sample, coef8: dict[str, np.ndarray], cache: float,
                 elem_ns: dict[str, float] | None = None, pool: np.ndarray | None = None) -> np.ndarray:
     """A compiled INT8 network's INT8 estimate (fused rows dropped) as [1, convolutions and linears, other
-    operators (generated loops, the input's quantization among them), elements those read and write, the convolutions' and linears' predicted
-    seconds (the INT8 kernel fit, with fused transcendental activations at `elem_ns`), the activation bytes
-    the convolutions and linears read and write, the max pools' predicted seconds (`pool`: fit_pool)]."""
+    operators (generated loops, the input's quantization among them), elements those read and write, the
+    convolutions' and linears' predicted seconds (the INT8 kernel fit, with fused transcendental activations
+    at `elem_ns`), the activation bytes the convolutions and linears read and write, the max pools' predicted
+    seconds (`pool`: fit_pool)]."""
     from .latency import GEMM_CLASSES, input_elements, remainder_share
 
     cols, kinds, cin = _features(sample.table, sample.batch, CHANNEL_MULTIPLE, cache)

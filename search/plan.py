@@ -476,8 +476,10 @@ def _report(table: LayerTable, profile: HardwareProfile, req: Requirements, scor
         others = np.delete(breaks, names.index("max_accuracy_drop"), axis=1)
         verify = [row(int(k)) for k in rank[~others[rank].any(1)][:top_k]]  # least predicted drop first
         if verify:
-            msg += f"; {len(verify)} candidate{'s' if len(verify) > 1 else ''} meet every other requirement and " \
-                   "miss only the predicted accuracy: executing them checks it"
+            one = len(verify) == 1
+            msg += f"; {len(verify)} candidate{' meets' if one else 's meet'} every other requirement and " \
+                   f"miss{'es' if one else ''} only the predicted accuracy: executing {'it' if one else 'them'} " \
+                   "checks it"
     out.update(recommended=None, top=[], binding=[{"requirement": n, "limit": req.active()[n]} for n in broken],
                verify=verify,
                infeasible={"message": msg, "unreachable": sorted(broken), "relaxed": relaxed, "nearest": r})
