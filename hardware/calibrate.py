@@ -48,8 +48,8 @@ from estimators.registry import Q_INDEX
 from estimators.table import LayerTable, build_table, evaluate
 from estimators.trace import trace_model
 
-from .latency import (ALL_CLASSES, SPLIT_WIDTH, _row_features, conv_shape, eager_terms, fused_mask, misaligned,
-                      pointwise, split_terms)
+from .latency import (ALL_CLASSES, GEMM_CLASSES, SPLIT_WIDTH, _row_features, conv_shape, eager_terms, fused_mask,
+                      input_elements, misaligned, pointwise, remainder_share, split_terms)
 from .measure import measure_latency
 from .profile import SUBCLASSES, Efficiency, HardwareProfile, Provenance
 
@@ -312,7 +312,7 @@ def network_error(nets: list[NetSample], coef, view_s: float, glue: tuple[float,
 
 
 def split_efficiency(coef: dict[str, np.ndarray], view_s: float, peak: float, bwr: float, cbw: float, bw: float,
-                     glue: tuple[float, ...] = (0.0, 0.0, 0.0), fused: list[str] | None = None,
+                     glue: tuple[float, float, float] = (0.0, 0.0, 0.0), fused: list[str] | None = None,
                      threads: int = 0) -> Efficiency:
     """The fitted seconds per unit as a profile's efficiencies (inverse of latency.split_coefficients); the
     per-operator glue joins every class's overhead, the per-call glue is the call overhead, the per-byte glue
@@ -351,7 +351,7 @@ def split_efficiency(coef: dict[str, np.ndarray], view_s: float, peak: float, bw
                       fused=list(fused or []), misaligned_factor=misf, overhead_us=over, weight_bandwidth=wband,
                       spill_bandwidth=spill, pointwise_factor=pwf, eager_threads=threads if onednn or rin or rout
                       or natf else 0, onednn_us=onednn, reorder_in_ns=rin, reorder_out_ns=rout, native_factor=natf,
-                      glue_ns_per_byte=round(float(glue[2]) * 1e9, 6) if len(glue) > 2 else 0.0)
+                      glue_ns_per_byte=round(float(glue[2]) * 1e9, 6))
 
 
 
@@ -623,21 +623,23 @@ def int8_pool_samples(budget_s: float, progress: Progress, batches: tuple[int, .
     return out
 
 
+def _pool_columns(flops: np.ndarray, cin: np.ndarray) -> np.ndarray:
+    """Quantized max pools' columns: 1, FLOPs (output elements x window), FLOPs on the channels beyond a multiple
+    of QPOOL_LANES (fit_pool's coefficients price them)."""
+    return np.stack([np.ones(len(flops)), flops, flops * remainder_share(cin, QPOOL_LANES)], 1)
+
+
 def fit_pool(samples: list[NetSample]) -> np.ndarray:
     """Seconds per call, per FLOP (output elements x window) and per FLOP on the channels beyond a multiple of
     QPOOL_LANES, non-negative least squares on the relative error."""
     from scipy.optimize import nnls
 
-    from .latency import remainder_share
-
     rows = []
     for s in samples:
         flops, _, _, kinds, cin, _ = _row_features(s.table, s.batch)
         i = int(np.flatnonzero(kinds == "maxpool")[0])
-        rows.append((flops[i], remainder_share(cin[i:i + 1], QPOOL_LANES)[0], s.total_seconds))
-    R = np.array(rows)
-    A = np.stack([np.ones(len(R)), R[:, 0], R[:, 0] * R[:, 1]], 1) / R[:, 2:3]
-    x, _ = nnls(A, np.ones(len(R)))
+        rows.append(_pool_columns(flops[i:i + 1], cin[i:i + 1])[0] / s.total_seconds)
+    x, _ = nnls(np.array(rows), np.ones(len(rows)))
     return x
 
 
@@ -658,15 +660,13 @@ def _int8_parts(sample: Int8Sample, coef8: dict[str, np.ndarray], cache: float,
     convolutions' and linears' predicted seconds (the INT8 kernel fit, with fused transcendental activations
     at `elem_ns`), the activation bytes the convolutions and linears read and write, the max pools' predicted
     seconds (`pool`: fit_pool)]."""
-    from .latency import GEMM_CLASSES, input_elements, remainder_share
-
     cols, kinds, cin = _features(sample.table, sample.batch, CHANNEL_MULTIPLE, cache)
     keep = ~fused_mask(sample.table, kinds, FUSED_INT8, UNFUSED_INT8) & (kinds != "param") & (kinds != "view")
     parts = np.zeros(7)
     parts[0] = 1.0
     if pool is not None:  # quantized max pooling: its own fit (column 1 of the split model is the FLOPs)
         mp = keep & (kinds == "maxpool")
-        parts[6] = (pool[0] + cols[mp, 1] * (pool[1] + pool[2] * remainder_share(cin[mp], QPOOL_LANES))).sum()
+        parts[6] = (_pool_columns(cols[mp, 1], cin[mp]) @ pool).sum()
         keep = keep & ~mp
     gemm = keep & np.isin(kinds, GEMM_CLASSES)
     parts[5] = cols[gemm][:, 5:7].sum()
@@ -739,8 +739,6 @@ def _int8_coef(coef: dict[str, np.ndarray], coef8: dict[str, np.ndarray], f: Int
     """Per class seconds per split-model unit for compiled INT8 at `batch`: the INT8 kernel fit (plus what a
     graph adds to a kernel and the wrapper's call) for convolutions and linears; for other operators a generated loop,
     per operator and per element moved (activation bytes: one per element)."""
-    from .latency import GEMM_CLASSES
-
     out = {}
     for cls in set(coef) | set(coef8):  # coef8 holds convolution/linear classes only
         if cls in GEMM_CLASSES:
@@ -817,7 +815,7 @@ def calibrate_host(quick: bool = False, progress: Progress = lambda m: None, int
             for b, coef in coefs.items():
                 b8 = nearest_batch(b, list(coefs8))
                 e8 = split_efficiency(_int8_coef(coef, coefs8[b8], f8, b8, pool), 0.0, INT8_LANES * peak, rbw, cbw,
-                                      bw, (0.0, f8.call_s + f8.other_s), fused=FUSED_INT8)
+                                      bw, (0.0, f8.call_s + f8.other_s, 0.0), fused=FUSED_INT8)
                 overrides[b] = e8.model_copy(update={
                     "view_overhead_us": 0.0, "unfused_ops": UNFUSED_INT8, "element_ns": elem_ns,
                     "input_ns_per_element": round(2 * f8.element_s * 1e9, 5),  # quantizing the input: a loop

@@ -121,19 +121,25 @@ class ConvShape:
     strided: np.ndarray  # output smaller than input
 
 
-_SHAPE_CACHE: dict[int, tuple] = {}
+def _per_structure(store: dict, anchor, key: tuple, build):
+    """`build()`, cached in `store` for the estimated tables of one analysis: they share the structure object
+    `anchor` (whose id is in `key`; a hit must be that very object, so a recycled id cannot match)."""
+    hit = store.get(key)
+    if hit is not None and hit[0] is anchor:
+        return hit[1]
+    out = build()
+    if len(store) > 256:
+        store.clear()
+    store[key] = (anchor, out)
+    return out
+
+
+_SHAPE_CACHE: dict[tuple, tuple] = {}
 
 
 def conv_shape(table: LayerTable) -> ConvShape:
-    """The table's ConvShape (depends on its structure only: cached for the estimated tables of one analysis)."""
-    hit = _SHAPE_CACHE.get(id(table.in_shapes))
-    if hit is not None and hit[0] is table.in_shapes:
-        return hit[1]
-    if len(_SHAPE_CACHE) > 256:
-        _SHAPE_CACHE.clear()
-    out = _conv_shape(table)
-    _SHAPE_CACHE[id(table.in_shapes)] = (table.in_shapes, out)
-    return out
+    """The table's ConvShape (depends on its structure only)."""
+    return _per_structure(_SHAPE_CACHE, table.in_shapes, (id(table.in_shapes),), lambda: _conv_shape(table))
 
 
 def _conv_shape(table: LayerTable) -> ConvShape:
@@ -220,17 +226,9 @@ _FUSED_CACHE: dict[tuple, tuple] = {}
 def fused_mask(table: LayerTable, kinds: np.ndarray, fused: list[str], unfused_ops: list[str] | tuple = ()
                ) -> np.ndarray:
     """Rows of a fused class (or a subclass of one), not among `unfused_ops` (operator names, lower case), whose
-    producer chain reaches a conv/linear only through fused rows (depends on the table's structure only:
-    cached for the estimated tables of one analysis)."""
+    producer chain reaches a conv/linear only through fused rows (depends on the table's structure only)."""
     key = (id(table.src_row), tuple(fused), tuple(unfused_ops), kinds.tobytes())
-    hit = _FUSED_CACHE.get(key)
-    if hit is not None and hit[0] is table.src_row:
-        return hit[1]
-    out = _fused_mask(table, kinds, fused, unfused_ops)
-    if len(_FUSED_CACHE) > 256:
-        _FUSED_CACHE.clear()
-    _FUSED_CACHE[key] = (table.src_row, out)
-    return out
+    return _per_structure(_FUSED_CACHE, table.src_row, key, lambda: _fused_mask(table, kinds, fused, unfused_ops))
 
 
 def _fused_mask(table: LayerTable, kinds: np.ndarray, fused: list[str], unfused_ops) -> np.ndarray:
@@ -276,7 +274,6 @@ def predict_latency(table: LayerTable, profile: HardwareProfile, batch_size: int
     off = misaligned(cin, cout, profile.channel_multiple)
     scale = batch_size / table.batch
     rbytes, obytes = ev.act_read_bytes * scale, ev.act_write_bytes * scale
-    shape = conv_shape(table)
     pw = pointwise(table)
     n = table.n
     per_row = np.zeros(n)
@@ -288,7 +285,7 @@ def predict_latency(table: LayerTable, profile: HardwareProfile, batch_size: int
     # weights of a model larger than the cache stream from memory on every call
     streams = cache > 0 and float(wbytes.sum()) > cache
     for rows, eff, peak, factor, byte_scale, classes in dtype_parts(table, kinds, profile, batch_size):
-        eg = eager_terms(shape, cin, cout, rbytes * byte_scale, obytes * byte_scale, batch_size, eff.eager_threads,
+        eg = eager_terms(conv_shape(table), cin, cout, rbytes * byte_scale, obytes * byte_scale, batch_size, eff.eager_threads,
                          profile.channel_multiple) if eff.split and eff.eager_threads else None
         for cls, sel in classes:
             if eff.split:

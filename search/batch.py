@@ -85,7 +85,6 @@ class BatchEvaluator:
         self.is_gemm = np.isin(self.kinds, GEMM_CLASSES)
         self.window = t.ksize if t.ksize is not None else np.ones(t.n)
         self.pw = pointwise(t)
-        self.shape = conv_shape(t)
         self.parts = []  # (row selection, kind, params) per dtype and class
         self.glue = []  # (rows of a dtype, seconds per activation byte written)
         call_s = 0.0
@@ -145,7 +144,7 @@ class BatchEvaluator:
                     + c[6] * (a - hot)
                 if threads:
                     if threads not in eager:
-                        eager[threads] = eager_terms(self.shape, cin, cout, arb * scale, awb * scale, self.batch,
+                        eager[threads] = eager_terms(conv_shape(t), cin, cout, arb * scale, awb * scale, self.batch,
                                                      threads, m)
                     on, rin, wout, native = (x[:, sel] for x in eager[threads])
                     per = per + c[7] * on + (c[8] * rin + c[9] * wout) * bs + c[10] * f * native

@@ -13,7 +13,7 @@ from estimators.analyze import analyze
 from estimators.errors import UserInputError
 from estimators.modelspec import load_model
 from hardware.calibrate import NetSample, exported, fit_split_model, light_table, split_efficiency, time_network
-from hardware.latency import _row_features, misaligned, pointwise, predict_latency, split_terms
+from hardware.latency import _row_features, pointwise, predict_latency
 from hardware.measure import measure_latency, steady_allocator
 from hardware.profile import parse_profile
 from hardware.synthetic import synthetic_cnn
@@ -218,25 +218,32 @@ def test_unfused_ops_stay_out_of_the_convolution():
     assert fused[silu] and not fused[sig]
 
 
-def test_batch_evaluator_prices_elements_and_channel_tails_as_predict_latency():
+def _batched_equals_per_candidate(table, prof, batch: int, steps) -> np.ndarray:
+    """The batch evaluator's latencies of `table` pruned by each of `steps`, each asserted equal to
+    predict_latency on the estimated table; returned (ms)."""
     from estimators.compress import estimate, prune_counts
-    from estimators.strategy import PruneStep, Strategy
+    from estimators.strategy import Strategy
     from search.batch import BatchEvaluator
 
-    table = _tiny_table()
-    d = _split_profile()
-    d["efficiency"].update(element_ns={"transcendental": 0.5}, remainder_ns={"maxpool": 2.0},
-                           remainder_multiple={"maxpool": 16})
-    prof = parse_profile(d, "test")
     gidx = np.array([g.index for g in table.plan.groups])
-    steps = [PruneStep(ratio=r) for r in (0.1, 0.3, 0.55)]
     kept = np.tile(table.state.kept, (len(steps), 1))
     for k, st in enumerate(steps):
         kept[k, gidx] -= prune_counts(table, st)
-    out = BatchEvaluator(table, prof, 1)(kept)
+    out = BatchEvaluator(table, prof, batch)(kept)["latency_ms"]
     for k, st in enumerate(steps):
-        want = predict_latency(estimate(table, Strategy(steps=[st])), prof, 1).latency_ms
-        assert out["latency_ms"][k] == pytest.approx(want, rel=1e-9)
+        want = predict_latency(estimate(table, Strategy(steps=[st])), prof, batch).latency_ms
+        assert out[k] == pytest.approx(want, rel=1e-9)
+    return out
+
+
+def test_batch_evaluator_prices_elements_and_channel_tails_as_predict_latency():
+    from estimators.strategy import PruneStep
+
+    d = _split_profile()
+    d["efficiency"].update(element_ns={"transcendental": 0.5}, remainder_ns={"maxpool": 2.0},
+                           remainder_multiple={"maxpool": 16})
+    _batched_equals_per_candidate(_tiny_table(), parse_profile(d, "test"), 1,
+                                  [PruneStep(ratio=r) for r in (0.1, 0.3, 0.55)])
 
 
 def test_a_subclass_takes_its_class_element_cost_unless_named():
@@ -317,27 +324,17 @@ CONV_T_FLOPS = (2 * 3 * 24 * 9 * 16 * 16, 2 * 24 * 40 * 8 * 8)  # _tiny_table's 
 
 @pytest.mark.parametrize("batch", [1, 2])
 def test_batch_evaluator_prices_the_eager_dispatch_as_predict_latency(batch):
-    from estimators.compress import estimate, prune_counts
-    from estimators.strategy import PruneStep, Strategy
-    from search.batch import BatchEvaluator
+    from estimators.strategy import PruneStep
 
     table = analyze(load_model("torchvision:mobilenet_v2", input_shape="1,3,64,64"))
     d = _split_profile()
     d["efficiency"].update(eager_threads=2, onednn_us={"conv": 7.0, "dwconv": 3.0}, reorder_in_ns={"conv": 0.5},
                            reorder_out_ns={"conv": 0.25, "dwconv": 0.3}, native_factor={"conv": 1.5},
                            glue_ns_per_byte=0.125)
-    prof = parse_profile(d, "test")
-    gidx = np.array([g.index for g in table.plan.groups])
     steps = [PruneStep(ratio=r) for r in (0.0, 0.3, 0.55)] + [PruneStep(ratio=0.5, round_to=16)]
-    kept = np.tile(table.state.kept, (len(steps), 1))
-    for k, st in enumerate(steps):
-        kept[k, gidx] -= prune_counts(table, st)
-    out = BatchEvaluator(table, prof, batch)(kept)
-    plain = BatchEvaluator(table, parse_profile(_split_profile(), "test"), batch)(kept)
-    for k, st in enumerate(steps):
-        want = predict_latency(estimate(table, Strategy(steps=[st])), prof, batch).latency_ms
-        assert out["latency_ms"][k] == pytest.approx(want, rel=1e-9)
-    assert (out["latency_ms"] > plain["latency_ms"]).all()
+    out = _batched_equals_per_candidate(table, parse_profile(d, "test"), batch, steps)
+    plain = _batched_equals_per_candidate(table, parse_profile(_split_profile(), "test"), batch, steps)
+    assert (out > plain).all()
 
 
 def test_input_quantization_costs_per_input_element():
