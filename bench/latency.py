@@ -10,11 +10,15 @@ round-robin `--rounds` times (median): this machine's speed drifts by 10-40% ove
 memory), and the spread between rounds is printed as the noise floor.
 
     .venv/bin/python bench/latency.py [--models resnet18,...] [--strategies none,prune:0.3,...] [--batches 1,8]
-                                      [--rounds 3] [--profile host] [--compare PATH,...]
+                                      [--rounds 3] [--profile host] [--compare PATH,...] [--calibrate OUT.yaml]
 
 `--compare` adds other calibrated profiles (names or YAML paths, e.g. a previous calibration) as further
 predictors of the same measurements: this machine's speed drifts between runs, so two calibrations are
-only comparable measured together.
+only comparable measured together. `--calibrate OUT.yaml` first calibrates this machine (as `deployfit
+calibrate --out OUT.yaml`, about 2.5 minutes; it never runs the models benchmarked here) and tests that
+fresh profile, with `--profile` as the first comparison: the measurements then come minutes after the
+calibration, as when a user calibrates before predicting, instead of hours (this machine is a shared VM
+whose batch-1 speed moved by up to 24% at the median between runs of one night).
 """
 from __future__ import annotations
 
@@ -36,7 +40,8 @@ from estimators.modelspec import load_model  # noqa: E402
 from estimators.strategy import parse_strategy  # noqa: E402
 from estimators.table import totals  # noqa: E402
 from hardware.latency import predict_latency  # noqa: E402
-from hardware.profile import Efficiency, load_profile  # noqa: E402
+from hardware.calibrate import calibrate_host  # noqa: E402
+from hardware.profile import Efficiency, load_profile, save_profile  # noqa: E402
 from hardware.measure import measure_latency  # noqa: E402
 from tasks.executors import run_strategy, save_artifact  # noqa: E402
 from tasks.quantize_exec import compile_for_inference, load_program  # noqa: E402
@@ -65,9 +70,21 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="measure every configuration this many times, round-robin")
     ap.add_argument("--profile", default="host", help="the calibrated profile to test (name or YAML path)")
     ap.add_argument("--compare", default="", help="other calibrated profiles to test on the same measurements")
+    ap.add_argument("--calibrate", default="", metavar="OUT.yaml",
+                    help="calibrate this machine first, write the profile here and test it (--profile is compared)")
     args = ap.parse_args()
+    compare = [p for p in args.compare.split(",") if p]
+    if args.calibrate:
+        out = Path(args.calibrate)
+        if out.suffix not in (".yaml", ".yml"):
+            ap.error("--calibrate takes the path of the profile to write, ending in .yaml")
+        compare.insert(0, args.profile)
+        load_profile(args.profile)  # a bad name fails before minutes of calibration
+        save_profile(calibrate_host(progress=lambda m: print(f"  {m}", flush=True)), out)
+        print(f"calibrated: {out}", flush=True)
+        args.profile = str(out)
     host = load_profile(args.profile)
-    others = [(p, load_profile(p)) for p in args.compare.split(",") if p]
+    others = [(p, load_profile(p)) for p in compare]
     roof = uncalibrated(host)
     s_per_flop = 1.0 / (host.peak_gflops["fp32"] * 1e9 * host.efficiency.compute["conv"])
     batches = [int(x) for x in args.batches.split(",")]
@@ -121,6 +138,7 @@ def main() -> None:
             if sel.any():
                 mape, within, _ = stats(pred[sel], med[sel])
                 print(f"{label}, {lab:5s}: MAPE {mape:.1f}%, within 10% {within:.1f}%")
+    print(f"calibrated: {args.profile}" + (" (calibrated in this run)" if args.calibrate else ""))
     for j, (path, _) in enumerate(others):
         print(f"compare {j + 1}: {path}")
 

@@ -25,3 +25,7 @@ def read_yaml_mapping(path, what: str, empty_ok: bool = False) -> dict:
 
 # the training budget (epochs) of every step that trains, shared by `apply` and `estimate` (tasks.train)
 FINETUNE_EPOCHS = 5
+
+# seconds of timing `deployfit calibrate` spends by default (hardware.calibrate.calibrate_host; peaks and fits come
+# on top: about 2.8 minutes in all on 2 cores, the command's start included)
+CALIBRATION_BUDGET_S = 160.0

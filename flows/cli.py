@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from estimators.errors import FINETUNE_EPOCHS, UserInputError
+from estimators.errors import CALIBRATION_BUDGET_S, FINETUNE_EPOCHS, UserInputError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Estimate, search and execute DNN compression strategies against deployment requirements.")
@@ -356,7 +356,8 @@ def run_cmd(model: ModelArg, hardware: HardwareReq = "host", weights: WeightsOpt
                                                                    "hardware but host)")] = None,
             device_calibrate: Annotated[bool, typer.Option("--device-calibrate", help="calibrate the hardware's "
                                                            "profile on the device first (work pool)")] = False,
-            device_calibrate_budget: Annotated[float, typer.Option("--device-calibrate-budget", min=1)] = 150.0,
+            device_calibrate_budget: Annotated[float, typer.Option("--device-calibrate-budget", min=1)
+                                               ] = CALIBRATION_BUDGET_S,
             device_timeout: Annotated[float, typer.Option("--device-timeout", min=1, help="seconds to wait for a "
                                                           "device worker per step")] = 600.0,
             as_json: JsonOpt = False) -> None:
@@ -542,10 +543,11 @@ def calibrate(
     out: Annotated[Optional[str], typer.Option("--out", help="profile path (default hardware/profiles/host.yaml)")] = None,
     quick: Annotated[bool, typer.Option("--quick", help="a 20 s budget: fewer synthetic networks (tests, demos)")] = False,
     int8: Annotated[bool, typer.Option("--int8/--no-int8", help="also calibrate the compiled INT8 path")] = True,
-    budget: Annotated[float, typer.Option("--budget", help="seconds of timing (peaks and set-up come on top)")] = 150.0,
+    budget: Annotated[float, typer.Option("--budget", help="seconds of timing (peaks and set-up come on top)")
+                      ] = CALIBRATION_BUDGET_S,
     as_json: JsonOpt = False,
 ) -> None:
-    """Fit the host profile to operators timed inside synthetic networks on this machine (about 2.5 minutes
+    """Fit the host profile to operators timed inside synthetic networks on this machine (about 2.7 minutes
     on 2 cores) and write it with its provenance."""
 
     def body():

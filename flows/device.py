@@ -22,6 +22,8 @@ from pathlib import Path
 
 from prefect import flow
 
+from estimators.errors import CALIBRATION_BUDGET_S
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -55,7 +57,7 @@ def measure_flow(run_id: str, tracking_uri: str, batch_size: int = 1) -> dict:
 
 
 @flow(name="deployfit-calibrate-device", log_prints=True)
-def calibrate_device_flow(hardware: str, tracking_uri: str, quick: bool = False, budget_s: float = 150.0,
+def calibrate_device_flow(hardware: str, tracking_uri: str, quick: bool = False, budget_s: float = CALIBRATION_BUDGET_S,
                           int8: bool = True) -> str:
     """Calibrate this machine (the device) as profile `hardware` and log the profile to the tracking store
     (experiment deployfit/calibration/<hardware>, artifact profile.yaml); returns the MLflow run id."""

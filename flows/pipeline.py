@@ -23,6 +23,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.utilities.annotations import quote
 from pydantic import Field
 
+from estimators.errors import CALIBRATION_BUDGET_S
 from search.requirements import Requirements, broken_as_measured
 from tasks.pipeline import (ModelInput, ParallelOptions, SearchOptions, analyze_task, calibrate_task, execute_task,
                             measure_task, search_task, sensitivity_task)
@@ -306,7 +307,8 @@ def run_flow(model: ModelInput = ModelInput(), data: Optional[str] = "digits", h
              search: SearchOptions = SearchOptions(), execute: bool = True,
              top_k: Annotated[int, Field(ge=1, le=50)] = 3, batch_size: Annotated[int, Field(ge=1)] = 1,
              parallel: ParallelOptions = ParallelOptions(), device_measure: Optional[bool] = None,
-             device_calibrate: bool = False, device_calibrate_budget_s: Annotated[float, Field(gt=0, le=3600)] = 150.0,
+             device_calibrate: bool = False,
+             device_calibrate_budget_s: Annotated[float, Field(gt=0, le=3600)] = CALIBRATION_BUDGET_S,
              device_timeout_s: Annotated[float, Field(gt=0, le=86400)] = 600.0, out_dir: str = DEFAULT_OUT) -> dict:
     """Plan, then execute the top-k strategies (training where they train; in parallel on Dask with
     `parallel`), measure each artifact (latency one at a time; on the device through the work pool
@@ -389,7 +391,7 @@ def _run_steps(model: ModelInput, data: Optional[str], hardware: str, requiremen
 
 
 @flow(name="deployfit-calibrate", log_prints=True)
-def calibrate_flow(quick: bool = False, budget_s: Annotated[float, Field(gt=0, le=3600)] = 150.0,
+def calibrate_flow(quick: bool = False, budget_s: Annotated[float, Field(gt=0, le=3600)] = CALIBRATION_BUDGET_S,
                    out: Optional[str] = None) -> str:
     """Calibrate the host profile on this machine (micro-benchmarks in synthetic networks) and write it."""
     return calibrate_task(quick=quick, budget_s=budget_s, out=out)

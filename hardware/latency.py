@@ -15,11 +15,13 @@ timed inside running networks (hardware.calibrate):
            + activation bytes up to cache_bytes / (cache bandwidth x bandwidth[class])
            + activation bytes beyond it / (memory bandwidth x spill_bandwidth[class])
            + (eager PyTorch, `eager_threads` given) on oneDNN: onednn_us + misaligned input bytes x reorder_in_ns
-             + misaligned output bytes x reorder_out_ns; on ATen's native kernel: FLOPs x (native_factor - 1)
+             + misaligned output bytes x reorder_out_ns + padded FLOPs x padding_ns;
+             on ATen's native kernel: FLOPs x (native_factor - 1)
 with the efficiencies of the calibrated batch nearest the requested one (profile.batch_efficiency). Eager
 PyTorch runs a float convolution on oneDNN in a blocked channel layout, reordering its input and output to
-and from it (slow where channels are not multiples of the block), except small batch-1 dense ones, which run
-on ATen's native kernel (eager_onednn: the rule of ATen's ConvParams::use_mkldnn). A call also spends
+and from it (slow where channels are not multiples of the block) and computing on channels rounded up to the
+block (padded FLOPs: what the rounding adds), except small batch-1 dense ones, which run on ATen's native kernel
+(eager_onednn: the rule of ATen's ConvParams::use_mkldnn). A call also spends
 `glue_ns_per_byte` per activation byte written outside its operators (allocating and freeing outputs), and
 `input_ns_per_element` per element of its input (an INT8 graph quantizes its float input).
 Two per-element terms apply to every row of their class, fused or not: `element_ns` (e.g. a SiLU evaluated
@@ -94,7 +96,7 @@ def pointwise(table: LayerTable) -> np.ndarray:
     return np.isin(np.array(table.kinds), ("conv", "gconv")) & (k == 1)
 
 
-SPLIT_WIDTH = 11  # columns of split_terms
+SPLIT_WIDTH = 12  # columns of split_terms
 
 
 def split_terms(flops, wbytes, abytes, pw, off, cache: float, eager=None):
@@ -102,12 +104,12 @@ def split_terms(flops, wbytes, abytes, pw, off, cache: float, eager=None):
     (FLOPs of rows whose channels are not multiples of the profile's channel_multiple), weight bytes, activation
     bytes up to the cache's size, activation bytes beyond it (from memory), then eager PyTorch's convolution
     dispatch (`eager`: eager_terms of these rows; zeros without): on oneDNN, misaligned input bytes and misaligned
-    output bytes there, FLOPs on ATen's native kernel."""
+    output bytes there, FLOPs on ATen's native kernel, FLOPs oneDNN adds by rounding channels up to its block."""
     hot = np.minimum(abytes, cache) if cache else np.zeros(len(abytes))
     z = np.zeros(len(flops))
-    on, rin, wout, native = eager if eager is not None else (z, z, z, z)
+    on, rin, wout, native, pad = eager if eager is not None else (z, z, z, z, z)
     return np.stack([np.ones(len(flops)), flops, flops * pw, flops * off, wbytes, hot, abytes - hot,
-                     on, rin, wout, flops * native], 1)
+                     on, rin, wout, flops * native, flops * pad], 1)
 
 
 @dataclass(frozen=True)
@@ -162,16 +164,36 @@ def eager_onednn(shape: ConvShape, cin, batch: int, threads: int) -> np.ndarray:
     return shape.conv & c1 & c2
 
 
+def padded_share(shape: ConvShape, cin, cout, multiple: int | None) -> np.ndarray:
+    """FLOPs a convolution in oneDNN's blocked layout adds by computing on channels rounded up to `multiple` (its
+    block), as a share of its FLOPs: per group, input and output channels both rounded (dense and grouped), the
+    channels alone for a depthwise one, the output's alone for an input of up to 4 channels (oneDNN reads a plain
+    layout there). Zero for rows that are not convolutions; any leading candidate axes."""
+    if not multiple or multiple <= 1:
+        return np.zeros(np.broadcast_shapes(np.shape(cin), shape.conv.shape))
+    cin, cout = np.asarray(cin, dtype=float), np.asarray(cout, dtype=float)
+    g = np.maximum(shape.groups, 1)
+    ci, co = np.maximum(cin / g, 1.0), np.maximum(cout / g, 1.0)
+
+    def up(c):
+        return np.ceil(c / multiple) * multiple / c
+
+    depthwise = (g > 1) & (ci <= 1.0)
+    ratio = np.where(depthwise, up(np.maximum(cout, 1.0)), np.where(cin <= 4, up(co), up(ci) * up(co)))
+    return np.where(shape.conv, ratio - 1.0, 0.0)
+
+
 def eager_terms(shape: ConvShape, cin, cout, read_bytes, write_bytes, batch: int, threads: int, multiple: int | None):
     """split_terms' eager columns: (on oneDNN, misaligned input bytes on oneDNN, misaligned output bytes on oneDNN,
-    on ATen's native kernel) per row (any leading candidate axes; zeros for a runtime that is not eager PyTorch)."""
+    on ATen's native kernel, padded share on oneDNN) per row (any leading candidate axes; zeros for a runtime that
+    is not eager PyTorch)."""
     if threads <= 0:
         z = np.zeros(np.broadcast_shapes(np.shape(cin), shape.conv.shape))
-        return z, z, z, z
+        return z, z, z, z, z
     on = eager_onednn(shape, cin, batch, threads)
     m = multiple if multiple and multiple > 1 else 1
     return (on.astype(float), read_bytes * (on & (cin % m != 0)), write_bytes * (on & (cout % m != 0)),
-            (shape.conv & ~on).astype(float))
+            (shape.conv & ~on).astype(float), padded_share(shape, cin, cout, multiple) * on)
 
 
 def split_coefficients(profile: HardwareProfile, eff, cls: str, peak: float) -> np.ndarray:
@@ -186,7 +208,7 @@ def split_coefficients(profile: HardwareProfile, eff, cls: str, peak: float) -> 
                      1.0 / (profile.memory_bandwidth_gbs * 1e9 * eff._of(eff.spill_bandwidth, cls, 1.0)),
                      eff._of(eff.onednn_us, cls, 0.0) * 1e-6, eff._of(eff.reorder_in_ns, cls, 0.0) * 1e-9,
                      eff._of(eff.reorder_out_ns, cls, 0.0) * 1e-9,
-                     c_f * (eff._of(eff.native_factor, cls, 1.0) - 1.0)])
+                     c_f * (eff._of(eff.native_factor, cls, 1.0) - 1.0), eff._of(eff.padding_ns, cls, 0.0) * 1e-9])
 
 
 def misaligned(cin: np.ndarray, cout: np.ndarray, multiple: int | None, both: bool = False) -> np.ndarray:

@@ -84,6 +84,10 @@ class Efficiency(_Strict):
         default_factory=dict, description="the same per output activation byte, output channels not multiples")
     native_factor: dict[OpClass, float] = Field(
         default_factory=dict, description="compute-time multiplier of a convolution on ATen's native kernel")
+    padding_ns: dict[OpClass, float] = Field(
+        default_factory=dict, description="with eager_threads: nanoseconds a convolution on oneDNN spends per FLOP its "
+                                          "blocked layout adds by rounding channels up to channel_multiple "
+                                          "(hardware.latency.padded_share)")
     glue_ns_per_byte: float = Field(default=0.0, ge=0, description="nanoseconds per activation byte written that a "
                                     "call spends outside its operators (allocating and freeing outputs)")
     input_ns_per_element: float = Field(default=0.0, ge=0, description="nanoseconds per element of the model's input "
@@ -125,7 +129,8 @@ class Efficiency(_Strict):
             for k, v in getattr(self, name).items():
                 if not 0 < v <= 8:
                     raise ValueError(f"{name} of {k} is {v}: expected a time multiplier in (0, 8]")
-        for name in ("overhead_us", "element_ns", "remainder_ns", "onednn_us", "reorder_in_ns", "reorder_out_ns"):
+        for name in ("overhead_us", "element_ns", "remainder_ns", "onednn_us", "reorder_in_ns", "reorder_out_ns",
+                     "padding_ns"):
             for k, v in getattr(self, name).items():
                 if v < 0:
                     raise ValueError(f"{name} of {k} is {v}: expected at least 0")

@@ -146,8 +146,8 @@ class BatchEvaluator:
                     if threads not in eager:
                         eager[threads] = eager_terms(conv_shape(t), cin, cout, arb * scale, awb * scale, self.batch,
                                                      threads, m)
-                    on, rin, wout, native = (x[:, sel] for x in eager[threads])
-                    per = per + c[7] * on + (c[8] * rin + c[9] * wout) * bs + c[10] * f * native
+                    on, rin, wout, native, pad = (x[:, sel] for x in eager[threads])
+                    per = per + c[7] * on + (c[8] * rin + c[9] * wout) * bs + (c[10] * native + c[11] * pad) * f
                 per = per * factor
             else:
                 peak_eff, share, bs, factor, slow_f, kern = par

@@ -21,7 +21,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, ConfigDict, Field
 
-from estimators.errors import UserInputError
+from estimators.errors import CALIBRATION_BUDGET_S, UserInputError
 from estimators.modelspec import DEMO_WEIGHTS
 from estimators.strategy import parse_strategy
 from search.requirements import Requirements
@@ -187,7 +187,7 @@ def measure_latencies(results: list[dict[str, Any]], hardware: str) -> list[dict
     return [measure_saved_latency(r) for r in results] if hardware == "host" else results
 
 
-def calibrate_profile(quick: bool = True, budget_s: float = 150.0, out: str | None = None) -> str:
+def calibrate_profile(quick: bool = True, budget_s: float = CALIBRATION_BUDGET_S, out: str | None = None) -> str:
     """Calibrate the host profile on this machine and write it; returns its path."""
     from hardware.calibrate import calibrate_host
     from hardware.profile import profile_path, save_profile

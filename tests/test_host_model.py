@@ -13,7 +13,7 @@ from estimators.analyze import analyze
 from estimators.errors import UserInputError
 from estimators.modelspec import load_model
 from hardware.calibrate import NetSample, exported, fit_split_model, light_table, split_efficiency, time_network
-from hardware.latency import _row_features, pointwise, predict_latency
+from hardware.latency import SPLIT_WIDTH, _row_features, pointwise, predict_latency
 from hardware.measure import measure_latency, steady_allocator
 from hardware.profile import parse_profile
 from hardware.synthetic import synthetic_cnn
@@ -136,9 +136,9 @@ def test_fit_recovers_known_coefficients():
     least squares gets the model back."""
     from hardware.calibrate import _features
 
-    z4 = [0.0] * 4
-    known = {"conv": np.array([20e-6, 2e-12, 1e-12, 3e-12, 5e-11, 1e-11, 8e-11, 25e-6, 2e-10, 1.5e-10, 1e-12]),
-             "dwconv": np.array([30e-6, 1e-11, 0.0, 2e-12, 4e-11, 2e-11, 9e-11, 0.0, 1e-10, 1e-10, 0.0]),
+    z4 = [0.0] * 5
+    known = {"conv": np.array([20e-6, 2e-12, 1e-12, 3e-12, 5e-11, 1e-11, 8e-11, 25e-6, 2e-10, 1.5e-10, 1e-12, 1.2e-12]),
+             "dwconv": np.array([30e-6, 1e-11, 0.0, 2e-12, 4e-11, 2e-11, 9e-11, 0.0, 1e-10, 1e-10, 0.0, 5e-12]),
              "gemm": np.array([10e-6, 4e-12, 0.0, 1e-12, 3e-11, 1e-11, 5e-11] + z4),
              "elementwise": np.array([3e-6, 1e-11, 0.0, 0.0, 0.0, 5e-12, 2e-11] + z4),
              "norm": np.array([5e-6, 2e-11, 0.0, 0.0, 1e-11, 6e-12, 2e-11] + z4)}
@@ -164,9 +164,33 @@ def test_fit_recovers_known_coefficients():
     assert eff.compute["conv"] == pytest.approx(1 / (200e9 * 2e-12))
     assert eff.overhead_us["dwconv"] == pytest.approx(30.0)
     assert eff.eager_threads == 2
-    assert eff.onednn_us == {"conv": pytest.approx(25.0)}  # depthwise convolutions always run on oneDNN
+    # depthwise convolutions always run on oneDNN (no column of their own); a fitted gconv states its zero
+    assert eff.onednn_us == {"conv": pytest.approx(25.0), "gconv": 0.0}
     assert eff.reorder_in_ns["conv"] == pytest.approx(0.2) and eff.reorder_out_ns["conv"] == pytest.approx(0.15)
     assert eff.native_factor["conv"] == pytest.approx(1.5)
+    assert eff.padding_ns["conv"] == pytest.approx(1.2e-3) and eff.padding_ns["dwconv"] == pytest.approx(5e-3)
+
+
+def test_efficiency_round_trips_the_fitted_coefficients():
+    """split_efficiency and latency.split_coefficients are inverses for every fitted convolution class, zeros
+    included: a fitted subclass (gconv) whose eager terms came out zero must not take its class's (conv's)."""
+    from hardware.latency import split_coefficients
+
+    z = np.zeros(SPLIT_WIDTH)
+    conv = np.array([20e-6, 2e-12, 1e-12, 3e-12, 5e-11, 1e-11, 8e-11, 25e-6, 2e-10, 1.5e-10, 1e-12, 1.2e-12])
+    gconv = np.array([30e-6, 4e-12, 0.0, 0.0, 4e-11, 2e-11, 9e-11, 0.0, 0.0, 1e-10, 0.0, 0.0])
+    dwconv = np.array([40e-6, 1e-11, 0.0, 2e-12, 3e-11, 2e-11, 9e-11, 0.0, 1e-10, 0.0, 0.0, 5e-12])
+    elem = z.copy()
+    elem[[0, 1, 5]] = 3e-6, 1e-11, 5e-12
+    coef = {"conv": conv, "gconv": gconv, "dwconv": dwconv, "elementwise": elem}
+    eff = split_efficiency(coef, 0.0, peak=200.0, bwr=20.0, cbw=100.0, bw=10.0, threads=2)
+    d = _split_profile()
+    d["efficiency"] = eff.model_dump()
+    prof = parse_profile(d, "test")
+    for cls in ("conv", "gconv", "dwconv"):
+        got = split_coefficients(prof, prof.efficiency, cls, 200e9)
+        assert got == pytest.approx(coef[cls], rel=1e-3, abs=1e-18), cls
+    assert eff.onednn_us["gconv"] == 0.0 and eff.padding_ns["gconv"] == 0.0 and eff.misaligned_factor["gconv"] == 1.0
 
 
 def test_measurements_run_with_the_steady_allocator():
@@ -286,10 +310,27 @@ def test_eager_dispatch_rule_matches_torch():
         assert got == want, (b, cin, cout, k, g, hw, s)
 
 
+def test_padded_share_by_hand():
+    """oneDNN's blocked layout rounds channels up to its block: per group, input and output (dense, grouped);
+    the channels alone (depthwise); the output alone for an input of up to 4 channels (plain layout there)."""
+    from hardware.latency import ConvShape, padded_share
+
+    rows = [(24, 40, 1, 9), (3, 24, 1, 9), (67, 67, 67, 9), (96, 96, 12, 9), (32, 48, 1, 1), (10, 10, 1, 1)]
+    cin, cout = np.array([r[0] for r in rows]), np.array([r[1] for r in rows])
+    conv = np.array([True] * 5 + [False])  # the last row is not a convolution
+    shape = ConvShape(conv, np.full(len(rows), 64.0), np.array([r[3] for r in rows]), np.array([r[2] for r in rows]),
+                      np.zeros(len(rows), dtype=bool))
+    got = padded_share(shape, cin, cout, 16)
+    want = [(32 / 24) * (48 / 40) - 1, 32 / 24 - 1, 80 / 67 - 1, (16 / 8) * (16 / 8) - 1, 0.0, 0.0]
+    assert got == pytest.approx(want)
+    assert not padded_share(shape, cin, cout, None).any()
+
+
 def test_eager_dispatch_costs_by_hand():
     """_tiny_table's 3x3 conv 3 -> 24 on 16x16 (768 input elements) and 1x1 conv 24 -> 40 on 8x8 (1536): at batch
     1 both run on ATen's native kernel (dense, kernels under 4x4, inputs under 20480 elements), at batch 16 on
-    oneDNN, where channels that are not multiples of 16 pay the reorder per byte; the glue per byte written."""
+    oneDNN, where channels that are not multiples of 16 pay the reorder per byte and the FLOPs the block's rounding
+    adds (3 -> 24: output 24 -> 32; 24 -> 40: 32/24 x 48/40); the glue per byte written."""
     from hardware.latency import conv_shape, eager_onednn
 
     table = _tiny_table()
@@ -300,7 +341,8 @@ def test_eager_dispatch_costs_by_hand():
     base = _split_profile()
     d = copy.deepcopy(base)
     d["efficiency"].update(eager_threads=2, onednn_us={"conv": 7.0}, reorder_in_ns={"conv": 0.5},
-                           reorder_out_ns={"conv": 0.25}, native_factor={"conv": 1.5}, glue_ns_per_byte=0.125)
+                           reorder_out_ns={"conv": 0.25}, native_factor={"conv": 1.5}, padding_ns={"conv": 0.03},
+                           glue_ns_per_byte=0.125)
     p0, p1 = parse_profile(base, "test"), parse_profile(d, "test")
     c_f = 1.0 / (100e9 * 0.25)  # _valid's fp32 peak and conv efficiency
     for b in (1, 16):
@@ -310,8 +352,12 @@ def test_eager_dispatch_costs_by_hand():
             for i, f in ((conv0, CONV_T_FLOPS[0]), (conv1, CONV_T_FLOPS[1])):
                 assert diff[i] == pytest.approx(f * c_f * 0.5 * 1e3, rel=1e-9)
         else:  # on oneDNN: 3 input channels and 24 -> 40 are not multiples of 16
-            assert diff[conv0] == pytest.approx((7e-6 + 3 * 256 * 4 * b * 0.5e-9 + 24 * 256 * 4 * b * 0.25e-9) * 1e3)
-            assert diff[conv1] == pytest.approx((7e-6 + 24 * 64 * 4 * b * 0.5e-9 + 40 * 64 * 4 * b * 0.25e-9) * 1e3)
+            pad0 = CONV_T_FLOPS[0] * b * 0.03e-9 * (32 / 24 - 1)
+            pad1 = CONV_T_FLOPS[1] * b * 0.03e-9 * (32 / 24 * 48 / 40 - 1)
+            reorder0 = 3 * 256 * 4 * b * 0.5e-9 + 24 * 256 * 4 * b * 0.25e-9
+            reorder1 = 24 * 64 * 4 * b * 0.5e-9 + 40 * 64 * 4 * b * 0.25e-9
+            assert diff[conv0] == pytest.approx((7e-6 + reorder0 + pad0) * 1e3)
+            assert diff[conv1] == pytest.approx((7e-6 + reorder1 + pad1) * 1e3)
         others = np.ones(table.n, dtype=bool)
         others[[conv0, conv1]] = False
         assert np.all(diff[others] == 0)
@@ -330,7 +376,7 @@ def test_batch_evaluator_prices_the_eager_dispatch_as_predict_latency(batch):
     d = _split_profile()
     d["efficiency"].update(eager_threads=2, onednn_us={"conv": 7.0, "dwconv": 3.0}, reorder_in_ns={"conv": 0.5},
                            reorder_out_ns={"conv": 0.25, "dwconv": 0.3}, native_factor={"conv": 1.5},
-                           glue_ns_per_byte=0.125)
+                           padding_ns={"conv": 0.02, "dwconv": 0.05}, glue_ns_per_byte=0.125)
     steps = [PruneStep(ratio=r) for r in (0.0, 0.3, 0.55)] + [PruneStep(ratio=0.5, round_to=16)]
     out = _batched_equals_per_candidate(table, parse_profile(d, "test"), batch, steps)
     plain = _batched_equals_per_candidate(table, parse_profile(_split_profile(), "test"), batch, steps)
