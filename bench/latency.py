@@ -15,7 +15,7 @@ memory), and the spread between rounds is printed as the noise floor.
 `--compare` adds other calibrated profiles (names or YAML paths, e.g. a previous calibration) as further
 predictors of the same measurements: this machine's speed drifts between runs, so two calibrations are
 only comparable measured together. `--calibrate OUT.yaml` first calibrates this machine (as `deployfit
-calibrate --out OUT.yaml`, about 2.5 minutes; it never runs the models benchmarked here) and tests that
+calibrate --out OUT.yaml`, about 2.7 minutes; it never runs the models benchmarked here) and tests that
 fresh profile, with `--profile` as the first comparison: the measurements then come minutes after the
 calibration, as when a user calibrates before predicting, instead of hours (this machine is a shared VM
 whose batch-1 speed moved by up to 24% at the median between runs of one night).
