@@ -196,8 +196,7 @@ def _finish(flow_name: str, model: ModelInput, hardware: str, record: dict, work
                     e["measured_on"] = f"pool {pool_name(hardware)}"
                 else:
                     e.setdefault("notes", []).append("latency not measured: no device worker answered in time")
-    if device is not None:  # measured on the device just now
-        settle_infeasible(rep, executed)
+        settle_infeasible(rep, executed)  # on the device's measurements, just taken
     title = f"deployfit {flow_name}: {model.spec} on {hardware}"
     create_markdown_artifact(markdown_report(title, rep, executed, tracked, failed or []), key=_key("deployfit", flow_name, model.spec,
                                                                                      hardware),

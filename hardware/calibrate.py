@@ -319,10 +319,11 @@ def unbiased(nets: list[NetSample], coef: dict[str, np.ndarray], view_s: float, 
              multiple: int, cache: float, threads: int = 0):
     """The fit scaled so that the networks' mean relative error is zero: least squares on relative errors, with
     non-negative coefficients, leaves the networks' totals 2-3% under-predicted on average (in sample). Every term
-    is linear in the coefficients, so one factor moves all predictions alike. Returns (coef, view_s, glue, factor)."""
+    is linear in the coefficients, so one factor moves all predictions alike. Returns (coef, view_s, glue, factor,
+    the networks' relative errors after scaling)."""
     err = network_error(nets, coef, view_s, glue, multiple, cache, threads)
     k = 1.0 / (1.0 + float(err.mean())) if len(err) else 1.0
-    return {c: x * k for c, x in coef.items()}, view_s * k, tuple(g * k for g in glue), k
+    return {c: x * k for c, x in coef.items()}, view_s * k, tuple(g * k for g in glue), k, (1.0 + err) * k - 1.0
 
 
 def split_efficiency(coef: dict[str, np.ndarray], view_s: float, peak: float, bwr: float, cbw: float, bw: float,
@@ -799,9 +800,9 @@ def calibrate_host(quick: bool = False, progress: Progress = lambda m: None, int
                                "convolutions and elementwise operators to fit")
         glue = fit_glue(ns, glues.get(first, (0.0, 0.0, 0.0)))
         view_s = max(view_s, views.get(first, 0.0))
-        coef, view_s, glue, level = unbiased(ns, coef, view_s, glue, CHANNEL_MULTIPLE, cache, threads)
+        coef, view_s, glue, level, net_err = unbiased(ns, coef, view_s, glue, CHANNEL_MULTIPLE, cache, threads)
+        net_err = np.abs(net_err)
         glues[b], views[b] = glue, view_s
-        net_err = np.abs(network_error(ns, coef, view_s, glue, CHANNEL_MULTIPLE, cache, threads))
         coefs[b] = coef
         effs[b] = split_efficiency(coef, view_s, peak, rbw, cbw, bw, glue, threads=threads)
         fit.update({f"fp32.b{b}.networks": len(ns), f"fp32.b{b}.operators": int(sum(n.table.n for n in ns)),
@@ -853,8 +854,8 @@ def calibrate_host(quick: bool = False, progress: Progress = lambda m: None, int
             ctx = ", ".join(f"batch {b}: +{f8.kernel_s_ctx[b] * 1e6:.1f} us and {f8.byte_s_ctx[b] * 1e9:.3f} ns per "
                             "activation byte" for b in f8.kernel_s_ctx)
             progress(f"fit int8: {len(q) // len(BATCHES)} compiled networks at {len(BATCHES)} batches, MAPE "
-                     f"{100 * f8.mape:.1f}% (in sample); a kernel in a graph against alone {ctx}; call {f8.call_s * 1e6:.0f} us, "
-                     f"{f8.kernel_s * 1e6:.1f} us per kernel outside it, {f8.other_s * 1e6:.1f} us per other "
+                     f"{100 * f8.mape:.1f}% (in sample); a kernel in a graph against alone {ctx}; call "
+                     f"{f8.call_s * 1e6:.0f} us, {f8.kernel_s * 1e6:.1f} us per kernel outside it, {f8.other_s * 1e6:.1f} us per other "
                      f"operator and {f8.element_s * 1e9:.2f} ns per element it moves")
         else:
             progress("int8: no time left in the budget; the profile has no int8 entry")

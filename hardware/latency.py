@@ -146,8 +146,8 @@ def conv_shape(table: LayerTable) -> ConvShape:
 
 def _conv_shape(table: LayerTable) -> ConvShape:
     kinds = np.array(table.kinds)
-    conv = np.isin(kinds, ("conv", "gconv", "dwconv")) & np.array(["conv" in op.lower() and "transpose" not in op.lower()
-                                                                   for op in table.ops])
+    conv = np.isin(kinds, ("conv", "gconv", "dwconv")) & np.array(
+        ["conv" in op.lower() and "transpose" not in op.lower() for op in table.ops])
     sp_in = np.array([float(np.prod(s[0][2:])) if s and len(s[0]) >= 3 else 1.0 for s in table.in_shapes])
     sp_out = np.array([float(np.prod(s[0][2:])) if s and len(s[0]) >= 3 else 1.0 for s in table.out_shapes])
     ksize = table.ksize if table.ksize is not None else np.ones(table.n, dtype=np.int64)
@@ -307,8 +307,8 @@ def predict_latency(table: LayerTable, profile: HardwareProfile, batch_size: int
     # weights of a model larger than the cache stream from memory on every call
     streams = cache > 0 and float(wbytes.sum()) > cache
     for rows, eff, peak, factor, byte_scale, classes in dtype_parts(table, kinds, profile, batch_size):
-        eg = eager_terms(conv_shape(table), cin, cout, rbytes * byte_scale, obytes * byte_scale, batch_size, eff.eager_threads,
-                         profile.channel_multiple) if eff.split and eff.eager_threads else None
+        eg = eager_terms(conv_shape(table), cin, cout, rbytes * byte_scale, obytes * byte_scale, batch_size,
+                         eff.eager_threads, profile.channel_multiple) if eff.split and eff.eager_threads else None
         for cls, sel in classes:
             if eff.split:
                 cols = split_terms(flops[sel], wbytes[sel] * byte_scale, abytes[sel] * byte_scale, pw[sel], off[sel],
