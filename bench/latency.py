@@ -11,6 +11,7 @@ memory), and the spread between rounds is printed as the noise floor.
 
     .venv/bin/python bench/latency.py [--models resnet18,...] [--strategies none,prune:0.3,...] [--batches 1,8]
                                       [--rounds 3] [--profile host] [--compare PATH,...] [--calibrate OUT.yaml]
+                                      [--dump OUT.json] [--rescore DUMP.json]
 
 `--compare` adds other calibrated profiles (names or YAML paths, e.g. a previous calibration) as further
 predictors of the same measurements: this machine's speed drifts between runs, so two calibrations are
@@ -19,10 +20,18 @@ calibrate --out OUT.yaml`, about 2.7 minutes; it never runs the models benchmark
 fresh profile, with `--profile` as the first comparison: the measurements then come minutes after the
 calibration, as when a user calibrates before predicting, instead of hours (this machine is a shared VM
 whose batch-1 speed moved by up to 24% at the median between runs of one night).
+
+Before each measurement the machine's state is read (`hardware.measure.sync_probe_us`: one elementwise kernel
+split over all threads, mostly fork and join; 3.4-4.1 us in this VM's usual state, 4.7-5.8 us in its slow
+spells, when batch-1 networks run up to 35% slower); the calibration records it too (provenance
+`sync_probe_us`), and the summary prints each round's probe and score. `--dump OUT.json` writes every
+measurement, its probe and the predictions; `--rescore DUMP.json` measures nothing and scores `--profile` and
+`--compare` against those measurements (a changed model or another calibration, on the same measurements).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import warnings
@@ -42,7 +51,7 @@ from estimators.table import totals  # noqa: E402
 from hardware.latency import predict_latency  # noqa: E402
 from hardware.calibrate import calibrate_host  # noqa: E402
 from hardware.profile import Efficiency, load_profile, save_profile  # noqa: E402
-from hardware.measure import measure_latency  # noqa: E402
+from hardware.measure import measure_latency, sync_probe_us  # noqa: E402
 from tasks.executors import run_strategy, save_artifact  # noqa: E402
 from tasks.quantize_exec import compile_for_inference, load_program  # noqa: E402
 
@@ -62,6 +71,31 @@ def stats(pred, meas):
     return 100 * err.mean(), 100 * (err <= 0.10).mean(), kendalltau(pred, meas)[0]
 
 
+def rescore(path: str, profiles: list[str]) -> None:
+    """Score profiles against the measurements of an earlier run (`--dump`), without measuring again."""
+    data = json.loads(Path(path).read_text())
+    loaded = [(p, load_profile(p)) for p in profiles]
+    tables: dict = {}
+    meas, preds, int8 = [], [], []
+    for c in data["configs"]:
+        if c["model"] not in tables:
+            tables[c["model"]] = analyze(load_model(f"torchvision:{c['model']}"))
+        key = (c["model"], c["strategy"])
+        if key not in tables:
+            tables[key] = estimate(tables[c["model"]], parse_strategy(c["strategy"]))
+        meas.append(float(np.median(c["meas_ms"])))
+        preds.append([predict_latency(tables[key], prof, c["batch"]).latency_ms for _, prof in loaded])
+        int8.append(c["strategy"] == "quantize:int8")
+    preds, int8 = np.array(preds), np.array(int8)
+    meas = np.array(meas)
+    print(f"{len(meas)} configurations measured in {path} (median of {data['rounds']} rounds)")
+    for j, (name, _) in enumerate(loaded):
+        mape, within, tau = stats(preds[:, j], meas)
+        parts = [f"{lab} {stats(preds[sel, j], meas[sel])[0]:.1f}% / {stats(preds[sel, j], meas[sel])[1]:.1f}%"
+                 for lab, sel in (("float", ~int8), ("int8", int8)) if sel.any()]
+        print(f"{name}: MAPE {mape:.1f}%, within 10% {within:.1f}%, tau {tau:.3f}; " + ", ".join(parts))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default=MODELS)
@@ -72,8 +106,15 @@ def main() -> None:
     ap.add_argument("--compare", default="", help="other calibrated profiles to test on the same measurements")
     ap.add_argument("--calibrate", default="", metavar="OUT.yaml",
                     help="calibrate this machine first, write the profile here and test it (--profile is compared)")
+    ap.add_argument("--dump", default="", metavar="OUT.json",
+                    help="write every measurement (with the machine's sync probe before it) and prediction here")
+    ap.add_argument("--rescore", default="", metavar="DUMP.json",
+                    help="measure nothing: score --profile and --compare against an earlier run's --dump")
     args = ap.parse_args()
     compare = [p for p in args.compare.split(",") if p]
+    if args.rescore:
+        rescore(args.rescore, [args.profile] + compare)
+        return
     if args.calibrate:
         out = Path(args.calibrate)
         if out.suffix not in (".yaml", ".yml"):
@@ -107,11 +148,22 @@ def main() -> None:
             print(f"built {name}: {len(configs)} configurations", flush=True)
         # measure round-robin: a slow spell of the machine spreads over all configurations instead of a few
         meas = np.zeros((args.rounds, len(configs)))
+        probe = np.zeros((args.rounds, len(configs)))  # the machine's fork/join time just before each measurement
         for r in range(args.rounds):
             for i, (name, text, b, fn, ex, _) in enumerate(configs):
+                probe[r, i] = sync_probe_us(0.1)
                 meas[r, i] = measure_latency(fn, ex, warmup=3, min_runs=10, budget_s=1.0)["latency_ms"]
-            print(f"round {r + 1}/{args.rounds} measured", flush=True)
+            print(f"round {r + 1}/{args.rounds} measured (sync probe median {np.median(probe[r]):.2f} us, "
+                  f"range {probe[r].min():.2f}-{probe[r].max():.2f})", flush=True)
     med = np.median(meas, axis=0)
+    if args.dump:
+        Path(args.dump).write_text(json.dumps({
+            "profile": args.profile, "compare": compare, "rounds": args.rounds,
+            "configs": [{"model": c[0], "strategy": c[1], "batch": c[2], "meas_ms": meas[:, i].tolist(),
+                         "sync_probe_us": probe[:, i].tolist(), "pred_ms": list(c[5])}
+                        for i, c in enumerate(configs)],
+            "calibration_sync_probe_us": host.provenance.fit.get("sync_probe_us") if host.provenance else None},
+            indent=1))
     print(f"\n{'model':20s} {'strategy':14s} {'b':>2s} {'meas ms':>9s} {'spread %':>8s} {'calibrated':>11s} {'roofline':>9s} "
           f"{'flops':>9s}" + "".join(f" {'compare ' + str(j + 1):>10s}" for j in range(len(others))))
     rows = []
@@ -131,6 +183,14 @@ def main() -> None:
         single = np.abs(meas / med - 1)
         print(f"{'one round':12s} {100 * single.mean():8.1f} {100 * (single <= 0.10).mean():15.1f} {'':>12s}  "
               "(a single measurement against the median: the machine's own noise)")
+    cal_probe = host.provenance.fit.get("sync_probe_us") if host.provenance else None
+    print(f"machine state (sync_probe_us: fork and join of all threads; higher in this VM's slow spells): "
+          f"calibration {cal_probe if cal_probe is not None else 'not recorded'}, measurements median "
+          f"{np.median(probe):.2f}")
+    for r in range(args.rounds):  # each round alone against the calibrated predictions, with its state
+        mape, within, _ = stats([x[4] for x in rows], meas[r])
+        print(f"  round {r + 1}: probe median {np.median(probe[r]):.2f} us, calibrated MAPE {mape:.1f}%, "
+              f"within 10% {within:.1f}%")
     is_int8 = np.array([r[1] == "quantize:int8" for r in rows])
     for label, idx in profiles:
         pred = np.array([r[idx] for r in rows])

@@ -51,7 +51,7 @@ from estimators.trace import trace_model
 
 from .latency import (ALL_CLASSES, GEMM_CLASSES, SPLIT_WIDTH, _row_features, conv_shape, eager_terms, fused_mask,
                       input_elements, misaligned, pointwise, remainder_share, split_terms)
-from .measure import measure_latency
+from .measure import measure_latency, sync_probe_us
 from .profile import SUBCLASSES, Efficiency, HardwareProfile, Provenance
 
 Progress = Callable[[str], None]
@@ -445,9 +445,9 @@ def int8_samples(budget_s: float, progress: Progress, batches: tuple[int, ...] =
 
     out: list[Int8Sample] = []
     t0 = time.perf_counter()
-    seed, last = seed0, 0.0
+    seed, spent = seed0, []  # seconds each network took (quantize, compile, time): the next one's expected cost
     with inductor_config.patch({"cpp.enable_kernel_profile": True}):  # graphs compile at their first call
-        while time.perf_counter() - t0 + 0.8 * last < budget_s:
+        while time.perf_counter() - t0 + (float(np.mean(spent)) if spent else 0.0) < budget_s:
             model, shape = synthetic_cnn(seed)
             seed += 1
             with torch.inference_mode():
@@ -467,7 +467,7 @@ def int8_samples(budget_s: float, progress: Progress, batches: tuple[int, ...] =
                 second = measure_latency(fn, x, warmup=1, min_runs=5, max_runs=50, budget_s=0.15)["latency_ms"]
                 out.append(Int8Sample(f"synthetic-{seed - 1} {(b,) + tuple(shape[1:])}", table, b,
                                       0.5 * (first + second) / 1e3, kern, pool, loops))
-            last = time.perf_counter() - t1
+            spent.append(time.perf_counter() - t1)
             progress(f"[int8 {time.perf_counter() - t0:4.0f}/{budget_s:.0f} s] {out[-1].label}: compiled and timed "
                      f"({', '.join(f'{x.total_seconds * 1e3:.2f} ms' for x in out[-len(batches):])}; oneDNN kernels "
                      f"{', '.join(f'{x.kernel_seconds * 1e3:.2f}' for x in out[-len(batches):])}, generated loops "
@@ -786,7 +786,9 @@ def calibrate_host(quick: bool = False, progress: Progress = lambda m: None, int
     peak, bw, cbw, rbw = measure_peaks(progress)
     llc = cache_bytes()
     cache = CACHE_SHARE * llc
+    probes = [sync_probe_us()]  # the machine's state while it is timed (see sync_probe_us)
     nets = network_samples(budget_s * (FP32_SHARE if int8 else 0.95), progress)
+    probes.append(sync_probe_us())
     fit: dict[str, float] = {}
     coefs: dict[int, dict[str, np.ndarray]] = {}
     effs: dict[int, Efficiency] = {}
@@ -815,7 +817,7 @@ def calibrate_host(quick: bool = False, progress: Progress = lambda m: None, int
     overrides: dict[int, Efficiency] = {}
     if int8:
         left = budget_s - (time.perf_counter() - t0)
-        ops, elems = int8_op_samples(0.25 * left, progress)
+        ops, elems = int8_op_samples(0.15 * left, progress)
         pool = fit_pool(int8_pool_samples(0.05 * left, progress))
         progress(f"fit int8 max pooling: {pool[0] * 1e6:.1f} us per call, {pool[1] * 1e9:.4f} ns per element x window, "
                  f"{pool[2] * 1e9:.3f} ns more on channels beyond a multiple of {QPOOL_LANES}")
@@ -859,6 +861,11 @@ def calibrate_host(quick: bool = False, progress: Progress = lambda m: None, int
                      f"operator and {f8.element_s * 1e9:.2f} ns per element it moves")
         else:
             progress("int8: no time left in the budget; the profile has no int8 entry")
+    probes.append(sync_probe_us())
+    fit.update({"sync_probe_us": round(float(np.median(probes)), 3),
+                "sync_probe_range_us": round(max(probes) - min(probes), 3)})
+    progress(f"sync probe (fork and join of all threads): {', '.join(f'{p:.2f}' for p in probes)} us at the start, after "
+             "fp32 and at the end")
     fit["seconds"] = round(time.perf_counter() - t0, 1)
     return HardwareProfile(
         name="host",

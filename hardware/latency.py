@@ -211,6 +211,17 @@ def split_coefficients(profile: HardwareProfile, eff, cls: str, peak: float) -> 
                      c_f * (eff._of(eff.native_factor, cls, 1.0) - 1.0), eff._of(eff.padding_ns, cls, 0.0) * 1e-9])
 
 
+def streamed_weights(coef: np.ndarray, profile: HardwareProfile) -> np.ndarray:
+    """Split-model coefficients for a model whose weights do not fit in the cache: every call reads them from
+    memory again, so a weight byte costs at least memory's read time. (INT8 kernels are calibrated alone, timed
+    in a loop with their weights hot in cache: vgg11's 103 MB first linear at batch 1 ran 1.81 ms inside the
+    compiled graph, 2.1x what its weights' cached rate predicted; at 56 GB/s it is the memory's read speed.)"""
+    bwr = (profile.memory_read_bandwidth_gbs or profile.memory_bandwidth_gbs) * 1e9
+    out = coef.copy()
+    out[4] = max(out[4], 1.0 / bwr)
+    return out
+
+
 def misaligned(cin: np.ndarray, cout: np.ndarray, multiple: int | None, both: bool = False) -> np.ndarray:
     """Rows whose channels are not multiples of `multiple`: either count, or (both=True) input and output."""
     if not multiple or multiple <= 1:
@@ -313,7 +324,8 @@ def predict_latency(table: LayerTable, profile: HardwareProfile, batch_size: int
             if eff.split:
                 cols = split_terms(flops[sel], wbytes[sel] * byte_scale, abytes[sel] * byte_scale, pw[sel], off[sel],
                                    cache, None if eg is None else tuple(x[sel] for x in eg))
-                per_row[sel] = cols @ split_coefficients(profile, eff, cls, peak) * factor
+                coef = split_coefficients(profile, eff, cls, peak)
+                per_row[sel] = cols @ (streamed_weights(coef, profile) if streams else coef) * factor
                 continue
             comp = flops[sel] / (peak * eff.compute_of(cls))
             # the class's bandwidth share applies to cache-resident traffic (where calibration measures it);

@@ -15,7 +15,8 @@ from scipy import sparse
 from estimators import registry as R
 from estimators.table import LayerTable, NQ
 from hardware.latency import (GEMM_CLASSES, conv_shape, dtype_parts, eager_terms, input_elements, latency_kinds,
-                              of_class, pointwise, remainder_share, split_coefficients)
+                              of_class, pointwise, remainder_share, split_coefficients,
+                              streamed_weights)
 from hardware.profile import HardwareProfile
 
 QI = R.Q_INDEX
@@ -93,7 +94,8 @@ class BatchEvaluator:
             for cls, mask in classes:
                 sel = np.flatnonzero(mask)
                 if eff.split:
-                    self.parts.append((sel, "split", (split_coefficients(profile, eff, cls, peak), bs, factor,
+                    coef = split_coefficients(profile, eff, cls, peak)
+                    self.parts.append((sel, "split", (coef, streamed_weights(coef, profile)[4], bs, factor,
                                                       eff.eager_threads)))
                 else:
                     self.parts.append((sel, "roof", (peak * eff.compute_of(cls), eff.bandwidth_of(cls), bs, factor,
@@ -137,11 +139,11 @@ class BatchEvaluator:
                 total += (f * remainder_share(cin[:, sel], par[1]) * par[0]).sum(1)
                 continue
             if how == "split":
-                c, bs, factor, threads = par
+                c, c_stream, bs, factor, threads = par
                 w, a = w * bs, a * bs
                 hot = np.minimum(a, cache) if cache else np.zeros_like(a)
-                per = c[0] + c[1] * f + c[2] * f * self.pw[sel] + c[3] * f * off[:, sel] + c[4] * w + c[5] * hot \
-                    + c[6] * (a - hot)
+                per = c[0] + c[1] * f + c[2] * f * self.pw[sel] + c[3] * f * off[:, sel] \
+                    + np.where(streams, c_stream, c[4]) * w + c[5] * hot + c[6] * (a - hot)
                 if threads:
                     if threads not in eager:
                         eager[threads] = eager_terms(conv_shape(t), cin, cout, arb * scale, awb * scale, self.batch,

@@ -23,6 +23,8 @@ def test_quick_calibration_writes_loadable_profile(tmp_path):
     assert 8 in again.batch_efficiency and again.eff("fp32", 8).split  # calibrated at batch 8 too
     assert again.provenance.fit["fp32.b1.networks"] >= 2 and again.provenance.fit["seconds"] < 60
     assert any(m.startswith("fit fp32 batch 1") for m in messages)  # progress is shown
+    # the machine's state while it was timed: fork and join of all threads, a few microseconds
+    assert 0.1 < again.provenance.fit["sync_probe_us"] < 1000 and again.provenance.fit["sync_probe_range_us"] >= 0
     table = analyze(load_model("demo:digits-cnn"))
     p1 = predict_latency(table, again, 1).latency_ms
     p8 = predict_latency(table, again, 8).latency_ms

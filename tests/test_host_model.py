@@ -398,3 +398,29 @@ def test_input_quantization_costs_per_input_element():
         assert diff == pytest.approx(3 * 16 * 16 * b * 0.25e-9 * 1e3, rel=1e-9)
         out = BatchEvaluator(table, p1, b)(table.state.kept[None, :])
         assert out["latency_ms"][0] == pytest.approx(predict_latency(table, p1, b).latency_ms, rel=1e-9)
+
+
+def test_weights_beyond_the_cache_stream_at_memory_read_speed(table):
+    """INT8 kernels are calibrated with their weights hot (faster than memory reads them): a model whose weights
+    exceed the cache reads them from memory on every call, at memory's read bandwidth at best."""
+    d = _split_profile()
+    d["efficiency"]["weight_bandwidth"] = {"conv": 4.0}  # 80 GB/s: faster than memory's 20 GB/s read
+    w2 = 64 * 32 * 9 * 4
+    rest = 11e-6 + CONV2_FLOPS / (100e9 * 0.25) + 4096 / 80e9 + (32 * 64 * 4 + 64 * 64 * 4 - 4096) / 2.5e9
+    streamed = predict_latency(table, parse_profile(d, "test"))  # 4 KiB cache: the weights stream
+    assert streamed.per_row_ms[table.names.index("features.3")] == pytest.approx((rest + w2 / 20e9) * 1e3, rel=1e-9)
+    d["cache_bytes"] = 64 * 2**20  # every weight fits: they stay hot at the calibrated rate
+    hot = predict_latency(table, parse_profile(d, "test"))
+    rest += (32 * 64 * 4 + 64 * 64 * 4 - 4096) * (1 / 80e9 - 1 / 2.5e9)  # the activations now fit as well
+    assert hot.per_row_ms[table.names.index("features.3")] == pytest.approx((rest + w2 / 80e9) * 1e3, rel=1e-9)
+
+
+def test_batch_evaluator_streams_weights_as_predict_latency():
+    from estimators.strategy import PruneStep
+
+    table = analyze(load_model("torchvision:mobilenet_v2", input_shape="1,3,64,64"))
+    d = _split_profile()
+    d["cache_bytes"] = 6 * 2**20  # mobilenet_v2's 14 MB of weights stream; pruned by 0.55 they fit
+    d["efficiency"]["weight_bandwidth"] = {"conv": 4.0, "dwconv": 4.0, "gemm": 4.0}
+    steps = [PruneStep(ratio=r) for r in (0.0, 0.3, 0.55)]
+    _batched_equals_per_candidate(table, parse_profile(d, "test"), 1, steps)
