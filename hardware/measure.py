@@ -171,9 +171,10 @@ def sync_probe_us(seconds: float = 0.2) -> float:
     """Median time of one elementwise kernel just large enough to be split over all threads, in us.
 
     It is mostly the cost of handing work to the other threads and waiting for them (fork and join), which
-    on a virtual machine depends on where the hypervisor placed the vCPUs: on this 2-vCPU VM it read 3.4-4.1 us
-    while mobilenet_v2 ran 7.7-9.6 ms at batch 1, and 4.7-5.1 us during a spell of 10.3-11.8 ms. Measurements
-    record it so that a slow spell is visible next to the figures it slowed."""
+    this 2-vCPU VM's slow spells raise while single-thread compute stays as it was: it read 3.4-4.1 us while
+    mobilenet_v2 ran 7.7-9.6 ms at batch 1, and 4.7-5.1 us during a spell of 10.3-11.8 ms. Calibration, the
+    artifact measurements (tasks.apply.fast_latency) and bench/latency.py record it, so that a slow spell is
+    visible next to the figures it slowed."""
     import statistics
     import time
 

@@ -12,7 +12,7 @@ from estimators.report import public, rel_err
 from estimators.strategy import Strategy
 from estimators.table import totals
 from hardware.measure import (count_module, gemm_macs, measure_latency, measure_memory_access_bytes,
-                              measure_peak_activation_bytes, stored_tensor_bytes, stored_tensors)
+                              measure_peak_activation_bytes, stored_tensor_bytes, stored_tensors, sync_probe_us)
 
 from .executors import Work, run_strategy, save_artifact
 from .quantize_exec import load_program
@@ -43,14 +43,16 @@ def measure_work(work: Work, ep, artifact_path: str) -> tuple[dict[str, Any], li
 
 def fast_latency(ep, int8: bool, example) -> dict[str, Any]:
     """Latency of a saved program in the form that runs it fast: eager for float programs,
-    inductor-compiled (freezing) for int8 ones."""
+    inductor-compiled (freezing) for int8 ones; with the machine's sync probe read just before
+    (hardware.measure.sync_probe_us)."""
     if int8:
         from .quantize_exec import compile_for_inference
 
         fn = compile_for_inference(ep)
     else:
         fn = ep.module()
-    return measure_latency(fn, example, warmup=3, min_runs=10, budget_s=3.0)
+    probe = sync_probe_us()  # the machine's state just before: a slow spell shows beside the figure it slowed
+    return {**measure_latency(fn, example, warmup=3, min_runs=10, budget_s=3.0), "sync_probe_us": round(probe, 3)}
 
 
 def measure_artifact_latency(work: Work, ep, batch_size: int) -> dict[str, Any]:

@@ -424,3 +424,14 @@ def test_batch_evaluator_streams_weights_as_predict_latency():
     d["efficiency"]["weight_bandwidth"] = {"conv": 4.0, "dwconv": 4.0, "gemm": 4.0}
     steps = [PruneStep(ratio=r) for r in (0.0, 0.3, 0.55)]
     _batched_equals_per_candidate(table, parse_profile(d, "test"), 1, steps)
+
+
+def test_artifact_latency_records_the_machine_state():
+    from tasks.apply import fast_latency
+
+    model = load_model("demo:digits-cnn").model.eval()
+    ex = torch.randn(2, 1, 8, 8)
+    ep = torch.export.export(model, (ex,), dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=64)},))
+    lat = fast_latency(ep, False, torch.randn(1, 1, 8, 8))
+    assert lat["latency_ms"] > 0 and lat["batch_size"] == 1 and lat["threads"] == torch.get_num_threads()
+    assert 0.1 < lat["sync_probe_us"] < 1000  # fork and join of all threads: microseconds
