@@ -71,6 +71,13 @@ def stats(pred, meas):
     return 100 * err.mean(), 100 * (err <= 0.10).mean(), kendalltau(pred, meas)[0]
 
 
+def by_dtype(pred, meas, is_int8) -> list[tuple[str, float, float]]:
+    """(float or int8, MAPE %, within 10% %) for the configurations of each kind present."""
+    pred, meas = np.asarray(pred), np.asarray(meas)
+    return [(lab, *stats(pred[sel], meas[sel])[:2]) for lab, sel in (("float", ~is_int8), ("int8", is_int8))
+            if sel.any()]
+
+
 def rescore(path: str, profiles: list[str]) -> None:
     """Score profiles against the measurements of an earlier run (`--dump`), without measuring again."""
     data = json.loads(Path(path).read_text())
@@ -91,9 +98,8 @@ def rescore(path: str, profiles: list[str]) -> None:
     print(f"{len(meas)} configurations measured in {path} (median of {data['rounds']} rounds)")
     for j, (name, _) in enumerate(loaded):
         mape, within, tau = stats(preds[:, j], meas)
-        parts = [f"{lab} {stats(preds[sel, j], meas[sel])[0]:.1f}% / {stats(preds[sel, j], meas[sel])[1]:.1f}%"
-                 for lab, sel in (("float", ~int8), ("int8", int8)) if sel.any()]
-        print(f"{name}: MAPE {mape:.1f}%, within 10% {within:.1f}%, tau {tau:.3f}; " + ", ".join(parts))
+        print(f"{name}: MAPE {mape:.1f}%, within 10% {within:.1f}%, tau {tau:.3f}; "
+              + ", ".join(f"{lab} {m:.1f}% / {w:.1f}%" for lab, m, w in by_dtype(preds[:, j], meas, int8)))
 
 
 def main() -> None:
@@ -156,13 +162,14 @@ def main() -> None:
             print(f"round {r + 1}/{args.rounds} measured (sync probe median {np.median(probe[r]):.2f} us, "
                   f"range {probe[r].min():.2f}-{probe[r].max():.2f})", flush=True)
     med = np.median(meas, axis=0)
+    cal_probe = host.provenance.fit.get("sync_probe_us") if host.provenance else None
     if args.dump:
         Path(args.dump).write_text(json.dumps({
             "profile": args.profile, "compare": compare, "rounds": args.rounds,
             "configs": [{"model": c[0], "strategy": c[1], "batch": c[2], "meas_ms": meas[:, i].tolist(),
                          "sync_probe_us": probe[:, i].tolist(), "pred_ms": list(c[5])}
                         for i, c in enumerate(configs)],
-            "calibration_sync_probe_us": host.provenance.fit.get("sync_probe_us") if host.provenance else None},
+            "calibration_sync_probe_us": cal_probe},
             indent=1))
     print(f"\n{'model':20s} {'strategy':14s} {'b':>2s} {'meas ms':>9s} {'spread %':>8s} {'calibrated':>11s} {'roofline':>9s} "
           f"{'flops':>9s}" + "".join(f" {'compare ' + str(j + 1):>10s}" for j in range(len(others))))
@@ -183,7 +190,6 @@ def main() -> None:
         single = np.abs(meas / med - 1)
         print(f"{'one round':12s} {100 * single.mean():8.1f} {100 * (single <= 0.10).mean():15.1f} {'':>12s}  "
               "(a single measurement against the median: the machine's own noise)")
-    cal_probe = host.provenance.fit.get("sync_probe_us") if host.provenance else None
     print(f"machine state (sync_probe_us: fork and join of all threads; higher in this VM's slow spells): "
           f"calibration {cal_probe if cal_probe is not None else 'not recorded'}, measurements median "
           f"{np.median(probe):.2f}")
@@ -193,11 +199,8 @@ def main() -> None:
               f"within 10% {within:.1f}%")
     is_int8 = np.array([r[1] == "quantize:int8" for r in rows])
     for label, idx in profiles:
-        pred = np.array([r[idx] for r in rows])
-        for lab, sel in (("float", ~is_int8), ("int8", is_int8)):
-            if sel.any():
-                mape, within, _ = stats(pred[sel], med[sel])
-                print(f"{label}, {lab:5s}: MAPE {mape:.1f}%, within 10% {within:.1f}%")
+        for lab, mape, within in by_dtype([r[idx] for r in rows], med, is_int8):
+            print(f"{label}, {lab:5s}: MAPE {mape:.1f}%, within 10% {within:.1f}%")
     print(f"calibrated: {args.profile}" + (" (calibrated in this run)" if args.calibrate else ""))
     for j, (path, _) in enumerate(others):
         print(f"compare {j + 1}: {path}")

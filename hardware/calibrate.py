@@ -857,15 +857,15 @@ def calibrate_host(quick: bool = False, progress: Progress = lambda m: None, int
                             "activation byte" for b in f8.kernel_s_ctx)
             progress(f"fit int8: {len(q) // len(BATCHES)} compiled networks at {len(BATCHES)} batches, MAPE "
                      f"{100 * f8.mape:.1f}% (in sample); a kernel in a graph against alone {ctx}; call "
-                     f"{f8.call_s * 1e6:.0f} us, {f8.kernel_s * 1e6:.1f} us per kernel outside it, {f8.other_s * 1e6:.1f} us per other "
-                     f"operator and {f8.element_s * 1e9:.2f} ns per element it moves")
+                     f"{f8.call_s * 1e6:.0f} us, {f8.kernel_s * 1e6:.1f} us per kernel outside it, "
+                     f"{f8.other_s * 1e6:.1f} us per other operator and {f8.element_s * 1e9:.2f} ns per element it moves")
         else:
             progress("int8: no time left in the budget; the profile has no int8 entry")
     probes.append(sync_probe_us())
     fit.update({"sync_probe_us": round(float(np.median(probes)), 3),
                 "sync_probe_range_us": round(max(probes) - min(probes), 3)})
-    progress(f"sync probe (fork and join of all threads): {', '.join(f'{p:.2f}' for p in probes)} us at the start, after "
-             "fp32 and at the end")
+    progress(f"sync probe (fork and join of all threads): {', '.join(f'{p:.2f}' for p in probes)} us at the start, "
+             "after fp32 and at the end")
     fit["seconds"] = round(time.perf_counter() - t0, 1)
     return HardwareProfile(
         name="host",

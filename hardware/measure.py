@@ -168,27 +168,15 @@ def steady_allocator() -> str:
 
 
 def sync_probe_us(seconds: float = 0.2) -> float:
-    """Median time of one elementwise kernel just large enough to be split over all threads, in us.
+    """Median time of one elementwise kernel just large enough to be split over all threads, in us, timed as
+    every measurement is (measure_latency).
 
     It is mostly the cost of handing work to the other threads and waiting for them (fork and join), which
-    this 2-vCPU VM's slow spells raise while single-thread compute stays as it was: it read 3.4-4.1 us while
-    mobilenet_v2 ran 7.7-9.6 ms at batch 1, and 4.7-5.1 us during a spell of 10.3-11.8 ms. Calibration, the
-    artifact measurements (tasks.apply.fast_latency) and bench/latency.py record it, so that a slow spell is
-    visible next to the figures it slowed."""
-    import statistics
-    import time
-
+    this 2-vCPU VM's slow spells raise: it read 3.4-4.1 us while mobilenet_v2 ran 7.7-9.6 ms at batch 1, and
+    4.7-5.1 us during a spell of 10.3-11.8 ms. Calibration, the artifact measurements (tasks.apply.fast_latency)
+    and bench/latency.py record it, so that a slow spell is visible next to the figures it slowed."""
     x = torch.randn(50_000 * max(1, torch.get_num_threads()))  # above ATen's grain (32,768) per thread
-    with torch.inference_mode():
-        for _ in range(20):
-            torch.relu(x)
-        times: list[float] = []
-        start = time.perf_counter()
-        while len(times) < 50 or time.perf_counter() - start < seconds:
-            t0 = time.perf_counter()
-            torch.relu(x)
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e6
+    return measure_latency(torch.relu, x, warmup=20, min_runs=50, max_runs=10**9, budget_s=seconds)["latency_ms"] * 1e3
 
 
 def measure_latency(fn: Callable, example: torch.Tensor, warmup: int = 3, min_runs: int = 10, max_runs: int = 200,
