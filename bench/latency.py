@@ -34,6 +34,7 @@ import argparse
 import json
 import sys
 import tempfile
+import time
 import warnings
 from pathlib import Path
 
@@ -51,7 +52,7 @@ from estimators.table import totals  # noqa: E402
 from hardware.latency import predict_latency  # noqa: E402
 from hardware.calibrate import calibrate_host  # noqa: E402
 from hardware.profile import Efficiency, load_profile, save_profile  # noqa: E402
-from hardware.measure import measure_latency, sync_probe_us  # noqa: E402
+from hardware.measure import STATE_TOLERANCE, measure_latency, same_state, sync_probe_us  # noqa: E402
 from tasks.executors import run_strategy, save_artifact  # noqa: E402
 from tasks.quantize_exec import compile_for_inference, load_program  # noqa: E402
 
@@ -78,28 +79,66 @@ def by_dtype(pred, meas, is_int8) -> list[tuple[str, float, float]]:
             if sel.any()]
 
 
+def profile_state(profile) -> float | None:
+    """The machine state (sync probe, us) a calibrated profile was fitted in, where it says."""
+    probe = profile.provenance.fit.get("sync_probe_us") if profile.provenance else None
+    return float(probe) if probe else None
+
+
+def in_state_medians(meas: list[list[float]], probes: list[list[float]], state: float | None) -> np.ndarray:
+    """Per configuration, the median of its measurements taken in the machine state `state` (nan where none)."""
+    out = np.full(len(meas), np.nan)
+    if state is None:
+        return out
+    for i, (ms, ps) in enumerate(zip(meas, probes)):
+        kept = [m for m, p in zip(ms, ps) if same_state(p, state)]
+        if kept:
+            out[i] = float(np.median(kept))
+    return out
+
+
+def score_lines(labels: list[str], preds: np.ndarray, meas: np.ndarray, is_int8: np.ndarray) -> list[str]:
+    """One line per predictor (columns of `preds`): MAPE, within 10%, tau, and the float/int8 breakdown, on the
+    configurations `meas` has a figure for."""
+    ok = ~np.isnan(meas)
+    out = []
+    width = max(12, *map(len, labels))
+    for j, label in enumerate(labels):
+        mape, within, tau = stats(preds[ok, j], meas[ok])
+        out.append(f"{label:{width}s} {mape:8.1f} {within:15.1f} {tau:12.3f}   " + ", ".join(
+            f"{lab} {m:.1f}% / {w:.1f}%" for lab, m, w in by_dtype(preds[ok, j], meas[ok], is_int8[ok])))
+    return out
+
+
 def rescore(path: str, profiles: list[str]) -> None:
-    """Score profiles against the measurements of an earlier run (`--dump`), without measuring again."""
+    """Score profiles against the measurements of an earlier run (`--dump`), without measuring again: on all of its
+    rounds, and on the measurements taken in the first profile's machine state."""
     data = json.loads(Path(path).read_text())
     loaded = [(p, load_profile(p)) for p in profiles]
     tables: dict = {}
-    meas, preds, int8 = [], [], []
+    preds, int8 = [], []
+    rounds = data["rounds"]
     for c in data["configs"]:
         if c["model"] not in tables:
             tables[c["model"]] = analyze(load_model(f"torchvision:{c['model']}"))
         key = (c["model"], c["strategy"])
         if key not in tables:
             tables[key] = estimate(tables[c["model"]], parse_strategy(c["strategy"]))
-        meas.append(float(np.median(c["meas_ms"])))
         preds.append([predict_latency(tables[key], prof, c["batch"]).latency_ms for _, prof in loaded])
         int8.append(c["strategy"] == "quantize:int8")
     preds, int8 = np.array(preds), np.array(int8)
-    meas = np.array(meas)
-    print(f"{len(meas)} configurations measured in {path} (median of {data['rounds']} rounds)")
-    for j, (name, _) in enumerate(loaded):
-        mape, within, tau = stats(preds[:, j], meas)
-        print(f"{name}: MAPE {mape:.1f}%, within 10% {within:.1f}%, tau {tau:.3f}; "
-              + ", ".join(f"{lab} {m:.1f}% / {w:.1f}%" for lab, m, w in by_dtype(preds[:, j], meas, int8)))
+    meas = np.array([float(np.median(c["meas_ms"][:rounds])) for c in data["configs"]])
+    state = profile_state(loaded[0][1])
+    inst = in_state_medians([c["meas_ms"] for c in data["configs"]], [c["sync_probe_us"] for c in data["configs"]],
+                            state)
+    labels = [name for name, _ in loaded]
+    print(f"{len(meas)} configurations measured in {path}")
+    print(f"all rounds (median of {rounds}):  MAPE %, within 10% %, tau")
+    print("\n".join(score_lines(labels, preds, meas, int8)))
+    if state is not None:
+        print(f"in {labels[0]}'s state (sync probe {state:.2f} us +-{100 * STATE_TOLERANCE:.0f}%): "
+              f"{int((~np.isnan(inst)).sum())} of {len(meas)} configurations measured in it")
+        print("\n".join(score_lines(labels, preds, inst, int8)))
 
 
 def main() -> None:
@@ -114,6 +153,9 @@ def main() -> None:
                     help="calibrate this machine first, write the profile here and test it (--profile is compared)")
     ap.add_argument("--dump", default="", metavar="OUT.json",
                     help="write every measurement (with the machine's sync probe before it) and prediction here")
+    ap.add_argument("--state-wait", type=float, default=600.0, metavar="SECONDS",
+                    help="after the rounds, measure again while the machine is in the calibration's state the "
+                         "configurations with fewer than half their rounds in it, for at most this long (0: no)")
     ap.add_argument("--rescore", default="", metavar="DUMP.json",
                     help="measure nothing: score --profile and --compare against an earlier run's --dump")
     args = ap.parse_args()
@@ -161,49 +203,86 @@ def main() -> None:
                 meas[r, i] = measure_latency(fn, ex, warmup=3, min_runs=10, budget_s=1.0)["latency_ms"]
             print(f"round {r + 1}/{args.rounds} measured (sync probe median {np.median(probe[r]):.2f} us, "
                   f"range {probe[r].min():.2f}-{probe[r].max():.2f})", flush=True)
+        every_m = [meas[:, i].tolist() for i in range(len(configs))]
+        every_p = [probe[:, i].tolist() for i in range(len(configs))]
+        state = profile_state(host)
+        if state is not None and args.state_wait > 0:
+            measure_in_state([(c[3], c[4]) for c in configs], every_m, every_p, state,
+                             need=(args.rounds + 1) // 2, wait_s=args.state_wait)
     med = np.median(meas, axis=0)
-    cal_probe = host.provenance.fit.get("sync_probe_us") if host.provenance else None
     if args.dump:
         Path(args.dump).write_text(json.dumps({
             "profile": args.profile, "compare": compare, "rounds": args.rounds,
-            "configs": [{"model": c[0], "strategy": c[1], "batch": c[2], "meas_ms": meas[:, i].tolist(),
-                         "sync_probe_us": probe[:, i].tolist(), "pred_ms": list(c[5])}
+            "configs": [{"model": c[0], "strategy": c[1], "batch": c[2], "meas_ms": every_m[i],
+                         "sync_probe_us": every_p[i], "pred_ms": list(c[5])}
                         for i, c in enumerate(configs)],
-            "calibration_sync_probe_us": cal_probe},
+            "calibration_sync_probe_us": state},
             indent=1))
-    print(f"\n{'model':20s} {'strategy':14s} {'b':>2s} {'meas ms':>9s} {'spread %':>8s} {'calibrated':>11s} {'roofline':>9s} "
-          f"{'flops':>9s}" + "".join(f" {'compare ' + str(j + 1):>10s}" for j in range(len(others))))
-    rows = []
+    inst = in_state_medians(every_m, every_p, state)
+    print(f"\n{'model':20s} {'strategy':14s} {'b':>2s} {'meas ms':>9s} {'spread %':>8s} {'in state':>8s} {'calibrated':>11s} "
+          f"{'roofline':>9s} {'flops':>9s}" + "".join(f" {'compare ' + str(j + 1):>10s}" for j in range(len(others))))
     for i, (name, text, b, _, _, preds) in enumerate(configs):
         spread = 100 * (meas[:, i].max() - meas[:, i].min()) / med[i]
-        rows.append((name, text, b, med[i]) + preds)
-        print(f"{name:20s} {text:14s} {b:2d} {med[i]:9.2f} {spread:8.1f} {preds[0]:11.2f} {preds[1]:9.2f} {preds[2]:9.2f}"
-              + "".join(f" {x:10.2f}" for x in preds[3:]))
-    print(f"\n{len(rows)} configurations x {args.rounds} rounds on host ({host.provenance.cpu if host.provenance else ''}, "
-          f"{host.provenance.threads if host.provenance else '?'} threads); median of the rounds against the predictions")
-    print(f"{'predictor':12s} {'MAPE %':>8s} {'within 10% (%)':>15s} {'Kendall tau':>12s}")
-    profiles = [("calibrated", 4)] + [(f"compare {j + 1}", 7 + j) for j in range(len(others))]
-    for label, idx in profiles[:1] + [("roofline", 5), ("flops", 6)] + profiles[1:]:
-        mape, within, tau = stats([r[idx] for r in rows], med)
-        print(f"{label:12s} {mape:8.1f} {within:15.1f} {tau:12.3f}")
+        print(f"{name:20s} {text:14s} {b:2d} {med[i]:9.2f} {spread:8.1f} {inst[i]:8.2f} {preds[0]:11.2f} {preds[1]:9.2f} "
+              f"{preds[2]:9.2f}" + "".join(f" {x:10.2f}" for x in preds[3:]))
+    preds = np.array([c[5] for c in configs])
+    is_int8 = np.array([c[1] == "quantize:int8" for c in configs])
+    labels = ["calibrated", "roofline", "flops"] + [f"compare {j + 1}" for j in range(len(others))]
+    print(f"\n{len(configs)} configurations x {args.rounds} rounds on host "
+          f"({host.provenance.cpu if host.provenance else ''}, {host.provenance.threads if host.provenance else '?'} "
+          "threads); median of the rounds against the predictions")
+    print(f"{'predictor':12s} {'MAPE %':>8s} {'within 10% (%)':>15s} {'Kendall tau':>12s}   float / int8: MAPE % / within %")
+    print("\n".join(score_lines(labels, preds, med, is_int8)))
     if args.rounds > 1:  # the noise floor: one round against the median of all
         single = np.abs(meas / med - 1)
         print(f"{'one round':12s} {100 * single.mean():8.1f} {100 * (single <= 0.10).mean():15.1f} {'':>12s}  "
               "(a single measurement against the median: the machine's own noise)")
     print(f"machine state (sync_probe_us: fork and join of all threads; higher in this VM's slow spells): "
-          f"calibration {cal_probe if cal_probe is not None else 'not recorded'}, measurements median "
-          f"{np.median(probe):.2f}")
+          f"calibration {state if state is not None else 'not recorded'}, measurements median {np.median(probe):.2f}")
     for r in range(args.rounds):  # each round alone against the calibrated predictions, with its state
-        mape, within, _ = stats([x[4] for x in rows], meas[r])
+        mape, within, _ = stats(preds[:, 0], meas[r])
         print(f"  round {r + 1}: probe median {np.median(probe[r]):.2f} us, calibrated MAPE {mape:.1f}%, "
               f"within 10% {within:.1f}%")
-    is_int8 = np.array([r[1] == "quantize:int8" for r in rows])
-    for label, idx in profiles:
-        for lab, mape, within in by_dtype([r[idx] for r in rows], med, is_int8):
-            print(f"{label}, {lab:5s}: MAPE {mape:.1f}%, within 10% {within:.1f}%")
+    if state is not None:
+        counts = [sum(same_state(p, state) for p in ps) for ps in every_p]
+        print(f"\nin the calibration's state (sync probe {state:.2f} us +-{100 * STATE_TOLERANCE:.0f}%): "
+              f"{int((~np.isnan(inst)).sum())} of {len(configs)} configurations measured in it ({sum(counts)} "
+              f"measurements, {sum(map(len, every_m)) - args.rounds * len(configs)} of them after the rounds); the "
+              "median of each one's measurements in that state against the predictions")
+        print("\n".join(score_lines(labels, preds, inst, is_int8)))
     print(f"calibrated: {args.profile}" + (" (calibrated in this run)" if args.calibrate else ""))
     for j, (path, _) in enumerate(others):
         print(f"compare {j + 1}: {path}")
+
+
+def measure_in_state(runs: list[tuple], meas: list[list[float]], probes: list[list[float]], state: float, need: int,
+                     wait_s: float) -> None:
+    """Measure again, while the machine is in the state `state` (its sync probe within STATE_TOLERANCE), the
+    configurations (`runs`: (fn, example) each) with fewer than `need` measurements in that state, for at most
+    `wait_s` seconds; every measurement and its probe are appended to `meas` and `probes`."""
+    t0 = time.perf_counter()
+    added, last = 0, t0
+    while time.perf_counter() - t0 < wait_s:
+        lacking = [i for i in range(len(runs)) if sum(same_state(p, state) for p in probes[i]) < need]
+        if not lacking:
+            break
+        for i in lacking:
+            if time.perf_counter() - t0 >= wait_s:
+                break
+            p = sync_probe_us(0.1)
+            if not same_state(p, state):
+                continue
+            fn, ex = runs[i]
+            meas[i].append(measure_latency(fn, ex, warmup=3, min_runs=10, budget_s=1.0)["latency_ms"])
+            probes[i].append(p)
+            added += 1
+        if time.perf_counter() - last > 30:
+            last = time.perf_counter()
+            print(f"  [{last - t0:4.0f}/{wait_s:.0f} s] in the calibration's state ({state:.2f} us): {len(lacking)} "
+                  f"configurations with fewer than {need} measurements in it; {added} measured again", flush=True)
+    left = sum(sum(same_state(p, state) for p in probes[i]) < need for i in range(len(runs)))
+    print(f"measured again in the calibration's state: {added} measurements in {time.perf_counter() - t0:.0f} s; "
+          f"{left} configurations still with fewer than {need}", flush=True)
 
 
 if __name__ == "__main__":

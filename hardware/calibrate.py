@@ -30,6 +30,7 @@ benchmark models, so bench/latency.py tests what it fitted.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as _dt
 import os
 import platform
@@ -51,10 +52,11 @@ from estimators.trace import trace_model
 
 from .latency import (ALL_CLASSES, GEMM_CLASSES, SPLIT_WIDTH, _row_features, conv_shape, eager_terms, fused_mask,
                       input_elements, misaligned, pointwise, remainder_share, split_terms)
-from .measure import measure_latency, sync_probe_us
+from .measure import StateClock, dominant_state, measure_latency, same_state
 from .profile import SUBCLASSES, Efficiency, HardwareProfile, Provenance
 
 Progress = Callable[[str], None]
+State = Callable[[], float]  # the machine's state now (hardware.measure.StateClock; a constant where not tracked)
 BATCHES = (1, 8)  # batch sizes calibrated; a prediction uses the nearest (hardware.profile.HardwareProfile.eff)
 CHANNEL_MULTIPLE = 16  # oneDNN's channel blocking with AVX-512
 CACHE_SHARE = 0.25  # activations up to this share of the last-level cache move at cache speed (best fit of 1/4, 1/2, 1)
@@ -124,6 +126,7 @@ class NetSample:
     row_seconds: np.ndarray
     total_seconds: float
     batch: int = 0  # the batch the rows were timed at (0: the table's)
+    probe_us: float = 0.0  # the machine's state when it was timed (hardware.measure.StateClock; 0: not read)
 
 
 def exported(model: nn.Module, shape: tuple[int, ...]) -> nn.Module:
@@ -161,7 +164,7 @@ def time_network(model: nn.Module, x: torch.Tensor, label: str, runs: int = 3, t
 
 
 def network_samples(budget_s: float, progress: Progress, batches: tuple[int, ...] = BATCHES, max_nets: int = 400,
-                    seed0: int = 0, min_nets: int = 4) -> dict[int, list[NetSample]]:
+                    seed0: int = 0, min_nets: int = 4, state: State = lambda: 0.0) -> dict[int, list[NetSample]]:
     """Time synthetic networks (hardware.synthetic), exported as artifacts are, operator by operator at every
     batch size until the budget is spent (and at least `min_nets`, so that a tiny budget still fits)."""
     from .synthetic import synthetic_cnn
@@ -180,7 +183,8 @@ def network_samples(budget_s: float, progress: Progress, batches: tuple[int, ...
         gm = exported(model, shape)
         for b in batches:
             label = f"synthetic-{seed - 1} {(b,) + tuple(shape[1:])}"
-            out[b].append(time_network(gm, torch.randn(b, *shape[1:]), label))
+            probe = state()
+            out[b].append(dataclasses.replace(time_network(gm, torch.randn(b, *shape[1:]), label), probe_us=probe))
         n += 1
         if n % 10 == 0:
             progress(f"[fp32 {time.perf_counter() - t0:4.0f}/{budget_s:.0f} s] {n} synthetic networks timed at batch "
@@ -384,6 +388,7 @@ class Int8Sample:
     kernel_seconds: float = 0.0  # of which in its oneDNN convolution/linear kernels (profiled)
     pool_seconds: float = 0.0  # in quantized max pooling
     loop_seconds: float = 0.0  # in the graph's generated loops and the ATen copies/concatenations it calls
+    probe_us: float = 0.0  # the machine's state when it was timed
 
 
 # profiled operators that move data outside the oneDNN kernels (the rest of a call is Python and guards)
@@ -430,8 +435,8 @@ def profiled_parts(fn: Callable, x: torch.Tensor, runs: int = 5) -> tuple[float,
     return k, p, g
 
 
-def int8_samples(budget_s: float, progress: Progress, batches: tuple[int, ...] = BATCHES, seed0: int = 100_000
-                 ) -> list[Int8Sample]:
+def int8_samples(budget_s: float, progress: Progress, batches: tuple[int, ...] = BATCHES, seed0: int = 100_000,
+                 state: State = lambda: 0.0) -> list[Int8Sample]:
     """Quantize (Intel Neural Compressor static INT8), compile and time whole synthetic networks, and profile
     where each call goes (oneDNN kernels, quantized max pooling, generated loops; the rest is the Python
     wrapper and guards). The graphs compile with inductor's kernel profile, so the generated loops show."""
@@ -461,12 +466,13 @@ def int8_samples(budget_s: float, progress: Progress, batches: tuple[int, ...] =
                                       QuantizeStep(dtype="int8"))
             for b in batches:
                 x = torch.randn(b, *shape[1:])
+                probe = state()
                 # this machine's speed drifts for seconds at a time: the mean of two medians, around the profile
                 first = measure_latency(fn, x, warmup=2, min_runs=5, max_runs=50, budget_s=0.15)["latency_ms"]
                 kern, pool, loops = profiled_parts(fn, x)
                 second = measure_latency(fn, x, warmup=1, min_runs=5, max_runs=50, budget_s=0.15)["latency_ms"]
                 out.append(Int8Sample(f"synthetic-{seed - 1} {(b,) + tuple(shape[1:])}", table, b,
-                                      0.5 * (first + second) / 1e3, kern, pool, loops))
+                                      0.5 * (first + second) / 1e3, kern, pool, loops, probe))
             spent.append(time.perf_counter() - t1)
             progress(f"[int8 {time.perf_counter() - t0:4.0f}/{budget_s:.0f} s] {out[-1].label}: compiled and timed "
                      f"({', '.join(f'{x.total_seconds * 1e3:.2f} ms' for x in out[-len(batches):])}; oneDNN kernels "
@@ -546,10 +552,11 @@ class ElementSample:
     act: str
     elements: int
     seconds: float
+    probe_us: float = 0.0  # the machine's state when it was timed
 
 
 def int8_op_samples(budget_s: float, progress: Progress, batches: tuple[int, ...] = BATCHES, seed0: int = 200_000,
-                    min_ops: int = 24) -> tuple[dict[int, list[NetSample]], list[ElementSample]]:
+                    min_ops: int = 24, state: State = lambda: 0.0) -> tuple[dict[int, list[NetSample]], list[ElementSample]]:
     """Time the oneDNN INT8 convolution and linear kernels that compiled INT8 graphs call, one per sample,
     for the convolutions and linears of synthetic networks (no compile, so hundreds fit in the budget),
     at every batch size, with the activation that follows each fused as the graph fuses it. Each sample
@@ -585,12 +592,14 @@ def int8_op_samples(budget_s: float, progress: Progress, batches: tuple[int, ...
                         fn = _int8_kernel(m, bshape, p, sc)
                         return measure_latency(fn, x, warmup=2, min_runs=5, max_runs=30, budget_s=0.05)["latency_ms"] / 1e3
 
+                probe = state()
                 if post == "swish":  # the kernel without it, and what it adds per output element
                     sec = timed("none", [None])
-                    elements.append(ElementSample("transcendental", out_elements * b, timed(post, scalars) - sec))
+                    elements.append(ElementSample("transcendental", out_elements * b, timed(post, scalars) - sec, probe))
                 else:  # relu, hardtanh, hardswish post-ops cost next to nothing (<0.03 ns per element here)
                     sec = timed(post, scalars)
-                out[b].append(NetSample(f"int8 {type(m).__name__} {bshape} {post}", table, np.array([sec]), sec, batch=b))
+                out[b].append(NetSample(f"int8 {type(m).__name__} {bshape} {post}", table, np.array([sec]), sec, batch=b,
+                                        probe_us=probe))
             n += 1
     progress(f"[int8 ops {time.perf_counter() - t0:4.0f}/{budget_s:.0f} s] {n} INT8 convolution/linear kernels timed "
              f"at batch {', '.join(map(str, batches))} ({len(elements)} with and without a fused SiLU)")
@@ -601,7 +610,7 @@ QPOOL_LANES = 32  # quantized max pooling vectorises 32 uint8 channels at a time
 
 
 def int8_pool_samples(budget_s: float, progress: Progress, batches: tuple[int, ...] = BATCHES, seed0: int = 300_000,
-                      min_ops: int = 12) -> list[NetSample]:
+                      min_ops: int = 12, state: State = lambda: 0.0) -> list[NetSample]:
     """Time the quantized max pooling compiled INT8 graphs call (`quantized::max_pool2d` on channels-last
     uint8) for the max pools of synthetic networks, each at its own channel count and at a random one (its
     speed depends on the channels beyond a multiple of QPOOL_LANES: 24 channels run 17x slower per element
@@ -634,8 +643,10 @@ def int8_pool_samples(budget_s: float, progress: Progress, batches: tuple[int, .
                         qx = torch.quantize_per_tensor(torch.randn((b,) + cshape[1:]), 0.05, 0, torch.quint8)
                     qx = qx.contiguous(memory_format=torch.channels_last)
                     fn = lambda t: torch.ops.quantized.max_pool2d(t, k, st, pad, dil, m.ceil_mode)  # noqa: E731
+                    probe = state()
                     sec = measure_latency(fn, qx, warmup=2, min_runs=5, max_runs=30, budget_s=0.05)["latency_ms"] / 1e3
-                    out.append(NetSample(f"int8 maxpool {(b,) + cshape[1:]}", table, np.array([sec]), sec, batch=b))
+                    out.append(NetSample(f"int8 maxpool {(b,) + cshape[1:]}", table, np.array([sec]), sec, batch=b,
+                                         probe_us=probe))
                 n += 1
     progress(f"[int8 pools {time.perf_counter() - t0:4.0f}/{budget_s:.0f} s] {n} quantized max pools timed at batch "
              f"{', '.join(map(str, batches))}")
@@ -774,28 +785,74 @@ def _int8_coef(coef: dict[str, np.ndarray], coef8: dict[str, np.ndarray], f: Int
     return out
 
 
+def in_state(samples: list, reference: float | None, minimum: int = 1) -> tuple[list, bool]:
+    """The samples timed in the machine's state `reference` (their probe_us within STATE_TOLERANCE of it), when
+    at least `minimum` were; otherwise all of them and False (too few to fit on their own)."""
+    if reference is None:
+        return samples, True
+    kept = [x for x in samples if same_state(x.probe_us, reference)]
+    return (kept, True) if len(kept) >= minimum else (samples, False)
+
+
 def calibrate_host(quick: bool = False, progress: Progress = lambda m: None, int8: bool = True,
                    budget_s: float = CALIBRATION_BUDGET_S) -> HardwareProfile:
     """Calibrate this machine: peaks, then FP32 operators timed in synthetic networks at every batch in
-    BATCHES, then (int8=True) compiled INT8 synthetic networks. `budget_s` bounds the timing; `quick` is a
-    small budget for tests."""
+    BATCHES, then (int8=True) INT8 kernels and compiled INT8 synthetic networks; then the fits. `budget_s`
+    bounds the timing; `quick` is a small budget for tests.
+
+    The machine's state is read throughout (hardware.measure.StateClock): a VM can switch between states
+    whose speeds differ by more than a prediction's error (this one: fork/join 3.4-4.1 us and memory copy
+    ~44 GB/s, or 4.7-5.8 us and ~80 GB/s, for minutes at a time). The profile describes one state, the one
+    the calibration spent the most time in: only the samples timed in it are fitted (a part with none keeps
+    all of its samples, and the provenance says so), and the peaks are measured again at the end when the
+    first measurement was taken in the other state."""
     t0 = time.perf_counter()
     if quick:
         budget_s = min(budget_s, 20.0)
     threads = torch.get_num_threads()
+    clock = StateClock()
+    peaks_probe = clock()
     peak, bw, cbw, rbw = measure_peaks(progress)
     llc = cache_bytes()
     cache = CACHE_SHARE * llc
-    probes = [sync_probe_us()]  # the machine's state while it is timed (see sync_probe_us)
-    nets = network_samples(budget_s * (FP32_SHARE if int8 else 0.95), progress)
-    probes.append(sync_probe_us())
+    nets = network_samples(budget_s * (FP32_SHARE if int8 else 0.95), progress, state=clock)
+    ops: dict[int, list[NetSample]] = {}
+    elems: list[ElementSample] = []
+    pools: list[NetSample] = []
+    q: list[Int8Sample] = []
+    if int8:
+        left = budget_s - (time.perf_counter() - t0)
+        ops, elems = int8_op_samples(0.15 * left, progress, state=clock)
+        pools = int8_pool_samples(0.05 * left, progress, state=clock)
+        q = int8_samples(budget_s - (time.perf_counter() - t0), progress, state=clock)
+    clock(fresh=True)  # a last reading at the end
+    ref = dominant_state(clock.readings)
+    share = float(np.mean([same_state(p, ref) for p in clock.readings])) if ref else 1.0
     fit: dict[str, float] = {}
+    mixed: list[str] = []
+
+    def keep(samples: list, part: str, minimum: int = 1) -> list:
+        kept, ok = in_state(samples, ref, minimum)
+        if not ok:
+            mixed.append(part)
+            fit[f"state.{part}.fitted_on_all"] = 1.0
+        fit[f"state.{part}.dropped"] = len(samples) - len(kept)
+        return kept
+
+    if ref is not None and not same_state(peaks_probe, ref):
+        if same_state(clock(fresh=True), ref):
+            progress("the peaks were measured in the other state: measuring them again")
+            peak, bw, cbw, rbw = measure_peaks(progress)
+        else:
+            mixed.append("peaks")
+            fit["state.peaks_in_other_state"] = 1.0
     coefs: dict[int, dict[str, np.ndarray]] = {}
     effs: dict[int, Efficiency] = {}
     first = BATCHES[0]
     glues: dict[int, tuple[float, float, float]] = {}
     views: dict[int, float] = {}
-    for b, ns in sorted(nets.items()):  # larger batches bounded below by the first one's overheads
+    for b, all_ns in sorted(nets.items()):  # larger batches bounded below by the first one's overheads
+        ns = keep(all_ns, f"fp32.b{b}", minimum=4)
         coef, view_s, row_err = fit_split_model(ns, CHANNEL_MULTIPLE, cache, coefs.get(first), threads)
         if not {"conv", "elementwise"} <= set(coef):
             raise RuntimeError(f"calibration budget too small: {len(ns)} networks timed at batch {b}, not enough "
@@ -816,23 +873,23 @@ def calibrate_host(quick: bool = False, progress: Progress = lambda m: None, int
     peaks = {"fp32": round(peak, 2)}
     overrides: dict[int, Efficiency] = {}
     if int8:
-        left = budget_s - (time.perf_counter() - t0)
-        ops, elems = int8_op_samples(0.15 * left, progress)
-        pool = fit_pool(int8_pool_samples(0.05 * left, progress))
+        pool = fit_pool(keep(pools, "int8.pools", minimum=4))
         progress(f"fit int8 max pooling: {pool[0] * 1e6:.1f} us per call, {pool[1] * 1e9:.4f} ns per element x window, "
                  f"{pool[2] * 1e9:.3f} ns more on channels beyond a multiple of {QPOOL_LANES}")
-        elem_ns = element_ns(elems)
+        elem_ns = element_ns(keep(elems, "int8.activations"))
         if elem_ns:
             progress("int8 fused activations: " + ", ".join(f"{k} {v:.3f} ns per element" for k, v in elem_ns.items()))
         coefs8: dict[int, dict[str, np.ndarray]] = {}
-        for b, ns in ops.items():
+        for b, all_ns in ops.items():
+            ns = keep(all_ns, f"int8.b{b}.kernels", minimum=12)
             coefs8[b], _, op_err = fit_split_model(ns, CHANNEL_MULTIPLE, cache, coefs8.get(first))
             fit[f"int8.b{b}.kernels"] = len(ns)
             fit[f"int8.b{b}.kernel_error"] = round(op_err, 4)
             progress(f"fit int8 kernels batch {b}: {len(ns)} kernels, error {100 * op_err:.1f}% (in sample)")
-        q = int8_samples(budget_s - (time.perf_counter() - t0), progress)
-        if q:
-            f8 = fit_int8(q, coefs8, cache, elem_ns, pool)
+        # the fit needs three networks (at every batch): with two it missed real INT8 networks by 21-29%
+        q_in = keep(q, "int8.networks", minimum=3 * len(BATCHES))
+        if q_in:
+            f8 = fit_int8(q_in, coefs8, cache, elem_ns, pool)
             peaks["int8"] = round(INT8_LANES * peak, 2)
             for b, coef in coefs.items():
                 b8 = nearest_batch(b, list(coefs8))
@@ -843,7 +900,7 @@ def calibrate_host(quick: bool = False, progress: Progress = lambda m: None, int
                     "input_ns_per_element": round(2 * f8.element_s * 1e9, 5),  # quantizing the input: a loop
                     "remainder_ns": {"maxpool": round(float(pool[2]) * 1e9, 5)},
                     "remainder_multiple": {"maxpool": QPOOL_LANES}})
-            fit.update({"int8.networks": len(q) // len(BATCHES), "int8.network_mape": round(f8.mape, 4),
+            fit.update({"int8.networks": len({x.label.split(" ")[0] for x in q_in}), "int8.network_mape": round(f8.mape, 4),
                         "int8.call_us": round(f8.call_s * 1e6, 2), "int8.kernel_wrapper_us": round(f8.kernel_s * 1e6, 2),
                         "int8.other_op_us": round(f8.other_s * 1e6, 2),
                         "int8.other_ns_per_element": round(f8.element_s * 1e9, 4),
@@ -855,17 +912,22 @@ def calibrate_host(quick: bool = False, progress: Progress = lambda m: None, int
                         **{f"int8.{k}_ns_per_element": v for k, v in elem_ns.items()}})
             ctx = ", ".join(f"batch {b}: +{f8.kernel_s_ctx[b] * 1e6:.1f} us and {f8.byte_s_ctx[b] * 1e9:.3f} ns per "
                             "activation byte" for b in f8.kernel_s_ctx)
-            progress(f"fit int8: {len(q) // len(BATCHES)} compiled networks at {len(BATCHES)} batches, MAPE "
+            progress(f"fit int8: {len(q_in)} compiled network samples (networks x batches), MAPE "
                      f"{100 * f8.mape:.1f}% (in sample); a kernel in a graph against alone {ctx}; call "
                      f"{f8.call_s * 1e6:.0f} us, {f8.kernel_s * 1e6:.1f} us per kernel outside it, "
                      f"{f8.other_s * 1e6:.1f} us per other operator and {f8.element_s * 1e9:.2f} ns per element it moves")
         else:
             progress("int8: no time left in the budget; the profile has no int8 entry")
-    probes.append(sync_probe_us())
-    fit.update({"sync_probe_us": round(float(np.median(probes)), 3),
-                "sync_probe_range_us": round(max(probes) - min(probes), 3)})
-    progress(f"sync probe (fork and join of all threads): {', '.join(f'{p:.2f}' for p in probes)} us at the start, "
-             "after fp32 and at the end")
+    readings = clock.readings
+    fit.update({"sync_probe_us": round(ref, 3) if ref else 0.0,
+                "sync_probe_range_us": round(max(readings) - min(readings), 3),
+                "state.readings": len(readings), "state.in_state_share": round(share, 3),
+                "state.memory_copy_gbs": round(bw, 2)})
+    dropped = sum(v for k, v in fit.items() if k.startswith("state.") and k.endswith(".dropped"))
+    progress(f"machine state: sync probe {ref:.2f} us (fork and join of all threads) in {100 * share:.0f}% of "
+             f"{len(readings)} readings ({min(readings):.2f}-{max(readings):.2f} us), memory copy {bw:.1f} GB/s; "
+             f"{dropped} samples timed in another state left out"
+             + (f"; too few in state, fitted on all: {', '.join(mixed)}" if mixed else ""))
     fit["seconds"] = round(time.perf_counter() - t0, 1)
     return HardwareProfile(
         name="host",

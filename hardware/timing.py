@@ -54,7 +54,7 @@ class _Timer(TorchFunctionMode):
 
 def row_times(model: nn.Module, example: torch.Tensor, runs: int = 5, warmup: int = 2) -> list[float]:
     """Median in-context seconds of every analysis row of `model(example)` over `runs` forward passes."""
-    from .measure import steady_allocator
+    from .measure import collector_paused, steady_allocator
 
     steady_allocator()
     per_run: list[list[float]] = []
@@ -62,7 +62,7 @@ def row_times(model: nn.Module, example: torch.Tensor, runs: int = 5, warmup: in
     h1 = torch.nn.modules.module.register_module_forward_pre_hook(timer.pre_hook)
     h2 = torch.nn.modules.module.register_module_forward_hook(timer.hook)
     try:
-        with torch.inference_mode():
+        with collector_paused(), torch.inference_mode():  # as measure_latency times
             for i in range(warmup + runs):
                 timer.times = []
                 with timer:

@@ -73,15 +73,34 @@ def saved_latency(model_path: str, strategy: dict[str, Any], input_shape: list[i
     return fast_latency(ep, int8, torch.randn(*shape, generator=torch.Generator().manual_seed(SEED)))
 
 
-def measure_saved_latency(result: dict[str, Any]) -> dict[str, Any]:
+def state_notes(lat: dict[str, Any], hardware: str) -> list[str]:
+    """Record in `lat` the machine state the profile `hardware` was calibrated in (`profile_sync_probe_us`) and
+    whether the measurement was taken in it (`state_matches_profile`); a note when it was not."""
+    from hardware.measure import same_state
+    from hardware.profile import load_profile
+
+    prof = load_profile(hardware)
+    ref = prof.provenance.fit.get("sync_probe_us") if prof.provenance else None
+    if not ref or "sync_probe_us" not in lat:
+        return []
+    lat["profile_sync_probe_us"] = ref
+    lat["state_matches_profile"] = same_state(lat["sync_probe_us"], ref)
+    if lat["state_matches_profile"]:
+        return []
+    return [f"latency measured in another state of this machine than the {prof.name} profile was calibrated in "
+            f"(sync probe {lat['sync_probe_us']:.2f} us against {ref:.2f} us): its error includes the machine's change"]
+
+
+def measure_saved_latency(result: dict[str, Any], hardware: str = "host") -> dict[str, Any]:
     """Measure the latency of an artifact `apply_and_measure(..., latency_now=False)` saved, in the form
     that runs it fast, and complete its `meas` and `err` (the result is returned updated)."""
     lat = saved_latency(result["artifact"]["model"], result["strategy"], result["input_shape"], result["batch_size"])
     out = dict(result)
     out["meas"] = {**result["meas"], "latency_ms": round(lat["latency_ms"], 4)}
     out["err"] = rel_err(result["pred"], out["meas"])
+    out["notes"] = [n for n in result.get("notes", []) if not n.startswith("latency to be measured")] \
+        + state_notes(lat, hardware)
     out["latency_measurement"] = lat
-    out["notes"] = [n for n in result.get("notes", []) if not n.startswith("latency to be measured")]
     return out
 
 
@@ -152,6 +171,7 @@ def apply_and_measure(loaded: LoadedModel, strategy: Strategy, out_dir: str, har
             progress(f"measuring latency at batch {batch_size}")
             lat = measure_artifact_latency(work, ep, batch_size)
             meas["latency_ms"] = round(lat["latency_ms"], 4)
+            notes.extend(state_notes(lat, hardware))
             lat_info = lat
         elif prof.name == "host":
             notes.append("latency to be measured by measure_saved_latency")

@@ -184,7 +184,7 @@ def measure_latencies(results: list[dict[str, Any]], hardware: str) -> list[dict
     `hardware` is host (the results are returned completed)."""
     from tasks.apply import measure_saved_latency
 
-    return [measure_saved_latency(r) for r in results] if hardware == "host" else results
+    return [measure_saved_latency(r, hardware) for r in results] if hardware == "host" else results
 
 
 def calibrate_profile(quick: bool = True, budget_s: float = CALIBRATION_BUDGET_S, out: str | None = None) -> str:

@@ -199,6 +199,48 @@ def test_measurements_run_with_the_steady_allocator():
     assert m["allocator"] == desc and desc
 
 
+def test_measurements_pause_the_garbage_collector():
+    """Timed as timeit times: the cyclic collector off while the model runs, as it was afterwards."""
+    import gc
+
+    seen = []
+
+    def fn(x):
+        seen.append(gc.isenabled())
+        return x + 1
+
+    assert gc.isenabled()
+    measure_latency(fn, torch.zeros(2), warmup=1, min_runs=3, max_runs=3)
+    assert seen == [False] * 4 and gc.isenabled()
+    gc.disable()
+    try:  # a caller that had it off keeps it off
+        measure_latency(fn, torch.zeros(2), warmup=0, min_runs=1, max_runs=1)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+    with pytest.raises(ZeroDivisionError):  # on again after an error inside
+        measure_latency(lambda x: 1 / 0, torch.zeros(2), warmup=1)
+    assert gc.isenabled()
+
+
+def test_machine_states_by_hand():
+    """Sync probe readings within 15% of each other are one state; the dominant state is the median of the largest
+    group (the two states this VM reads are 3.4-4.1 us and 4.7-5.8 us)."""
+    from hardware.measure import StateClock, dominant_state, same_state
+
+    assert same_state(3.7, 3.6) and same_state(4.0, 3.5) and not same_state(5.2, 3.7)
+    assert same_state(1.15, 1.0) and same_state(1.0, 1.15) and not same_state(1.16, 1.0)
+    assert not same_state(0.0, 1.0) and not same_state(1.0, 0.0)
+    assert dominant_state([3.6, 5.2, 3.7, 5.3, 3.8, 3.65]) == pytest.approx(3.675)  # median of the four
+    assert dominant_state([5.2, 3.6, 5.3, 5.4, 3.7]) == pytest.approx(5.3)
+    assert dominant_state([]) is None and dominant_state([0.0]) is None
+    clock = StateClock(every_s=3600, probe_s=0.005)
+    first = clock()
+    assert clock() == first and len(clock.readings) == 1  # within every_s: the last reading
+    clock(fresh=True)
+    assert len(clock.readings) == 2 and all(0.1 < r < 1000 for r in clock.readings)
+
+
 def _tiny_table():
     """conv -> SiLU -> 2x2 max pool on 24 channels -> 1x1 conv -> sigmoid (a gate no INT8 conv fuses)."""
     from estimators.modelspec import LoadedModel
@@ -435,3 +477,20 @@ def test_artifact_latency_records_the_machine_state():
     lat = fast_latency(ep, False, torch.randn(1, 1, 8, 8))
     assert lat["latency_ms"] > 0 and lat["batch_size"] == 1 and lat["threads"] == torch.get_num_threads()
     assert 0.1 < lat["sync_probe_us"] < 1000  # fork and join of all threads: microseconds
+
+
+def test_a_measurement_in_another_state_is_flagged(tmp_path):
+    """A host latency measured while the machine is in another state than its profile's calibration says so."""
+    from hardware.profile import load_profile, save_profile
+    from tasks.apply import state_notes
+
+    prof = load_profile("host")
+    path = tmp_path / "host.yaml"
+    fit = {**prof.provenance.fit, "sync_probe_us": 3.7}
+    save_profile(prof.model_copy(update={"provenance": prof.provenance.model_copy(update={"fit": fit})}), path)
+    same = {"latency_ms": 1.0, "sync_probe_us": 3.9}
+    assert state_notes(same, str(path)) == [] and same["state_matches_profile"] and same["profile_sync_probe_us"] == 3.7
+    other = {"latency_ms": 1.0, "sync_probe_us": 5.2}
+    notes = state_notes(other, str(path))
+    assert not other["state_matches_profile"] and len(notes) == 1 and "5.20 us against 3.70 us" in notes[0]
+    assert state_notes({"latency_ms": 1.0, "sync_probe_us": 5.2}, "jetson-nano") == []  # a datasheet profile
