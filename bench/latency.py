@@ -5,33 +5,39 @@ Prints, side by side, MAPE, the share within +-10% and Kendall's tau for
   roofline     the same peaks (measured GEMM FLOP/s and DRAM bandwidth) with no fitted efficiency/overhead
   flops        latency proportional to FLOPs (seconds per FLOP of the host's dense-conv fit)
 Every configuration is measured as its saved artifact runs: float programs as ExportedProgram.module(), int8
-ones inductor-compiled (the forms the host profile predicts). All artifacts are built first, then measured
-round-robin `--rounds` times (median): this machine's speed drifts by 10-40% over minutes (shared cache and
-memory), and the spread between rounds is printed as the noise floor.
+ones inductor-compiled (the forms the host profile predicts). Each model is measured in a process of its own,
+as a deployment runs it: its artifacts are built and saved, what built them is dropped, they are loaded back
+and measured round-robin `--rounds` times (median), with the spread between rounds printed as the noise
+floor. (In one process holding all 64 configurations, measurements came out slower and noisier.)
 
     .venv/bin/python bench/latency.py [--models resnet18,...] [--strategies none,prune:0.3,...] [--batches 1,8]
                                       [--rounds 3] [--profile host] [--compare PATH,...] [--calibrate OUT.yaml]
-                                      [--dump OUT.json] [--rescore DUMP.json]
+                                      [--state-wait SECONDS] [--dump OUT.json] [--rescore DUMP.json]
 
 `--compare` adds other calibrated profiles (names or YAML paths, e.g. a previous calibration) as further
 predictors of the same measurements: this machine's speed drifts between runs, so two calibrations are
 only comparable measured together. `--calibrate OUT.yaml` first calibrates this machine (as `deployfit
 calibrate --out OUT.yaml`, about 2.7 minutes; it never runs the models benchmarked here) and tests that
 fresh profile, with `--profile` as the first comparison: the measurements then come minutes after the
-calibration, as when a user calibrates before predicting, instead of hours (this machine is a shared VM
-whose batch-1 speed moved by up to 24% at the median between runs of one night).
+calibration, as when a user calibrates before predicting.
 
-Before each measurement the machine's state is read (`hardware.measure.sync_probe_us`: one elementwise kernel
-split over all threads, mostly fork and join; 3.4-4.1 us in this VM's usual state, 4.7-5.8 us in its slow
-spells, when batch-1 networks run up to 35% slower); the calibration records it too (provenance
-`sync_probe_us`), and the summary prints each round's probe and score. `--dump OUT.json` writes every
-measurement, its probe and the predictions; `--rescore DUMP.json` measures nothing and scores `--profile` and
-`--compare` against those measurements (a changed model or another calibration, on the same measurements).
+This VM switches between two states for minutes at a time (hardware.measure.sync_probe_us, one elementwise
+kernel split over all threads, mostly fork and join: 3.4-4.1 us with memory copies at ~44 GB/s, or 4.7-5.8 us
+with ~80 GB/s; batch-1 networks run up to 35% slower in the second, compiled INT8 ones up to 55%). A
+calibrated profile describes the state its calibration was fitted in (provenance `sync_probe_us`). The probe
+is read before every measurement; after the rounds, the configurations with fewer than half their
+measurements in the profile's state are measured again while the machine is in it, for at most
+`--state-wait` seconds in all. The summary scores the median of all rounds and, beside it, the median of
+each configuration's measurements taken in the profile's state. `--dump OUT.json` writes every measurement,
+its probe and the predictions; `--rescore DUMP.json` measures nothing and scores `--profile` and `--compare`
+against those measurements (in `--profile`'s state for the second score).
 """
 from __future__ import annotations
 
 import argparse
+import gc
 import json
+import subprocess
 import sys
 import tempfile
 import time
@@ -141,6 +147,46 @@ def rescore(path: str, profiles: list[str]) -> None:
         print("\n".join(score_lines(labels, preds, inst, int8)))
 
 
+def measure_model(name: str, strategies: list[str], batches: list[int], rounds: int, state: float | None,
+                  state_wait: float) -> list[dict]:
+    """Build one model's artifacts, load them back as a deployment would and measure them (`rounds` times,
+    round-robin), then again in the calibration's `state` (measure_in_state). Runs in a process of its own."""
+    runs = []  # (strategy, batch, fn, example)
+    with tempfile.TemporaryDirectory() as tmp:
+        loaded = load_model(f"torchvision:{name}")
+        saved = []
+        for k, text in enumerate(strategies):
+            strat = parse_strategy(text)
+            work = run_strategy(loaded, strat)
+            saved.append((text, save_artifact(work, strat, f"{tmp}/{name}-{k}")["model"],
+                          work.quant is not None and work.quant.dtype == "int8", [work.example(b) for b in batches]))
+        del loaded, work
+        gc.collect()  # what built the artifacts is gone: the process holds what it serves
+        for text, path, int8, examples in saved:
+            ep = load_program(path)
+            fn = compile_for_inference(ep) if int8 else ep.module()
+            runs += [(text, b, fn, ex) for b, ex in zip(batches, examples)]
+        meas = [[] for _ in runs]
+        probes = [[] for _ in runs]
+        for r in range(rounds):
+            for i, (_, _, fn, ex) in enumerate(runs):
+                probes[i].append(sync_probe_us(0.1))
+                meas[i].append(measure_latency(fn, ex, warmup=3, min_runs=10, budget_s=1.0)["latency_ms"])
+        print(f"{name}: {len(runs)} configurations x {rounds} rounds measured (sync probe "
+              f"{np.median(probes):.2f} us, range {np.min(probes):.2f}-{np.max(probes):.2f})", flush=True)
+        if state is not None and state_wait > 0:
+            measure_in_state([(x[2], x[3]) for x in runs], meas, probes, state, need=(rounds + 1) // 2, wait_s=state_wait)
+    return [{"model": name, "strategy": text, "batch": b, "meas_ms": meas[i], "sync_probe_us": probes[i]}
+            for i, (text, b, _, _) in enumerate(runs)]
+
+
+def run_worker(args) -> None:
+    """--worker: measure_model for one model, written as JSON to --worker-out."""
+    out = measure_model(args.worker, args.strategies.split(","), [int(x) for x in args.batches.split(",")],
+                        args.rounds, args.state or None, args.state_wait)
+    Path(args.worker_out).write_text(json.dumps(out))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default=MODELS)
@@ -155,10 +201,17 @@ def main() -> None:
                     help="write every measurement (with the machine's sync probe before it) and prediction here")
     ap.add_argument("--state-wait", type=float, default=600.0, metavar="SECONDS",
                     help="after the rounds, measure again while the machine is in the calibration's state the "
-                         "configurations with fewer than half their rounds in it, for at most this long (0: no)")
+                         "configurations with fewer than half their rounds in it, for at most this long in all "
+                         "(shared by the models; 0: no)")
     ap.add_argument("--rescore", default="", metavar="DUMP.json",
                     help="measure nothing: score --profile and --compare against an earlier run's --dump")
+    ap.add_argument("--worker", default="", help=argparse.SUPPRESS)  # internal: one model's measurements
+    ap.add_argument("--worker-out", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--state", type=float, default=0.0, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.worker:
+        run_worker(args)
+        return
     compare = [p for p in args.compare.split(",") if p]
     if args.rescore:
         rescore(args.rescore, [args.profile] + compare)
@@ -176,39 +229,31 @@ def main() -> None:
     others = [(p, load_profile(p)) for p in compare]
     roof = uncalibrated(host)
     s_per_flop = 1.0 / (host.peak_gflops["fp32"] * 1e9 * host.efficiency.compute["conv"])
-    batches = [int(x) for x in args.batches.split(",")]
-    configs = []  # (name, strategy, batch, fn, example, predictions)
+    models = args.models.split(",")
+    state = profile_state(host)
+    configs = []  # (name, strategy, batch, measurements, probes, predictions)
     with tempfile.TemporaryDirectory() as tmp:
-        for name in args.models.split(","):
-            loaded = load_model(f"torchvision:{name}")
-            table = analyze(loaded)
-            for text in args.strategies.split(","):
-                strat = parse_strategy(text)
-                est = estimate(table, strat)
-                work = run_strategy(loaded, strat)
-                ep = load_program(save_artifact(work, strat, f"{tmp}/{name}-{len(configs)}")["model"])
-                fn = compile_for_inference(ep) if work.quant is not None and work.quant.dtype == "int8" else ep.module()
-                for b in batches:
-                    preds = (predict_latency(est, host, b).latency_ms, predict_latency(est, roof, b).latency_ms,
-                             totals(est)["gemm_macs"] * 2 * b * s_per_flop * 1e3) + tuple(
-                        predict_latency(est, o, b).latency_ms for _, o in others)
-                    configs.append((name, text, b, fn, work.example(b), preds))
-            print(f"built {name}: {len(configs)} configurations", flush=True)
-        # measure round-robin: a slow spell of the machine spreads over all configurations instead of a few
-        meas = np.zeros((args.rounds, len(configs)))
-        probe = np.zeros((args.rounds, len(configs)))  # the machine's fork/join time just before each measurement
-        for r in range(args.rounds):
-            for i, (name, text, b, fn, ex, _) in enumerate(configs):
-                probe[r, i] = sync_probe_us(0.1)
-                meas[r, i] = measure_latency(fn, ex, warmup=3, min_runs=10, budget_s=1.0)["latency_ms"]
-            print(f"round {r + 1}/{args.rounds} measured (sync probe median {np.median(probe[r]):.2f} us, "
-                  f"range {probe[r].min():.2f}-{probe[r].max():.2f})", flush=True)
-        every_m = [meas[:, i].tolist() for i in range(len(configs))]
-        every_p = [probe[:, i].tolist() for i in range(len(configs))]
-        state = profile_state(host)
-        if state is not None and args.state_wait > 0:
-            measure_in_state([(c[3], c[4]) for c in configs], every_m, every_p, state,
-                             need=(args.rounds + 1) // 2, wait_s=args.state_wait)
+        for name in models:
+            # each model in a process of its own, as deployed: in one process holding all 64 configurations,
+            # mobilenet_v2 measured 10-15% slower at batch 1 (float) and 20-100% slower compiled INT8 than alone
+            out = Path(tmp) / f"{name}.json"
+            subprocess.run([sys.executable, __file__, "--worker", name, "--worker-out", str(out), "--strategies",
+                            args.strategies, "--batches", args.batches, "--rounds", str(args.rounds), "--state",
+                            str(state or 0.0), "--state-wait", str(args.state_wait / len(models))], check=True)
+            table = analyze(load_model(f"torchvision:{name}"))
+            ests = {}
+            for c in json.loads(out.read_text()):
+                est = ests.setdefault(c["strategy"], estimate(table, parse_strategy(c["strategy"])))
+                b = c["batch"]
+                preds = (predict_latency(est, host, b).latency_ms, predict_latency(est, roof, b).latency_ms,
+                         totals(est)["gemm_macs"] * 2 * b * s_per_flop * 1e3) + tuple(
+                    predict_latency(est, o, b).latency_ms for _, o in others)
+                configs.append((name, c["strategy"], b, c["meas_ms"], c["sync_probe_us"], preds))
+    every_m = [c[3] for c in configs]
+    every_p = [c[4] for c in configs]
+    meas = np.array([m[:args.rounds] for m in every_m]).T
+    probe = np.array([p[:args.rounds] for p in every_p]).T
+    configs = [(c[0], c[1], c[2], None, None, c[5]) for c in configs]
     med = np.median(meas, axis=0)
     if args.dump:
         Path(args.dump).write_text(json.dumps({

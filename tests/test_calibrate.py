@@ -29,7 +29,7 @@ def test_quick_calibration_writes_loadable_profile(tmp_path):
     # the state is read throughout (about once a second), the profile's is the one most readings were in
     assert fit["state.readings"] >= 3 and 0 < fit["state.in_state_share"] <= 1
     assert fit["state.memory_copy_gbs"] == again.memory_bandwidth_gbs
-    assert fit["state.fp32.b1.dropped"] + fit["fp32.b1.networks"] >= 2
+    assert 0 <= fit["state.fp32.b1.other_state"] <= fit["fp32.b1.networks"]  # every sample fitted, those counted
     assert any(m.startswith("machine state: sync probe") for m in messages)
     table = analyze(load_model("demo:digits-cnn"))
     p1 = predict_latency(table, again, 1).latency_ms
@@ -117,17 +117,3 @@ def test_compiled_int8_network_is_profiled_into_its_parts():
     assert kern > 0 and pool > 0 and loops > 0  # the first quantize of the input is a generated loop
     assert kern + pool + loops < 1.5 * total
 
-
-def test_samples_timed_in_another_state_are_left_out():
-    """in_state keeps the samples whose probe is within the tolerance of the reference, or all of them when fewer
-    than the minimum are (and says so)."""
-    from hardware.calibrate import NetSample, in_state
-
-    samples = [NetSample(f"s{i}", None, None, 0.001, probe_us=p) for i, p in enumerate([3.6, 3.7, 5.2, 3.9, 5.4])]
-    kept, ok = in_state(samples, 3.7, minimum=2)
-    assert ok and [s.label for s in kept] == ["s0", "s1", "s3"]
-    kept, ok = in_state(samples, 5.3, minimum=2)
-    assert ok and [s.label for s in kept] == ["s2", "s4"]
-    kept, ok = in_state(samples, 5.3, minimum=3)  # too few in that state: all of them, flagged
-    assert not ok and kept == samples
-    assert in_state(samples, None) == (samples, True)  # no state read: nothing to leave out
