@@ -8,7 +8,8 @@ Every configuration is measured as its saved artifact runs: float programs as Ex
 ones inductor-compiled (the forms the host profile predicts). Each model is measured in a process of its own,
 as a deployment runs it: its artifacts are built and saved, what built them is dropped, they are loaded back
 and measured round-robin `--rounds` times (median), with the spread between rounds printed as the noise
-floor. (In one process holding all 64 configurations, measurements came out slower and noisier.)
+floor. (Measured all in one process holding the 64 configurations, one round against the median of four was
+within 10% for 78-88% of them in six runs; measured per model, 93% and 94% in two.)
 
     .venv/bin/python bench/latency.py [--models resnet18,...] [--strategies none,prune:0.3,...] [--batches 1,8]
                                       [--rounds 3] [--profile host] [--compare PATH,...] [--calibrate OUT.yaml]
@@ -23,7 +24,7 @@ calibration, as when a user calibrates before predicting.
 
 This VM switches between two states for minutes at a time (hardware.measure.sync_probe_us, one elementwise
 kernel split over all threads, mostly fork and join: 3.4-4.1 us with memory copies at ~44 GB/s, or 4.7-5.8 us
-with ~80 GB/s; batch-1 networks run up to 35% slower in the second, compiled INT8 ones up to 55%). A
+with ~80 GB/s; batch-1 networks ran up to 35% slower in the second at the medians of five runs). A
 calibrated profile describes the state its calibration was fitted in (provenance `sync_probe_us`). The probe
 is read before every measurement; after the rounds, the configurations with fewer than half their
 measurements in the profile's state are measured again while the machine is in it, for at most
@@ -147,6 +148,36 @@ def rescore(path: str, profiles: list[str]) -> None:
         print("\n".join(score_lines(labels, preds, inst, int8)))
 
 
+def measure_in_state(runs: list[tuple], meas: list[list[float]], probes: list[list[float]], state: float, need: int,
+                     wait_s: float) -> None:
+    """Measure again, while the machine is in the state `state` (its sync probe within STATE_TOLERANCE), the
+    configurations (`runs`: (fn, example) each) with fewer than `need` measurements in that state, for at most
+    `wait_s` seconds; every measurement and its probe are appended to `meas` and `probes`."""
+    t0 = time.perf_counter()
+    added, last = 0, t0
+    while time.perf_counter() - t0 < wait_s:
+        lacking = [i for i in range(len(runs)) if sum(same_state(p, state) for p in probes[i]) < need]
+        if not lacking:
+            break
+        for i in lacking:
+            if time.perf_counter() - t0 >= wait_s:
+                break
+            p = sync_probe_us(0.1)
+            if not same_state(p, state):
+                continue
+            fn, ex = runs[i]
+            meas[i].append(measure_latency(fn, ex, warmup=3, min_runs=10, budget_s=1.0)["latency_ms"])
+            probes[i].append(p)
+            added += 1
+        if time.perf_counter() - last > 30:
+            last = time.perf_counter()
+            print(f"  [{last - t0:4.0f}/{wait_s:.0f} s] in the calibration's state ({state:.2f} us): {len(lacking)} "
+                  f"configurations with fewer than {need} measurements in it; {added} measured again", flush=True)
+    left = sum(sum(same_state(p, state) for p in probes[i]) < need for i in range(len(runs)))
+    print(f"measured again in the calibration's state: {added} measurements in {time.perf_counter() - t0:.0f} s; "
+          f"{left} configurations still with fewer than {need}", flush=True)
+
+
 def measure_model(name: str, strategies: list[str], batches: list[int], rounds: int, state: float | None,
                   state_wait: float) -> list[dict]:
     """Build one model's artifacts, load them back as a deployment would and measure them (`rounds` times,
@@ -234,8 +265,7 @@ def main() -> None:
     configs = []  # (name, strategy, batch, measurements, probes, predictions)
     with tempfile.TemporaryDirectory() as tmp:
         for name in models:
-            # each model in a process of its own, as deployed: in one process holding all 64 configurations,
-            # mobilenet_v2 measured 10-15% slower at batch 1 (float) and 20-100% slower compiled INT8 than alone
+            # each model in a process of its own, as deployed (see the module's docstring)
             out = Path(tmp) / f"{name}.json"
             subprocess.run([sys.executable, __file__, "--worker", name, "--worker-out", str(out), "--strategies",
                             args.strategies, "--batches", args.batches, "--rounds", str(args.rounds), "--state",
@@ -253,7 +283,6 @@ def main() -> None:
     every_p = [c[4] for c in configs]
     meas = np.array([m[:args.rounds] for m in every_m]).T
     probe = np.array([p[:args.rounds] for p in every_p]).T
-    configs = [(c[0], c[1], c[2], None, None, c[5]) for c in configs]
     med = np.median(meas, axis=0)
     if args.dump:
         Path(args.dump).write_text(json.dumps({
@@ -298,36 +327,6 @@ def main() -> None:
     print(f"calibrated: {args.profile}" + (" (calibrated in this run)" if args.calibrate else ""))
     for j, (path, _) in enumerate(others):
         print(f"compare {j + 1}: {path}")
-
-
-def measure_in_state(runs: list[tuple], meas: list[list[float]], probes: list[list[float]], state: float, need: int,
-                     wait_s: float) -> None:
-    """Measure again, while the machine is in the state `state` (its sync probe within STATE_TOLERANCE), the
-    configurations (`runs`: (fn, example) each) with fewer than `need` measurements in that state, for at most
-    `wait_s` seconds; every measurement and its probe are appended to `meas` and `probes`."""
-    t0 = time.perf_counter()
-    added, last = 0, t0
-    while time.perf_counter() - t0 < wait_s:
-        lacking = [i for i in range(len(runs)) if sum(same_state(p, state) for p in probes[i]) < need]
-        if not lacking:
-            break
-        for i in lacking:
-            if time.perf_counter() - t0 >= wait_s:
-                break
-            p = sync_probe_us(0.1)
-            if not same_state(p, state):
-                continue
-            fn, ex = runs[i]
-            meas[i].append(measure_latency(fn, ex, warmup=3, min_runs=10, budget_s=1.0)["latency_ms"])
-            probes[i].append(p)
-            added += 1
-        if time.perf_counter() - last > 30:
-            last = time.perf_counter()
-            print(f"  [{last - t0:4.0f}/{wait_s:.0f} s] in the calibration's state ({state:.2f} us): {len(lacking)} "
-                  f"configurations with fewer than {need} measurements in it; {added} measured again", flush=True)
-    left = sum(sum(same_state(p, state) for p in probes[i]) < need for i in range(len(runs)))
-    print(f"measured again in the calibration's state: {added} measurements in {time.perf_counter() - t0:.0f} s; "
-          f"{left} configurations still with fewer than {need}", flush=True)
 
 
 if __name__ == "__main__":

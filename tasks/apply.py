@@ -73,13 +73,12 @@ def saved_latency(model_path: str, strategy: dict[str, Any], input_shape: list[i
     return fast_latency(ep, int8, torch.randn(*shape, generator=torch.Generator().manual_seed(SEED)))
 
 
-def state_notes(lat: dict[str, Any], hardware: str) -> list[str]:
-    """Record in `lat` the machine state the profile `hardware` was calibrated in (`profile_sync_probe_us`) and
-    whether the measurement was taken in it (`state_matches_profile`); a note when it was not."""
+def state_notes(lat: dict[str, Any], prof) -> list[str]:
+    """Record in `lat` the machine state the profile `prof` (a HardwareProfile) was calibrated in
+    (`profile_sync_probe_us`) and whether the measurement was taken in it (`state_matches_profile`); a note when
+    it was not."""
     from hardware.measure import same_state
-    from hardware.profile import load_profile
 
-    prof = load_profile(hardware)
     ref = prof.provenance.fit.get("sync_probe_us") if prof.provenance else None
     if not ref or "sync_probe_us" not in lat:
         return []
@@ -98,8 +97,10 @@ def measure_saved_latency(result: dict[str, Any], hardware: str = "host") -> dic
     out = dict(result)
     out["meas"] = {**result["meas"], "latency_ms": round(lat["latency_ms"], 4)}
     out["err"] = rel_err(result["pred"], out["meas"])
+    from hardware.profile import load_profile
+
     out["notes"] = [n for n in result.get("notes", []) if not n.startswith("latency to be measured")] \
-        + state_notes(lat, hardware)
+        + state_notes(lat, load_profile(hardware))
     out["latency_measurement"] = lat
     return out
 
@@ -171,7 +172,7 @@ def apply_and_measure(loaded: LoadedModel, strategy: Strategy, out_dir: str, har
             progress(f"measuring latency at batch {batch_size}")
             lat = measure_artifact_latency(work, ep, batch_size)
             meas["latency_ms"] = round(lat["latency_ms"], 4)
-            notes.extend(state_notes(lat, hardware))
+            notes.extend(state_notes(lat, prof))
             lat_info = lat
         elif prof.name == "host":
             notes.append("latency to be measured by measure_saved_latency")

@@ -488,9 +488,10 @@ def test_a_measurement_in_another_state_is_flagged(tmp_path):
     path = tmp_path / "host.yaml"
     fit = {**prof.provenance.fit, "sync_probe_us": 3.7}
     save_profile(prof.model_copy(update={"provenance": prof.provenance.model_copy(update={"fit": fit})}), path)
+    calibrated = load_profile(str(path))  # as saved and loaded back
     same = {"latency_ms": 1.0, "sync_probe_us": 3.9}
-    assert state_notes(same, str(path)) == [] and same["state_matches_profile"] and same["profile_sync_probe_us"] == 3.7
+    assert state_notes(same, calibrated) == [] and same["state_matches_profile"] and same["profile_sync_probe_us"] == 3.7
     other = {"latency_ms": 1.0, "sync_probe_us": 5.2}
-    notes = state_notes(other, str(path))
+    notes = state_notes(other, calibrated)
     assert not other["state_matches_profile"] and len(notes) == 1 and "5.20 us against 3.70 us" in notes[0]
-    assert state_notes({"latency_ms": 1.0, "sync_probe_us": 5.2}, "jetson-nano") == []  # a datasheet profile
+    assert state_notes({"latency_ms": 1.0, "sync_probe_us": 5.2}, load_profile("jetson-nano")) == []  # datasheet
