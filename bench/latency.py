@@ -92,13 +92,18 @@ def profile_state(profile) -> float | None:
     return float(probe) if probe else None
 
 
+def in_state(meas: list[float], probes: list[float], state: float) -> list[float]:
+    """A configuration's measurements taken in the machine state `state` (its probe before each)."""
+    return [m for m, p in zip(meas, probes) if same_state(p, state)]
+
+
 def in_state_medians(meas: list[list[float]], probes: list[list[float]], state: float | None) -> np.ndarray:
     """Per configuration, the median of its measurements taken in the machine state `state` (nan where none)."""
     out = np.full(len(meas), np.nan)
     if state is None:
         return out
     for i, (ms, ps) in enumerate(zip(meas, probes)):
-        kept = [m for m, p in zip(ms, ps) if same_state(p, state)]
+        kept = in_state(ms, ps, state)
         if kept:
             out[i] = float(np.median(kept))
     return out
@@ -156,7 +161,7 @@ def measure_in_state(runs: list[tuple], meas: list[list[float]], probes: list[li
     t0 = time.perf_counter()
     added, last = 0, t0
     while time.perf_counter() - t0 < wait_s:
-        lacking = [i for i in range(len(runs)) if sum(same_state(p, state) for p in probes[i]) < need]
+        lacking = [i for i in range(len(runs)) if len(in_state(meas[i], probes[i], state)) < need]
         if not lacking:
             break
         for i in lacking:
@@ -173,7 +178,7 @@ def measure_in_state(runs: list[tuple], meas: list[list[float]], probes: list[li
             last = time.perf_counter()
             print(f"  [{last - t0:4.0f}/{wait_s:.0f} s] in the calibration's state ({state:.2f} us): {len(lacking)} "
                   f"configurations with fewer than {need} measurements in it; {added} measured again", flush=True)
-    left = sum(sum(same_state(p, state) for p in probes[i]) < need for i in range(len(runs)))
+    left = sum(len(in_state(meas[i], probes[i], state)) < need for i in range(len(runs)))
     print(f"measured again in the calibration's state: {added} measurements in {time.perf_counter() - t0:.0f} s; "
           f"{left} configurations still with fewer than {need}", flush=True)
 
@@ -318,7 +323,7 @@ def main() -> None:
         print(f"  round {r + 1}: probe median {np.median(probe[r]):.2f} us, calibrated MAPE {mape:.1f}%, "
               f"within 10% {within:.1f}%")
     if state is not None:
-        counts = [sum(same_state(p, state) for p in ps) for ps in every_p]
+        counts = [len(in_state(ms, ps, state)) for ms, ps in zip(every_m, every_p)]
         print(f"\nin the calibration's state (sync probe {state:.2f} us +-{100 * STATE_TOLERANCE:.0f}%): "
               f"{int((~np.isnan(inst)).sum())} of {len(configs)} configurations measured in it ({sum(counts)} "
               f"measurements, {sum(map(len, every_m)) - args.rounds * len(configs)} of them after the rounds); the "

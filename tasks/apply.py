@@ -90,17 +90,18 @@ def state_notes(lat: dict[str, Any], prof) -> list[str]:
             f"(sync probe {lat['sync_probe_us']:.2f} us against {ref:.2f} us): its error includes the machine's change"]
 
 
-def measure_saved_latency(result: dict[str, Any], hardware: str = "host") -> dict[str, Any]:
+def measure_saved_latency(result: dict[str, Any], prof=None) -> dict[str, Any]:
     """Measure the latency of an artifact `apply_and_measure(..., latency_now=False)` saved, in the form
-    that runs it fast, and complete its `meas` and `err` (the result is returned updated)."""
+    that runs it fast, and complete its `meas` and `err` (the result is returned updated). `prof`: the host
+    profile it was predicted with (loaded here when not given), for state_notes."""
+    from hardware.profile import load_profile
+
     lat = saved_latency(result["artifact"]["model"], result["strategy"], result["input_shape"], result["batch_size"])
     out = dict(result)
     out["meas"] = {**result["meas"], "latency_ms": round(lat["latency_ms"], 4)}
     out["err"] = rel_err(result["pred"], out["meas"])
-    from hardware.profile import load_profile
-
     out["notes"] = [n for n in result.get("notes", []) if not n.startswith("latency to be measured")] \
-        + state_notes(lat, load_profile(hardware))
+        + state_notes(lat, prof if prof is not None else load_profile("host"))
     out["latency_measurement"] = lat
     return out
 

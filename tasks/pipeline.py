@@ -182,9 +182,13 @@ def execute_candidate(model: ModelInput, strategy: str, out_dir: str, hardware: 
 def measure_latencies(results: list[dict[str, Any]], hardware: str) -> list[dict[str, Any]]:
     """The latency of each executed candidate's artifact, one at a time, measured on this machine when
     `hardware` is host (the results are returned completed)."""
+    if hardware != "host":
+        return results
+    from hardware.profile import load_profile
     from tasks.apply import measure_saved_latency
 
-    return [measure_saved_latency(r, hardware) for r in results] if hardware == "host" else results
+    prof = load_profile(hardware)  # once for all the results
+    return [measure_saved_latency(r, prof) for r in results]
 
 
 def calibrate_profile(quick: bool = True, budget_s: float = CALIBRATION_BUDGET_S, out: str | None = None) -> str:
