@@ -439,7 +439,10 @@ def int8_samples(budget_s: float, progress: Progress, batches: tuple[int, ...] =
                  state: State = lambda: 0.0) -> list[Int8Sample]:
     """Quantize (Intel Neural Compressor static INT8), compile and time whole synthetic networks, and profile
     where each call goes (oneDNN kernels, quantized max pooling, generated loops; the rest is the Python
-    wrapper and guards). The graphs compile with inductor's kernel profile, so the generated loops show."""
+    wrapper and guards). The graphs compile with inductor's kernel profile, so the generated loops show.
+    A graph compiles for one batch size (as deployed): each network is compiled and timed at one batch, the
+    batches taken in turn, since compiling dominates (4-25 s a network here) and more networks at one batch
+    each fit the graph's costs better than half as many at every batch."""
     import torch._inductor.config as inductor_config
 
     from estimators.quantize import estimate_quantize
@@ -464,7 +467,7 @@ def int8_samples(budget_s: float, progress: Progress, batches: tuple[int, ...] =
             fn = compile_for_inference(quantize(model, torch.randn(2, *shape[1:]), "int8").program)
             table = estimate_quantize(light_table(model, torch.randn(1, *shape[1:]), name=f"synthetic-{seed - 1}"),
                                       QuantizeStep(dtype="int8"))
-            for b in batches:
+            for b in (batches[len(spent) % len(batches)],):
                 x = torch.randn(b, *shape[1:])
                 probe = state()
                 # this machine's speed drifts for seconds at a time: the mean of two medians, around the profile
@@ -475,9 +478,8 @@ def int8_samples(budget_s: float, progress: Progress, batches: tuple[int, ...] =
                                       0.5 * (first + second) / 1e3, kern, pool, loops, probe))
             spent.append(time.perf_counter() - t1)
             progress(f"[int8 {time.perf_counter() - t0:4.0f}/{budget_s:.0f} s] {out[-1].label}: compiled and timed "
-                     f"({', '.join(f'{x.total_seconds * 1e3:.2f} ms' for x in out[-len(batches):])}; oneDNN kernels "
-                     f"{', '.join(f'{x.kernel_seconds * 1e3:.2f}' for x in out[-len(batches):])}, generated loops "
-                     f"{', '.join(f'{x.loop_seconds * 1e3:.2f}' for x in out[-len(batches):])})")
+                     f"({out[-1].total_seconds * 1e3:.2f} ms; oneDNN kernels {out[-1].kernel_seconds * 1e3:.2f}, "
+                     f"generated loops {out[-1].loop_seconds * 1e3:.2f})")
     return out
 
 
@@ -689,10 +691,10 @@ def _int8_parts(sample: Int8Sample, coef8: dict[str, np.ndarray], cache: float,
     operators (generated loops, the input's quantization among them), elements those read and write, the
     convolutions' and linears' predicted seconds (the INT8 kernel fit, with fused transcendental activations
     at `elem_ns`), the activation bytes the convolutions and linears read and write, the max pools' predicted
-    seconds (`pool`: fit_pool)]."""
+    seconds (`pool`: fit_pool), the elements of those other operators that reorder memory (`permute`)]."""
     cols, kinds, cin = _features(sample.table, sample.batch, CHANNEL_MULTIPLE, cache)
     keep = ~fused_mask(sample.table, kinds, FUSED_INT8, UNFUSED_INT8) & (kinds != "param") & (kinds != "view")
-    parts = np.zeros(7)
+    parts = np.zeros(8)
     parts[0] = 1.0
     if pool is not None:  # quantized max pooling: its own fit (column 1 of the split model is the FLOPs)
         mp = keep & (kinds == "maxpool")
@@ -708,6 +710,7 @@ def _int8_parts(sample: Int8Sample, coef8: dict[str, np.ndarray], cache: float,
     # the graph quantizes its float input in one more generated loop (read and written: two per element)
     parts[2] = other.sum() + 1
     parts[3] = cols[other][:, 5:7].sum() + 2 * input_elements(sample.table) * sample.batch  # INT8: a byte an element
+    parts[7] = cols[other & (kinds == "permute")][:, 5:7].sum()
     for cls, ns in (elem_ns or {}).items():  # evaluated in the kernels' post-ops
         parts[4] += cols[kinds == cls, 1].sum() * ns * 1e-9
     return parts
@@ -724,6 +727,8 @@ class Int8Fit:
     other_s: float  # per other operator (a generated loop)
     element_s: float  # per element a generated loop reads or writes
     mape: float
+    permute_s: float = 0.0  # more per element a loop that reorders memory (a channel shuffle) reads or writes
+    byte_s: float = 0.0  # outside kernels and loops, per activation byte (INT8: per element) operators move
 
 
 def fit_int8(samples: list[Int8Sample], coefs8: dict[int, dict[str, np.ndarray]], cache: float,
@@ -753,11 +758,25 @@ def fit_int8(samples: list[Int8Sample], coefs8: dict[int, dict[str, np.ndarray]]
         at = near == b
         kern[at] = A[at, 4] + A[at][:, [1, 5]] @ x
     w = 1.0 / T
-    loop, _ = nnls(A[:, [2, 3]] * w[:, None], G * w)  # per other operator, per element moved
-    wrap, _ = nnls(A[:, [0, 1, 2]] * w[:, None], np.maximum(T - K - P - G, 0.0) * w)  # per call, kernel, other op
-    pred = wrap[0] + A[:, 1] * wrap[1] + A[:, 2] * (wrap[2] + loop[0]) + A[:, 3] * loop[1] + kern + A[:, 6]
-    return Int8Fit(per_k, per_b, float(wrap[0]), float(wrap[1]), float(wrap[2] + loop[0]), float(loop[1]),
-                   float(np.abs(pred / T - 1).mean()) if len(T) else 0.0)
+    # per other operator and per element moved, on the networks without reordering loops (where there are some:
+    # fitted together, three networks with channel shuffles let the per-operator cost take what their shuffles
+    # cost, 51-154 us an operator); then what reordering adds per element, on the rest of the others' loop time
+    plain = A[:, 7] == 0
+    fit_on = plain if plain.sum() >= 2 else np.ones(len(A), dtype=bool)
+    loop = np.zeros(3)
+    loop[:2], _ = nnls(A[fit_on][:, [2, 3]] * w[fit_on, None], G[fit_on] * w[fit_on])
+    if (~plain).any():
+        rest = G - A[:, [2, 3]] @ loop[:2]
+        loop[2:], _ = nnls(A[~plain][:, [7]] * w[~plain, None], rest[~plain] * w[~plain])
+    # the rest of a call: per call, per operator (kernel or loop: the wrapper calls each alike) and per activation
+    # byte (allocating outputs: 8-11 us an operator at batch 1, 15-48 at batch 8 in the same networks); fitting
+    # kernels and loops apart, with no byte term, put 293 us on the call and nothing on a kernel (6 networks)
+    wrap, _ = nnls(np.stack([A[:, 0], A[:, 1] + A[:, 2], A[:, 3] + A[:, 5]], 1) * w[:, None],
+                   np.maximum(T - K - P - G, 0.0) * w)
+    pred = wrap[0] + (A[:, 1] + A[:, 2]) * wrap[1] + (A[:, 3] + A[:, 5]) * wrap[2] + A[:, 2] * loop[0] \
+        + A[:, 3] * loop[1] + A[:, 7] * loop[2] + kern + A[:, 6]
+    return Int8Fit(per_k, per_b, float(wrap[0]), float(wrap[1]), float(wrap[1] + loop[0]), float(loop[1]),
+                   float(np.abs(pred / T - 1).mean()) if len(T) else 0.0, float(loop[2]), float(wrap[2]))
 
 
 def nearest_batch(batch: int, calibrated: list[int]) -> int:
@@ -770,76 +789,198 @@ def _int8_coef(coef: dict[str, np.ndarray], coef8: dict[str, np.ndarray], f: Int
     graph adds to a kernel and the wrapper's call) for convolutions and linears; for other operators a generated loop,
     per operator and per element moved (activation bytes: one per element)."""
     out = {}
-    for cls in set(coef) | set(coef8):  # coef8 holds convolution/linear classes only
+    for cls in set(coef) | set(coef8) | {"permute"}:  # coef8 holds convolution/linear classes only
         if cls in GEMM_CLASSES:
             y = coef8.get(cls, coef8.get("conv", coef.get(cls))).copy()
             y[0] += f.kernel_s + f.kernel_s_ctx[batch]
-            y[5:7] += f.byte_s_ctx[batch]
+            y[5:7] += f.byte_s_ctx[batch] + f.byte_s
         elif cls == "maxpool" and pool is not None:  # quantized max pooling (its channel tail: remainder_ns)
             y = np.zeros(SPLIT_WIDTH)
             y[0], y[1] = pool[0] + f.kernel_s, pool[1]
         else:
             y = np.zeros(SPLIT_WIDTH)
-            y[0], y[5], y[6] = f.other_s, f.element_s, f.element_s
+            per = f.element_s + f.byte_s + (f.permute_s if cls == "permute" else 0.0)
+            y[0], y[5], y[6] = f.other_s, per, per
         out[cls] = y
     return out
 
 
-def calibrate_host(quick: bool = False, progress: Progress = lambda m: None, int8: bool = True,
-                   budget_s: float = CALIBRATION_BUDGET_S) -> HardwareProfile:
-    """Calibrate this machine: peaks, then FP32 operators timed in synthetic networks at every batch in
-    BATCHES, then (int8=True) INT8 kernels and compiled INT8 synthetic networks; then the fits. `budget_s`
-    bounds the timing; `quick` is a small budget for tests.
+@dataclass
+class Samples:
+    """Everything one calibration timed (collect_samples); fit_profile needs nothing else, so the samples can
+    be kept (save_samples) and fitted again, alone or pooled with other calibrations' (merge_samples)."""
 
-    The machine's state is read throughout (hardware.measure.StateClock): a VM can switch between states
-    whose speeds differ by more than a prediction's error (this one: fork/join 3.4-4.1 us and memory copy
-    ~44 GB/s, or 4.7-5.8 us and ~80 GB/s, for minutes at a time). The profile records the state the
-    calibration spent the most time in and, per part, how many samples were timed in another; the peaks are
-    measured again at the end when they were taken in another state. Every sample is fitted: three
-    calibrations that fitted only the samples of their main state (20-30% fewer) predicted the benchmark
-    worse than the four before them that fitted all (README)."""
+    peaks: tuple[float, float, float, float]  # measure_peaks
+    peaks_other_state: bool  # the peaks were measured in another state than the dominant one
+    llc: int  # last-level cache bytes
+    threads: int
+    nets: dict[int, list[NetSample]]  # fp32 synthetic networks per batch
+    ops: dict[int, list[NetSample]]  # INT8 kernels per batch
+    elems: list[ElementSample]
+    pools: list[NetSample]
+    q: list[Int8Sample]  # compiled INT8 synthetic networks
+    readings: list[float]  # the machine's state throughout (sync probe, us)
+    seconds: float
+    quick: bool = False
+    cpu: str = ""
+    torch: str = ""
+    runs: int = 1  # calibrations pooled
+    seed_offset: int = 0  # added to every part's first seed (the largest of the pooled calibrations')
+    peak_runs: list = dataclasses.field(default_factory=list)  # per pooled calibration: (its peaks, the state then)
+
+
+SEED_STRIDE = 1000  # seed offset between pooled calibrations (a part draws far fewer networks than this)
+# pooled calibrations fit only the samples timed in their dominant state where at least this many are (about one
+# calibration's worth); a single calibration fits all its samples (fitting only its dominant state's, 20-30%
+# fewer, scored worse)
+POOLED_LEAST = {"fp32": 40, "kernels": 300, "activations": 100, "pools": 20, "networks": 6}
+
+
+def collect_samples(quick: bool = False, progress: Progress = lambda m: None, int8: bool = True,
+                    budget_s: float = CALIBRATION_BUDGET_S, after: list[Samples] | None = None) -> Samples:
+    """Time this machine: peaks, then FP32 operators in synthetic networks at every batch in BATCHES, then
+    (int8=True) INT8 kernels and compiled INT8 synthetic networks. `budget_s` bounds the timing; `quick` is a
+    small budget for tests. The machine's state is read throughout (hardware.measure.StateClock); the peaks are
+    measured again at the end when they were taken in another state than the calibration's dominant one.
+    `after`: earlier calibrations this one will be pooled with: it draws other synthetic networks than theirs."""
+    offset = (max(s.seed_offset for s in after) + SEED_STRIDE) if after else 0
     t0 = time.perf_counter()
     if quick:
         budget_s = min(budget_s, 20.0)
-    threads = torch.get_num_threads()
     clock = StateClock()
     peaks_probes = [clock()]
-    peak, bw, cbw, rbw = measure_peaks(progress)
+    peaks = measure_peaks(progress)
     peaks_probes.append(clock(fresh=True))  # the state before and after the peaks
-    llc = cache_bytes()
-    cache = CACHE_SHARE * llc
-    nets = network_samples(budget_s * (FP32_SHARE if int8 else 0.95), progress, state=clock)
+    nets = network_samples(budget_s * (FP32_SHARE if int8 else 0.95), progress, seed0=offset, state=clock)
     ops: dict[int, list[NetSample]] = {}
     elems: list[ElementSample] = []
     pools: list[NetSample] = []
     q: list[Int8Sample] = []
     if int8:
         left = budget_s - (time.perf_counter() - t0)
-        ops, elems = int8_op_samples(0.15 * left, progress, state=clock)
-        pools = int8_pool_samples(0.05 * left, progress, state=clock)
-        q = int8_samples(budget_s - (time.perf_counter() - t0), progress, state=clock)
+        ops, elems = int8_op_samples(0.15 * left, progress, seed0=200_000 + offset, state=clock)
+        pools = int8_pool_samples(0.05 * left, progress, seed0=300_000 + offset, state=clock)
+        q = int8_samples(budget_s - (time.perf_counter() - t0), progress, seed0=100_000 + offset, state=clock)
     clock(fresh=True)  # a last reading at the end
     ref = dominant_state(clock.readings)
-    share = float(np.mean([same_state(p, ref) for p in clock.readings])) if ref else 1.0
-    fit: dict[str, float] = {}
-
-    def tally(samples: list, part: str) -> None:
-        """Record how many of a part's samples were timed in another state than `ref`."""
-        fit[f"state.{part}.other_state"] = sum(not same_state(x.probe_us, ref) for x in samples) if ref else 0
-
+    other = False
+    peaks_state = float(np.median(peaks_probes))
     if ref is not None and not all(same_state(p, ref) for p in peaks_probes):
         if same_state(clock.readings[-1], ref):  # the state at the end, just read
             progress("the peaks were measured in another state: measuring them again")
-            peak, bw, cbw, rbw = measure_peaks(progress)
+            peaks = measure_peaks(progress)
+            peaks_state = clock.readings[-1]
         else:
-            fit["state.peaks_in_other_state"] = 1.0
+            other = True
+    return Samples(peaks, other, cache_bytes(), torch.get_num_threads(), nets, ops, elems, pools, q,
+                   list(clock.readings), time.perf_counter() - t0, quick, _cpu_name(), torch.__version__,
+                   seed_offset=offset, peak_runs=[(tuple(peaks), peaks_state)])
+
+
+def save_samples(samples: Samples, path: str | Path) -> None:
+    """Keep a calibration's samples (a pickle: load only files you wrote)."""
+    import pickle
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        pickle.dump(samples, f, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def load_samples(path: str | Path) -> Samples:
+    import pickle
+
+    try:
+        with open(path, "rb") as f:
+            out = pickle.load(f)
+    except (OSError, pickle.UnpicklingError, EOFError, AttributeError) as e:
+        raise ValueError(f"{path}: not a calibration's samples ({e})") from e
+    if not isinstance(out, Samples):
+        raise ValueError(f"{path}: not a calibration's samples (a {type(out).__name__})")
+    if "peak_runs" not in vars(out) or not out.peak_runs:  # saved before the peaks' state was kept
+        out.peak_runs = [(tuple(out.peaks), dominant_state(out.readings) or 0.0)]
+    return out
+
+
+def merge_samples(parts: list[Samples]) -> Samples:
+    """Several calibrations of one machine as one: their samples pooled, the peaks' medians. Calibrations of
+    another CPU, thread count or torch version are refused (their operators run differently)."""
+    if not parts:
+        raise ValueError("no samples to merge")
+    first = parts[0]
+    for p in parts[1:]:
+        for field in ("cpu", "threads", "torch", "llc"):
+            if getattr(p, field) != getattr(first, field):
+                raise ValueError(f"samples of different machines or runtimes: {field} {getattr(first, field)!r} and "
+                                 f"{getattr(p, field)!r}")
+    if len(parts) == 1:
+        return first
+
+    def pooled(attr):
+        return {b: [s for p in parts for s in getattr(p, attr).get(b, [])] for b in sorted({b for p in parts for b in getattr(p, attr)})}
+
+    peaks = tuple(float(np.median([p.peaks[i] for p in parts])) for i in range(4))
+    return Samples(peaks, all(p.peaks_other_state for p in parts), first.llc, first.threads, pooled("nets"),
+                   pooled("ops"), [e for p in parts for e in p.elems], [s for p in parts for s in p.pools],
+                   [s for p in parts for s in p.q], [r for p in parts for r in p.readings],
+                   sum(p.seconds for p in parts), any(p.quick for p in parts), first.cpu, first.torch,
+                   sum(p.runs for p in parts), max(p.seed_offset for p in parts), [r for p in parts for r in p.peak_runs])
+
+
+def calibrate_host(quick: bool = False, progress: Progress = lambda m: None, int8: bool = True,
+                   budget_s: float = CALIBRATION_BUDGET_S, keep: str | Path | None = None) -> HardwareProfile:
+    """Calibrate this machine: collect_samples, then fit_profile. `keep`: also save the samples there."""
+    samples = collect_samples(quick, progress, int8, budget_s)
+    if keep:
+        save_samples(samples, keep)
+    return fit_profile(samples, progress)
+
+
+def fit_profile(samples: Samples, progress: Progress = lambda m: None) -> HardwareProfile:
+    """The host profile fitted to a calibration's samples.
+
+    A VM can switch between states whose speeds differ by more than a prediction's error (this one: fork/join
+    3.4-4.1 us and memory copy ~44 GB/s, or 4.7-5.8 us and ~80 GB/s, for minutes at a time). The profile records
+    the state the calibration spent the most time in and, per part, how many samples were timed in another.
+    Every sample is fitted: three calibrations that fitted only the samples of their main state (20-30% fewer)
+    predicted the benchmark worse than the four before them that fitted all (README)."""
+    t0 = time.perf_counter()
+    threads, llc = samples.threads, samples.llc
+    peak, bw, cbw, rbw = samples.peaks
+    cache = CACHE_SHARE * llc
+    int8 = bool(samples.ops or samples.q)
+    ref = dominant_state(samples.readings)
+    share = float(np.mean([same_state(p, ref) for p in samples.readings])) if ref else 1.0
+    fit: dict[str, float] = {}
+    in_state_only = samples.runs > 1 and ref is not None
+    if samples.runs > 1:
+        fit["calibrations_pooled"] = samples.runs
+        same = [p for p, s in samples.peak_runs if same_state(s, ref)]
+        if in_state_only and same:  # the peaks of the runs measured in the state fitted
+            peak, bw, cbw, rbw = (float(np.median([p[i] for p in same])) for i in range(4))
+
+    def chosen(parts: list, part: str, least: int) -> list:
+        """A part's samples to fit, recording how many were timed in another state than `ref`: pooled
+        calibrations fit those in `ref` alone where at least `least` are (one calibration fits all its samples)."""
+        other = sum(not same_state(x.probe_us, ref) for x in parts) if ref else 0
+        fit[f"state.{part}.other_state"] = other
+        if in_state_only and other and len(parts) - other >= least:
+            fit[f"state.{part}.fitted"] = len(parts) - other
+            return [x for x in parts if same_state(x.probe_us, ref)]
+        return parts
+
+    nets = {b: chosen(ns, f"fp32.b{b}", POOLED_LEAST["fp32"]) for b, ns in samples.nets.items()}
+    ops = {b: chosen(ns, f"int8.b{b}.kernels", POOLED_LEAST["kernels"]) for b, ns in samples.ops.items()}
+    elems = chosen(samples.elems, "int8.activations", POOLED_LEAST["activations"])
+    pools = chosen(samples.pools, "int8.pools", POOLED_LEAST["pools"])
+    q = chosen(samples.q, "int8.networks", POOLED_LEAST["networks"])
+    if samples.peaks_other_state:
+        fit["state.peaks_in_other_state"] = 1.0
     coefs: dict[int, dict[str, np.ndarray]] = {}
     effs: dict[int, Efficiency] = {}
     first = BATCHES[0]
     glues: dict[int, tuple[float, float, float]] = {}
     views: dict[int, float] = {}
     for b, ns in sorted(nets.items()):  # larger batches bounded below by the first one's overheads
-        tally(ns, f"fp32.b{b}")
         coef, view_s, row_err = fit_split_model(ns, CHANNEL_MULTIPLE, cache, coefs.get(first), threads)
         if not {"conv", "elementwise"} <= set(coef):
             raise RuntimeError(f"calibration budget too small: {len(ns)} networks timed at batch {b}, not enough "
@@ -860,22 +1001,18 @@ def calibrate_host(quick: bool = False, progress: Progress = lambda m: None, int
     peaks = {"fp32": round(peak, 2)}
     overrides: dict[int, Efficiency] = {}
     if int8:
-        tally(pools, "int8.pools")
         pool = fit_pool(pools)
         progress(f"fit int8 max pooling: {pool[0] * 1e6:.1f} us per call, {pool[1] * 1e9:.4f} ns per element x window, "
                  f"{pool[2] * 1e9:.3f} ns more on channels beyond a multiple of {QPOOL_LANES}")
-        tally(elems, "int8.activations")
         elem_ns = element_ns(elems)
         if elem_ns:
             progress("int8 fused activations: " + ", ".join(f"{k} {v:.3f} ns per element" for k, v in elem_ns.items()))
         coefs8: dict[int, dict[str, np.ndarray]] = {}
         for b, ns in ops.items():
-            tally(ns, f"int8.b{b}.kernels")
             coefs8[b], _, op_err = fit_split_model(ns, CHANNEL_MULTIPLE, cache, coefs8.get(first))
             fit[f"int8.b{b}.kernels"] = len(ns)
             fit[f"int8.b{b}.kernel_error"] = round(op_err, 4)
             progress(f"fit int8 kernels batch {b}: {len(ns)} kernels, error {100 * op_err:.1f}% (in sample)")
-        tally(q, "int8.networks")
         if q:
             f8 = fit_int8(q, coefs8, cache, elem_ns, pool)
             peaks["int8"] = round(INT8_LANES * peak, 2)
@@ -885,13 +1022,15 @@ def calibrate_host(quick: bool = False, progress: Progress = lambda m: None, int
                                       bw, (0.0, f8.call_s + f8.other_s, 0.0), fused=FUSED_INT8)
                 overrides[b] = e8.model_copy(update={
                     "view_overhead_us": 0.0, "unfused_ops": UNFUSED_INT8, "element_ns": elem_ns,
-                    "input_ns_per_element": round(2 * f8.element_s * 1e9, 5),  # quantizing the input: a loop
+                    "input_ns_per_element": round(2 * (f8.element_s + f8.byte_s) * 1e9, 5),  # quantizing the input
                     "remainder_ns": {"maxpool": round(float(pool[2]) * 1e9, 5)},
                     "remainder_multiple": {"maxpool": QPOOL_LANES}})
-            fit.update({"int8.networks": len(q) // len(BATCHES), "int8.network_mape": round(f8.mape, 4),
+            fit.update({"int8.networks": len(q), "int8.network_mape": round(f8.mape, 4),
                         "int8.call_us": round(f8.call_s * 1e6, 2), "int8.kernel_wrapper_us": round(f8.kernel_s * 1e6, 2),
                         "int8.other_op_us": round(f8.other_s * 1e6, 2),
                         "int8.other_ns_per_element": round(f8.element_s * 1e9, 4),
+                        "int8.permute_ns_per_element": round(f8.permute_s * 1e9, 4),
+                        "int8.wrapper_ns_per_element": round(f8.byte_s * 1e9, 4),
                         "int8.maxpool_us": round(float(pool[0]) * 1e6, 3),
                         "int8.maxpool_ns_per_flop": round(float(pool[1]) * 1e9, 5),
                         "int8.maxpool_tail_ns_per_flop": round(float(pool[2]) * 1e9, 5),
@@ -900,13 +1039,15 @@ def calibrate_host(quick: bool = False, progress: Progress = lambda m: None, int
                         **{f"int8.{k}_ns_per_element": v for k, v in elem_ns.items()}})
             ctx = ", ".join(f"batch {b}: +{f8.kernel_s_ctx[b] * 1e6:.1f} us and {f8.byte_s_ctx[b] * 1e9:.3f} ns per "
                             "activation byte" for b in f8.kernel_s_ctx)
-            progress(f"fit int8: {len(q) // len(BATCHES)} compiled networks at {len(BATCHES)} batches, MAPE "
+            progress(f"fit int8: {len(q)} compiled networks ({', '.join(f'{sum(x.batch == b for x in q)} at batch {b}' for b in BATCHES)}), MAPE "
                      f"{100 * f8.mape:.1f}% (in sample); a kernel in a graph against alone {ctx}; call "
-                     f"{f8.call_s * 1e6:.0f} us, {f8.kernel_s * 1e6:.1f} us per kernel outside it, "
-                     f"{f8.other_s * 1e6:.1f} us per other operator and {f8.element_s * 1e9:.2f} ns per element it moves")
+                     f"{f8.call_s * 1e6:.0f} us, {f8.kernel_s * 1e6:.1f} us per kernel outside it and "
+                     f"{f8.byte_s * 1e9:.3f} ns per element operators move, "
+                     f"{f8.other_s * 1e6:.1f} us per other operator and {f8.element_s * 1e9:.2f} ns per element it moves "
+                     f"(+{f8.permute_s * 1e9:.2f} ns where it reorders memory)")
         else:
             progress("int8: no time left in the budget; the profile has no int8 entry")
-    readings = clock.readings
+    readings = samples.readings
     fit.update({"sync_probe_us": round(ref, 3) if ref else 0.0,
                 "sync_probe_range_us": round(max(readings) - min(readings), 3),
                 "state.readings": len(readings), "state.in_state_share": round(share, 3),
@@ -915,12 +1056,14 @@ def calibrate_host(quick: bool = False, progress: Progress = lambda m: None, int
     progress(f"machine state: sync probe {ref:.2f} us (fork and join of all threads) in {100 * share:.0f}% of "
              f"{len(readings)} readings ({min(readings):.2f}-{max(readings):.2f} us), memory copy {bw:.1f} GB/s; "
              f"{other} samples timed in another state"
-             + ("; the peaks too" if fit.get("state.peaks_in_other_state") else ""))
-    fit["seconds"] = round(time.perf_counter() - t0, 1)
+             + ("; the peaks too" if fit.get("state.peaks_in_other_state") else "")
+             + (f"; pooled: {', '.join(k[6:-7] for k in fit if k.endswith('.fitted'))} fitted on this state's samples alone"
+                if any(k.endswith(".fitted") for k in fit) else ""))
+    fit["seconds"] = round(samples.seconds + time.perf_counter() - t0, 1)
     return HardwareProfile(
         name="host",
-        description=f"this machine: {_cpu_name()}, {threads} threads",
-        runtime=f"PyTorch {torch.__version__} on {threads} threads: float models as deployfit's exported program "
+        description=f"this machine: {samples.cpu}, {threads} threads",
+        runtime=f"PyTorch {samples.torch} on {threads} threads: float models as deployfit's exported program "
                 "(ExportedProgram.module(), eager ATen); int8 as the inductor-compiled (freezing) Intel Neural "
                 "Compressor graph",
         peak_gflops=peaks,
@@ -945,13 +1088,14 @@ def calibrate_host(quick: bool = False, progress: Progress = lambda m: None, int
                                    f"{llc // 2**20} MiB last-level cache (sysfs), the share fitted best",
             "efficiency": "fitted by `deployfit calibrate` to operators timed inside synthetic networks (provenance)",
         },
-        provenance=Provenance(date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), cpu=_cpu_name(),
-                              threads=threads, torch=torch.__version__,
+        provenance=Provenance(date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), cpu=samples.cpu,
+                              threads=threads, torch=samples.torch,
                               method="split model per operator class, non-negative least squares on the error "
                                      "(relative to each network's total) of operators timed in context in random "
                                      f"synthetic CNNs (exported), batches {', '.join(map(str, BATCHES))}; int8: oneDNN "
                                      "kernels and quantized max pooling timed alone, plus what compiled, profiled "
                                      "synthetic networks add (kernel context, generated loops, wrapper)"
-                                     + (" [quick]" if quick else ""),
+                                     + (" [quick]" if samples.quick else "")
+                                     + (f" [{samples.runs} calibrations pooled]" if samples.runs > 1 else ""),
                               fit=fit),
     )

@@ -65,13 +65,25 @@ TRANSCENDENTAL = frozenset({"silu", "silu_", "sigmoid", "sigmoid_", "gelu", "tan
                             "softplus", "exp", "erf", "softmax", "log_softmax", "_softmax", "selu", "celu", "logsigmoid"})
 
 
+# views that reorder dimensions: a copy of one (contiguous, clone) reads memory with strides
+REORDERING = frozenset({"transpose", "transpose_", "permute", "t", "swapaxes", "swapdims", "movedim"})
+COPYING = frozenset({"contiguous", "clone"})
+SHUFFLES = frozenset({"channel_shuffle", "native_channel_shuffle", "channelshuffle", "pixel_shuffle", "pixelshuffle",
+                      "pixel_unshuffle", "pixelunshuffle"})
+
+
 def latency_kinds(table: LayerTable) -> np.ndarray:
-    """The analysis's kinds, with grouped (not depthwise) convolutions as `gconv` and elementwise rows that
-    evaluate exp/tanh/erf as `transcendental`."""
+    """The analysis's kinds, with grouped (not depthwise) convolutions as `gconv`, elementwise rows that
+    evaluate exp/tanh/erf as `transcendental` and copies that reorder memory (of a transposed or permuted view;
+    channel and pixel shuffles) as `permute`."""
     kinds = np.array(table.kinds)
     if table.groups is not None:
         kinds = np.where((kinds == "conv") & (table.groups > 1), "gconv", kinds)
-    trans = np.array([op.lower() in TRANSCENDENTAL for op in table.ops])
+    ops = [op.lower() for op in table.ops]
+    trans = np.array([op in TRANSCENDENTAL for op in ops])
+    perm = np.array([op in SHUFFLES or (op in COPYING and 0 <= int(src) < len(ops) and ops[int(src)] in REORDERING)
+                     for op, src in zip(ops, table.src_row)])
+    kinds = np.where((kinds == "elementwise") & perm, "permute", kinds)
     return np.where((kinds == "elementwise") & trans, "transcendental", kinds)
 
 

@@ -22,11 +22,12 @@ OP_CLASSES = ("conv", "dwconv", "gemm", "attention", "elementwise", "norm", "poo
 # optional finer classes: a profile may give them, else they cost as their parent class
 # gconv: grouped (not depthwise) convolutions; transcendental: elementwise ops that evaluate exp/tanh/erf (SiLU,
 # sigmoid, GELU, ...), which cost far more per element than ReLU where the data is not the bottleneck
-SUBCLASSES = {"maxpool": "pool", "gconv": "conv", "transcendental": "elementwise"}
+# permute: copies that reorder memory (contiguous() of a transposed view: ShuffleNet's channel shuffle), strided
+SUBCLASSES = {"maxpool": "pool", "gconv": "conv", "transcendental": "elementwise", "permute": "elementwise"}
 ALL_CLASSES = OP_CLASSES + tuple(SUBCLASSES)
 Dtype = Literal["fp32", "fp16", "bf16", "int8"]
 OpClass = Literal["conv", "dwconv", "gemm", "attention", "elementwise", "norm", "pool", "copy", "maxpool", "gconv",
-                  "transcendental"]
+                  "transcendental", "permute"]
 
 
 class _Strict(BaseModel):

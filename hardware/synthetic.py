@@ -3,7 +3,8 @@
 Each network is drawn from a seeded generator over the building blocks deployed CNNs are made of:
 a strided stem, plain conv-norm-activation stages, basic and bottleneck residual blocks (with grouped
 3x3 convolutions), inverted residuals with depthwise 3x3/5x5 convolutions and optional
-squeeze-excitation, channel concatenation, max/avg pooling, and a classifier head of one or more
+squeeze-excitation, ShuffleNetV2 units (channel split, concatenation and shuffle: a strided copy),
+channel concatenation, max/avg pooling, and a classifier head of one or more
 linear layers. Widths are drawn freely, so many are not multiples of 8 or 16 (as pruning leaves them),
 and input resolution and batch size vary. None of this is a benchmark model, so a latency model fitted
 here is tested, not tuned, on torchvision's architectures.
@@ -55,6 +56,32 @@ class _SE(nn.Module):
         return x * self.gate(self.fc2(self.act(self.fc1(self.pool(x)))))
 
 
+class _Shuffle(nn.Module):
+    """A ShuffleNetV2 unit: half the channels through a 1x1-depthwise-1x1 branch (the other half passed on, or, when
+    it downsamples or widens, through a depthwise-1x1 branch of its own), concatenated, then shuffled across the two
+    halves (view, transpose, contiguous: a strided copy)."""
+
+    def __init__(self, cin: int, cout: int, stride: int, act, k: int):
+        super().__init__()
+        half = cout // 2
+        self.split = stride == 1 and cin == cout
+        src = half if self.split else cin
+        self.left = None if self.split else nn.Sequential(
+            nn.Conv2d(cin, cin, k, stride, k // 2, groups=cin, bias=False), nn.BatchNorm2d(cin), _CBA(cin, half, 1, 1, act))
+        self.right = nn.Sequential(_CBA(src, cout - half, 1, 1, act),
+                                   nn.Conv2d(cout - half, cout - half, k, stride, k // 2, groups=cout - half, bias=False),
+                                   nn.BatchNorm2d(cout - half), _CBA(cout - half, cout - half, 1, 1, act))
+
+    def forward(self, x):
+        if self.split:
+            a, b = x.chunk(2, dim=1)
+            y = torch.cat([a, self.right(b)], 1)
+        else:
+            y = torch.cat([self.left(x), self.right(x)], 1)
+        n, c, h, w = y.shape
+        return y.view(n, 2, c // 2, h, w).transpose(1, 2).contiguous().view(n, c, h, w)
+
+
 class _Concat(nn.Module):
     def __init__(self, a: nn.Module, b: nn.Module):
         super().__init__()
@@ -93,6 +120,8 @@ def _block(rng: random.Random, kind: str, cin: int, cout: int, stride: int, act)
         layers += [nn.Conv2d(mid, cout, 1, bias=False), nn.BatchNorm2d(cout)]
         body = nn.Sequential(*layers)
         return _Residual(body, None, None) if (cin == cout and stride == 1) else body
+    if kind == "shuffle":  # even widths (the shuffle swaps two halves)
+        return _Shuffle(cin, cout, stride, act, rng.choice((3, 3, 5)))
     if kind == "concat":
         half = max(4, cout // 2)
         return _Concat(_CBA(cin, half, 1, stride, act), _CBA(cin, cout - half, 3, stride, act))
@@ -112,7 +141,7 @@ def _build(seed: int) -> tuple[nn.Module, tuple[int, ...]]:
     act = rng.choice(ACTS)
     res = rng.choice((64, 96, 128, 160, 192, 224))
     batch = rng.choice((1, 1, 2, 4, 8))
-    family = rng.choice(("plain", "basic", "bottleneck", "bottleneck", "inverted", "inverted", "mixed"))
+    family = rng.choice(("plain", "basic", "bottleneck", "bottleneck", "inverted", "inverted", "shuffle", "mixed"))
     width = _width(rng, 8, 64)
     layers: list[nn.Module] = [_CBA(3, width, rng.choice((3, 5, 7)), 2, act)]
     if rng.random() < 0.5:
@@ -123,9 +152,12 @@ def _build(seed: int) -> tuple[nn.Module, tuple[int, ...]]:
         cout = _width(rng, int(c * 1.2), int(c * 2.5)) if s else _width(rng, c, 2 * c)
         cout = min(cout, 1024)
         for b in range(rng.randint(1, 3)):
-            kind = family if family != "mixed" else rng.choice(("plain", "basic", "bottleneck", "inverted", "concat"))
+            kind = family if family != "mixed" else rng.choice(("plain", "basic", "bottleneck", "inverted", "concat",
+                                                                 "shuffle"))
             if kind == "plain" and rng.random() < 0.2:
                 kind = "concat"
+            if kind == "shuffle":
+                cout += cout % 2  # two equal halves to shuffle
             layers.append(_block(rng, kind, c, cout, 2 if (b == 0 and s) else 1, act))
             c = cout
     if rng.random() < 0.5:

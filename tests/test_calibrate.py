@@ -1,19 +1,22 @@
 """Calibration on a tiny budget writes a profile that loads and predicts; hardware commands."""
+import dataclasses
 import json
+
+import pytest
 
 from typer.testing import CliRunner
 
 from estimators.analyze import analyze
 from estimators.modelspec import load_model
 from flows.cli import app
-from hardware.calibrate import calibrate_host
+from hardware.calibrate import SEED_STRIDE, calibrate_host, collect_samples, fit_profile, load_samples, merge_samples
 from hardware.latency import predict_latency
 from hardware.profile import load_profile, save_profile
 
 
 def test_quick_calibration_writes_loadable_profile(tmp_path):
     messages = []
-    prof = calibrate_host(quick=True, int8=False, budget_s=6.0, progress=messages.append)
+    prof = calibrate_host(quick=True, int8=False, budget_s=6.0, progress=messages.append, keep=tmp_path / "s.pkl")
     path = tmp_path / "host.yaml"
     save_profile(prof, path)
     again = load_profile(str(path))
@@ -35,6 +38,36 @@ def test_quick_calibration_writes_loadable_profile(tmp_path):
     p1 = predict_latency(table, again, 1).latency_ms
     p8 = predict_latency(table, again, 8).latency_ms
     assert 0 < p1 < p8
+    # the samples were kept: fitted again they give the same profile; pooled with themselves, twice the samples
+    kept = load_samples(tmp_path / "s.pkl")
+    assert kept.runs == 1 and kept.seed_offset == 0 and len(kept.nets[1]) == fit["fp32.b1.networks"]
+    refit = fit_profile(kept)
+    assert predict_latency(table, refit, 1).latency_ms == pytest.approx(p1, rel=1e-9)
+    pooled = merge_samples([kept, kept])
+    assert pooled.runs == 2 and len(pooled.nets[8]) == 2 * len(kept.nets[8])
+    assert fit_profile(pooled).provenance.fit["calibrations_pooled"] == 2
+    # a calibration to be pooled with it times other synthetic networks than it did
+    more = collect_samples(quick=True, int8=False, budget_s=2.0, after=[kept])
+    assert more.seed_offset == SEED_STRIDE
+    assert not {n.label for n in more.nets[1]} & {n.label for n in kept.nets[1]}
+    with pytest.raises(ValueError, match="threads"):  # another machine's or runtime's samples are refused
+        merge_samples([kept, dataclasses.replace(kept, threads=kept.threads + 1)])
+    with pytest.raises(ValueError, match="not a calibration's samples"):
+        (tmp_path / "bad.pkl").write_bytes(b"not a pickle")
+        load_samples(tmp_path / "bad.pkl")
+
+
+def test_calibrate_cli_pool_errors(tmp_path):
+    """--pool and --refit: bad input is a clear error before anything is timed, and no profile is written."""
+    runner = CliRunner()
+    out = tmp_path / "host.yaml"
+    r = runner.invoke(app, ["calibrate", "--refit", "--out", str(out)])
+    assert r.exit_code == 2 and "--pool" in r.stderr and not out.exists()
+    r = runner.invoke(app, ["calibrate", "--pool", str(tmp_path / "missing.pkl"), "--refit", "--out", str(out)])
+    assert r.exit_code == 2 and "no such samples" in r.stderr and not out.exists()
+    (tmp_path / "bad.pkl").write_bytes(b"x")
+    r = runner.invoke(app, ["calibrate", "--pool", str(tmp_path / "bad.pkl"), "--refit", "--out", str(out)])
+    assert r.exit_code == 2 and "not a calibration" in r.stderr and not out.exists()
 
 
 def test_int8_kernel_fit_predicts_kernels_it_has_not_seen():

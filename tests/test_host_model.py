@@ -8,6 +8,7 @@ import copy
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from estimators.analyze import analyze
 from estimators.errors import UserInputError
@@ -131,6 +132,32 @@ def test_synthetic_networks_are_seeded_and_varied():
     assert {"conv", "dwconv", "gemm", "elementwise", "norm", "pool"} <= kinds
 
 
+def test_shuffle_units_reorder_channels_and_are_priced_as_permutes():
+    """The synthetic ShuffleNetV2 unit shuffles its two halves' channels (its output's channel 2i is the
+    concatenation's i, 2i+1 its c/2+i); the strided copy that does it is the `permute` class, which a profile
+    without it prices as elementwise; a contiguous() of a tensor that needs no reordering is not a permute."""
+    from hardware.latency import latency_kinds
+    from hardware.synthetic import _Shuffle
+
+    unit = _Shuffle(8, 8, 1, nn.ReLU, 3).eval()
+    x = torch.randn(2, 8, 6, 6)
+    with torch.inference_mode():
+        a, b = x.chunk(2, dim=1)
+        cat = torch.cat([a, unit.right(b)], 1)
+        out = unit(x)
+    assert torch.equal(out[:, 0::2], cat[:, :4]) and torch.equal(out[:, 1::2], cat[:, 4:])
+    kinds = latency_kinds(light_table(exported(nn.Sequential(unit), (2, 8, 6, 6)), x))
+    assert (kinds == "permute").sum() == 1
+
+    class Plain(nn.Module):
+        def forward(self, x):
+            return torch.relu(x).contiguous() + 1
+
+    assert "permute" not in set(latency_kinds(light_table(Plain(), x)))
+    shuffles = [s for s in range(60) if any(isinstance(m, _Shuffle) for m in synthetic_cnn(s)[0].modules())]
+    assert len(shuffles) >= 5  # the calibration's networks include them
+
+
 def test_fit_recovers_known_coefficients():
     """Rows timed exactly by a known split model (eager PyTorch's convolution dispatch included): the per-class
     least squares gets the model back."""
@@ -169,6 +196,45 @@ def test_fit_recovers_known_coefficients():
     assert eff.reorder_in_ns["conv"] == pytest.approx(0.2) and eff.reorder_out_ns["conv"] == pytest.approx(0.15)
     assert eff.native_factor["conv"] == pytest.approx(1.5)
     assert eff.padding_ns["conv"] == pytest.approx(1.2e-3) and eff.padding_ns["dwconv"] == pytest.approx(5e-3)
+
+
+def test_int8_graph_fit_recovers_known_costs():
+    """Compiled INT8 synthetic networks whose profiled parts follow known costs (a kernel in a graph against alone,
+    the generated loops per operator, per element and per element a channel shuffle reorders, the wrapper per call,
+    per operator and per element moved): fit_int8 gets them back, the shuffle's extra cost from the networks that have shuffles after
+    the per-operator and per-element costs are fitted on those that do not."""
+    from estimators.quantize import estimate_quantize
+    from estimators.strategy import QuantizeStep
+    from hardware.calibrate import Int8Sample, _int8_parts, fit_int8
+    from hardware.synthetic import _Shuffle
+
+    cache = 2e6
+    coef8 = {1: {"conv": np.array([8e-6, 1e-12, 0.0, 0.0, 2e-11, 1e-11, 2e-11] + [0.0] * 5)}}
+    coef8[8] = coef8[1]
+    ctx, per_byte, other, element, permute, call, op, moved = 3e-6, 2e-11, 6e-6, 1e-10, 3e-10, 20e-6, 9e-6, 4e-11
+    samples, shuffled, plain = [], 0, 0
+    for seed in range(60):
+        model, shape = synthetic_cnn(seed)
+        has = any(isinstance(m, _Shuffle) for m in model.modules())
+        if (has and shuffled >= 3) or (not has and plain >= 5):
+            continue
+        table = estimate_quantize(light_table(model, torch.randn(1, *shape[1:])), QuantizeStep(dtype="int8"))
+        for b in (1, 8):
+            s = Int8Sample(f"seed {seed}", table, b, 1.0)
+            a = _int8_parts(s, coef8[b], cache)
+            kern = a[4] + ctx * a[1] + per_byte * a[5]
+            loops = other * a[2] + element * a[3] + permute * a[7]
+            rest = call + op * (a[1] + a[2]) + moved * (a[3] + a[5])
+            samples.append(Int8Sample(s.label, table, b, kern + loops + rest, kern, 0.0, loops))
+        shuffled += has
+        plain += not has
+    assert shuffled == 3 and plain == 5
+    f = fit_int8(samples, coef8, cache)
+    assert f.permute_s == pytest.approx(permute, rel=1e-3) and f.element_s == pytest.approx(element, rel=1e-3)
+    assert f.other_s == pytest.approx(op + other, rel=1e-3) and f.kernel_s == pytest.approx(op, rel=1e-3)
+    assert f.byte_s == pytest.approx(moved, rel=1e-3)
+    assert f.call_s == pytest.approx(call, rel=1e-3) and f.kernel_s_ctx[8] == pytest.approx(ctx, rel=1e-3)
+    assert f.mape < 1e-3
 
 
 def test_efficiency_round_trips_the_fitted_coefficients():
