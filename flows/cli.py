@@ -18,6 +18,13 @@ from estimators.errors import CALIBRATION_BUDGET_S, FINETUNE_EPOCHS, UserInputEr
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Estimate, search and execute DNN compression strategies against deployment requirements.")
 err_console = Console(stderr=True, soft_wrap=True)
+
+
+def _progress(message) -> None:
+    """A progress line on stderr, dimmed; its text printed as is (calibration's "[fp32 15/72 s]" is not markup)."""
+    err_console.print(f"[dim]{escape(str(message))}[/]", highlight=False)
+
+
 console = Console()
 
 MODEL_HELP = ("torchvision:NAME, demo:NAME (demo:digits-cnn, demo:digits-resnet), package.module:factory, "
@@ -185,7 +192,7 @@ def estimate(model: ModelArg, strategy: StrategyOpt = "none", weights: WeightsOp
 
             d = load_data_for(data, loaded)
             acc = predict_drop(loaded, table, strat, d, finetune_epochs,
-                               progress=lambda m: err_console.print(f"[dim]{escape(str(m))}[/]", highlight=False))
+                               progress=_progress)
             rep["pred"]["accuracy_drop"] = acc["accuracy_drop"]
             rep["accuracy_estimate"] = acc
         else:
@@ -224,7 +231,7 @@ def apply(model: ModelArg, out: Annotated[str, typer.Option("--out", help="folde
         strat = parse_strategy(strategy)
         loaded = _load(model, weights, input_shape)
         return apply_and_measure(loaded, strat, out, hardware=hardware, batch_size=batch_size,
-                                 progress=lambda m: err_console.print(f"[dim]{escape(str(m))}[/]", highlight=False), data_spec=data,
+                                 progress=_progress, data_spec=data,
                                  train_cfg=TrainConfig(epochs=finetune_epochs, kd_finetune=kd))
 
     rep = _compute(as_json, body)
@@ -293,7 +300,7 @@ def plan(model: ModelArg, hardware: HardwareReq, weights: WeightsOpt = None, inp
         prof = load_profile(hardware)
         loaded = _load(model, weights, input_shape)
         table = run_analysis(loaded)
-        say = lambda m: err_console.print(f"[dim]{escape(str(m))}[/]", highlight=False)  # noqa: E731
+        say = _progress
         if data:
             from estimators.data import accuracy, load_data_for
 
@@ -580,22 +587,18 @@ def calibrate(
                 earlier.append(load_samples(p.strip()))
             except ValueError as e:
                 raise UserInputError(str(e)) from e
-
-        def progress(m):
-            err_console.print(f"[dim]{escape(str(m))}[/]", highlight=False)
-
         runs = earlier
         if not refit:
-            new = collect_samples(quick=quick, progress=progress, int8=int8, budget_s=budget, after=earlier)
+            new = collect_samples(quick=quick, progress=_progress, int8=int8, budget_s=budget, after=earlier)
             if keep_samples:
                 save_samples(new, keep_samples)
-                progress(f"samples saved to {keep_samples}")
+                _progress(f"samples saved to {keep_samples}")
             runs = [new] + earlier
         try:
             samples = merge_samples(runs)
         except ValueError as e:
             raise UserInputError(f"--pool: {e}") from e
-        prof = fit_profile(samples, progress)
+        prof = fit_profile(samples, _progress)
         path = Path(out) if out else profile_path("host")
         save_profile(prof, path)
         return {"profile": str(path), "provenance": prof.provenance.model_dump() if prof.provenance else None}

@@ -916,14 +916,16 @@ def merge_samples(parts: list[Samples]) -> Samples:
         return first
 
     def pooled(attr):
-        return {b: [s for p in parts for s in getattr(p, attr).get(b, [])] for b in sorted({b for p in parts for b in getattr(p, attr)})}
+        batches = sorted({b for p in parts for b in getattr(p, attr)})
+        return {b: [s for p in parts for s in getattr(p, attr).get(b, [])] for b in batches}
 
     peaks = tuple(float(np.median([p.peaks[i] for p in parts])) for i in range(4))
     return Samples(peaks, all(p.peaks_other_state for p in parts), first.llc, first.threads, pooled("nets"),
                    pooled("ops"), [e for p in parts for e in p.elems], [s for p in parts for s in p.pools],
                    [s for p in parts for s in p.q], [r for p in parts for r in p.readings],
                    sum(p.seconds for p in parts), any(p.quick for p in parts), first.cpu, first.torch,
-                   sum(p.runs for p in parts), max(p.seed_offset for p in parts), [r for p in parts for r in p.peak_runs])
+                   sum(p.runs for p in parts), max(p.seed_offset for p in parts),
+                   [r for p in parts for r in p.peak_runs])
 
 
 def calibrate_host(quick: bool = False, progress: Progress = lambda m: None, int8: bool = True,
@@ -941,8 +943,11 @@ def fit_profile(samples: Samples, progress: Progress = lambda m: None) -> Hardwa
     A VM can switch between states whose speeds differ by more than a prediction's error (this one: fork/join
     3.4-4.1 us and memory copy ~44 GB/s, or 4.7-5.8 us and ~80 GB/s, for minutes at a time). The profile records
     the state the calibration spent the most time in and, per part, how many samples were timed in another.
-    Every sample is fitted: three calibrations that fitted only the samples of their main state (20-30% fewer)
-    predicted the benchmark worse than the four before them that fitted all (README)."""
+    One calibration fits every sample: three that fitted only the samples of their main state (20-30% fewer)
+    predicted the benchmark worse than the four before them that fitted all (README). Pooled calibrations
+    (merge_samples) fit the samples of their dominant state alone, part by part, where at least POOLED_LEAST
+    remain (about one calibration's worth), and the peaks of the runs measured in it: pooled across the two
+    states, three calibrations scored 56% within 10% in their dominant state, two in one state 81% (README)."""
     t0 = time.perf_counter()
     threads, llc = samples.threads, samples.llc
     peak, bw, cbw, rbw = samples.peaks
@@ -1039,12 +1044,13 @@ def fit_profile(samples: Samples, progress: Progress = lambda m: None) -> Hardwa
                         **{f"int8.{k}_ns_per_element": v for k, v in elem_ns.items()}})
             ctx = ", ".join(f"batch {b}: +{f8.kernel_s_ctx[b] * 1e6:.1f} us and {f8.byte_s_ctx[b] * 1e9:.3f} ns per "
                             "activation byte" for b in f8.kernel_s_ctx)
-            progress(f"fit int8: {len(q)} compiled networks ({', '.join(f'{sum(x.batch == b for x in q)} at batch {b}' for b in BATCHES)}), MAPE "
+            per_batch = ", ".join(f"{sum(x.batch == b for x in q)} at batch {b}" for b in BATCHES)
+            progress(f"fit int8: {len(q)} compiled networks ({per_batch}), MAPE "
                      f"{100 * f8.mape:.1f}% (in sample); a kernel in a graph against alone {ctx}; call "
                      f"{f8.call_s * 1e6:.0f} us, {f8.kernel_s * 1e6:.1f} us per kernel outside it and "
                      f"{f8.byte_s * 1e9:.3f} ns per element operators move, "
-                     f"{f8.other_s * 1e6:.1f} us per other operator and {f8.element_s * 1e9:.2f} ns per element it moves "
-                     f"(+{f8.permute_s * 1e9:.2f} ns where it reorders memory)")
+                     f"{f8.other_s * 1e6:.1f} us per other operator and {f8.element_s * 1e9:.2f} ns per element it "
+                     f"moves (+{f8.permute_s * 1e9:.2f} ns where it reorders memory)")
         else:
             progress("int8: no time left in the budget; the profile has no int8 entry")
     readings = samples.readings
@@ -1057,8 +1063,8 @@ def fit_profile(samples: Samples, progress: Progress = lambda m: None) -> Hardwa
              f"{len(readings)} readings ({min(readings):.2f}-{max(readings):.2f} us), memory copy {bw:.1f} GB/s; "
              f"{other} samples timed in another state"
              + ("; the peaks too" if fit.get("state.peaks_in_other_state") else "")
-             + (f"; pooled: {', '.join(k[6:-7] for k in fit if k.endswith('.fitted'))} fitted on this state's samples alone"
-                if any(k.endswith(".fitted") for k in fit) else ""))
+             + (f"; pooled: {', '.join(k[6:-7] for k in fit if k.endswith('.fitted'))} fitted on this state's "
+                "samples alone" if any(k.endswith(".fitted") for k in fit) else ""))
     fit["seconds"] = round(samples.seconds + time.perf_counter() - t0, 1)
     return HardwareProfile(
         name="host",

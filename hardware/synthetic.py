@@ -67,10 +67,12 @@ class _Shuffle(nn.Module):
         self.split = stride == 1 and cin == cout
         src = half if self.split else cin
         self.left = None if self.split else nn.Sequential(
-            nn.Conv2d(cin, cin, k, stride, k // 2, groups=cin, bias=False), nn.BatchNorm2d(cin), _CBA(cin, half, 1, 1, act))
-        self.right = nn.Sequential(_CBA(src, cout - half, 1, 1, act),
-                                   nn.Conv2d(cout - half, cout - half, k, stride, k // 2, groups=cout - half, bias=False),
-                                   nn.BatchNorm2d(cout - half), _CBA(cout - half, cout - half, 1, 1, act))
+            nn.Conv2d(cin, cin, k, stride, k // 2, groups=cin, bias=False), nn.BatchNorm2d(cin),
+            _CBA(cin, half, 1, 1, act))
+        mid = cout - half
+        self.right = nn.Sequential(_CBA(src, mid, 1, 1, act),
+                                   nn.Conv2d(mid, mid, k, stride, k // 2, groups=mid, bias=False),
+                                   nn.BatchNorm2d(mid), _CBA(mid, mid, 1, 1, act))
 
     def forward(self, x):
         if self.split:
