@@ -117,8 +117,12 @@ def score_lines(labels: list[str], preds: np.ndarray, meas: np.ndarray, is_int8:
     width = max(12, *map(len, labels))
     for j, label in enumerate(labels):
         mape, within, tau = stats(preds[ok, j], meas[ok])
+        # the median signed error: a level shift (the machine faster or slower than when calibrated) moves it,
+        # a structural error of some configurations hardly does
+        bias = 100 * float(np.median(preds[ok, j] / meas[ok] - 1))
         out.append(f"{label:{width}s} {mape:8.1f} {within:15.1f} {tau:12.3f}   " + ", ".join(
-            f"{lab} {m:.1f}% / {w:.1f}%" for lab, m, w in by_dtype(preds[ok, j], meas[ok], is_int8[ok])))
+            f"{lab} {m:.1f}% / {w:.1f}%" for lab, m, w in by_dtype(preds[ok, j], meas[ok], is_int8[ok]))
+            + f"; median error {bias:+.1f}%")
     return out
 
 
