@@ -109,3 +109,13 @@ def test_console_script_exit_code_and_no_traceback():
                        capture_output=True, text=True, env=env, timeout=300)
     assert p.returncode == 2
     assert "Traceback" not in p.stderr and "ratio" in p.stderr
+
+
+def test_progress_lines_print_brackets_as_text(capsys):
+    """Calibration's progress lines start with "[fp32   15/72 s]": printed as text, not taken for markup."""
+    from flows.cli import _progress
+
+    _progress("[fp32   15/72 s] 10 synthetic networks timed")
+    _progress("[int8 ops   13/13 s] [/] done")
+    err = capsys.readouterr().err
+    assert "[fp32   15/72 s] 10 synthetic networks timed" in err and "[int8 ops   13/13 s] [/] done" in err
