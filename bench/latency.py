@@ -123,6 +123,12 @@ def score_lines(labels: list[str], preds: np.ndarray, meas: np.ndarray, is_int8:
         out.append(f"{label:{width}s} {mape:8.1f} {within:15.1f} {tau:12.3f}   " + ", ".join(
             f"{lab} {m:.1f}% / {w:.1f}%" for lab, m, w in by_dtype(preds[ok, j], meas[ok], is_int8[ok]))
             + f"; median error {bias:+.1f}%")
+    # a diagnostic, not a prediction: the first predictor's figures divided by their median ratio to these
+    # measurements (what knowing the machine's level at measurement time would give; the shape of the model)
+    level = float(np.median(preds[ok, 0] / meas[ok]))
+    mape, within, _ = stats(preds[ok, 0] / level, meas[ok])
+    out.append(f"  ({labels[0]} divided by its median ratio {level:.3f}, a diagnostic: MAPE {mape:.1f}%, within 10% "
+               f"{within:.1f}%)")
     return out
 
 
