@@ -86,12 +86,6 @@ def by_dtype(pred, meas, is_int8) -> list[tuple[str, float, float]]:
             if sel.any()]
 
 
-def profile_state(profile) -> float | None:
-    """The machine state (sync probe, us) a calibrated profile was fitted in, where it says."""
-    probe = profile.provenance.fit.get("sync_probe_us") if profile.provenance else None
-    return float(probe) if probe else None
-
-
 def in_state(meas: list[float], probes: list[float], state: float) -> list[float]:
     """A configuration's measurements taken in the machine state `state` (its probe before each)."""
     return [m for m, p in zip(meas, probes) if same_state(p, state)]
@@ -150,7 +144,7 @@ def rescore(path: str, profiles: list[str]) -> None:
         int8.append(c["strategy"] == "quantize:int8")
     preds, int8 = np.array(preds), np.array(int8)
     meas = np.array([float(np.median(c["meas_ms"][:rounds])) for c in data["configs"]])
-    state = profile_state(loaded[0][1])
+    state = loaded[0][1].calibrated_state()
     inst = in_state_medians([c["meas_ms"] for c in data["configs"]], [c["sync_probe_us"] for c in data["configs"]],
                             state)
     labels = [name for name, _ in loaded]
@@ -276,7 +270,7 @@ def main() -> None:
     roof = uncalibrated(host)
     s_per_flop = 1.0 / (host.peak_gflops["fp32"] * 1e9 * host.efficiency.compute["conv"])
     models = args.models.split(",")
-    state = profile_state(host)
+    state = host.calibrated_state()
     configs = []  # (name, strategy, batch, measurements, probes, predictions)
     with tempfile.TemporaryDirectory() as tmp:
         for name in models:
@@ -288,7 +282,9 @@ def main() -> None:
             table = analyze(load_model(f"torchvision:{name}"))
             ests = {}
             for c in json.loads(out.read_text()):
-                est = ests.setdefault(c["strategy"], estimate(table, parse_strategy(c["strategy"])))
+                if c["strategy"] not in ests:  # one estimate per strategy, for its batches
+                    ests[c["strategy"]] = estimate(table, parse_strategy(c["strategy"]))
+                est = ests[c["strategy"]]
                 b = c["batch"]
                 preds = (predict_latency(est, host, b).latency_ms, predict_latency(est, roof, b).latency_ms,
                          totals(est)["gemm_macs"] * 2 * b * s_per_flop * 1e3) + tuple(

@@ -467,15 +467,15 @@ def int8_samples(budget_s: float, progress: Progress, batches: tuple[int, ...] =
             fn = compile_for_inference(quantize(model, torch.randn(2, *shape[1:]), "int8").program)
             table = estimate_quantize(light_table(model, torch.randn(1, *shape[1:]), name=f"synthetic-{seed - 1}"),
                                       QuantizeStep(dtype="int8"))
-            for b in (batches[len(spent) % len(batches)],):
-                x = torch.randn(b, *shape[1:])
-                probe = state()
-                # this machine's speed drifts for seconds at a time: the mean of two medians, around the profile
-                first = measure_latency(fn, x, warmup=2, min_runs=5, max_runs=50, budget_s=0.15)["latency_ms"]
-                kern, pool, loops = profiled_parts(fn, x)
-                second = measure_latency(fn, x, warmup=1, min_runs=5, max_runs=50, budget_s=0.15)["latency_ms"]
-                out.append(Int8Sample(f"synthetic-{seed - 1} {(b,) + tuple(shape[1:])}", table, b,
-                                      0.5 * (first + second) / 1e3, kern, pool, loops, probe))
+            b = batches[len(spent) % len(batches)]  # one batch a network, the batches in turn
+            x = torch.randn(b, *shape[1:])
+            probe = state()
+            # this machine's speed drifts for seconds at a time: the mean of two medians, around the profile
+            first = measure_latency(fn, x, warmup=2, min_runs=5, max_runs=50, budget_s=0.15)["latency_ms"]
+            kern, pool, loops = profiled_parts(fn, x)
+            second = measure_latency(fn, x, warmup=1, min_runs=5, max_runs=50, budget_s=0.15)["latency_ms"]
+            out.append(Int8Sample(f"synthetic-{seed - 1} {(b,) + tuple(shape[1:])}", table, b,
+                                  0.5 * (first + second) / 1e3, kern, pool, loops, probe))
             spent.append(time.perf_counter() - t1)
             progress(f"[int8 {time.perf_counter() - t0:4.0f}/{budget_s:.0f} s] {out[-1].label}: compiled and timed "
                      f"({out[-1].total_seconds * 1e3:.2f} ms; oneDNN kernels {out[-1].kernel_seconds * 1e3:.2f}, "

@@ -200,6 +200,12 @@ class HardwareProfile(_Strict):
                 raise ValueError(f"sources must say where {key} comes from")
         return self
 
+    def calibrated_state(self) -> float | None:
+        """The machine state (hardware.measure.sync_probe_us, us) a calibrated profile was fitted in, where its
+        provenance records it (hardware.calibrate.fit_profile); None for a datasheet profile."""
+        probe = self.provenance.fit.get("sync_probe_us") if self.provenance else None
+        return float(probe) if probe else None
+
     def runs(self, dtype: str) -> tuple[str, float]:
         """The dtype a tensor of `dtype` really runs in here, and the time factor that costs."""
         if dtype == "fp32":

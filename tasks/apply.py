@@ -79,7 +79,7 @@ def state_notes(lat: dict[str, Any], prof) -> list[str]:
     it was not."""
     from hardware.measure import same_state
 
-    ref = prof.provenance.fit.get("sync_probe_us") if prof.provenance else None
+    ref = prof.calibrated_state()
     if not ref or "sync_probe_us" not in lat:
         return []
     lat["profile_sync_probe_us"] = ref
