@@ -59,7 +59,8 @@ from estimators.table import totals  # noqa: E402
 from hardware.latency import predict_latency  # noqa: E402
 from hardware.calibrate import calibrate_host  # noqa: E402
 from hardware.profile import Efficiency, load_profile, save_profile  # noqa: E402
-from hardware.measure import STATE_TOLERANCE, measure_latency, same_state, sync_probe_us  # noqa: E402
+from hardware.measure import (STATE_TOLERANCE, machine_note, measure_latency, same_state,  # noqa: E402
+                              sync_probe_us)
 from tasks.executors import run_strategy, save_artifact  # noqa: E402
 from tasks.quantize_exec import compile_for_inference, load_program  # noqa: E402
 
@@ -267,6 +268,9 @@ def main() -> None:
         args.profile = str(out)
     host = load_profile(args.profile)
     others = [(p, load_profile(p)) for p in compare]
+    for name, prof in [(args.profile, host)] + others:  # a profile of another CPU predicts nothing here
+        if machine_note(prof):
+            print(f"warning: {name}: {machine_note(prof)}", flush=True)
     roof = uncalibrated(host)
     s_per_flop = 1.0 / (host.peak_gflops["fp32"] * 1e9 * host.efficiency.compute["conv"])
     models = args.models.split(",")

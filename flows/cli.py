@@ -158,12 +158,16 @@ def _with_latency(rep: dict[str, Any], loaded, table, strat, hardware: Optional[
     if hardware:
         from estimators.compress import estimate as run_estimate
         from hardware.latency import predict_latency
+        from hardware.measure import machine_note
         from hardware.profile import load_profile
 
         prof = load_profile(hardware)
         lat = predict_latency(run_estimate(table, strat), prof, batch_size)
         rep["pred"]["latency_ms"] = round(lat.latency_ms, 4)
         rep["hardware"] = {"name": prof.name, "runtime": prof.runtime, "batch_size": batch_size}
+        note = machine_note(prof)  # a host profile calibrated on another CPU
+        if note:
+            rep["hardware"]["warning"] = note
     return rep
 
 
@@ -203,6 +207,8 @@ def estimate(model: ModelArg, strategy: StrategyOpt = "none", weights: WeightsOp
     if as_json:
         return
     console.print(_totals_table(f"{model} with {rep['compact']} (predicted)", {"pred": rep["pred"]}))
+    if rep.get("hardware", {}).get("warning"):
+        err_console.print(f"warning: {escape(rep['hardware']['warning'])}", highlight=False)
     if "accuracy_proxy" in rep:
         console.print(f"accuracy proxy {rep['accuracy_proxy']['score']:.4f}: {rep['accuracy_proxy']['note']}",
                       highlight=False)
@@ -534,15 +540,21 @@ def hardware_show(name: Annotated[str, typer.Argument(help="profile name or YAML
     """Show one profile with its sources."""
 
     def body():
+        from hardware.measure import machine_note
         from hardware.profile import load_profile
 
-        return load_profile(name).model_dump(exclude_none=True)
+        prof = load_profile(name)
+        note = machine_note(prof)
+        return {**prof.model_dump(exclude_none=True), **({"warning": note} if note else {})}
 
     rep = _compute(as_json, body)
     if not as_json:
         import yaml
 
+        note = rep.pop("warning", None)
         console.print(yaml.safe_dump(rep, sort_keys=False, width=110), highlight=False)
+        if note:
+            err_console.print(f"warning: {escape(note)}", highlight=False)
 
 
 @app.command()

@@ -52,13 +52,13 @@ from estimators.trace import trace_model
 
 from .latency import (ALL_CLASSES, GEMM_CLASSES, SPLIT_WIDTH, _row_features, conv_shape, eager_terms, fused_mask,
                       input_elements, misaligned, pointwise, remainder_share, split_terms)
-from .measure import StateClock, dominant_state, measure_latency, same_state
+from .measure import StateClock, cpu_isa, dominant_state, measure_latency, same_state
 from .profile import SUBCLASSES, Efficiency, HardwareProfile, Provenance
 
 Progress = Callable[[str], None]
 State = Callable[[], float]  # the machine's state now (hardware.measure.StateClock; a constant where not tracked)
 BATCHES = (1, 8)  # batch sizes calibrated; a prediction uses the nearest (hardware.profile.HardwareProfile.eff)
-CHANNEL_MULTIPLE = 16  # oneDNN's channel blocking with AVX-512
+CHANNEL_MULTIPLE = 16  # oneDNN's channel blocking with AVX-512 (8 with AVX2 alone: channel_multiple)
 CACHE_SHARE = 0.25  # activations up to this share of the last-level cache move at cache speed (best fit of 1/4, 1/2, 1)
 INT8_LANES = 4  # int8 dot products (VNNI) do 4x the multiply-adds of fp32 FMA per instruction
 # share of the budget for the float networks; the INT8 part's compiled networks (10-20 s each, compiling at two
@@ -71,6 +71,15 @@ def light_table(model: nn.Module, example: torch.Tensor, name: str = "bench") ->
     tr = trace_model(model, example)
     table, _ = build_table(name, tuple(example.shape), tr, PrunePlan())
     return table
+
+
+def channel_multiple(isa: str) -> int:
+    """oneDNN's channel block on a CPU with these features (hardware.measure.cpu_isa): 16 floats fill an AVX-512
+    register, 8 an AVX2 one; CHANNEL_MULTIPLE where the features are unknown."""
+    flags = set(isa.split("+")) if isa else set()
+    if not flags:
+        return CHANNEL_MULTIPLE
+    return 16 if "avx512f" in flags else 8
 
 
 def _cpu_name() -> str:
@@ -686,13 +695,14 @@ def element_ns(samples: list[ElementSample]) -> dict[str, float]:
 
 
 def _int8_parts(sample: Int8Sample, coef8: dict[str, np.ndarray], cache: float,
-                elem_ns: dict[str, float] | None = None, pool: np.ndarray | None = None) -> np.ndarray:
+                elem_ns: dict[str, float] | None = None, pool: np.ndarray | None = None,
+                multiple: int = CHANNEL_MULTIPLE) -> np.ndarray:
     """A compiled INT8 network's INT8 estimate (fused rows dropped) as [1, convolutions and linears, other
     operators (generated loops, the input's quantization among them), elements those read and write, the
     convolutions' and linears' predicted seconds (the INT8 kernel fit, with fused transcendental activations
     at `elem_ns`), the activation bytes the convolutions and linears read and write, the max pools' predicted
     seconds (`pool`: fit_pool), the elements of those other operators that reorder memory (`permute`)]."""
-    cols, kinds, cin = _features(sample.table, sample.batch, CHANNEL_MULTIPLE, cache)
+    cols, kinds, cin = _features(sample.table, sample.batch, multiple, cache)
     keep = ~fused_mask(sample.table, kinds, FUSED_INT8, UNFUSED_INT8) & (kinds != "param") & (kinds != "view")
     parts = np.zeros(8)
     parts[0] = 1.0
@@ -732,7 +742,8 @@ class Int8Fit:
 
 
 def fit_int8(samples: list[Int8Sample], coefs8: dict[int, dict[str, np.ndarray]], cache: float,
-             elem_ns: dict[str, float] | None = None, pool: np.ndarray | None = None) -> Int8Fit:
+             elem_ns: dict[str, float] | None = None, pool: np.ndarray | None = None,
+             multiple: int = CHANNEL_MULTIPLE) -> Int8Fit:
     """Kernels in a graph take longer than the same kernels timed alone, where their input stays in the cache:
     per batch, non-negative least squares of the networks' profiled oneDNN kernel time beyond the kernel
     fit's prediction on their kernel count and activation bytes. The generated loops' profiled time is
@@ -742,7 +753,7 @@ def fit_int8(samples: list[Int8Sample], coefs8: dict[int, dict[str, np.ndarray]]
     from scipy.optimize import nnls
 
     near = np.array([nearest_batch(s.batch, list(coefs8)) for s in samples])
-    A = np.array([_int8_parts(s, coefs8[b], cache, elem_ns, pool) for s, b in zip(samples, near)])
+    A = np.array([_int8_parts(s, coefs8[b], cache, elem_ns, pool, multiple) for s, b in zip(samples, near)])
     T = np.array([s.total_seconds for s in samples])
     K = np.array([s.kernel_seconds for s in samples])
     P = np.array([s.pool_seconds for s in samples])
@@ -827,6 +838,7 @@ class Samples:
     runs: int = 1  # calibrations pooled
     seed_offset: int = 0  # added to every part's first seed (the largest of the pooled calibrations')
     peak_runs: list = dataclasses.field(default_factory=list)  # per pooled calibration: (its peaks, the state then)
+    isa: str = ""  # the CPU's features (hardware.measure.cpu_isa; '' in samples kept before it was recorded)
 
 
 SEED_STRIDE = 1000  # seed offset between pooled calibrations (a part draws far fewer networks than this)
@@ -874,7 +886,7 @@ def collect_samples(quick: bool = False, progress: Progress = lambda m: None, in
             other = True
     return Samples(peaks, other, cache_bytes(), torch.get_num_threads(), nets, ops, elems, pools, q,
                    list(clock.readings), time.perf_counter() - t0, quick, _cpu_name(), torch.__version__,
-                   seed_offset=offset, peak_runs=[(tuple(peaks), peaks_state)])
+                   seed_offset=offset, peak_runs=[(tuple(peaks), peaks_state)], isa=cpu_isa())
 
 
 def save_samples(samples: Samples, path: str | Path) -> None:
@@ -898,6 +910,8 @@ def load_samples(path: str | Path) -> Samples:
         raise ValueError(f"{path}: not a calibration's samples (a {type(out).__name__})")
     if "peak_runs" not in vars(out) or not out.peak_runs:  # saved before the peaks' state was kept
         out.peak_runs = [(tuple(out.peaks), dominant_state(out.readings) or 0.0)]
+    if "isa" not in vars(out):
+        out.isa = ""
     return out
 
 
@@ -908,7 +922,7 @@ def merge_samples(parts: list[Samples]) -> Samples:
         raise ValueError("no samples to merge")
     first = parts[0]
     for p in parts[1:]:
-        for field in ("cpu", "threads", "torch", "llc"):
+        for field in ("cpu", "isa", "threads", "torch", "llc"):
             if getattr(p, field) != getattr(first, field):
                 raise ValueError(f"samples of different machines or runtimes: {field} {getattr(first, field)!r} and "
                                  f"{getattr(p, field)!r}")
@@ -925,7 +939,7 @@ def merge_samples(parts: list[Samples]) -> Samples:
                    [s for p in parts for s in p.q], [r for p in parts for r in p.readings],
                    sum(p.seconds for p in parts), any(p.quick for p in parts), first.cpu, first.torch,
                    sum(p.runs for p in parts), max(p.seed_offset for p in parts),
-                   [r for p in parts for r in p.peak_runs])
+                   [r for p in parts for r in p.peak_runs], first.isa)
 
 
 def calibrate_host(quick: bool = False, progress: Progress = lambda m: None, int8: bool = True,
@@ -952,6 +966,7 @@ def fit_profile(samples: Samples, progress: Progress = lambda m: None) -> Hardwa
     threads, llc = samples.threads, samples.llc
     peak, bw, cbw, rbw = samples.peaks
     cache = CACHE_SHARE * llc
+    multiple = channel_multiple(samples.isa)
     int8 = bool(samples.ops or samples.q)
     ref = dominant_state(samples.readings)
     share = float(np.mean([same_state(p, ref) for p in samples.readings])) if ref else 1.0
@@ -986,13 +1001,13 @@ def fit_profile(samples: Samples, progress: Progress = lambda m: None) -> Hardwa
     glues: dict[int, tuple[float, float, float]] = {}
     views: dict[int, float] = {}
     for b, ns in sorted(nets.items()):  # larger batches bounded below by the first one's overheads
-        coef, view_s, row_err = fit_split_model(ns, CHANNEL_MULTIPLE, cache, coefs.get(first), threads)
+        coef, view_s, row_err = fit_split_model(ns, multiple, cache, coefs.get(first), threads)
         if not {"conv", "elementwise"} <= set(coef):
             raise RuntimeError(f"calibration budget too small: {len(ns)} networks timed at batch {b}, not enough "
                                "convolutions and elementwise operators to fit")
         glue = fit_glue(ns, glues.get(first, (0.0, 0.0, 0.0)))
         view_s = max(view_s, views.get(first, 0.0))
-        coef, view_s, glue, level, net_err = unbiased(ns, coef, view_s, glue, CHANNEL_MULTIPLE, cache, threads)
+        coef, view_s, glue, level, net_err = unbiased(ns, coef, view_s, glue, multiple, cache, threads)
         net_err = np.abs(net_err)
         glues[b], views[b] = glue, view_s
         coefs[b] = coef
@@ -1014,12 +1029,12 @@ def fit_profile(samples: Samples, progress: Progress = lambda m: None) -> Hardwa
             progress("int8 fused activations: " + ", ".join(f"{k} {v:.3f} ns per element" for k, v in elem_ns.items()))
         coefs8: dict[int, dict[str, np.ndarray]] = {}
         for b, ns in ops.items():
-            coefs8[b], _, op_err = fit_split_model(ns, CHANNEL_MULTIPLE, cache, coefs8.get(first))
+            coefs8[b], _, op_err = fit_split_model(ns, multiple, cache, coefs8.get(first))
             fit[f"int8.b{b}.kernels"] = len(ns)
             fit[f"int8.b{b}.kernel_error"] = round(op_err, 4)
             progress(f"fit int8 kernels batch {b}: {len(ns)} kernels, error {100 * op_err:.1f}% (in sample)")
         if q:
-            f8 = fit_int8(q, coefs8, cache, elem_ns, pool)
+            f8 = fit_int8(q, coefs8, cache, elem_ns, pool, multiple)
             peaks["int8"] = round(INT8_LANES * peak, 2)
             for b, coef in coefs.items():
                 b8 = nearest_batch(b, list(coefs8))
@@ -1068,7 +1083,8 @@ def fit_profile(samples: Samples, progress: Progress = lambda m: None) -> Hardwa
     fit["seconds"] = round(samples.seconds + time.perf_counter() - t0, 1)
     return HardwareProfile(
         name="host",
-        description=f"this machine: {samples.cpu}, {threads} threads",
+        description=f"this machine: {samples.cpu}" + (f" ({samples.isa})" if samples.isa else "")
+                    + f", {threads} threads",
         runtime=f"PyTorch {samples.torch} on {threads} threads: float models as deployfit's exported program "
                 "(ExportedProgram.module(), eager ATen); int8 as the inductor-compiled (freezing) Intel Neural "
                 "Compressor graph",
@@ -1078,7 +1094,7 @@ def fit_profile(samples: Samples, progress: Progress = lambda m: None) -> Hardwa
         cache_bytes=int(cache),
         cache_bandwidth_gbs=round(cbw, 2),
         fast_dtypes=list(peaks),
-        channel_multiple=CHANNEL_MULTIPLE,
+        channel_multiple=multiple,
         float_runs_as="fp32",
         combine="sum",
         slow_dtypes={},
@@ -1095,7 +1111,7 @@ def fit_profile(samples: Samples, progress: Progress = lambda m: None) -> Hardwa
             "efficiency": "fitted by `deployfit calibrate` to operators timed inside synthetic networks (provenance)",
         },
         provenance=Provenance(date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), cpu=samples.cpu,
-                              threads=threads, torch=samples.torch,
+                              threads=threads, torch=samples.torch, isa=samples.isa,
                               method="split model per operator class, non-negative least squares on the error "
                                      "(relative to each network's total) of operators timed in context in random "
                                      f"synthetic CNNs (exported), batches {', '.join(map(str, BATCHES))}; int8: oneDNN "

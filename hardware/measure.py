@@ -143,6 +143,36 @@ def measure_memory_access_bytes(fn: Callable, example: torch.Tensor) -> int:
     return counter.bytes
 
 
+# the CPU features that change which kernels oneDNN and inductor run (vector width, INT8 dot products, AMX)
+ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8")
+
+
+def cpu_isa() -> str:
+    """The ISA_FLAGS this CPU has, joined by '+' ('' where /proc/cpuinfo cannot be read). Two machines whose
+    CPUs report the same name can differ here (seen: 'AMD EPYC' with and without AVX-512), and a profile
+    calibrated on one mispredicts the other by 2-9x."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    have = set(line.split(":", 1)[1].split())
+                    return "+".join(x for x in ISA_FLAGS if x in have)
+    except OSError:
+        pass
+    return ""
+
+
+def machine_note(profile) -> str | None:
+    """A note when `profile` (a HardwareProfile) was calibrated on a CPU with other features than this one
+    (its provenance's isa; None where it records none or they match)."""
+    isa = profile.provenance.isa if profile.provenance else ""
+    here = cpu_isa()
+    if not isa or not here or isa == here:
+        return None
+    return (f"the {profile.name} profile was calibrated on a CPU with {isa}; this one has {here}: its latency "
+            f"predictions do not hold here (run `deployfit calibrate --hardware {profile.name}`)")
+
+
 _ALLOCATOR: str | None = None
 
 

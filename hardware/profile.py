@@ -150,6 +150,7 @@ class Provenance(_Strict):
     threads: int
     torch: str
     method: str
+    isa: str = Field(default="", description="the CPU features it was calibrated with (hardware.measure.cpu_isa)")
     fit: dict[str, float] = Field(default_factory=dict)
 
 

@@ -74,11 +74,14 @@ def saved_latency(model_path: str, strategy: dict[str, Any], input_shape: list[i
 
 
 def state_notes(lat: dict[str, Any], prof) -> list[str]:
-    """Record in `lat` the machine state the profile `prof` (a HardwareProfile) was calibrated in
-    (`profile_sync_probe_us`) and whether the measurement was taken in it (`state_matches_profile`); a note when
-    it was not."""
-    from hardware.measure import same_state
+    """A note when the profile `prof` (a HardwareProfile) was calibrated on another CPU (hardware.measure.
+    machine_note). Else record in `lat` the machine state it was calibrated in (`profile_sync_probe_us`) and
+    whether the measurement was taken in it (`state_matches_profile`); a note when it was not."""
+    from hardware.measure import machine_note, same_state
 
+    other_cpu = machine_note(prof)
+    if other_cpu:
+        return [other_cpu]
     ref = prof.calibrated_state()
     if not ref or "sync_probe_us" not in lat:
         return []

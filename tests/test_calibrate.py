@@ -9,9 +9,12 @@ from typer.testing import CliRunner
 from estimators.analyze import analyze
 from estimators.modelspec import load_model
 from flows.cli import app
-from hardware.calibrate import SEED_STRIDE, calibrate_host, collect_samples, fit_profile, load_samples, merge_samples
+from hardware.calibrate import (SEED_STRIDE, calibrate_host, channel_multiple, collect_samples, fit_profile, load_samples,
+                                merge_samples)
 from hardware.latency import predict_latency
+from hardware.measure import cpu_isa, machine_note
 from hardware.profile import load_profile, save_profile
+from tasks.apply import state_notes
 
 
 def test_quick_calibration_writes_loadable_profile(tmp_path):
@@ -52,9 +55,41 @@ def test_quick_calibration_writes_loadable_profile(tmp_path):
     assert not {n.label for n in more.nets[1]} & {n.label for n in kept.nets[1]}
     with pytest.raises(ValueError, match="threads"):  # another machine's or runtime's samples are refused
         merge_samples([kept, dataclasses.replace(kept, threads=kept.threads + 1)])
+    with pytest.raises(ValueError, match="isa"):  # a CPU of the same name with other features too
+        merge_samples([kept, dataclasses.replace(kept, isa="avx2+avx512f+avx512_vnni")])
+    # the CPU's features are recorded, and the channel block the fit assumes follows them
+    assert kept.isa == cpu_isa() and again.provenance.isa == cpu_isa()
+    assert again.channel_multiple == channel_multiple(cpu_isa()) and machine_note(again) is None
+    other_cpu = again.model_copy(update={"provenance": again.provenance.model_copy(update={"isa": "amx_int8"})})
+    assert "amx_int8" in machine_note(other_cpu) and "deployfit calibrate" in machine_note(other_cpu)
+    assert state_notes({"latency_ms": 1.0, "sync_probe_us": 4.0}, other_cpu) == [machine_note(other_cpu)]
     with pytest.raises(ValueError, match="not a calibration's samples"):
         (tmp_path / "bad.pkl").write_bytes(b"not a pickle")
         load_samples(tmp_path / "bad.pkl")
+
+
+def test_channel_multiple_follows_the_vector_width():
+    assert channel_multiple("avx2+avx512f+avx512_vnni") == 16 and channel_multiple("avx2") == 8
+    assert channel_multiple("") == 16  # unknown features: AVX-512's block, as before they were recorded
+
+
+def test_a_host_profile_of_another_cpu_is_flagged(tmp_path):
+    """A host profile calibrated on a CPU with other features than this one says so wherever it predicts."""
+    host = load_profile("host")
+    path = tmp_path / "host.yaml"
+    save_profile(host.model_copy(update={"provenance": host.provenance.model_copy(update={"isa": "amx_int8"})}), path)
+    runner = CliRunner()
+    r = runner.invoke(app, ["hardware", "show", str(path)])
+    assert r.exit_code == 0 and "warning: the host profile was calibrated on a CPU with amx_int8" in r.stderr
+    r = runner.invoke(app, ["hardware", "show", str(path), "--json"])
+    assert "amx_int8" in json.loads(r.stdout)["warning"]
+    r = runner.invoke(app, ["estimate", "demo:digits-cnn", "--hardware", str(path)])
+    assert r.exit_code == 0 and "calibrated on a CPU with amx_int8" in r.stderr
+    r = runner.invoke(app, ["estimate", "demo:digits-cnn", "--hardware", str(path), "--json"])
+    out = json.loads(r.stdout)
+    assert out["pred"]["latency_ms"] > 0 and "deployfit calibrate --hardware host" in out["hardware"]["warning"]
+    here = host.model_copy(update={"provenance": host.provenance.model_copy(update={"isa": cpu_isa()})})
+    assert machine_note(here) is None and machine_note(load_profile("jetson-nano")) is None  # datasheet: no CPU
 
 
 def test_calibrate_cli_pool_errors(tmp_path):

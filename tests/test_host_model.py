@@ -547,13 +547,15 @@ def test_artifact_latency_records_the_machine_state():
 
 def test_a_measurement_in_another_state_is_flagged(tmp_path):
     """A host latency measured while the machine is in another state than its profile's calibration says so."""
+    from hardware.measure import cpu_isa
     from hardware.profile import load_profile, save_profile
     from tasks.apply import state_notes
 
     prof = load_profile("host")
     path = tmp_path / "host.yaml"
     fit = {**prof.provenance.fit, "sync_probe_us": 3.7}
-    save_profile(prof.model_copy(update={"provenance": prof.provenance.model_copy(update={"fit": fit})}), path)
+    here = prof.provenance.model_copy(update={"fit": fit, "isa": cpu_isa()})  # as if calibrated on this CPU
+    save_profile(prof.model_copy(update={"provenance": here}), path)
     calibrated = load_profile(str(path))  # as saved and loaded back
     same = {"latency_ms": 1.0, "sync_probe_us": 3.9}
     assert state_notes(same, calibrated) == [] and same["state_matches_profile"] and same["profile_sync_probe_us"] == 3.7
