@@ -269,8 +269,9 @@ def main() -> None:
     host = load_profile(args.profile)
     others = [(p, load_profile(p)) for p in compare]
     for name, prof in [(args.profile, host)] + others:  # a profile of another CPU predicts nothing here
-        if machine_note(prof):
-            print(f"warning: {name}: {machine_note(prof)}", flush=True)
+        note = machine_note(prof)
+        if note:
+            print(f"warning: {name}: {note}", flush=True)
     roof = uncalibrated(host)
     s_per_flop = 1.0 / (host.peak_gflops["fp32"] * 1e9 * host.efficiency.compute["conv"])
     models = args.models.split(",")

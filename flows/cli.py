@@ -297,6 +297,7 @@ def plan(model: ModelArg, hardware: HardwareReq, weights: WeightsOpt = None, inp
     def body():
         from estimators.accuracy import DropScorer, ProxyScorer
         from estimators.analyze import analyze as run_analysis
+        from hardware.measure import machine_note
         from hardware.profile import load_profile
         from search.plan import plan as run_plan
 
@@ -307,6 +308,9 @@ def plan(model: ModelArg, hardware: HardwareReq, weights: WeightsOpt = None, inp
         loaded = _load(model, weights, input_shape)
         table = run_analysis(loaded)
         say = _progress
+        note = machine_note(prof)  # a host profile calibrated on another CPU
+        if note:
+            say(f"warning: {note}")
         if data:
             from estimators.data import accuracy, load_data_for
 
@@ -322,8 +326,9 @@ def plan(model: ModelArg, hardware: HardwareReq, weights: WeightsOpt = None, inp
         names = tuple(x.strip() for x in (students or "").split(",") if x.strip())
         shape = ",".join(map(str, loaded.input_shape))
         tables = {n: run_analysis(_load(n, None, shape)) for n in names}
-        return run_plan(table, prof, req, scorer, top_k=top_k, students=names, student_tables=tables, progress=say,
-                        grid_step=grid_step, nsga_evals=nsga_evals, seed=seed)
+        out = run_plan(table, prof, req, scorer, top_k=top_k, students=names, student_tables=tables, progress=say,
+                       grid_step=grid_step, nsga_evals=nsga_evals, seed=seed)
+        return {**out, "warning": note} if note else out
 
     rep = _compute(as_json, body)
     if not as_json and rep["top"]:

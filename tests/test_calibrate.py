@@ -88,6 +88,8 @@ def test_a_host_profile_of_another_cpu_is_flagged(tmp_path):
     r = runner.invoke(app, ["estimate", "demo:digits-cnn", "--hardware", str(path), "--json"])
     out = json.loads(r.stdout)
     assert out["pred"]["latency_ms"] > 0 and "deployfit calibrate --hardware host" in out["hardware"]["warning"]
+    r = runner.invoke(app, ["plan", "demo:digits-cnn", "--hardware", str(path), "--nsga-evals", "0", "--json"])
+    assert r.exit_code == 0 and "amx_int8" in json.loads(r.stdout)["warning"] and "warning: the host" in r.stderr
     here = host.model_copy(update={"provenance": host.provenance.model_copy(update={"isa": cpu_isa()})})
     assert machine_note(here) is None and machine_note(load_profile("jetson-nano")) is None  # datasheet: no CPU
 

@@ -166,14 +166,22 @@ def test_layers_kept_float_are_in_the_size_estimate(tmp_path):
 
 
 def test_autotune_falls_back_and_the_estimate_follows(tmp_path):
-    """Zero tolerable loss on digits-resnet: all-int8 loses a little, so Intel Neural Compressor's autotune
-    moves on to configurations with float layers; the prediction is re-estimated with them and matches."""
+    """Zero tolerable loss on digits-resnet: where all-int8 loses a little (seen on AVX-512 VNNI CPUs), Intel
+    Neural Compressor's autotune moves on to configurations with float layers, and the prediction is re-estimated
+    with them and matches; where all-int8 loses nothing (seen on a CPU with AVX2 alone), autotune keeps it and
+    nothing is re-estimated."""
     rep = apply_and_measure(load_model("demo:digits-resnet"), parse_strategy("quantize:int8:tolerable_loss=0"),
                             str(tmp_path), data_spec="digits")
-    assert rep["float_layers"], "autotune kept everything int8 although its accuracy was lower"
     assert rep["pred"]["size_bytes"] == rep["meas"]["size_bytes"]
-    assert rep["pred_before_tuning"]["size_bytes"] < rep["pred"]["size_bytes"]
     assert rep["meas"]["accuracy_drop"] <= 0.0
+    if rep["float_layers"]:
+        assert rep["pred_before_tuning"]["size_bytes"] < rep["pred"]["size_bytes"]
+    else:  # autotune accepted all-int8: the plain all-int8 artifact must lose nothing on this machine either
+        assert rep["pred_before_tuning"] is None
+        plain = apply_and_measure(load_model("demo:digits-resnet"), parse_strategy("quantize:int8"),
+                                  str(tmp_path / "plain"), data_spec="digits")
+        assert plain["meas"]["accuracy_drop"] <= 0.0, "autotune kept everything int8 although its accuracy was lower"
+        assert plain["meas"]["size_bytes"] == rep["meas"]["size_bytes"]
     runner = CliRunner()
     r = runner.invoke(app, ["apply", "demo:digits-cnn", "--strategy", "quantize:int8:tolerable_loss=0.01", "--out",
                             str(tmp_path / "nodata")])
