@@ -25,6 +25,11 @@ def _progress(message) -> None:
     err_console.print(f"[dim]{escape(str(message))}[/]", highlight=False)
 
 
+def _warn(message: str) -> None:
+    """A warning line on stderr, its text printed as is."""
+    err_console.print(f"warning: {escape(message)}", highlight=False)
+
+
 console = Console()
 
 MODEL_HELP = ("torchvision:NAME, demo:NAME (demo:digits-cnn, demo:digits-resnet), package.module:factory, "
@@ -208,7 +213,7 @@ def estimate(model: ModelArg, strategy: StrategyOpt = "none", weights: WeightsOp
         return
     console.print(_totals_table(f"{model} with {rep['compact']} (predicted)", {"pred": rep["pred"]}))
     if rep.get("hardware", {}).get("warning"):
-        err_console.print(f"warning: {escape(rep['hardware']['warning'])}", highlight=False)
+        _warn(rep["hardware"]["warning"])
     if "accuracy_proxy" in rep:
         console.print(f"accuracy proxy {rep['accuracy_proxy']['score']:.4f}: {rep['accuracy_proxy']['note']}",
                       highlight=False)
@@ -310,7 +315,7 @@ def plan(model: ModelArg, hardware: HardwareReq, weights: WeightsOpt = None, inp
         say = _progress
         note = machine_note(prof)  # a host profile calibrated on another CPU
         if note:
-            say(f"warning: {note}")
+            _warn(note)
         if data:
             from estimators.data import accuracy, load_data_for
 
@@ -559,7 +564,7 @@ def hardware_show(name: Annotated[str, typer.Argument(help="profile name or YAML
         note = rep.pop("warning", None)
         console.print(yaml.safe_dump(rep, sort_keys=False, width=110), highlight=False)
         if note:
-            err_console.print(f"warning: {escape(note)}", highlight=False)
+            _warn(note)
 
 
 @app.command()

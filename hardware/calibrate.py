@@ -52,7 +52,7 @@ from estimators.trace import trace_model
 
 from .latency import (ALL_CLASSES, GEMM_CLASSES, SPLIT_WIDTH, _row_features, conv_shape, eager_terms, fused_mask,
                       input_elements, misaligned, pointwise, remainder_share, split_terms)
-from .measure import StateClock, cpu_isa, dominant_state, measure_latency, same_state
+from .measure import StateClock, cpu_isa, cpuinfo, dominant_state, measure_latency, same_state
 from .profile import SUBCLASSES, Efficiency, HardwareProfile, Provenance
 
 Progress = Callable[[str], None]
@@ -76,20 +76,13 @@ def light_table(model: nn.Module, example: torch.Tensor, name: str = "bench") ->
 def channel_multiple(isa: str) -> int:
     """oneDNN's channel block on a CPU with these features (hardware.measure.cpu_isa): 16 floats fill an AVX-512
     register, 8 an AVX2 one; CHANNEL_MULTIPLE where the features are unknown."""
-    flags = set(isa.split("+")) if isa else set()
-    if not flags:
+    if not isa:
         return CHANNEL_MULTIPLE
-    return 16 if "avx512f" in flags else 8
+    return 16 if "avx512f" in isa.split("+") else 8
 
 
 def _cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return cpuinfo("model name") or platform.processor() or platform.machine()
 
 
 def cache_bytes() -> int:

@@ -147,19 +147,24 @@ def measure_memory_access_bytes(fn: Callable, example: torch.Tensor) -> int:
 ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8")
 
 
+def cpuinfo(key: str) -> str | None:
+    """The value of the first `key` line of /proc/cpuinfo (None where there is none or it cannot be read)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(key):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
 def cpu_isa() -> str:
     """The ISA_FLAGS this CPU has, joined by '+' ('' where /proc/cpuinfo cannot be read). Two machines whose
     CPUs report the same name can differ here (seen: 'AMD EPYC' with and without AVX-512), and a profile
     calibrated on one mispredicts the other by 2-9x."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    have = set(line.split(":", 1)[1].split())
-                    return "+".join(x for x in ISA_FLAGS if x in have)
-    except OSError:
-        pass
-    return ""
+    have = set((cpuinfo("flags") or "").split())
+    return "+".join(x for x in ISA_FLAGS if x in have)
 
 
 def machine_note(profile) -> str | None:
