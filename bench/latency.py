@@ -15,6 +15,14 @@ within 10% for 78-88% of them in six runs; measured per model, 93% and 94% in tw
                                       [--rounds 3] [--profile host] [--compare PATH,...] [--calibrate OUT.yaml]
                                       [--state-wait SECONDS] [--dump OUT.json] [--rescore DUMP.json]
 
+Every measurement times the configuration in alternation with the pace network (hardware.measure.PaceReference,
+a fixed small CNN; measure_paced) and records the pace network's median beside it. This VM's speed drifts with
+its neighbours' load, by 25-50% within a minute, and the drift is common to every workload, so a third score
+brings each measurement to the profile's pace (its calibration's median pace network latency, which its
+samples were fitted at: latency x profile pace / pace beside it) before taking the median of the rounds: the
+latency the configuration has when the machine runs as fast as it did when calibrated, which is what a
+calibrated profile predicts. The raw medians are scored as before, beside it.
+
 `--compare` adds other calibrated profiles (names or YAML paths, e.g. a previous calibration) as further
 predictors of the same measurements: this machine's speed drifts between runs, so two calibrations are
 only comparable measured together. `--calibrate OUT.yaml` first calibrates this machine (as `deployfit
@@ -59,8 +67,8 @@ from estimators.table import totals  # noqa: E402
 from hardware.latency import predict_latency  # noqa: E402
 from hardware.calibrate import calibrate_host  # noqa: E402
 from hardware.profile import Efficiency, load_profile, save_profile  # noqa: E402
-from hardware.measure import (STATE_TOLERANCE, machine_note, measure_latency, same_state,  # noqa: E402
-                              sync_probe_us)
+from hardware.measure import (STATE_TOLERANCE, PaceReference, machine_note, measure_latency,  # noqa: E402
+                              measure_paced, same_state, sync_probe_us)
 from tasks.executors import run_strategy, save_artifact  # noqa: E402
 from tasks.quantize_exec import compile_for_inference, load_program  # noqa: E402
 
@@ -106,25 +114,43 @@ def in_state_medians(meas: list[list[float]], probes: list[list[float]], state: 
 
 def score_lines(labels: list[str], preds: np.ndarray, meas: np.ndarray, is_int8: np.ndarray) -> list[str]:
     """One line per predictor (columns of `preds`): MAPE, within 10%, tau, and the float/int8 breakdown, on the
-    configurations `meas` has a figure for."""
-    ok = ~np.isnan(meas)
+    configurations `meas` has a figure for. `meas`: one figure per configuration, or (paced) one column per
+    predictor (the measurements at that predictor's profile's pace)."""
+    cols = meas if meas.ndim == 2 else np.repeat(meas[:, None], preds.shape[1], 1)
     out = []
     width = max(12, *map(len, labels))
     for j, label in enumerate(labels):
-        mape, within, tau = stats(preds[ok, j], meas[ok])
+        m = cols[:, j]
+        ok = ~np.isnan(m)
+        if not ok.any():
+            out.append(f"{label:{width}s} (no measurement to score: a profile calibrated before the pace was read)")
+            continue
+        mape, within, tau = stats(preds[ok, j], m[ok])
         # the median signed error: a level shift (the machine faster or slower than when calibrated) moves it,
         # a structural error of some configurations hardly does
-        bias = 100 * float(np.median(preds[ok, j] / meas[ok] - 1))
+        bias = 100 * float(np.median(preds[ok, j] / m[ok] - 1))
         out.append(f"{label:{width}s} {mape:8.1f} {within:15.1f} {tau:12.3f}   " + ", ".join(
-            f"{lab} {m:.1f}% / {w:.1f}%" for lab, m, w in by_dtype(preds[ok, j], meas[ok], is_int8[ok]))
+            f"{lab} {x:.1f}% / {w:.1f}%" for lab, x, w in by_dtype(preds[ok, j], m[ok], is_int8[ok]))
             + f"; median error {bias:+.1f}%")
     # a diagnostic, not a prediction: the first predictor's figures divided by their median ratio to these
     # measurements (what knowing the machine's level at measurement time would give; the shape of the model)
-    level = float(np.median(preds[ok, 0] / meas[ok]))
-    mape, within, _ = stats(preds[ok, 0] / level, meas[ok])
+    ok = ~np.isnan(cols[:, 0])
+    if not ok.any():
+        return out
+    level = float(np.median(preds[ok, 0] / cols[ok, 0]))
+    mape, within, _ = stats(preds[ok, 0] / level, cols[ok, 0])
     out.append(f"  ({labels[0]} divided by its median ratio {level:.3f}, a diagnostic: MAPE {mape:.1f}%, within 10% "
                f"{within:.1f}%)")
     return out
+
+
+def paced_medians(meas: np.ndarray, pace: np.ndarray, paces: list[float | None]) -> np.ndarray | None:
+    """Per configuration (rows) and profile (columns), the median over the rounds of its measurements brought to the
+    profile's pace (hardware.measure.at_pace); `meas` and `pace`: rounds x configurations. A profile without a pace
+    has a column of nan; None where no profile has one or a measurement has none."""
+    if not any(paces) or not np.all(pace > 0):
+        return None
+    return np.stack([np.median(meas * p / pace, axis=0) if p else np.full(meas.shape[1], np.nan) for p in paces], 1)
 
 
 def rescore(path: str, profiles: list[str]) -> None:
@@ -152,6 +178,14 @@ def rescore(path: str, profiles: list[str]) -> None:
     print(f"{len(meas)} configurations measured in {path}")
     print(f"all rounds (median of {rounds}):  MAPE %, within 10% %, tau")
     print("\n".join(score_lines(labels, preds, meas, int8)))
+    if all("pace_ms" in c for c in data["configs"]):
+        paced = paced_medians(np.array([c["meas_ms"][:rounds] for c in data["configs"]]).T,
+                              np.array([c["pace_ms"][:rounds] for c in data["configs"]]).T,
+                              [prof.calibrated_pace() for _, prof in loaded])
+        if paced is not None:
+            print("at each profile's pace (every measurement scaled by the profile's pace / the pace network's "
+                  "median beside it):")
+            print("\n".join(score_lines(labels, preds, paced, int8)))
     if state is not None:
         print(f"in {labels[0]}'s state (sync probe {state:.2f} us +-{100 * STATE_TOLERANCE:.0f}%): "
               f"{int((~np.isnan(inst)).sum())} of {len(meas)} configurations measured in it")
@@ -209,16 +243,20 @@ def measure_model(name: str, strategies: list[str], batches: list[int], rounds: 
             runs += [(text, b, fn, ex) for b, ex in zip(batches, examples)]
         meas = [[] for _ in runs]
         probes = [[] for _ in runs]
+        paces = [[] for _ in runs]
+        reference = PaceReference()
         for r in range(rounds):
             for i, (_, _, fn, ex) in enumerate(runs):
                 probes[i].append(sync_probe_us(0.1))
-                meas[i].append(measure_latency(fn, ex, warmup=3, min_runs=10, budget_s=1.0)["latency_ms"])
+                got = measure_paced(fn, ex, reference, warmup=3, min_runs=10, budget_s=1.0)
+                meas[i].append(got["latency_ms"])
+                paces[i].append(got["pace_ms"])
         print(f"{name}: {len(runs)} configurations x {rounds} rounds measured (sync probe "
               f"{np.median(probes):.2f} us, range {np.min(probes):.2f}-{np.max(probes):.2f})", flush=True)
         if state is not None and state_wait > 0:
             measure_in_state([(x[2], x[3]) for x in runs], meas, probes, state, need=(rounds + 1) // 2, wait_s=state_wait)
-    return [{"model": name, "strategy": text, "batch": b, "meas_ms": meas[i], "sync_probe_us": probes[i]}
-            for i, (text, b, _, _) in enumerate(runs)]
+    return [{"model": name, "strategy": text, "batch": b, "meas_ms": meas[i], "sync_probe_us": probes[i],
+             "pace_ms": paces[i]} for i, (text, b, _, _) in enumerate(runs)]
 
 
 def run_worker(args) -> None:
@@ -294,7 +332,7 @@ def main() -> None:
                 preds = (predict_latency(est, host, b).latency_ms, predict_latency(est, roof, b).latency_ms,
                          totals(est)["gemm_macs"] * 2 * b * s_per_flop * 1e3) + tuple(
                     predict_latency(est, o, b).latency_ms for _, o in others)
-                configs.append((name, c["strategy"], b, c["meas_ms"], c["sync_probe_us"], preds))
+                configs.append((name, c["strategy"], b, c["meas_ms"], c["sync_probe_us"], preds, c["pace_ms"]))
     every_m = [c[3] for c in configs]
     every_p = [c[4] for c in configs]
     meas = np.array([m[:args.rounds] for m in every_m]).T
@@ -304,14 +342,15 @@ def main() -> None:
         Path(args.dump).write_text(json.dumps({
             "profile": args.profile, "compare": compare, "rounds": args.rounds,
             "configs": [{"model": c[0], "strategy": c[1], "batch": c[2], "meas_ms": every_m[i],
-                         "sync_probe_us": every_p[i], "pred_ms": list(c[5])}
+                         "sync_probe_us": every_p[i], "pace_ms": c[6], "pred_ms": list(c[5])}
                         for i, c in enumerate(configs)],
-            "calibration_sync_probe_us": state},
+            "calibration_sync_probe_us": state,
+            "profile_pace_ms": [host.calibrated_pace()] + [o.calibrated_pace() for _, o in others]},
             indent=1))
     inst = in_state_medians(every_m, every_p, state)
     print(f"\n{'model':20s} {'strategy':14s} {'b':>2s} {'meas ms':>9s} {'spread %':>8s} {'in state':>8s} {'calibrated':>11s} "
           f"{'roofline':>9s} {'flops':>9s}" + "".join(f" {'compare ' + str(j + 1):>10s}" for j in range(len(others))))
-    for i, (name, text, b, _, _, preds) in enumerate(configs):
+    for i, (name, text, b, _, _, preds, _) in enumerate(configs):
         spread = 100 * (meas[:, i].max() - meas[:, i].min()) / med[i]
         print(f"{name:20s} {text:14s} {b:2d} {med[i]:9.2f} {spread:8.1f} {inst[i]:8.2f} {preds[0]:11.2f} {preds[1]:9.2f} "
               f"{preds[2]:9.2f}" + "".join(f" {x:10.2f}" for x in preds[3:]))
@@ -340,6 +379,22 @@ def main() -> None:
               f"measurements, {sum(map(len, every_m)) - args.rounds * len(configs)} of them after the rounds); the "
               "median of each one's measurements in that state against the predictions")
         print("\n".join(score_lines(labels, preds, inst, is_int8)))
+    pace = np.array([c[6][:args.rounds] for c in configs]).T
+    host_pace = host.calibrated_pace()
+    paced = paced_medians(meas, pace, [host_pace, host_pace, host_pace] + [o.calibrated_pace() for _, o in others])
+    if paced is not None:
+        print(f"\nat each profile's pace (the pace network, timed in alternation with every configuration, ran "
+              f"{np.median(pace):.2f} ms here, {np.min(pace):.2f}-{np.max(pace):.2f}; in the calibration "
+              f"{host_pace or 0:.2f} ms): each measurement scaled by the profile's pace over the pace beside it, the "
+              "median of the rounds against the predictions (roofline and flops at the calibrated profile's pace)")
+        print("\n".join(score_lines(labels, preds, paced, is_int8)))
+        if args.rounds > 1 and host_pace:
+            levelled = meas * host_pace / pace
+            single = np.abs(levelled / np.median(levelled, axis=0) - 1)
+            print(f"{'one round':12s} {100 * single.mean():8.1f} {100 * (single <= 0.10).mean():15.1f} {'':>12s}  "
+                  "(a single paced measurement against the median: the noise left)")
+    else:
+        print("\nno profile was calibrated against the pace network: no paced scores")
     print(f"calibrated: {args.profile}" + (" (calibrated in this run)" if args.calibrate else ""))
     for j, (path, _) in enumerate(others):
         print(f"compare {j + 1}: {path}")

@@ -57,4 +57,7 @@ def rel_err(pred: dict[str, Any], meas: dict[str, Any]) -> dict[str, float]:
             err[k] = round(pred[k] - v, 4)
         elif k in pred and isinstance(v, (int, float)) and v:
             err[k] = round((pred[k] - v) / v, 6)
+    paced = meas.get("latency_at_pace_ms")  # the latency at the host profile's pace (tasks.apply.paced_latency)
+    if paced and "latency_ms" in pred:
+        err["latency_at_pace_ms"] = round((pred["latency_ms"] - paced) / paced, 6)
     return err

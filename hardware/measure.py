@@ -268,6 +268,70 @@ class StateClock:
         return self.readings[-1]
 
 
+PACE_BURST = 3  # calls a pace reading makes (PaceReference.reading)
+
+
+class PaceReference:
+    """The pace network (hardware.synthetic.pace_network), exported as float artifacts are, on its fixed input:
+    what every host measurement is paced against.
+
+    This VM's speed drifts with its neighbours' load: whole networks ran 25-50% slower for a minute and back
+    (2026-11-29, AMD EPYC with AVX2: resnet18 at batch 1 measured 33.5-58.6 ms in eight rounds of a minute's
+    benchmark), and the drift is common to every workload: timed in alternation with this network, the same
+    eight configurations' ratios to it stayed within 10% of their medians in 94-96% of rounds against 46% for
+    their latencies. Calibration records the network's latency beside every sample and fits the samples
+    brought to one pace (the median of its readings: the profile's `provenance.pace_ms`), and a measurement
+    timed in alternation with it (measure_paced) can be brought to the profile's pace: its latency were the
+    machine as fast as when it was calibrated."""
+
+    def __init__(self):
+        from .synthetic import pace_network
+
+        model, shape = pace_network()
+        ex = torch.randn(max(2, shape[0]), *shape[1:], generator=torch.Generator().manual_seed(0))
+        ep = torch.export.export(model, (ex,), dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=64)},))
+        self.fn = ep.module()
+        self.x = ex[:shape[0]].clone()
+        with torch.inference_mode():
+            for _ in range(3):
+                self.fn(self.x)
+
+    def once(self) -> float:
+        """Seconds of one call (inside inference mode, as measurements run)."""
+        t0 = time.perf_counter()
+        self.fn(self.x)
+        return time.perf_counter() - t0
+
+    def reading(self) -> float:
+        """One reading of the pace, ms: PACE_BURST calls in a row, the fastest after the first. The first call after
+        other work pays for what that work evicted (after vgg11's 500 MB of weights it ran 1.6-3.1x the network's
+        usual time, after smaller networks 0.96-1.16x) and the others do not, so a reading means the same after a
+        calibration's synthetic networks as after a large model."""
+        with collector_paused(), torch.inference_mode():
+            calls = [self.once() for _ in range(PACE_BURST)]
+        return min(calls[1:]) * 1e3
+
+
+class PaceClock:
+    """The pace network's latency while something long is timed (as StateClock reads the state): read
+    (PaceReference.reading) at most every `every_s` seconds (about 3% of the time at the default), the last reading
+    returned to every caller in between; every reading is kept (`readings`)."""
+
+    def __init__(self, every_s: float = 0.5):
+        self.every_s = every_s
+        self.readings: list[float] = []
+        self._last = -math.inf
+        self._ref: PaceReference | None = None
+
+    def __call__(self, fresh: bool = False) -> float:
+        if self._ref is None:
+            self._ref = PaceReference()
+        if fresh or time.perf_counter() - self._last >= self.every_s:
+            self.readings.append(self._ref.reading())
+            self._last = time.perf_counter()
+        return self.readings[-1]
+
+
 @contextlib.contextmanager
 def collector_paused():
     """Python's cyclic garbage collector off inside (timeit's convention for timing), as it was after."""
@@ -301,3 +365,35 @@ def measure_latency(fn: Callable, example: torch.Tensor, warmup: int = 3, min_ru
     p90 = times[min(len(times) - 1, int(round(0.9 * (len(times) - 1))))]
     return {"latency_ms": statistics.median(times) * 1e3, "latency_p90_ms": p90 * 1e3, "latency_runs": len(times),
             "threads": torch.get_num_threads(), "batch_size": int(example.shape[0]), "allocator": allocator}
+
+
+def measure_paced(fn: Callable, example: torch.Tensor, reference: PaceReference, warmup: int = 3, min_runs: int = 10,
+                  max_runs: int = 200, budget_s: float = 2.0) -> dict[str, float]:
+    """measure_latency's figures for fn(example) timed in alternation with the pace network (a call, then a pace
+    reading, in turn, so both see the same moments of the machine), plus `pace_ms`: the median of the readings.
+    `latency_ms * profile_pace / pace_ms` is the latency at a profile's pace (PaceReference)."""
+    allocator = steady_allocator()
+    with collector_paused(), torch.inference_mode():
+        for _ in range(warmup):
+            fn(example)
+        times: list[float] = []
+        refs: list[float] = []
+        start = time.perf_counter()
+        while len(times) < max_runs and (len(times) < min_runs or time.perf_counter() - start < budget_s):
+            t0 = time.perf_counter()
+            fn(example)
+            times.append(time.perf_counter() - t0)
+            refs.append(reference.reading())
+    times.sort()
+    p90 = times[min(len(times) - 1, int(round(0.9 * (len(times) - 1))))]
+    return {"latency_ms": statistics.median(times) * 1e3, "latency_p90_ms": p90 * 1e3, "latency_runs": len(times),
+            "pace_ms": statistics.median(refs), "threads": torch.get_num_threads(),
+            "batch_size": int(example.shape[0]), "allocator": allocator}
+
+
+def at_pace(latency_ms: float, pace_ms: float, profile_pace_ms: float) -> float | None:
+    """A latency measured while the pace network ran `pace_ms`, at the pace `profile_pace_ms` (None where either
+    was not read)."""
+    if not pace_ms or not profile_pace_ms or pace_ms <= 0 or profile_pace_ms <= 0:
+        return None
+    return latency_ms * profile_pace_ms / pace_ms

@@ -151,6 +151,8 @@ class Provenance(_Strict):
     torch: str
     method: str
     isa: str = Field(default="", description="the CPU features it was calibrated with (hardware.measure.cpu_isa)")
+    pace_ms: float = Field(default=0.0, ge=0, description="the pace network's latency the predictions are at "
+                                                        "(hardware.measure.PaceReference; 0: not paced)")
     fit: dict[str, float] = Field(default_factory=dict)
 
 
@@ -206,6 +208,11 @@ class HardwareProfile(_Strict):
         provenance records it (hardware.calibrate.fit_profile); None for a datasheet profile."""
         probe = self.provenance.fit.get("sync_probe_us") if self.provenance else None
         return float(probe) if probe else None
+
+    def calibrated_pace(self) -> float | None:
+        """The pace network's latency (ms) a calibrated profile's predictions are at (hardware.measure.PaceReference);
+        None for a datasheet profile or one calibrated before the pace was read."""
+        return self.provenance.pace_ms if self.provenance and self.provenance.pace_ms else None
 
     def runs(self, dtype: str) -> tuple[str, float]:
         """The dtype a tensor of `dtype` really runs in here, and the time factor that costs."""

@@ -175,3 +175,23 @@ def _build(seed: int) -> tuple[nn.Module, tuple[int, ...]]:
     else:
         layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.2), nn.Linear(c, classes)]
     return nn.Sequential(*layers).eval(), (batch, 3, res, res)
+
+
+def pace_network() -> tuple[nn.Module, tuple[int, ...]]:
+    """The fixed small CNN every host measurement is paced against (hardware.measure.PaceClock): a strided stem,
+    an inverted residual (depthwise 3x3) with squeeze-excitation, a strided 3x3, a basic residual block, global
+    pooling and a linear head, on a 3x96x96 input (a few ms on 2 threads). Always the same network and weights,
+    so that its latency compares one moment of the machine with another, in one process or the next."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(20261129)
+        act = nn.ReLU
+        body = nn.Sequential(_CBA(24, 72, 1, 1, act), _CBA(72, 72, 3, 1, act, groups=72), _SE(72, 18, act),
+                             nn.Conv2d(72, 24, 1, bias=False), nn.BatchNorm2d(24))
+        basic = nn.Sequential(_CBA(48, 48, 3, 1, act), nn.Conv2d(48, 48, 3, 1, 1, bias=False), nn.BatchNorm2d(48))
+        model = nn.Sequential(_CBA(3, 24, 3, 2, act), _Residual(body, None, None), _CBA(24, 48, 3, 2, act),
+                              _Residual(basic, None, act()), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(48, 10))
+        for m in model.modules():  # non-trivial norms, as trained networks have
+            if isinstance(m, nn.BatchNorm2d):
+                nn.init.uniform_(m.weight, 0.5, 1.5)
+                nn.init.uniform_(m.bias, -0.1, 0.1)
+    return model.eval(), (1, 3, 96, 96)

@@ -11,8 +11,9 @@ from estimators.modelspec import LoadedModel
 from estimators.report import public, rel_err
 from estimators.strategy import Strategy
 from estimators.table import totals
-from hardware.measure import (count_module, gemm_macs, measure_latency, measure_memory_access_bytes,
-                              measure_peak_activation_bytes, stored_tensor_bytes, stored_tensors, sync_probe_us)
+from hardware.measure import (PaceReference, at_pace, count_module, gemm_macs, measure_memory_access_bytes,
+                              measure_paced, measure_peak_activation_bytes, stored_tensor_bytes, stored_tensors,
+                              sync_probe_us)
 
 from .executors import Work, run_strategy, save_artifact
 from .quantize_exec import load_program
@@ -41,9 +42,20 @@ def measure_work(work: Work, ep, artifact_path: str) -> tuple[dict[str, Any], li
     return meas, notes
 
 
+_PACE: list[PaceReference] = []  # the pace network, built once a process
+
+
+def pace_reference() -> PaceReference:
+    """This process's pace network (hardware.measure.PaceReference; built at the first call)."""
+    if not _PACE:
+        _PACE.append(PaceReference())
+    return _PACE[0]
+
+
 def fast_latency(ep, int8: bool, example) -> dict[str, Any]:
     """Latency of a saved program in the form that runs it fast: eager for float programs,
-    inductor-compiled (freezing) for int8 ones; with the machine's sync probe read just before
+    inductor-compiled (freezing) for int8 ones; timed in alternation with the pace network (`pace_ms`:
+    hardware.measure.measure_paced), with the machine's sync probe read just before
     (hardware.measure.sync_probe_us)."""
     if int8:
         from .quantize_exec import compile_for_inference
@@ -52,7 +64,18 @@ def fast_latency(ep, int8: bool, example) -> dict[str, Any]:
     else:
         fn = ep.module()
     probe = sync_probe_us()  # the machine's state just before: a slow spell shows beside the figure it slowed
-    return {**measure_latency(fn, example, warmup=3, min_runs=10, budget_s=3.0), "sync_probe_us": round(probe, 3)}
+    got = measure_paced(fn, example, pace_reference(), warmup=3, min_runs=10, budget_s=3.0)
+    return {**got, "pace_ms": round(got["pace_ms"], 4), "sync_probe_us": round(probe, 3)}
+
+
+def paced_latency(meas: dict[str, Any], lat: dict[str, Any], prof) -> None:
+    """Record in `meas` the measured latency at the host profile `prof`'s pace (`latency_at_pace_ms`: as if the
+    machine ran as fast as when it was calibrated; hardware.measure.at_pace), where the profile and the
+    measurement both read the pace network. rel_err compares the prediction with it (`err.latency_at_pace_ms`)."""
+    paced = at_pace(lat["latency_ms"], lat.get("pace_ms", 0.0), prof.calibrated_pace() or 0.0)
+    if paced is not None:
+        meas["latency_at_pace_ms"] = round(paced, 4)
+        lat["profile_pace_ms"] = prof.calibrated_pace()
 
 
 def measure_artifact_latency(work: Work, ep, batch_size: int) -> dict[str, Any]:
@@ -100,11 +123,13 @@ def measure_saved_latency(result: dict[str, Any], prof=None) -> dict[str, Any]:
     from hardware.profile import load_profile
 
     lat = saved_latency(result["artifact"]["model"], result["strategy"], result["input_shape"], result["batch_size"])
+    prof = prof if prof is not None else load_profile("host")
     out = dict(result)
     out["meas"] = {**result["meas"], "latency_ms": round(lat["latency_ms"], 4)}
+    paced_latency(out["meas"], lat, prof)
     out["err"] = rel_err(result["pred"], out["meas"])
     out["notes"] = [n for n in result.get("notes", []) if not n.startswith("latency to be measured")] \
-        + state_notes(lat, prof if prof is not None else load_profile("host"))
+        + state_notes(lat, prof)
     out["latency_measurement"] = lat
     return out
 
@@ -176,6 +201,7 @@ def apply_and_measure(loaded: LoadedModel, strategy: Strategy, out_dir: str, har
             progress(f"measuring latency at batch {batch_size}")
             lat = measure_artifact_latency(work, ep, batch_size)
             meas["latency_ms"] = round(lat["latency_ms"], 4)
+            paced_latency(meas, lat, prof)
             notes.extend(state_notes(lat, prof))
             lat_info = lat
         elif prof.name == "host":

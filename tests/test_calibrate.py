@@ -2,6 +2,7 @@
 import dataclasses
 import json
 
+import numpy as np
 import pytest
 
 from typer.testing import CliRunner
@@ -9,8 +10,8 @@ from typer.testing import CliRunner
 from estimators.analyze import analyze
 from estimators.modelspec import load_model
 from flows.cli import app
-from hardware.calibrate import (SEED_STRIDE, calibrate_host, channel_multiple, collect_samples, fit_profile, load_samples,
-                                merge_samples)
+from hardware.calibrate import (SEED_STRIDE, at_one_pace, calibrate_host, channel_multiple, collect_samples, fit_profile,
+                                load_samples, merge_samples)
 from hardware.latency import predict_latency
 from hardware.measure import cpu_isa, machine_note
 from hardware.profile import load_profile, save_profile
@@ -57,6 +58,17 @@ def test_quick_calibration_writes_loadable_profile(tmp_path):
         merge_samples([kept, dataclasses.replace(kept, threads=kept.threads + 1)])
     with pytest.raises(ValueError, match="isa"):  # a CPU of the same name with other features too
         merge_samples([kept, dataclasses.replace(kept, isa="avx2+avx512f+avx512_vnni")])
+    # the pace network was read throughout; the fit brought the samples to its median pace, which the profile keeps
+    assert len(kept.pace_readings) >= 3 and all(n.pace_ms > 0 for n in kept.nets[1] + kept.nets[8])
+    assert again.calibrated_pace() == pytest.approx(float(np.median(kept.pace_readings)), rel=1e-3)
+    assert fit["pace_ms"] == pytest.approx(again.provenance.pace_ms) and fit["pace.p5_ms"] <= fit["pace.p95_ms"]
+    assert any(m.startswith("pace: the pace network ran") for m in messages)
+    levelled, _ = at_one_pace(kept)  # what was fitted: the same samples levelled by hand and fitted unpaced
+    by_hand = fit_profile(dataclasses.replace(levelled, pace_readings=[]))
+    assert by_hand.calibrated_pace() is None
+    assert predict_latency(table, by_hand, 8).latency_ms == pytest.approx(p8, rel=1e-9)
+    with pytest.raises(ValueError, match="pace"):  # samples kept before the pace was read cannot join them
+        merge_samples([kept, dataclasses.replace(kept, pace_readings=[])])
     # the CPU's features are recorded, and the channel block the fit assumes follows them
     assert kept.isa == cpu_isa() and again.provenance.isa == cpu_isa()
     assert again.channel_multiple == channel_multiple(cpu_isa()) and machine_note(again) is None

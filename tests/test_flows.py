@@ -67,6 +67,8 @@ def test_run_flow_tracks_every_candidate_and_leaves_a_prefect_artifact(harness, 
     for e in rep["executed"]:
         assert {"params", "size_bytes", "latency_ms", "accuracy", "accuracy_drop"} <= set(e["meas"])
         assert e["err"]["params"] == 0.0  # the pruning estimate is exact
+        # the shipped host profile was calibrated against the pace network: the latency at its pace, and its error
+        assert e["meas"]["latency_at_pace_ms"] > 0 and "latency_at_pace_ms" in e["err"]
     tr = rep["tracking"]
     client = MlflowClient(tracking_uri=mlflow_store)
     exp = client.get_experiment_by_name("deployfit/demo:digits-cnn/host")

@@ -307,6 +307,58 @@ def test_machine_states_by_hand():
     assert len(clock.readings) == 2 and all(0.1 < r < 1000 for r in clock.readings)
 
 
+def test_pace_network_is_fixed_and_measurements_carry_it():
+    """The pace network is the same network and weights every time it is built; a paced measurement times it in
+    alternation with the workload and reports its median; a latency is brought to a profile's pace by hand."""
+    from hardware.measure import PaceClock, PaceReference, at_pace, measure_paced
+    from hardware.synthetic import pace_network
+
+    rng = torch.get_rng_state()
+    (a, shape), (b, _) = pace_network(), pace_network()
+    assert torch.equal(torch.get_rng_state(), rng)  # the caller's random state is left as it was
+    assert shape == (1, 3, 96, 96) and not a.training
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    ref = PaceReference()
+    assert 0.01 < ref.reading() < 1000
+    model = load_model("demo:digits-cnn").model.eval()
+    got = measure_paced(model, torch.randn(1, 1, 8, 8), ref, warmup=1, min_runs=5, budget_s=0.02)
+    assert got["latency_runs"] >= 5 and got["latency_ms"] > 0 and 0.01 < got["pace_ms"] < 1000
+    assert got["latency_p90_ms"] >= got["latency_ms"] and got["batch_size"] == 1
+    # 10 ms measured while the pace network ran 4 ms is 7.5 ms at a pace of 3 ms
+    assert at_pace(10.0, 4.0, 3.0) == pytest.approx(7.5)
+    assert at_pace(10.0, 0.0, 3.0) is None and at_pace(10.0, 4.0, 0.0) is None
+    clock = PaceClock(every_s=3600)
+    first = clock()
+    assert clock() == first and len(clock.readings) == 1  # within every_s: the last reading
+    clock(fresh=True)
+    assert len(clock.readings) == 2 and all(r > 0 for r in clock.readings)
+
+
+def test_samples_are_brought_to_one_pace_by_hand():
+    """Every float network's times scaled by the calibration's median pace over the pace it was timed at, those
+    timed over PACE_BAND (2x) away from it dropped; unread ones (pace 0), INT8 samples and samples without pace
+    readings as they are. A network's pace is the mean of the readings before and after it."""
+    from hardware.calibrate import Samples, _around, at_one_pace
+
+    def net(pace, sec):
+        return NetSample("n", None, np.array([sec, 2 * sec]), 3 * sec, batch=1, pace_ms=pace)
+
+    nets = {1: [net(2.0, 1.0), net(4.0, 1.0), net(0.0, 1.0), net(6.5, 1.0), net(1.4, 1.0)], 8: [net(6.0, 2.0)]}
+    ops = {1: [net(6.0, 0.5)]}
+    s = Samples((1.0, 1.0, 1.0, 1.0), False, 1, 2, nets, ops, [], [], [], [], 1.0, pace_readings=[2.0, 3.0, 4.0, 3.0, 9.0])
+    out, pace = at_one_pace(s)
+    assert pace == 3.0  # the median reading
+    # 3 s at pace 2 is 4.5 s at pace 3; unread: as timed; timed at 6.5 and 1.4 ms, over 2x away: dropped
+    assert [x.total_seconds for x in out.nets[1]] == pytest.approx([4.5, 2.25, 3.0])
+    assert out.nets[1][0].row_seconds == pytest.approx([1.5, 3.0])
+    assert out.nets[8][0].total_seconds == pytest.approx(3.0)  # 6 s at 6 ms: 2x away, kept (the band's edge)
+    assert out.ops is s.ops  # INT8 samples are not paced
+    assert s.nets[1][0].total_seconds == 3.0  # the samples themselves are left as they were
+    unpaced = Samples(s.peaks, False, 1, 2, s.nets, s.ops, [], [], [], [], 1.0)
+    assert at_one_pace(unpaced) == (unpaced, 0.0)
+    assert _around(3.0, 5.0) == 4.0 and _around(0.0, 5.0) == 5.0 and _around(0.0, 0.0) == 0.0
+
+
 def _tiny_table():
     """conv -> SiLU -> 2x2 max pool on 24 channels -> 1x1 conv -> sigmoid (a gate no INT8 conv fuses)."""
     from estimators.modelspec import LoadedModel
@@ -543,6 +595,27 @@ def test_artifact_latency_records_the_machine_state():
     lat = fast_latency(ep, False, torch.randn(1, 1, 8, 8))
     assert lat["latency_ms"] > 0 and lat["batch_size"] == 1 and lat["threads"] == torch.get_num_threads()
     assert 0.1 < lat["sync_probe_us"] < 1000  # fork and join of all threads: microseconds
+    assert 0.01 < lat["pace_ms"] < 1000  # the pace network, timed in alternation with it
+
+
+def test_a_measurement_is_brought_to_the_profile_pace():
+    """apply records the measured latency at the host profile's pace and its error against the prediction, where
+    the profile was calibrated against the pace network; not for a profile without a pace."""
+    from estimators.report import rel_err
+    from hardware.profile import load_profile
+    from tasks.apply import paced_latency
+
+    prof = load_profile("host")
+    paced = prof.model_copy(update={"provenance": prof.provenance.model_copy(update={"pace_ms": 3.0})})
+    meas, lat = {"latency_ms": 10.0}, {"latency_ms": 10.0, "pace_ms": 4.0}
+    paced_latency(meas, lat, paced)
+    assert meas["latency_at_pace_ms"] == pytest.approx(7.5) and lat["profile_pace_ms"] == 3.0
+    err = rel_err({"latency_ms": 9.0}, meas)
+    assert err["latency_ms"] == pytest.approx(-0.1) and err["latency_at_pace_ms"] == pytest.approx(0.2)
+    unpaced = prof.model_copy(update={"provenance": prof.provenance.model_copy(update={"pace_ms": 0.0})})
+    meas = {"latency_ms": 10.0}
+    paced_latency(meas, {"latency_ms": 10.0, "pace_ms": 4.0}, unpaced)
+    assert "latency_at_pace_ms" not in meas and "latency_at_pace_ms" not in rel_err({"latency_ms": 9.0}, meas)
 
 
 def test_a_measurement_in_another_state_is_flagged(tmp_path):
