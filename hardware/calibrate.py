@@ -25,7 +25,10 @@ pooling, generated loops and the rest (Python wrapper, guards): what a graph add
 kernel and per activation byte), the generated loops' cost (per operator and per element moved; the
 graph's quantization of its float input is one of them, priced per input element) and the
 per-call and per-kernel wrapper costs are each fitted on their own part. Calibration never runs the
-benchmark models, so bench/latency.py tests what it fitted.
+benchmark models, so bench/latency.py tests what it fitted. The float networks are paced: the pace network
+(hardware.measure.PaceReference) is read before and after each, and each is brought to the calibration's median
+pace before fitting (at_one_pace), which follows this VM's drift network by network; the profile's
+`provenance.pace_ms` is that pace.
 """
 from __future__ import annotations
 

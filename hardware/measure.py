@@ -345,13 +345,16 @@ def collector_paused():
 
 
 def measure_latency(fn: Callable, example: torch.Tensor, warmup: int = 3, min_runs: int = 10, max_runs: int = 200,
-                    budget_s: float = 2.0) -> dict[str, float]:
+                    budget_s: float = 2.0, between: Callable[[], float] | None = None) -> dict:
     """Median wall time of fn(example) after warm-up (with p90 and run count), threads and batch fixed.
 
     The allocator is put in its steady state first (`steady_allocator`), and Python's cyclic garbage collector is
     off while it runs (timeit's convention): in a process that had built 32 models, mobilenet_v2's compiled INT8
-    graph at batch 1 measured 2.52-2.65 ms with it on, 2.31-2.38 ms with it off, as alone (2.34-2.37 ms)."""
+    graph at batch 1 measured 2.52-2.65 ms with it on, 2.31-2.38 ms with it off, as alone (2.34-2.37 ms).
+    `between`: called after every timed call, outside its time; what it returns is listed under "between"
+    (measure_paced reads the pace network there)."""
     allocator = steady_allocator()
+    extra: list[float] = []
     with collector_paused(), torch.inference_mode():
         for _ in range(warmup):
             fn(example)
@@ -361,10 +364,15 @@ def measure_latency(fn: Callable, example: torch.Tensor, warmup: int = 3, min_ru
             t0 = time.perf_counter()
             fn(example)
             times.append(time.perf_counter() - t0)
+            if between is not None:
+                extra.append(between())
     times.sort()
     p90 = times[min(len(times) - 1, int(round(0.9 * (len(times) - 1))))]
-    return {"latency_ms": statistics.median(times) * 1e3, "latency_p90_ms": p90 * 1e3, "latency_runs": len(times),
-            "threads": torch.get_num_threads(), "batch_size": int(example.shape[0]), "allocator": allocator}
+    out = {"latency_ms": statistics.median(times) * 1e3, "latency_p90_ms": p90 * 1e3, "latency_runs": len(times),
+           "threads": torch.get_num_threads(), "batch_size": int(example.shape[0]), "allocator": allocator}
+    if between is not None:
+        out["between"] = extra
+    return out
 
 
 def measure_paced(fn: Callable, example: torch.Tensor, reference: PaceReference, warmup: int = 3, min_runs: int = 10,
@@ -372,23 +380,9 @@ def measure_paced(fn: Callable, example: torch.Tensor, reference: PaceReference,
     """measure_latency's figures for fn(example) timed in alternation with the pace network (a call, then a pace
     reading, in turn, so both see the same moments of the machine), plus `pace_ms`: the median of the readings.
     `latency_ms * profile_pace / pace_ms` is the latency at a profile's pace (PaceReference)."""
-    allocator = steady_allocator()
-    with collector_paused(), torch.inference_mode():
-        for _ in range(warmup):
-            fn(example)
-        times: list[float] = []
-        refs: list[float] = []
-        start = time.perf_counter()
-        while len(times) < max_runs and (len(times) < min_runs or time.perf_counter() - start < budget_s):
-            t0 = time.perf_counter()
-            fn(example)
-            times.append(time.perf_counter() - t0)
-            refs.append(reference.reading())
-    times.sort()
-    p90 = times[min(len(times) - 1, int(round(0.9 * (len(times) - 1))))]
-    return {"latency_ms": statistics.median(times) * 1e3, "latency_p90_ms": p90 * 1e3, "latency_runs": len(times),
-            "pace_ms": statistics.median(refs), "threads": torch.get_num_threads(),
-            "batch_size": int(example.shape[0]), "allocator": allocator}
+    got = measure_latency(fn, example, warmup, min_runs, max_runs, budget_s, between=reference.reading)
+    readings = got.pop("between")
+    return {**got, "pace_ms": statistics.median(readings)}
 
 
 def at_pace(latency_ms: float, pace_ms: float, profile_pace_ms: float) -> float | None:

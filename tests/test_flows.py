@@ -123,7 +123,7 @@ def test_run_flow_tracks_every_candidate_and_leaves_a_prefect_artifact(harness, 
     cached = {n: st for n, st in states.items() if n.startswith(("analyze", "accuracy-sensitivity", "execute"))}
     assert len(cached) == 4 and set(cached.values()) == {"Cached"}, states
     def built(e):  # what the cached execution produced (latency is measured again, one candidate at a time)
-        return {k: v for k, v in e["meas"].items() if k != "latency_ms"}
+        return {k: v for k, v in e["meas"].items() if k not in ("latency_ms", "latency_at_pace_ms")}
 
     assert [built(e) for e in again["executed"]] == [built(e) for e in rep["executed"]]
 
@@ -258,7 +258,8 @@ def _store_content(uri: str) -> dict:
     client = MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name("deployfit/demo:digits-cnn/host")
     runs = client.search_runs([exp.experiment_id], max_results=500)
-    skip = {"search_seconds", "candidates_per_second", "meas.latency_ms", "err.latency_ms"}
+    skip = {"search_seconds", "candidates_per_second", "meas.latency_ms", "err.latency_ms", "meas.latency_at_pace_ms",
+            "err.latency_at_pace_ms"}
     out = []
     for r in runs:
         out.append((r.data.tags.get("deployfit.kind", "parent"), r.data.params.get("strategy", ""),

@@ -323,7 +323,12 @@ def test_pace_network_is_fixed_and_measurements_carry_it():
     model = load_model("demo:digits-cnn").model.eval()
     got = measure_paced(model, torch.randn(1, 1, 8, 8), ref, warmup=1, min_runs=5, budget_s=0.02)
     assert got["latency_runs"] >= 5 and got["latency_ms"] > 0 and 0.01 < got["pace_ms"] < 1000
-    assert got["latency_p90_ms"] >= got["latency_ms"] and got["batch_size"] == 1
+    assert got["latency_p90_ms"] >= got["latency_ms"] and got["batch_size"] == 1 and "between" not in got
+    calls = []  # measure_latency calls `between` once after every timed call, outside its time
+    plain = measure_latency(lambda x: x + 1, torch.zeros(4), warmup=2, min_runs=7, max_runs=7,
+                            between=lambda: calls.append(1) or 5.0)
+    assert plain["latency_runs"] == 7 and len(calls) == 7 and plain["between"] == [5.0] * 7
+    assert "between" not in measure_latency(lambda x: x + 1, torch.zeros(4), warmup=0, min_runs=2, max_runs=2)
     # 10 ms measured while the pace network ran 4 ms is 7.5 ms at a pace of 3 ms
     assert at_pace(10.0, 4.0, 3.0) == pytest.approx(7.5)
     assert at_pace(10.0, 0.0, 3.0) is None and at_pace(10.0, 4.0, 0.0) is None
