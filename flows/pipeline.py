@@ -302,7 +302,7 @@ def _task_runner(parallel: ParallelOptions):
 
 @flow(name="deployfit-run", log_prints=True)
 def run_flow(model: ModelInput = ModelInput(), data: Optional[str] = "digits", hardware: str = "host",
-             requirements: Requirements = Requirements(max_latency_ms=0.25, max_size_mb=0.05),
+             requirements: Requirements = Requirements(max_latency_ms=1.0, max_size_mb=0.05),
              search: SearchOptions = SearchOptions(), execute: bool = True,
              top_k: Annotated[int, Field(ge=1, le=50)] = 3, batch_size: Annotated[int, Field(ge=1)] = 1,
              parallel: ParallelOptions = ParallelOptions(), device_measure: Optional[bool] = None,
