@@ -1021,7 +1021,6 @@ def fit_profile(samples: Samples, progress: Progress = lambda m: None) -> Hardwa
     (at_one_pace), which follows the machine's drift sample by sample; the profile's float predictions are then at
     that pace (`provenance.pace_ms`), and pooled calibrations fit every sample (no state is picked)."""
     t0 = time.perf_counter()
-    readings_ms = samples.pace_readings
     timed = _count(samples)
     samples, pace_ms = at_one_pace(samples)
     dropped = timed - _count(samples)
@@ -1132,6 +1131,7 @@ def fit_profile(samples: Samples, progress: Progress = lambda m: None) -> Hardwa
             progress("int8: no time left in the budget; the profile has no int8 entry")
     readings = samples.readings
     if pace_ms:
+        readings_ms = samples.pace_readings  # at_one_pace keeps them
         lo, hi = np.percentile(readings_ms, [5, 95])
         fit.update({"pace_ms": round(pace_ms, 4), "pace.readings": len(readings_ms),
                     "pace.p5_ms": round(float(lo), 4), "pace.p95_ms": round(float(hi), 4), "pace.dropped": dropped})

@@ -260,12 +260,15 @@ class StateClock:
 
     def __call__(self, fresh: bool = False) -> float:
         """The state now: a new reading when `every_s` has passed since the last one (or `fresh`)."""
-        if not self.readings:
-            sync_probe_us(self.probe_s)  # a fresh process's first parallel kernels read high (threads waking)
         if fresh or time.perf_counter() - self._last >= self.every_s:
-            self.readings.append(sync_probe_us(self.probe_s))
+            self.readings.append(self._read())
             self._last = time.perf_counter()
         return self.readings[-1]
+
+    def _read(self) -> float:
+        if not self.readings:
+            sync_probe_us(self.probe_s)  # a fresh process's first parallel kernels read high (threads waking)
+        return sync_probe_us(self.probe_s)
 
 
 PACE_BURST = 3  # calls a pace reading makes (PaceReference.reading)
@@ -312,24 +315,19 @@ class PaceReference:
         return min(calls[1:]) * 1e3
 
 
-class PaceClock:
-    """The pace network's latency while something long is timed (as StateClock reads the state): read
-    (PaceReference.reading) at most every `every_s` seconds (about 3% of the time at the default), the last reading
-    returned to every caller in between; every reading is kept (`readings`)."""
+class PaceClock(StateClock):
+    """The pace network's latency while something long is timed, read as StateClock reads the state
+    (PaceReference.reading at most every `every_s` seconds, about 3% of the time at the default; the network is
+    built at the first reading)."""
 
     def __init__(self, every_s: float = 0.5):
-        self.every_s = every_s
-        self.readings: list[float] = []
-        self._last = -math.inf
+        super().__init__(every_s)
         self._ref: PaceReference | None = None
 
-    def __call__(self, fresh: bool = False) -> float:
+    def _read(self) -> float:
         if self._ref is None:
             self._ref = PaceReference()
-        if fresh or time.perf_counter() - self._last >= self.every_s:
-            self.readings.append(self._ref.reading())
-            self._last = time.perf_counter()
-        return self.readings[-1]
+        return self._ref.reading()
 
 
 @contextlib.contextmanager
@@ -388,6 +386,6 @@ def measure_paced(fn: Callable, example: torch.Tensor, reference: PaceReference,
 def at_pace(latency_ms: float, pace_ms: float, profile_pace_ms: float) -> float | None:
     """A latency measured while the pace network ran `pace_ms`, at the pace `profile_pace_ms` (None where either
     was not read)."""
-    if not pace_ms or not profile_pace_ms or pace_ms <= 0 or profile_pace_ms <= 0:
+    if pace_ms <= 0 or profile_pace_ms <= 0:
         return None
     return latency_ms * profile_pace_ms / pace_ms

@@ -1,6 +1,7 @@
 """apply: execute a strategy, save the artifact, measure it and compare with the prediction."""
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any, Callable
 
@@ -42,14 +43,10 @@ def measure_work(work: Work, ep, artifact_path: str) -> tuple[dict[str, Any], li
     return meas, notes
 
 
-_PACE: list[PaceReference] = []  # the pace network, built once a process
-
-
+@functools.cache
 def pace_reference() -> PaceReference:
     """This process's pace network (hardware.measure.PaceReference; built at the first call)."""
-    if not _PACE:
-        _PACE.append(PaceReference())
-    return _PACE[0]
+    return PaceReference()
 
 
 def fast_latency(ep, int8: bool, example) -> dict[str, Any]:
@@ -72,10 +69,11 @@ def paced_latency(meas: dict[str, Any], lat: dict[str, Any], prof) -> None:
     """Record in `meas` the measured latency at the host profile `prof`'s pace (`latency_at_pace_ms`: as if the
     machine ran as fast as when it was calibrated; hardware.measure.at_pace), where the profile and the
     measurement both read the pace network. rel_err compares the prediction with it (`err.latency_at_pace_ms`)."""
-    paced = at_pace(lat["latency_ms"], lat.get("pace_ms", 0.0), prof.calibrated_pace() or 0.0)
+    pace = prof.calibrated_pace() or 0.0
+    paced = at_pace(lat["latency_ms"], lat.get("pace_ms", 0.0), pace)
     if paced is not None:
         meas["latency_at_pace_ms"] = round(paced, 4)
-        lat["profile_pace_ms"] = prof.calibrated_pace()
+        lat["profile_pace_ms"] = pace
 
 
 def measure_artifact_latency(work: Work, ep, batch_size: int) -> dict[str, Any]:
