@@ -13,15 +13,22 @@ within 10% for 78-88% of them in six runs; measured per model, 93% and 94% in tw
 
     .venv/bin/python bench/latency.py [--models resnet18,...] [--strategies none,prune:0.3,...] [--batches 1,8]
                                       [--rounds 3] [--profile host] [--compare PATH,...] [--calibrate OUT.yaml]
-                                      [--state-wait SECONDS] [--dump OUT.json] [--rescore DUMP.json]
+                                      [--state-wait SECONDS] [--dump OUT.json] [--rescore DUMP.json
+                                      [--against OTHER.json]]
 
 Every measurement times the configuration in alternation with the pace network (hardware.measure.PaceReference,
 a fixed small CNN; measure_paced) and records the pace network's median beside it. This VM's speed drifts with
 its neighbours' load, by 25-50% within a minute, and the drift is common to every workload, so a third score
 brings each measurement to the profile's pace (its calibration's median pace network latency, which its
-samples were fitted at: latency x profile pace / pace beside it) before taking the median of the rounds: the
-latency the configuration has when the machine runs as fast as it did when calibrated, which is what a
-calibrated profile predicts. The raw medians are scored as before, beside it.
+samples were fitted at: latency x (profile pace / pace beside it) ** the profile's pace elasticity, the share
+of the pace network's drift a network's latency follows, measured by the calibration) before taking the median
+of the rounds: the latency the configuration has when the machine runs as fast as it did when calibrated, which
+is what a calibrated profile predicts. The raw medians are scored as before, beside it.
+
+`--rescore DUMP.json --against OTHER.json` scores another run's measurements as one more predictor of the
+rescored run's (raw, and both brought to one pace): two runs of this benchmark are the closest any predictor can
+be expected to come to one run on this machine (on 2026-11-29 two runs two hours apart agreed within 10% for 41%
+of the configurations raw, 70-72% paced).
 
 `--compare` adds other calibrated profiles (names or YAML paths, e.g. a previous calibration) as further
 predictors of the same measurements: this machine's speed drifts between runs, so two calibrations are
@@ -67,7 +74,7 @@ from estimators.table import totals  # noqa: E402
 from hardware.latency import predict_latency  # noqa: E402
 from hardware.calibrate import calibrate_host  # noqa: E402
 from hardware.profile import Efficiency, load_profile, save_profile  # noqa: E402
-from hardware.measure import (STATE_TOLERANCE, PaceReference, machine_note, measure_latency,  # noqa: E402
+from hardware.measure import (STATE_TOLERANCE, PaceReference, at_pace, machine_note, measure_latency,  # noqa: E402
                               measure_paced, same_state, sync_probe_us)
 from tasks.executors import run_strategy, save_artifact  # noqa: E402
 from tasks.quantize_exec import compile_for_inference, load_program  # noqa: E402
@@ -144,18 +151,39 @@ def score_lines(labels: list[str], preds: np.ndarray, meas: np.ndarray, is_int8:
     return out
 
 
-def paced_medians(meas: np.ndarray, pace: np.ndarray, paces: list[float | None]) -> np.ndarray | None:
+def paced_medians(meas: np.ndarray, pace: np.ndarray, profiles: list) -> np.ndarray | None:
     """Per configuration (rows) and profile (columns), the median over the rounds of its measurements brought to the
-    profile's pace (hardware.measure.at_pace); `meas` and `pace`: rounds x configurations. A profile without a pace
-    has a column of nan; None where no profile has one or a measurement has none."""
-    if not any(paces) or not np.all(pace > 0):
+    profile's pace with its elasticity (hardware.measure.at_pace); `meas` and `pace`: rounds x configurations. A
+    profile without a pace has a column of nan; None where no profile has one or a measurement has none."""
+    if not any(p.calibrated_pace() for p in profiles) or not np.all(pace > 0):
         return None
-    return np.stack([np.median(meas * p / pace, axis=0) if p else np.full(meas.shape[1], np.nan) for p in paces], 1)
+    return np.stack([np.median(at_pace(meas, pace, p.calibrated_pace(), p.pace_elasticity()), axis=0)
+                     if p.calibrated_pace() else np.full(meas.shape[1], np.nan) for p in profiles], 1)
 
 
-def rescore(path: str, profiles: list[str]) -> None:
+def other_run(data: dict, path: str) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray] | None]:
+    """Another run's dump (`--against`) as a predictor of `data`'s configurations: its medians of the rounds, and
+    its measurements and pace readings (rounds x configurations; None where it has no pace readings). Two runs of
+    the same code on the same machine are the best any predictor can agree with a run: the share of
+    configurations whose medians agree within 10% between runs is what that target can reach here."""
+    other = json.loads(Path(path).read_text())
+    by_key = {(c["model"], c["strategy"], c["batch"]): c for c in other["configs"]}
+    missing = [k for k in ((c["model"], c["strategy"], c["batch"]) for c in data["configs"]) if k not in by_key]
+    if missing:
+        raise SystemExit(f"--against {path}: no measurement of {len(missing)} configurations of the rescored run, "
+                         f"e.g. {missing[0]}")
+    rows = [by_key[(c["model"], c["strategy"], c["batch"])] for c in data["configs"]]
+    r = other["rounds"]
+    raw = np.array([float(np.median(c["meas_ms"][:r])) for c in rows])
+    if not all(c.get("pace_ms") for c in rows):
+        return raw, None
+    return raw, (np.array([c["meas_ms"][:r] for c in rows]).T, np.array([c["pace_ms"][:r] for c in rows]).T)
+
+
+def rescore(path: str, profiles: list[str], against: str = "") -> None:
     """Score profiles against the measurements of an earlier run (`--dump`), without measuring again: on all of its
-    rounds, and on the measurements taken in the first profile's machine state."""
+    rounds, and on the measurements taken in the first profile's machine state. `against`: another run's dump,
+    scored as one more predictor (other_run)."""
     data = json.loads(Path(path).read_text())
     loaded = [(p, load_profile(p)) for p in profiles]
     tables: dict = {}
@@ -175,17 +203,30 @@ def rescore(path: str, profiles: list[str]) -> None:
     inst = in_state_medians([c["meas_ms"] for c in data["configs"]], [c["sync_probe_us"] for c in data["configs"]],
                             state)
     labels = [name for name, _ in loaded]
+    run_raw, run_paced = other_run(data, against) if against else (None, None)
     print(f"{len(meas)} configurations measured in {path}")
     print(f"all rounds (median of {rounds}):  MAPE %, within 10% %, tau")
-    print("\n".join(score_lines(labels, preds, meas, int8)))
+    if run_raw is not None:
+        print("\n".join(score_lines(labels + [f"run {against}"], np.column_stack([preds, run_raw]), meas, int8)))
+    else:
+        print("\n".join(score_lines(labels, preds, meas, int8)))
     if all("pace_ms" in c for c in data["configs"]):
-        paced = paced_medians(np.array([c["meas_ms"][:rounds] for c in data["configs"]]).T,
-                              np.array([c["pace_ms"][:rounds] for c in data["configs"]]).T,
-                              [prof.calibrated_pace() for _, prof in loaded])
+        run_meas = np.array([c["meas_ms"][:rounds] for c in data["configs"]]).T
+        run_pace = np.array([c["pace_ms"][:rounds] for c in data["configs"]]).T
+        paced = paced_medians(run_meas, run_pace, [prof for _, prof in loaded])
+        p_labels, p_preds = labels, preds
+        if paced is not None and run_paced is not None:
+            # both runs brought to one pace (this run's median reading, the first profile's elasticity): the
+            # other's medians predict this one's
+            ref, (o_meas, o_pace) = float(np.median(run_pace)), run_paced
+            e = loaded[0][1].pace_elasticity()
+            p_labels = labels + [f"run {against}"]
+            p_preds = np.column_stack([preds, np.median(at_pace(o_meas, o_pace, ref, e), axis=0)])
+            paced = np.column_stack([paced, np.median(at_pace(run_meas, run_pace, ref, e), axis=0)])
         if paced is not None:
             print("at each profile's pace (every measurement scaled by the profile's pace / the pace network's "
                   "median beside it):")
-            print("\n".join(score_lines(labels, preds, paced, int8)))
+            print("\n".join(score_lines(p_labels, p_preds, paced, int8)))
     if state is not None:
         print(f"in {labels[0]}'s state (sync probe {state:.2f} us +-{100 * STATE_TOLERANCE:.0f}%): "
               f"{int((~np.isnan(inst)).sum())} of {len(meas)} configurations measured in it")
@@ -284,6 +325,9 @@ def main() -> None:
                          "(shared by the models; 0: no)")
     ap.add_argument("--rescore", default="", metavar="DUMP.json",
                     help="measure nothing: score --profile and --compare against an earlier run's --dump")
+    ap.add_argument("--against", default="", metavar="DUMP.json",
+                    help="with --rescore: score another run's measurements (its --dump) as one more predictor: how "
+                         "closely two runs of this benchmark agree here")
     ap.add_argument("--worker", default="", help=argparse.SUPPRESS)  # internal: one model's measurements
     ap.add_argument("--worker-out", default="", help=argparse.SUPPRESS)
     ap.add_argument("--state", type=float, default=0.0, help=argparse.SUPPRESS)
@@ -292,8 +336,10 @@ def main() -> None:
         run_worker(args)
         return
     compare = [p for p in args.compare.split(",") if p]
+    if args.against and not args.rescore:
+        ap.error("--against scores another run against a --rescore DUMP.json: give both")
     if args.rescore:
-        rescore(args.rescore, [args.profile] + compare)
+        rescore(args.rescore, [args.profile] + compare, args.against)
         return
     if args.calibrate:
         out = Path(args.calibrate)
@@ -381,7 +427,7 @@ def main() -> None:
         print("\n".join(score_lines(labels, preds, inst, is_int8)))
     pace = np.array([c[6][:args.rounds] for c in configs]).T
     host_pace = host.calibrated_pace()
-    paced = paced_medians(meas, pace, [host_pace, host_pace, host_pace] + [o.calibrated_pace() for _, o in others])
+    paced = paced_medians(meas, pace, [host, host, host] + [o for _, o in others])
     if paced is not None:
         print(f"\nat each profile's pace (the pace network, timed in alternation with every configuration, ran "
               f"{np.median(pace):.2f} ms here, {np.min(pace):.2f}-{np.max(pace):.2f}; in the calibration "
@@ -389,7 +435,7 @@ def main() -> None:
               "median of the rounds against the predictions (roofline and flops at the calibrated profile's pace)")
         print("\n".join(score_lines(labels, preds, paced, is_int8)))
         if args.rounds > 1 and host_pace:
-            levelled = meas * host_pace / pace
+            levelled = at_pace(meas, pace, host_pace, host.pace_elasticity())
             single = np.abs(levelled / np.median(levelled, axis=0) - 1)
             print(f"{'one round':12s} {100 * single.mean():8.1f} {100 * (single <= 0.10).mean():15.1f} {'':>12s}  "
                   "(a single paced measurement against the median: the noise left)")

@@ -19,6 +19,7 @@ import time
 import weakref
 from typing import Callable
 
+import numpy as np
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
@@ -383,9 +384,12 @@ def measure_paced(fn: Callable, example: torch.Tensor, reference: PaceReference,
     return {**got, "pace_ms": statistics.median(readings)}
 
 
-def at_pace(latency_ms: float, pace_ms: float, profile_pace_ms: float) -> float | None:
+def at_pace(latency_ms: float, pace_ms: float, profile_pace_ms: float, elasticity: float = 1.0) -> float | None:
     """A latency measured while the pace network ran `pace_ms`, at the pace `profile_pace_ms` (None where either
-    was not read)."""
-    if pace_ms <= 0 or profile_pace_ms <= 0:
+    was not read): latency x (profile pace / pace) ** elasticity, the elasticity being how much of the pace
+    network's drift a network's latency follows (a profile's `provenance.pace_elasticity`, measured by its
+    calibration: hardware.calibrate.pace_elasticity). Latencies and paces may be arrays of one shape (None where
+    any pace was not read)."""
+    if np.any(np.asarray(pace_ms) <= 0) or profile_pace_ms <= 0:
         return None
-    return latency_ms * profile_pace_ms / pace_ms
+    return latency_ms * (profile_pace_ms / pace_ms) ** elasticity

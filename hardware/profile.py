@@ -153,6 +153,10 @@ class Provenance(_Strict):
     isa: str = Field(default="", description="the CPU features it was calibrated with (hardware.measure.cpu_isa)")
     pace_ms: float = Field(default=0.0, ge=0, description="the pace network's latency the predictions are at "
                                                         "(hardware.measure.PaceReference; 0: not paced)")
+    pace_elasticity: float = Field(default=1.0, ge=0, le=1,
+                                   description="how much of the pace network's drift a network's latency follows: a "
+                                               "latency at pace p is latency x (pace_ms / p) ** this at the profile's "
+                                               "pace (hardware.measure.at_pace; 1 where not measured)")
     fit: dict[str, float] = Field(default_factory=dict)
 
 
@@ -213,6 +217,11 @@ class HardwareProfile(_Strict):
         """The pace network's latency (ms) a calibrated profile's predictions are at (hardware.measure.PaceReference);
         None for a datasheet profile or one calibrated before the pace was read."""
         return self.provenance.pace_ms if self.provenance and self.provenance.pace_ms else None
+
+    def pace_elasticity(self) -> float:
+        """The exponent that brings a latency to the profile's pace (hardware.measure.at_pace): 1 where the
+        profile has no provenance."""
+        return self.provenance.pace_elasticity if self.provenance else 1.0
 
     def runs(self, dtype: str) -> tuple[str, float]:
         """The dtype a tensor of `dtype` really runs in here, and the time factor that costs."""

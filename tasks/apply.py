@@ -70,10 +70,11 @@ def paced_latency(meas: dict[str, Any], lat: dict[str, Any], prof) -> None:
     machine ran as fast as when it was calibrated; hardware.measure.at_pace), where the profile and the
     measurement both read the pace network. rel_err compares the prediction with it (`err.latency_at_pace_ms`)."""
     pace = prof.calibrated_pace() or 0.0
-    paced = at_pace(lat["latency_ms"], lat.get("pace_ms", 0.0), pace)
+    paced = at_pace(lat["latency_ms"], lat.get("pace_ms", 0.0), pace, prof.pace_elasticity())
     if paced is not None:
         meas["latency_at_pace_ms"] = round(paced, 4)
         lat["profile_pace_ms"] = pace
+        lat["profile_pace_elasticity"] = prof.pace_elasticity()
 
 
 def measure_artifact_latency(work: Work, ep, batch_size: int) -> dict[str, Any]:

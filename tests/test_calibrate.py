@@ -11,7 +11,7 @@ from estimators.analyze import analyze
 from estimators.modelspec import load_model
 from flows.cli import app
 from hardware.calibrate import (SEED_STRIDE, at_one_pace, calibrate_host, channel_multiple, collect_samples, fit_profile,
-                                load_samples, merge_samples)
+                                load_samples, merge_samples, pace_elasticity)
 from hardware.latency import predict_latency
 from hardware.measure import cpu_isa, machine_note
 from hardware.profile import load_profile, save_profile
@@ -63,7 +63,17 @@ def test_quick_calibration_writes_loadable_profile(tmp_path):
     assert again.calibrated_pace() == pytest.approx(float(np.median(kept.pace_readings)), rel=1e-3)
     assert fit["pace_ms"] == pytest.approx(again.provenance.pace_ms) and fit["pace.p5_ms"] <= fit["pace.p95_ms"]
     assert any(m.startswith("pace: the pace network ran") for m in messages)
-    levelled, _ = at_one_pace(kept)  # what was fitted: the same samples levelled by hand and fitted unpaced
+    # the first networks' totals were timed again at the end (no row times), between two pace readings; how much
+    # the latency followed the pace between the two timings is the profile's elasticity
+    firsts = {n.label for n in kept.nets[1][:len(kept.retimed) // 2] + kept.nets[8][:len(kept.retimed) // 2]}
+    assert kept.retimed and {n.label for n in kept.retimed} == firsts
+    assert all(n.total_seconds > 0 and n.pace_ms > 0 and n.row_seconds.size == 0 for n in kept.retimed)
+    elasticity, pairs = pace_elasticity(kept)
+    assert 0 < pairs <= len(kept.retimed) and fit["pace.pairs"] == pairs
+    assert 0 <= elasticity <= 1 and again.provenance.pace_elasticity == pytest.approx(elasticity, abs=1e-4)
+    assert again.pace_elasticity() == again.provenance.pace_elasticity == fit["pace.elasticity"]
+    assert len(pooled.retimed) == 2 * len(kept.retimed)
+    levelled, _ = at_one_pace(kept, elasticity)  # what was fitted: the same samples levelled by hand, fitted unpaced
     by_hand = fit_profile(dataclasses.replace(levelled, pace_readings=[]))
     assert by_hand.calibrated_pace() is None
     assert predict_latency(table, by_hand, 8).latency_ms == pytest.approx(p8, rel=1e-9)

@@ -332,6 +332,10 @@ def test_pace_network_is_fixed_and_measurements_carry_it():
     # 10 ms measured while the pace network ran 4 ms is 7.5 ms at a pace of 3 ms
     assert at_pace(10.0, 4.0, 3.0) == pytest.approx(7.5)
     assert at_pace(10.0, 0.0, 3.0) is None and at_pace(10.0, 4.0, 0.0) is None
+    # with an elasticity the latency follows that power of the pace: 10 ms x (3 / 4) ** 0.5
+    assert at_pace(10.0, 4.0, 3.0, 0.5) == pytest.approx(8.660254) and at_pace(10.0, 4.0, 3.0, 0.0) == 10.0
+    got = at_pace(np.array([10.0, 6.0]), np.array([4.0, 2.0]), 3.0, 0.5)  # arrays of measurements and readings
+    assert got == pytest.approx([8.660254, 7.348469]) and at_pace(np.ones(2), np.array([4.0, 0.0]), 3.0) is None
     clock = PaceClock(every_s=3600)
     first = clock()
     assert clock() == first and len(clock.readings) == 1  # within every_s: the last reading
@@ -361,7 +365,42 @@ def test_samples_are_brought_to_one_pace_by_hand():
     assert s.nets[1][0].total_seconds == 3.0  # the samples themselves are left as they were
     unpaced = Samples(s.peaks, False, 1, 2, s.nets, s.ops, [], [], [], [], 1.0)
     assert at_one_pace(unpaced) == (unpaced, 0.0)
+    half, _ = at_one_pace(s, 0.5)  # with an elasticity: 3 s at pace 2 is 3 x (3 / 2) ** 0.5 s at pace 3
+    assert half.nets[1][0].total_seconds == pytest.approx(3 * 1.5 ** 0.5) and len(half.nets[1]) == 3
     assert _around(3.0, 5.0) == 4.0 and _around(0.0, 5.0) == 5.0 and _around(0.0, 0.0) == 0.0
+
+
+def test_pace_elasticity_by_hand():
+    """The slope (through the origin, within [0, 1]) of the log ratio of two timings of one network on the log ratio
+    of the paces they were timed at, over every pair of timings of a network (samples and re-timings pooled); 1
+    where fewer than ELASTICITY_LEAST pairs or paces about equal measure it; timings over PACE_BAND away from the
+    median pace left out."""
+    from hardware.calibrate import ELASTICITY_LEAST, Samples, pace_elasticity
+
+    def net(label, pace, sec):
+        return NetSample(label, None, np.zeros(0), sec, batch=1, pace_ms=pace)
+
+    def samples(nets, again, readings=(3.0,)):
+        return Samples((1.0,) * 4, False, 1, 2, {1: nets}, {}, [], [], [], [], 1.0, pace_readings=list(readings),
+                       retimed=again)
+
+    # ten networks, each timed at pace 3 and again at pace 2 or 4.5: their times follow the pace ** 0.6
+    first = [net(f"n{i}", 3.0, 1.0 + i) for i in range(10)]
+    again = [net(f"n{i}", p, (1.0 + i) * (p / 3.0) ** 0.6) for i, p in enumerate([2.0, 4.5] * 5)]
+    assert pace_elasticity(samples(first, again)) == (pytest.approx(0.6), 10)
+    # a third timing of n0 adds two pairs (with both others); a timing 2.5x away from the median is left out
+    more = again + [net("n0", 4.5, 1.0 * 1.5 ** 0.6), net("n1", 7.6, 50.0)]
+    assert pace_elasticity(samples(first, more)) == (pytest.approx(0.6), 12)
+    # slopes beyond [0, 1] are clipped
+    faster = [net(f"n{i}", p, (1.0 + i) * (p / 3.0) ** -0.3) for i, p in enumerate([2.0, 4.5] * 5)]
+    assert pace_elasticity(samples(first, faster))[0] == 0.0
+    steeper = [net(f"n{i}", p, (1.0 + i) * (p / 3.0) ** 1.4) for i, p in enumerate([2.0, 4.5] * 5)]
+    assert pace_elasticity(samples(first, steeper))[0] == 1.0
+    # too few pairs, paces within a few percent, or no pace readings: not measured (1)
+    assert pace_elasticity(samples(first, again[:ELASTICITY_LEAST - 1])) == (1.0, ELASTICITY_LEAST - 1)
+    same = [net(f"n{i}", 3.05, 2.0 + i) for i in range(10)]
+    assert pace_elasticity(samples(first, same)) == (1.0, 10)
+    assert pace_elasticity(samples(first, again, readings=())) == (1.0, 0)
 
 
 def _tiny_table():
@@ -611,10 +650,16 @@ def test_a_measurement_is_brought_to_the_profile_pace():
     from tasks.apply import paced_latency
 
     prof = load_profile("host")
-    paced = prof.model_copy(update={"provenance": prof.provenance.model_copy(update={"pace_ms": 3.0})})
+    at3 = {"pace_ms": 3.0, "pace_elasticity": 1.0}  # a pace of 3 ms, latency in proportion to the pace
+    paced = prof.model_copy(update={"provenance": prof.provenance.model_copy(update=at3)})
     meas, lat = {"latency_ms": 10.0}, {"latency_ms": 10.0, "pace_ms": 4.0}
     paced_latency(meas, lat, paced)
     assert meas["latency_at_pace_ms"] == pytest.approx(7.5) and lat["profile_pace_ms"] == 3.0
+    # with the profile's elasticity: 10 ms x (3 / 4) ** 0.5
+    half = paced.model_copy(update={"provenance": paced.provenance.model_copy(update={"pace_elasticity": 0.5})})
+    m2, l2 = {"latency_ms": 10.0}, {"latency_ms": 10.0, "pace_ms": 4.0}
+    paced_latency(m2, l2, half)
+    assert m2["latency_at_pace_ms"] == pytest.approx(8.6603) and l2["profile_pace_elasticity"] == 0.5
     err = rel_err({"latency_ms": 9.0}, meas)
     assert err["latency_ms"] == pytest.approx(-0.1) and err["latency_at_pace_ms"] == pytest.approx(0.2)
     unpaced = prof.model_copy(update={"provenance": prof.provenance.model_copy(update={"pace_ms": 0.0})})
