@@ -56,7 +56,7 @@ from estimators.table import LayerTable, build_table, evaluate
 from estimators.trace import trace_model
 
 from .latency import (ALL_CLASSES, GEMM_CLASSES, SPLIT_WIDTH, _row_features, conv_shape, eager_terms, fused_mask,
-                      input_elements, misaligned, pointwise, remainder_share, split_terms)
+                      in_place, input_elements, latency_kinds, misaligned, pointwise, remainder_share, split_terms)
 from .measure import PaceClock, StateClock, cpu_isa, cpuinfo, dominant_state, measure_latency, same_state
 from .profile import SUBCLASSES, Efficiency, HardwareProfile, Provenance
 
@@ -349,8 +349,9 @@ def _ops(net: NetSample) -> float:
 
 
 def _written(net: NetSample) -> float:
-    """Activation bytes the network's operators write."""
-    return float(evaluate(net.table).act_write_bytes.sum()) * (net.batch or net.table.batch) / net.table.batch
+    """Activation bytes the network's operators write into outputs they allocate (not in place: latency.in_place)."""
+    written = np.where(in_place(net.table, latency_kinds(net.table)), 0.0, evaluate(net.table).act_write_bytes)
+    return float(written.sum()) * (net.batch or net.table.batch) / net.table.batch
 
 
 def _glue_columns(net: NetSample) -> list[float]:

@@ -403,6 +403,36 @@ def test_pace_elasticity_by_hand():
     assert pace_elasticity(samples(first, again, readings=())) == (1.0, 0)
 
 
+def test_in_place_rows_count_what_they_read_by_hand():
+    """An in-place elementwise row (ReLU(inplace=True)) costs the bytes it reads and not those it writes back, and
+    allocates nothing (no glue per byte written); out of place it costs both. An in-place SiLU (transcendental,
+    compute-bound: 0.96x out of place when timed) is costed as out of place."""
+    from estimators.modelspec import LoadedModel
+    from hardware.latency import in_place, latency_kinds
+
+    def tab(inplace: bool):
+        model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.ReLU(inplace=inplace), nn.Conv2d(8, 8, 1),
+                              nn.SiLU(inplace=inplace)).eval()
+        return analyze(LoadedModel(f"test:inplace-{inplace}", "factory", model, (1, 3, 16, 16)))
+
+    t_in, t_out = tab(True), tab(False)
+    kinds = latency_kinds(t_in)
+    relu = int(np.flatnonzero(kinds == "elementwise")[0])
+    assert np.flatnonzero(in_place(t_in, kinds)).tolist() == [relu]
+    assert not in_place(t_out, latency_kinds(t_out)).any()
+    d = _split_profile()
+    d["cache_bytes"] = 1 << 30  # every activation byte at cache speed: 100 GB/s x the class's share 0.8
+    d["efficiency"]["glue_ns_per_byte"] = 1.0
+    prof = parse_profile(d, "test")
+    a, b = predict_latency(t_in, prof), predict_latency(t_out, prof)
+    written = 8 * 16 * 16 * 4  # the ReLU's fp32 output
+    diff = b.per_row_ms - a.per_row_ms
+    assert diff[relu] == pytest.approx(written / (100e9 * 0.8) * 1e3, rel=1e-9)
+    assert np.delete(diff, relu) == pytest.approx(0.0, abs=1e-12)  # the SiLU and the convolutions alike
+    # the call's glue: 1 ns per byte written into an output the call allocates
+    assert b.latency_ms - a.latency_ms == pytest.approx(diff[relu] + written * 1e-9 * 1e3, rel=1e-9)
+
+
 def _tiny_table():
     """conv -> SiLU -> 2x2 max pool on 24 channels -> 1x1 conv -> sigmoid (a gate no INT8 conv fuses)."""
     from estimators.modelspec import LoadedModel
