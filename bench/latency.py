@@ -224,8 +224,8 @@ def rescore(path: str, profiles: list[str], against: str = "") -> None:
             p_preds = np.column_stack([preds, np.median(at_pace(o_meas, o_pace, ref, e), axis=0)])
             paced = np.column_stack([paced, np.median(at_pace(run_meas, run_pace, ref, e), axis=0)])
         if paced is not None:
-            print("at each profile's pace (every measurement scaled by the profile's pace / the pace network's "
-                  "median beside it):")
+            print("at each profile's pace (every measurement x (the profile's pace / the pace network's median "
+                  "beside it) ** the profile's pace elasticity):")
             print("\n".join(score_lines(p_labels, p_preds, paced, int8)))
     if state is not None:
         print(f"in {labels[0]}'s state (sync probe {state:.2f} us +-{100 * STATE_TOLERANCE:.0f}%): "
@@ -431,8 +431,9 @@ def main() -> None:
     if paced is not None:
         print(f"\nat each profile's pace (the pace network, timed in alternation with every configuration, ran "
               f"{np.median(pace):.2f} ms here, {np.min(pace):.2f}-{np.max(pace):.2f}; in the calibration "
-              f"{host_pace or 0:.2f} ms): each measurement scaled by the profile's pace over the pace beside it, the "
-              "median of the rounds against the predictions (roofline and flops at the calibrated profile's pace)")
+              f"{host_pace or 0:.2f} ms): each measurement x (the profile's pace / the pace beside it) ** the profile's "
+              f"pace elasticity ({host.pace_elasticity():.3f}), the median of the rounds against the predictions "
+              "(roofline and flops at the calibrated profile's pace)")
         print("\n".join(score_lines(labels, preds, paced, is_int8)))
         if args.rounds > 1 and host_pace:
             levelled = at_pace(meas, pace, host_pace, host.pace_elasticity())
