@@ -27,8 +27,8 @@ is what a calibrated profile predicts. The raw medians are scored as before, bes
 
 `--rescore DUMP.json --against OTHER.json` scores another run's measurements as one more predictor of the
 rescored run's (raw, and both brought to one pace): two runs of this benchmark are the closest any predictor can
-be expected to come to one run on this machine (on 2026-11-29 two runs two hours apart agreed within 10% for 41%
-of the configurations raw, 70-72% paced).
+be expected to come to one run on this machine (on 2026-11-29 the ten pairs of five runs agreed within 10% for
+20-50% of the configurations raw, 75-94% brought to one pace).
 
 `--compare` adds other calibrated profiles (names or YAML paths, e.g. a previous calibration) as further
 predictors of the same measurements: this machine's speed drifts between runs, so two calibrations are

@@ -44,7 +44,9 @@ def test_quick_calibration_writes_loadable_profile(tmp_path):
     assert 0 < p1 < p8
     # the samples were kept: fitted again they give the same profile; pooled with themselves, twice the samples
     kept = load_samples(tmp_path / "s.pkl")
-    assert kept.runs == 1 and kept.seed_offset == 0 and len(kept.nets[1]) == fit["fp32.b1.networks"]
+    assert kept.runs == 1 and kept.seed_offset == 0
+    # every network kept was fitted but those timed while the pace ran over PACE_BAND away (a stall of the VM)
+    assert len(kept.nets[1]) - fit["pace.dropped"] <= fit["fp32.b1.networks"] <= len(kept.nets[1])
     refit = fit_profile(kept)
     assert predict_latency(table, refit, 1).latency_ms == pytest.approx(p1, rel=1e-9)
     pooled = merge_samples([kept, kept])
