@@ -924,7 +924,7 @@ def collect_samples(quick: bool = False, progress: Progress = lambda m: None, in
     peaks = measure_peaks(progress)
     peaks_probes.append(clock(fresh=True))  # the state before and after the peaks
     nets, retimed = network_samples(budget_s * (FP32_SHARE if int8 else 0.95), progress, seed0=offset, state=clock,
-                                    pace=pace)
+                                    pace=pace, retime=2 if quick else RETIMED)
     ops: dict[int, list[NetSample]] = {}
     elems: list[ElementSample] = []
     pools: list[NetSample] = []
