@@ -14,7 +14,7 @@ from scipy import sparse
 
 from estimators import registry as R
 from estimators.table import LayerTable, NQ
-from hardware.latency import (GEMM_CLASSES, conv_shape, dtype_parts, eager_terms, input_elements, latency_kinds,
+from hardware.latency import (GEMM_CLASSES, conv_shape, dtype_parts, eager_terms, in_place, input_elements, latency_kinds,
                               of_class, pointwise, remainder_share, split_coefficients,
                               streamed_weights)
 from hardware.profile import HardwareProfile
@@ -83,6 +83,7 @@ class BatchEvaluator:
     def _latency_setup(self, profile: HardwareProfile, batch: int) -> None:
         t = self.table
         self.kinds = latency_kinds(t)
+        self.in_place = in_place(t, self.kinds)
         self.is_gemm = np.isin(self.kinds, GEMM_CLASSES)
         self.window = t.ksize if t.ksize is not None else np.ones(t.n)
         self.pw = pointwise(t)
@@ -122,7 +123,8 @@ class BatchEvaluator:
         gemm = q[:, :, QI["gemm_macs"]] * 2 * scale
         elems = q[:, :, QI["act_out"]] * scale
         flops = np.where(self.is_gemm, gemm, np.where(self.kinds == "maxpool", elems * self.window, elems))
-        abytes = (arb + awb) * scale
+        awb_paid = np.where(self.in_place, 0.0, awb)  # in-place rows write back what they read (latency.in_place)
+        abytes = (arb + awb_paid) * scale
         eager = {}  # per thread count: eager PyTorch's convolution dispatch columns
         m = prof.channel_multiple
         off = ((cin % m) != 0) | ((cout % m) != 0) if m and m > 1 else np.zeros(cin.shape, dtype=bool)
@@ -168,7 +170,7 @@ class BatchEvaluator:
                 per = body * factor + kern
             total += per.sum(1)
         for rows, s_per_byte in self.glue:
-            total += awb[:, rows].sum(1) * scale * s_per_byte
+            total += awb_paid[:, rows].sum(1) * scale * s_per_byte
         return total + self.const_s
 
     # ------------------------------------------------------------------------------------------
