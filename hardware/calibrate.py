@@ -57,7 +57,7 @@ from estimators.trace import trace_model
 
 from .latency import (ALL_CLASSES, GEMM_CLASSES, SPLIT_WIDTH, _row_features, conv_shape, eager_terms, fused_mask,
                       in_place, input_elements, latency_kinds, misaligned, pointwise, remainder_share, split_terms)
-from .measure import PaceClock, StateClock, cpu_isa, cpuinfo, dominant_state, measure_latency, same_state
+from .measure import PaceClock, StateClock, at_pace, cpu_isa, cpuinfo, dominant_state, measure_latency, same_state
 from .profile import SUBCLASSES, Efficiency, HardwareProfile, Provenance
 
 Progress = Callable[[str], None]
@@ -1061,8 +1061,8 @@ def at_one_pace(samples: Samples, elasticity: float = 1.0) -> tuple[Samples, flo
     pace = float(np.median(samples.pace_readings))
 
     def kept(parts: list[NetSample]) -> list[NetSample]:
-        return [dataclasses.replace(x, row_seconds=x.row_seconds * (pace / x.pace_ms) ** elasticity,
-                                    total_seconds=x.total_seconds * (pace / x.pace_ms) ** elasticity)
+        return [dataclasses.replace(x, row_seconds=at_pace(x.row_seconds, x.pace_ms, pace, elasticity),
+                                    total_seconds=at_pace(x.total_seconds, x.pace_ms, pace, elasticity))
                 if x.pace_ms > 0 else x
                 for x in parts if x.pace_ms <= 0 or 1 / PACE_BAND <= x.pace_ms / pace <= PACE_BAND]
 
