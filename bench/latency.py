@@ -6,10 +6,15 @@ Prints, side by side, MAPE, the share within +-10% and Kendall's tau for
   flops        latency proportional to FLOPs (seconds per FLOP of the host's dense-conv fit)
 Every configuration is measured as its saved artifact runs: float programs as ExportedProgram.module(), int8
 ones inductor-compiled (the forms the host profile predicts). Each model is measured in a process of its own,
-as a deployment runs it: its artifacts are built and saved, what built them is dropped, they are loaded back
-and measured round-robin `--rounds` times (median), with the spread between rounds printed as the noise
-floor. (Measured all in one process holding the 64 configurations, one round against the median of four was
-within 10% for 78-88% of them in six runs; measured per model, 93% and 94% in two.)
+as a deployment runs it: its artifacts are built and saved, what built them is dropped, they are loaded back.
+(Measured all in one process holding the 64 configurations, one round against the median of four was within
+10% for 78-88% of them in six runs; measured per model, 93% and 94% in two.) The models' processes are all
+built first and then take the `--rounds` rounds in turn, every round measuring every model's configurations
+(median of the rounds; the spread between rounds is printed as the noise floor): a model's rounds lie minutes
+apart, so a slow spell of this VM (seconds to minutes) does not fall on all of them at once. Measured one
+model after another, each model's rounds within two minutes, the same per-configuration model scored 76.6-90.6%
+within 10% in six runs, while the median over those six runs of each configuration's ratio was within 10% for
+92% of them (2026-11-29): most of a run's misses were one model's window of time.
 
     .venv/bin/python bench/latency.py [--models resnet18,...] [--strategies none,prune:0.3,...] [--batches 1,8]
                                       [--rounds 3] [--profile host] [--compare PATH,...] [--calibrate OUT.yaml]
@@ -53,7 +58,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -263,11 +267,10 @@ def measure_in_state(runs: list[tuple], meas: list[list[float]], probes: list[li
           f"{left} configurations still with fewer than {need}", flush=True)
 
 
-def measure_model(name: str, strategies: list[str], batches: list[int], rounds: int, state: float | None,
-                  state_wait: float) -> list[dict]:
-    """Build one model's artifacts, load them back as a deployment would and measure them (`rounds` times,
-    round-robin), then again in the calibration's `state` (measure_in_state). Runs in a process of its own."""
-    runs = []  # (strategy, batch, fn, example)
+def build_runs(name: str, strategies: list[str], batches: list[int]) -> list[tuple]:
+    """Build one model's artifacts, save them and load them back as a deployment would: (strategy, batch, fn,
+    example) per configuration, float programs as ExportedProgram.module(), INT8 ones inductor-compiled."""
+    runs = []
     with tempfile.TemporaryDirectory() as tmp:
         loaded = load_model(f"torchvision:{name}")
         saved = []
@@ -282,29 +285,83 @@ def measure_model(name: str, strategies: list[str], batches: list[int], rounds: 
             ep = load_program(path)
             fn = compile_for_inference(ep) if int8 else ep.module()
             runs += [(text, b, fn, ex) for b, ex in zip(batches, examples)]
-        meas = [[] for _ in runs]
-        probes = [[] for _ in runs]
-        paces = [[] for _ in runs]
-        reference = PaceReference()
-        for r in range(rounds):
+    return runs
+
+
+def serve_model(conn, name: str, strategies: list[str], batches: list[int]) -> None:
+    """One model's process: build its artifacts (build_runs), say "ready", then on each command from `conn`:
+    "round" measures every configuration once (in alternation with the pace network, its sync probe before),
+    ("state", state, need, wait_s) measures again in the calibration's state (measure_in_state), "result" sends
+    every configuration's measurements and ends. Idle between commands (blocked on the pipe), so the models'
+    processes take their rounds in turn."""
+    runs = build_runs(name, strategies, batches)
+    meas, probes, paces = [[] for _ in runs], [[] for _ in runs], [[] for _ in runs]
+    reference = PaceReference()
+    conn.send("ready")
+    while True:
+        cmd = conn.recv()
+        if cmd == "round":
             for i, (_, _, fn, ex) in enumerate(runs):
                 probes[i].append(sync_probe_us(0.1))
                 got = measure_paced(fn, ex, reference, warmup=3, min_runs=10, budget_s=1.0)
                 meas[i].append(got["latency_ms"])
                 paces[i].append(got["pace_ms"])
-        print(f"{name}: {len(runs)} configurations x {rounds} rounds measured (sync probe "
-              f"{np.median(probes):.2f} us, range {np.min(probes):.2f}-{np.max(probes):.2f})", flush=True)
+            conn.send(float(np.median([p[-1] for p in probes])))
+        elif isinstance(cmd, tuple) and cmd[0] == "state":
+            _, state, need, wait_s = cmd
+            measure_in_state([(x[2], x[3]) for x in runs], meas, probes, state, need=need, wait_s=wait_s)
+            conn.send("done")
+        else:  # "result"
+            conn.send([{"model": name, "strategy": text, "batch": b, "meas_ms": meas[i], "sync_probe_us": probes[i],
+                        "pace_ms": paces[i]} for i, (text, b, _, _) in enumerate(runs)])
+            return
+
+
+def measure_models(models: list[str], strategies: list[str], batches: list[int], rounds: int, state: float | None,
+                   state_wait: float) -> dict[str, list[dict]]:
+    """Every model in a process of its own (serve_model), all alive at once: each builds its artifacts in turn,
+    then every round measures every model's configurations, model after model, so a model's rounds lie minutes
+    apart (this VM's slow spells last seconds to minutes: measured one model at a time, a spell fell on all
+    the rounds of a model's configurations together); then the configurations with fewer than half their
+    rounds in the calibration's `state` are measured again in it, for `state_wait` seconds in all.
+    Returns each model's configurations with their measurements."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    workers = []
+    try:
+        for name in models:
+            mine, theirs = ctx.Pipe()
+            proc = ctx.Process(target=serve_model, args=(theirs, name, strategies, batches), daemon=True)
+            proc.start()
+            workers.append((name, proc, mine))
+            t0 = time.perf_counter()
+            if mine.recv() != "ready":
+                raise RuntimeError(f"{name}: its process did not build its artifacts")
+            print(f"{name}: artifacts built and loaded in a process of its own ({time.perf_counter() - t0:.0f} s)",
+                  flush=True)
+        for r in range(rounds):
+            t0 = time.perf_counter()
+            probe = []
+            for name, _, conn in workers:
+                conn.send("round")
+                probe.append(conn.recv())
+            print(f"round {r + 1}/{rounds}: {len(models)} models measured in {time.perf_counter() - t0:.0f} s (sync "
+                  f"probe median {np.median(probe):.2f} us)", flush=True)
         if state is not None and state_wait > 0:
-            measure_in_state([(x[2], x[3]) for x in runs], meas, probes, state, need=(rounds + 1) // 2, wait_s=state_wait)
-    return [{"model": name, "strategy": text, "batch": b, "meas_ms": meas[i], "sync_probe_us": probes[i],
-             "pace_ms": paces[i]} for i, (text, b, _, _) in enumerate(runs)]
-
-
-def run_worker(args) -> None:
-    """--worker: measure_model for one model, written as JSON to --worker-out."""
-    out = measure_model(args.worker, args.strategies.split(","), [int(x) for x in args.batches.split(",")],
-                        args.rounds, args.state or None, args.state_wait)
-    Path(args.worker_out).write_text(json.dumps(out))
+            for name, _, conn in workers:
+                conn.send(("state", state, (rounds + 1) // 2, state_wait / len(models)))
+                conn.recv()
+        out = {}
+        for name, proc, conn in workers:
+            conn.send("result")
+            out[name] = conn.recv()
+            proc.join(timeout=60)
+        return out
+    finally:
+        for _, proc, _ in workers:
+            if proc.is_alive():
+                proc.terminate()
 
 
 def main() -> None:
@@ -328,13 +385,7 @@ def main() -> None:
     ap.add_argument("--against", default="", metavar="DUMP.json",
                     help="with --rescore: score another run's measurements (its --dump) as one more predictor: how "
                          "closely two runs of this benchmark agree here")
-    ap.add_argument("--worker", default="", help=argparse.SUPPRESS)  # internal: one model's measurements
-    ap.add_argument("--worker-out", default="", help=argparse.SUPPRESS)
-    ap.add_argument("--state", type=float, default=0.0, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.worker:
-        run_worker(args)
-        return
     compare = [p for p in args.compare.split(",") if p]
     if args.against and not args.rescore:
         ap.error("--against scores another run against a --rescore DUMP.json: give both")
@@ -361,24 +412,20 @@ def main() -> None:
     models = args.models.split(",")
     state = host.calibrated_state()
     configs = []  # (name, strategy, batch, measurements, probes, predictions)
-    with tempfile.TemporaryDirectory() as tmp:
-        for name in models:
-            # each model in a process of its own, as deployed (see the module's docstring)
-            out = Path(tmp) / f"{name}.json"
-            subprocess.run([sys.executable, __file__, "--worker", name, "--worker-out", str(out), "--strategies",
-                            args.strategies, "--batches", args.batches, "--rounds", str(args.rounds), "--state",
-                            str(state or 0.0), "--state-wait", str(args.state_wait / len(models))], check=True)
-            table = analyze(load_model(f"torchvision:{name}"))
-            ests = {}
-            for c in json.loads(out.read_text()):
-                if c["strategy"] not in ests:  # one estimate per strategy, for its batches
-                    ests[c["strategy"]] = estimate(table, parse_strategy(c["strategy"]))
-                est = ests[c["strategy"]]
-                b = c["batch"]
-                preds = (predict_latency(est, host, b).latency_ms, predict_latency(est, roof, b).latency_ms,
-                         totals(est)["gemm_macs"] * 2 * b * s_per_flop * 1e3) + tuple(
-                    predict_latency(est, o, b).latency_ms for _, o in others)
-                configs.append((name, c["strategy"], b, c["meas_ms"], c["sync_probe_us"], preds, c["pace_ms"]))
+    measured = measure_models(models, args.strategies.split(","), [int(x) for x in args.batches.split(",")],
+                              args.rounds, state, args.state_wait)
+    for name in models:
+        table = analyze(load_model(f"torchvision:{name}"))
+        ests = {}
+        for c in measured[name]:
+            if c["strategy"] not in ests:  # one estimate per strategy, for its batches
+                ests[c["strategy"]] = estimate(table, parse_strategy(c["strategy"]))
+            est = ests[c["strategy"]]
+            b = c["batch"]
+            preds = (predict_latency(est, host, b).latency_ms, predict_latency(est, roof, b).latency_ms,
+                     totals(est)["gemm_macs"] * 2 * b * s_per_flop * 1e3) + tuple(
+                predict_latency(est, o, b).latency_ms for _, o in others)
+            configs.append((name, c["strategy"], b, c["meas_ms"], c["sync_probe_us"], preds, c["pace_ms"]))
     every_m = [c[3] for c in configs]
     every_p = [c[4] for c in configs]
     meas = np.array([m[:args.rounds] for m in every_m]).T

@@ -10,7 +10,8 @@ the profile's `slow_dtypes` says, at its measured factor.
 
 A calibrated CPU profile (`efficiency.weight_bandwidth` given) uses the split model, fitted to operators
 timed inside running networks (hardware.calibrate):
-    time = overhead[class] + FLOPs / (peak x compute[class]) x (1x1 factor) x (misaligned factor)
+    time = overhead[class] + FLOPs / (peak x compute[class]) x (1x1 factor: below 1 where 1x1 runs faster)
+           x (misaligned factor)
            + weight bytes / (memory read bandwidth x weight_bandwidth[class])
            + activation bytes up to cache_bytes / (cache bandwidth x bandwidth[class])
            + activation bytes beyond it / (memory bandwidth x spill_bandwidth[class])

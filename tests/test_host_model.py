@@ -158,13 +158,15 @@ def test_shuffle_units_reorder_channels_and_are_priced_as_permutes():
     assert len(shuffles) >= 5  # the calibration's networks include them
 
 
-def test_fit_recovers_known_coefficients():
+@pytest.mark.parametrize("pw", [1e-12, -0.5e-12])
+def test_fit_recovers_known_coefficients(pw):
     """Rows timed exactly by a known split model (eager PyTorch's convolution dispatch included): the per-class
-    least squares gets the model back."""
+    least squares gets the model back, a 1x1 convolution slower per FLOP than the others or faster (`pw`: its
+    FLOPs' extra seconds; the fit keeps both rates non-negative, not the difference)."""
     from hardware.calibrate import _features
 
     z4 = [0.0] * 5
-    known = {"conv": np.array([20e-6, 2e-12, 1e-12, 3e-12, 5e-11, 1e-11, 8e-11, 25e-6, 2e-10, 1.5e-10, 1e-12, 1.2e-12]),
+    known = {"conv": np.array([20e-6, 2e-12, pw, 3e-12, 5e-11, 1e-11, 8e-11, 25e-6, 2e-10, 1.5e-10, 1e-12, 1.2e-12]),
              "dwconv": np.array([30e-6, 1e-11, 0.0, 2e-12, 4e-11, 2e-11, 9e-11, 0.0, 1e-10, 1e-10, 0.0, 5e-12]),
              "gemm": np.array([10e-6, 4e-12, 0.0, 1e-12, 3e-11, 1e-11, 5e-11] + z4),
              "elementwise": np.array([3e-6, 1e-11, 0.0, 0.0, 0.0, 5e-12, 2e-11] + z4),
@@ -189,6 +191,7 @@ def test_fit_recovers_known_coefficients():
     assert coef["conv"] == pytest.approx(known["conv"], rel=1e-4, abs=1e-16)
     eff = split_efficiency(coef, view_s, peak=200.0, bwr=20.0, cbw=100.0, bw=10.0, threads=2)
     assert eff.compute["conv"] == pytest.approx(1 / (200e9 * 2e-12))
+    assert eff.pointwise_factor["conv"] == pytest.approx(1 + pw / 2e-12)  # 1.5, or 0.75: 1x1 rows faster
     assert eff.overhead_us["dwconv"] == pytest.approx(30.0)
     assert eff.eager_threads == 2
     # depthwise convolutions always run on oneDNN (no column of their own); a fitted gconv states its zero
@@ -200,9 +203,11 @@ def test_fit_recovers_known_coefficients():
 
 def test_int8_graph_fit_recovers_known_costs():
     """Compiled INT8 synthetic networks whose profiled parts follow known costs (a kernel in a graph against alone,
-    the generated loops per operator, per element and per element a channel shuffle reorders, the wrapper per call,
-    per operator and per element moved): fit_int8 gets them back, the shuffle's extra cost from the networks that have shuffles after
-    the per-operator and per-element costs are fitted on those that do not."""
+    per kernel and per activation byte up to the cache's size; the generated loops per operator, per element and
+    per element a channel shuffle reorders, the wrapper per call, per operator and per element moved): fit_int8
+    gets them back, the shuffle's extra cost from the networks that have shuffles after the per-operator and
+    per-element costs are fitted on those that do not. One network's kernels timed in a slow spell (1.8x) leave
+    the kernels' context as it was (a least-absolute fit)."""
     from estimators.quantize import estimate_quantize
     from estimators.strategy import QuantizeStep
     from hardware.calibrate import Int8Sample, _int8_parts, fit_int8
@@ -222,7 +227,7 @@ def test_int8_graph_fit_recovers_known_costs():
         for b in (1, 8):
             s = Int8Sample(f"seed {seed}", table, b, 1.0)
             a = _int8_parts(s, coef8[b], cache)
-            kern = a[4] + ctx * a[1] + per_byte * a[5]
+            kern = a[4] + ctx * a[1] + per_byte * a[8]
             loops = other * a[2] + element * a[3] + permute * a[7]
             rest = call + op * (a[1] + a[2]) + moved * (a[3] + a[5])
             samples.append(Int8Sample(s.label, table, b, kern + loops + rest, kern, 0.0, loops))
@@ -234,7 +239,17 @@ def test_int8_graph_fit_recovers_known_costs():
     assert f.other_s == pytest.approx(op + other, rel=1e-3) and f.kernel_s == pytest.approx(op, rel=1e-3)
     assert f.byte_s == pytest.approx(moved, rel=1e-3)
     assert f.call_s == pytest.approx(call, rel=1e-3) and f.kernel_s_ctx[8] == pytest.approx(ctx, rel=1e-3)
+    assert f.byte_s_ctx[1] == pytest.approx(per_byte, rel=1e-3) and f.byte_s_ctx[8] == pytest.approx(per_byte, rel=1e-3)
     assert f.mape < 1e-3
+    # the spilled bytes pay no context: some rows of these networks spill, so a context on all bytes would differ
+    assert any(_int8_parts(s, coef8[s.batch], cache)[5] > _int8_parts(s, coef8[s.batch], cache)[8] for s in samples)
+    slow = samples[9]
+    samples[9] = Int8Sample(slow.label, slow.table, slow.batch, slow.total_seconds + 0.8 * slow.kernel_seconds,
+                            1.8 * slow.kernel_seconds, 0.0, slow.loop_seconds)
+    g = fit_int8(samples, coef8, cache)
+    for b in (1, 8):
+        assert g.kernel_s_ctx[b] == pytest.approx(ctx, rel=1e-2)
+        assert g.byte_s_ctx[b] == pytest.approx(per_byte, rel=1e-2)
 
 
 def test_efficiency_round_trips_the_fitted_coefficients():
