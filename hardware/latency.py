@@ -335,7 +335,7 @@ def predict_latency(table: LayerTable, profile: HardwareProfile, batch_size: int
     off = misaligned(cin, cout, profile.channel_multiple)
     scale = batch_size / table.batch
     rbytes, obytes = ev.act_read_bytes * scale, ev.act_write_bytes * scale
-    allocated = np.where(in_place(table, kinds), 0.0, obytes)  # outputs the call allocates (glue)
+    allocated = abytes - rbytes  # outputs the call allocates (glue): the bytes written, in-place rows' left out
     pw = pointwise(table)
     n = table.n
     per_row = np.zeros(n)

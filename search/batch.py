@@ -14,8 +14,8 @@ from scipy import sparse
 
 from estimators import registry as R
 from estimators.table import LayerTable, NQ
-from hardware.latency import (GEMM_CLASSES, conv_shape, dtype_parts, eager_terms, in_place, input_elements, latency_kinds,
-                              of_class, pointwise, remainder_share, split_coefficients,
+from hardware.latency import (GEMM_CLASSES, conv_shape, dtype_parts, eager_terms, in_place, input_elements,
+                              latency_kinds, of_class, pointwise, remainder_share, split_coefficients,
                               streamed_weights)
 from hardware.profile import HardwareProfile
 
