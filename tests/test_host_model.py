@@ -4,6 +4,7 @@ coefficients, and the steady-state allocator of every measurement."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import numpy as np
 import pytest
@@ -199,6 +200,33 @@ def test_fit_recovers_known_coefficients(pw):
     assert eff.reorder_in_ns["conv"] == pytest.approx(0.2) and eff.reorder_out_ns["conv"] == pytest.approx(0.15)
     assert eff.native_factor["conv"] == pytest.approx(1.5)
     assert eff.padding_ns["conv"] == pytest.approx(1.2e-3) and eff.padding_ns["dwconv"] == pytest.approx(5e-3)
+
+
+def test_glue_fit_bounds_a_larger_batch_by_the_first_ones_python_not_its_bytes():
+    """Networks whose untimed totals exceed their rows by known glue (per operator, per call, per activation byte
+    written): fit_glue gets batch 1's back; batch 8's, bounded by batch 1's per-operator and per-call glue
+    (glue_bound) and not its per-byte glue, gets a per-byte cost below batch 1's back; bounded by all three, the
+    per-byte cost could not fall below batch 1's."""
+    from hardware.calibrate import _glue_columns, fit_glue, glue_bound
+
+    def nets(batch, glue):
+        out = []
+        for seed in range(16):
+            model, shape = synthetic_cnn(seed)
+            table = light_table(model, torch.randn(*shape))
+            rows = np.full(table.n, 2e-5)
+            net = NetSample(f"seed {seed}", table, rows, 0.0, batch=batch)
+            out.append(dataclasses.replace(net, total_seconds=float(rows.sum() + np.dot(_glue_columns(net), glue))))
+        return out
+
+    first = (10e-6, 150e-6, 2e-11)
+    g1 = fit_glue(nets(1, first))
+    assert g1 == pytest.approx(first, rel=1e-6)
+    assert glue_bound(g1) == pytest.approx((10e-6, 150e-6, 0.0), rel=1e-6)
+    eight = (10e-6, 500e-6, 7e-12)  # per call more, per byte less than batch 1
+    b8 = nets(8, eight)
+    assert fit_glue(b8, glue_bound(g1)) == pytest.approx(eight, rel=1e-6)
+    assert fit_glue(b8, g1)[2] >= first[2]
 
 
 def test_int8_graph_fit_recovers_known_costs():
