@@ -15,9 +15,9 @@ apart, so a slow spell of this VM (seconds to minutes) does not fall on all of t
 model after another, each model's rounds within two minutes, the same per-configuration model scored 76.6-90.6%
 within 10% in six runs, while the median over those six runs of each configuration's ratio was within 10% for
 92% of them (2026-11-29): most of a run's misses were one model's window of time. Five rounds by default: two
-three-round runs pooled and scored on five of their six rounds came within 10% for 81.2-92.2% of the configurations
-at the profile's pace (against 81.2-89.1% for the four three-round runs alone; host.yaml of 2026-11-30); a round costs about 2.5 minutes after the
-first (which waits for the INT8 graphs' compiles).
+three-round runs pooled and scored on five of their six rounds came within 10% for 81.2-92.2% of the
+configurations at the profile's pace (against 81.2-89.1% for the four three-round runs alone; host.yaml of
+2026-11-30); a round costs about 2.5 minutes after the first (which waits for the INT8 graphs' compiles).
 
     .venv/bin/python bench/latency.py [--models resnet18,...] [--strategies none,prune:0.3,...] [--batches 1,8]
                                       [--rounds 5] [--profile host] [--compare PATH,...] [--calibrate OUT.yaml]
