@@ -29,3 +29,6 @@ FINETUNE_EPOCHS = 5
 # seconds of timing `deployfit calibrate` spends by default (hardware.calibrate.calibrate_host; peaks and fits come
 # on top: about 2.8 minutes in all on 2 cores, the command's start included)
 CALIBRATION_BUDGET_S = 160.0
+# the whole of a quick calibration (`deployfit calibrate --quick`, and the first use of `host` on a machine), start
+# to written profile: timing, peaks and fits (hardware.calibrate.collect_samples keeps to it)
+QUICK_CALIBRATION_S = 45.0

@@ -47,9 +47,8 @@ def estimate_report(loaded: LoadedModel, table: LayerTable, strategy: Strategy) 
 
 
 POINTS = ("accuracy", "accuracy_drop")  # in percentage points: their error is pred - meas, in points
-# measured metrics checked against a prediction of another name: the latency at the host profile's pace
-# (tasks.apply.paced_latency) against the predicted latency
-PREDICTED_BY = {"latency_at_pace_ms": "latency_ms"}
+# measured metrics checked against a prediction of another name
+PREDICTED_BY: dict[str, str] = {}
 
 
 def rel_err(pred: dict[str, Any], meas: dict[str, Any]) -> dict[str, float]:

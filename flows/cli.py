@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from estimators.errors import CALIBRATION_BUDGET_S, FINETUNE_EPOCHS, UserInputError
+from estimators.errors import CALIBRATION_BUDGET_S, FINETUNE_EPOCHS, QUICK_CALIBRATION_S, UserInputError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Estimate, search and execute DNN compression strategies against deployment requirements.")
@@ -159,27 +159,45 @@ EpochsOpt = Annotated[int, typer.Option("--finetune-epochs", min=0, help="traini
                                         "trains (fine-tuning after pruning, distilling a student)")]
 
 
-def _with_latency(rep: dict[str, Any], loaded, table, strat, hardware: Optional[str], batch_size: int) -> dict[str, Any]:
+def _with_latency(rep: dict[str, Any], loaded, table, strat, hardware: Optional[str], batch_size: int,
+                  anchor: bool = True) -> dict[str, Any]:
     if hardware:
         from estimators.compress import estimate as run_estimate
         from hardware.latency import predict_latency
-        from hardware.measure import machine_note
-        from hardware.profile import load_profile
+        from tasks.anchoring import latency_context
 
-        prof = load_profile(hardware)
-        lat = predict_latency(run_estimate(table, strat), prof, batch_size)
+        prof, anc, info = latency_context(loaded, table, hardware, batch_size, anchor, progress=_progress)
+        lat = predict_latency(run_estimate(table, strat), prof, batch_size, anchor=anc)
         rep["pred"]["latency_ms"] = round(lat.latency_ms, 4)
-        rep["hardware"] = {"name": prof.name, "runtime": prof.runtime, "batch_size": batch_size}
-        note = machine_note(prof)  # a host profile calibrated on another CPU
-        if note:
-            rep["hardware"]["warning"] = note
+        rep["latency_basis"] = lat.basis
+        rep["hardware"] = info
     return rep
+
+
+def _print_latency_basis(rep: dict[str, Any]) -> None:
+    """Where a latency prediction comes from, and a warning for a profile calibrated on another machine."""
+    hw = rep.get("hardware")
+    if not hw:
+        return
+    if hw.get("warning"):
+        _warn(hw["warning"])
+    anc = hw.get("anchor")
+    if anc:
+        console.print(f"latency anchored on the original measured here: {anc['total_ms']} ms at batch {anc['batch']} "
+                      f"(the {hw['name']} profile alone predicted {anc['predicted_ms']} ms; {anc['truths']} measured "
+                      "candidates refine it)", highlight=False)
+    elif hw.get("anchor_note"):
+        console.print(hw["anchor_note"], highlight=False)
+
+
+AnchorOpt = Annotated[bool, typer.Option("--anchor/--no-anchor", help="predict latency relative to the original "
+                                         "model measured on the target, where it can be measured (this machine)")]
 
 
 @app.command()
 def estimate(model: ModelArg, strategy: StrategyOpt = "none", weights: WeightsOpt = None, input_shape: ShapeOpt = None,
              hardware: HardwareOpt = None, batch_size: BatchOpt = 1, data: DataOpt = None,
-             finetune_epochs: EpochsOpt = FINETUNE_EPOCHS, as_json: JsonOpt = False) -> None:
+             finetune_epochs: EpochsOpt = FINETUNE_EPOCHS, anchor: AnchorOpt = True, as_json: JsonOpt = False) -> None:
     """Predict what STRATEGY does to MODEL without compressing it.
 
     With --data, pred.accuracy_drop comes from a sensitivity analysis on the validation data and a recovery
@@ -195,7 +213,7 @@ def estimate(model: ModelArg, strategy: StrategyOpt = "none", weights: WeightsOp
         strat = parse_strategy(strategy)
         loaded = _load(model, weights, input_shape)
         table = run_analysis(loaded)
-        rep = _with_latency(estimate_report(loaded, table, strat), loaded, table, strat, hardware, batch_size)
+        rep = _with_latency(estimate_report(loaded, table, strat), loaded, table, strat, hardware, batch_size, anchor)
         if data:
             from estimators.data import load_data_for
 
@@ -212,8 +230,7 @@ def estimate(model: ModelArg, strategy: StrategyOpt = "none", weights: WeightsOp
     if as_json:
         return
     console.print(_totals_table(f"{model} with {rep['compact']} (predicted)", {"pred": rep["pred"]}))
-    if rep.get("hardware", {}).get("warning"):
-        _warn(rep["hardware"]["warning"])
+    _print_latency_basis(rep)
     if "accuracy_proxy" in rep:
         console.print(f"accuracy proxy {rep['accuracy_proxy']['score']:.4f}: {rep['accuracy_proxy']['note']}",
                       highlight=False)
@@ -227,10 +244,11 @@ def apply(model: ModelArg, out: Annotated[str, typer.Option("--out", help="folde
           data: DataOpt = None, finetune_epochs: EpochsOpt = FINETUNE_EPOCHS,
           kd: Annotated[bool, typer.Option("--kd/--no-kd", help="distil from the original model when fine-tuning "
                                            "after pruning")] = False,
-          as_json: JsonOpt = False) -> None:
+          anchor: AnchorOpt = True, as_json: JsonOpt = False) -> None:
     """Execute STRATEGY on MODEL, save the artifact, and measure it against the prediction.
 
-    With --hardware host the artifact's latency is measured here too (median after warm-up); with --data,
+    With --hardware host the artifact's latency is measured here too, in alternation with the original (their
+    ratio, times the original's anchored latency: what the machine's drift barely moves); with --data,
     pruned models are fine-tuned, students distilled, int8 calibrated on the data, and the accuracy before
     and after is measured on its validation split."""
 
@@ -243,7 +261,7 @@ def apply(model: ModelArg, out: Annotated[str, typer.Option("--out", help="folde
         loaded = _load(model, weights, input_shape)
         return apply_and_measure(loaded, strat, out, hardware=hardware, batch_size=batch_size,
                                  progress=_progress, data_spec=data,
-                                 train_cfg=TrainConfig(epochs=finetune_epochs, kd_finetune=kd))
+                                 train_cfg=TrainConfig(epochs=finetune_epochs, kd_finetune=kd), anchor_on=anchor)
 
     rep = _compute(as_json, body)
     if as_json:
@@ -254,6 +272,7 @@ def apply(model: ModelArg, out: Annotated[str, typer.Option("--out", help="folde
             "err": {k: ("" if k not in rep["err"] else f"{rep['err'][k]:+.2f} pts" if k in POINTS
                         else f"{100 * rep['err'][k]:+.2f} %") for k in rep["pred"]}}
     console.print(_totals_table(f"{model} with {rep['compact']}", cols))
+    _print_latency_basis(rep)
     if rep.get("data"):
         d = rep["data"]
         console.print(f"accuracy on {d['spec']} ({d['val_size']} validation inputs): {d['accuracy_before']:.2f}% -> "
@@ -295,25 +314,24 @@ def plan(model: ModelArg, hardware: HardwareReq, weights: WeightsOpt = None, inp
          min_accuracy: MinAcc = None, batch_size: ReqBatch = None, requirements: ReqFile = None,
          data: DataOpt = None, finetune_epochs: EpochsOpt = FINETUNE_EPOCHS, students: StudentsOpt = None,
          top_k: Annotated[int, typer.Option("--top-k", min=1)] = 5, grid_step: GridOpt = 0.01,
-         nsga_evals: NsgaOpt = 10000, seed: SeedOpt = 0, as_json: JsonOpt = False) -> None:
+         nsga_evals: NsgaOpt = 10000, seed: SeedOpt = 0, anchor: AnchorOpt = True, as_json: JsonOpt = False) -> None:
     """Search distill -> prune -> quantize strategies for the one that meets every requirement on HARDWARE
     with the least predicted accuracy drop. Exit code 3 when nothing fits (with the nearest relaxation)."""
 
     def body():
         from estimators.accuracy import DropScorer, ProxyScorer
         from estimators.analyze import analyze as run_analysis
-        from hardware.measure import machine_note
-        from hardware.profile import load_profile
         from search.plan import plan as run_plan
+        from tasks.anchoring import latency_context
 
         req = _requirements(requirements, max_latency_ms=max_latency_ms, max_size_mb=max_size_mb, max_params=max_params,
                             max_macs=max_macs, max_memory_mb=max_memory_mb, max_accuracy_drop=max_accuracy_drop,
                             min_accuracy=min_accuracy, batch_size=batch_size)
-        prof = load_profile(hardware)
         loaded = _load(model, weights, input_shape)
         table = run_analysis(loaded)
         say = _progress
-        note = machine_note(prof)  # a host profile calibrated on another CPU
+        prof, anc, info = latency_context(loaded, table, hardware, req.batch_size, anchor, progress=say)
+        note = info.get("warning")
         if note:
             _warn(note)
         if data:
@@ -332,7 +350,8 @@ def plan(model: ModelArg, hardware: HardwareReq, weights: WeightsOpt = None, inp
         shape = ",".join(map(str, loaded.input_shape))
         tables = {n: run_analysis(_load(n, None, shape)) for n in names}
         out = run_plan(table, prof, req, scorer, top_k=top_k, students=names, student_tables=tables, progress=say,
-                       grid_step=grid_step, nsga_evals=nsga_evals, seed=seed)
+                       grid_step=grid_step, nsga_evals=nsga_evals, seed=seed, anchor=anc)
+        out["profile"] = info
         return {**out, "warning": note} if note else out
 
     rep = _compute(as_json, body)
@@ -384,7 +403,7 @@ def run_cmd(model: ModelArg, hardware: HardwareReq = "host", weights: WeightsOpt
                                                ] = CALIBRATION_BUDGET_S,
             device_timeout: Annotated[float, typer.Option("--device-timeout", min=1, help="seconds to wait for a "
                                                           "device worker per step")] = 600.0,
-            as_json: JsonOpt = False) -> None:
+            anchor: AnchorOpt = True, as_json: JsonOpt = False) -> None:
     """Run the `deployfit-run` Prefect flow: plan, execute the top-k, measure and compare, tracked in MLflow
     (the same parameters as the flow's form in the Prefect UI). Runs in this terminal without flow-run
     heartbeats unless PREFECT_FLOWS_HEARTBEAT_FREQUENCY is set."""
@@ -405,7 +424,8 @@ def run_cmd(model: ModelArg, hardware: HardwareReq = "host", weights: WeightsOpt
                              batch_size=req.batch_size, out_dir=out_dir, return_state=True,
                              parallel=ParallelOptions(workers=workers, dask_address=dask_address, threads=threads),
                              device_measure=device_measure, device_timeout_s=device_timeout,
-                             device_calibrate=device_calibrate, device_calibrate_budget_s=device_calibrate_budget)
+                             device_calibrate=device_calibrate, device_calibrate_budget_s=device_calibrate_budget,
+                             anchor=anchor)
         if state.is_failed():
             try:
                 state.result()
@@ -522,7 +542,8 @@ def stores_up(folder: Annotated[str, typer.Option("--dir", help="cluster, logs a
         st.stop()
 
 
-hardware_app = typer.Typer(help="Hardware profiles (hardware/profiles/*.yaml).", no_args_is_help=True)
+hardware_app = typer.Typer(help="Hardware profiles: `host` (this machine, kept in the cache) and the shipped "
+                           "hardware/profiles/*.yaml.", no_args_is_help=True)
 app.add_typer(hardware_app, name="hardware")
 
 
@@ -531,9 +552,14 @@ def hardware_list(as_json: JsonOpt = False) -> None:
     """List the hardware profiles and the runtime each predicts."""
 
     def body():
+        from hardware.hostprofile import describe, host_calibrated, host_key
         from hardware.profile import list_profiles, load_profile
 
-        return {"profiles": [{"name": n, "runtime": load_profile(n).runtime} for n in list_profiles()]}
+        path = host_calibrated()
+        host = {"name": "host", "runtime": f"this machine: {describe(host_key())}; "
+                + (f"calibrated ({path})" if path else "not calibrated yet (calibrated at first use)")}
+        return {"profiles": [host] + [{"name": n, "runtime": load_profile(n).runtime} for n in list_profiles()
+                                      if n != "host"]}
 
     rep = _compute(as_json, body)
     if not as_json:
@@ -550,12 +576,12 @@ def hardware_show(name: Annotated[str, typer.Argument(help="profile name or YAML
     """Show one profile with its sources."""
 
     def body():
-        from hardware.measure import machine_note
+        from hardware.hostprofile import foreign_note, profile_hash
         from hardware.profile import load_profile
 
-        prof = load_profile(name)
-        note = machine_note(prof)
-        return {**prof.model_dump(exclude_none=True), **({"warning": note} if note else {})}
+        prof = load_profile(name, progress=_progress)
+        note = foreign_note(prof)
+        return {**prof.model_dump(exclude_none=True), "hash": profile_hash(prof), **({"warning": note} if note else {})}
 
     rep = _compute(as_json, body)
     if not as_json:
@@ -570,8 +596,10 @@ def hardware_show(name: Annotated[str, typer.Argument(help="profile name or YAML
 @app.command()
 def calibrate(
     hardware: Annotated[str, typer.Option("--hardware", help="only `host` (this machine) can be calibrated here")] = "host",
-    out: Annotated[Optional[str], typer.Option("--out", help="profile path (default hardware/profiles/host.yaml)")] = None,
-    quick: Annotated[bool, typer.Option("--quick", help="a 20 s budget: fewer synthetic networks (tests, demos)")] = False,
+    out: Annotated[Optional[str], typer.Option("--out", help="profile path (default: this machine's host profile in "
+                                               "the cache, $DEPLOYFIT_CACHE_DIR/profiles)")] = None,
+    quick: Annotated[bool, typer.Option("--quick", help=f"about {QUICK_CALIBRATION_S:.0f} s in all: fewer synthetic "
+                                        "networks (what a first use of `host` runs)")] = False,
     int8: Annotated[bool, typer.Option("--int8/--no-int8", help="also calibrate the compiled INT8 path")] = True,
     budget: Annotated[float, typer.Option("--budget", help="seconds of timing (peaks and set-up come on top)")
                       ] = CALIBRATION_BUDGET_S,
@@ -591,7 +619,8 @@ def calibrate(
         from pathlib import Path
 
         from hardware.calibrate import collect_samples, fit_profile, load_samples, merge_samples, save_samples
-        from hardware.profile import profile_path, save_profile
+        from hardware.hostprofile import host_profile_path
+        from hardware.profile import save_profile
 
         if hardware != "host":
             raise UserInputError(f"only the host can be calibrated from here, not {hardware!r}")
@@ -621,7 +650,8 @@ def calibrate(
         except ValueError as e:
             raise UserInputError(f"--pool: {e}") from e
         prof = fit_profile(samples, _progress)
-        path = Path(out) if out else profile_path("host")
+        path = Path(out) if out else host_profile_path()
+        path.parent.mkdir(parents=True, exist_ok=True)
         save_profile(prof, path)
         return {"profile": str(path), "provenance": prof.provenance.model_dump() if prof.provenance else None}
 

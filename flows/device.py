@@ -53,7 +53,7 @@ def measure_flow(run_id: str, tracking_uri: str, batch_size: int = 1) -> dict:
             **{f"err.{k}": v for k, v in rel_err(result["pred"], measured).items()}}
     tracking.log_measurement(tracking_uri, run_id, meas, {"deployfit.measured_on": socket.gethostname()})
     print(f"measured {result['compact']}: {meas['meas.latency_ms']} ms on {socket.gethostname()}")
-    return {**meas, "p90_ms": lat.get("p90_ms"), "runs": lat.get("runs"), "host": socket.gethostname()}
+    return {**meas, "p90_ms": lat.get("latency_p90_ms"), "runs": lat.get("latency_runs"), "host": socket.gethostname()}
 
 
 @flow(name="deployfit-calibrate-device", log_prints=True)

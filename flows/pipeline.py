@@ -85,6 +85,17 @@ def markdown_report(title: str, rep: dict, executed: list[dict], tracked: dict, 
     lines.append(f"Requirements: {', '.join(f'{k} = {v}' for k, v in req.items()) or 'none'}; "
                  f"{rep['candidates_evaluated']:,} candidates in {rep['seconds']} s "
                  f"({rep['candidates_per_second']:,.0f}/s); accuracy as {rep['accuracy_unit']}.")
+    ident = rep.get("profile_identity") or {}
+    prof = ident.get("profile") or {}
+    if prof:
+        anchor = ident.get("anchor")
+        lines.append(f"Profile `{prof['name']}` (hash {prof['hash']}" + (f", calibrated {prof['calibrated']} on "
+                     f"{prof['cpu']} {prof['isa']}" if prof.get("calibrated") else "") + "); latency "
+                     + (f"anchored on the original measured here ({anchor['total_ms']} ms at batch {anchor['batch']}; "
+                        f"the profile alone predicted {anchor['predicted_ms']} ms; {anchor['truths']} measured "
+                        "candidates refine it)." if anchor else f"from the profile alone: {ident.get('anchor_note', '')}"))
+        if prof.get("warning"):
+            lines.append(f"\n**Warning:** {prof['warning']}")
     lines.append("")
     if rep.get("recommended"):
         lines.append(f"**Recommended:** `{rep['recommended']['label']}`; binding: "
@@ -120,15 +131,16 @@ def markdown_report(title: str, rep: dict, executed: list[dict], tracked: dict, 
 
 
 def _ensure_profile(hardware: str) -> None:
-    from hardware.profile import profile_path
+    """Load the profile first: `host` on a machine without one is calibrated here (quickly, saying so), before the
+    tracking session starts and before anything is timed."""
+    from hardware.profile import load_profile
 
-    if hardware == "host" and not profile_path("host").is_file():
-        get_run_logger().info("no host profile: calibrating this machine quickly")
-        calibrate_task(quick=True)
+    load_profile(hardware, progress=get_run_logger().info)
 
 
 def _plan_steps(model: ModelInput, data: Optional[str], hardware: str, requirements: Requirements,
-                search: SearchOptions, top_k: int, profile: str | None = None) -> tuple[dict, list[dict]]:
+                search: SearchOptions, top_k: int, profile: str | None = None, anchor: bool = True
+                ) -> tuple[dict, list[dict]]:
     """`profile`: the profile to plan with when not the stored `hardware` one (a device calibration's YAML)."""
     log = get_run_logger()
     table = analyze_task(model)
@@ -137,7 +149,7 @@ def _plan_steps(model: ModelInput, data: Optional[str], hardware: str, requireme
     students = {s: analyze_task(ModelInput(spec=s, input_shape=shape)) for s in search.students}
     # quote(): large payloads pass through as they are (Prefect would walk them looking for futures)
     rep = search_task(model, quote(table), profile or hardware, requirements, search, data=data, sens=quote(sens),
-                      student_tables=quote(students), top_k=top_k)
+                      student_tables=quote(students), top_k=top_k, anchor=anchor)
     log.info(f"{rep['candidates_evaluated']:,} candidates in {rep['seconds']} s; recommended "
              f"{rep['recommended']['label'] if rep.get('recommended') else 'none: ' + rep['infeasible']['message']}")
     from estimators.table import layer_rows
@@ -216,7 +228,7 @@ def _finish(flow_name: str, model: ModelInput, hardware: str, record: dict, work
 def plan_flow(model: ModelInput = ModelInput(), data: Optional[str] = "digits", hardware: str = "host",
               requirements: Requirements = Requirements(max_size_mb=0.05),
               search: SearchOptions = SearchOptions(), top_k: Annotated[int, Field(ge=1, le=100)] = 5,
-              out_dir: str = DEFAULT_OUT) -> dict:
+              anchor: bool = True, out_dir: str = DEFAULT_OUT) -> dict:
     """Estimate every candidate of the distill -> prune -> quantize space for MODEL on HARDWARE and
     recommend the strategy that meets the requirements with the least predicted accuracy drop."""
     t0 = time.perf_counter()
@@ -224,7 +236,7 @@ def plan_flow(model: ModelInput = ModelInput(), data: Optional[str] = "digits", 
     session = tracking.Session()  # after any calibration: the session's start must not disturb its timing
     try:
         record, workdir = _record("plan", model, data, hardware, requirements, search, out_dir)
-        rep, layers = _plan_steps(model, data, hardware, requirements, search, top_k)
+        rep, layers = _plan_steps(model, data, hardware, requirements, search, top_k, anchor=anchor)
         session.start(record, rep, layers, workdir)
         return _finish("plan", model, hardware, record, workdir, session, rep, [], layers, t0)
     finally:
@@ -278,15 +290,16 @@ def settle_infeasible(rep: dict, executed: list[dict]) -> None:
 
 
 def _with_plan_prediction(res: dict, pred: dict) -> dict:
-    """An executed candidate's accuracy prediction is the plan's, which chose it: the one `apply` makes while
-    executing has already learnt from candidates executed before it (and in parallel, from whichever finished
-    first), so the order of execution would change it."""
+    """An executed candidate's accuracy and latency predictions are the plan's, which chose it: the ones `apply`
+    makes while executing have already learnt from candidates executed before it (and in parallel, from whichever
+    finished first), so the order of execution would change them."""
     from estimators.report import rel_err
 
-    if "accuracy_drop" not in pred or "accuracy_drop" not in res["pred"]:
+    keep = {k: pred[k] for k in ("accuracy_drop", "latency_ms") if k in pred}
+    if not keep:
         return res
     out = dict(res)
-    out["pred"] = {**res["pred"], "accuracy_drop": pred["accuracy_drop"]}
+    out["pred"] = {**res["pred"], **keep}
     out["err"] = rel_err(out["pred"], out["meas"])
     return out
 
@@ -308,7 +321,8 @@ def run_flow(model: ModelInput = ModelInput(), data: Optional[str] = "digits", h
              parallel: ParallelOptions = ParallelOptions(), device_measure: Optional[bool] = None,
              device_calibrate: bool = False,
              device_calibrate_budget_s: Annotated[float, Field(gt=0, le=3600)] = CALIBRATION_BUDGET_S,
-             device_timeout_s: Annotated[float, Field(gt=0, le=86400)] = 600.0, out_dir: str = DEFAULT_OUT) -> dict:
+             device_timeout_s: Annotated[float, Field(gt=0, le=86400)] = 600.0, anchor: bool = True,
+             out_dir: str = DEFAULT_OUT) -> dict:
     """Plan, then execute the top-k strategies (training where they train; in parallel on Dask with
     `parallel`), measure each artifact (latency one at a time; on the device through the work pool
     deployfit-<hardware> with `device_measure`, by default for any target but host) and compare it with its
@@ -330,7 +344,7 @@ def run_flow(model: ModelInput = ModelInput(), data: Optional[str] = "digits", h
     session = tracking.Session()  # after any calibration: the session's start must not disturb its timing
     try:
         return _run_steps(model, data, hardware, requirements, search, execute, top_k, batch_size, parallel,
-                          device_measure, device_timeout_s, out_dir, record, workdir, profile, session, t0)
+                          device_measure, device_timeout_s, out_dir, record, workdir, profile, session, t0, anchor)
     finally:
         session.close()
 
@@ -338,9 +352,9 @@ def run_flow(model: ModelInput = ModelInput(), data: Optional[str] = "digits", h
 def _run_steps(model: ModelInput, data: Optional[str], hardware: str, requirements: Requirements,
                search: SearchOptions, execute: bool, top_k: int, batch_size: int, parallel: ParallelOptions,
                device_measure: Optional[bool], device_timeout_s: float, out_dir: str, record: dict, workdir: Path, profile: Optional[str],
-               session: tracking.Session, t0: float) -> dict:
+               session: tracking.Session, t0: float, anchor: bool = True) -> dict:
     log = get_run_logger()
-    rep, layers = _plan_steps(model, data, hardware, requirements, search, top_k, profile)
+    rep, layers = _plan_steps(model, data, hardware, requirements, search, top_k, profile, anchor)
     rep["profile"] = profile or hardware
     session.start(record, rep, layers, workdir)  # logged in the background while the candidates execute
     if device_measure is None:  # a target other than this machine is measured on the device when a worker serves it
@@ -377,14 +391,14 @@ def _run_steps(model: ModelInput, data: Optional[str], hardware: str, requiremen
                 log.info(f"executing {i + 1}/{len(cands)}: {c['label']}")
                 state = execute_task(model, c["compact"], c["out_dir"], hardware, batch_size=batch_size, data=data,
                                      finetune_epochs=search.finetune_epochs, latency_now=False,
-                                     threads=parallel.threads, return_state=True)
+                                     threads=parallel.threads, anchor=anchor, return_state=True)
                 try:  # one candidate failing (a runtime that cannot build it) must not lose the others
                     built(state.result())
                 except Exception as exc:
                     built(_failure(c, exc))
         if not device_measure:
             session.idle()  # nothing else runs while latency is timed, one candidate at a time
-            executed[:] = measure_task(quote(executed), hardware)
+            executed[:] = measure_task(quote(executed), hardware, model, anchor)
     return _finish("run", model, hardware, record, workdir, session, rep, executed, layers, t0, failed,
                    device=(batch_size, device_timeout_s) if device_measure and executed else None)
 

@@ -1,7 +1,9 @@
 """MLflow tracking: the only module that imports mlflow.
 
 One experiment per model and hardware (`deployfit/<model>/<hardware>`); one parent run per flow run
-(params: model, hardware, data, requirements, search options; tag `prefect.flow_run_id`) holding the whole
+(params: model, hardware, data, requirements, search options, the profile's identity `profile.*` and the latency's
+basis and anchor `latency.basis`, `anchor.*`; tags `prefect.flow_run_id` and, for a profile calibrated on another
+machine, `deployfit.profile_warning`) holding the whole
 candidate space as a table artifact (`candidates.json`), the layer table, the plan report and a Pareto plot;
 one nested run per Pareto-front point (`pred.*`) and per executed candidate (`pred.*`, `meas.*`, `err.*`,
 strategy.json and the compressed model).
@@ -173,7 +175,19 @@ class _Logger:
         self.pid = client.create_run(self.exp_id, tags=self.tags).info.run_id
         params = {"model": record["model"], "hardware": record["hardware"], "data": record.get("data") or "none",
                   **_flat("req", record.get("requirements", {})), **_flat("search", record.get("search", {}))}
+        ident = plan.get("profile_identity") or {}
+        prof = ident.get("profile") or {}
+        # the profile's identity: a prediction that moved between two runs says whether its numbers did
+        params.update({f"profile.{k}": str(prof[k]) for k in ("name", "hash", "cpu", "isa", "calibrated", "runtime")
+                       if prof.get(k)})
+        anchor = ident.get("anchor")
+        params["latency.basis"] = "anchored" if anchor else "profile"
+        if anchor:
+            params.update({"anchor.original_ms": str(anchor["total_ms"]), "anchor.profile_ms": str(anchor["predicted_ms"]),
+                           "anchor.measured_at": anchor["measured_at"], "anchor.truths": str(anchor["truths"])})
         client.log_batch(self.pid, params=[Param(k, v[:6000]) for k, v in params.items()])
+        if prof.get("warning"):
+            client.set_tag(self.pid, "deployfit.profile_warning", prof["warning"][:5000])
         summary = {"candidates_evaluated": plan.get("candidates_evaluated", 0), "search_seconds": plan.get("seconds", 0.0),
                    "candidates_per_second": plan.get("candidates_per_second", 0.0),
                    "pareto_points": len(plan.get("pareto", []))}
@@ -199,7 +213,8 @@ class _Logger:
         rid = r.info.run_id
         client.log_batch(rid, metrics=[Metric(k, v, 0, 0) for k, v in {**_metrics("pred", row["pred"]),
                                                                         **extra_metrics}.items()],
-                         params=[Param("strategy", row["compact"][:6000])],
+                         params=[Param("strategy", row["compact"][:6000])]
+                         + ([Param("latency_basis", row["latency_basis"])] if row.get("latency_basis") else []),
                          tags=[RunTag("deployfit.label", row.get("label", row["compact"])[:5000])])
         for f in files:
             client.log_artifact(rid, str(f))

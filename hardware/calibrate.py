@@ -50,13 +50,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from estimators.errors import CALIBRATION_BUDGET_S
+from estimators.errors import CALIBRATION_BUDGET_S, QUICK_CALIBRATION_S
 from estimators.pruning import PrunePlan
 from estimators.registry import Q_INDEX
 from estimators.table import LayerTable, build_table, evaluate
 from estimators.trace import trace_model
 
-from .latency import (ALL_CLASSES, GEMM_CLASSES, SPLIT_WIDTH, _row_features, conv_shape, eager_terms, fused_mask,
+from .latency import (ALL_CLASSES, COL, GEMM_CLASSES, SPLIT_WIDTH, columns, _row_features, conv_shape, eager_terms, fused_mask,
                       in_place, input_elements, latency_kinds, misaligned, pointwise, remainder_share, split_terms)
 from .measure import PaceClock, StateClock, at_pace, cpu_isa, cpuinfo, dominant_state, measure_latency, same_state
 from .profile import SUBCLASSES, Efficiency, HardwareProfile, Provenance
@@ -83,6 +83,7 @@ def _around(before: float, after: float) -> float:
 # a stall of the VM hit its pace reading or it (one calibration read the pace network at up to 72 ms, its median
 # 4.5 ms; the drift of every other reading of four calibrations stayed within 0.7-1.5x of their medians)
 PACE_BAND = 2.0
+PACE_LEAST = 3  # networks per batch kept however far from the pace they were timed (the nearest), to fit anything
 # networks whose totals are timed again at the end of the float part (their first networks, a minute or so later):
 # how much of the pace network's drift a network's latency follows (pace_elasticity), and the budget share kept
 RETIMED = 8
@@ -95,6 +96,8 @@ INT8_LANES = 4  # int8 dot products (VNNI) do 4x the multiply-adds of fp32 FMA p
 # share of the budget for the float networks; the INT8 part's compiled networks (10-20 s each, compiling at two
 # batches) get most of the rest: at 0.5 of 150 s only 3 were compiled, fitting 9 coefficients
 FP32_SHARE = 0.45
+QUICK_FIT_S = 8.0
+QUICK_FP32_SHARE = 0.7  # a quick calibration's float share: the rest times INT8 kernels and quantized pooling  # what a quick calibration keeps of its QUICK_CALIBRATION_S for its fit and the re-read state
 
 
 def light_table(model: nn.Module, example: torch.Tensor, name: str = "bench") -> LayerTable:
@@ -199,7 +202,7 @@ def time_network(model: nn.Module, x: torch.Tensor, label: str, runs: int = 3, t
 
 def network_samples(budget_s: float, progress: Progress, batches: tuple[int, ...] = BATCHES, max_nets: int = 400,
                     seed0: int = 0, min_nets: int = 4, state: State = lambda: 0.0, pace: Pace = _unread,
-                    retime: int = RETIMED) -> tuple[dict[int, list[NetSample]], list[NetSample]]:
+                    retime: int = RETIMED, tries: int = 2) -> tuple[dict[int, list[NetSample]], list[NetSample]]:
     """Time synthetic networks (hardware.synthetic), exported as artifacts are, operator by operator at every
     batch size until the budget is spent (and at least `min_nets`, so that a tiny budget still fits); then time
     the totals of the first `retime` of them again (retime_totals). Returns the samples by batch and the
@@ -223,7 +226,7 @@ def network_samples(budget_s: float, progress: Progress, batches: tuple[int, ...
         for b in batches:
             label = f"synthetic-{seed - 1} {(b,) + tuple(shape[1:])}"
             probe, before = state(), pace(fresh=True)
-            sample = time_network(gm, torch.randn(b, *shape[1:]), label)
+            sample = time_network(gm, torch.randn(b, *shape[1:]), label, tries=tries)
             out[b].append(dataclasses.replace(sample, probe_us=probe, pace_ms=_around(before, pace(fresh=True))))
         if len(first) < retime:
             first.append((gm, tuple(shape[1:]), [out[b][-1] for b in batches]))
@@ -257,12 +260,15 @@ def retime_totals(nets: list[tuple[nn.Module, tuple[int, ...], list[NetSample]]]
     return out
 
 
-# columns of latency.split_terms each class is fitted with (the others are held at zero)
-# (7-11: eager PyTorch's convolution dispatch, zero columns where `threads` is 0; grouped and depthwise convolutions
-# always run on oneDNN: their overhead is column 0)
-SPLIT_COLUMNS = {"conv": list(range(SPLIT_WIDTH)), "gconv": [0, 1, 3, 4, 5, 6, 8, 9, 11],
-                 "dwconv": [0, 1, 3, 4, 5, 6, 8, 9, 11], "gemm": [0, 1, 3, 4, 5, 6]}
-OTHER_COLUMNS = [0, 1, 4, 5, 6]
+# columns of latency.split_terms each class is fitted with (the others are held at zero); eager PyTorch's
+# convolution dispatch columns are zero where `threads` is 0; grouped and depthwise convolutions always run on
+# oneDNN, so their fixed cost is the overhead column and ATen's native kernel never runs them
+_GROUPED = columns("overhead", "flops", "flops_misaligned", "weight_bytes", "act_cache_bytes", "act_memory_bytes",
+                   "reorder_in_bytes", "reorder_out_bytes", "flops_padded")
+SPLIT_COLUMNS = {"conv": list(range(SPLIT_WIDTH)), "gconv": _GROUPED, "dwconv": _GROUPED,
+                 "gemm": columns("overhead", "flops", "flops_misaligned", "weight_bytes", "act_cache_bytes",
+                                 "act_memory_bytes")}
+OTHER_COLUMNS = columns("overhead", "flops", "weight_bytes", "act_cache_bytes", "act_memory_bytes")
 FIT_FLOOR_S = 20e-6  # relative errors are floored: a 2 us row should not weigh like a 2 ms one
 
 
@@ -321,18 +327,19 @@ def fit_split_model(nets: list[NetSample], multiple: int, cache: float, bound: d
         # where 1x1 convolutions run faster per FLOP, which a non-negative extra term could not say: with one, the
         # twelve pooled calibrations' 1x1 rows at batch 8 came out a median 3-7% too slow and the others 7% too
         # fast, in sample; fitted apart, 0.82 at batch 8 and 0.81 at batch 1 for float32, 2026-11-29)
-        split_pw = 1 in use and 2 in use
+        f_col, pw_col = COL["flops"], COL["flops_1x1"]
+        split_pw = f_col in use and pw_col in use
         if split_pw:
-            A[:, use.index(1)] -= A[:, use.index(2)]
+            A[:, use.index(f_col)] -= A[:, use.index(pw_col)]
         scale = np.maximum(np.abs(A).max(0), 1e-30)  # columns differ by 12 orders of magnitude
         low = np.zeros(len(use))
         if bound is not None and cls in bound:
-            low[0] = bound[cls][use[0]]  # use[0] is column 0, the per-operator overhead
+            low[0] = bound[cls][use[0]]  # use[0] is the overhead column, the per-operator overhead
         x, _ = nnls(A / scale, T[sel] * w - A @ low)
         full = np.zeros(C.shape[1])
         full[use] = x / scale + low
         if split_pw:
-            full[2] -= full[1]
+            full[pw_col] -= full[f_col]
         coef[cls] = full
         err += float((np.abs(C[sel] @ full - T[sel]) / (T[sel] + FIT_FLOOR_S)).sum())
         wsum += float(sel.sum())
@@ -440,28 +447,28 @@ def split_efficiency(coef: dict[str, np.ndarray], view_s: float, peak: float, bw
         x = coef.get(cls)
         if x is None:
             x = coef.get("gemm", fallback) if cls == "attention" else coef.get(SUBCLASSES.get(cls, ""), fallback)
-        c_f = x[1] if x[1] > 0 else 1.0 / (4.0 * peak * 1e9)
+        c_f = x[COL["flops"]] if x[COL["flops"]] > 0 else 1.0 / (4.0 * peak * 1e9)
         compute[cls] = float(min(4.0, 1.0 / (peak * 1e9 * c_f)))
-        over[cls] = round(float((x[0] + glue[0]) * 1e6), 3)
+        over[cls] = round(float((x[COL["overhead"]] + glue[0]) * 1e6), 3)
         # a fitted subclass states its zeros: a missing entry would fall back to its class's (gconv to conv's)
         own = cls in coef and cls in SUBCLASSES and cls in GEMM_CLASSES
-        if x[2] != 0 or own:
-            pwf[cls] = round(float(np.clip(1.0 + x[2] / c_f, 0.05, 8.0)), 4)
-        if x[3] > 0 or own:
-            misf[cls] = round(float(min(8.0, 1.0 + x[3] / c_f)), 4)
-        if x[7] > 0 or own:
-            onednn[cls] = round(float(x[7] * 1e6), 3)
-        if x[8] > 0 or own:
-            rin[cls] = round(float(x[8] * 1e9), 5)
-        if x[9] > 0 or own:
-            rout[cls] = round(float(x[9] * 1e9), 5)
-        if x[10] > 0 or own:
-            natf[cls] = round(float(min(8.0, 1.0 + x[10] / c_f)), 4)
-        if x[11] > 0 or own:
-            pads[cls] = round(float(x[11] * 1e9), 6)
-        wband[cls] = share(x[4], bwr * 1e9)
-        bandwidth[cls] = share(x[5], cbw * 1e9)
-        spill[cls] = share(x[6], bw * 1e9)
+        if x[COL["flops_1x1"]] != 0 or own:
+            pwf[cls] = round(float(np.clip(1.0 + x[COL["flops_1x1"]] / c_f, 0.05, 8.0)), 4)
+        if x[COL["flops_misaligned"]] > 0 or own:
+            misf[cls] = round(float(min(8.0, 1.0 + x[COL["flops_misaligned"]] / c_f)), 4)
+        if x[COL["onednn"]] > 0 or own:
+            onednn[cls] = round(float(x[COL["onednn"]] * 1e6), 3)
+        if x[COL["reorder_in_bytes"]] > 0 or own:
+            rin[cls] = round(float(x[COL["reorder_in_bytes"]] * 1e9), 5)
+        if x[COL["reorder_out_bytes"]] > 0 or own:
+            rout[cls] = round(float(x[COL["reorder_out_bytes"]] * 1e9), 5)
+        if x[COL["flops_native"]] > 0 or own:
+            natf[cls] = round(float(min(8.0, 1.0 + x[COL["flops_native"]] / c_f)), 4)
+        if x[COL["flops_padded"]] > 0 or own:
+            pads[cls] = round(float(x[COL["flops_padded"]] * 1e9), 6)
+        wband[cls] = share(x[COL["weight_bytes"]], bwr * 1e9)
+        bandwidth[cls] = share(x[COL["act_cache_bytes"]], cbw * 1e9)
+        spill[cls] = share(x[COL["act_memory_bytes"]], bw * 1e9)
     return Efficiency(compute=compute, bandwidth=bandwidth, kernel_overhead_us=float(np.median(list(over.values()))),
                       view_overhead_us=round((view_s + glue[0]) * 1e6, 3), call_overhead_us=round(glue[1] * 1e6, 3),
                       fused=list(fused or []), misaligned_factor=misf, overhead_us=over, weight_bandwidth=wband,
@@ -910,16 +917,16 @@ def _int8_coef(coef: dict[str, np.ndarray], coef8: dict[str, np.ndarray], f: Int
     for cls in set(coef) | set(coef8) | {"permute"}:  # coef8 holds convolution/linear classes only
         if cls in GEMM_CLASSES:
             y = coef8.get(cls, coef8.get("conv", coef.get(cls))).copy()
-            y[0] += f.kernel_s + f.kernel_s_ctx[batch]
-            y[5] += f.byte_s_ctx[batch] + f.byte_s
-            y[6] += f.byte_s
+            y[COL["overhead"]] += f.kernel_s + f.kernel_s_ctx[batch]
+            y[COL["act_cache_bytes"]] += f.byte_s_ctx[batch] + f.byte_s
+            y[COL["act_memory_bytes"]] += f.byte_s
         elif cls == "maxpool" and pool is not None:  # quantized max pooling (its channel tail: remainder_ns)
             y = np.zeros(SPLIT_WIDTH)
-            y[0], y[1] = pool[0] + f.kernel_s, pool[1]
+            y[COL["overhead"]], y[COL["flops"]] = pool[0] + f.kernel_s, pool[1]
         else:
             y = np.zeros(SPLIT_WIDTH)
             per = f.element_s + f.byte_s + (f.permute_s if cls == "permute" else 0.0)
-            y[0], y[5], y[6] = f.other_s, per, per
+            y[COL["overhead"]], y[COL["act_cache_bytes"]], y[COL["act_memory_bytes"]] = f.other_s, per, per
         out[cls] = y
     return out
 
@@ -968,32 +975,40 @@ def collect_samples(quick: bool = False, progress: Progress = lambda m: None, in
     offset = (max(s.seed_offset for s in after) + SEED_STRIDE) if after else 0
     t0 = time.perf_counter()
     if quick:
-        budget_s = min(budget_s, 20.0)
+        # the whole quick calibration, its fit included, keeps to QUICK_CALIBRATION_S: no compiled INT8 networks (one
+        # costs 5-35 s to compile here, and one or two of them fit nothing): INT8 is its oneDNN kernels timed alone,
+        # the graph's costs around them taken from the float fit (fit_profile), and a prediction anchored on the
+        # quantized original measured on this machine (hardware.anchor) gets the level
+        budget_s = min(budget_s, QUICK_CALIBRATION_S - QUICK_FIT_S)
     clock, pace = StateClock(), PaceClock()
     pace()  # builds the pace network (an export) before anything is timed
     peaks_probes = [clock()]
     peaks = measure_peaks(progress)
     peaks_probes.append(clock(fresh=True))  # the state before and after the peaks
-    nets, retimed = network_samples(budget_s * (FP32_SHARE if int8 else 0.95), progress, seed0=offset, state=clock,
-                                    pace=pace, retime=2 if quick else RETIMED)
+    spent = time.perf_counter() - t0  # the pace network's export and the peaks come out of the budget
+    share = (QUICK_FP32_SHARE if quick else FP32_SHARE) if int8 else 1.0
+    nets, retimed = network_samples(max(budget_s - spent, 0.0) * share, progress,
+                                    seed0=offset, state=clock, pace=pace, retime=2 if quick else RETIMED,
+                                    min_nets=3 if quick else 4, tries=1 if quick else 2)
     ops: dict[int, list[NetSample]] = {}
     elems: list[ElementSample] = []
     pools: list[NetSample] = []
     q: list[Int8Sample] = []
     if int8:
-        left = budget_s - (time.perf_counter() - t0)
+        left = max(budget_s - (time.perf_counter() - t0), 0.0)
         # INT8 is not paced: its samples brought to the pace predicted the benchmark's INT8 configurations worse
         # (paced MAPE 33.4% against 14.2% with the same samples as timed, 2026-11-29: the compiled networks' pace
         # readings, taken between compiles, ran 0.65x the calibration's median)
         ops, elems = int8_op_samples(0.15 * left, progress, seed0=200_000 + offset, state=clock)
         pools = int8_pool_samples(0.05 * left, progress, seed0=300_000 + offset, state=clock)
-        q = int8_samples(budget_s - (time.perf_counter() - t0), progress, seed0=100_000 + offset, state=clock)
+        q = [] if quick else int8_samples(max(budget_s - (time.perf_counter() - t0), 0.0), progress,
+                                          seed0=100_000 + offset, state=clock)
     clock(fresh=True)  # a last reading at the end
     ref = dominant_state(clock.readings)
     other = False
     peaks_state = float(np.median(peaks_probes))
     if ref is not None and not all(same_state(p, ref) for p in peaks_probes):
-        if same_state(clock.readings[-1], ref):  # the state at the end, just read
+        if same_state(clock.readings[-1], ref) and not quick:  # the state at the end, just read
             progress("the peaks were measured in another state: measuring them again")
             peaks = measure_peaks(progress)
             peaks_state = clock.readings[-1]
@@ -1112,10 +1127,12 @@ def at_one_pace(samples: Samples, elasticity: float = 1.0) -> tuple[Samples, flo
     pace = float(np.median(samples.pace_readings))
 
     def kept(parts: list[NetSample]) -> list[NetSample]:
+        inside = [x for x in parts if x.pace_ms <= 0 or 1 / PACE_BAND <= x.pace_ms / pace <= PACE_BAND]
+        if len(inside) < PACE_LEAST:  # a busy machine: the networks timed nearest its pace rather than too few to fit
+            inside = sorted(parts, key=lambda x: abs(np.log(x.pace_ms / pace)) if x.pace_ms > 0 else 0.0)[:PACE_LEAST]
         return [dataclasses.replace(x, row_seconds=at_pace(x.row_seconds, x.pace_ms, pace, elasticity),
                                     total_seconds=at_pace(x.total_seconds, x.pace_ms, pace, elasticity))
-                if x.pace_ms > 0 else x
-                for x in parts if x.pace_ms <= 0 or 1 / PACE_BAND <= x.pace_ms / pace <= PACE_BAND]
+                if x.pace_ms > 0 else x for x in parts if any(x is y for y in inside)]
 
     return dataclasses.replace(samples, nets={b: kept(v) for b, v in samples.nets.items()}), pace
 
@@ -1219,8 +1236,16 @@ def fit_profile(samples: Samples, progress: Progress = lambda m: None) -> Hardwa
             fit[f"int8.b{b}.kernels"] = len(ns)
             fit[f"int8.b{b}.kernel_error"] = round(op_err, 4)
             progress(f"fit int8 kernels batch {b}: {len(ns)} kernels, error {100 * op_err:.1f}% (in sample)")
-        if q:
-            f8 = fit_int8(q, coefs8, cache, elem_ns, pool, multiple)
+        if not q and coefs8:
+            # no compiled networks (a quick calibration): the graph adds nothing measured to its kernels; its other
+            # operators (generated loops) cost as the float fit's elementwise rows, per operator and per byte
+            el = coefs[first].get("elementwise", np.zeros(SPLIT_WIDTH))
+            f8 = Int8Fit({b: 0.0 for b in coefs8}, {b: 0.0 for b in coefs8}, 0.0, 0.0,
+                         float(el[COL["overhead"]]), float(el[COL["act_cache_bytes"]]), 0.0)
+            progress("int8: no compiled networks (quick): the kernels as timed alone, the graph's other operators "
+                     "as the float fit's elementwise ones; predictions anchored on the quantized original get the level")
+        if q or coefs8:
+            f8 = fit_int8(q, coefs8, cache, elem_ns, pool, multiple) if q else f8
             peaks["int8"] = round(INT8_LANES * peak, 2)
             for b, coef in coefs.items():
                 b8 = nearest_batch(b, list(coefs8))

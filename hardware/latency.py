@@ -45,7 +45,7 @@ from estimators.table import DTYPE_BYTES, LayerTable, evaluate
 from .profile import ALL_CLASSES, SUBCLASSES, HardwareProfile
 
 GEMM_CLASSES = ("conv", "gconv", "dwconv", "gemm", "attention")
-__all__ = ["predict_latency", "LatencyPrediction", "GEMM_CLASSES", "ALL_CLASSES"]
+__all__ = ["predict_latency", "LatencyModel", "LatencyPrediction", "GEMM_CLASSES", "ALL_CLASSES", "SPLIT_COLUMNS"]
 
 
 @dataclass
@@ -56,6 +56,8 @@ class LatencyPrediction:
     profile: str
     runtime: str
     unsupported_rows: int
+    basis: str = "profile"  # `anchored`: corrected by the original model measured on the target (hardware.anchor)
+    outside_ms: float = 0.0  # time outside the operators (per-call overhead, glue), included in latency_ms
 
     def top(self, table: LayerTable, k: int = 10) -> list[dict]:
         order = np.argsort(-self.per_row_ms)[:k]
@@ -124,20 +126,31 @@ def pointwise(table: LayerTable) -> np.ndarray:
     return np.isin(np.array(table.kinds), ("conv", "gconv")) & (k == 1)
 
 
-SPLIT_WIDTH = 12  # columns of split_terms
+# the split model's columns (split_terms), by name: what each coefficient of split_coefficients multiplies
+SPLIT_COLUMNS = ("overhead", "flops", "flops_1x1", "flops_misaligned", "weight_bytes", "act_cache_bytes",
+                 "act_memory_bytes", "onednn", "reorder_in_bytes", "reorder_out_bytes", "flops_native", "flops_padded")
+COL = {name: i for i, name in enumerate(SPLIT_COLUMNS)}
+SPLIT_WIDTH = len(SPLIT_COLUMNS)
+
+
+def columns(*names: str) -> list[int]:
+    """Positions of the named split-model columns."""
+    return [COL[n] for n in names]
 
 
 def split_terms(flops, wbytes, abytes, pw, off, cache: float, eager=None):
-    """Columns of the split model for some rows: 1, FLOPs, FLOPs of 1x1 rows, FLOPs on padded channels
-    (FLOPs of rows whose channels are not multiples of the profile's channel_multiple), weight bytes, activation
-    bytes up to the cache's size, activation bytes beyond it (from memory), then eager PyTorch's convolution
-    dispatch (`eager`: eager_terms of these rows; zeros without): on oneDNN, misaligned input bytes and misaligned
-    output bytes there, FLOPs on ATen's native kernel, FLOPs oneDNN adds by rounding channels up to its block."""
-    hot = np.minimum(abytes, cache) if cache else np.zeros(len(abytes))
-    z = np.zeros(len(flops))
+    """The split model's columns (SPLIT_COLUMNS) for some rows, stacked on the last axis (any leading candidate
+    axes): 1, FLOPs, FLOPs of 1x1 rows, FLOPs on padded channels (FLOPs of rows whose channels are not multiples of
+    the profile's channel_multiple), weight bytes, activation bytes up to the cache's size, activation bytes beyond
+    it (from memory), then eager PyTorch's convolution dispatch (`eager`: eager_terms of these rows; zeros without):
+    on oneDNN, misaligned input bytes and misaligned output bytes there, FLOPs on ATen's native kernel, FLOPs oneDNN
+    adds by rounding channels up to its block."""
+    flops = np.asarray(flops, dtype=float)
+    hot = np.minimum(abytes, cache) if cache else np.zeros(flops.shape)
+    z = np.zeros(flops.shape)
     on, rin, wout, native, pad = eager if eager is not None else (z, z, z, z, z)
-    return np.stack([np.ones(len(flops)), flops, flops * pw, flops * off, wbytes, hot, abytes - hot,
-                     on, rin, wout, flops * native, flops * pad], 1)
+    return np.stack([np.ones(flops.shape), flops, flops * pw, flops * off, wbytes, hot, abytes - hot,
+                     on, rin, wout, flops * native, flops * pad], -1)
 
 
 @dataclass(frozen=True)
@@ -225,18 +238,22 @@ def eager_terms(shape: ConvShape, cin, cout, read_bytes, write_bytes, batch: int
 
 
 def split_coefficients(profile: HardwareProfile, eff, cls: str, peak: float) -> np.ndarray:
-    """Seconds per unit of each split_terms column, from a profile's efficiencies."""
+    """Seconds per unit of each split_terms column (SPLIT_COLUMNS), from a profile's efficiencies."""
     c_f = 1.0 / (peak * eff.compute_of(cls))
     bwr = (profile.memory_read_bandwidth_gbs or profile.memory_bandwidth_gbs) * 1e9
     cbw = (profile.cache_bandwidth_gbs or profile.memory_bandwidth_gbs) * 1e9
-    return np.array([eff.overhead_of(cls) * 1e-6, c_f, c_f * (eff._of(eff.pointwise_factor, cls, 1.0) - 1.0),
-                     c_f * (eff._of(eff.misaligned_factor, cls, 1.0) - 1.0),
-                     1.0 / (bwr * eff._of(eff.weight_bandwidth, cls, 1.0)),
-                     1.0 / (cbw * eff.bandwidth_of(cls)),
-                     1.0 / (profile.memory_bandwidth_gbs * 1e9 * eff._of(eff.spill_bandwidth, cls, 1.0)),
-                     eff._of(eff.onednn_us, cls, 0.0) * 1e-6, eff._of(eff.reorder_in_ns, cls, 0.0) * 1e-9,
-                     eff._of(eff.reorder_out_ns, cls, 0.0) * 1e-9,
-                     c_f * (eff._of(eff.native_factor, cls, 1.0) - 1.0), eff._of(eff.padding_ns, cls, 0.0) * 1e-9])
+    per = {"overhead": eff.overhead_of(cls) * 1e-6, "flops": c_f,
+           "flops_1x1": c_f * (eff._of(eff.pointwise_factor, cls, 1.0) - 1.0),
+           "flops_misaligned": c_f * (eff._of(eff.misaligned_factor, cls, 1.0) - 1.0),
+           "weight_bytes": 1.0 / (bwr * eff._of(eff.weight_bandwidth, cls, 1.0)),
+           "act_cache_bytes": 1.0 / (cbw * eff.bandwidth_of(cls)),
+           "act_memory_bytes": 1.0 / (profile.memory_bandwidth_gbs * 1e9 * eff._of(eff.spill_bandwidth, cls, 1.0)),
+           "onednn": eff._of(eff.onednn_us, cls, 0.0) * 1e-6,
+           "reorder_in_bytes": eff._of(eff.reorder_in_ns, cls, 0.0) * 1e-9,
+           "reorder_out_bytes": eff._of(eff.reorder_out_ns, cls, 0.0) * 1e-9,
+           "flops_native": c_f * (eff._of(eff.native_factor, cls, 1.0) - 1.0),
+           "flops_padded": eff._of(eff.padding_ns, cls, 0.0) * 1e-9}
+    return np.array([per[name] for name in SPLIT_COLUMNS])
 
 
 def streamed_weights(coef: np.ndarray, profile: HardwareProfile) -> np.ndarray:
@@ -246,7 +263,7 @@ def streamed_weights(coef: np.ndarray, profile: HardwareProfile) -> np.ndarray:
     compiled graph, 2.1x what its weights' cached rate predicted; at 56 GB/s it is the memory's read speed.)"""
     bwr = (profile.memory_read_bandwidth_gbs or profile.memory_bandwidth_gbs) * 1e9
     out = coef.copy()
-    out[4] = max(out[4], 1.0 / bwr)
+    out[COL["weight_bytes"]] = max(out[COL["weight_bytes"]], 1.0 / bwr)
     return out
 
 
@@ -326,60 +343,129 @@ def dtype_parts(table: LayerTable, kinds: np.ndarray, profile: HardwareProfile, 
         yield rows, eff, peak, factor, byte_scale, classes
 
 
-def predict_latency(table: LayerTable, profile: HardwareProfile, batch_size: int = 1, ev=None) -> LatencyPrediction:
-    """`ev`: the table's estimates.table.evaluate() when the caller has it already (searches do)."""
-    if batch_size < 1:
-        raise ValueError("batch size must be at least 1")
-    ev = ev if ev is not None else evaluate(table)
-    flops, wbytes, abytes, kinds, cin, cout = _row_features(table, batch_size, ev)
-    off = misaligned(cin, cout, profile.channel_multiple)
-    scale = batch_size / table.batch
-    rbytes, obytes = ev.act_read_bytes * scale, ev.act_write_bytes * scale
-    allocated = abytes - rbytes  # outputs the call allocates (glue): the bytes written, in-place rows' left out
-    pw = pointwise(table)
-    n = table.n
-    per_row = np.zeros(n)
-    call_s = 0.0
-    unsupported = int((kinds == "unsupported").sum())
-    bw_dram = profile.memory_bandwidth_gbs * 1e9
-    work = wbytes + abytes
-    cache = profile.cache_bytes or 0
-    # weights of a model larger than the cache stream from memory on every call
-    streams = cache > 0 and float(wbytes.sum()) > cache
-    for rows, eff, peak, factor, byte_scale, classes in dtype_parts(table, kinds, profile, batch_size):
-        eg = eager_terms(conv_shape(table), cin, cout, rbytes * byte_scale, obytes * byte_scale, batch_size,
-                         eff.eager_threads, profile.channel_multiple) if eff.split and eff.eager_threads else None
-        for cls, sel in classes:
-            if eff.split:
-                cols = split_terms(flops[sel], wbytes[sel] * byte_scale, abytes[sel] * byte_scale, pw[sel], off[sel],
-                                   cache, None if eg is None else tuple(x[sel] for x in eg))
-                coef = split_coefficients(profile, eff, cls, peak)
-                per_row[sel] = cols @ (streamed_weights(coef, profile) if streams else coef) * factor
+class LatencyModel:
+    """The latency model of one table's rows on one profile at one batch, evaluated for K candidates at once.
+
+    Candidates of one base table differ only in their channel counts (pruning): `seconds` takes their per-row
+    quantities as K x rows arrays (what estimators.table.evaluate gives for one table, or search.batch for many)
+    and returns every row's seconds and each candidate's time outside its operators (per-call overhead, the
+    glue per activation byte written, the input's quantization). A single prediction (predict_latency) is the
+    K = 1 case: the model is written once."""
+
+    def __init__(self, table: LayerTable, profile: HardwareProfile, batch: int):
+        if batch < 1:
+            raise ValueError("batch size must be at least 1")
+        t = table
+        self.table, self.profile, self.batch = t, profile, batch
+        self.kinds = latency_kinds(t)
+        self.in_place = in_place(t, self.kinds)
+        self.is_gemm = np.isin(self.kinds, GEMM_CLASSES)
+        self.window = t.ksize if t.ksize is not None else np.ones(t.n)
+        self.pw = pointwise(t)
+        self.parts = []  # (row positions, how, parameters) per dtype and class
+        self.glue = []  # (row positions of a dtype, seconds per activation byte written)
+        self.const_rows = np.zeros(t.n)  # views: a fixed time per row
+        call_s = 0.0
+        for rows, eff, peak, factor, bs, classes in dtype_parts(t, self.kinds, profile, batch):
+            for cls, mask in classes:
+                sel = np.flatnonzero(mask)
+                if eff.split:
+                    coef = split_coefficients(profile, eff, cls, peak)
+                    self.parts.append((sel, "split", (coef, streamed_weights(coef, profile), bs, factor,
+                                                      eff.eager_threads)))
+                else:
+                    self.parts.append((sel, "roof", (peak * eff.compute_of(cls), eff.bandwidth_of(cls), bs, factor,
+                                                     eff.misaligned_factor.get(cls, 1.0), eff.kernel_overhead_us * 1e-6)))
+            for cls, ns in eff.element_ns.items():  # per-element costs fusion does not remove
+                self.parts.append((np.flatnonzero(rows & of_class(self.kinds, cls, eff.element_ns)), "element",
+                                   (ns * 1e-9 * factor,)))
+            for cls, ns in eff.remainder_ns.items():  # a kernel's scalar tail over channels beyond its vector width
+                self.parts.append((np.flatnonzero(rows & of_class(self.kinds, cls, eff.remainder_ns)), "remainder",
+                                   (ns * 1e-9 * factor, eff.remainder_multiple.get(cls, profile.channel_multiple or 1))))
+            self.const_rows[rows & (self.kinds == "view")] = eff.view_overhead_us * 1e-6
+            if eff.glue_ns_per_byte:
+                self.glue.append((np.flatnonzero(rows), eff.glue_ns_per_byte * 1e-9 * bs))
+            call_s += eff.call_overhead_us * 1e-6 + eff.input_ns_per_element * 1e-9 * input_elements(t) * batch
+        self.call_s = call_s
+        self.unsupported = int((self.kinds == "unsupported").sum())
+
+    def seconds(self, q: np.ndarray, cin: np.ndarray, cout: np.ndarray, wb: np.ndarray, arb: np.ndarray,
+                awb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(K x rows seconds, K seconds outside the operators) of K candidates, from their per-row quantities at
+        the traced batch: `q` (K x rows x estimators.table.NQ), channels in and out, weight bytes and activation
+        bytes read and written (K x rows)."""
+        prof, t = self.profile, self.table
+        scale = self.batch / t.batch
+        gemm = q[:, :, Q_INDEX["gemm_macs"]] * 2 * scale
+        elems = q[:, :, Q_INDEX["act_out"]] * scale
+        flops = np.where(self.is_gemm, gemm, np.where(self.kinds == "maxpool", elems * self.window, elems))
+        awb_paid = np.where(self.in_place, 0.0, awb)  # in-place rows write back what they read (in_place)
+        abytes = (arb + awb_paid) * scale
+        eager = {}  # per thread count: eager PyTorch's convolution dispatch columns
+        m = prof.channel_multiple
+        off = ((cin % m) != 0) | ((cout % m) != 0) if m and m > 1 else np.zeros(cin.shape, dtype=bool)
+        cache = prof.cache_bytes or 0
+        bw_dram = prof.memory_bandwidth_gbs * 1e9
+        # weights of a model larger than the cache stream from memory on every call
+        streams = (wb.sum(1) > cache)[:, None] if cache > 0 else np.zeros((len(q), 1), dtype=bool)
+        out = np.zeros(flops.shape)
+        out += self.const_rows
+        for sel, how, par in self.parts:
+            f, w, a = flops[:, sel], wb[:, sel], abytes[:, sel]
+            if how == "element":
+                out[:, sel] += f * par[0]
                 continue
-            comp = flops[sel] / (peak * eff.compute_of(cls))
-            # the class's bandwidth share applies to cache-resident traffic (where calibration measures it);
-            # traffic that spills to memory moves at the memory's bandwidth
-            share = eff.bandwidth_of(cls)
-            if streams:
-                act_bw = np.where(abytes[sel] <= cache, profile.cache_bandwidth_gbs * 1e9 * share, bw_dram)
-                mem = (wbytes[sel] / bw_dram + abytes[sel] / act_bw) * byte_scale
-            elif cache:
-                row_bw = np.where(work[sel] <= cache, profile.cache_bandwidth_gbs * 1e9 * share, bw_dram)
-                mem = work[sel] * byte_scale / row_bw
+            if how == "remainder":
+                out[:, sel] += f * remainder_share(cin[:, sel], par[1]) * par[0]
+                continue
+            if how == "split":
+                c, c_stream, bs, factor, threads = par
+                eg = None
+                if threads:
+                    if threads not in eager:
+                        eager[threads] = eager_terms(conv_shape(t), cin, cout, arb * scale * bs, awb * scale * bs,
+                                                     self.batch, threads, m)
+                    eg = tuple(x[:, sel] for x in eager[threads])
+                cols = split_terms(f, w * bs, a * bs, self.pw[sel], off[:, sel], cache, eg)
+                per = np.where(streams, cols @ c_stream, cols @ c) * factor
             else:
-                mem = work[sel] * byte_scale / (bw_dram * share)
-            slow = np.where(off[sel], eff.misaligned_factor.get(cls, 1.0), 1.0)
-            body = comp * slow + mem if profile.combine == "sum" else np.maximum(comp, mem) * slow
-            per_row[sel] = body * factor + eff.kernel_overhead_us * 1e-6
-        for cls, ns in eff.element_ns.items():  # per-element costs fusion does not remove
-            sel = rows & of_class(kinds, cls, eff.element_ns)
-            per_row[sel] += flops[sel] * ns * 1e-9 * factor
-        for cls, ns in eff.remainder_ns.items():  # a kernel's scalar tail over channels beyond its vector width
-            sel = rows & of_class(kinds, cls, eff.remainder_ns)
-            per_row[sel] += flops[sel] * remainder_share(cin[sel], eff.remainder_multiple.get(
-                cls, profile.channel_multiple or 1)) * ns * 1e-9 * factor
-        views = rows & (kinds == "view")
-        per_row[views] = eff.view_overhead_us * 1e-6
-        call_s += eff.call_overhead_us * 1e-6 + eff.glue_ns_per_byte * 1e-9 * float(allocated[rows].sum()) * byte_scale \
-            + eff.input_ns_per_element * 1e-9 * input_elements(table) * batch_size
-    return LatencyPrediction(float((per_row.sum() + call_s) * 1e3), per_row * 1e3, batch_size, profile.name, profile.runtime, unsupported)
+                peak_eff, share, bs, factor, slow_f, kern = par
+                comp = f / peak_eff
+                # the class's bandwidth share applies to cache-resident traffic (where calibration measures it);
+                # traffic that spills to memory moves at the memory's bandwidth
+                if cache:
+                    work = w + a
+                    cache_bw = prof.cache_bandwidth_gbs * 1e9 * share
+                    act_bw = np.where(a <= cache, cache_bw, bw_dram)
+                    mem_stream = (w / bw_dram + a / act_bw) * bs
+                    mem_fit = work * bs / np.where(work <= cache, cache_bw, bw_dram)
+                    mem = np.where(streams, mem_stream, mem_fit)
+                else:
+                    mem = (w + a) * bs / (bw_dram * share)
+                slow = np.where(off[:, sel], slow_f, 1.0)
+                body = comp * slow + mem if prof.combine == "sum" else np.maximum(comp, mem) * slow
+                per = body * factor + kern
+            out[:, sel] += per
+        outside = np.full(len(q), self.call_s)
+        for rows, s_per_byte in self.glue:
+            outside += awb_paid[:, rows].sum(1) * scale * s_per_byte
+        return out, outside
+
+
+def predict_latency(table: LayerTable, profile: HardwareProfile, batch_size: int = 1, ev=None,
+                    anchor=None) -> LatencyPrediction:
+    """The latency of one table: LatencyModel's K = 1 case. `ev`: the table's estimates.table.evaluate() when
+    the caller has it already (searches do). `anchor`: a hardware.anchor.Anchor of the original model on this
+    target (its measured per-row correction); None: the profile's prediction alone."""
+    ev = ev if ev is not None else evaluate(table)
+    model = LatencyModel(table, profile, batch_size)
+    rows, outside = model.seconds(ev.q[None], ev.cin[None], ev.cout[None], ev.weight_bytes[None],
+                                  ev.act_read_bytes[None], ev.act_write_bytes[None])
+    basis = "profile"
+    if anchor is not None:
+        corr = anchor.correction(table, model)
+        rows, outside = rows * corr.rows, outside * corr.outside + corr.fixed_s
+        basis = corr.basis
+    per_row = rows[0]
+    return LatencyPrediction(float((per_row.sum() + outside[0]) * 1e3), per_row * 1e3, batch_size, profile.name,
+                             profile.runtime, model.unsupported, basis, float(outside[0] * 1e3))

@@ -168,17 +168,6 @@ def cpu_isa() -> str:
     return "+".join(x for x in ISA_FLAGS if x in have)
 
 
-def machine_note(profile) -> str | None:
-    """A note when `profile` (a HardwareProfile) was calibrated on a CPU with other features than this one
-    (its provenance's isa; None where it records none or they match)."""
-    isa = profile.provenance.isa if profile.provenance else ""
-    here = cpu_isa()
-    if not isa or not here or isa == here:
-        return None
-    return (f"the {profile.name} profile was calibrated on a CPU with {isa}; this one has {here}: its latency "
-            f"predictions do not hold here (run `deployfit calibrate --hardware {profile.name}`)")
-
-
 _ALLOCATOR: str | None = None
 
 
@@ -393,3 +382,35 @@ def at_pace(latency_ms: float, pace_ms: float, profile_pace_ms: float, elasticit
     if np.any(np.asarray(pace_ms) <= 0) or profile_pace_ms <= 0:
         return None
     return latency_ms * (profile_pace_ms / pace_ms) ** elasticity
+
+
+def measure_interleaved(fns: list[Callable], examples: list[torch.Tensor], rounds: int = 7, round_s: float = 0.25,
+                        min_calls: int = 3, warmup: int = 2) -> dict[str, list[float]]:
+    """Several functions timed in alternation in this process: each round times every function in turn (at least
+    `min_calls` calls, about `round_s` seconds, its median), so all of them see the same moments of the machine.
+    The first function is the reference: `ratio[i]` is the median over rounds of function i's round median over the
+    reference's in that round. This VM's speed drifts by tens of percent within minutes; a ratio taken round by round
+    barely moves with it, where two absolute times taken minutes apart do. Returns per function `latency_ms` (the
+    median of its round medians), `ratio` and `ratio_iqr` (the ratios' interquartile range, their spread), and
+    `rounds`."""
+    steady_allocator()
+    per: list[list[float]] = [[] for _ in fns]
+    with collector_paused(), torch.inference_mode():
+        for fn, x in zip(fns, examples):
+            for _ in range(warmup):
+                fn(x)
+        for _ in range(rounds):
+            for i, (fn, x) in enumerate(zip(fns, examples)):
+                times: list[float] = []
+                start = time.perf_counter()
+                while len(times) < min_calls or (time.perf_counter() - start < round_s and len(times) < 1000):
+                    t0 = time.perf_counter()
+                    fn(x)
+                    times.append(time.perf_counter() - t0)
+                per[i].append(statistics.median(times))
+    ref = np.array(per[0])
+    ratios = [np.array(p) / ref for p in per]
+    return {"latency_ms": [statistics.median(p) * 1e3 for p in per],
+            "ratio": [float(np.median(r)) for r in ratios],
+            "ratio_iqr": [float(np.subtract(*np.percentile(r, [75, 25]))) for r in ratios],
+            "rounds": rounds}

@@ -251,11 +251,13 @@ class HardwareProfile(_Strict):
 
 
 def profile_path(name: str) -> Path:
+    """A profile the repository ships (hardware/profiles/NAME.yaml)."""
     return PROFILE_DIR / f"{name}.yaml"
 
 
 def list_profiles() -> list[str]:
-    return sorted(p.stem for p in PROFILE_DIR.glob("*.yaml"))
+    """`host` (this machine, hardware.hostprofile) and the profiles the repository ships."""
+    return ["host"] + sorted(p.stem for p in PROFILE_DIR.glob("*.yaml"))
 
 
 def parse_profile(data: dict, origin: str) -> HardwareProfile:
@@ -266,14 +268,24 @@ def parse_profile(data: dict, origin: str) -> HardwareProfile:
         raise UserInputError(f"invalid hardware profile {origin}: {'; '.join(msgs)}") from None
 
 
-def load_profile(name_or_path: str) -> HardwareProfile:
+def load_profile_file(path: Path) -> HardwareProfile:
+    return parse_profile(read_yaml_mapping(path, f"hardware profile {path}"), str(path))
+
+
+def load_profile(name_or_path: str, progress=None) -> HardwareProfile:
+    """A profile by name (`host`: this machine's, calibrated first where it has none: hardware.hostprofile; else
+    one the repository ships) or by the path of a YAML file. `progress`: where a first calibration reports."""
+    if name_or_path == "host":
+        from .hostprofile import load_host
+
+        return load_host(progress)
     path = Path(name_or_path)
     if not (path.suffix in (".yaml", ".yml") and path.is_file()):
         path = profile_path(name_or_path)
     if not path.is_file():
         raise UserInputError(f"unknown hardware {name_or_path!r}; profiles: {', '.join(list_profiles())} "
                              "(or a path to a profile YAML)")
-    return parse_profile(read_yaml_mapping(path, f"hardware profile {path}"), str(path))
+    return load_profile_file(path)
 
 
 def save_profile(profile: HardwareProfile, path: Path) -> None:

@@ -1,5 +1,6 @@
-"""Many candidates at once: the estimators' arithmetic (estimators.table.evaluate, totals and
-hardware.latency.predict_latency) over a matrix of channel counts, one row per candidate.
+"""Many candidates at once: the estimators' arithmetic (estimators.table.evaluate and totals) over a matrix of
+channel counts, one row per candidate, and their latency by the one latency model (hardware.latency.LatencyModel,
+whose K = 1 case is predict_latency).
 
 A search's candidates differ only in the channels each pruning group keeps, once the student (the base
 table) and the quantization (its bytes per element and compute dtypes) are fixed: a `BatchEvaluator`
@@ -14,9 +15,7 @@ from scipy import sparse
 
 from estimators import registry as R
 from estimators.table import LayerTable, NQ
-from hardware.latency import (GEMM_CLASSES, conv_shape, dtype_parts, eager_terms, in_place, input_elements,
-                              latency_kinds, of_class, pointwise, remainder_share, split_coefficients,
-                              streamed_weights)
+from hardware.latency import LatencyModel
 from hardware.profile import HardwareProfile
 
 QI = R.Q_INDEX
@@ -53,7 +52,9 @@ def counts_for_ratios(table: LayerTable, ratios: np.ndarray, round_to: int | Non
 class BatchEvaluator:
     """Totals and predicted latency of K candidates of one base table (student and quantization fixed)."""
 
-    def __init__(self, table: LayerTable, profile: HardwareProfile | None, batch: int = 1):
+    def __init__(self, table: LayerTable, profile: HardwareProfile | None, batch: int = 1, anchor=None):
+        """`anchor`: a hardware.anchor.Anchor of the original model on this target: every candidate's latency is
+        corrected by it (hardware.latency.predict_latency does the same for one)."""
         t = table
         self.table = t
         n = t.n
@@ -76,102 +77,9 @@ class BatchEvaluator:
         self.B = B
         self.profile = profile
         self.batch = batch
-        if profile is not None:
-            self._latency_setup(profile, batch)
-
-    # ------------------------------------------------------------------------------------------
-    def _latency_setup(self, profile: HardwareProfile, batch: int) -> None:
-        t = self.table
-        self.kinds = latency_kinds(t)
-        self.in_place = in_place(t, self.kinds)
-        self.is_gemm = np.isin(self.kinds, GEMM_CLASSES)
-        self.window = t.ksize if t.ksize is not None else np.ones(t.n)
-        self.pw = pointwise(t)
-        self.parts = []  # (row selection, kind, params) per dtype and class
-        self.glue = []  # (rows of a dtype, seconds per activation byte written)
-        call_s = 0.0
-        const = np.zeros(t.n)
-        for rows, eff, peak, factor, bs, classes in dtype_parts(t, self.kinds, profile, batch):
-            for cls, mask in classes:
-                sel = np.flatnonzero(mask)
-                if eff.split:
-                    coef = split_coefficients(profile, eff, cls, peak)
-                    self.parts.append((sel, "split", (coef, streamed_weights(coef, profile)[4], bs, factor,
-                                                      eff.eager_threads)))
-                else:
-                    self.parts.append((sel, "roof", (peak * eff.compute_of(cls), eff.bandwidth_of(cls), bs, factor,
-                                                     eff.misaligned_factor.get(cls, 1.0), eff.kernel_overhead_us * 1e-6)))
-            for cls, ns in eff.element_ns.items():
-                self.parts.append((np.flatnonzero(rows & of_class(self.kinds, cls, eff.element_ns)), "element",
-                                   (ns * 1e-9 * factor,)))
-            for cls, ns in eff.remainder_ns.items():
-                self.parts.append((np.flatnonzero(rows & of_class(self.kinds, cls, eff.remainder_ns)), "remainder",
-                                   (ns * 1e-9 * factor, eff.remainder_multiple.get(cls, profile.channel_multiple or 1))))
-            const[rows & (self.kinds == "view")] = eff.view_overhead_us * 1e-6
-            if eff.glue_ns_per_byte:
-                self.glue.append((np.flatnonzero(rows), eff.glue_ns_per_byte * 1e-9 * bs))
-            call_s += eff.call_overhead_us * 1e-6 + eff.input_ns_per_element * 1e-9 * input_elements(t) * batch
-        self.const_s = float(const.sum()) + call_s
-
-    def _latency(self, q: np.ndarray, cin: np.ndarray, cout: np.ndarray, wb: np.ndarray, arb: np.ndarray,
-                 awb: np.ndarray) -> np.ndarray:
-        """Seconds per candidate: predict_latency's per-row model on K x rows arrays (`arb`, `awb`: activation
-        bytes read and written at the traced batch)."""
-        prof = self.profile
-        t = self.table
-        scale = self.batch / t.batch
-        gemm = q[:, :, QI["gemm_macs"]] * 2 * scale
-        elems = q[:, :, QI["act_out"]] * scale
-        flops = np.where(self.is_gemm, gemm, np.where(self.kinds == "maxpool", elems * self.window, elems))
-        awb_paid = np.where(self.in_place, 0.0, awb)  # in-place rows write back what they read (latency.in_place)
-        abytes = (arb + awb_paid) * scale
-        eager = {}  # per thread count: eager PyTorch's convolution dispatch columns
-        m = prof.channel_multiple
-        off = ((cin % m) != 0) | ((cout % m) != 0) if m and m > 1 else np.zeros(cin.shape, dtype=bool)
-        cache = prof.cache_bytes or 0
-        bw_dram = prof.memory_bandwidth_gbs * 1e9
-        streams = (wb.sum(1) > cache)[:, None] if cache > 0 else np.zeros((len(q), 1), dtype=bool)
-        total = np.zeros(len(q))
-        for sel, how, par in self.parts:
-            f, w, a = flops[:, sel], wb[:, sel], abytes[:, sel]
-            if how == "element":
-                total += (f * par[0]).sum(1)
-                continue
-            if how == "remainder":
-                total += (f * remainder_share(cin[:, sel], par[1]) * par[0]).sum(1)
-                continue
-            if how == "split":
-                c, c_stream, bs, factor, threads = par
-                w, a = w * bs, a * bs
-                hot = np.minimum(a, cache) if cache else np.zeros_like(a)
-                per = c[0] + c[1] * f + c[2] * f * self.pw[sel] + c[3] * f * off[:, sel] \
-                    + np.where(streams, c_stream, c[4]) * w + c[5] * hot + c[6] * (a - hot)
-                if threads:
-                    if threads not in eager:
-                        eager[threads] = eager_terms(conv_shape(t), cin, cout, arb * scale, awb * scale, self.batch,
-                                                     threads, m)
-                    on, rin, wout, native, pad = (x[:, sel] for x in eager[threads])
-                    per = per + c[7] * on + (c[8] * rin + c[9] * wout) * bs + (c[10] * native + c[11] * pad) * f
-                per = per * factor
-            else:
-                peak_eff, share, bs, factor, slow_f, kern = par
-                comp = f / peak_eff
-                if cache:
-                    work = w + a
-                    cache_bw = prof.cache_bandwidth_gbs * 1e9 * share
-                    act_bw = np.where(a <= cache, cache_bw, bw_dram)
-                    mem_stream = (w / bw_dram + a / act_bw) * bs
-                    mem_fit = work * bs / np.where(work <= cache, cache_bw, bw_dram)
-                    mem = np.where(streams, mem_stream, mem_fit)
-                else:
-                    mem = (w + a) * bs / (bw_dram * share)
-                slow = np.where(off[:, sel], slow_f, 1.0)
-                body = comp * slow + mem if prof.combine == "sum" else np.maximum(comp, mem) * slow
-                per = body * factor + kern
-            total += per.sum(1)
-        for rows, s_per_byte in self.glue:
-            total += awb_paid[:, rows].sum(1) * scale * s_per_byte
-        return total + self.const_s
+        self.latency = LatencyModel(t, profile, batch) if profile is not None else None
+        self.anchor = anchor
+        self.correction = anchor.correction(t, self.latency) if anchor is not None and profile is not None else None
 
     # ------------------------------------------------------------------------------------------
     def __call__(self, kept: np.ndarray) -> dict[str, np.ndarray]:
@@ -207,6 +115,11 @@ class BatchEvaluator:
         out = {"params": np.round(qs[:, QI["params"]]), "size_bytes": np.round(size), "macs": macs, "flops": 2 * macs,
                "memory_access_bytes": np.round(size + arb.sum(1) + awb.sum(1)),
                "peak_memory_bytes": np.round(size + peak_act)}
-        if self.profile is not None:
-            out["latency_ms"] = self._latency(q, cin, cout, wb, arb, awb) * 1e3
+        if self.latency is not None:
+            rows, outside = self.latency.seconds(q, cin, cout, wb, arb, awb)
+            if self.correction is not None:
+                out["latency_ms"] = (rows @ self.correction.rows + outside * self.correction.outside
+                                     + self.correction.fixed_s) * 1e3
+            else:
+                out["latency_ms"] = (rows.sum(1) + outside) * 1e3
         return out

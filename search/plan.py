@@ -198,7 +198,9 @@ def allocations(table: LayerTable, scorer: Scorer, base_eval: BatchEvaluator, n_
 
 def build_families(table: LayerTable, profile: HardwareProfile, batch: int, students: tuple[str, ...] = (),
                    student_tables: dict[str, LayerTable] | None = None,
-                   widths: tuple[float, ...] = WIDTHS) -> list[Family]:
+                   widths: tuple[float, ...] = WIDTHS, anchor=None) -> list[Family]:
+    """The search's families (a student and a quantization each); `anchor`: the original measured on the target
+    (hardware.anchor), which corrects every family's latency."""
     prunable = bool(table.plan.groups)
     distills: list[tuple[DistillStep | None, LayerTable]] = [(None, table)]
     if prunable:
@@ -214,7 +216,7 @@ def build_families(table: LayerTable, profile: HardwareProfile, batch: int, stud
     for d, base in distills:
         for q in [None] + [QuantizeStep(dtype=x) for x in quantize_dtypes(profile)]:
             qt = base if q is None else estimate(base, Strategy(steps=[q]))
-            fams.append(Family(d, q, base, BatchEvaluator(qt, profile, batch)))
+            fams.append(Family(d, q, base, BatchEvaluator(qt, profile, batch, anchor=anchor)))
     return fams
 
 
@@ -354,11 +356,14 @@ def _round_pred(m: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 def plan(table: LayerTable, profile: HardwareProfile, req: Requirements, scorer: Scorer, top_k: int = 5,
          students: tuple[str, ...] = (), student_tables: dict[str, LayerTable] | None = None,
          progress: Callable[[str], None] = lambda m: None, grid_step: float = GRID_STEP,
-         nsga_evals: int = NSGA_EVALS, seed: int = 0, keep_candidates: bool = False) -> dict[str, Any]:
+         nsga_evals: int = NSGA_EVALS, seed: int = 0, keep_candidates: bool = False, anchor=None) -> dict[str, Any]:
     """`keep_candidates`: also return the whole space as columns (`candidates`: strategy, label and every
-    prediction per distinct candidate), for tracking."""
+    prediction per distinct candidate), for tracking. `anchor`: the original measured on the target at the
+    requirements' batch (hardware.anchor): latencies are anchored on it (each candidate's `latency_basis`)."""
     t0 = time.perf_counter()
-    fams = build_families(table, profile, req.batch_size, students, student_tables)
+    if anchor is not None and anchor.batch != req.batch_size:
+        raise ValueError(f"the anchor was measured at batch {anchor.batch}, the requirements are for {req.batch_size}")
+    fams = build_families(table, profile, req.batch_size, students, student_tables, anchor=anchor)
     pool = Pool(fams)
     own0 = next(i for i, f in enumerate(fams) if f.distill is None and f.quant is None)
     alloc = allocations(table, scorer, fams[own0].evaluator) if table.plan.groups else None
@@ -421,7 +426,8 @@ def _report(table: LayerTable, profile: HardwareProfile, req: Requirements, scor
             if k in m:
                 v = float(m[k][i])
                 pred[k] = int(v) if k != "latency_ms" and k != "accuracy_drop" and v.is_integer() else round(v, 4)
-        out = {"compact": strat.compact(), "label": strat.label(), "pred": pred}
+        out = {"compact": strat.compact(), "label": strat.label(), "pred": pred,
+               "latency_basis": f.evaluator.correction.basis if f.evaluator.correction is not None else "profile"}
         if full:
             out["strategy"] = strat.model_dump(exclude_none=True)
         return out
@@ -440,6 +446,7 @@ def _report(table: LayerTable, profile: HardwareProfile, req: Requirements, scor
         cols: dict[str, list] = {"strategy": [r["compact"] for r in rows], "label": [r["label"] for r in rows]}
         for k in rows[0]["pred"] if rows else []:
             cols[k] = [r["pred"].get(k) for r in rows]
+        cols["latency_basis"] = [r["latency_basis"] for r in rows]
         cols["feasible"] = [bool(feasible[i]) for i in rank]
         out["candidates"] = cols
     names = list(viol)

@@ -1,7 +1,6 @@
 """apply: execute a strategy, save the artifact, measure it and compare with the prediction."""
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 from typing import Any, Callable
 
@@ -12,9 +11,10 @@ from estimators.modelspec import LoadedModel
 from estimators.report import public, rel_err
 from estimators.strategy import Strategy
 from estimators.table import totals
-from hardware.measure import (PaceReference, at_pace, count_module, gemm_macs, measure_memory_access_bytes,
-                              measure_paced, measure_peak_activation_bytes, stored_tensor_bytes, stored_tensors,
-                              sync_probe_us)
+from hardware.measure import (count_module, gemm_macs, measure_memory_access_bytes, measure_peak_activation_bytes,
+                              stored_tensor_bytes, stored_tensors)
+
+from .anchoring import latency_context
 
 from .executors import Work, run_strategy, save_artifact
 from .quantize_exec import load_program
@@ -43,94 +43,99 @@ def measure_work(work: Work, ep, artifact_path: str) -> tuple[dict[str, Any], li
     return meas, notes
 
 
-@functools.cache
-def pace_reference() -> PaceReference:
-    """This process's pace network (hardware.measure.PaceReference; built at the first call)."""
-    return PaceReference()
-
-
-def fast_latency(ep, int8: bool, example) -> dict[str, Any]:
-    """Latency of a saved program in the form that runs it fast: eager for float programs,
-    inductor-compiled (freezing) for int8 ones; timed in alternation with the pace network (`pace_ms`:
-    hardware.measure.measure_paced), with the machine's sync probe read just before
-    (hardware.measure.sync_probe_us)."""
+def fast_form(ep, int8: bool):
+    """A saved program in the form that runs it fast: eager for float programs, inductor-compiled (freezing) for
+    INT8 ones (its first call compiles it)."""
     if int8:
         from .quantize_exec import compile_for_inference
 
-        fn = compile_for_inference(ep)
-    else:
-        fn = ep.module()
-    probe = sync_probe_us()  # the machine's state just before: a slow spell shows beside the figure it slowed
-    got = measure_paced(fn, example, pace_reference(), warmup=3, min_runs=10, budget_s=3.0)
-    return {**got, "pace_ms": round(got["pace_ms"], 4), "sync_probe_us": round(probe, 3)}
+        return compile_for_inference(ep)
+    return ep.module()
 
 
-def paced_latency(meas: dict[str, Any], lat: dict[str, Any], prof) -> None:
-    """Record in `meas` the measured latency at the host profile `prof`'s pace (`latency_at_pace_ms`: as if the
-    machine ran as fast as when it was calibrated; hardware.measure.at_pace), where the profile and the
-    measurement both read the pace network. rel_err compares the prediction with it (`err.latency_at_pace_ms`)."""
-    pace = prof.calibrated_pace() or 0.0
-    paced = at_pace(lat["latency_ms"], lat.get("pace_ms", 0.0), pace, prof.pace_elasticity())
-    if paced is not None:
-        meas["latency_at_pace_ms"] = round(paced, 4)
-        lat["profile_pace_ms"] = pace
-        lat["profile_pace_elasticity"] = prof.pace_elasticity()
+def _is_int8(strategy: dict[str, Any]) -> bool:
+    return any(s.get("method") == "quantize" and s.get("dtype") == "int8" for s in strategy["steps"])
 
 
-def measure_artifact_latency(work: Work, ep, batch_size: int) -> dict[str, Any]:
-    """Latency of the saved artifact `ep` on this machine (fast_latency)."""
-    return fast_latency(ep, work.quant is not None and work.quant.dtype == "int8", work.example(batch_size))
+def measure_candidate(fn, loaded: LoadedModel, batch_size: int, anchor=None, original=None) -> dict[str, Any]:
+    """The latency of a candidate's fast form `fn` on this machine, timed in alternation with the original
+    (tasks.anchoring.measure_against_original): the ratio of the two is what the machine's drift barely moves.
+    With `anchor` (the original measured when the prediction was anchored), the latency is that ratio times the
+    anchor's measurement of the original, the scale the anchored prediction is on; without, the candidate's own
+    median in this window."""
+    from .anchoring import measure_against_original
+
+    got = measure_against_original(fn, loaded, batch_size, original=original)
+    got["latency_ms"] = got["ratio"] * anchor.total_ms if anchor is not None else got["latency_ms"]
+    got["scale"] = "anchor: ratio to the original x the original's anchored latency" if anchor is not None \
+        else "this window's median"
+    return got
+
+
+def record_latency(result: dict[str, Any], lat: dict[str, Any], anchor) -> dict[str, Any]:
+    """Complete `result` with the latency measurement `lat` (measure_candidate): meas.latency_ms and
+    meas.speedup (the original's latency over the candidate's, measured in alternation); a measured candidate is
+    a truth of the anchor (hardware.anchor.Anchor.record_truth), whose correction it refits."""
+    out = dict(result)
+    out["meas"] = {**result["meas"], "latency_ms": round(lat["latency_ms"], 4), "speedup": round(1 / lat["ratio"], 4)}
+    out["err"] = rel_err(out["pred"], out["meas"])
+    out["latency_measurement"] = lat
+    if anchor is not None and result.get("pred_latency_before_truths_ms"):
+        anchor.record_truth(result["compact"], result["latency_runtime"], result["pred_latency_before_truths_ms"],
+                            lat["latency_ms"])
+    return out
+
+
+def predict_host_latency(loaded: LoadedModel, table, est, hardware: str, batch_size: int, anchor_on: bool,
+                         progress: Callable[[str], None] = lambda m: None) -> tuple:
+    """The latency prediction of `est` (the candidate's estimated table) on `hardware`: (the profile, its anchor or
+    None, {latency_ms, latency_basis, hardware, latency_runtime, pred_latency_before_truths_ms})."""
+    from hardware.anchor import runtime_of
+    from hardware.latency import predict_latency
+
+    prof, anchor, info = latency_context(loaded, table, hardware, batch_size, anchor_on, progress)
+    lat = predict_latency(est, prof, batch_size, anchor=anchor)
+    out = {"latency_ms": round(lat.latency_ms, 4), "latency_basis": lat.basis, "hardware": info,
+           "latency_runtime": runtime_of(est)}
+    if anchor is not None:  # what a truth is recorded against: the anchored prediction before the truths' refit
+        out["pred_latency_before_truths_ms"] = lat.latency_ms / anchor.truth_factor(runtime_of(est))[0]
+    return prof, anchor, out
 
 
 def saved_latency(model_path: str, strategy: dict[str, Any], input_shape: list[int], batch_size: int) -> dict[str, Any]:
-    """Latency of a saved artifact, loaded from `model_path`, on the seeded example input at `batch_size`
-    (fast_latency: compiled when the strategy is int8)."""
-    import torch
+    """Latency of a saved artifact, loaded from `model_path`, on the seeded example input at `batch_size`, in the
+    form that runs it fast (a device worker measures what it fetched with this)."""
+    from hardware.measure import measure_latency
 
-    from estimators.modelspec import SEED
+    from .anchoring import example_input
 
-    ep = load_program(model_path)
-    int8 = any(s.get("method") == "quantize" and s.get("dtype") == "int8" for s in strategy["steps"])
-    shape = [batch_size, *input_shape[1:]]
-    return fast_latency(ep, int8, torch.randn(*shape, generator=torch.Generator().manual_seed(SEED)))
+    fn = fast_form(load_program(model_path), _is_int8(strategy))
+    return measure_latency(fn, example_input(input_shape, batch_size), warmup=3, min_runs=10, budget_s=3.0)
 
 
-def state_notes(lat: dict[str, Any], prof) -> list[str]:
-    """A note when the profile `prof` (a HardwareProfile) was calibrated on another CPU (hardware.measure.
-    machine_note). Else record in `lat` the machine state it was calibrated in (`profile_sync_probe_us`) and
-    whether the measurement was taken in it (`state_matches_profile`); a note when it was not."""
-    from hardware.measure import machine_note, same_state
+def measure_saved_latency(result: dict[str, Any], loaded: LoadedModel, prof=None, anchor_on: bool = True,
+                          progress: Callable[[str], None] = lambda m: None) -> dict[str, Any]:
+    """Predict and measure the latency of an artifact `apply_and_measure(..., latency_now=False)` saved, on this
+    machine: the prediction anchored as apply's, the measurement in alternation with the original `loaded`
+    (measure_candidate); completes its `pred`, `meas` and `err` (the result is returned updated). `prof`: unused
+    (this machine's host profile is loaded once per process)."""
+    from estimators.compress import estimate
+    from estimators.strategy import Strategy
 
-    other_cpu = machine_note(prof)
-    if other_cpu:
-        return [other_cpu]
-    ref = prof.calibrated_state()
-    if not ref or "sync_probe_us" not in lat:
-        return []
-    lat["profile_sync_probe_us"] = ref
-    lat["state_matches_profile"] = same_state(lat["sync_probe_us"], ref)
-    if lat["state_matches_profile"]:
-        return []
-    return [f"latency measured in another state of this machine than the {prof.name} profile was calibrated in "
-            f"(sync probe {lat['sync_probe_us']:.2f} us against {ref:.2f} us): its error includes the machine's change"]
-
-
-def measure_saved_latency(result: dict[str, Any], prof=None) -> dict[str, Any]:
-    """Measure the latency of an artifact `apply_and_measure(..., latency_now=False)` saved, in the form
-    that runs it fast, and complete its `meas` and `err` (the result is returned updated). `prof`: the host
-    profile it was predicted with (loaded here when not given), for state_notes."""
-    from hardware.profile import load_profile
-
-    lat = saved_latency(result["artifact"]["model"], result["strategy"], result["input_shape"], result["batch_size"])
-    prof = prof if prof is not None else load_profile("host")
-    out = dict(result)
-    out["meas"] = {**result["meas"], "latency_ms": round(lat["latency_ms"], 4)}
-    paced_latency(out["meas"], lat, prof)
-    out["err"] = rel_err(result["pred"], out["meas"])
-    out["notes"] = [n for n in result.get("notes", []) if not n.startswith("latency to be measured")] \
-        + state_notes(lat, prof)
-    out["latency_measurement"] = lat
-    return out
+    strat = Strategy.model_validate(result["strategy"])
+    if result.get("float_layers"):  # what was really built: the layers the quantizer left in float
+        strat = strat.model_copy(update={"steps": [s.model_copy(update={"keep_float": list(result["float_layers"])})
+                                                   if s.method == "quantize" else s for s in strat.steps]})
+    table = analyze(loaded)
+    _, anchor, extra = predict_host_latency(loaded, table, estimate(table, strat), "host", result["batch_size"],
+                                            anchor_on, progress)
+    predicted = extra.pop("latency_ms")
+    # a plan's executed candidate keeps the prediction that chose it (flows.pipeline._with_plan_prediction)
+    out = {**result, "pred": {"latency_ms": predicted, **result["pred"]}, **extra}
+    out["notes"] = [n for n in result.get("notes", []) if not n.startswith("latency to be predicted")] \
+        + ([extra["hardware"]["warning"]] if extra["hardware"].get("warning") else [])
+    fn = fast_form(load_program(result["artifact"]["model"]), _is_int8(result["strategy"]))
+    return record_latency(out, measure_candidate(fn, loaded, result["batch_size"], anchor), anchor)
 
 
 def artifact_accuracy(ep, data) -> float:
@@ -142,9 +147,10 @@ def artifact_accuracy(ep, data) -> float:
 
 def apply_and_measure(loaded: LoadedModel, strategy: Strategy, out_dir: str, hardware: str | None = None,
                       batch_size: int = 1, progress: Callable[[str], None] = lambda m: None, data_spec: str | None = None,
-                      train_cfg: Any = None, latency_now: bool = True) -> dict[str, Any]:
+                      train_cfg: Any = None, latency_now: bool = True, anchor_on: bool = True) -> dict[str, Any]:
     """`latency_now=False`: predict the latency but leave measuring it to `measure_saved_latency` (a
-    pipeline that builds candidates in parallel measures them one at a time afterwards)."""
+    pipeline that builds candidates in parallel measures them one at a time afterwards). `anchor_on`: predict the
+    latency anchored on the original measured here (tasks.anchoring), where the hardware is this machine."""
     progress(f"analysing {loaded.spec}")
     table = analyze(loaded)
     est = estimate(table, strategy)
@@ -190,25 +196,26 @@ def apply_and_measure(loaded: LoadedModel, strategy: Strategy, out_dir: str, har
 
         record_truth(acc_pred, meas["accuracy_drop"])  # the recovery model learns from this truth
     lat_info = None
-    if hardware:
-        from hardware.latency import predict_latency
-        from hardware.profile import load_profile
-
-        prof = load_profile(hardware)
-        pred["latency_ms"] = round(predict_latency(est, prof, batch_size).latency_ms, 4)
+    anchor = None
+    latency_extra: dict[str, Any] = {}
+    if hardware == "host" and not latency_now:
+        # built beside others (maybe in another process, with other threads): this machine's profile and anchor are
+        # the measuring process's, so measure_saved_latency predicts the latency where it measures it
+        notes.append("latency to be predicted and measured by measure_saved_latency")
+    elif hardware:
+        prof, anchor, latency_extra = predict_host_latency(loaded, table, est, hardware, batch_size, anchor_on,
+                                                           progress)
+        pred["latency_ms"] = latency_extra.pop("latency_ms")
+        if latency_extra["hardware"].get("warning"):
+            notes.append(latency_extra["hardware"]["warning"])
         if prof.name == "host" and latency_now:
-            progress(f"measuring latency at batch {batch_size}")
-            lat = measure_artifact_latency(work, ep, batch_size)
-            meas["latency_ms"] = round(lat["latency_ms"], 4)
-            paced_latency(meas, lat, prof)
-            notes.extend(state_notes(lat, prof))
-            lat_info = lat
-        elif prof.name == "host":
-            notes.append("latency to be measured by measure_saved_latency")
-        else:
+            progress(f"measuring latency at batch {batch_size} in alternation with the original")
+            lat_info = measure_candidate(fast_form(ep, work.quant is not None and work.quant.dtype == "int8"),
+                                         loaded, batch_size, anchor)
+        elif prof.name != "host":
             notes.append(f"latency is predicted for {prof.name}; it can be measured only on that device")
-    return {
-        "latency_measurement": lat_info,
+    result = {
+        "latency_measurement": None,
         "model": loaded.spec,
         "input_shape": list(loaded.input_shape),
         "batch_size": batch_size,
@@ -228,3 +235,5 @@ def apply_and_measure(loaded: LoadedModel, strategy: Strategy, out_dir: str, har
                                            "finetune_epochs": train_cfg.epochs, "kd_finetune": train_cfg.kd_finetune},
         "training": work.training,
     }
+    result.update(latency_extra)
+    return record_latency(result, lat_info, anchor) if lat_info is not None else result

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Optional
@@ -104,6 +105,16 @@ class SearchOptions(BaseModel):
 # pure steps
 
 
+def _log_info(message: str) -> None:
+    """Progress into the Prefect run's log where there is one, else stderr."""
+    try:
+        from prefect import get_run_logger
+
+        get_run_logger().info(message)
+    except Exception:  # outside a flow or task run
+        print(message, file=sys.stderr, flush=True)
+
+
 def analyze_model(model: ModelInput):
     """The model's LayerTable."""
     from estimators.analyze import analyze
@@ -122,14 +133,16 @@ def accuracy_sensitivity(model: ModelInput, data: str, table):
 
 def search_space(model: ModelInput, table, hardware: str, requirements: Requirements, options: SearchOptions,
                  data: str | None = None, sens=None, student_tables: dict | None = None,
-                 top_k: int = 5) -> dict[str, Any]:
+                 top_k: int = 5, anchor: bool = True) -> dict[str, Any]:
     """Estimate every candidate (size, params, MACs, memory, latency on `hardware`, accuracy drop), search
-    them against the requirements: the plan report (search.plan.plan), with the whole space as columns."""
+    them against the requirements: the plan report (search.plan.plan), with the whole space as columns.
+    `anchor`: latencies anchored on the original measured on the target, where it can be measured here."""
     from estimators.accuracy import DropScorer, ProxyScorer
-    from hardware.profile import load_profile
     from search.plan import plan
+    from tasks.anchoring import latency_context
 
-    prof = load_profile(hardware)
+    prof, anc, info = latency_context(model.load(), table, hardware, requirements.batch_size, anchor,
+                                      progress=_log_info)
     if data:
         if sens is None:
             raise UserInputError("data given without its sensitivity analysis")
@@ -142,7 +155,8 @@ def search_space(model: ModelInput, table, hardware: str, requirements: Requirem
         scorer = ProxyScorer()
     rep = plan(table, prof, req, scorer, top_k=top_k, students=tuple(options.students),
                student_tables=student_tables or {}, grid_step=options.grid_step, nsga_evals=options.nsga_evals,
-               seed=options.seed, keep_candidates=True)
+               seed=options.seed, keep_candidates=True, anchor=anc)
+    rep["profile_identity"] = info
     rep["model"] = model.spec
     rep["data"] = data
     if sens is not None:
@@ -152,7 +166,7 @@ def search_space(model: ModelInput, table, hardware: str, requirements: Requirem
 
 def execute_candidate(model: ModelInput, strategy: str, out_dir: str, hardware: str, batch_size: int = 1,
                       data: str | None = None, finetune_epochs: int = 5, latency_now: bool = True,
-                      threads: int | None = None) -> dict[str, Any]:
+                      threads: int | None = None, anchor: bool = True) -> dict[str, Any]:
     """Execute one strategy (train where it trains), save the artifact, measure it against its prediction.
     `latency_now=False` leaves the latency to `measure_latencies` (candidates built in parallel are
     timed one at a time); `threads`: torch threads while executing (training results depend on it)."""
@@ -169,7 +183,8 @@ def execute_candidate(model: ModelInput, strategy: str, out_dir: str, hardware: 
     try:
         rep = apply_and_measure(model.load(), parse_strategy(strategy), out_dir, hardware=hardware,
                                 batch_size=batch_size, data_spec=data,
-                                train_cfg=TrainConfig(epochs=finetune_epochs) if data else None, latency_now=latency_now)
+                                train_cfg=TrainConfig(epochs=finetune_epochs) if data else None, latency_now=latency_now,
+                                anchor_on=anchor)
     finally:
         torch.set_num_threads(before)
     rep["label"] = parse_strategy(strategy).label()
@@ -179,25 +194,30 @@ def execute_candidate(model: ModelInput, strategy: str, out_dir: str, hardware: 
     return rep
 
 
-def measure_latencies(results: list[dict[str, Any]], hardware: str) -> list[dict[str, Any]]:
-    """The latency of each executed candidate's artifact, one at a time, measured on this machine when
-    `hardware` is host (the results are returned completed)."""
-    if hardware != "host":
+def measure_latencies(results: list[dict[str, Any]], hardware: str, model: ModelInput | None = None,
+                      anchor: bool = True) -> list[dict[str, Any]]:
+    """The latency of each executed candidate's artifact, one at a time, measured on this machine in alternation
+    with the original `model` when `hardware` is host (the results are returned completed)."""
+    if hardware != "host" or not results:
         return results
     from hardware.profile import load_profile
     from tasks.apply import measure_saved_latency
 
     prof = load_profile(hardware)  # once for all the results
-    return [measure_saved_latency(r, prof) for r in results]
+    loaded = (model or ModelInput(spec=results[0]["model"])).load()
+    return [measure_saved_latency(r, loaded, prof, anchor, progress=_log_info) for r in results]
 
 
 def calibrate_profile(quick: bool = True, budget_s: float = CALIBRATION_BUDGET_S, out: str | None = None) -> str:
-    """Calibrate the host profile on this machine and write it; returns its path."""
+    """Calibrate the host profile on this machine and write it (default: this machine's file in the cache,
+    hardware.hostprofile); returns its path."""
     from hardware.calibrate import calibrate_host
-    from hardware.profile import profile_path, save_profile
+    from hardware.hostprofile import host_profile_path
+    from hardware.profile import save_profile
 
     prof = calibrate_host(quick=quick, budget_s=budget_s)
-    path = Path(out) if out else profile_path("host")
+    path = Path(out) if out else host_profile_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
     save_profile(prof, path)
     return str(path)
 
@@ -218,7 +238,7 @@ def _execution_key(ctx, params: dict) -> str:
     h = hashlib.sha256(repr([params["model"].fingerprint(), params["strategy"], os.path.abspath(params["out_dir"]),
                              params["hardware"], params.get("batch_size", 1), params.get("data"),
                              params.get("finetune_epochs", 5), params.get("latency_now", True), params.get("threads"),
-                             EXECUTOR_CODE]).encode()).hexdigest()[:24]
+                             params.get("anchor", True), EXECUTOR_CODE]).encode()).hexdigest()[:24]
     return f"deployfit-execution-{h}"
 
 

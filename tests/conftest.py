@@ -15,3 +15,7 @@ os.environ["TQDM_DISABLE"] = "1"
 os.environ["DEPLOYFIT_CACHE_DIR"] = str(_TMP / "cache")
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests/tinynets.py as a factory module
+
+from hosts import seed_host  # noqa: E402
+
+seed_host()  # this machine's host profile in the tests' cache (tests/hosts.py)

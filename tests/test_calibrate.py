@@ -13,9 +13,9 @@ from flows.cli import app
 from hardware.calibrate import (SEED_STRIDE, at_one_pace, calibrate_host, channel_multiple, collect_samples, fit_profile,
                                 load_samples, merge_samples, pace_elasticity)
 from hardware.latency import predict_latency
-from hardware.measure import cpu_isa, machine_note
+from hardware.hostprofile import foreign_note, host_key, host_profile_path, key_of
+from hardware.measure import cpu_isa
 from hardware.profile import load_profile, save_profile
-from tasks.apply import state_notes
 
 
 def test_quick_calibration_writes_loadable_profile(tmp_path):
@@ -28,7 +28,7 @@ def test_quick_calibration_writes_loadable_profile(tmp_path):
     assert again.peak_gflops["fp32"] > 0 and again.memory_bandwidth_gbs > 0
     assert again.memory_read_bandwidth_gbs and again.efficiency.split
     assert 8 in again.batch_efficiency and again.eff("fp32", 8).split  # calibrated at batch 8 too
-    assert again.provenance.fit["fp32.b1.networks"] >= 2 and again.provenance.fit["seconds"] < 60
+    assert again.provenance.fit["fp32.b1.networks"] >= 2
     assert any(m.startswith("fit fp32 batch 1") for m in messages)  # progress is shown
     # the machine's state while it was timed: fork and join of all threads, a few microseconds
     fit = again.provenance.fit
@@ -83,10 +83,10 @@ def test_quick_calibration_writes_loadable_profile(tmp_path):
         merge_samples([kept, dataclasses.replace(kept, pace_readings=[])])
     # the CPU's features are recorded, and the channel block the fit assumes follows them
     assert kept.isa == cpu_isa() and again.provenance.isa == cpu_isa()
-    assert again.channel_multiple == channel_multiple(cpu_isa()) and machine_note(again) is None
+    assert again.channel_multiple == channel_multiple(cpu_isa()) and foreign_note(again) is None
+    assert key_of(again) == host_key()  # calibrated here: this machine's
     other_cpu = again.model_copy(update={"provenance": again.provenance.model_copy(update={"isa": "amx_int8"})})
-    assert "amx_int8" in machine_note(other_cpu) and "deployfit calibrate" in machine_note(other_cpu)
-    assert state_notes({"latency_ms": 1.0, "sync_probe_us": 4.0}, other_cpu) == [machine_note(other_cpu)]
+    assert "amx_int8" in foreign_note(other_cpu) and "--hardware host" in foreign_note(other_cpu)
     with pytest.raises(ValueError, match="not a calibration's samples"):
         (tmp_path / "bad.pkl").write_bytes(b"not a pickle")
         load_samples(tmp_path / "bad.pkl")
@@ -104,18 +104,51 @@ def test_a_host_profile_of_another_cpu_is_flagged(tmp_path):
     save_profile(host.model_copy(update={"provenance": host.provenance.model_copy(update={"isa": "amx_int8"})}), path)
     runner = CliRunner()
     r = runner.invoke(app, ["hardware", "show", str(path)])
-    assert r.exit_code == 0 and "warning: the host profile was calibrated on a CPU with amx_int8" in r.stderr
+    assert r.exit_code == 0 and "warning: the host profile was calibrated on another machine" in r.stderr
     r = runner.invoke(app, ["hardware", "show", str(path), "--json"])
     assert "amx_int8" in json.loads(r.stdout)["warning"]
     r = runner.invoke(app, ["estimate", "demo:digits-cnn", "--hardware", str(path)])
-    assert r.exit_code == 0 and "calibrated on a CPU with amx_int8" in r.stderr
+    assert r.exit_code == 0 and "calibrated on another machine" in r.stderr and "differs in isa" in r.stderr
     r = runner.invoke(app, ["estimate", "demo:digits-cnn", "--hardware", str(path), "--json"])
     out = json.loads(r.stdout)
-    assert out["pred"]["latency_ms"] > 0 and "deployfit calibrate --hardware host" in out["hardware"]["warning"]
+    assert out["pred"]["latency_ms"] > 0 and "--hardware host" in out["hardware"]["warning"]
+    # another machine's profile is never anchored on this one: its target is not here
+    assert out["latency_basis"] == "profile" and out["hardware"]["anchor"] is None
+    assert out["hardware"]["profile"]["warning"] and out["hardware"]["profile"]["isa"] == "amx_int8"
     r = runner.invoke(app, ["plan", "demo:digits-cnn", "--hardware", str(path), "--nsga-evals", "0", "--json"])
     assert r.exit_code == 0 and "amx_int8" in json.loads(r.stdout)["warning"] and "warning: the host" in r.stderr
     here = host.model_copy(update={"provenance": host.provenance.model_copy(update={"isa": cpu_isa()})})
-    assert machine_note(here) is None and machine_note(load_profile("jetson-nano")) is None  # datasheet: no CPU
+    assert foreign_note(here) is None and foreign_note(load_profile("jetson-nano")) is None  # datasheet: no CPU
+
+
+def test_host_is_this_machine_never_a_profile_of_another(tmp_path, monkeypatch):
+    """`host` is looked up in the cache under this machine's key (CPU, features, threads, torch): a profile
+    calibrated for another CPU is not used for it, and without one of its own it cannot be had silently."""
+    from estimators.errors import UserInputError
+    from hardware import hostprofile
+    from hosts import seed_host
+
+    monkeypatch.setenv("DEPLOYFIT_CACHE_DIR", str(tmp_path / "cache"))
+    here = host_key()
+    other = {**here, "cpu": "Some Other CPU", "isa": "avx2"}
+    seed_host(key=other)  # another machine's profile in the same cache
+    assert host_profile_path(other).is_file() and not host_profile_path(here).is_file()
+    assert host_profile_path(other).parent == tmp_path / "cache" / "profiles"
+    with pytest.raises(UserInputError, match="no host profile for this machine"):
+        hostprofile.load_host(calibrate=False)
+    # the same cache seen from that other machine (its key faked): its own profile is found and used
+    monkeypatch.setattr(hostprofile, "host_key", lambda: other)
+    assert key_of(hostprofile.load_host(calibrate=False)) == other
+    monkeypatch.undo()
+    # a file at this machine's path whose provenance names another machine is not taken for this one either
+    monkeypatch.setenv("DEPLOYFIT_CACHE_DIR", str(tmp_path / "cache"))
+    host_profile_path(here).write_text(host_profile_path(other).read_text())
+    with pytest.raises(UserInputError, match="no host profile for this machine"):
+        hostprofile.load_host(calibrate=False)
+    # `hardware list` says whether this machine is calibrated; the repository ships reference profiles beside it
+    r = CliRunner().invoke(app, ["hardware", "list", "--json"])
+    rows = {p["name"]: p["runtime"] for p in json.loads(r.stdout)["profiles"]}
+    assert "not calibrated yet" in rows["host"] and "cpu-avx2" in rows
 
 
 def test_calibrate_cli_pool_errors(tmp_path):
@@ -211,3 +244,19 @@ def test_compiled_int8_network_is_profiled_into_its_parts():
     assert kern > 0 and pool > 0 and loops > 0  # the first quantize of the input is a generated loop
     assert kern + pool + loops < 1.5 * total
 
+
+
+def test_first_use_of_host_calibrates_this_machine_and_says_so(tmp_path, monkeypatch):
+    """A command that needs `host` on a machine without its profile calibrates it first (quick), shows its
+    progress, says so, and keeps it in the cache under this machine's key; the next use loads it."""
+    from hardware.hostprofile import describe
+
+    monkeypatch.setenv("DEPLOYFIT_CACHE_DIR", str(tmp_path / "cache"))
+    messages = []
+    prof = load_profile("host", progress=messages.append)
+    assert messages[0].startswith("no host profile for this machine") and describe(host_key()) in messages[0]
+    assert any(m.startswith("[fp32") for m in messages)  # progress of the timing
+    assert messages[-1] == f"host profile written to {host_profile_path()}"
+    assert key_of(prof) == host_key() and prof.name == "host"
+    again = []
+    assert load_profile("host", progress=again.append) == prof and again == []  # loaded, not calibrated again

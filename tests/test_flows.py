@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from prefect.testing.utilities import prefect_test_harness
 
+from hosts import fresh_process_key, seed_host
 from search.requirements import Requirements
 from tasks.pipeline import ModelInput, SearchOptions
 
@@ -60,6 +61,7 @@ def test_run_flow_tracks_every_candidate_and_leaves_a_prefect_artifact(harness, 
     from flows.pipeline import run_flow
 
     monkeypatch.setenv("DEPLOYFIT_CACHE_DIR", str(tmp_path / "cache-1"))  # the recovery model's truths
+    seed_host()
 
     rep = run_flow(model=ModelInput(spec="demo:digits-cnn"), data="digits", hardware="host",
                    requirements=Requirements(max_size_mb=0.05), search=FAST, top_k=2, out_dir=str(tmp_path / "runs"))
@@ -67,8 +69,8 @@ def test_run_flow_tracks_every_candidate_and_leaves_a_prefect_artifact(harness, 
     for e in rep["executed"]:
         assert {"params", "size_bytes", "latency_ms", "accuracy", "accuracy_drop"} <= set(e["meas"])
         assert e["err"]["params"] == 0.0  # the pruning estimate is exact
-        # the shipped host profile was calibrated against the pace network: the latency at its pace, and its error
-        assert e["meas"]["latency_at_pace_ms"] > 0 and "latency_at_pace_ms" in e["err"]
+        # measured in alternation with the original, on the anchor's scale; predicted anchored on it
+        assert e["meas"]["speedup"] > 0 and "latency_ms" in e["err"]
     tr = rep["tracking"]
     client = MlflowClient(tracking_uri=mlflow_store)
     exp = client.get_experiment_by_name("deployfit/demo:digits-cnn/host")
@@ -76,6 +78,10 @@ def test_run_flow_tracks_every_candidate_and_leaves_a_prefect_artifact(harness, 
     parent = client.get_run(tr["run_id"])
     assert parent.data.params["model"] == "demo:digits-cnn" and parent.data.params["data"] == "digits"
     assert parent.data.params["req.max_size_mb"] == "0.05"
+    # the profile's identity and the latency's basis, so that a prediction that moved between runs says why
+    assert parent.data.params["profile.name"] == "host" and len(parent.data.params["profile.hash"]) == 12
+    assert parent.data.params["profile.calibrated"] and parent.data.params["latency.basis"] == "anchored"
+    assert float(parent.data.params["anchor.original_ms"]) > 0
     assert parent.data.tags["prefect.flow_run_id"] == rep["flow_run_id"]
     assert parent.data.metrics["candidates_evaluated"] == rep["candidates_evaluated"]
     names = {a.path for a in client.list_artifacts(tr["run_id"])}
@@ -110,6 +116,7 @@ def test_run_flow_tracks_every_candidate_and_leaves_a_prefect_artifact(harness, 
     # a rerun (as after a crash) finds the analysis, the sensitivity and the executed candidates persisted
     # (the recovery store starts empty again, so the plan and its top-2 are the same)
     monkeypatch.setenv("DEPLOYFIT_CACHE_DIR", str(tmp_path / "cache-2"))
+    seed_host()
     again = run_flow(model=ModelInput(spec="demo:digits-cnn"), data="digits", hardware="host",
                      requirements=Requirements(max_size_mb=0.05), search=FAST, top_k=2, out_dir=str(tmp_path / "runs"))
 
@@ -123,7 +130,7 @@ def test_run_flow_tracks_every_candidate_and_leaves_a_prefect_artifact(harness, 
     cached = {n: st for n, st in states.items() if n.startswith(("analyze", "accuracy-sensitivity", "execute"))}
     assert len(cached) == 4 and set(cached.values()) == {"Cached"}, states
     def built(e):  # what the cached execution produced (latency is measured again, one candidate at a time)
-        return {k: v for k, v in e["meas"].items() if k not in ("latency_ms", "latency_at_pace_ms")}
+        return {k: v for k, v in e["meas"].items() if k not in ("latency_ms", "speedup")}
 
     assert [built(e) for e in again["executed"]] == [built(e) for e in rep["executed"]]
 
@@ -258,8 +265,7 @@ def _store_content(uri: str) -> dict:
     client = MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name("deployfit/demo:digits-cnn/host")
     runs = client.search_runs([exp.experiment_id], max_results=500)
-    skip = {"search_seconds", "candidates_per_second", "meas.latency_ms", "err.latency_ms", "meas.latency_at_pace_ms",
-            "err.latency_at_pace_ms"}
+    skip = {"search_seconds", "candidates_per_second", "meas.latency_ms", "err.latency_ms", "meas.speedup"}
     out = []
     for r in runs:
         out.append((r.data.tags.get("deployfit.kind", "parent"), r.data.params.get("strategy", ""),
@@ -283,9 +289,10 @@ def test_parallel_execution_on_a_dask_cluster_tracks_the_same_as_serial(harness,
             uri = f"sqlite:///{tmp_path / mode}.db"
             monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
             monkeypatch.setenv("DEPLOYFIT_CACHE_DIR", str(tmp_path / f"cache-{mode}"))
+            seed_host()
             rep = run_flow(model=ModelInput(spec="demo:digits-cnn"), data="digits", hardware="host",
                            requirements=Requirements(max_size_mb=0.05), search=FAST, top_k=2, parallel=par,
-                           out_dir=str(tmp_path / mode))
+                           out_dir=str(tmp_path / mode), anchor=False)  # an anchor is a measurement: not repeatable
             assert len(rep["executed"]) == 2 and not rep["failed"]
             assert all("latency_ms" in e["meas"] for e in rep["executed"])  # measured afterwards, one at a time
             content[mode] = _store_content(uri)
@@ -372,6 +379,7 @@ def test_two_concurrent_runs_on_shared_postgresql_stores(tmp_path):
     try:
         procs = []
         for i, (spec, size) in enumerate((("demo:digits-cnn", "0.05"), ("demo:digits-resnet", "0.06"))):
+            seed_host(tmp_path / f"cache{i}", key=fresh_process_key())
             env = {**os.environ, **st.env, "DEPLOYFIT_CACHE_DIR": str(tmp_path / f"cache{i}"),
                    "PREFECT_HOME": str(tmp_path / f"home{i}")}
             procs.append(subprocess.Popen(

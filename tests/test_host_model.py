@@ -703,59 +703,20 @@ def test_batch_evaluator_streams_weights_as_predict_latency():
     _batched_equals_per_candidate(table, parse_profile(d, "test"), 1, steps)
 
 
-def test_artifact_latency_records_the_machine_state():
-    from tasks.apply import fast_latency
+def test_interleaved_measurement_gives_ratios_round_by_round():
+    """Functions timed in alternation, round by round: each one's median and its ratio to the first. A function
+    that does the same work twice over runs about twice as long as the reference in every round."""
+    from hardware.measure import measure_interleaved
 
-    model = load_model("demo:digits-cnn").model.eval()
-    ex = torch.randn(2, 1, 8, 8)
-    ep = torch.export.export(model, (ex,), dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=64)},))
-    lat = fast_latency(ep, False, torch.randn(1, 1, 8, 8))
-    assert lat["latency_ms"] > 0 and lat["batch_size"] == 1 and lat["threads"] == torch.get_num_threads()
-    assert 0.1 < lat["sync_probe_us"] < 1000  # fork and join of all threads: microseconds
-    assert 0.01 < lat["pace_ms"] < 1000  # the pace network, timed in alternation with it
+    x = torch.randn(256, 256)
 
+    def once(t):
+        return t @ t
 
-def test_a_measurement_is_brought_to_the_profile_pace():
-    """apply records the measured latency at the host profile's pace and its error against the prediction, where
-    the profile was calibrated against the pace network; not for a profile without a pace."""
-    from estimators.report import rel_err
-    from hardware.profile import load_profile
-    from tasks.apply import paced_latency
+    def twice(t):
+        return (t @ t) @ t
 
-    prof = load_profile("host")
-    at3 = {"pace_ms": 3.0, "pace_elasticity": 1.0}  # a pace of 3 ms, latency in proportion to the pace
-    paced = prof.model_copy(update={"provenance": prof.provenance.model_copy(update=at3)})
-    meas, lat = {"latency_ms": 10.0}, {"latency_ms": 10.0, "pace_ms": 4.0}
-    paced_latency(meas, lat, paced)
-    assert meas["latency_at_pace_ms"] == pytest.approx(7.5) and lat["profile_pace_ms"] == 3.0
-    # with the profile's elasticity: 10 ms x (3 / 4) ** 0.5
-    half = paced.model_copy(update={"provenance": paced.provenance.model_copy(update={"pace_elasticity": 0.5})})
-    m2, l2 = {"latency_ms": 10.0}, {"latency_ms": 10.0, "pace_ms": 4.0}
-    paced_latency(m2, l2, half)
-    assert m2["latency_at_pace_ms"] == pytest.approx(8.6603) and l2["profile_pace_elasticity"] == 0.5
-    err = rel_err({"latency_ms": 9.0}, meas)
-    assert err["latency_ms"] == pytest.approx(-0.1) and err["latency_at_pace_ms"] == pytest.approx(0.2)
-    unpaced = prof.model_copy(update={"provenance": prof.provenance.model_copy(update={"pace_ms": 0.0})})
-    meas = {"latency_ms": 10.0}
-    paced_latency(meas, {"latency_ms": 10.0, "pace_ms": 4.0}, unpaced)
-    assert "latency_at_pace_ms" not in meas and "latency_at_pace_ms" not in rel_err({"latency_ms": 9.0}, meas)
-
-
-def test_a_measurement_in_another_state_is_flagged(tmp_path):
-    """A host latency measured while the machine is in another state than its profile's calibration says so."""
-    from hardware.measure import cpu_isa
-    from hardware.profile import load_profile, save_profile
-    from tasks.apply import state_notes
-
-    prof = load_profile("host")
-    path = tmp_path / "host.yaml"
-    fit = {**prof.provenance.fit, "sync_probe_us": 3.7}
-    here = prof.provenance.model_copy(update={"fit": fit, "isa": cpu_isa()})  # as if calibrated on this CPU
-    save_profile(prof.model_copy(update={"provenance": here}), path)
-    calibrated = load_profile(str(path))  # as saved and loaded back
-    same = {"latency_ms": 1.0, "sync_probe_us": 3.9}
-    assert state_notes(same, calibrated) == [] and same["state_matches_profile"] and same["profile_sync_probe_us"] == 3.7
-    other = {"latency_ms": 1.0, "sync_probe_us": 5.2}
-    notes = state_notes(other, calibrated)
-    assert not other["state_matches_profile"] and len(notes) == 1 and "5.20 us against 3.70 us" in notes[0]
-    assert state_notes({"latency_ms": 1.0, "sync_probe_us": 5.2}, load_profile("jetson-nano")) == []  # datasheet
+    got = measure_interleaved([once, twice, once], [x, x, x], rounds=5, round_s=0.05)
+    assert got["rounds"] == 5 and len(got["ratio"]) == 3 and got["ratio"][0] == 1.0
+    assert 1.4 < got["ratio"][1] < 3.0 and 0.7 < got["ratio"][2] < 1.4
+    assert all(v > 0 for v in got["latency_ms"]) and all(v >= 0 for v in got["ratio_iqr"])

@@ -1,0 +1,226 @@
+"""Anchored latency: candidates predicted relative to the original model measured on the target.
+
+Users always have the original model, and where the target can run it (this machine, or a device through its
+worker) it is measured once: its total as the artifact runs (ExportedProgram.module()), every row's time inside the
+running model (hardware.timing.row_times: the analysis's own rows, in context), and, where the profile runs INT8,
+the original quantized and compiled as INT8 artifacts are. A candidate's latency is then the profile's prediction
+for that candidate corrected row by row by the ratio of the original's measured to predicted time for that row
+(class by class where the rows differ, as for a student of another architecture), and the time outside the
+operators by the same ratio for it. A candidate of `none` predicts exactly the measured original. The profile's
+model still says how each row changes with pruning; the anchor says what this machine does with this model's rows.
+
+A candidate that runs in another runtime than the original's float one (a compiled INT8 graph) is corrected by the
+ratio of the quantized original's measured to predicted total. Every candidate measured afterwards (apply, run,
+the benchmarks) is a truth: the correction of its runtime is refitted from the truths' measured-over-predicted
+ratios (a geometric mean shrunk towards 1 by PRIOR_TRUTHS), so the next prediction on this model and target is
+better (a closed loop). Anchors and their truths are kept per (model structure, profile, batch) in the cache
+($DEPLOYFIT_CACHE_DIR/anchors).
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from estimators.table import LayerTable
+
+FLOAT = "float"
+PRIOR_TRUTHS = 2.0  # truths' ratios are shrunk towards 1 as if this many truths had measured exactly the prediction
+# a row whose measured time is more than this factor from its predicted one is one the profile cannot price (it
+# predicts next to nothing for it): its measured time is kept as a fixed time instead of scaling its prediction
+FACTOR_RANGE = (0.05, 20.0)
+
+
+def table_fingerprint(table: LayerTable) -> str:
+    """What a latency depends on in a model: its operators and their shapes (not its weights' values)."""
+    h = hashlib.sha256(repr((table.names, table.ops, table.kinds, table.in_shapes, table.out_shapes,
+                             table.batch)).encode())
+    return h.hexdigest()[:16]
+
+
+def runtime_of(table: LayerTable) -> str:
+    """`float` for a table computed in fp32 throughout (as the original runs); else the other compute dtypes it
+    uses (`int8`: a compiled INT8 graph), which run in another runtime."""
+    other = sorted({str(d) for d in np.array(table.state.xdtype)} - {"fp32"})
+    return "+".join(other) if other else FLOAT
+
+
+@dataclass
+class Correction:
+    rows: np.ndarray  # multiplies each row's predicted seconds
+    outside: float  # multiplies the predicted time outside the operators
+    basis: str  # `anchored` or `profile`
+    truths: int = 0  # measured candidates of this runtime the correction was refitted with
+    fixed_s: float = 0.0  # measured time the profile cannot price (added as it is)
+
+
+@dataclass
+class Anchor:
+    """The original model measured on a target, against the profile's prediction for it."""
+
+    fingerprint: str
+    profile: str  # the profile's name
+    profile_hash: str
+    batch: int
+    names: list[str]  # the original table's rows
+    kinds: list[str]  # their latency classes (hardware.latency.latency_kinds)
+    measured_rows_ms: list[float]  # per row, as timed in context and brought to the measured total
+    predicted_rows_ms: list[float]
+    measured_outside_ms: float
+    predicted_outside_ms: float
+    total_ms: float  # the original as its artifact runs here
+    measured_at: str
+    where: str  # the machine that measured it
+    runtimes: dict[str, dict[str, float]] = field(default_factory=dict)  # other runtimes: {measured_ms, predicted_ms}
+    truths: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    path: str = ""
+
+    # ------------------------------------------------------------------------------------------
+    def _priced(self) -> np.ndarray:
+        m, p = np.array(self.measured_rows_ms), np.array(self.predicted_rows_ms)
+        f = m / np.where(p > 0, p, 1.0)
+        return (p > 0) & (f >= FACTOR_RANGE[0]) & (f <= FACTOR_RANGE[1])
+
+    def row_factors(self) -> np.ndarray:
+        """Measured over predicted per row; 0 for rows the profile cannot price (their time is fixed_ms)."""
+        m, p = np.array(self.measured_rows_ms), np.array(self.predicted_rows_ms)
+        return np.where(self._priced(), m / np.where(p > 0, p, 1.0), 0.0)
+
+    def fixed_ms(self) -> float:
+        """Measured time the profile cannot price: rows it predicts next to nothing for, and the time outside the
+        operators where it predicts none."""
+        m = np.array(self.measured_rows_ms)
+        out = float(m[~self._priced()].sum())
+        return out + (self.measured_outside_ms if self.predicted_outside_ms <= 0 else 0.0)
+
+    def class_factors(self) -> dict[str, float]:
+        m, p = np.array(self.measured_rows_ms), np.array(self.predicted_rows_ms)
+        kinds, priced = np.array(self.kinds), self._priced()
+        out = {}
+        for k in set(self.kinds):
+            sel = (kinds == k) & priced
+            if p[sel].sum() > 0:
+                out[k] = float(m[sel].sum() / p[sel].sum())
+        return out
+
+    def outside_factor(self) -> float:
+        if self.predicted_outside_ms <= 0:
+            return 0.0  # the measured outside time is fixed_ms
+        return self.measured_outside_ms / self.predicted_outside_ms
+
+    def truth_factor(self, runtime: str) -> tuple[float, int]:
+        """The refit from the truths of `runtime`: exp(sum of log(measured / predicted) / (n + PRIOR_TRUTHS))."""
+        logs = [math.log(t["measured_ms"] / t["predicted_ms"]) for t in self.truths
+                if t["runtime"] == runtime and t["predicted_ms"] > 0 and t["measured_ms"] > 0]
+        if not logs:
+            return 1.0, 0
+        return math.exp(sum(logs) / (len(logs) + PRIOR_TRUTHS)), len(logs)
+
+    def correction(self, table: LayerTable, model) -> Correction:
+        """How to correct `table`'s rows as the latency model `model` (hardware.latency.LatencyModel of that table)
+        prices them, truths included."""
+        rt = runtime_of(table)
+        k, n = self.truth_factor(rt)
+        if rt != FLOAT:
+            run = self.runtimes.get(rt)
+            if run is None or run["predicted_ms"] <= 0:
+                return Correction(np.full(table.n, k), k, "anchored" if n else "profile", n)
+            f = k * run["measured_ms"] / run["predicted_ms"]
+            return Correction(np.full(table.n, f), f, "anchored", n)
+        if list(table.names) == self.names:
+            return Correction(self.row_factors() * k, self.outside_factor() * k, "anchored", n, self.fixed_ms() * k / 1e3)
+        # another architecture (a student): class by class, the whole model's ratio for classes it lacks
+        per = self.class_factors()
+        priced = self._priced()
+        m, p = np.array(self.measured_rows_ms)[priced].sum(), np.array(self.predicted_rows_ms)[priced].sum()
+        whole = float(m / p) if p > 0 else 1.0
+        rows = np.array([per.get(str(c), whole) for c in model.kinds])
+        return Correction(rows * k, (self.outside_factor() or whole) * k, "anchored", n)
+
+    # ------------------------------------------------------------------------------------------
+    def record_truth(self, compact: str, runtime: str, predicted_ms: float, measured_ms: float) -> None:
+        """A measured candidate: `predicted_ms` is its anchored prediction before the truths' refit (so that the
+        refit does not chase itself), `measured_ms` its latency on the anchor's scale. Kept with the anchor."""
+        if not (predicted_ms > 0 and measured_ms > 0 and math.isfinite(predicted_ms) and math.isfinite(measured_ms)):
+            return
+        self.truths.append({"compact": compact, "runtime": runtime, "predicted_ms": round(predicted_ms, 6),
+                            "measured_ms": round(measured_ms, 6),
+                            "at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")})
+        if self.path:
+            self.save(Path(self.path))
+
+    def summary(self) -> dict[str, Any]:
+        """What a report and MLflow record of the anchor."""
+        return {"total_ms": round(self.total_ms, 4), "predicted_ms": round(sum(self.predicted_rows_ms)
+                                                                         + self.predicted_outside_ms, 4),
+                "batch": self.batch, "measured_at": self.measured_at, "where": self.where,
+                "runtimes": {k: {kk: round(vv, 4) for kk, vv in v.items()} for k, v in self.runtimes.items()},
+                "truths": len(self.truths), "fingerprint": self.fingerprint, "notes": list(self.notes)}
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = asdict(self)
+        data.pop("path")
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data))
+        tmp.replace(path)  # atomic: a reader never sees half a file
+        self.path = str(path)
+
+
+def anchor_path(fingerprint: str, profile_hash: str, batch: int) -> Path:
+    from .hostprofile import cache_dir
+
+    return cache_dir() / "anchors" / f"{fingerprint}-{profile_hash}-b{batch}.json"
+
+
+def load_anchor(table: LayerTable, profile, batch: int) -> Anchor | None:
+    """The cached anchor of `table`'s model on `profile` at `batch`, where one was measured."""
+    from .hostprofile import profile_hash
+
+    path = anchor_path(table_fingerprint(table), profile_hash(profile), batch)
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+        return Anchor(**data, path=str(path))
+    except (ValueError, TypeError):
+        return None  # a file from another version: measured again
+
+
+def build_anchor(table: LayerTable, profile, batch: int, row_s: list[float] | np.ndarray, total_ms: float,
+                 where: str, runtimes: dict[str, dict[str, float]] | None = None,
+                 notes: list[str] | None = None) -> Anchor:
+    """An anchor from the original's measurement: `row_s`, the seconds of each of its operator rows timed in
+    context (hardware.timing.row_times: the table's rows other than parameters, in order) and `total_ms`, the
+    artifact's latency. The rows are brought to the total: the time the artifact spends outside them is the total
+    less the rows (where the rows, timed with the eager model's own dispatch around them, add up to more than the
+    artifact's total, they are scaled down to it and the time outside is the profile's share of the total)."""
+    from .hostprofile import profile_hash
+    from .latency import LatencyModel, predict_latency
+
+    pred = predict_latency(table, profile, batch)
+    ops = np.array(table.kinds) != "param"
+    row_s = np.asarray(row_s, dtype=float)
+    if len(row_s) != int(ops.sum()):
+        raise RuntimeError(f"timed {len(row_s)} operators, the analysis has {int(ops.sum())}")
+    rows = np.zeros(table.n)
+    rows[ops] = row_s * 1e3
+    total = float(total_ms)
+    outside = total - rows.sum()
+    if outside < 0 or rows.sum() <= 0:
+        share = pred.outside_ms / pred.latency_ms if pred.latency_ms > 0 else 0.0
+        outside = total * share
+        rows = rows * (total - outside) / max(rows.sum(), 1e-12)
+    kinds = LatencyModel(table, profile, batch).kinds
+    return Anchor(table_fingerprint(table), profile.name, profile_hash(profile), batch, list(table.names),
+                  [str(k) for k in kinds], [float(x) for x in rows], [float(x) for x in pred.per_row_ms],
+                  float(outside), float(pred.outside_ms), total,
+                  _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), where, dict(runtimes or {}),
+                  notes=list(notes or []))

@@ -1,0 +1,157 @@
+"""Measuring the original model on this machine: the anchor every candidate's latency is predicted against
+(hardware.anchor), and the interleaved measurement every executed candidate is scored with.
+
+The anchor is measured where the target is this machine: the profile is this machine's host profile
+(hardware.hostprofile). A profile of another device, or a host profile calibrated on another machine, cannot be
+anchored here: its predictions stay the profile's own (`latency_basis: profile`).
+"""
+from __future__ import annotations
+
+import socket
+from typing import Callable
+
+import torch
+
+from estimators.modelspec import SEED, LoadedModel
+from estimators.table import LayerTable
+from hardware.anchor import Anchor, build_anchor, load_anchor
+
+Progress = Callable[[str], None]
+ANCHOR_TRIES = 3
+ANCHOR_AGREEMENT = 0.15  # two timings of the original this far apart (relative) mean the machine was busy
+
+
+def anchorable(profile) -> bool:
+    """Whether `profile` is this machine's (a host profile calibrated here): only then can its target be measured."""
+    from hardware.hostprofile import host_key, key_of
+
+    return profile.name == "host" and key_of(profile) == host_key()
+
+
+def example_input(input_shape, batch: int) -> torch.Tensor:
+    """The seeded example every latency measurement of a model uses."""
+    return torch.randn(batch, *input_shape[1:], generator=torch.Generator().manual_seed(SEED))
+
+
+def original_program(loaded: LoadedModel):
+    """The original model as its float artifact runs (the torch.export program, dynamic batch)."""
+    from .executors import export_program
+
+    return export_program(loaded.model, example_input(loaded.input_shape, 2))
+
+
+def original_int8(loaded: LoadedModel, batch: int):
+    """The original quantized as INT8 artifacts are (static INT8 on random calibration batches: only its speed is
+    wanted) and compiled as INT8 artifacts run."""
+    from .quantize_exec import compile_for_inference, quantize
+
+    prog = quantize(loaded.model, example_input(loaded.input_shape, 2), "int8").program
+    return compile_for_inference(prog)
+
+
+def measure_anchor(loaded: LoadedModel, table: LayerTable, profile, batch: int = 1, int8: bool | None = None,
+                   progress: Progress = lambda m: None) -> Anchor:
+    """Measure the original on this machine: its artifact's latency, every row's time in context and (`int8`;
+    default: where the profile runs INT8 fast) the quantized original compiled."""
+    from estimators.compress import estimate
+    from estimators.strategy import Strategy, QuantizeStep
+    from hardware.latency import predict_latency
+    from hardware.measure import measure_interleaved
+    from hardware.timing import row_times
+
+    x = example_input(loaded.input_shape, batch)
+    progress(f"anchoring: measuring {loaded.spec} at batch {batch} on this machine (once; cached)")
+    fn = original_program(loaded).module()
+    runtimes, notes, fns = {}, [], [fn]
+    int8 = "int8" in profile.fast_dtypes if int8 is None else int8
+    if int8:
+        progress("anchoring: quantizing and compiling the original as INT8 artifacts run")
+        try:
+            fns.append(original_int8(loaded, batch))
+        except Exception as exc:  # a model INC cannot quantize: its INT8 candidates keep the profile's prediction
+            notes.append(f"the original could not be quantized to INT8 here ({type(exc).__name__}: {str(exc)[:200]}); "
+                         "INT8 candidates keep the profile's prediction")
+    # this machine stalls for seconds at a time: the original is timed before and after its rows, and the whole is
+    # timed again (up to ANCHOR_TRIES) while the two totals disagree, keeping the most consistent
+    best = None
+    for _ in range(ANCHOR_TRIES):
+        got = measure_interleaved(fns, [x] * len(fns), rounds=5, round_s=0.2)
+        rows = row_times(loaded.model, x, runs=7, warmup=2)
+        again = measure_interleaved(fns[:1], [x], rounds=3, round_s=0.2)["latency_ms"][0]
+        total = got["latency_ms"][0]
+        apart = abs(again - total) / min(again, total)
+        if best is None or apart < best[0]:
+            best = (apart, got, rows, 0.5 * (total + again))
+        if apart <= ANCHOR_AGREEMENT:
+            break
+        progress(f"anchoring: two timings of the original disagree by {100 * apart:.0f}% (the machine was busy): "
+                 "timing it again")
+    apart, got, rows, total = best
+    if apart > ANCHOR_AGREEMENT:
+        notes.append(f"the original's two timings disagreed by {100 * apart:.0f}% (a busy machine): the anchor is "
+                     "their mean")
+    if len(fns) > 1:
+        q = predict_latency(estimate(table, Strategy(steps=[QuantizeStep(dtype="int8")])), profile, batch)
+        runtimes["int8"] = {"measured_ms": total * got["ratio"][1], "predicted_ms": q.latency_ms}
+    anchor = build_anchor(table, profile, batch, rows, total, socket.gethostname(), runtimes, notes)
+    progress(f"anchoring: {loaded.spec} runs {total:.3f} ms here (the profile predicted {sum(anchor.predicted_rows_ms) + anchor.predicted_outside_ms:.3f} ms)"
+             + (f"; INT8 {runtimes['int8']['measured_ms']:.3f} ms (predicted {runtimes['int8']['predicted_ms']:.3f})"
+                if "int8" in runtimes else ""))
+    return anchor
+
+
+def get_anchor(loaded: LoadedModel, table: LayerTable, profile, batch: int = 1, progress: Progress = lambda m: None,
+               measure: bool = True) -> Anchor | None:
+    """The anchor of `loaded` on `profile` at `batch`: cached, or measured now (`measure`) where the profile is this
+    machine's; None where the target cannot be measured here."""
+    if not anchorable(profile):
+        return None
+    from hardware.anchor import anchor_path, table_fingerprint
+    from hardware.hostprofile import profile_hash
+
+    got = load_anchor(table, profile, batch)
+    if got is not None or not measure:
+        return got
+    anchor = measure_anchor(loaded, table, profile, batch, progress=progress)
+    anchor.save(anchor_path(table_fingerprint(table), profile_hash(profile), batch))
+    return anchor
+
+
+def measure_against_original(candidate: Callable, loaded: LoadedModel, batch: int, rounds: int = 7,
+                             original: Callable | None = None) -> dict[str, float]:
+    """The candidate timed in alternation with the original (round by round, hardware.measure.measure_interleaved):
+    `ratio` is the candidate's latency over the original's, which this machine's drift barely moves;
+    `latency_ms` and `original_ms` the two medians of this window."""
+    from hardware.measure import measure_interleaved
+
+    x = example_input(loaded.input_shape, batch)
+    orig = original if original is not None else original_program(loaded).module()
+    got = measure_interleaved([orig, candidate], [x, x], rounds=rounds, round_s=0.2)
+    return {"ratio": got["ratio"][1], "ratio_iqr": got["ratio_iqr"][1], "latency_ms": got["latency_ms"][1],
+            "original_ms": got["latency_ms"][0], "rounds": rounds}
+
+
+def latency_context(loaded: LoadedModel, table: LayerTable, hardware: str, batch: int = 1, anchor: bool = True,
+                    progress: Progress = lambda m: None, measure: bool = True) -> tuple:
+    """What a command needs to predict `loaded`'s latency on `hardware`: (the profile, its anchor or None, what
+    the output records of both). `host` is this machine (calibrated first where it has no profile); the anchor is
+    measured where the profile is this machine's and `anchor` is on (`measure=False`: only a cached one is used, as
+    in a process building candidates in parallel with others, where nothing may be timed)."""
+    from hardware.hostprofile import identity
+    from hardware.profile import load_profile
+
+    prof = load_profile(hardware, progress=progress)
+    info = {"name": prof.name, "runtime": prof.runtime, "batch_size": batch, "profile": identity(prof)}
+    if info["profile"]["warning"]:
+        info["warning"] = info["profile"]["warning"]
+    got = get_anchor(loaded, table, prof, batch, progress=progress, measure=measure) if anchor else None
+    if got is not None:
+        info["anchor"] = got.summary()
+    elif anchor and not anchorable(prof):
+        info["anchor"] = None
+        info["anchor_note"] = (f"latency predicted by the {prof.name} profile alone (latency_basis: profile): "
+                               "its target cannot be measured from here")
+    else:
+        info["anchor"] = None
+        info["anchor_note"] = "anchoring off (--no-anchor): latency predicted by the profile alone"
+    return prof, got, info

@@ -1,0 +1,46 @@
+"""Host profiles for tests: this machine's `host` profile seeded into a test's cache from the shipped reference
+profile (cpu-avx2), re-keyed to this machine, so that tests do not each calibrate (a quick calibration takes a
+minute). Its numbers are another machine's: tests check behaviour, bench/latency.py checks accuracy."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from hardware.hostprofile import host_key, host_profile_path
+from hardware.profile import load_profile, save_profile
+
+
+def fresh_process_key() -> dict:
+    """This machine's host key as a new process sees it (torch's default threads, whatever this process set)."""
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", "import json; from hardware.hostprofile import host_key; "
+                          "print(json.dumps(host_key()))"], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def seed_host(cache: str | Path | None = None, key: dict | None = None) -> Path:
+    """Write the reference profile as this machine's (or `key`'s) host profile into `cache` (default: the current
+    $DEPLOYFIT_CACHE_DIR); returns its path. For a subprocess, pass key=fresh_process_key()."""
+    import os
+
+    key = key or host_key()
+    old = os.environ.get("DEPLOYFIT_CACHE_DIR")
+    if cache is not None:
+        os.environ["DEPLOYFIT_CACHE_DIR"] = str(cache)
+    try:
+        path = host_profile_path(key)
+    finally:
+        if cache is not None:
+            if old is None:
+                os.environ.pop("DEPLOYFIT_CACHE_DIR", None)
+            else:
+                os.environ["DEPLOYFIT_CACHE_DIR"] = old
+    ref = load_profile("cpu-avx2")
+    prov = ref.provenance.model_copy(update={"cpu": key["cpu"], "isa": key["isa"], "threads": key["threads"],
+                                             "torch": key["torch"]})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_profile(ref.model_copy(update={"name": "host", "provenance": prov}), path)
+    return path

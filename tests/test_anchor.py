@@ -1,0 +1,159 @@
+"""Anchored latency: the original measured on this machine corrects every candidate's prediction row by row; the
+single prediction is the batch evaluator's K = 1 case; measured candidates refit the correction (closed loop)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from estimators.analyze import analyze
+from estimators.compress import estimate
+from estimators.modelspec import LoadedModel, load_model
+from estimators.strategy import Strategy, parse_strategy
+from estimators.table import METRICS, totals
+from hardware.anchor import build_anchor, load_anchor, runtime_of
+from hardware.latency import LatencyModel, predict_latency
+from hardware.profile import load_profile
+from search.batch import BatchEvaluator
+
+
+def _loaded(model: nn.Module, shape: tuple[int, ...], spec: str) -> LoadedModel:
+    return LoadedModel(spec=spec, kind="factory", model=model.eval(), input_shape=shape)
+
+
+class OneHeavyConv(nn.Module):
+    """Small rows around one convolution that costs far more than all of them together."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 1)
+        self.heavy = nn.Conv2d(8, 96, 5, padding=2)
+        self.act = nn.ReLU()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(96, 10)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.pool(self.act(self.heavy(self.stem(x)))), 1))
+
+
+class HeavyBranch(nn.Module):
+    """A residual block whose second branch holds the heavy convolution, then a concatenation."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(4, 4, 1)
+        self.b = nn.Conv2d(4, 4, 1)
+        self.heavy = nn.Conv2d(4, 188, 7, padding=3)
+        self.c = nn.Conv2d(192, 16, 1)  # channels aligned to oneDNN's block: no slow reorder
+
+    def forward(self, x):
+        y = torch.relu(self.a(x)) + x
+        z = self.heavy(self.b(y))
+        return self.c(torch.cat([y, z], 1)).mean((2, 3))
+
+
+@pytest.mark.parametrize("net,shape", [(OneHeavyConv, (1, 3, 40, 40)), (HeavyBranch, (1, 4, 32, 32))])
+def test_measured_rows_map_onto_the_tables_rows(net, shape):
+    """Every operator timed in the running model lands on its row of the analysis: the row that costs most is the
+    heavy convolution, parameters cost nothing, and the rows and the time outside them add up to the total."""
+    from tasks.anchoring import measure_anchor
+
+    torch.manual_seed(0)
+    loaded = _loaded(net(), shape, f"test:{net.__name__}")
+    table = analyze(loaded)
+    prof = load_profile("host")
+    threads = torch.get_num_threads()
+    # one thread: on a shared 2-core machine another process's load stalls every parallel kernel by a time slice
+    torch.set_num_threads(1)
+    try:
+        anchor = measure_anchor(loaded, table, prof, 1, int8=False)
+    finally:
+        torch.set_num_threads(threads)
+    rows = np.array(anchor.measured_rows_ms)
+    assert anchor.names == list(table.names) and len(rows) == table.n
+    assert table.names[int(np.argmax(rows))] == "heavy"
+    params = np.array(table.kinds) == "param"
+    assert (rows[params] == 0).all() and (rows[~params] > 0).all()
+    assert rows.sum() + anchor.measured_outside_ms == pytest.approx(anchor.total_ms, rel=1e-9)
+    # the original itself predicts exactly what was measured
+    assert predict_latency(table, prof, 1, anchor=anchor).latency_ms == pytest.approx(anchor.total_ms, rel=1e-9)
+
+
+def _anchor(table, prof, batch=1, seed=0):
+    """An anchor from row times made up for the test (each row 0.5-3x its prediction), deterministic."""
+    rng = np.random.default_rng(seed)
+    pred = predict_latency(table, prof, batch)
+    ops = np.array(table.kinds) != "param"
+    rows = pred.per_row_ms[ops] / 1e3 * rng.uniform(0.5, 3.0, int(ops.sum()))
+    rows[0] = 0.0  # a row measured at nothing: not a factor, its time is fixed
+    total = (rows.sum() * 1e3 + pred.outside_ms) * 1.3
+    q = predict_latency(estimate(table, Strategy.model_validate({"steps": [{"method": "quantize", "dtype": "int8"}]})),
+                        prof, batch).latency_ms
+    return build_anchor(table, prof, batch, rows, total, "test", {"int8": {"measured_ms": q * 0.6, "predicted_ms": q}})
+
+
+@pytest.mark.parametrize("spec,shape", [("demo:digits-resnet", None), ("torchvision:mobilenet_v2", "1,3,32,32")])
+def test_anchored_correction_is_exact_for_the_original_and_the_batch_path_equals_the_single(spec, shape):
+    table = analyze(load_model(spec, input_shape=shape))
+    prof = load_profile("host")
+    for batch in (1, 8):
+        anchor = _anchor(table, prof, batch)
+        none = predict_latency(estimate(table, parse_strategy("none")), prof, batch, anchor=anchor)
+        assert none.latency_ms == pytest.approx(anchor.total_ms, rel=1e-9) and none.basis == "anchored"
+        for s in ("none", "prune:0.3", "prune:0.6:global", "quantize:int8", "distill:width:0.5",
+                  "distill:width:0.75,prune:0.4,quantize:int8"):
+            est = estimate(table, parse_strategy(s))
+            single = predict_latency(est, prof, batch, anchor=anchor)
+            plain = predict_latency(est, prof, batch)
+            for a, want in ((anchor, single), (None, plain)):
+                out = BatchEvaluator(est, prof, batch, anchor=a)(est.state.kept[None, :])  # K = 1
+                assert out["latency_ms"][0] == pytest.approx(want.latency_ms, rel=1e-9), (s, batch, a is None)
+                for m, v in totals(est).items():
+                    if m in METRICS:
+                        assert out[m][0] == pytest.approx(v, rel=1e-12, abs=1e-9), (s, m)
+            if runtime_of(est) == "int8":  # another runtime: the quantized original's measured ratio
+                assert single.latency_ms == pytest.approx(0.6 * plain.latency_ms, rel=1e-9)
+    # a profile alone says so
+    assert predict_latency(table, prof, 1).basis == "profile"
+
+
+def test_latency_model_has_named_columns():
+    from hardware.latency import COL, SPLIT_COLUMNS, split_coefficients
+
+    prof = load_profile("host")
+    coef = split_coefficients(prof, prof.efficiency, "conv", prof.peak_gflops["fp32"] * 1e9)
+    assert len(coef) == len(SPLIT_COLUMNS) and coef[COL["flops"]] == pytest.approx(
+        1 / (prof.peak_gflops["fp32"] * 1e9 * prof.efficiency.compute_of("conv")))
+    table = analyze(load_model("demo:digits-cnn"))
+    assert LatencyModel(table, prof, 1).kinds.shape == (table.n,)
+
+
+def test_truths_recorded_by_apply_change_the_next_prediction(tmp_path):
+    """apply measures the candidate in alternation with the original and stores it as a truth of the anchor; the
+    next prediction of that model on this machine is refitted with it."""
+    from tasks.apply import apply_and_measure
+
+    loaded = load_model("demo:digits-cnn")
+    table = analyze(loaded)
+    prof = load_profile("host")
+    strat = parse_strategy("prune:0.5")
+    rep = apply_and_measure(loaded, strat, str(tmp_path / "a"), hardware="host")
+    assert rep["latency_basis"] == "anchored" and rep["hardware"]["anchor"]["truths"] == 0
+    lat = rep["latency_measurement"]
+    assert lat["rounds"] >= 5 and lat["ratio"] > 0 and rep["meas"]["speedup"] == pytest.approx(1 / lat["ratio"], rel=1e-3)
+    anchor = load_anchor(table, prof, 1)
+    assert anchor is not None and len(anchor.truths) == 1 and anchor.truths[0]["compact"] == "prune:0.5"
+    # the measured latency is on the anchor's scale: the ratio to the original times the original's anchored time
+    assert rep["meas"]["latency_ms"] == pytest.approx(lat["ratio"] * anchor.total_ms, rel=1e-3)
+    est = estimate(table, strat)
+    before = rep["pred"]["latency_ms"]
+    after = predict_latency(est, prof, 1, anchor=anchor).latency_ms
+    k, n = anchor.truth_factor("float")
+    assert n == 1 and after == pytest.approx(before * k, rel=1e-3) and after != pytest.approx(before, rel=1e-6)
+    # refitted towards the truth: the error falls
+    assert abs(after - rep["meas"]["latency_ms"]) <= abs(before - rep["meas"]["latency_ms"])
+    saved = json.loads((tmp_path / "a" / "strategy.json").read_text())
+    assert saved["compact"] == "prune:0.5"
