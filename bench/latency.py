@@ -1,68 +1,57 @@
-"""Host latency: predicted vs measured for torchvision models x {none, prune 0.3, prune 0.6, int8} x batch {1, 8}.
+"""Latency prediction across architectures, on a development split and a held-out split (this machine, `host`).
 
-Prints, side by side, MAPE, the share within +-10% and Kendall's tau for
-  calibrated   the `host` profile fitted by `deployfit calibrate`
-  roofline     the same peaks (measured GEMM FLOP/s and DRAM bandwidth) with no fitted efficiency/overhead
-  flops        latency proportional to FLOPs (seconds per FLOP of the host's dense-conv fit)
-Every configuration is measured as its saved artifact runs: float programs as ExportedProgram.module(), int8
-ones inductor-compiled (the forms the host profile predicts). Each model is measured in a process of its own,
-as a deployment runs it: its artifacts are built and saved, what built them is dropped, they are loaded back.
-(Measured all in one process holding the 64 configurations, one round against the median of four was within
-10% for 78-88% of them in six runs; measured per model, 93% and 94% in two.) The models' processes are all
-built first and then take the `--rounds` rounds in turn, every round measuring every model's configurations
-(median of the rounds; the spread between rounds is printed as the noise floor): a model's rounds lie minutes
-apart, so a slow spell of this VM (seconds to minutes) does not fall on all of them at once. Measured one
-model after another, each model's rounds within two minutes, the same per-configuration model scored 76.6-90.6%
-within 10% in six runs, while the median over those six runs of each configuration's ratio was within 10% for
-92% of them (2026-11-29): most of a run's misses were one model's window of time. Five rounds by default: two
-three-round runs pooled and scored on five of their six rounds came within 10% for 81.2-92.2% of the
-configurations at the profile's pace (against 81.2-89.1% for the four three-round runs alone; host.yaml of
-2026-11-30); a round costs about 2.5 minutes after the first (which waits for the INT8 graphs' compiles).
+Every architecture (the torchvision classification zoo at a reduced input, and the custom networks of bench/nets.py)
+is compressed by each strategy of STRATEGIES at batch 1 and 8, executed for real (tasks.executors.run_strategy, no
+data: pruned, quantized or an untrained student) and measured in the form its artifact runs (tasks.apply.fast_form:
+the float program eager, an INT8 program inductor-compiled). Three predictors are scored against the measurements:
 
-    .venv/bin/python bench/latency.py [--models resnet18,...] [--strategies none,prune:0.3,...] [--batches 1,8]
-                                      [--rounds 5] [--profile host] [--compare PATH,...] [--calibrate OUT.yaml]
-                                      [--state-wait SECONDS] [--dump OUT.json] [--rescore DUMP.json
-                                      [--against OTHER.json]]
+    anchored   hardware.latency.predict_latency with the model's anchor: the original measured here once per batch
+               (tasks.anchoring.measure_anchor), the candidate predicted relative to it; no truths are recorded
+    profile    predict_latency with the host profile alone (what a target that cannot be measured gets)
+    flops      the anchor's measured total x FLOPs(candidate) / FLOPs(original); for a candidate that runs INT8 the
+               anchor's measured INT8 original in place of the float one (so the baseline knows what INT8 does to
+               this model as well as the anchored predictor does, and differs from it only in how it scales)
 
-Every measurement times the configuration in alternation with the pace network (hardware.measure.PaceReference,
-a fixed small CNN; measure_paced) and records the pace network's median beside it. This VM's speed drifts with
-its neighbours' load, by 25-50% within a minute, and the drift is common to every workload, so a third score
-brings each measurement to the profile's pace (its calibration's median pace network latency, which its
-samples were fitted at: latency x (profile pace / pace beside it) ** the profile's pace elasticity, the share
-of the pace network's drift a network's latency follows, measured by the calibration) before taking the median
-of the rounds: the latency the configuration has when the machine runs as fast as it did when calibrated, which
-is what a calibrated profile predicts. The raw medians are scored as before, beside it.
+Protocol. This VM's speed drifts by tens of percent within minutes, so no absolute time taken at one moment is
+compared with one taken at another. Every candidate is timed in alternation with the original, round by round
+(tasks.anchoring.measure_against_original), and its measured latency is that ratio times the anchor's total at the
+same batch: the latency it has on the anchor's scale, the scale the anchored prediction is on. The drift moves both
+the candidate and the original within a round and cancels in the ratio; the spread of the ratios over the rounds is
+dumped with every row. The profile-only predictor is scored on the same scale, so a drift between calibration and
+anchor counts against it (that is the error a user without the target would see).
 
-`--rescore DUMP.json --against OTHER.json` scores another run's measurements as one more predictor of the
-rescored run's (raw, and both brought to one pace): two runs of this benchmark are the closest any predictor can
-be expected to come to one run on this machine (on 2026-11-29 the ten pairs of five runs agreed within 10% for
-20-50% of the configurations raw, 75-94% brought to one pace).
+`quantize:int8` alone is the anchor's own quantized original: its anchored prediction is a measurement of the same
+program (compiled again), so its error is the measurement's noise. The scores are given with and without it.
 
-`--compare` adds other calibrated profiles (names or YAML paths, e.g. a previous calibration) as further
-predictors of the same measurements: this machine's speed drifts between runs, so two calibrations are
-only comparable measured together. `--calibrate OUT.yaml` first calibrates this machine (as `deployfit
-calibrate --out OUT.yaml`, about 2.7 minutes; it never runs the models benchmarked here) and tests that
-fresh profile, with `--profile` as the first comparison: the measurements then come minutes after the
-calibration, as when a user calibrates before predicting.
+The split: DEV are the architectures the latency model was developed on; HELD_OUT the others, never looked at while
+developing it. Each split is scored separately (MAPE, share within +-10% and +-25%, Kendall's tau over the
+configurations, and the mean tau within each model and batch), over all configurations and float / INT8 only.
 
-This VM switches between two states for minutes at a time (hardware.measure.sync_probe_us, one elementwise
-kernel split over all threads, mostly fork and join: 3.4-4.1 us with memory copies at ~44 GB/s, or 4.7-5.8 us
-with ~80 GB/s; batch-1 networks ran up to 35% slower in the second at the medians of five runs). A
-calibrated profile describes the state its calibration was fitted in (provenance `sync_probe_us`). The probe
-is read before every measurement; after the rounds, the configurations with fewer than half their
-measurements in the profile's state are measured again while the machine is in it, for at most
-`--state-wait` seconds in all. The summary scores the median of all rounds and, beside it, the median of
-each configuration's measurements taken in the profile's state. `--dump OUT.json` writes every measurement,
-its probe and the predictions; `--rescore DUMP.json` measures nothing and scores `--profile` and `--compare`
-against those measurements (in `--profile`'s state for the second score).
+Budget: an INT8 graph is compiled for each batch it runs at (5-30 s each, three per model and batch), so INT8
+candidates are measured at batch 1 only (`--int8-batches`), float candidates at every batch. `--budget-min` stops
+starting architectures once the next one (at the median time of those done) would end past it; the report lists
+those not started and the time they need, and `--resume DUMP.json` measures them in a later run and adds them to the
+dump (every architecture is measured against its own anchor within minutes, so runs combine). SKIPPED lists the
+torchvision architectures left out, and why. `--split all` interleaves DEV and HELD_OUT, so a run cut short keeps
+both.
+
+    .venv/bin/python bench/latency.py [--split dev|held-out|all] [--models a,b,c] [--budget-min 30]
+                                      [--batches 1,8] [--int8-batches 1] [--rounds 5] [--profile host]
+                                      [--dump OUT.json] [--resume DUMP.json] [--rescore DUMP.json]
+
+Progress goes to stderr, the report (markdown) to stdout.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
+import logging
+import platform
+import shlex
+import statistics
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -73,428 +62,367 @@ warnings.filterwarnings("ignore")
 import numpy as np  # noqa: E402
 from scipy.stats import kendalltau  # noqa: E402
 
+import nets  # noqa: E402  (bench/nets.py, beside this file)
 from estimators.analyze import analyze  # noqa: E402
 from estimators.compress import estimate  # noqa: E402
-from estimators.modelspec import load_model  # noqa: E402
+from estimators.modelspec import LoadedModel, load_model  # noqa: E402
 from estimators.strategy import parse_strategy  # noqa: E402
 from estimators.table import totals  # noqa: E402
+from hardware.anchor import runtime_of  # noqa: E402
+from hardware.hostprofile import profile_hash  # noqa: E402
 from hardware.latency import predict_latency  # noqa: E402
-from hardware.calibrate import calibrate_host  # noqa: E402
-from hardware.profile import Efficiency, load_profile, save_profile  # noqa: E402
-from hardware.measure import (STATE_TOLERANCE, PaceReference, at_pace, machine_note, measure_latency,  # noqa: E402
-                              measure_paced, same_state, sync_probe_us)
-from tasks.executors import run_strategy, save_artifact  # noqa: E402
-from tasks.quantize_exec import compile_for_inference, load_program  # noqa: E402
+from hardware.profile import load_profile  # noqa: E402
+from tasks.anchoring import measure_against_original, measure_anchor, original_program  # noqa: E402
+from tasks.apply import fast_form  # noqa: E402
+from tasks.executors import run_strategy  # noqa: E402
 
-MODELS = "mobilenet_v2,mobilenet_v3_large,efficientnet_b0,shufflenet_v2_x1_0,regnet_y_400mf,resnet18,resnet50,vgg11"
+STRATEGIES = ["prune:0.3", "prune:0.6:global", "quantize:int8", "prune:0.3,quantize:int8", "distill:width:0.5"]
+ANCHOR_OWN = "quantize:int8"  # the anchor's own quantized original
+PREDICTORS = ("anchored", "profile", "flops")
 
-
-def uncalibrated(host):
-    ones = {c: 1.0 for c in host.efficiency.compute}
-    flat = Efficiency(compute=ones, bandwidth=ones, kernel_overhead_us=0.0, view_overhead_us=0.0, fused=[])
-    return host.model_copy(update={"name": "roofline", "efficiency": flat, "dtype_overrides": {}, "batch_efficiency": {},
-                                   "cache_bytes": None, "cache_bandwidth_gbs": None, "combine": "max"})
-
-
-def stats(pred, meas):
-    pred, meas = np.array(pred), np.array(meas)
-    err = np.abs(pred - meas) / meas
-    return 100 * err.mean(), 100 * (err <= 0.10).mean(), kendalltau(pred, meas)[0]
-
-
-def by_dtype(pred, meas, is_int8) -> list[tuple[str, float, float]]:
-    """(float or int8, MAPE %, within 10% %) for the configurations of each kind present."""
-    pred, meas = np.asarray(pred), np.asarray(meas)
-    return [(lab, *stats(pred[sel], meas[sel])[:2]) for lab, sel in (("float", ~is_int8), ("int8", is_int8))
-            if sel.any()]
-
-
-def in_state(meas: list[float], probes: list[float], state: float) -> list[float]:
-    """A configuration's measurements taken in the machine state `state` (its probe before each)."""
-    return [m for m, p in zip(meas, probes) if same_state(p, state)]
-
-
-def in_state_medians(meas: list[list[float]], probes: list[list[float]], state: float | None) -> np.ndarray:
-    """Per configuration, the median of its measurements taken in the machine state `state` (nan where none)."""
-    out = np.full(len(meas), np.nan)
-    if state is None:
-        return out
-    for i, (ms, ps) in enumerate(zip(meas, probes)):
-        kept = in_state(ms, ps, state)
-        if kept:
-            out[i] = float(np.median(kept))
-    return out
+DEV = ["resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0", "shufflenet_v2_x1_0", "vgg11",
+       "squeezenet1_1"]
+HELD_OUT = [  # roughly by cost, so that a run cut short by the budget keeps the most; with bench/nets.py's networks
+    "se_net", "shufflenet_v2_x0_5", "mnasnet0_5", "dw_separable", "regnet_x_400mf", "encoder_vit",
+    "mobilenet_v3_large", "regnet_y_400mf", "attention_vit", "efficientnet_b1", "mnasnet1_0", "concat_group",
+    "squeezenet1_0", "googlenet", "regnet_x_800mf", "regnet_y_800mf", "shufflenet_v2_x2_0", "alexnet",
+    "efficientnet_b3", "densenet121", "resnet34", "regnet_x_1_6gf", "regnet_y_1_6gf", "efficientnet_v2_s",
+    "inception_v3", "resnext50_32x4d", "convnext_tiny", "vit_b_32", "vgg11_bn", "resnet101", "wide_resnet50_2",
+    "vgg13", "vit_b_16",
+]
+SIZES = {"inception_v3": 96}  # input height = width where 64 is too small for the architecture
+DEFAULT_SIZE = 64
+SKIPPED = {  # torchvision classification architectures left out, and why
+    "maxvit_t": "its window partition needs a 224 input: 10.9 GFLOPs, minutes per model on 2 cores",
+    "swin_t": "its INT8 graph took 166 s to compile here (a loaded machine), and a model compiles three",
+    "swin_v2_t": "analysis fails (IndexError in estimators/registry.py linear_module: the continuous position-bias "
+                 "MLP's input is a buffer, not a traced tensor)",
+    **{n: "analysis fails (IndexError in estimators/registry.py linear_module: the continuous position-bias MLP's input "
+          "is a buffer, not a traced tensor)" for n in ("swin_v2_s", "swin_v2_b")},
+    **{n: "a larger member of a family in the benchmark: over the time budget on 2 cores" for n in (
+        "convnext_small", "convnext_base", "convnext_large", "densenet161", "densenet169", "densenet201",
+        "efficientnet_b2", "efficientnet_b4", "efficientnet_b5", "efficientnet_b6", "efficientnet_b7",
+        "efficientnet_v2_m", "efficientnet_v2_l", "mnasnet0_75", "mnasnet1_3", "regnet_x_3_2gf", "regnet_x_8gf",
+        "regnet_x_16gf", "regnet_x_32gf", "regnet_y_3_2gf", "regnet_y_8gf", "regnet_y_16gf", "regnet_y_32gf",
+        "regnet_y_128gf", "resnet152", "resnext101_32x8d", "resnext101_64x4d", "wide_resnet101_2",
+        "shufflenet_v2_x1_5", "swin_s", "swin_b", "vgg13_bn", "vgg16", "vgg16_bn", "vgg19", "vgg19_bn", "vit_l_16",
+        "vit_l_32", "vit_h_14")},
+}
 
 
-def score_lines(labels: list[str], preds: np.ndarray, meas: np.ndarray, is_int8: np.ndarray) -> list[str]:
-    """One line per predictor (columns of `preds`): MAPE, within 10%, tau, and the float/int8 breakdown, on the
-    configurations `meas` has a figure for. `meas`: one figure per configuration, or (paced) one column per
-    predictor (the measurements at that predictor's profile's pace)."""
-    cols = meas if meas.ndim == 2 else np.repeat(meas[:, None], preds.shape[1], 1)
-    out = []
-    width = max(12, *map(len, labels))
-    for j, label in enumerate(labels):
-        m = cols[:, j]
-        ok = ~np.isnan(m)
-        if not ok.any():
-            out.append(f"{label:{width}s} (no measurement to score: a profile calibrated before the pace was read)")
-            continue
-        mape, within, tau = stats(preds[ok, j], m[ok])
-        # the median signed error: a level shift (the machine faster or slower than when calibrated) moves it,
-        # a structural error of some configurations hardly does
-        bias = 100 * float(np.median(preds[ok, j] / m[ok] - 1))
-        out.append(f"{label:{width}s} {mape:8.1f} {within:15.1f} {tau:12.3f}   " + ", ".join(
-            f"{lab} {x:.1f}% / {w:.1f}%" for lab, x, w in by_dtype(preds[ok, j], m[ok], is_int8[ok]))
-            + f"; median error {bias:+.1f}%")
-    # a diagnostic, not a prediction: the first predictor's figures divided by their median ratio to these
-    # measurements (what knowing the machine's level at measurement time would give; the shape of the model)
-    ok = ~np.isnan(cols[:, 0])
-    if not ok.any():
-        return out
-    level = float(np.median(preds[ok, 0] / cols[ok, 0]))
-    mape, within, _ = stats(preds[ok, 0] / level, cols[ok, 0])
-    out.append(f"  ({labels[0]} divided by its median ratio {level:.3f}, a diagnostic: MAPE {mape:.1f}%, within 10% "
-               f"{within:.1f}%)")
-    return out
+def split_of(name: str) -> str:
+    return "dev" if name in DEV else "held-out"
 
 
-def paced_medians(meas: np.ndarray, pace: np.ndarray, profiles: list) -> np.ndarray | None:
-    """Per configuration (rows) and profile (columns), the median over the rounds of its measurements brought to the
-    profile's pace with its elasticity (hardware.measure.at_pace); `meas` and `pace`: rounds x configurations. A
-    profile without a pace has a column of nan; None where no profile has one or a measurement has none."""
-    if not any(p.calibrated_pace() for p in profiles) or not np.all(pace > 0):
-        return None
-    return np.stack([np.median(at_pace(meas, pace, p.calibrated_pace(), p.pace_elasticity()), axis=0)
-                     if p.calibrated_pace() else np.full(meas.shape[1], np.nan) for p in profiles], 1)
+def models_of(split: str) -> list[str]:
+    """The architectures of a split, DEV and HELD_OUT interleaved for `all` (a run cut short by the budget keeps
+    both splits)."""
+    if split == "dev":
+        return list(DEV)
+    if split == "held-out":
+        return list(HELD_OUT)
+    out, held = [], list(HELD_OUT)
+    for name in DEV:
+        out += [name] + held[:3]
+        held = held[3:]
+    return out + held
 
 
-def other_run(data: dict, path: str) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray] | None]:
-    """Another run's dump (`--against`) as a predictor of `data`'s configurations: its medians of the rounds, and
-    its measurements and pace readings (rounds x configurations; None where it has no pace readings). Two runs of
-    the same code on the same machine are the best any predictor can agree with a run: the share of
-    configurations whose medians agree within 10% between runs is what that target can reach here."""
-    other = json.loads(Path(path).read_text())
-    by_key = {(c["model"], c["strategy"], c["batch"]): c for c in other["configs"]}
-    missing = [k for k in ((c["model"], c["strategy"], c["batch"]) for c in data["configs"]) if k not in by_key]
-    if missing:
-        raise SystemExit(f"--against {path}: no measurement of {len(missing)} configurations of the rescored run, "
-                         f"e.g. {missing[0]}")
-    rows = [by_key[(c["model"], c["strategy"], c["batch"])] for c in data["configs"]]
-    r = other["rounds"]
-    raw = np.array([float(np.median(c["meas_ms"][:r])) for c in rows])
-    if not all(c.get("pace_ms") for c in rows):
-        return raw, None
-    return raw, (np.array([c["meas_ms"][:r] for c in rows]).T, np.array([c["pace_ms"][:r] for c in rows]).T)
+def load_arch(name: str) -> LoadedModel:
+    """An architecture of the benchmark as the estimators load it: a custom net of bench/nets.py, a ViT built at
+    the reduced image size, or a torchvision model spec at its input size."""
+    if name in nets.NETS:
+        return nets.loaded(name)
+    size = SIZES.get(name, DEFAULT_SIZE)
+    if name.startswith("vit_"):
+        import torch
+        import torchvision
+
+        torch.manual_seed(0)
+        model = torchvision.models.get_model(name, weights=None, image_size=size).eval()
+        return LoadedModel(spec=f"torchvision:{name}(image_size={size})", kind="factory", model=model,
+                           input_shape=(1, 3, size, size))
+    return load_model(f"torchvision:{name}", input_shape=(1, 3, size, size))
 
 
-def rescore(path: str, profiles: list[str], against: str = "") -> None:
-    """Score profiles against the measurements of an earlier run (`--dump`), without measuring again: on all of its
-    rounds, and on the measurements taken in the first profile's machine state. `against`: another run's dump,
-    scored as one more predictor (other_run)."""
-    data = json.loads(Path(path).read_text())
-    loaded = [(p, load_profile(p)) for p in profiles]
-    tables: dict = {}
-    preds, int8 = [], []
-    rounds = data["rounds"]
-    for c in data["configs"]:
-        if c["model"] not in tables:
-            tables[c["model"]] = analyze(load_model(f"torchvision:{c['model']}"))
-        key = (c["model"], c["strategy"])
-        if key not in tables:
-            tables[key] = estimate(tables[c["model"]], parse_strategy(c["strategy"]))
-        preds.append([predict_latency(tables[key], prof, c["batch"]).latency_ms for _, prof in loaded])
-        int8.append(c["strategy"] == "quantize:int8")
-    preds, int8 = np.array(preds), np.array(int8)
-    meas = np.array([float(np.median(c["meas_ms"][:rounds])) for c in data["configs"]])
-    state = loaded[0][1].calibrated_state()
-    inst = in_state_medians([c["meas_ms"] for c in data["configs"]], [c["sync_probe_us"] for c in data["configs"]],
-                            state)
-    labels = [name for name, _ in loaded]
-    run_raw, run_paced = other_run(data, against) if against else (None, None)
-    print(f"{len(meas)} configurations measured in {path}")
-    print(f"all rounds (median of {rounds}):  MAPE %, within 10% %, tau")
-    if run_raw is not None:
-        print("\n".join(score_lines(labels + [f"run {against}"], np.column_stack([preds, run_raw]), meas, int8)))
-    else:
-        print("\n".join(score_lines(labels, preds, meas, int8)))
-    if all("pace_ms" in c for c in data["configs"]):
-        run_meas = np.array([c["meas_ms"][:rounds] for c in data["configs"]]).T
-        run_pace = np.array([c["pace_ms"][:rounds] for c in data["configs"]]).T
-        paced = paced_medians(run_meas, run_pace, [prof for _, prof in loaded])
-        p_labels, p_preds = labels, preds
-        if paced is not None and run_paced is not None:
-            # both runs brought to one pace (this run's median reading, the first profile's elasticity): the
-            # other's medians predict this one's
-            ref, (o_meas, o_pace) = float(np.median(run_pace)), run_paced
-            e = loaded[0][1].pace_elasticity()
-            p_labels = labels + [f"run {against}"]
-            p_preds = np.column_stack([preds, np.median(at_pace(o_meas, o_pace, ref, e), axis=0)])
-            paced = np.column_stack([paced, np.median(at_pace(run_meas, run_pace, ref, e), axis=0)])
-        if paced is not None:
-            print("at each profile's pace (every measurement x (the profile's pace / the pace network's median "
-                  "beside it) ** the profile's pace elasticity):")
-            print("\n".join(score_lines(p_labels, p_preds, paced, int8)))
-    if state is not None:
-        print(f"in {labels[0]}'s state (sync probe {state:.2f} us +-{100 * STATE_TOLERANCE:.0f}%): "
-              f"{int((~np.isnan(inst)).sum())} of {len(meas)} configurations measured in it")
-        print("\n".join(score_lines(labels, preds, inst, int8)))
+def say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
 
 
-def measure_in_state(runs: list[tuple], meas: list[list[float]], probes: list[list[float]], state: float, need: int,
-                     wait_s: float) -> None:
-    """Measure again, while the machine is in the state `state` (its sync probe within STATE_TOLERANCE), the
-    configurations (`runs`: (fn, example) each) with fewer than `need` measurements in that state, for at most
-    `wait_s` seconds; every measurement and its probe are appended to `meas` and `probes`."""
+def quiet_libraries() -> None:
+    for name in ("neural_compressor", "torch._inductor", "torch._dynamo", "torch.export"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def release_compiled() -> None:
+    """Drop what one model compiled and built before the next starts."""
+    import torch
+
+    torch._dynamo.reset()
+    gc.collect()
+
+
+def configurations(name: str, loaded: LoadedModel, profile, text: str, est, flops0: float, anchors: dict, original,
+                   batches: list[int], int8_batches: list[int], rounds: int, times: dict) -> list[dict]:
+    """One strategy executed and measured at each of its batches, with the three predictions: one row per batch.
+    `times` accumulates the seconds spent executing and measuring."""
     t0 = time.perf_counter()
-    added, last = 0, t0
-    while time.perf_counter() - t0 < wait_s:
-        lacking = [i for i in range(len(runs)) if len(in_state(meas[i], probes[i], state)) < need]
-        if not lacking:
-            break
-        for i in lacking:
-            if time.perf_counter() - t0 >= wait_s:
-                break
-            p = sync_probe_us(0.1)
-            if not same_state(p, state):
-                continue
-            fn, ex = runs[i]
-            meas[i].append(measure_latency(fn, ex, warmup=3, min_runs=10, budget_s=1.0)["latency_ms"])
-            probes[i].append(p)
-            added += 1
-        if time.perf_counter() - last > 30:
-            last = time.perf_counter()
-            print(f"  [{last - t0:4.0f}/{wait_s:.0f} s] in the calibration's state ({state:.2f} us): {len(lacking)} "
-                  f"configurations with fewer than {need} measurements in it; {added} measured again", flush=True)
-    left = sum(len(in_state(meas[i], probes[i], state)) < need for i in range(len(runs)))
-    print(f"measured again in the calibration's state: {added} measurements in {time.perf_counter() - t0:.0f} s; "
-          f"{left} configurations still with fewer than {need}", flush=True)
+    work = run_strategy(loaded, parse_strategy(text))
+    int8 = work.quant is not None and work.quant.dtype == "int8"
+    times["execute_s"] += time.perf_counter() - t0
+    ratio_flops = totals(est)["flops"] / flops0
+    rows = []
+    for b in batches:
+        if int8 and b not in int8_batches:
+            continue
+        t0 = time.perf_counter()
+        fn = fast_form(work.program, int8)  # a fresh graph per batch: an INT8 one compiles for the batch it runs
+        got = measure_against_original(fn, loaded, b, rounds=rounds, original=original)
+        times["measure_s"] += time.perf_counter() - t0
+        anchor = anchors[b]
+        base = anchor.runtimes["int8"]["measured_ms"] if int8 and "int8" in anchor.runtimes else anchor.total_ms
+        anchored = predict_latency(est, profile, b, anchor=anchor)
+        rows.append({
+            "model": name, "split": split_of(name), "spec": loaded.spec, "input_shape": list(loaded.input_shape),
+            "strategy": text, "batch": b, "runtime": runtime_of(est),
+            "measured_ms": got["ratio"] * anchor.total_ms, "ratio": got["ratio"], "ratio_iqr": got["ratio_iqr"],
+            "window_ms": got["latency_ms"], "window_original_ms": got["original_ms"],
+            "anchor_ms": anchor.total_ms, "anchor_int8_ms": anchor.runtimes.get("int8", {}).get("measured_ms"),
+            "pred_anchored_ms": anchored.latency_ms, "anchored_basis": anchored.basis,
+            "pred_profile_ms": predict_latency(est, profile, b).latency_ms,
+            "pred_flops_ms": base * ratio_flops, "flops_ratio": ratio_flops,
+        })
+        r = rows[-1]
+        say(f"    {text:24s} b{b}: measured {r['measured_ms']:8.3f} ms (ratio {r['ratio']:.3f} +-{r['ratio_iqr']:.3f})"
+            f"  anchored {r['pred_anchored_ms']:8.3f}  profile {r['pred_profile_ms']:8.3f}  flops "
+            f"{r['pred_flops_ms']:8.3f}")
+    return rows
 
 
-def build_runs(name: str, strategies: list[str], batches: list[int]) -> list[tuple]:
-    """Build one model's artifacts, save them and load them back as a deployment would: (strategy, batch, fn,
-    example) per configuration, float programs as ExportedProgram.module(), INT8 ones inductor-compiled."""
-    runs = []
-    with tempfile.TemporaryDirectory() as tmp:
-        loaded = load_model(f"torchvision:{name}")
-        saved = []
-        for k, text in enumerate(strategies):
-            strat = parse_strategy(text)
-            work = run_strategy(loaded, strat)
-            saved.append((text, save_artifact(work, strat, f"{tmp}/{name}-{k}")["model"],
-                          work.quant is not None and work.quant.dtype == "int8", [work.example(b) for b in batches]))
-        del loaded, work
-        gc.collect()  # what built the artifacts is gone: the process holds what it serves
-        for text, path, int8, examples in saved:
-            ep = load_program(path)
-            fn = compile_for_inference(ep) if int8 else ep.module()
-            runs += [(text, b, fn, ex) for b, ex in zip(batches, examples)]
-    return runs
+def bench_model(name: str, profile, strategies: list[str], batches: list[int], int8_batches: list[int],
+                rounds: int) -> tuple[list[dict], dict]:
+    """Measure and predict every configuration of one architecture: (rows, timing of its phases in seconds)."""
+    times = {}
+    t0 = time.perf_counter()
+    loaded = load_arch(name)
+    table = analyze(loaded)
+    flops0 = totals(table)["flops"]
+    original = original_program(loaded).module()
+    times["analyze_s"] = time.perf_counter() - t0
+    int8_fast = "int8" in profile.fast_dtypes
+    t0 = time.perf_counter()
+    anchors = {b: measure_anchor(loaded, table, profile, b, int8=int8_fast and b in int8_batches,
+                                 progress=lambda m: say(f"    {m}")) for b in batches}
+    times["anchors_s"] = time.perf_counter() - t0
+    rows: list[dict] = []
+    times["execute_s"] = times["measure_s"] = 0.0
+    for text in strategies:
+        est = estimate(table, parse_strategy(text))
+        try:
+            rows += configurations(name, loaded, profile, text, est, flops0, anchors, original, batches, int8_batches,
+                                   rounds, times)
+        except Exception as exc:  # noqa: BLE001 - a strategy the executors cannot apply to this model: said, not fatal
+            first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+            say(f"    {text}: not executed or not measured ({type(exc).__name__}: {first})")
+            rows.append({"model": name, "split": split_of(name), "strategy": text, "runtime": runtime_of(est),
+                         "error": f"{type(exc).__name__}: {first}"})
+    return rows, times
 
 
-def serve_model(conn, name: str, strategies: list[str], batches: list[int]) -> None:
-    """One model's process: build its artifacts (build_runs), say "ready", then on each command from `conn`:
-    "round" measures every configuration once (in alternation with the pace network, its sync probe before),
-    ("state", state, need, wait_s) measures again in the calibration's state (measure_in_state), "result" sends
-    every configuration's measurements and ends. Idle between commands (blocked on the pipe), so the models'
-    processes take their rounds in turn."""
-    runs = build_runs(name, strategies, batches)
-    meas, probes, paces = [[] for _ in runs], [[] for _ in runs], [[] for _ in runs]
-    reference = PaceReference()
-    conn.send("ready")
-    while True:
-        cmd = conn.recv()
-        if cmd == "round":
-            for i, (_, _, fn, ex) in enumerate(runs):
-                probes[i].append(sync_probe_us(0.1))
-                got = measure_paced(fn, ex, reference, warmup=3, min_runs=10, budget_s=1.0)
-                meas[i].append(got["latency_ms"])
-                paces[i].append(got["pace_ms"])
-            conn.send(float(np.median([p[-1] for p in probes])))
-        elif isinstance(cmd, tuple) and cmd[0] == "state":
-            _, state, need, wait_s = cmd
-            measure_in_state([(x[2], x[3]) for x in runs], meas, probes, state, need=need, wait_s=wait_s)
-            conn.send("done")
-        else:  # "result"
-            conn.send([{"model": name, "strategy": text, "batch": b, "meas_ms": meas[i], "sync_probe_us": probes[i],
-                        "pace_ms": paces[i]} for i, (text, b, _, _) in enumerate(runs)])
-            return
+# ------------------------------------------------------------------------------------------------------------ scores
+SUBSETS = [
+    ("all", lambda r: True),
+    (f"all but {ANCHOR_OWN}", lambda r: r["strategy"] != ANCHOR_OWN),
+    ("float", lambda r: r["runtime"] == "float"),
+    ("int8", lambda r: r["runtime"] == "int8"),
+    (f"int8 but {ANCHOR_OWN}", lambda r: r["runtime"] == "int8" and r["strategy"] != ANCHOR_OWN),
+]
 
 
-def measure_models(models: list[str], strategies: list[str], batches: list[int], rounds: int, state: float | None,
-                   state_wait: float) -> dict[str, list[dict]]:
-    """Every model in a process of its own (serve_model), all alive at once: each builds its artifacts in turn,
-    then every round measures every model's configurations, model after model, so a model's rounds lie minutes
-    apart (this VM's slow spells last seconds to minutes: measured one model at a time, a spell fell on all
-    the rounds of a model's configurations together); then the configurations with fewer than half their
-    rounds in the calibration's `state` are measured again in it, for `state_wait` seconds in all.
-    Returns each model's configurations with their measurements."""
-    import multiprocessing as mp
+def score(rows: list[dict], predictor: str) -> dict:
+    """MAPE %, % within +-10% and +-25%, Kendall's tau over the rows, and the mean tau within each (model, batch)."""
+    meas = np.array([r["measured_ms"] for r in rows])
+    pred = np.array([r[f"pred_{predictor}_ms"] for r in rows])
+    err = np.abs(pred - meas) / meas
+    tau = kendalltau(pred, meas)[0] if len(rows) > 1 else float("nan")
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault((r["model"], r["batch"]), []).append(r)
+    inner = [kendalltau([g[f"pred_{predictor}_ms"] for g in grp], [g["measured_ms"] for g in grp])[0]
+             for grp in groups.values() if len(grp) >= 3]
+    inner = [t for t in inner if np.isfinite(t)]
+    return {"n": len(rows), "mape": 100 * float(err.mean()), "within10": 100 * float((err <= 0.10).mean()),
+            "within25": 100 * float((err <= 0.25).mean()), "tau": float(tau),
+            "tau_in_model": float(np.mean(inner)) if inner else float("nan")}
 
-    ctx = mp.get_context("spawn")
-    workers = []
-    try:
-        for name in models:
-            mine, theirs = ctx.Pipe()
-            proc = ctx.Process(target=serve_model, args=(theirs, name, strategies, batches), daemon=True)
-            proc.start()
-            workers.append((name, proc, mine))
-            t0 = time.perf_counter()
-            if mine.recv() != "ready":
-                raise RuntimeError(f"{name}: its process did not build its artifacts")
-            print(f"{name}: artifacts built and loaded in a process of its own ({time.perf_counter() - t0:.0f} s)",
-                  flush=True)
-        for r in range(rounds):
-            t0 = time.perf_counter()
-            probe = []
-            for name, _, conn in workers:
-                conn.send("round")
-                probe.append(conn.recv())
-            print(f"round {r + 1}/{rounds}: {len(models)} models measured in {time.perf_counter() - t0:.0f} s (sync "
-                  f"probe median {np.median(probe):.2f} us)", flush=True)
-        if state is not None and state_wait > 0:
-            for name, _, conn in workers:
-                conn.send(("state", state, (rounds + 1) // 2, state_wait / len(models)))
-                conn.recv()
-        out = {}
-        for name, proc, conn in workers:
-            conn.send("result")
-            out[name] = conn.recv()
-            proc.join(timeout=60)
-        return out
-    finally:
-        for _, proc, _ in workers:
-            if proc.is_alive():
-                proc.terminate()
+
+def split_table(rows: list[dict]) -> list[str]:
+    out = ["| configurations | n | predictor | MAPE % | within ±10% | within ±25% | Kendall τ | τ within model |",
+           "|---|---:|---|---:|---:|---:|---:|---:|"]
+    for label, keep in SUBSETS:
+        sub = [r for r in rows if keep(r)]
+        if not sub:
+            continue
+        for p in PREDICTORS:
+            s = score(sub, p)
+            taus = " | ".join(f"{t:.3f}" if np.isfinite(t) else "–" for t in (s["tau"], s["tau_in_model"]))
+            out.append(f"| {label} | {s['n']} | {p} | {s['mape']:.1f} | {s['within10']:.1f} | {s['within25']:.1f} | "
+                       f"{taus} |")
+    return out
+
+
+def report(data: dict) -> str:
+    """The markdown report of a run (or of a dump, rescored)."""
+    rows = [r for r in data["rows"] if "error" not in r]
+    lines = [f"`{data['command']}`", "",
+             f"{data['machine']}; profile {data['profile']}; {data['date']}; strategies {', '.join(data['strategies'])}"
+             f"; batches {', '.join(map(str, data['batches']))} (INT8 at batch "
+             f"{', '.join(map(str, data['int8_batches']))} only); {data['rounds']} alternation rounds per "
+             "configuration.", "",
+             "Measured: each candidate timed in alternation with the original, x the anchor's total at that batch. "
+             f"`{ANCHOR_OWN}` alone is the anchor's own quantized original (its anchored prediction is a measurement "
+             "of the same program). flops: the anchor's measured total (INT8 original for INT8 candidates) x the FLOPs "
+             "ratio.", ""]
+    for split in ("dev", "held-out"):
+        mine = [m for m in data["models"] if m["split"] == split]
+        if not mine:
+            continue
+        done = [m for m in mine if m["status"] == "done"]
+        srows = [r for r in rows if r["split"] == split]
+        lines += [f"### {split}: {len(done)} architectures, {len(srows)} configurations", ""]
+        if srows:
+            lines += split_table(srows) + [""]
+        lines.append("Architectures: " + ", ".join(f"{m['name']} ({m['input']}, {m['seconds']:.0f} s)" for m in done)
+                     + ".")
+        others = [m for m in mine if m["status"] != "done"]
+        if others:
+            lines.append("Not measured: " + "; ".join(f"{m['name']} ({m['status']})" for m in others) + ".")
+        lines.append("")
+    waiting = [m for m in data["models"] if m["status"].startswith("not started")]
+    timed = [m["seconds"] for m in data["models"] if m["status"] == "done"]
+    if waiting and timed:
+        lines += [f"{len(waiting)} architectures not started: at the median {statistics.median(timed):.0f} s per "
+                  f"architecture they need about {len(waiting) * statistics.median(timed) / 60:.0f} minutes more "
+                  "(`--resume DUMP.json` measures them and adds them to the dump).", ""]
+    failed = [r for r in data["rows"] if "error" in r]
+    if failed:
+        lines.append("Configurations not executed: " + "; ".join(f"{r['model']} {r['strategy']} ({r['error']})"
+                                                                for r in failed) + ".")
+        lines.append("")
+    reasons: dict[str, list[str]] = {}
+    for name, why in data["skipped"].items():
+        reasons.setdefault(why, []).append(name)
+    lines.append("Left out of the zoo: " + "; ".join(f"{', '.join(names)} ({why})" for why, names in reasons.items())
+                 + ".")
+    return "\n".join(lines)
+
+
+def resumed(prev: dict, now: dict) -> dict:
+    """A run's dump continued by this one: its measured architectures kept, the settings checked alike."""
+    for key in ("strategies", "batches", "int8_batches", "rounds", "profile", "profile_hash", "machine"):
+        if prev.get(key) != now[key]:
+            raise SystemExit(f"--resume: the dump was run with {key} {prev.get(key)}, this run has {now[key]}")
+    done = [m for m in prev["models"] if m["status"] == "done"]
+    names = {m["name"] for m in done}
+    return {**prev, "command": f"{prev['command']}; {now['command']}", "date": f"{prev['date']}; {now['date']}",
+            "models": done, "rows": [r for r in prev["rows"] if r["model"] in names]}
+
+
+def torchvision_names() -> list[str]:
+    import torchvision
+
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def machine() -> str:
+    import torch
+
+    from hardware.measure import cpuinfo
+
+    return f"{cpuinfo('model name') or platform.processor()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--models", default=MODELS)
-    ap.add_argument("--strategies", default="none,prune:0.3,prune:0.6,quantize:int8")
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--split", choices=("dev", "held-out", "all"), default="all")
+    ap.add_argument("--models", default="", help="a subset of architectures (comma-separated), in place of --split")
+    ap.add_argument("--budget-min", type=float, default=30.0,
+                    help="start no model once the next one would end past this many minutes")
     ap.add_argument("--batches", default="1,8")
-    ap.add_argument("--rounds", type=int, default=5, help="measure every configuration this many times, round-robin")
-    ap.add_argument("--profile", default="host", help="the calibrated profile to test (name or YAML path)")
-    ap.add_argument("--compare", default="", help="other calibrated profiles to test on the same measurements")
-    ap.add_argument("--calibrate", default="", metavar="OUT.yaml",
-                    help="calibrate this machine first, write the profile here and test it (--profile is compared)")
-    ap.add_argument("--dump", default="", metavar="OUT.json",
-                    help="write every measurement (with the machine's sync probe before it) and prediction here")
-    ap.add_argument("--state-wait", type=float, default=600.0, metavar="SECONDS",
-                    help="after the rounds, measure again while the machine is in the calibration's state the "
-                         "configurations with fewer than half their rounds in it, for at most this long in all "
-                         "(shared by the models; 0: no)")
-    ap.add_argument("--rescore", default="", metavar="DUMP.json",
-                    help="measure nothing: score --profile and --compare against an earlier run's --dump")
-    ap.add_argument("--against", default="", metavar="DUMP.json",
-                    help="with --rescore: score another run's measurements (its --dump) as one more predictor: how "
-                         "closely two runs of this benchmark agree here")
+    ap.add_argument("--int8-batches", default="1", help="the batches INT8 candidates are measured at")
+    ap.add_argument("--rounds", type=int, default=5, help="alternation rounds per configuration")
+    ap.add_argument("--profile", default="host")
+    ap.add_argument("--dump", default="", metavar="OUT.json", help="write every row here")
+    ap.add_argument("--resume", default="", metavar="DUMP.json",
+                    help="continue the run of this dump: measure the architectures it lacks, write them into it")
+    ap.add_argument("--rescore", default="", metavar="DUMP.json", help="time nothing: score a --dump again")
     args = ap.parse_args()
-    compare = [p for p in args.compare.split(",") if p]
-    if args.against and not args.rescore:
-        ap.error("--against scores another run against a --rescore DUMP.json: give both")
     if args.rescore:
-        rescore(args.rescore, [args.profile] + compare, args.against)
+        data = json.loads(Path(args.rescore).read_text())
+        if args.split != "all":
+            data["models"] = [m for m in data["models"] if m["split"] == args.split]
+            data["rows"] = [r for r in data["rows"] if r["split"] == args.split]
+        data["command"] += f"  (rescored: {' '.join(shlex.quote(a) for a in sys.argv)})"
+        print(report(data))
         return
-    if args.calibrate:
-        out = Path(args.calibrate)
-        if out.suffix not in (".yaml", ".yml"):
-            ap.error("--calibrate takes the path of the profile to write, ending in .yaml")
-        compare.insert(0, args.profile)
-        load_profile(args.profile)  # a bad name fails before minutes of calibration
-        save_profile(calibrate_host(progress=lambda m: print(f"  {m}", flush=True)), out)
-        print(f"calibrated: {out}", flush=True)
-        args.profile = str(out)
-    host = load_profile(args.profile)
-    others = [(p, load_profile(p)) for p in compare]
-    for name, prof in [(args.profile, host)] + others:  # a profile of another CPU predicts nothing here
-        note = machine_note(prof)
-        if note:
-            print(f"warning: {name}: {note}", flush=True)
-    roof = uncalibrated(host)
-    s_per_flop = 1.0 / (host.peak_gflops["fp32"] * 1e9 * host.efficiency.compute["conv"])
-    models = args.models.split(",")
-    state = host.calibrated_state()
-    configs = []  # (name, strategy, batch, measurements, probes, predictions)
-    measured = measure_models(models, args.strategies.split(","), [int(x) for x in args.batches.split(",")],
-                              args.rounds, state, args.state_wait)
-    for name in models:
-        table = analyze(load_model(f"torchvision:{name}"))
-        ests = {}
-        for c in measured[name]:
-            if c["strategy"] not in ests:  # one estimate per strategy, for its batches
-                ests[c["strategy"]] = estimate(table, parse_strategy(c["strategy"]))
-            est = ests[c["strategy"]]
-            b = c["batch"]
-            preds = (predict_latency(est, host, b).latency_ms, predict_latency(est, roof, b).latency_ms,
-                     totals(est)["gemm_macs"] * 2 * b * s_per_flop * 1e3) + tuple(
-                predict_latency(est, o, b).latency_ms for _, o in others)
-            configs.append((name, c["strategy"], b, c["meas_ms"], c["sync_probe_us"], preds, c["pace_ms"]))
-    every_m = [c[3] for c in configs]
-    every_p = [c[4] for c in configs]
-    meas = np.array([m[:args.rounds] for m in every_m]).T
-    probe = np.array([p[:args.rounds] for p in every_p]).T
-    med = np.median(meas, axis=0)
+    quiet_libraries()
+    names = [m for m in args.models.split(",") if m] or models_of(args.split)
+    known = set(DEV) | set(HELD_OUT)
+    unknown = [m for m in names if m not in known]
+    if unknown:
+        ap.error(f"not in the benchmark: {', '.join(unknown)} (DEV: {', '.join(DEV)}; HELD_OUT: {', '.join(HELD_OUT)})")
+    batches = [int(b) for b in args.batches.split(",")]
+    int8_batches = [int(b) for b in args.int8_batches.split(",") if b and int(b) in batches]
+    with contextlib.redirect_stdout(sys.stderr):  # libraries that print: the report alone goes to stdout
+        profile = load_profile(args.profile, progress=say)
+    data = {"command": " ".join(shlex.quote(a) for a in ["python"] + sys.argv), "machine": machine(),
+            "profile": args.profile, "profile_hash": profile_hash(profile), "date": time.strftime("%Y-%m-%d %H:%M"),
+            "strategies": STRATEGIES, "batches": batches, "int8_batches": int8_batches, "rounds": args.rounds, "skipped": SKIPPED,
+            "models": [], "rows": []}
+    if args.resume:
+        data = resumed(json.loads(Path(args.resume).read_text()), data)
+        names = [n for n in names if n not in {m["name"] for m in data["models"]}]
+        args.dump = args.dump or args.resume
+    unlisted = [n for n in torchvision_names() if n not in set(DEV) | set(HELD_OUT) | set(SKIPPED)]
+    if unlisted:
+        say(f"torchvision architectures neither benchmarked nor listed as skipped: {', '.join(unlisted)}")
+    start = time.perf_counter()
+    durations: list[float] = []
+    for k, name in enumerate(names):
+        size = f"{SIZES.get(name, DEFAULT_SIZE)}x{SIZES.get(name, DEFAULT_SIZE)}"
+        entry = {"name": name, "split": split_of(name), "input": size, "seconds": 0.0}
+        elapsed = time.perf_counter() - start
+        expected = statistics.median(durations) if durations else 0.0
+        if elapsed + expected > 60 * args.budget_min:
+            entry["status"] = f"not started: past the {args.budget_min:g}-minute budget"
+            data["models"].append(entry)
+            continue
+        say(f"[{k + 1}/{len(names)}] {name} ({split_of(name)}, {size}) at {elapsed / 60:.1f} min")
+        t0 = time.perf_counter()
+        try:
+            with contextlib.redirect_stdout(sys.stderr):
+                rows, times = bench_model(name, profile, STRATEGIES, batches, int8_batches, args.rounds)
+            data["rows"] += rows
+            entry.update(status="done", **{phase: round(v, 1) for phase, v in times.items()})
+        except Exception as exc:  # noqa: BLE001 - one architecture the product cannot handle: said, not fatal
+            import traceback
+
+            say(traceback.format_exc())
+            entry["status"] = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+        entry["seconds"] = round(time.perf_counter() - t0, 1)
+        durations.append(entry["seconds"])
+        data["models"].append(entry)
+        say(f"    {name}: {entry['status']} in {entry['seconds']:.0f} s"
+            + (f" (analyze {entry['analyze_s']:.0f} s, anchors {entry['anchors_s']:.0f} s, execute "
+               f"{entry['execute_s']:.0f} s, measure {entry['measure_s']:.0f} s)" if entry["status"] == "done" else ""))
+        release_compiled()
+        if args.dump:  # after every model: a run stopped midway keeps what it measured
+            Path(args.dump).write_text(json.dumps(data, indent=1))
+    data["total_min"] = round((time.perf_counter() - start) / 60, 1)
     if args.dump:
-        Path(args.dump).write_text(json.dumps({
-            "profile": args.profile, "compare": compare, "rounds": args.rounds,
-            "configs": [{"model": c[0], "strategy": c[1], "batch": c[2], "meas_ms": every_m[i],
-                         "sync_probe_us": every_p[i], "pace_ms": c[6], "pred_ms": list(c[5])}
-                        for i, c in enumerate(configs)],
-            "calibration_sync_probe_us": state,
-            "profile_pace_ms": [host.calibrated_pace()] + [o.calibrated_pace() for _, o in others]},
-            indent=1))
-    inst = in_state_medians(every_m, every_p, state)
-    print(f"\n{'model':20s} {'strategy':14s} {'b':>2s} {'meas ms':>9s} {'spread %':>8s} {'in state':>8s} {'calibrated':>11s} "
-          f"{'roofline':>9s} {'flops':>9s}" + "".join(f" {'compare ' + str(j + 1):>10s}" for j in range(len(others))))
-    for i, (name, text, b, _, _, preds, _) in enumerate(configs):
-        spread = 100 * (meas[:, i].max() - meas[:, i].min()) / med[i]
-        print(f"{name:20s} {text:14s} {b:2d} {med[i]:9.2f} {spread:8.1f} {inst[i]:8.2f} {preds[0]:11.2f} {preds[1]:9.2f} "
-              f"{preds[2]:9.2f}" + "".join(f" {x:10.2f}" for x in preds[3:]))
-    preds = np.array([c[5] for c in configs])
-    is_int8 = np.array([c[1] == "quantize:int8" for c in configs])
-    labels = ["calibrated", "roofline", "flops"] + [f"compare {j + 1}" for j in range(len(others))]
-    print(f"\n{len(configs)} configurations x {args.rounds} rounds on host "
-          f"({host.provenance.cpu if host.provenance else ''}, {host.provenance.threads if host.provenance else '?'} "
-          "threads); median of the rounds against the predictions")
-    print(f"{'predictor':12s} {'MAPE %':>8s} {'within 10% (%)':>15s} {'Kendall tau':>12s}   float / int8: MAPE % / within %")
-    print("\n".join(score_lines(labels, preds, med, is_int8)))
-    if args.rounds > 1:  # the noise floor: one round against the median of all
-        single = np.abs(meas / med - 1)
-        print(f"{'one round':12s} {100 * single.mean():8.1f} {100 * (single <= 0.10).mean():15.1f} {'':>12s}  "
-              "(a single measurement against the median: the machine's own noise)")
-    print(f"machine state (sync_probe_us: fork and join of all threads; higher in this VM's slow spells): "
-          f"calibration {state if state is not None else 'not recorded'}, measurements median {np.median(probe):.2f}")
-    for r in range(args.rounds):  # each round alone against the calibrated predictions, with its state
-        mape, within, _ = stats(preds[:, 0], meas[r])
-        print(f"  round {r + 1}: probe median {np.median(probe[r]):.2f} us, calibrated MAPE {mape:.1f}%, "
-              f"within 10% {within:.1f}%")
-    if state is not None:
-        counts = [len(in_state(ms, ps, state)) for ms, ps in zip(every_m, every_p)]
-        print(f"\nin the calibration's state (sync probe {state:.2f} us +-{100 * STATE_TOLERANCE:.0f}%): "
-              f"{int((~np.isnan(inst)).sum())} of {len(configs)} configurations measured in it ({sum(counts)} "
-              f"measurements, {sum(map(len, every_m)) - args.rounds * len(configs)} of them after the rounds); the "
-              "median of each one's measurements in that state against the predictions")
-        print("\n".join(score_lines(labels, preds, inst, is_int8)))
-    pace = np.array([c[6][:args.rounds] for c in configs]).T
-    host_pace = host.calibrated_pace()
-    paced = paced_medians(meas, pace, [host, host, host] + [o for _, o in others])
-    if paced is not None:
-        print(f"\nat each profile's pace (the pace network, timed in alternation with every configuration, ran "
-              f"{np.median(pace):.2f} ms here, {np.min(pace):.2f}-{np.max(pace):.2f}; in the calibration "
-              f"{host_pace or 0:.2f} ms): each measurement x (the profile's pace / the pace beside it) ** the profile's "
-              f"pace elasticity ({host.pace_elasticity():.3f}), the median of the rounds against the predictions "
-              "(roofline and flops at the calibrated profile's pace)")
-        print("\n".join(score_lines(labels, preds, paced, is_int8)))
-        if args.rounds > 1 and host_pace:
-            levelled = at_pace(meas, pace, host_pace, host.pace_elasticity())
-            single = np.abs(levelled / np.median(levelled, axis=0) - 1)
-            print(f"{'one round':12s} {100 * single.mean():8.1f} {100 * (single <= 0.10).mean():15.1f} {'':>12s}  "
-                  "(a single paced measurement against the median: the noise left)")
-    else:
-        print("\nno profile was calibrated against the pace network: no paced scores")
-    print(f"calibrated: {args.profile}" + (" (calibrated in this run)" if args.calibrate else ""))
-    for j, (path, _) in enumerate(others):
-        print(f"compare {j + 1}: {path}")
+        Path(args.dump).write_text(json.dumps(data, indent=1))
+    print(report(data))
+    print(f"\n{len(data['rows'])} configurations in {data['total_min']} min.")
 
 
 if __name__ == "__main__":

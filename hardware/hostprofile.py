@@ -80,6 +80,22 @@ def foreign_note(profile: HardwareProfile) -> str | None:
             f"this one (use --hardware host to calibrate this machine)")
 
 
+# a calibration whose networks its own fit misses by more than this (in sample, any batch) was timed on a busy
+# machine: its relative costs are not to be trusted, anchored or not
+BUSY_FIT_MAPE = 0.25
+
+
+def fit_note(profile: HardwareProfile) -> str | None:
+    """A warning when a calibrated profile's own fit is poor (hardware.calibrate.fit_profile's in-sample network
+    MAPE over BUSY_FIT_MAPE): the machine was busy while it was timed."""
+    fit = profile.provenance.fit if profile.provenance else {}
+    worst = max((v for k, v in fit.items() if k.startswith("fp32.b") and k.endswith(".network_mape")), default=0.0)
+    if worst <= BUSY_FIT_MAPE:
+        return None
+    return (f"the {profile.name} profile fits its own calibration networks poorly ({100 * worst:.0f}% in sample): "
+            "the machine was busy while it was calibrated; run `deployfit calibrate` when it is quiet")
+
+
 def profile_hash(profile: HardwareProfile) -> str:
     """A content hash of the profile (its canonical YAML): two predictions with the same hash used the same numbers."""
     text = yaml.safe_dump(profile.model_dump(exclude_none=True), sort_keys=True)
@@ -92,7 +108,8 @@ def identity(profile: HardwareProfile) -> dict[str, Any]:
     prov = profile.provenance
     return {"name": profile.name, "hash": profile_hash(profile), "runtime": profile.runtime,
             "cpu": prov.cpu if prov else "", "isa": prov.isa if prov else "",
-            "calibrated": prov.date if prov else "", "warning": foreign_note(profile) or ""}
+            "calibrated": prov.date if prov else "",
+            "warning": "; ".join(n for n in (foreign_note(profile), fit_note(profile)) if n)}
 
 
 def _say(message: str) -> None:
@@ -124,6 +141,9 @@ def load_host(progress: Callable[[str], None] | None = None, calibrate: bool = T
     prof = calibrate_host(quick=True, progress=say)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_profile(prof, path)
+    note = fit_note(prof)
+    if note:
+        say(f"warning: {note}")
     say(f"host profile written to {path}")
     return prof
 

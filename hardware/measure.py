@@ -206,8 +206,7 @@ def sync_probe_us(seconds: float = 0.2) -> float:
     during spells of 10.3-11.8 ms. The memory system changes with it (one process, 2026-11-29: a 256 MB copy
     ran at 36-48 GB/s for 7 minutes at 3.5-3.9 us, then at 62-93 GB/s at 5.2-5.5 us; 2-thread GEMM 210 against
     200 GFLOP/s), as if the two vCPUs moved from sharing one cache to two. Calibration records the state it
-    spent the most time in (StateClock, dominant_state); the artifact measurements (tasks.apply.fast_latency)
-    and bench/latency.py record the probe, so that a figure taken in another state shows as such."""
+    spent the most time in (StateClock, dominant_state)."""
     x = torch.randn(50_000 * max(1, torch.get_num_threads()))  # above ATen's grain (32,768) per thread
     return measure_latency(torch.relu, x, warmup=20, min_runs=50, max_runs=10**9, budget_s=seconds)["latency_ms"] * 1e3
 

@@ -113,12 +113,11 @@ def saved_latency(model_path: str, strategy: dict[str, Any], input_shape: list[i
     return measure_latency(fn, example_input(input_shape, batch_size), warmup=3, min_runs=10, budget_s=3.0)
 
 
-def measure_saved_latency(result: dict[str, Any], loaded: LoadedModel, prof=None, anchor_on: bool = True,
+def measure_saved_latency(result: dict[str, Any], loaded: LoadedModel, anchor_on: bool = True,
                           progress: Callable[[str], None] = lambda m: None) -> dict[str, Any]:
     """Predict and measure the latency of an artifact `apply_and_measure(..., latency_now=False)` saved, on this
     machine: the prediction anchored as apply's, the measurement in alternation with the original `loaded`
-    (measure_candidate); completes its `pred`, `meas` and `err` (the result is returned updated). `prof`: unused
-    (this machine's host profile is loaded once per process)."""
+    (measure_candidate); completes its `pred`, `meas` and `err` (the result is returned updated)."""
     from estimators.compress import estimate
     from estimators.strategy import Strategy
 

@@ -203,9 +203,9 @@ def measure_latencies(results: list[dict[str, Any]], hardware: str, model: Model
     from hardware.profile import load_profile
     from tasks.apply import measure_saved_latency
 
-    prof = load_profile(hardware)  # once for all the results
+    load_profile(hardware, progress=_log_info)  # a first use calibrates before anything is timed
     loaded = (model or ModelInput(spec=results[0]["model"])).load()
-    return [measure_saved_latency(r, loaded, prof, anchor, progress=_log_info) for r in results]
+    return [measure_saved_latency(r, loaded, anchor, progress=_log_info) for r in results]
 
 
 def calibrate_profile(quick: bool = True, budget_s: float = CALIBRATION_BUDGET_S, out: str | None = None) -> str:

@@ -114,9 +114,13 @@ def test_run_flow_tracks_every_candidate_and_leaves_a_prefect_artifact(harness, 
     assert md and "Executed: predicted vs measured" in md[0].data and tr["run_id"] in md[0].data
 
     # a rerun (as after a crash) finds the analysis, the sensitivity and the executed candidates persisted
-    # (the recovery store starts empty again, so the plan and its top-2 are the same)
+    # (the recovery store starts empty again, and the anchor is the first run's without its truths, so the plan
+    # and its top-2 are the same: a new anchor is a new measurement, its truths refit the latency predictions)
     monkeypatch.setenv("DEPLOYFIT_CACHE_DIR", str(tmp_path / "cache-2"))
     seed_host()
+    (tmp_path / "cache-2" / "anchors").mkdir()
+    for f in (tmp_path / "cache-1" / "anchors").glob("*.json"):
+        (tmp_path / "cache-2" / "anchors" / f.name).write_text(json.dumps({**json.loads(f.read_text()), "truths": []}))
     again = run_flow(model=ModelInput(spec="demo:digits-cnn"), data="digits", hardware="host",
                      requirements=Requirements(max_size_mb=0.05), search=FAST, top_k=2, out_dir=str(tmp_path / "runs"))
 
