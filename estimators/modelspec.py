@@ -27,6 +27,15 @@ DEFAULT_IMAGE_SHAPE = (1, 3, 224, 224)
 SEED = 0
 
 
+def seeded_input(input_shape, batch_size: int | None = None) -> torch.Tensor:
+    """The seeded example input of a model of `input_shape` (its batch replaced by `batch_size` where given): what
+    every analysis and measurement of it runs on."""
+    shape = list(input_shape)
+    if batch_size is not None:
+        shape[0] = batch_size
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(SEED))
+
+
 @dataclass
 class LoadedModel:
     spec: str
@@ -38,11 +47,7 @@ class LoadedModel:
     notes: list[str] = field(default_factory=list)
 
     def example_input(self, batch_size: int | None = None) -> torch.Tensor:
-        shape = list(self.input_shape)
-        if batch_size is not None:
-            shape[0] = batch_size
-        g = torch.Generator().manual_seed(SEED)
-        return torch.randn(*shape, generator=g)
+        return seeded_input(self.input_shape, batch_size)
 
     @property
     def cache_key(self) -> str:

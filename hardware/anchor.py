@@ -203,7 +203,7 @@ def build_anchor(table: LayerTable, profile, batch: int, row_s: list[float] | np
     less the rows (where the rows, timed with the eager model's own dispatch around them, add up to more than the
     artifact's total, they are scaled down to it and the time outside is the profile's share of the total)."""
     from .hostprofile import profile_hash
-    from .latency import LatencyModel, predict_latency
+    from .latency import latency_kinds, predict_latency
 
     pred = predict_latency(table, profile, batch)
     ops = np.array(table.kinds) != "param"
@@ -218,7 +218,7 @@ def build_anchor(table: LayerTable, profile, batch: int, row_s: list[float] | np
         share = pred.outside_ms / pred.latency_ms if pred.latency_ms > 0 else 0.0
         outside = total * share
         rows = rows * (total - outside) / max(rows.sum(), 1e-12)
-    kinds = LatencyModel(table, profile, batch).kinds
+    kinds = latency_kinds(table)
     return Anchor(table_fingerprint(table), profile.name, profile_hash(profile), batch, list(table.names),
                   [str(k) for k in kinds], [float(x) for x in rows], [float(x) for x in pred.per_row_ms],
                   float(outside), float(pred.outside_ms), total,

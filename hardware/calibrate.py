@@ -39,7 +39,6 @@ import contextlib
 import dataclasses
 import datetime as _dt
 import os
-import platform
 import sys
 import time
 from dataclasses import dataclass
@@ -58,7 +57,7 @@ from estimators.trace import trace_model
 
 from .latency import (ALL_CLASSES, COL, GEMM_CLASSES, SPLIT_WIDTH, columns, _row_features, conv_shape, eager_terms, fused_mask,
                       in_place, input_elements, latency_kinds, misaligned, pointwise, remainder_share, split_terms)
-from .measure import PaceClock, StateClock, at_pace, cpu_isa, cpuinfo, dominant_state, measure_latency, same_state
+from .measure import PaceClock, StateClock, at_pace, cpu_isa, cpu_name, dominant_state, measure_latency, same_state
 from .profile import SUBCLASSES, Efficiency, HardwareProfile, Provenance
 
 Progress = Callable[[str], None]
@@ -113,10 +112,6 @@ def channel_multiple(isa: str) -> int:
     if not isa:
         return CHANNEL_MULTIPLE
     return 16 if "avx512f" in isa.split("+") else 8
-
-
-def _cpu_name() -> str:
-    return cpuinfo("model name") or platform.processor() or platform.machine()
 
 
 def cache_bytes() -> int:
@@ -1015,7 +1010,7 @@ def collect_samples(quick: bool = False, progress: Progress = lambda m: None, in
         else:
             other = True
     return Samples(peaks, other, cache_bytes(), torch.get_num_threads(), nets, ops, elems, pools, q,
-                   list(clock.readings), time.perf_counter() - t0, quick, _cpu_name(), torch.__version__,
+                   list(clock.readings), time.perf_counter() - t0, quick, cpu_name(), torch.__version__,
                    seed_offset=offset, peak_runs=[(tuple(peaks), peaks_state)], isa=cpu_isa(),
                    pace_readings=list(pace.readings), retimed=retimed)
 

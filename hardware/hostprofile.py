@@ -36,11 +36,9 @@ def host_key() -> dict[str, Any]:
     torch's intra-op threads and torch's version."""
     import torch
 
-    from .measure import cpu_isa, cpuinfo
+    from .measure import cpu_isa, cpu_name
 
-    import platform
-
-    return {"cpu": cpuinfo("model name") or platform.processor() or platform.machine(), "isa": cpu_isa(),
+    return {"cpu": cpu_name(), "isa": cpu_isa(),
             "threads": int(torch.get_num_threads()), "torch": str(torch.__version__)}
 
 

@@ -160,6 +160,13 @@ def cpuinfo(key: str) -> str | None:
     return None
 
 
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo; the platform's processor or machine where it cannot be read)."""
+    import platform
+
+    return cpuinfo("model name") or platform.processor() or platform.machine()
+
+
 def cpu_isa() -> str:
     """The ISA_FLAGS this CPU has, joined by '+' ('' where /proc/cpuinfo cannot be read). Two machines whose
     CPUs report the same name can differ here (seen: 'AMD EPYC' with and without AVX-512), and a profile

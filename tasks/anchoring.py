@@ -10,9 +10,8 @@ from __future__ import annotations
 import socket
 from typing import Callable
 
-import torch
 
-from estimators.modelspec import SEED, LoadedModel
+from estimators.modelspec import LoadedModel
 from estimators.table import LayerTable
 from hardware.anchor import Anchor, build_anchor, load_anchor
 
@@ -28,16 +27,11 @@ def anchorable(profile) -> bool:
     return profile.name == "host" and key_of(profile) == host_key()
 
 
-def example_input(input_shape, batch: int) -> torch.Tensor:
-    """The seeded example every latency measurement of a model uses."""
-    return torch.randn(batch, *input_shape[1:], generator=torch.Generator().manual_seed(SEED))
-
-
 def original_program(loaded: LoadedModel):
     """The original model as its float artifact runs (the torch.export program, dynamic batch)."""
     from .executors import export_program
 
-    return export_program(loaded.model, example_input(loaded.input_shape, 2))
+    return export_program(loaded.model, loaded.example_input(2))
 
 
 def original_int8(loaded: LoadedModel, batch: int):
@@ -45,7 +39,7 @@ def original_int8(loaded: LoadedModel, batch: int):
     wanted) and compiled as INT8 artifacts run."""
     from .quantize_exec import compile_for_inference, quantize
 
-    prog = quantize(loaded.model, example_input(loaded.input_shape, 2), "int8").program
+    prog = quantize(loaded.model, loaded.example_input(2), "int8").program
     return compile_for_inference(prog)
 
 
@@ -59,7 +53,7 @@ def measure_anchor(loaded: LoadedModel, table: LayerTable, profile, batch: int =
     from hardware.measure import measure_interleaved
     from hardware.timing import row_times
 
-    x = example_input(loaded.input_shape, batch)
+    x = loaded.example_input(batch)
     progress(f"anchoring: measuring {loaded.spec} at batch {batch} on this machine (once; cached)")
     fn = original_program(loaded).module()
     runtimes, notes, fns = {}, [], [fn]
@@ -124,7 +118,7 @@ def measure_against_original(candidate: Callable, loaded: LoadedModel, batch: in
     `latency_ms` and `original_ms` the two medians of this window."""
     from hardware.measure import measure_interleaved
 
-    x = example_input(loaded.input_shape, batch)
+    x = loaded.example_input(batch)
     orig = original if original is not None else original_program(loaded).module()
     got = measure_interleaved([orig, candidate], [x, x], rounds=rounds, round_s=0.2)
     return {"ratio": got["ratio"][1], "ratio_iqr": got["ratio_iqr"][1], "latency_ms": got["latency_ms"][1],

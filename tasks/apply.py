@@ -105,19 +105,21 @@ def predict_host_latency(loaded: LoadedModel, table, est, hardware: str, batch_s
 def saved_latency(model_path: str, strategy: dict[str, Any], input_shape: list[int], batch_size: int) -> dict[str, Any]:
     """Latency of a saved artifact, loaded from `model_path`, on the seeded example input at `batch_size`, in the
     form that runs it fast (a device worker measures what it fetched with this)."""
+    from estimators.modelspec import seeded_input
     from hardware.measure import measure_latency
 
-    from .anchoring import example_input
-
     fn = fast_form(load_program(model_path), _is_int8(strategy))
-    return measure_latency(fn, example_input(input_shape, batch_size), warmup=3, min_runs=10, budget_s=3.0)
+    return measure_latency(fn, seeded_input(input_shape, batch_size), warmup=3, min_runs=10, budget_s=3.0)
 
 
 def measure_saved_latency(result: dict[str, Any], loaded: LoadedModel, anchor_on: bool = True,
-                          progress: Callable[[str], None] = lambda m: None) -> dict[str, Any]:
+                          progress: Callable[[str], None] = lambda m: None, table=None,
+                          original=None) -> dict[str, Any]:
     """Predict and measure the latency of an artifact `apply_and_measure(..., latency_now=False)` saved, on this
     machine: the prediction anchored as apply's, the measurement in alternation with the original `loaded`
-    (measure_candidate); completes its `pred`, `meas` and `err` (the result is returned updated)."""
+    (measure_candidate); completes its `pred`, `meas` and `err` (the result is returned updated). `table` (the
+    original's analysis) and `original` (its artifact's module, tasks.anchoring.original_program): built here when
+    not given, once by a caller measuring several candidates of one model."""
     from estimators.compress import estimate
     from estimators.strategy import Strategy
 
@@ -125,7 +127,7 @@ def measure_saved_latency(result: dict[str, Any], loaded: LoadedModel, anchor_on
     if result.get("float_layers"):  # what was really built: the layers the quantizer left in float
         strat = strat.model_copy(update={"steps": [s.model_copy(update={"keep_float": list(result["float_layers"])})
                                                    if s.method == "quantize" else s for s in strat.steps]})
-    table = analyze(loaded)
+    table = table if table is not None else analyze(loaded)
     _, anchor, extra = predict_host_latency(loaded, table, estimate(table, strat), "host", result["batch_size"],
                                             anchor_on, progress)
     predicted = extra.pop("latency_ms")
@@ -134,7 +136,7 @@ def measure_saved_latency(result: dict[str, Any], loaded: LoadedModel, anchor_on
     out["notes"] = [n for n in result.get("notes", []) if not n.startswith("latency to be predicted")] \
         + ([extra["hardware"]["warning"]] if extra["hardware"].get("warning") else [])
     fn = fast_form(load_program(result["artifact"]["model"]), _is_int8(result["strategy"]))
-    return record_latency(out, measure_candidate(fn, loaded, result["batch_size"], anchor), anchor)
+    return record_latency(out, measure_candidate(fn, loaded, result["batch_size"], anchor, original), anchor)
 
 
 def artifact_accuracy(ep, data) -> float:

@@ -204,8 +204,12 @@ def measure_latencies(results: list[dict[str, Any]], hardware: str, model: Model
     from tasks.apply import measure_saved_latency
 
     load_profile(hardware, progress=_log_info)  # a first use calibrates before anything is timed
+    from estimators.analyze import analyze
+    from tasks.anchoring import original_program
+
     loaded = (model or ModelInput(spec=results[0]["model"])).load()
-    return [measure_saved_latency(r, loaded, anchor, progress=_log_info) for r in results]
+    table, original = analyze(loaded), original_program(loaded).module()
+    return [measure_saved_latency(r, loaded, anchor, _log_info, table, original) for r in results]
 
 
 def calibrate_profile(quick: bool = True, budget_s: float = CALIBRATION_BUDGET_S, out: str | None = None) -> str:

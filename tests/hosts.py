@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from hardware.hostprofile import host_key, host_profile_path
+from hardware.hostprofile import host_key, host_profile_path, key_id
 from hardware.profile import load_profile, save_profile
 
 
@@ -24,20 +24,8 @@ def fresh_process_key() -> dict:
 def seed_host(cache: str | Path | None = None, key: dict | None = None) -> Path:
     """Write the reference profile as this machine's (or `key`'s) host profile into `cache` (default: the current
     $DEPLOYFIT_CACHE_DIR); returns its path. For a subprocess, pass key=fresh_process_key()."""
-    import os
-
     key = key or host_key()
-    old = os.environ.get("DEPLOYFIT_CACHE_DIR")
-    if cache is not None:
-        os.environ["DEPLOYFIT_CACHE_DIR"] = str(cache)
-    try:
-        path = host_profile_path(key)
-    finally:
-        if cache is not None:
-            if old is None:
-                os.environ.pop("DEPLOYFIT_CACHE_DIR", None)
-            else:
-                os.environ["DEPLOYFIT_CACHE_DIR"] = old
+    path = host_profile_path(key) if cache is None else Path(cache) / "profiles" / f"host-{key_id(key)}.yaml"
     ref = load_profile("cpu-avx2")
     prov = ref.provenance.model_copy(update={"cpu": key["cpu"], "isa": key["isa"], "threads": key["threads"],
                                              "torch": key["torch"]})
