@@ -11,7 +11,7 @@ The space, in the order distill -> prune -> quantize, each optional:
              x the latency (or size) it saves, so less sensitive groups are pruned harder
   quantize   only the dtypes the hardware profile runs fast (no INT8 for a device without fast INT8)
 That structured space is evaluated exhaustively. Free per-layer ratios (up to 19 levels per group: 19^G
-candidates) are searched by NSGA-II (pymoo), seeded with the structured space's best, with the
+candidates) are searched by NSGA-II (search.nsga), seeded with the structured space's best, with the
 requirements as constraints and (latency, accuracy drop, size) as objectives.
 
 Candidates of one student and one quantization differ only in the channels their groups keep: they are
@@ -260,20 +260,10 @@ def _violation_ratios(m: dict[str, np.ndarray], req: Requirements, unit: str) ->
 
 def nsga(fams: list[Family], pool: Pool, scorer: Scorer, req: Requirements, evals: int, seeds: np.ndarray,
          seed_q: np.ndarray, seed: int = 0, progress: Callable[[str], None] = lambda m: None) -> int:
-    """NSGA-II (pymoo) over free per-layer ratios (layer_levels per followed group) and the quantization, for the
-    model itself (no distillation). Every evaluated candidate goes into the pool. Returns evaluations."""
-    import warnings
+    """NSGA-II (search.nsga) over free per-layer ratios (layer_levels per followed group) and the quantization, for
+    the model itself (no distillation). Every evaluated candidate goes into the pool. Returns evaluations."""
+    from .nsga import minimize
 
-    from pymoo.algorithms.moo.nsga2 import NSGA2
-    from pymoo.config import Config
-    from pymoo.core.population import Population
-    from pymoo.core.problem import Problem
-    from pymoo.operators.crossover.sbx import SBX
-    from pymoo.operators.mutation.pm import PM
-    from pymoo.operators.repair.rounding import RoundingRepair
-    from pymoo.optimize import minimize
-
-    Config.warnings["not_compiled"] = False
     own = [i for i, f in enumerate(fams) if f.distill is None]
     table = fams[own[0]].table
     G = len(table.plan.groups)
@@ -284,31 +274,25 @@ def nsga(fams: list[Family], pool: Pool, scorer: Scorer, req: Requirements, eval
     names = [n for n in req.active() if not (n == "max_accuracy_drop" and scorer.unit == "proxy")]
     done = {"n": 0, "gen": 0}
 
-    class Space(Problem):
-        def __init__(self):
-            super().__init__(n_var=G + 1, n_obj=3, n_ieq_constr=max(len(names), 1), xl=0,
-                             xu=np.array([n_lev - 1] * G + [len(own) - 1]), vtype=int)
-
-        def _evaluate(self, X, out, *args, **kwargs):
-            X = np.asarray(X).round().astype(np.int64)
-            F = np.zeros((len(X), 3))
-            Gc = np.zeros((len(X), max(len(names), 1))) - 1.0
-            for qi, fi in enumerate(own):
-                sel = np.flatnonzero(X[:, G] == qi)
-                if not len(sel):
-                    continue
-                R = levels[X[sel, :G]]
-                kept = _kept_for(table, counts_for_ratios(table, R))
-                m = pool.add(fi, [("layers", tuple(r)) for r in R], kept, scorer)
-                F[sel] = np.stack([m[o] for o in OBJECTIVES], 1)
-                v = _violation_ratios(m, req, scorer.unit)
-                for j, n in enumerate(names):
-                    Gc[sel, j] = v[n] - 1.0
-            done["n"] += len(X)
-            done["gen"] += 1
-            if done["gen"] % 10 == 0:
-                progress(f"NSGA-II: {done['n']}/{evals} per-layer candidates")
-            out["F"], out["G"] = F, Gc
+    def evaluate(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        F = np.zeros((len(X), 3))
+        Gc = np.zeros((len(X), max(len(names), 1))) - 1.0
+        for qi, fi in enumerate(own):
+            sel = np.flatnonzero(X[:, G] == qi)
+            if not len(sel):
+                continue
+            R = levels[X[sel, :G]]
+            kept = _kept_for(table, counts_for_ratios(table, R))
+            m = pool.add(fi, [("layers", tuple(r)) for r in R], kept, scorer)
+            F[sel] = np.stack([m[o] for o in OBJECTIVES], 1)
+            v = _violation_ratios(m, req, scorer.unit)
+            for j, n in enumerate(names):
+                Gc[sel, j] = v[n] - 1.0
+        done["n"] += len(X)
+        done["gen"] += 1
+        if done["gen"] % 10 == 0:
+            progress(f"NSGA-II: {done['n']}/{evals} per-layer candidates")
+        return F, Gc
 
     pop = max(40, min(200, evals // 20))
     X0 = np.concatenate([np.clip(np.round(seeds / LEVEL), 0, n_lev - 1), seed_q[:, None]], 1).astype(np.int64) \
@@ -317,13 +301,7 @@ def nsga(fams: list[Family], pool: Pool, scorer: Scorer, req: Requirements, eval
     if len(X0) < pop:
         rand = np.concatenate([rng.integers(0, n_lev, (pop - len(X0), G)), rng.integers(0, len(own), (pop - len(X0), 1))], 1)
         X0 = np.concatenate([X0, rand])
-    algo = NSGA2(pop_size=pop, sampling=Population.new("X", X0[:pop]),
-                 crossover=SBX(prob=0.9, eta=3.0, vtype=float, repair=RoundingRepair()),
-                 mutation=PM(eta=3.0, vtype=float, repair=RoundingRepair()), eliminate_duplicates=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        minimize(Space(), algo, ("n_evals", evals), seed=seed, verbose=False)
-    return done["n"]
+    return minimize(evaluate, np.zeros(G + 1), np.array([n_lev - 1] * G + [len(own) - 1]), X0, pop, evals, seed=seed)
 
 
 def pareto_mask(F: np.ndarray) -> np.ndarray:
