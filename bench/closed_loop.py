@@ -14,7 +14,7 @@ truth's anchored prediction before any truth, as the product records them), thro
 hardware.latency.predict_latency. Truths refit the correction of their own runtime (float or INT8) only. The report
 gives MAPE and the share within +-10% (and +-25%) after 0, 3 and 10 truths, over all candidates and per runtime.
 
-    .venv/bin/python bench/closed_loop.py [--models a,b,c] [--orders 20] [--rounds 5] [--budget-min 15]
+    .venv/bin/python bench/closed_loop.py [--models a,b,c] [--orders 20] [--rounds N] [--budget-min 15]
                                           [--profile host] [--dump OUT.json] [--rescore DUMP.json]
 
 Progress goes to stderr, the report (markdown) to stdout.
@@ -41,6 +41,7 @@ from estimators.compress import estimate
 from estimators.strategy import parse_strategy
 from hardware.anchor import Anchor, runtime_of
 from hardware.latency import predict_latency
+from hardware.measure import describe_rounds
 from hardware.profile import load_profile
 from tasks.anchoring import measure_against_original, measure_anchor, original_program
 from tasks.apply import fast_form
@@ -132,7 +133,7 @@ def report(data: dict) -> str:
     done = [m for m in data["models"] if m["status"] == "done"]
     lines = [f"`{data['command']}`", "",
              f"{data['machine']}; profile {data['profile']}; {data['date']}; batch {BATCH}; {len(CANDIDATES)} "
-             f"candidates per model ({', '.join(CANDIDATES)}); {data['rounds']} alternation rounds each; "
+             f"candidates per model ({', '.join(CANDIDATES)}); {describe_rounds(data['rounds'])} each; "
              f"{data['orders']} seeded orders of the candidates per model.", "",
              "Each candidate after the first n of an order is predicted with the anchor refitted from those n "
              "measured candidates (each runtime's correction from its own truths); measured: the ratio to the "
@@ -152,7 +153,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--orders", type=int, default=20, help="seeded orders of each model's candidates")
-    ap.add_argument("--rounds", type=int, default=5, help="alternation rounds per candidate")
+    ap.add_argument("--rounds", type=int, default=None,
+                    help="alternation rounds per measurement (default: rounds of 20 ms, as many as 2 s per function buys, 9-60)")
     ap.add_argument("--budget-min", type=float, default=15.0,
                     help="start no model once the next one would end past this many minutes")
     ap.add_argument("--profile", default="host")

@@ -36,7 +36,7 @@ torchvision architectures left out, and why. `--split all` interleaves DEV and H
 both.
 
     .venv/bin/python bench/latency.py [--split dev|held-out|all] [--models a,b,c] [--budget-min 30]
-                                      [--batches 1,8] [--int8-batches 1] [--rounds 5] [--profile host]
+                                      [--batches 1,8] [--int8-batches 1] [--rounds N] [--profile host]
                                       [--dump OUT.json] [--resume DUMP.json] [--rescore DUMP.json]
 
 Progress goes to stderr, the report (markdown) to stdout.
@@ -71,6 +71,7 @@ from estimators.table import totals  # noqa: E402
 from hardware.anchor import runtime_of  # noqa: E402
 from hardware.hostprofile import profile_hash  # noqa: E402
 from hardware.latency import predict_latency  # noqa: E402
+from hardware.measure import describe_rounds  # noqa: E402
 from hardware.profile import load_profile  # noqa: E402
 from tasks.anchoring import measure_against_original, measure_anchor, original_program  # noqa: E402
 from tasks.apply import fast_form  # noqa: E402
@@ -186,7 +187,7 @@ def configurations(name: str, loaded: LoadedModel, profile, text: str, est, flop
             "model": name, "split": split_of(name), "spec": loaded.spec, "input_shape": list(loaded.input_shape),
             "strategy": text, "batch": b, "runtime": runtime_of(est),
             "measured_ms": got["ratio"] * anchor.total_ms, "ratio": got["ratio"], "ratio_iqr": got["ratio_iqr"],
-            "window_ms": got["latency_ms"], "window_original_ms": got["original_ms"],
+            "rounds": got["rounds"], "window_ms": got["latency_ms"], "window_original_ms": got["original_ms"],
             "anchor_ms": anchor.total_ms, "anchor_int8_ms": anchor.runtimes.get("int8", {}).get("measured_ms"),
             "pred_anchored_ms": anchored.latency_ms, "anchored_basis": anchored.basis,
             "pred_profile_ms": predict_latency(est, profile, b).latency_ms,
@@ -277,7 +278,7 @@ def report(data: dict) -> str:
     lines = [f"`{data['command']}`", "",
              f"{data['machine']}; profile {data['profile']}; {data['date']}; strategies {', '.join(data['strategies'])}"
              f"; batches {', '.join(map(str, data['batches']))} (INT8 at batch "
-             f"{', '.join(map(str, data['int8_batches']))} only); {data['rounds']} alternation rounds per "
+             f"{', '.join(map(str, data['int8_batches']))} only); {describe_rounds(data['rounds'])} per "
              "configuration.", "",
              "Measured: each candidate timed in alternation with the original, x the anchor's total at that batch. "
              f"`{ANCHOR_OWN}` alone is the anchor's own quantized original (its anchored prediction is a measurement "
@@ -350,7 +351,8 @@ def main() -> None:
                     help="start no model once the next one would end past this many minutes")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--int8-batches", default="1", help="the batches INT8 candidates are measured at")
-    ap.add_argument("--rounds", type=int, default=5, help="alternation rounds per configuration")
+    ap.add_argument("--rounds", type=int, default=None,
+                    help="alternation rounds per measurement (default: rounds of 20 ms, as many as 2 s per function buys, 9-60)")
     ap.add_argument("--profile", default="host")
     ap.add_argument("--dump", default="", metavar="OUT.json", help="write every row here")
     ap.add_argument("--resume", default="", metavar="DUMP.json",

@@ -390,21 +390,44 @@ def at_pace(latency_ms: float, pace_ms: float, profile_pace_ms: float, elasticit
     return latency_ms * (profile_pace_ms / pace_ms) ** elasticity
 
 
-def measure_interleaved(fns: list[Callable], examples: list[torch.Tensor], rounds: int = 7, round_s: float = 0.25,
-                        min_calls: int = 3, warmup: int = 2) -> dict[str, list[float]]:
+INTERLEAVE_ROUND_S = 0.02  # a round this short: the machine's stalls (seconds long) fall on both functions alike
+INTERLEAVE_BUDGET_S = 2.0  # seconds per function per measurement
+
+
+def describe_rounds(rounds: int | None) -> str:
+    """How measure_interleaved alternates, in words, for `rounds` given (or None: its default)."""
+    if rounds is None:
+        return (f"alternation rounds of {1e3 * INTERLEAVE_ROUND_S:.0f} ms, as many as {INTERLEAVE_BUDGET_S:g} s per "
+                "function buys")
+    return f"{rounds} alternation rounds"
+
+
+def measure_interleaved(fns: list[Callable], examples: list[torch.Tensor], rounds: int | None = None,
+                        round_s: float = INTERLEAVE_ROUND_S, budget_s: float = INTERLEAVE_BUDGET_S,
+                        min_calls: int = 3, warmup: int = 2, min_rounds: int = 9,
+                        max_rounds: int = 60) -> dict[str, list[float]]:
     """Several functions timed in alternation in this process: each round times every function in turn (at least
     `min_calls` calls, about `round_s` seconds, its median), so all of them see the same moments of the machine.
     The first function is the reference: `ratio[i]` is the median over rounds of function i's round median over the
-    reference's in that round. This VM's speed drifts by tens of percent within minutes; a ratio taken round by round
-    barely moves with it, where two absolute times taken minutes apart do. Returns per function `latency_ms` (the
-    median of its round medians), `ratio` and `ratio_iqr` (the ratios' interquartile range, their spread), and
-    `rounds`."""
+    reference's in that round. This VM's speed drifts by tens of percent within minutes and stalls for seconds; a
+    ratio taken over many short rounds barely moves with either (a stall spans rounds of both functions alike, and
+    the median over rounds drops it), where two absolute times taken minutes apart do. `rounds` defaults to
+    what `budget_s` seconds per function buy (at least `min_rounds`, at most `max_rounds`), judged from the warm-up
+    calls. Returns per function `latency_ms` (the median of its round medians), `ratio` and `ratio_iqr` (the
+    ratios' interquartile range, their spread), and `rounds`."""
     steady_allocator()
     per: list[list[float]] = [[] for _ in fns]
     with collector_paused(), torch.inference_mode():
+        call_s = []
         for fn, x in zip(fns, examples):
-            for _ in range(warmup):
+            for _ in range(max(warmup, 1)):
+                t0 = time.perf_counter()
                 fn(x)
+                took = time.perf_counter() - t0
+            call_s.append(took)
+        if rounds is None:
+            round_total = sum(max(round_s, min_calls * c) for c in call_s)
+            rounds = int(min(max(len(fns) * budget_s / max(round_total, 1e-9), min_rounds), max_rounds))
         for _ in range(rounds):
             for i, (fn, x) in enumerate(zip(fns, examples)):
                 times: list[float] = []

@@ -18,6 +18,7 @@ from hardware.anchor import Anchor, build_anchor, load_anchor
 Progress = Callable[[str], None]
 ANCHOR_TRIES = 3
 ANCHOR_AGREEMENT = 0.15  # two timings of the original this far apart (relative) mean the machine was busy
+INT8_SPREAD_SCALE = 0.2  # an INT8 ratio uncertain by 3% counts as two timings 15% apart
 
 
 def anchorable(profile) -> bool:
@@ -51,7 +52,7 @@ def measure_anchor(loaded: LoadedModel, table: LayerTable, profile, batch: int =
     from estimators.strategy import Strategy, QuantizeStep
     from hardware.latency import predict_latency
     from hardware.measure import measure_interleaved
-    from hardware.timing import row_times
+    from hardware.timing import row_shares
 
     x = loaded.example_input(batch)
     progress(f"anchoring: measuring {loaded.spec} at batch {batch} on this machine (once; cached)")
@@ -65,25 +66,28 @@ def measure_anchor(loaded: LoadedModel, table: LayerTable, profile, batch: int =
         except Exception as exc:  # a model INC cannot quantize: its INT8 candidates keep the profile's prediction
             notes.append(f"the original could not be quantized to INT8 here ({type(exc).__name__}: {str(exc)[:200]}); "
                          "INT8 candidates keep the profile's prediction")
-    # this machine stalls for seconds at a time: the original is timed before and after its rows, and the whole is
-    # timed again (up to ANCHOR_TRIES) while the two totals disagree, keeping the most consistent
+    # this machine stalls for seconds at a time: the rows are timed as shares of the original timed in alternation
+    # with them, and the whole is timed again (up to ANCHOR_TRIES) while the original's two timings disagree or the
+    # INT8 original's ratio to it spreads, keeping the most consistent
     best = None
     for _ in range(ANCHOR_TRIES):
-        got = measure_interleaved(fns, [x] * len(fns), rounds=5, round_s=0.2)
-        rows = row_times(loaded.model, x, runs=7, warmup=2)
-        again = measure_interleaved(fns[:1], [x], rounds=3, round_s=0.2)["latency_ms"][0]
+        got = measure_interleaved(fns, [x] * len(fns))
+        shares, again_s = row_shares(loaded.model, x, fn)
         total = got["latency_ms"][0]
+        again = again_s * 1e3
         apart = abs(again - total) / min(again, total)
+        if len(fns) > 1:  # the INT8 ratio's uncertainty: its rounds' spread over the square root of their number
+            apart = max(apart, got["ratio_iqr"][1] / got["ratio"][1] / got["rounds"] ** 0.5 / INT8_SPREAD_SCALE)
         if best is None or apart < best[0]:
-            best = (apart, got, rows, 0.5 * (total + again))
+            best = (apart, got, shares, total)
         if apart <= ANCHOR_AGREEMENT:
             break
-        progress(f"anchoring: two timings of the original disagree by {100 * apart:.0f}% (the machine was busy): "
-                 "timing it again")
-    apart, got, rows, total = best
+        progress("anchoring: the original's timings disagree (the machine was busy): timing it again")
+    apart, got, shares, total = best
+    rows = [s * total * 1e-3 for s in shares]
     if apart > ANCHOR_AGREEMENT:
-        notes.append(f"the original's two timings disagreed by {100 * apart:.0f}% (a busy machine): the anchor is "
-                     "their mean")
+        notes.append(f"the original's timings disagreed in {ANCHOR_TRIES} tries (a busy machine): the anchor is the "
+                     "most consistent of them")
     if len(fns) > 1:
         q = predict_latency(estimate(table, Strategy(steps=[QuantizeStep(dtype="int8")])), profile, batch)
         runtimes["int8"] = {"measured_ms": total * got["ratio"][1], "predicted_ms": q.latency_ms}
@@ -111,7 +115,7 @@ def get_anchor(loaded: LoadedModel, table: LayerTable, profile, batch: int = 1, 
     return anchor
 
 
-def measure_against_original(candidate: Callable, loaded: LoadedModel, batch: int, rounds: int = 7,
+def measure_against_original(candidate: Callable, loaded: LoadedModel, batch: int, rounds: int | None = None,
                              original: Callable | None = None) -> dict[str, float]:
     """The candidate timed in alternation with the original (round by round, hardware.measure.measure_interleaved):
     `ratio` is the candidate's latency over the original's, which this machine's drift barely moves;
@@ -120,9 +124,9 @@ def measure_against_original(candidate: Callable, loaded: LoadedModel, batch: in
 
     x = loaded.example_input(batch)
     orig = original if original is not None else original_program(loaded).module()
-    got = measure_interleaved([orig, candidate], [x, x], rounds=rounds, round_s=0.2)
+    got = measure_interleaved([orig, candidate], [x, x], rounds=rounds)
     return {"ratio": got["ratio"][1], "ratio_iqr": got["ratio_iqr"][1], "latency_ms": got["latency_ms"][1],
-            "original_ms": got["latency_ms"][0], "rounds": rounds}
+            "original_ms": got["latency_ms"][0], "rounds": got["rounds"]}
 
 
 def latency_context(loaded: LoadedModel, table: LayerTable, hardware: str, batch: int = 1, anchor: bool = True,
