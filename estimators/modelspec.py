@@ -17,6 +17,7 @@ from torch import nn
 
 from .demos import DEMOS
 from .errors import UserInputError
+from .pt2 import load_pt2
 
 SPEC_FORMS = (
     "accepted model specs: torchvision:NAME (e.g. torchvision:resnet18), demo:NAME "
@@ -45,6 +46,7 @@ class LoadedModel:
     weights: str | None = None
     weights_sha256: str | None = None
     notes: list[str] = field(default_factory=list)
+    trust_pickle: bool = False  # the user trusts this model's .pt2 with pickle, and so the artifacts made from it
 
     def example_input(self, batch_size: int | None = None) -> torch.Tensor:
         return seeded_input(self.input_shape, batch_size)
@@ -84,7 +86,7 @@ def _torchvision_names() -> list[str]:
 DEMO_WEIGHTS = Path(__file__).parent / "weights"
 
 
-def _build(spec: str) -> tuple[str, nn.Module, tuple[int, ...] | None]:
+def _build(spec: str, trust_pickle: bool = False) -> tuple[str, nn.Module, tuple[int, ...] | None]:
     if not isinstance(spec, str) or not spec.strip():
         raise UserInputError(f"empty model spec; {SPEC_FORMS}")
     spec = spec.strip()
@@ -93,18 +95,17 @@ def _build(spec: str) -> tuple[str, nn.Module, tuple[int, ...] | None]:
         if not path.is_file():
             raise UserInputError(f"model file {spec} does not exist; {SPEC_FORMS}")
         try:
-            try:  # int8 programs use the quantized_decomposed ops, registered by this import
-                importlib.import_module("torch.ao.quantization.fx._decomposed")
-            except Exception:  # noqa: BLE001
-                pass
-            ep = torch.export.load(str(path))
+            ep = load_pt2(path, trust_pickle)
+            module = ep.module()
+        except UserInputError:
+            raise
         except Exception as exc:  # noqa: BLE001 - any load failure is the user's file
             raise UserInputError(f"cannot load {spec} with torch.export.load: {exc}") from None
         shape = None
         example = getattr(ep, "example_inputs", None)
         if example and example[0] and isinstance(example[0][0], torch.Tensor):
             shape = (1, *example[0][0].shape[1:])
-        return "pt2", ep.module(), shape
+        return "pt2", module, shape
     if ":" not in spec:
         raise UserInputError(f"unrecognised model spec {spec!r}; {SPEC_FORMS}")
     prefix, _, name = spec.partition(":")
@@ -148,9 +149,11 @@ def _build(spec: str) -> tuple[str, nn.Module, tuple[int, ...] | None]:
     return "factory", model, getattr(model, "input_shape", None)
 
 
-def load_model(spec: str, weights: str | None = None, input_shape: str | tuple[int, ...] | None = None) -> LoadedModel:
-    """Load a model spec in eval mode and check that it runs on the input shape."""
-    kind, model, default_shape = _build(spec)
+def load_model(spec: str, weights: str | None = None, input_shape: str | tuple[int, ...] | None = None,
+               trust_pickle: bool = False) -> LoadedModel:
+    """Load a model spec in eval mode and check that it runs on the input shape. A `.pt2` that needs pickle to
+    load is refused unless `trust_pickle` (estimators.pt2)."""
+    kind, model, default_shape = _build(spec, trust_pickle)
     shape = parse_input_shape(input_shape) if isinstance(input_shape, (str, type(None))) else tuple(input_shape)
     if shape is None:
         shape = default_shape or DEFAULT_IMAGE_SHAPE
@@ -176,7 +179,8 @@ def load_model(spec: str, weights: str | None = None, input_shape: str | tuple[i
         digest = sha256_file(spec)
     if kind != "pt2":  # an exported program's module has no train/eval switch (it is exported in eval)
         model.eval()
-    loaded = LoadedModel(spec=spec, kind=kind, model=model, input_shape=shape, weights=weights, weights_sha256=digest)
+    loaded = LoadedModel(spec=spec, kind=kind, model=model, input_shape=shape, weights=weights, weights_sha256=digest,
+                         trust_pickle=trust_pickle)
     try:
         with torch.no_grad():
             model(loaded.example_input())

@@ -92,6 +92,8 @@ WeightsOpt = Annotated[Optional[str], typer.Option("--weights", help="state_dict
 ShapeOpt = Annotated[Optional[str], typer.Option("--input-shape", help="e.g. 1,3,224,224 (default: the model's own)")]
 StrategyOpt = Annotated[str, typer.Option("--strategy", "-s", help="e.g. prune:0.5:global,quantize:int8, or JSON")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print one JSON object on stdout")]
+TrustOpt = Annotated[bool, typer.Option("--trust-pickle", help="load a .pt2 model that needs pickle (refused "
+                                        "otherwise: unpickling can run any code); only for a file you trust")]
 
 
 def _compute(as_json: bool, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
@@ -106,10 +108,10 @@ def _compute(as_json: bool, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     return rep
 
 
-def _load(model: str, weights: Optional[str], input_shape: Optional[str]):
+def _load(model: str, weights: Optional[str], input_shape: Optional[str], trust_pickle: bool = False):
     from estimators.modelspec import load_model
 
-    return load_model(model, weights=weights, input_shape=input_shape)
+    return load_model(model, weights=weights, input_shape=input_shape, trust_pickle=trust_pickle)
 
 
 def _print_unpruned(rep: dict[str, Any]) -> None:
@@ -118,14 +120,15 @@ def _print_unpruned(rep: dict[str, Any]) -> None:
 
 
 @app.command()
-def analyze(model: ModelArg, weights: WeightsOpt = None, input_shape: ShapeOpt = None, as_json: JsonOpt = False) -> None:
+def analyze(model: ModelArg, weights: WeightsOpt = None, input_shape: ShapeOpt = None, trust_pickle: TrustOpt = False,
+            as_json: JsonOpt = False) -> None:
     """Trace MODEL into a layer table: per-operator params, MACs, bytes; coupled channel groups."""
 
     def body():
         from estimators.analyze import analyze as run_analysis
         from estimators.report import analysis_report
 
-        loaded = _load(model, weights, input_shape)
+        loaded = _load(model, weights, input_shape, trust_pickle)
         return analysis_report(loaded, run_analysis(loaded))
 
     rep = _compute(as_json, body)
@@ -197,7 +200,8 @@ AnchorOpt = Annotated[bool, typer.Option("--anchor/--no-anchor", help="predict l
 @app.command()
 def estimate(model: ModelArg, strategy: StrategyOpt = "none", weights: WeightsOpt = None, input_shape: ShapeOpt = None,
              hardware: HardwareOpt = None, batch_size: BatchOpt = 1, data: DataOpt = None,
-             finetune_epochs: EpochsOpt = FINETUNE_EPOCHS, anchor: AnchorOpt = True, as_json: JsonOpt = False) -> None:
+             finetune_epochs: EpochsOpt = FINETUNE_EPOCHS, anchor: AnchorOpt = True, trust_pickle: TrustOpt = False,
+             as_json: JsonOpt = False) -> None:
     """Predict what STRATEGY does to MODEL without compressing it.
 
     With --data, pred.accuracy_drop comes from a sensitivity analysis on the validation data and a recovery
@@ -211,7 +215,7 @@ def estimate(model: ModelArg, strategy: StrategyOpt = "none", weights: WeightsOp
         from estimators.strategy import parse_strategy
 
         strat = parse_strategy(strategy)
-        loaded = _load(model, weights, input_shape)
+        loaded = _load(model, weights, input_shape, trust_pickle)
         table = run_analysis(loaded)
         rep = _with_latency(estimate_report(loaded, table, strat), loaded, table, strat, hardware, batch_size, anchor)
         if data:
@@ -244,7 +248,7 @@ def apply(model: ModelArg, out: Annotated[str, typer.Option("--out", help="folde
           data: DataOpt = None, finetune_epochs: EpochsOpt = FINETUNE_EPOCHS,
           kd: Annotated[bool, typer.Option("--kd/--no-kd", help="distil from the original model when fine-tuning "
                                            "after pruning")] = False,
-          anchor: AnchorOpt = True, as_json: JsonOpt = False) -> None:
+          anchor: AnchorOpt = True, trust_pickle: TrustOpt = False, as_json: JsonOpt = False) -> None:
     """Execute STRATEGY on MODEL, save the artifact, and measure it against the prediction.
 
     With --hardware host the artifact's latency is measured here too, in alternation with the original (their
@@ -258,7 +262,7 @@ def apply(model: ModelArg, out: Annotated[str, typer.Option("--out", help="folde
         from tasks.train import TrainConfig
 
         strat = parse_strategy(strategy)
-        loaded = _load(model, weights, input_shape)
+        loaded = _load(model, weights, input_shape, trust_pickle)
         return apply_and_measure(loaded, strat, out, hardware=hardware, batch_size=batch_size,
                                  progress=_progress, data_spec=data,
                                  train_cfg=TrainConfig(epochs=finetune_epochs, kd_finetune=kd), anchor_on=anchor)
@@ -314,7 +318,8 @@ def plan(model: ModelArg, hardware: HardwareReq, weights: WeightsOpt = None, inp
          min_accuracy: MinAcc = None, batch_size: ReqBatch = None, requirements: ReqFile = None,
          data: DataOpt = None, finetune_epochs: EpochsOpt = FINETUNE_EPOCHS, students: StudentsOpt = None,
          top_k: Annotated[int, typer.Option("--top-k", min=1)] = 5, grid_step: GridOpt = 0.01,
-         nsga_evals: NsgaOpt = 10000, seed: SeedOpt = 0, anchor: AnchorOpt = True, as_json: JsonOpt = False) -> None:
+         nsga_evals: NsgaOpt = 10000, seed: SeedOpt = 0, anchor: AnchorOpt = True, trust_pickle: TrustOpt = False,
+         as_json: JsonOpt = False) -> None:
     """Search distill -> prune -> quantize strategies for the one that meets every requirement on HARDWARE
     with the least predicted accuracy drop. Exit code 3 when nothing fits (with the nearest relaxation)."""
 
@@ -327,7 +332,7 @@ def plan(model: ModelArg, hardware: HardwareReq, weights: WeightsOpt = None, inp
         req = _requirements(requirements, max_latency_ms=max_latency_ms, max_size_mb=max_size_mb, max_params=max_params,
                             max_macs=max_macs, max_memory_mb=max_memory_mb, max_accuracy_drop=max_accuracy_drop,
                             min_accuracy=min_accuracy, batch_size=batch_size)
-        loaded = _load(model, weights, input_shape)
+        loaded = _load(model, weights, input_shape, trust_pickle)
         table = run_analysis(loaded)
         say = _progress
         prof, anc, info = latency_context(loaded, table, hardware, req.batch_size, anchor, progress=say)
@@ -348,7 +353,7 @@ def plan(model: ModelArg, hardware: HardwareReq, weights: WeightsOpt = None, inp
 
         names = tuple(x.strip() for x in (students or "").split(",") if x.strip())
         shape = ",".join(map(str, loaded.input_shape))
-        tables = {n: run_analysis(_load(n, None, shape)) for n in names}
+        tables = {n: run_analysis(_load(n, None, shape, trust_pickle)) for n in names}
         out = run_plan(table, prof, req, scorer, top_k=top_k, students=names, student_tables=tables, progress=say,
                        grid_step=grid_step, nsga_evals=nsga_evals, seed=seed, anchor=anc)
         out["profile"] = info
@@ -403,7 +408,7 @@ def run_cmd(model: ModelArg, hardware: HardwareReq = "host", weights: WeightsOpt
                                                ] = CALIBRATION_BUDGET_S,
             device_timeout: Annotated[float, typer.Option("--device-timeout", min=1, help="seconds to wait for a "
                                                           "device worker per step")] = 600.0,
-            anchor: AnchorOpt = True, as_json: JsonOpt = False) -> None:
+            anchor: AnchorOpt = True, trust_pickle: TrustOpt = False, as_json: JsonOpt = False) -> None:
     """Run the `deployfit-run` Prefect flow: plan, execute the top-k, measure and compare, tracked in MLflow
     (the same parameters as the flow's form in the Prefect UI). Runs in this terminal without flow-run
     heartbeats unless PREFECT_FLOWS_HEARTBEAT_FREQUENCY is set."""
@@ -419,7 +424,8 @@ def run_cmd(model: ModelArg, hardware: HardwareReq = "host", weights: WeightsOpt
         opts = SearchOptions(grid_step=grid_step, nsga_evals=nsga_evals, seed=seed, students=names,
                              finetune_epochs=finetune_epochs)
         with terminal_run():
-            state = run_flow(model=ModelInput(spec=model, weights=weights, input_shape=input_shape), data=data,
+            state = run_flow(model=ModelInput(spec=model, weights=weights, input_shape=input_shape,
+                                              trust_pickle=trust_pickle), data=data,
                              hardware=hardware, requirements=req, search=opts, execute=execute, top_k=top_k,
                              batch_size=req.batch_size, out_dir=out_dir, return_state=True,
                              parallel=ParallelOptions(workers=workers, dask_address=dask_address, threads=threads),
@@ -498,13 +504,16 @@ def ui(prefect_port: Annotated[int, typer.Option("--prefect-port")] = 4200,
 
 
 @app.command()
-def worker(hardware: HardwareReq) -> None:
+def worker(hardware: HardwareReq,
+           trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="load fetched model.pt2 artifacts that "
+                                                      "need pickle (refused otherwise: unpickling can run any code)")
+                                   ] = False) -> None:
     """On the device: create the work pool deployfit-HARDWARE if needed, register the deployfit-measure/HARDWARE
     deployment and run a Prefect process worker on it (needs PREFECT_API_URL and MLFLOW_TRACKING_URI pointing at
     the shared servers); runs until interrupted."""
     from flows.device import start_worker
 
-    p = start_worker(hardware)
+    p = start_worker(hardware, trust_pickle=trust_pickle)
     console.print(f"worker on pool deployfit-{hardware}; Ctrl-C stops it", highlight=False)
     try:
         p.wait()
@@ -604,7 +613,8 @@ def calibrate(
     budget: Annotated[float, typer.Option("--budget", help="seconds of timing (peaks and set-up come on top)")
                       ] = CALIBRATION_BUDGET_S,
     keep_samples: Annotated[Optional[str], typer.Option(
-        "--keep-samples", help="also save what this calibration timed here (for --pool later)")] = None,
+        "--keep-samples", help="also save what this calibration timed here (an npz of data only, for --pool "
+                               "later)")] = None,
     pool: Annotated[Optional[str], typer.Option(
         "--pool", help="comma-separated samples of earlier calibrations of this machine (--keep-samples): fitted "
                        "together with this run's")] = None,

@@ -9,6 +9,10 @@ tracking it: the artifact travels through the MLflow artifact store (the worker 
 `model.pt2` from its nested run), the worker measures the latency in the form that runs it fast and logs
 `meas.latency_ms` and `err.latency_ms` into that run; the flow waits, reads them back and reports them. When
 no worker answers within the timeout, the run says so and keeps the predictions.
+
+A fetched `model.pt2` that needs pickle to load is refused (estimators.pt2) unless the worker was started with
+`--trust-pickle`: the decision is the device owner's, passed to the flow runs in the worker's environment
+(TRUST_ENV), not a parameter the requesting flow could set.
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ from prefect import flow
 from estimators.errors import CALIBRATION_BUDGET_S
 
 REPO = Path(__file__).resolve().parents[1]
+TRUST_ENV = "DEPLOYFIT_WORKER_TRUST_PICKLE"  # "1": this worker loads fetched .pt2 artifacts that need pickle
 
 
 def pool_name(hardware: str) -> str:
@@ -47,7 +52,8 @@ def measure_flow(run_id: str, tracking_uri: str, batch_size: int = 1) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         files = tracking.download(tracking_uri, run_id, ["model.pt2", "result.json"], tmp)
         result = json.loads(Path(files["result.json"]).read_text())
-        lat = saved_latency(files["model.pt2"], result["strategy"], result["input_shape"], batch_size)
+        lat = saved_latency(files["model.pt2"], result["strategy"], result["input_shape"], batch_size,
+                            trust_pickle=os.environ.get(TRUST_ENV) == "1")
     measured = {"latency_ms": round(lat["latency_ms"], 4)}
     meas = {"meas.latency_ms": measured["latency_ms"],
             **{f"err.{k}": v for k, v in rel_err(result["pred"], measured).items()}}
@@ -127,12 +133,13 @@ def register(hardware: str) -> str:
     return f"deployfit-measure/{hardware}"
 
 
-def start_worker(hardware: str, env: dict | None = None, **popen) -> subprocess.Popen:
-    """`prefect worker start` on the hardware's pool (deployment registered first)."""
+def start_worker(hardware: str, env: dict | None = None, trust_pickle: bool = False, **popen) -> subprocess.Popen:
+    """`prefect worker start` on the hardware's pool (deployment registered first). `trust_pickle`: its flow runs
+    load fetched artifacts that need pickle (refused otherwise)."""
     register(hardware)
     cmd = [str(Path(sys.executable).parent / "prefect"), "worker", "start", "--pool", pool_name(hardware), "--type",
            "process", "--name", f"deployfit-{hardware}-{socket.gethostname()}"]
-    return subprocess.Popen(cmd, env={**os.environ, **(env or {})}, **popen)
+    return subprocess.Popen(cmd, env={**os.environ, **(env or {}), TRUST_ENV: "1" if trust_pickle else "0"}, **popen)
 
 
 async def _online_workers(hardware: str) -> list[str]:

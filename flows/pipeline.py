@@ -146,7 +146,8 @@ def _plan_steps(model: ModelInput, data: Optional[str], hardware: str, requireme
     table = analyze_task(model)
     sens = sensitivity_task(model, data, quote(table)) if data else None
     shape = ",".join(map(str, table.input_shape))
-    students = {s: analyze_task(ModelInput(spec=s, input_shape=shape)) for s in search.students}
+    students = {s: analyze_task(ModelInput(spec=s, input_shape=shape, trust_pickle=model.trust_pickle))
+                for s in search.students}
     # quote(): large payloads pass through as they are (Prefect would walk them looking for futures)
     rep = search_task(model, quote(table), profile or hardware, requirements, search, data=data, sens=quote(sens),
                       student_tables=quote(students), top_k=top_k, anchor=anchor)

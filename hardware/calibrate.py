@@ -1015,33 +1015,108 @@ def collect_samples(quick: bool = False, progress: Progress = lambda m: None, in
                    pace_readings=list(pace.readings), retimed=retimed)
 
 
-def save_samples(samples: Samples, path: str | Path) -> None:
-    """Keep a calibration's samples (a pickle: load only files you wrote)."""
-    import pickle
+SAMPLES_FORMAT = "deployfit-calibration-samples/1"
 
+
+def _sample_classes() -> dict[str, type]:
+    """The dataclasses a samples file may hold: nothing else is ever built from one."""
+    from estimators.pruning import PruneGroup
+    from estimators.table import State
+
+    return {c.__name__: c for c in (Samples, NetSample, Int8Sample, ElementSample, LayerTable, State, PrunePlan,
+                                    PruneGroup)}
+
+
+def _encode(v, arrays: dict[str, np.ndarray], seen: dict[int, str], classes: dict[str, type]):
+    """`v` as JSON, its arrays moved to `arrays` (an array shared by several samples stored once). Every
+    container is tagged so that it comes back as the type it was: {"dataclass": NAME, "fields": {...}},
+    {"array": KEY, "scalar": BOOL}, {"tuple": [...]}, {"dict": [[key, value], ...]}; lists and scalars as
+    they are (a subclass of str, int, float or tuple, such as torch.__version__, comes back as its base type)."""
+    if dataclasses.is_dataclass(v) and not isinstance(v, type):
+        name = type(v).__name__
+        if classes.get(name) is not type(v):
+            raise TypeError(f"calibration samples cannot hold a {name}")
+        return {"dataclass": name, "fields": {f.name: _encode(getattr(v, f.name), arrays, seen, classes)
+                                              for f in dataclasses.fields(v)}}
+    if isinstance(v, (np.ndarray, np.generic)):
+        a = np.asarray(v)
+        if a.dtype.hasobject:
+            raise TypeError("calibration samples cannot hold an array of Python objects")
+        key = seen.get(id(v))
+        if key is None:
+            key = seen[id(v)] = f"a{len(arrays)}"
+            arrays[key] = a
+        return {"array": key, "scalar": isinstance(v, np.generic)}
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
+    if isinstance(v, tuple):
+        return {"tuple": [_encode(x, arrays, seen, classes) for x in v]}
+    if isinstance(v, list):
+        return [_encode(x, arrays, seen, classes) for x in v]
+    if isinstance(v, dict):
+        return {"dict": [[_encode(k, arrays, seen, classes), _encode(x, arrays, seen, classes)] for k, x in v.items()]}
+    raise TypeError(f"calibration samples cannot hold a {type(v).__name__}")
+
+
+def _decode(v, arrays, classes: dict[str, type]):
+    """The inverse of `_encode`: only the `classes`, arrays, tuples, dicts, lists and JSON scalars are built."""
+    if isinstance(v, list):
+        return [_decode(x, arrays, classes) for x in v]
+    if not isinstance(v, dict):
+        return v
+    if "dataclass" in v:
+        cls = classes.get(v["dataclass"])
+        if cls is None:
+            raise ValueError(f"unknown class {v['dataclass']!r}")
+        return cls(**{k: _decode(x, arrays, classes) for k, x in v["fields"].items()})
+    if "array" in v:
+        a = arrays[v["array"]]
+        return a[()] if v["scalar"] else a
+    if "tuple" in v:
+        return tuple(_decode(x, arrays, classes) for x in v["tuple"])
+    if "dict" in v:
+        return {_decode(k, arrays, classes): _decode(x, arrays, classes) for k, x in v["dict"]}
+    raise ValueError(f"unknown entry with keys {sorted(v)}")
+
+
+def save_samples(samples: Samples, path: str | Path) -> None:
+    """Keep a calibration's samples: an npz of their arrays and one JSON entry describing the rest (data only;
+    load_samples reads it without unpickling)."""
+    import json
+
+    arrays: dict[str, np.ndarray] = {}
+    meta = {"format": SAMPLES_FORMAT, "samples": _encode(samples, arrays, {}, _sample_classes())}
+    arrays["samples.json"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "wb") as f:
-        pickle.dump(samples, f, protocol=pickle.HIGHEST_PROTOCOL)
+    with open(path, "wb") as f:  # a file object: numpy appends no .npz to the user's name
+        np.savez_compressed(f, **arrays)
 
 
 def load_samples(path: str | Path) -> Samples:
-    import pickle
+    """A calibration's samples kept by save_samples. A file in the pickle format samples were once kept in is
+    refused, never unpickled (it could run any code); anything else that is not samples is a ValueError."""
+    import json
+    import zipfile
 
     try:
         with open(path, "rb") as f:
-            out = pickle.load(f)
-    except (OSError, pickle.UnpicklingError, EOFError, AttributeError) as e:
+            head = f.read(4)
+    except OSError as e:
         raise ValueError(f"{path}: not a calibration's samples ({e})") from e
+    if head[:1] == b"\x80":
+        raise ValueError(f"{path}: calibration samples in the old pickle format, which is not loaded (unpickling can "
+                         "run any code); calibrate again with --keep-samples to keep them in the current format")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+        meta = json.loads(arrays.pop("samples.json").tobytes().decode())
+        if meta.get("format") != SAMPLES_FORMAT:
+            raise ValueError(f"format {meta.get('format')!r}, expected {SAMPLES_FORMAT!r}")
+        out = _decode(meta["samples"], arrays, _sample_classes())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, zipfile.BadZipFile) as e:
+        raise ValueError(f"{path}: not a calibration's samples ({type(e).__name__}: {e})") from e
     if not isinstance(out, Samples):
         raise ValueError(f"{path}: not a calibration's samples (a {type(out).__name__})")
-    if "peak_runs" not in vars(out) or not out.peak_runs:  # saved before the peaks' state was kept
-        out.peak_runs = [(tuple(out.peaks), dominant_state(out.readings) or 0.0)]
-    if "isa" not in vars(out):
-        out.isa = ""
-    if "pace_readings" not in vars(out):  # kept before the pace network was read
-        out.pace_readings = []
-    if "retimed" not in vars(out):  # kept before networks were timed again
-        out.retimed = []
     return out
 
 

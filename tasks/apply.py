@@ -102,13 +102,15 @@ def predict_host_latency(loaded: LoadedModel, table, est, hardware: str, batch_s
     return prof, anchor, out
 
 
-def saved_latency(model_path: str, strategy: dict[str, Any], input_shape: list[int], batch_size: int) -> dict[str, Any]:
+def saved_latency(model_path: str, strategy: dict[str, Any], input_shape: list[int], batch_size: int,
+                  trust_pickle: bool = False) -> dict[str, Any]:
     """Latency of a saved artifact, loaded from `model_path`, on the seeded example input at `batch_size`, in the
-    form that runs it fast (a device worker measures what it fetched with this)."""
+    form that runs it fast (a device worker measures what it fetched with this). An artifact that needs pickle is
+    refused unless `trust_pickle`."""
     from estimators.modelspec import seeded_input
     from hardware.measure import measure_latency
 
-    fn = fast_form(load_program(model_path), _is_int8(strategy))
+    fn = fast_form(load_program(model_path, trust_pickle), _is_int8(strategy))
     return measure_latency(fn, seeded_input(input_shape, batch_size), warmup=3, min_runs=10, budget_s=3.0)
 
 
@@ -135,7 +137,7 @@ def measure_saved_latency(result: dict[str, Any], loaded: LoadedModel, anchor_on
     out = {**result, "pred": {"latency_ms": predicted, **result["pred"]}, **extra}
     out["notes"] = [n for n in result.get("notes", []) if not n.startswith("latency to be predicted")] \
         + ([extra["hardware"]["warning"]] if extra["hardware"].get("warning") else [])
-    fn = fast_form(load_program(result["artifact"]["model"]), _is_int8(result["strategy"]))
+    fn = fast_form(load_program(result["artifact"]["model"], loaded.trust_pickle), _is_int8(result["strategy"]))
     return record_latency(out, measure_candidate(fn, loaded, result["batch_size"], anchor, original), anchor)
 
 
@@ -186,7 +188,7 @@ def apply_and_measure(loaded: LoadedModel, strategy: Strategy, out_dir: str, har
         progress(f"re-estimated with {', '.join(work.quant.float_layers)} in float")
     paths = save_artifact(work, strategy, out_dir)
     progress(f"saved {paths['model']}; measuring")
-    ep = load_program(paths["model"])  # measure what was saved, as a user would load it
+    ep = load_program(paths["model"], loaded.trust_pickle)  # measure what was saved, as a user would load it
     meas, notes = measure_work(work, ep, paths["model"])
     if data is not None:
         meas["accuracy"] = round(artifact_accuracy(ep, data), 4)

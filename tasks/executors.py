@@ -104,7 +104,7 @@ def execute_distill(work: Work, step: DistillStep) -> Work:
         work.log.append(f"student: the teacher at width {step.width:g}, re-initialised")
         return _train_student(work, f"distill to width {step.width:g}")
     shape = ",".join(map(str, work.loaded.input_shape))
-    student = load_model(step.student, input_shape=shape)
+    student = load_model(step.student, input_shape=shape, trust_pickle=work.loaded.trust_pickle)
     work.loaded = student
     work.model = copy.deepcopy(student.model)
     work.table = analyze(student)

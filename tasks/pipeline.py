@@ -45,12 +45,14 @@ EXECUTOR_CODE = _code_version("estimators", "hardware", "tasks")
 
 class ModelInput(BaseModel):
     """Which model: a model spec (torchvision:NAME, demo:NAME, package.module:factory or a .pt2 path), optional
-    state_dict weights and input shape."""
+    state_dict weights and input shape, and whether a .pt2 that needs pickle may be loaded (it and its students)."""
 
     model_config = ConfigDict(extra="forbid")
     spec: str = Field(default="demo:digits-cnn", description="model spec")
     weights: Optional[str] = Field(default=None, description="state_dict file (loaded with weights_only=True)")
     input_shape: Optional[str] = Field(default=None, description="e.g. 1,3,224,224 (default: the model's own)")
+    trust_pickle: bool = Field(default=False, description="load a .pt2 that needs pickle (it can run any code): "
+                               "only for a file whose source you trust")
 
     def fingerprint(self) -> str:
         """Spec, input shape and the weights' content hash: what the analysis and sensitivity depend on."""
@@ -67,7 +69,7 @@ class ModelInput(BaseModel):
     def load(self):
         from estimators.modelspec import load_model
 
-        return load_model(self.spec, weights=self.weights, input_shape=self.input_shape)
+        return load_model(self.spec, weights=self.weights, input_shape=self.input_shape, trust_pickle=self.trust_pickle)
 
 
 class ParallelOptions(BaseModel):

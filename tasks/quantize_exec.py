@@ -11,10 +11,11 @@ Public API
 ``stored_tensor_bytes(ep) -> int``
     Bytes of every tensor the program stores (``ep.state_dict`` + ``ep.constants``),
     deduplicated by storage.
-``load_program(path)``
+``load_program(path, trust_pickle=False)``
     ``torch.export.load`` after importing ``torch.ao.quantization.fx._decomposed``; REQUIRED for
     ``int8`` programs in a fresh process (the Q/DQ ops live in the ``quantized_decomposed``
-    library, which plain ``import torch`` does not register).
+    library, which plain ``import torch`` does not register). An archive that needs pickle is
+    refused unless ``trust_pickle`` (``estimators.pt2.load_pt2``).
 ``compile_for_inference(ep)``
     ``torch._inductor.config.freezing = True`` then ``torch.compile(ep.module())``.
 
@@ -572,17 +573,18 @@ def quantize(
     return _quantize_half(model, example_input, dtype)
 
 
-def load_program(path) -> torch.export.ExportedProgram:
-    """``torch.export.load`` that first registers the ``quantized_decomposed`` ops.
+def load_program(path, trust_pickle: bool = False) -> torch.export.ExportedProgram:
+    """``torch.export.load`` that first registers the ``quantized_decomposed`` ops and refuses
+    an archive that needs pickle unless ``trust_pickle`` (``estimators.pt2.load_pt2``).
 
     An ``int8`` program contains ``torch.ops.quantized_decomposed.(de)quantize_per_*`` nodes;
     in a fresh process plain ``torch.export.load`` fails ("failed to resolve
     torch.ops.quantized_decomposed.dequantize_per_channel.default") unless
     ``torch.ao.quantization.fx._decomposed`` has been imported.
     """
-    import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers the op library)
+    from estimators.pt2 import load_pt2
 
-    return torch.export.load(path)
+    return load_pt2(path, trust_pickle)
 
 
 def compile_for_inference(ep: torch.export.ExportedProgram, dynamic: bool | None = False):

@@ -20,7 +20,7 @@ from hardware.profile import load_profile, save_profile
 
 def test_quick_calibration_writes_loadable_profile(tmp_path):
     messages = []
-    prof = calibrate_host(quick=True, int8=False, budget_s=6.0, progress=messages.append, keep=tmp_path / "s.pkl")
+    prof = calibrate_host(quick=True, int8=False, budget_s=6.0, progress=messages.append, keep=tmp_path / "s.npz")
     path = tmp_path / "host.yaml"
     save_profile(prof, path)
     again = load_profile(str(path))
@@ -43,7 +43,7 @@ def test_quick_calibration_writes_loadable_profile(tmp_path):
     p8 = predict_latency(table, again, 8).latency_ms
     assert 0 < p1 < p8
     # the samples were kept: fitted again they give the same profile; pooled with themselves, twice the samples
-    kept = load_samples(tmp_path / "s.pkl")
+    kept = load_samples(tmp_path / "s.npz")
     assert kept.runs == 1 and kept.seed_offset == 0
     # every network kept was fitted but those timed while the pace ran over PACE_BAND away (a stall of the VM)
     assert len(kept.nets[1]) - fit["pace.dropped"] <= fit["fp32.b1.networks"] <= len(kept.nets[1])
@@ -88,7 +88,7 @@ def test_quick_calibration_writes_loadable_profile(tmp_path):
     other_cpu = again.model_copy(update={"provenance": again.provenance.model_copy(update={"isa": "amx_int8"})})
     assert "amx_int8" in foreign_note(other_cpu) and "--hardware host" in foreign_note(other_cpu)
     with pytest.raises(ValueError, match="not a calibration's samples"):
-        (tmp_path / "bad.pkl").write_bytes(b"not a pickle")
+        (tmp_path / "bad.pkl").write_bytes(b"not samples")
         load_samples(tmp_path / "bad.pkl")
 
 
