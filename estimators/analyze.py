@@ -7,7 +7,7 @@ import time
 import torch
 
 from .modelspec import LoadedModel
-from .pruning import PrunePlan, finish_plan, plan_pruning
+from .pruning import PrunePlan, failing_roots, finish_plan, plan_pruning
 from .table import LayerTable, build_table
 from .trace import Trace, trace_model
 
@@ -35,6 +35,20 @@ def find_classifier(tr: Trace) -> list[str]:
     return found
 
 
+def _trial_prune(loaded: LoadedModel, example, classifier: list[str], plan: PrunePlan,
+                 unfollowed: dict[int, str]) -> None:
+    """Groups torch-pruning builds but cannot prune (pruning.failing_roots) join the groups the estimator does
+    not follow: estimate leaves them unpruned and names why, and apply ignores them alike. Where the model
+    cannot be pruned at all, every group is."""
+    ignored = classifier + [plan.group_root[g] for g in unfollowed]
+    failed = failing_roots(loaded.model, example, ignored)
+    for gi, root in plan.group_root.items():
+        if root in failed:
+            unfollowed.setdefault(gi, failed[root])
+        elif "*" in failed:
+            unfollowed.setdefault(gi, failed["*"])
+
+
 def analyze(loaded: LoadedModel, use_cache: bool = True) -> LayerTable:
     key = loaded.cache_key
     if use_cache and key in _CACHE:
@@ -50,6 +64,8 @@ def analyze(loaded: LoadedModel, use_cache: bool = True) -> LayerTable:
     else:
         plan, pruner = plan_pruning(loaded.model, example, classifier)
     table, unfollowed = build_table(loaded.spec, loaded.input_shape, tr, plan)
+    if pruner is not None:
+        _trial_prune(loaded, example, classifier, plan, unfollowed)
     finish_plan(plan, pruner, unfollowed)
     table.notes.append(f"analysed in {time.perf_counter() - t0:.2f} s")
     _CACHE[key] = table

@@ -79,6 +79,24 @@ def _image_transform(sample_shape: tuple[int, ...] | None):
     return transforms.Compose(steps)
 
 
+def _check_images(paths: list[str], root: str) -> None:
+    """Every image file opens (its header read, as PIL reads it first): an unreadable one is named now, not met
+    as a traceback in the middle of training."""
+    from PIL import Image
+
+    bad = []
+    for p in paths:
+        try:
+            with Image.open(p):
+                pass
+        except Exception as exc:  # noqa: BLE001 - PIL raises several kinds for a file that is not an image
+            bad.append((p, exc))
+    if bad:
+        p, exc = bad[0]
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise _bad(f"imagefolder: {root}: cannot read image {p}{more}: {type(exc).__name__}: {exc}")
+
+
 def _imagefolder(path: str, batch_size: int, sample_shape) -> LoadedData:
     from torchvision.datasets import ImageFolder
 
@@ -98,6 +116,7 @@ def _imagefolder(path: str, batch_size: int, sample_shape) -> LoadedData:
             raise _bad(f"imagefolder: {d}: {exc}") from None
     if parts["train"].classes != parts["val"].classes:
         raise _bad(f"imagefolder: {path}/train and {path}/val have different classes")
+    _check_images([p for split in parts.values() for p, _ in split.samples], path)
     x0, _ = parts["val"][0]
     g = torch.Generator().manual_seed(SEED)
     return LoadedData(f"imagefolder:{path}", DataLoader(parts["train"], batch_size=batch_size, shuffle=True, generator=g),
@@ -132,12 +151,19 @@ def _function(spec: str) -> LoadedData:
     fn = getattr(mod, fn_name, None)
     if not callable(fn):
         raise _bad(f"{mod_name} has no callable {fn_name!r}")
-    got = fn()
+    try:
+        got = fn()
+    except Exception as exc:  # noqa: BLE001 - the user's data function failed: said in one line
+        raise _bad(f"data function {spec} failed: {type(exc).__name__}: {exc}") from None
     if not (isinstance(got, (tuple, list)) and len(got) == 2):
         raise _bad(f"{spec} must return (train_loader, val_loader), got {type(got).__name__}")
     train, val = got
     labels, n_val, shape = [], 0, None
-    for batch in val:
+    try:
+        batches = list(val)
+    except Exception as exc:  # noqa: BLE001
+        raise _bad(f"data function {spec}: its validation loader failed: {type(exc).__name__}: {exc}") from None
+    for batch in batches:
         if not (isinstance(batch, (tuple, list)) and len(batch) >= 2 and isinstance(batch[0], torch.Tensor)):
             raise _bad(f"{spec}: the loaders must yield (inputs, labels) batches of tensors")
         x, y = batch[0], torch.as_tensor(batch[1])

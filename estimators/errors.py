@@ -13,9 +13,13 @@ def read_yaml_mapping(path, what: str, empty_ok: bool = False) -> dict:
     import yaml
 
     try:
-        data = yaml.safe_load(Path(path).read_text())
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         raise UserInputError(f"{what} is not valid YAML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise UserInputError(f"{what} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:
+        raise UserInputError(f"cannot read {what}: {exc.strerror or exc}") from None
     if data is None and empty_ok:
         return {}
     if not isinstance(data, dict):

@@ -12,6 +12,7 @@ parameter) are left unpruned, and the executor is told to ignore them the same w
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import os
 import signal
@@ -157,6 +158,55 @@ def plan_pruning(model: nn.Module, example: torch.Tensor, classifier: list[str])
             elif DG.is_in_channel_pruning_fn(dep.handler):
                 plan.module_in.setdefault(n, []).append((gi, len(idxs)))
     return plan, pruner
+
+
+TRIAL_RATIO = 0.5  # the trial step prunes every group by half: enough to touch every index mapping
+TRIAL_ROUNDS = 4  # trial steps, each on a fresh copy ignoring the roots the previous ones failed on
+
+
+def failing_roots(model: nn.Module, example: torch.Tensor, ignored: list[str]) -> dict[str, str]:
+    """Roots of the groups torch-pruning's own step fails on, each with the error: some patterns (a grouped
+    convolution after a concatenation) build a dependency graph but crash when pruned. A copy of `model` is
+    pruned group by group as `pruner.step()` would (TRIAL_RATIO, `ignored` left alone) and run; the failing
+    groups' roots are ignored and the trial repeats on a fresh copy until a step prunes cleanly and the
+    pruned copy runs. `{"*": reason}` where that does not happen within TRIAL_ROUNDS steps."""
+    failed: dict[str, str] = {}
+    try:
+        with time_budget(GRAPH_BUDGET_S):
+            return _trial_steps(model, example, ignored, failed)
+    except _Budget:
+        log.warning("the trial pruning step did not finish within %g s: groups it did not reach are assumed "
+                    "prunable", GRAPH_BUDGET_S)
+        return failed
+
+
+def _trial_steps(model: nn.Module, example: torch.Tensor, ignored: list[str], failed: dict[str, str]
+                 ) -> dict[str, str]:
+    for _ in range(TRIAL_ROUNDS):
+        trial = copy.deepcopy(model)
+        names = _names(trial)
+        new: dict[str, str] = {}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pruner = build_pruner(trial, example, ignored + list(failed), ratio=TRIAL_RATIO)
+            for group in pruner.step(interactive=True):
+                root = names.get(id(group[0][0].target.module), "?")
+                try:
+                    with torch.no_grad():
+                        group.prune()
+                except Exception as exc:  # noqa: BLE001 - torch-pruning's own failure is what is recorded
+                    first = (str(exc).strip().splitlines() or [""])[0][:200]
+                    new[root] = f"torch-pruning fails to prune this group ({type(exc).__name__}: {first})"
+        if not new:
+            try:
+                with torch.no_grad():
+                    trial(example)
+                return failed
+            except Exception as exc:  # noqa: BLE001
+                return {**failed, "*": f"the model pruned by torch-pruning no longer runs ({type(exc).__name__}: "
+                                       f"{(str(exc).strip().splitlines() or [''])[0][:200]})"}
+        failed.update(new)
+    return {**failed, "*": f"torch-pruning still fails after ignoring {len(failed)} groups"}
 
 
 def finish_plan(plan: PrunePlan, pruner, unfollowed: dict[int, str]) -> PrunePlan:

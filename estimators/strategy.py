@@ -200,3 +200,28 @@ def parse_strategy(text: "str | dict | Strategy | None") -> Strategy:
             loc = ".".join(str(x) for x in e["loc"] if not isinstance(x, int) or True)
             msgs.append(f"{loc}: {e['msg']}")
         raise UserInputError(f"bad strategy: {'; '.join(msgs)}; {STRATEGY_FORMS}") from None
+
+
+def check_executable(strategy: Strategy, has_data: bool, modules: "set[str] | None" = None) -> None:
+    """Refuse (UserInputError) what apply cannot execute, before any work: estimate, apply and the flows all
+    check here, so a strategy is never predicted that apply would refuse. At most one quantize step, and it
+    last (torch-pruning and distillation work on float models); accuracy-aware autotune (tolerable_loss) needs
+    data to measure accuracy on; per-layer ratios name modules of the model (`modules`, when given) unless a
+    distillation step before them changes the model."""
+    q = [i for i, s in enumerate(strategy.steps) if s.method == "quantize"]
+    if len(q) > 1:
+        raise UserInputError("at most one quantize step can be executed")
+    if q and q[0] != len(strategy.steps) - 1:
+        raise UserInputError("quantize must be the last step to execute: torch-pruning and distillation work on "
+                             "float models")
+    if not has_data and any(s.method == "quantize" and s.tolerable_loss is not None for s in strategy.steps):
+        raise UserInputError("tolerable_loss (accuracy-aware autotune) needs --data to measure accuracy on")
+    if modules is None:
+        return
+    for step in strategy.steps:
+        if step.method == "distill":
+            return
+        if step.method == "prune" and step.layers:
+            missing = [n for n in step.layers if n not in modules]
+            if missing:
+                raise UserInputError(f"per-layer ratios name modules the model lacks: {', '.join(missing)}")

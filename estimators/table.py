@@ -100,6 +100,17 @@ def _comp_key(segs: dict[int, int]) -> tuple:
     return tuple(sorted((g, m) for g, m in segs.items() if m))
 
 
+def _stored(cost: "R.Cost", tensors: list) -> "R.Cost":
+    """`cost` plus what `tensors` (parameters or buffers a row keeps) store: float parameters as params, float
+    buffers as buffers, anything else as fixed bytes."""
+    for p in tensors:
+        if p.is_floating_point():
+            cost.add("params" if p.requires_grad or type(p).__name__ == "Parameter" else "buffers", p.numel())
+        else:
+            cost.add("fixed_bytes", p.numel() * p.element_size())
+    return cost
+
+
 def build_table(model_spec: str, input_shape: tuple[int, ...], tr: Trace, plan: PrunePlan) -> tuple["LayerTable", dict[int, str]]:
     """Assemble the table, propagating channel compositions; returns it with the groups it cannot follow."""
     rows = tr.rows
@@ -218,7 +229,8 @@ def build_table(model_spec: str, input_shape: tuple[int, ...], tr: Trace, plan: 
 
     # ---- arrays
     names = [r.name for r in rows]
-    cost_rows = [r.cost if r.cost is not None else R.Cost("unsupported", 0, 0) for r in rows]
+    # an unsupported row's compute is unknown, but what it stores is not: its parameters count in params and size
+    cost_rows = [r.cost if r.cost is not None else _stored(R.Cost("unsupported", 0, 0), r.stored) for r in rows]
     cin0 = np.array([c.cin for c in cost_rows], dtype=np.int64)
     cout0 = np.array([c.cout for c in cost_rows], dtype=np.int64)
     tr_, tq, tn, td, ta, tb = [], [], [], [], [], []
@@ -228,11 +240,7 @@ def build_table(model_spec: str, input_shape: tuple[int, ...], tr: Trace, plan: 
     # unowned parameters/buffers are stored too: one row each
     extra_names, extra_costs = [], []
     for pname, p in tr.unowned:
-        c = R.Cost("param", 0, 0)
-        if p.is_floating_point():
-            c.add("params" if p.requires_grad or type(p).__name__ == "Parameter" else "buffers", p.numel())
-        else:
-            c.add("fixed_bytes", p.numel() * p.element_size())
+        c = _stored(R.Cost("param", 0, 0), [p])
         extra_names.append(f"param:{pname}")
         extra_costs.append(c)
     for j, c in enumerate(extra_costs):
@@ -287,7 +295,10 @@ def build_table(model_spec: str, input_shape: tuple[int, ...], tr: Trace, plan: 
         if r.cost is None:
             unsupported.append({"layer": r.name, "op": r.op,
                                 "input_shapes": [list(T[t].shape) for t in r.inputs],
-                                "output_shapes": [list(T[t].shape) for t in r.outputs]})
+                                "output_shapes": [list(T[t].shape) for t in r.outputs],
+                                "stored_elements": int(sum(p.numel() for p in r.stored)),
+                                "note": "its parameters count in params and size; its compute and memory traffic "
+                                        "are not estimated"})
     ntot = n + len(extra_names)
     ng = max(plan.n_dg_groups, 1)
     gchan = np.array([plan.group_channels.get(g, 0) for g in range(ng)], dtype=np.int64)

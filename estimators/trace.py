@@ -53,6 +53,7 @@ class RawRow:
     args: tuple = ()
     kwargs: dict = field(default_factory=dict)
     owned: list[str] = field(default_factory=list)  # names of parameters/buffers this row stores
+    stored: list = field(default_factory=list)  # an unsupported row's parameters/buffers (still counted as stored)
 
 
 @dataclass
@@ -194,7 +195,8 @@ class _Tracer(TorchFunctionMode):
         scope = self.name_stack[-1]
         base = f"{scope}:{fname}" if scope else fname
         self.rows.append(RawRow(self._row_name(base), fname, False, scope, cost, rule, acts, out_ids,
-                                args=_light(args), kwargs=_light(kwargs), owned=owned))
+                                args=_light(args), kwargs=_light(kwargs), owned=owned,
+                                stored=fresh_params if cost is None else []))
         return out
 
 

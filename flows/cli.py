@@ -45,8 +45,23 @@ def _quiet() -> None:
 
 
 def _emit(obj: dict[str, Any]) -> None:
-    sys.stdout.write(json.dumps(obj, default=_json_default) + "\n")
+    """One JSON object on stdout, strict: a value that is not a finite number (NaN, inf) is null."""
+    sys.stdout.write(json.dumps(_finite(obj), default=_json_default, allow_nan=False) + "\n")
     sys.stdout.flush()
+
+
+def _finite(o: Any) -> Any:
+    import math
+
+    import numpy as np
+
+    if isinstance(o, dict):
+        return {k: _finite(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_finite(v) for v in o]
+    if isinstance(o, (float, np.floating)):
+        return float(o) if math.isfinite(o) else None
+    return o
 
 
 def _json_default(o: Any):
@@ -212,10 +227,11 @@ def estimate(model: ModelArg, strategy: StrategyOpt = "none", weights: WeightsOp
         from estimators.accuracy import predict_drop, proxy_report
         from estimators.analyze import analyze as run_analysis
         from estimators.report import estimate_report
-        from estimators.strategy import parse_strategy
+        from estimators.strategy import check_executable, parse_strategy
 
         strat = parse_strategy(strategy)
         loaded = _load(model, weights, input_shape, trust_pickle)
+        check_executable(strat, bool(data), {n for n, _ in loaded.model.named_modules()})
         table = run_analysis(loaded)
         rep = _with_latency(estimate_report(loaded, table, strat), loaded, table, strat, hardware, batch_size, anchor)
         if data:
@@ -414,12 +430,13 @@ def run_cmd(model: ModelArg, hardware: HardwareReq = "host", weights: WeightsOpt
     heartbeats unless PREFECT_FLOWS_HEARTBEAT_FREQUENCY is set."""
 
     def body():
-        from flows.pipeline import run_flow, terminal_run
-        from tasks.pipeline import ModelInput, ParallelOptions, SearchOptions
-
         req = _requirements(requirements, max_latency_ms=max_latency_ms, max_size_mb=max_size_mb, max_params=max_params,
                             max_macs=max_macs, max_memory_mb=max_memory_mb, max_accuracy_drop=max_accuracy_drop,
                             min_accuracy=min_accuracy, batch_size=batch_size)
+        _preflight(model, weights, input_shape, trust_pickle, hardware, data, out_dir)
+        from flows.pipeline import run_flow, terminal_run
+        from tasks.pipeline import ModelInput, ParallelOptions, SearchOptions
+
         names = [x.strip() for x in (students or "").split(",") if x.strip()]
         opts = SearchOptions(grid_step=grid_step, nsga_evals=nsga_evals, seed=seed, students=names,
                              finetune_epochs=finetune_epochs)
@@ -446,6 +463,25 @@ def run_cmd(model: ModelArg, hardware: HardwareReq = "host", weights: WeightsOpt
         _print_run(rep)
     if rep.get("infeasible"):
         raise typer.Exit(3)
+
+
+def _preflight(model: str, weights: Optional[str], input_shape: Optional[str], trust_pickle: bool, hardware: str,
+               data: Optional[str], out_dir: str) -> None:
+    """What a flow run would only find inside the flow (with Prefect's tracebacks, seconds later), checked here
+    first: the model loads, the hardware profile exists (host is calibrated inside the flow when missing), the
+    data loads and fits the model, the output folder can be written."""
+    from tasks.executors import check_out_dir
+
+    loaded = _load(model, weights, input_shape, trust_pickle)
+    if hardware != "host":
+        from hardware.profile import load_profile
+
+        load_profile(hardware)
+    if data:
+        from estimators.data import load_data_for
+
+        load_data_for(data, loaded)
+    check_out_dir(out_dir)
 
 
 def _print_run(rep: dict[str, Any]) -> None:
@@ -500,7 +536,22 @@ def ui(prefect_port: Annotated[int, typer.Option("--prefect-port")] = 4200,
     both URLs, and run until interrupted."""
     from flows.deployments import start_uis
 
-    start_uis(prefect_port, mlflow_port, say=lambda m: console.print(m, highlight=False))
+    _terminate_as_interrupt()
+    try:
+        start_uis(prefect_port, mlflow_port, say=lambda m: console.print(m, highlight=False))
+    except UserInputError as exc:
+        _fail(str(exc), False)
+
+
+def _terminate_as_interrupt() -> None:
+    """SIGTERM (a service manager's stop, `kill`) ends a long-running command as Ctrl-C does: its servers are
+    stopped on the way out, not left running."""
+    import signal
+
+    def _raise(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _raise)
 
 
 @app.command()
@@ -513,6 +564,7 @@ def worker(hardware: HardwareReq,
     the shared servers); runs until interrupted."""
     from flows.device import start_worker
 
+    _terminate_as_interrupt()
     p = start_worker(hardware, trust_pickle=trust_pickle)
     console.print(f"worker on pool deployfit-{hardware}; Ctrl-C stops it", highlight=False)
     try:
@@ -538,6 +590,7 @@ def stores_up(folder: Annotated[str, typer.Option("--dir", help="cluster, logs a
 
     from flows.stores import up
 
+    _terminate_as_interrupt()
     try:
         st = up(folder, pg_port, prefect_port, mlflow_port, say=lambda m: console.print(m, highlight=False))
     except UserInputError as exc:
@@ -670,12 +723,29 @@ def calibrate(
         console.print(f"wrote {rep['profile']} in {rep['provenance']['fit']['seconds']} s")
 
 
-def main() -> None:
+def main(argv: Optional[list[str]] = None) -> None:
+    """The `deployfit` command. Every bad input ends alike, the argument parser's included: exit code 2, one
+    line on stderr and, under --json, {"error": ...} on stdout."""
+    from typer.exceptions import Abort, TyperException
+
+    args = sys.argv[1:] if argv is None else list(argv)
     try:
-        app()
+        rc = app(args=args, prog_name="deployfit", standalone_mode=False)
     except KeyboardInterrupt:
         err_console.print("interrupted")
         sys.exit(130)
+    except Abort:
+        err_console.print("interrupted")
+        sys.exit(130)
+    except TyperException as exc:  # the argument parser's (typer's own click) errors
+        msg = " ".join(exc.format_message().split())
+        ctx = getattr(exc, "ctx", None)
+        hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+        err_console.print(f"[bold red]error:[/] {msg}{hint}", highlight=False)
+        if "--json" in args:
+            _emit({"error": msg})
+        sys.exit(2)
+    sys.exit(rc if isinstance(rc, int) else 0)
 
 
 if __name__ == "__main__":

@@ -77,6 +77,20 @@ def _wait(url: str, timeout: float) -> bool:
     return False
 
 
+def port_free(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether a server could listen on host:port now (a socket in TIME_WAIT does not count as taken, as for the
+    servers themselves, which reuse addresses)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
 def start_uis(prefect_port: int = 4200, mlflow_port: int = 5000, say: Callable[[str], None] = print,
               block: bool = True) -> list[subprocess.Popen]:
     """A Prefect server (the database under PREFECT_HOME the ephemeral runs use) and an MLflow server (the
@@ -84,6 +98,10 @@ def start_uis(prefect_port: int = 4200, mlflow_port: int = 5000, say: Callable[[
     uri = tracking.tracking_uri()
     if uri.startswith("http"):
         raise UserInputError(f"MLFLOW_TRACKING_URI is a server ({uri}): open it directly")
+    for what, port, flag in (("Prefect", prefect_port, "--prefect-port"), ("MLflow", mlflow_port, "--mlflow-port")):
+        if not port_free(port):
+            raise UserInputError(f"port {port} on 127.0.0.1 is taken (another server listens there): give the "
+                                 f"{what} server another with {flag}")
     bindir = Path(sys.executable).parent
     prefect_bin = shutil.which("prefect", path=str(bindir)) or "prefect"
     mlflow_bin = shutil.which("mlflow", path=str(bindir)) or "mlflow"

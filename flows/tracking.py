@@ -138,13 +138,30 @@ def _client(uri: str):
     from mlflow.tracking import MlflowClient
 
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # stdout carries --json's one object
-    return MlflowClient(tracking_uri=uri)
+    if not uri.startswith("sqlite:///"):
+        return MlflowClient(tracking_uri=uri)
+    # a client of a new (or older) SQLite store creates or migrates its schema as it is built; two processes doing
+    # it at once collide and neither run is recorded: one process at a time, under a lock beside the file
+    from filelock import FileLock
+
+    db = Path(uri[len("sqlite:///"):])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{db}.lock", timeout=300):
+        return MlflowClient(tracking_uri=uri)
 
 
 def _experiment_id(client, uri: str, name: str) -> str:
     """The experiment `name`, created (artifacts placed by artifact_location) when missing."""
     exp = client.get_experiment_by_name(name)
-    return exp.experiment_id if exp else client.create_experiment(name, artifact_location=artifact_location(uri, name))
+    if exp:
+        return exp.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=artifact_location(uri, name))
+    except Exception:  # noqa: BLE001 - another run created it in between: use theirs
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
 
 
 class _Logger:

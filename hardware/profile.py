@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from estimators.errors import UserInputError, read_yaml_mapping
 
@@ -31,7 +31,7 @@ OpClass = Literal["conv", "dwconv", "gemm", "attention", "elementwise", "norm", 
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # NaN or inf in a profile: refused on load
 
 
 class SlowDtype(_Strict):
@@ -158,6 +158,16 @@ class Provenance(_Strict):
                                                "latency at pace p is latency x (pace_ms / p) ** this at the profile's "
                                                "pace (hardware.measure.at_pace; 1 where not measured)")
     fit: dict[str, float] = Field(default_factory=dict)
+
+    @field_validator("fit", mode="before")
+    @classmethod
+    def _finite_fit(cls, v):
+        """The fit's statistics: one that is not a finite number (a score over no samples) is left out."""
+        import math
+
+        if isinstance(v, dict):
+            return {k: x for k, x in v.items() if not (isinstance(x, float) and not math.isfinite(x))}
+        return v
 
 
 class HardwareProfile(_Strict):

@@ -20,7 +20,7 @@ LIMITS = {
 
 
 class Requirements(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # a NaN or infinite limit is no limit: refused
 
     max_latency_ms: Optional[float] = Field(default=None, gt=0)
     max_size_mb: Optional[float] = Field(default=None, gt=0)

@@ -16,7 +16,7 @@ from hardware.measure import (count_module, gemm_macs, measure_memory_access_byt
 
 from .anchoring import latency_context
 
-from .executors import Work, run_strategy, save_artifact
+from .executors import Work, check_out_dir, run_strategy, save_artifact
 from .quantize_exec import load_program
 
 
@@ -154,6 +154,7 @@ def apply_and_measure(loaded: LoadedModel, strategy: Strategy, out_dir: str, har
     """`latency_now=False`: predict the latency but leave measuring it to `measure_saved_latency` (a
     pipeline that builds candidates in parallel measures them one at a time afterwards). `anchor_on`: predict the
     latency anchored on the original measured here (tasks.anchoring), where the hardware is this machine."""
+    check_out_dir(out_dir)
     progress(f"analysing {loaded.spec}")
     table = analyze(loaded)
     est = estimate(table, strategy)
@@ -190,6 +191,10 @@ def apply_and_measure(loaded: LoadedModel, strategy: Strategy, out_dir: str, har
     progress(f"saved {paths['model']}; measuring")
     ep = load_program(paths["model"], loaded.trust_pickle)  # measure what was saved, as a user would load it
     meas, notes = measure_work(work, ep, paths["model"])
+    if est.unsupported:
+        notes.append(f"{len(est.unsupported)} operator(s) the estimators do not know "
+                     f"({', '.join(sorted({u['op'] for u in est.unsupported}))}): their parameters count in the "
+                     "predicted params and size, their compute and latency are not predicted")
     if data is not None:
         meas["accuracy"] = round(artifact_accuracy(ep, data), 4)
         meas["accuracy_drop"] = round(acc_before - meas["accuracy"], 4)
@@ -229,6 +234,7 @@ def apply_and_measure(loaded: LoadedModel, strategy: Strategy, out_dir: str, har
         "meas": meas,
         "err": rel_err(pred, meas),
         "unpruned": est.plan.unpruned if any(s.method in ("prune", "distill") for s in strategy.steps) else [],
+        "unsupported_ops": est.unsupported,
         "log": work.log,
         "notes": notes,
         "pred_before_tuning": pred_before_tuning,

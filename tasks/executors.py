@@ -25,7 +25,7 @@ from estimators.errors import UserInputError
 from estimators.modelspec import LoadedModel, load_model
 from estimators.plugins import Registry
 from estimators.pruning import build_pruner
-from estimators.strategy import DistillStep, PruneStep, QuantizeStep, Strategy
+from estimators.strategy import DistillStep, PruneStep, QuantizeStep, Strategy, check_executable
 from estimators.table import LayerTable
 
 log = logging.getLogger(__name__)
@@ -133,9 +133,7 @@ def execute_quantize(work: Work, step: QuantizeStep) -> Work:
         calib = [work.example(2)] + [torch.randn_like(work.example(2)) for _ in range(3)]
         source = "random inputs (no data given)"
     eval_fn = None
-    if step.tolerable_loss is not None:
-        if work.data is None:
-            raise UserInputError("tolerable_loss (accuracy-aware autotune) needs --data to measure accuracy on")
+    if step.tolerable_loss is not None:  # with data: run_strategy's check_executable
         from .train import accuracy
 
         def eval_fn(m):
@@ -152,14 +150,6 @@ def execute_quantize(work: Work, step: QuantizeStep) -> Work:
     return work
 
 
-def check_order(strategy: Strategy) -> None:
-    q = [i for i, s in enumerate(strategy.steps) if s.method == "quantize"]
-    if len(q) > 1:
-        raise UserInputError("at most one quantize step can be executed")
-    if q and q[0] != len(strategy.steps) - 1:
-        raise UserInputError("quantize must be the last step to execute: torch-pruning and distillation work on float models")
-
-
 def export_program(model: nn.Module, example: torch.Tensor):
     """torch.export with a dynamic batch dimension (example batch of 2)."""
     batch = torch.export.Dim("batch", min=1, max=1024)
@@ -172,7 +162,7 @@ def run_strategy(loaded: LoadedModel, strategy: Strategy, export: bool = True, d
                  progress: Callable[[str], None] = lambda m: None) -> Work:
     """Execute every step on a copy of the model; export the result unless told not to. With `data`, the
     steps that train (fine-tuning after pruning, distillation) train for `train_cfg.epochs`."""
-    check_order(strategy)
+    check_executable(strategy, data is not None, {n for n, _ in loaded.model.named_modules()})
     work = Work(loaded=loaded, model=copy.deepcopy(loaded.model).eval(), table=analyze(loaded), data=data,
                 train_cfg=train_cfg, progress=progress)
     if data is not None:
@@ -188,6 +178,23 @@ def run_strategy(loaded: LoadedModel, strategy: Strategy, export: bool = True, d
     if work.program is None and export:
         work.program = export_program(work.model, work.example(2))
     return work
+
+
+def check_out_dir(out_dir: str | Path) -> Path:
+    """The folder artifacts go to, made and proved writable before any work (a bad --out is found in a second,
+    not after the compression ran): an error where it names a file or cannot be written."""
+    import tempfile
+
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise UserInputError(f"--out {out_dir} is a file, not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as exc:
+        raise UserInputError(f"--out {out_dir} cannot be written: {exc.strerror or exc}") from None
+    return out
 
 
 def save_artifact(work: Work, strategy: Strategy, out_dir: str | Path) -> dict[str, str]:

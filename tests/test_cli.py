@@ -84,6 +84,15 @@ BAD = [
     (["estimate", "demo:digits-cnn", "--strategy", '{"steps": [{"method": "prune"}]}'], "ratio"),
     (["estimate", "demo:digits-cnn", "--strategy", "{bad json"], "not valid JSON"),
     (["estimate", "demo:digits-cnn", "--strategy", "distill:width:1.5"], "outside (0, 1]"),
+    # what apply refuses, estimate refuses alike (estimators.strategy.check_executable)
+    (["estimate", "demo:digits-cnn", "--strategy", "quantize:int8,prune:0.5"], "quantize must be the last step"),
+    (["estimate", "demo:digits-cnn", "--strategy", "quantize:fp16,quantize:int8"], "at most one quantize step"),
+    (["estimate", "demo:digits-cnn", "--strategy", "quantize:int8:tolerable_loss=0.01"], "needs --data"),
+    (["estimate", "demo:digits-cnn", "--strategy", "prune:0.2:layers=nosuch=0.5"], "modules the model lacks"),
+    (["apply", "demo:digits-cnn", "--strategy", "prune:0.5", "--out", "/proc/version"], "is a file, not a folder"),
+    (["apply", "demo:digits-cnn", "--strategy", "prune:0.5", "--out", "/proc/deployfit-out"], "cannot be written"),
+    (["plan", "demo:digits-cnn", "--hardware", "jetson-nano", "--max-latency-ms", "nan"], "finite number"),
+    (["plan", "demo:digits-cnn", "--hardware", "jetson-nano", "--max-size-mb", "inf"], "finite number"),
 ]
 
 
@@ -119,3 +128,64 @@ def test_progress_lines_print_brackets_as_text(capsys):
     _progress("[int8 ops   13/13 s] [/] done")
     err = capsys.readouterr().err
     assert "[fp32   15/72 s] 10 synthetic networks timed" in err and "[int8 ops   13/13 s] [/] done" in err
+
+
+PARSER_BAD = [
+    (["plan", "demo:digits-cnn", "--top-k", "0"], "--top-k"),
+    (["apply", "demo:digits-cnn"], "Missing option '--out'"),
+    (["plan", "demo:digits-cnn", "--max-params", "1.5"], "--max-params"),
+    (["estimate", "demo:digits-cnn", "--batch-size", "0"], "--batch-size"),
+    (["estimate", "demo:digits-cnn", "--no-such-flag"], "No such option"),
+    (["nosuchcmd"], "No such command"),
+]
+
+
+@pytest.mark.parametrize("args,message", PARSER_BAD, ids=[" ".join(a) for a, _ in PARSER_BAD])
+def test_argument_parser_errors_end_as_every_bad_input(args, message, capsys):
+    """The `deployfit` entry point (flows.cli.main): what the argument parser rejects ends with exit 2, one line
+    on stderr and {"error"} under --json, as errors found later do (no usage box, no traceback)."""
+    from flows.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main([*args, "--json"])
+    assert exc.value.code == 2
+    out, err = capsys.readouterr()
+    assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert message in json.loads(out)["error"]
+
+
+def test_a_profile_with_nan_or_inf_is_refused(tmp_path):
+    """A profile's numbers must be finite: NaN peaks once predicted `latency_ms: NaN` that "met" every limit."""
+    import yaml
+
+    from hardware.profile import PROFILE_DIR
+
+    for where, value in ((("peak_gflops", "fp16"), ".nan"), (("memory_bandwidth_gbs",), ".inf")):
+        d = yaml.safe_load((PROFILE_DIR / "jetson-nano.yaml").read_text())
+        node = d
+        for k in where[:-1]:
+            node = node[k]
+        node[where[-1]] = float(value.replace(".", ""))
+        path = tmp_path / f"bad-{where[-1]}.yaml"
+        path.write_text(yaml.safe_dump(d))
+        r = run("estimate", "demo:digits-cnn", "--hardware", str(path), "--json")
+        assert r.exit_code == 2 and "finite number" in r.stderr and "error" in json.loads(r.stdout), r.output
+
+
+def test_a_requirements_file_that_is_not_utf8_is_refused(tmp_path):
+    path = tmp_path / "req.yaml"
+    path.write_bytes(b"max_size_mb: 1\n\xff\xfe\x00bad\n")
+    r = run("plan", "demo:digits-cnn", "--hardware", "jetson-nano", "--requirements", str(path), "--json")
+    assert r.exit_code == 2 and "is not UTF-8 text" in r.stderr and "error" in json.loads(r.stdout), r.output
+
+
+def test_ui_refuses_a_taken_port():
+    """`ui` on a port another server listens on: exit 2 and the port named, nothing started."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = run("ui", "--prefect-port", str(port), "--mlflow-port", str(port + 1 if port < 65535 else port - 1))
+    assert r.exit_code == 2 and f"port {port} on 127.0.0.1 is taken" in r.stderr, r.output

@@ -44,6 +44,9 @@ def test_imagefolder_spec(tmp_path):
                 Image.fromarray(np.full((16, 16, 3), 40 * i, dtype=np.uint8)).save(tmp_path / split / cls / f"{i}.png")
     d = load_data(f"imagefolder:{tmp_path}", sample_shape=(1, 8, 8))
     assert d.num_classes == 2 and d.sample_shape == (1, 8, 8) and d.val_size == 6
+    (tmp_path / "train" / "dog" / "9.png").write_bytes(b"not an image")  # an unreadable file is named up front
+    with pytest.raises(UserInputError, match=r"cannot read image .*9\.png"):
+        load_data(f"imagefolder:{tmp_path}", sample_shape=(1, 8, 8))
 
 
 BAD_DATA = [
@@ -54,6 +57,7 @@ BAD_DATA = [
     ("no_such_module_xyz:loaders", "cannot import"),
     ("tinynets:nothing_here", "no callable"),
     ("tinynets:not_loaders", "must return (train_loader, val_loader)"),
+    ("tinynets:failing_loaders", "failed: OSError: dataset server unreachable"),
 ]
 
 

@@ -91,3 +91,16 @@ def test_peak_matches_eager_measurement_on_hand_net(loaded, table):
 def test_unsupported_ops_are_listed():
     t = analyze(load_model("tinynets:cumsum_net", input_shape="1,1,6,6"))
     assert [u["op"] for u in t.unsupported] == ["cumsum"]
+
+
+def test_an_unsupported_operator_still_counts_what_it_stores():
+    """An LSTM is named unsupported (its compute is not estimated), but its weights count in params and size."""
+    from estimators.table import totals
+
+    loaded = load_model("tinynets:lstm_net", input_shape="1,5,8")
+    t = analyze(loaded)
+    assert [u["op"] for u in t.unsupported] == ["lstm"]
+    lstm = sum(p.numel() for p in loaded.model.lstm.parameters())
+    assert t.unsupported[0]["stored_elements"] == lstm
+    assert totals(t)["params"] == sum(p.numel() for p in loaded.model.parameters())
+    assert totals(t)["size_bytes"] == 4 * sum(p.numel() for p in loaded.model.parameters())

@@ -54,3 +54,20 @@ def test_classifier_outputs_never_pruned():
     work = run_strategy(loaded, parse_strategy("prune:0.7:global"), export=False)
     assert work.model.classifier[1].out_features == 1000
     assert analyze(loaded).plan.unpruned[0] == {"layer": "classifier.1", "reason": "classifier outputs are never pruned"}
+
+
+def test_groups_torch_pruning_cannot_prune_are_named_and_left_alone_by_both():
+    """A grouped convolution after a concatenation: torch-pruning's step crashes on some groups. Analysis finds
+    them by a trial step, estimate leaves them unpruned with the reason, apply prunes exactly as estimated."""
+    loaded = load_model("tinynets:concat_grouped_net", input_shape="1,3,8,8")
+    table = analyze(loaded)
+    failing = [u for u in table.plan.unpruned if "torch-pruning fails to prune this group" in u["reason"]]
+    assert failing and all(u["layer"] in table.plan.ignored_roots for u in failing)
+    assert table.plan.groups, "the other groups stay prunable"
+    for text in ["prune:0.3", "prune:0.5", "prune:0.6:global"]:
+        strategy = parse_strategy(text)
+        pred = totals(estimate(table, strategy))
+        work = run_strategy(loaded, strategy, export=False)
+        meas = count_module(work.model, loaded.example_input())
+        assert (pred["params"], pred["macs"]) == (meas["params"], meas["macs"]), text
+        assert pred["params"] < totals(table)["params"], text

@@ -66,3 +66,47 @@ def tiny_loaders():
 
 def not_loaders():
     return 42
+
+
+class ConcatGroupedNet(nn.Module):
+    """Two branches concatenated, then a grouped convolution over the concatenation: torch-pruning builds its
+    graph but its step crashes on the branches' groups (RuntimeError: INDICES element is out of DATA bounds)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(3, 8, 1)
+        self.group = nn.Conv2d(16, 16, 3, padding=1, groups=4)
+        self.fuse = nn.Conv2d(16, 12, 1)
+        self.fc = nn.Linear(12, 5)
+
+    def forward(self, x):
+        x = self.fuse(torch.relu(self.group(torch.cat([self.a(x), self.b(x)], 1))))
+        return self.fc(x.mean((2, 3)))
+
+
+def concat_grouped_net():
+    return ConcatGroupedNet()
+
+
+class LSTMNet(nn.Module):
+    """A linear, an LSTM (an operator the cost registry does not know) and a linear head, input 1x5x8."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Linear(8, 16)
+        self.lstm = nn.LSTM(16, 24, batch_first=True)
+        self.fc = nn.Linear(24, 3)
+
+    def forward(self, x):
+        y, _ = self.lstm(self.emb(x))
+        return self.fc(y[:, -1])
+
+
+def lstm_net():
+    return LSTMNet()
+
+
+def failing_loaders():
+    """A data function that raises (a user's bug): one clean error, not a traceback."""
+    raise OSError("dataset server unreachable")

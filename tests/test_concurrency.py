@@ -1,0 +1,33 @@
+"""Nothing lost when runs share a new tracking store: concurrent first clients of a SQLite MLflow store used to
+collide in its schema migration (`table ... already exists`), and neither run was recorded."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+ONE_RUN = """
+import sys
+from flows.tracking import _client, _experiment_id
+uri = sys.argv[1]
+client = _client(uri)
+run = client.create_run(_experiment_id(client, uri, "concurrent"))
+client.set_terminated(run.info.run_id)
+"""
+
+
+def test_four_runs_at_once_on_a_new_sqlite_store_are_all_recorded(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
+    procs = [subprocess.Popen([sys.executable, "-c", ONE_RUN, uri], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, [err[-2000:] for _, err in outs]
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name("concurrent")
+    assert len(client.search_runs([exp.experiment_id])) == 4
