@@ -543,6 +543,23 @@ def ui(prefect_port: Annotated[int, typer.Option("--prefect-port")] = 4200,
         _fail(str(exc), False)
 
 
+@app.command()
+def sync(folder: Annotated[str, typer.Argument(help="a run's tracking-fallback folder (RUN_DIR/tracking-fallback)")],
+         as_json: JsonOpt = False) -> None:
+    """Push a run kept locally while the tracking store was unreachable into MLflow (MLFLOW_TRACKING_URI, else
+    mlflow/mlflow.db); a folder already pushed is not logged twice."""
+
+    def body():
+        from flows.tracking import sync_local
+
+        return sync_local(folder)
+
+    rep = _compute(as_json, body)
+    if not as_json:
+        console.print(("already in the store as run " if rep["already"] else "logged as run ") + rep["run_id"]
+                      + (f": {rep['link']}" if rep.get("link") else ""), highlight=False)
+
+
 def _terminate_as_interrupt() -> None:
     """SIGTERM (a service manager's stop, `kill`) ends a long-running command as Ctrl-C does: its servers are
     stopped on the way out, not left running."""

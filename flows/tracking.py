@@ -23,6 +23,7 @@ import json
 import os
 import re
 import shutil
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -164,6 +165,25 @@ def _experiment_id(client, uri: str, name: str) -> str:
         return exp.experiment_id
 
 
+def close_stale_runs(client, exp_id: str) -> list[str]:
+    """Parent runs of this machine left RUNNING by a process that no longer exists (a run killed outright cannot
+    close its own): marked KILLED. Returns their ids."""
+    host = socket.gethostname()
+    stale = []
+    for run in client.search_runs([exp_id], f"attributes.status = 'RUNNING' and tags.`deployfit.host` = '{host}'"):
+        pid = run.data.tags.get("deployfit.pid", "")
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            client.set_terminated(run.info.run_id, "KILLED")
+            stale.append(run.info.run_id)
+        except PermissionError:  # alive, another user's
+            pass
+    return stale
+
+
 class _Logger:
     """Logs one flow run in three phases: `start` (parent run, params, the plan's summary, the candidate table,
     plan/layers/record files and the Pareto nested runs), `executed` (one nested run per executed candidate)
@@ -188,7 +208,9 @@ class _Logger:
         self.exp_id = _experiment_id(client, self.uri, f"deployfit/{record['model']}/{record['hardware']}")
         self.bundle = write_bundle(Path(workdir) / "tracking-bundle", record, plan, [], layers, plot=False)
         self.tags = {"prefect.flow_run_id": record.get("flow_run_id") or "", "deployfit.flow": record.get("flow", ""),
-                     "mlflow.runName": record.get("run_name") or f"{record['flow']} {record['model']}"}
+                     "mlflow.runName": record.get("run_name") or f"{record['flow']} {record['model']}",
+                     "deployfit.host": socket.gethostname(), "deployfit.pid": str(os.getpid())}
+        close_stale_runs(client, self.exp_id)
         self.pid = client.create_run(self.exp_id, tags=self.tags).info.run_id
         params = {"model": record["model"], "hardware": record["hardware"], "data": record.get("data") or "none",
                   **_flat("req", record.get("requirements", {})), **_flat("search", record.get("search", {}))}
@@ -436,6 +458,54 @@ def save_local(folder: Path, record: dict, plan: dict, executed: list[dict], lay
         if model_file and Path(model_file).is_file():
             shutil.copy2(model_file, folder / f"executed-{i}" / Path(model_file).name)
     return {"uri": tracking_uri(), "saved_locally": str(folder), "error": error}
+
+
+SYNC_TAG = "deployfit.fallback_id"  # a parent run pushed by sync_local: the content hash of its fallback folder
+
+
+def sync_local(folder: str | Path, uri: str | None = None) -> dict[str, Any]:
+    """Push a run that save_local kept (a `tracking-fallback` folder) into the tracking store: the parent run,
+    its Pareto and executed nested runs and files, as the flow would have logged them. Idempotent: the parent is
+    tagged with the folder's content hash, and a folder the store already holds is not logged again
+    (`already: True`)."""
+    import hashlib
+    import tempfile
+
+    from estimators.errors import UserInputError
+
+    folder = Path(folder)
+    names = ("record.json", "plan.json", "candidates.json", "layers.json")
+    missing = [n for n in names if not (folder / n).is_file()]
+    if missing:
+        raise UserInputError(f"{folder} is not a run kept by the tracking fallback (it has no {', '.join(missing)})")
+    try:
+        raw = {n: (folder / n).read_bytes() for n in names}
+        record, plan, candidates, layers = (json.loads(raw[n]) for n in names)
+        subs = sorted(folder.glob("executed-*"), key=lambda d: int(d.name.split("-")[1]))
+        executed = [json.loads((d / "result.json").read_bytes()) for d in subs]
+    except (OSError, ValueError) as exc:
+        raise UserInputError(f"{folder}: cannot read the kept run: {exc}") from None
+    fid = hashlib.sha256(b"".join(raw[n] for n in names)).hexdigest()[:16]
+    for e, d in zip(executed, subs):  # the model file as the fallback copied it
+        model_file = (e.get("artifact") or {}).get("model")
+        if model_file and (d / Path(model_file).name).is_file():
+            e["artifact"] = {**e["artifact"], "model": str(d / Path(model_file).name)}
+    lg = _Logger(uri)
+    exp_id = _experiment_id(lg.client, lg.uri, f"deployfit/{record['model']}/{record['hardware']}")
+    found = lg.client.search_runs([exp_id], filter_string=f"tags.`{SYNC_TAG}` = '{fid}'")
+    if found:
+        return {"uri": lg.uri, "experiment_id": exp_id, "run_id": found[0].info.run_id, "already": True,
+                "link": ui_link(lg.uri, exp_id, found[0].info.run_id)}
+    record = {k: v for k, v in record.items() if k != "tracking_error"}
+    with tempfile.TemporaryDirectory() as work:
+        try:
+            lg.start(record, {**plan, "candidates": candidates}, layers, Path(work))
+            lg.client.set_tag(lg.pid, SYNC_TAG, fid)
+            out = lg.finish(executed)
+        except Exception:
+            lg.abandon()
+            raise
+    return {**out, "already": False}
 
 
 def download(uri: str, run_id: str, names: list[str], dest: str) -> dict[str, str]:

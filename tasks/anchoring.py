@@ -17,8 +17,7 @@ from hardware.anchor import Anchor, build_anchor, load_anchor
 
 Progress = Callable[[str], None]
 ANCHOR_TRIES = 3
-ANCHOR_AGREEMENT = 0.15  # two timings of the original this far apart (relative) mean the machine was busy
-INT8_SPREAD_SCALE = 0.2  # an INT8 ratio uncertain by 3% counts as two timings 15% apart
+INT8_UNCERTAINTY = 0.03  # an INT8 ratio less sure than this (relative) is timed again
 
 
 def anchorable(profile) -> bool:
@@ -36,12 +35,15 @@ def original_program(loaded: LoadedModel):
 
 
 def original_int8(loaded: LoadedModel, batch: int):
-    """The original quantized as INT8 artifacts are (static INT8 on random calibration batches: only its speed is
-    wanted) and compiled as INT8 artifacts run."""
-    from .quantize_exec import compile_for_inference, quantize
+    """The original quantized exactly as an INT8 candidate is (tasks.executors.run_strategy: a copy of the model,
+    static INT8 calibrated as apply calibrates without data) and compiled as INT8 artifacts run: the anchor's
+    INT8 level is the same program a `quantize:int8` candidate would be."""
+    from estimators.strategy import QuantizeStep, Strategy
 
-    prog = quantize(loaded.model, loaded.example_input(2), "int8").program
-    return compile_for_inference(prog)
+    from .apply import fast_form
+    from .executors import run_strategy
+
+    return fast_form(run_strategy(loaded, Strategy(steps=[QuantizeStep(dtype="int8")])).program, True)
 
 
 def measure_anchor(loaded: LoadedModel, table: LayerTable, profile, batch: int = 1, int8: bool | None = None,
@@ -66,28 +68,26 @@ def measure_anchor(loaded: LoadedModel, table: LayerTable, profile, batch: int =
         except Exception as exc:  # a model INC cannot quantize: its INT8 candidates keep the profile's prediction
             notes.append(f"the original could not be quantized to INT8 here ({type(exc).__name__}: {str(exc)[:200]}); "
                          "INT8 candidates keep the profile's prediction")
-    # this machine stalls for seconds at a time: the rows are timed as shares of the original timed in alternation
-    # with them, and the whole is timed again (up to ANCHOR_TRIES) while the original's two timings disagree or the
-    # INT8 original's ratio to it spreads, keeping the most consistent
+    # this machine stalls for seconds at a time: the original is timed in many short rounds, and its rows as
+    # shares of it timed in alternation with them (hardware.timing.row_shares), which the drift barely moves; the
+    # INT8 original's ratio to it is timed again (up to ANCHOR_TRIES) while it is uncertain, keeping the surest
     best = None
     for _ in range(ANCHOR_TRIES):
         got = measure_interleaved(fns, [x] * len(fns))
-        shares, again_s = row_shares(loaded.model, x, fn)
-        total = got["latency_ms"][0]
-        again = again_s * 1e3
-        apart = abs(again - total) / min(again, total)
-        if len(fns) > 1:  # the INT8 ratio's uncertainty: its rounds' spread over the square root of their number
-            apart = max(apart, got["ratio_iqr"][1] / got["ratio"][1] / got["rounds"] ** 0.5 / INT8_SPREAD_SCALE)
-        if best is None or apart < best[0]:
-            best = (apart, got, shares, total)
-        if apart <= ANCHOR_AGREEMENT:
+        # the INT8 ratio's uncertainty: its rounds' spread over the square root of their number
+        unsure = got["ratio_iqr"][1] / got["ratio"][1] / got["rounds"] ** 0.5 if len(fns) > 1 else 0.0
+        if best is None or unsure < best[0]:
+            best = (unsure, got)
+        if unsure <= INT8_UNCERTAINTY:
             break
-        progress("anchoring: the original's timings disagree (the machine was busy): timing it again")
-    apart, got, shares, total = best
+        progress("anchoring: the INT8 original's timing is uncertain (the machine was busy): timing it again")
+    unsure, got = best
+    if unsure > INT8_UNCERTAINTY:
+        notes.append(f"the INT8 original's ratio to the original stayed uncertain (+-{100 * unsure:.0f}%) in "
+                     f"{ANCHOR_TRIES} tries (a busy machine)")
+    total = got["latency_ms"][0]
+    shares, _ = row_shares(loaded.model, x, fn)
     rows = [s * total * 1e-3 for s in shares]
-    if apart > ANCHOR_AGREEMENT:
-        notes.append(f"the original's timings disagreed in {ANCHOR_TRIES} tries (a busy machine): the anchor is the "
-                     "most consistent of them")
     if len(fns) > 1:
         q = predict_latency(estimate(table, Strategy(steps=[QuantizeStep(dtype="int8")])), profile, batch)
         runtimes["int8"] = {"measured_ms": total * got["ratio"][1], "predicted_ms": q.latency_ms}

@@ -31,3 +31,23 @@ def test_four_runs_at_once_on_a_new_sqlite_store_are_all_recorded(tmp_path):
     client = MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name("concurrent")
     assert len(client.search_runs([exp.experiment_id])) == 4
+
+
+def test_a_parent_run_left_running_by_a_dead_process_is_marked_killed(tmp_path):
+    """A run killed outright (SIGKILL) cannot close its MLflow parent run: the next run on the machine marks it
+    KILLED, and leaves alone one whose process is alive."""
+    import socket
+
+    from flows.tracking import _client, _experiment_id, close_stale_runs
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = _client(uri)
+    exp = _experiment_id(client, uri, "stale")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = socket.gethostname()
+    gone = client.create_run(exp, tags={"deployfit.host": host, "deployfit.pid": str(dead.pid)}).info.run_id
+    alive = client.create_run(exp, tags={"deployfit.host": host, "deployfit.pid": str(os.getppid())}).info.run_id
+    elsewhere = client.create_run(exp, tags={"deployfit.host": host + "-other", "deployfit.pid": str(dead.pid)}).info.run_id
+    assert close_stale_runs(client, exp) == [gone]
+    assert [client.get_run(r).info.status for r in (gone, alive, elsewhere)] == ["KILLED", "RUNNING", "RUNNING"]

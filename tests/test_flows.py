@@ -197,6 +197,18 @@ def test_unreachable_tracking_store_keeps_results_on_disk(harness, tmp_path, mon
         assert (folder / f).is_file(), f
     assert json.loads((folder / "record.json").read_text())["tracking_error"] == tr["error"]
     assert json.loads((folder / "plan.json").read_text())["recommended"]["compact"] == rep["recommended"]["compact"]
+    # `deployfit sync` pushes the kept run into a store once it is reachable, and only once
+    from mlflow.tracking import MlflowClient
+
+    from flows.tracking import sync_local
+
+    uri = f"sqlite:///{tmp_path / 'later' / 'mlflow.db'}"
+    first, again = sync_local(folder, uri), sync_local(folder, uri)
+    assert not first["already"] and again["already"] and again["run_id"] == first["run_id"]
+    client = MlflowClient(tracking_uri=uri)
+    parents = client.search_runs([first["experiment_id"]], "attributes.status = 'FINISHED'")
+    assert [r.info.run_id for r in parents if "mlflow.parentRunId" not in r.data.tags] == [first["run_id"]]
+    assert {"candidates.json", "pareto.png", "plan.json"} <= {a.path for a in client.list_artifacts(first["run_id"])}
 
 
 def test_served_deployment_runs_when_triggered(harness, mlflow_store, tmp_path):
