@@ -7,6 +7,7 @@ import time
 import torch
 
 from .modelspec import LoadedModel
+from .errors import UserInputError
 from .pruning import PrunePlan, failing_roots, finish_plan, plan_pruning
 from .table import LayerTable, build_table
 from .trace import Trace, trace_model
@@ -55,7 +56,14 @@ def analyze(loaded: LoadedModel, use_cache: bool = True) -> LayerTable:
         return _CACHE[key]
     t0 = time.perf_counter()
     example = loaded.example_input()
-    tr = trace_model(loaded.model, example)
+    try:
+        tr = trace_model(loaded.model, example)
+    except UserInputError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a model the tracer cannot follow: one clean error, not a traceback
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        raise UserInputError(f"cannot analyse {loaded.spec}: tracing it failed ({type(exc).__name__}: {first}); an "
+                             "operator of this model is one the estimators do not handle") from exc
     classifier = find_classifier(tr)
     if loaded.kind == "pt2":
         plan, pruner = PrunePlan(), None
