@@ -394,6 +394,18 @@ INTERLEAVE_ROUND_S = 0.02  # a round this short: the machine's stalls (seconds l
 INTERLEAVE_BUDGET_S = 2.0  # seconds per function per measurement
 
 
+def burst_median(fn: Callable, x: torch.Tensor, round_s: float, min_calls: int) -> float:
+    """Median seconds of fn(x) over a burst of at least `min_calls` calls and about `round_s` seconds (at most
+    1000 calls): one round of an alternation."""
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < min_calls or (time.perf_counter() - start < round_s and len(times) < 1000):
+        t0 = time.perf_counter()
+        fn(x)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
 def describe_rounds(rounds: int | None) -> str:
     """How measure_interleaved alternates, in words, for `rounds` given (or None: its default)."""
     if rounds is None:
@@ -430,13 +442,7 @@ def measure_interleaved(fns: list[Callable], examples: list[torch.Tensor], round
             rounds = int(min(max(len(fns) * budget_s / max(round_total, 1e-9), min_rounds), max_rounds))
         for _ in range(rounds):
             for i, (fn, x) in enumerate(zip(fns, examples)):
-                times: list[float] = []
-                start = time.perf_counter()
-                while len(times) < min_calls or (time.perf_counter() - start < round_s and len(times) < 1000):
-                    t0 = time.perf_counter()
-                    fn(x)
-                    times.append(time.perf_counter() - t0)
-                per[i].append(statistics.median(times))
+                per[i].append(burst_median(fn, x, round_s, min_calls))
     ref = np.array(per[0])
     ratios = [np.array(p) / ref for p in per]
     return {"latency_ms": [statistics.median(p) * 1e3 for p in per],

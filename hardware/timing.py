@@ -57,65 +57,50 @@ def row_times(model: nn.Module, example: torch.Tensor, runs: int = 5, warmup: in
     from .measure import collector_paused, steady_allocator
 
     steady_allocator()
-    per_run: list[list[float]] = []
+    with collector_paused(), torch.inference_mode():  # as measure_latency times
+        per_run = [_timed_pass(model, example) for _ in range(warmup + runs)][warmup:]
+    return _row_medians(per_run)
+
+
+def _timed_pass(model: nn.Module, example: torch.Tensor) -> list[float]:
+    """One forward pass of `model` with every analysis row timed (the hooks in place for this pass only)."""
     timer = _Timer()
     h1 = torch.nn.modules.module.register_module_forward_pre_hook(timer.pre_hook)
     h2 = torch.nn.modules.module.register_module_forward_hook(timer.hook)
     try:
-        with collector_paused(), torch.inference_mode():  # as measure_latency times
-            for i in range(warmup + runs):
-                timer.times = []
-                with timer:
-                    model(example)
-                if i >= warmup:
-                    per_run.append(timer.times)
+        with timer:
+            model(example)
     finally:
         h1.remove()
         h2.remove()
-    n = len(per_run[0])
-    if any(len(r) != n for r in per_run):
+    return timer.times
+
+
+def _row_medians(per_pass: list[list[float]]) -> list[float]:
+    """Each row's median over passes (an error where passes ran different numbers of operators)."""
+    n = len(per_pass[0])
+    if any(len(r) != n for r in per_pass):
         raise RuntimeError("the model ran a different number of operators from one call to the next")
-    return [statistics.median(r[i] for r in per_run) for i in range(n)]
+    return [statistics.median(r[i] for r in per_pass) for i in range(n)]
 
 
 def row_shares(model: nn.Module, example: torch.Tensor, artifact, rounds: int = 15, round_s: float = 0.02,
-               min_calls: int = 3) -> tuple[list[float], float]:
+               min_calls: int = 3) -> list[float]:
     """Every row's time as a share of the artifact's, both timed in alternation: each round times `artifact` (the
-    median of a burst of about `round_s` seconds) and then one forward pass of `model` with the rows timed (after
-    one untimed pass, so the eager weights are as warm as the artifact's were). A share is the median over rounds of
-    the row's time over the artifact's in the same round, so the rows and the total they are brought to see the
-    same moments of this drifting machine. Returns (the shares, the artifact's median seconds)."""
-    from .measure import collector_paused, steady_allocator
+    median of a burst of about `round_s` seconds, hardware.measure.burst_median) and then one forward pass of
+    `model` with the rows timed (after one untimed pass, so the eager weights are as warm as the artifact's were).
+    A share is the median over rounds of the row's time over the artifact's in the same round, so the rows and
+    the total they are brought to see the same moments of this drifting machine."""
+    from .measure import burst_median, collector_paused, steady_allocator
 
     steady_allocator()
     per_round: list[list[float]] = []
-    totals: list[float] = []
-    timer = _Timer()
     with collector_paused(), torch.inference_mode():
         for _ in range(2):
             artifact(example)
             model(example)
         for _ in range(rounds):
-            burst: list[float] = []
-            start = time.perf_counter()
-            while len(burst) < min_calls or (time.perf_counter() - start < round_s and len(burst) < 1000):
-                t0 = time.perf_counter()
-                artifact(example)
-                burst.append(time.perf_counter() - t0)
+            total = burst_median(artifact, example, round_s, min_calls)
             model(example)
-            h1 = torch.nn.modules.module.register_module_forward_pre_hook(timer.pre_hook)
-            h2 = torch.nn.modules.module.register_module_forward_hook(timer.hook)
-            try:
-                timer.times = []
-                with timer:
-                    model(example)
-            finally:
-                h1.remove()
-                h2.remove()
-            total = statistics.median(burst)
-            totals.append(total)
-            per_round.append([t / total for t in timer.times])
-    n = len(per_round[0])
-    if any(len(r) != n for r in per_round):
-        raise RuntimeError("the model ran a different number of operators from one call to the next")
-    return [statistics.median(r[i] for r in per_round) for i in range(n)], statistics.median(totals)
+            per_round.append([t / total for t in _timed_pass(model, example)])
+    return _row_medians(per_round)

@@ -86,7 +86,7 @@ def measure_anchor(loaded: LoadedModel, table: LayerTable, profile, batch: int =
         notes.append(f"the INT8 original's ratio to the original stayed uncertain (+-{100 * unsure:.0f}%) in "
                      f"{ANCHOR_TRIES} tries (a busy machine)")
     total = got["latency_ms"][0]
-    shares, _ = row_shares(loaded.model, x, fn)
+    shares = row_shares(loaded.model, x, fn)
     rows = [s * total * 1e-3 for s in shares]
     if len(fns) > 1:
         q = predict_latency(estimate(table, Strategy(steps=[QuantizeStep(dtype="int8")])), profile, batch)
