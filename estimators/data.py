@@ -13,6 +13,7 @@ a UserInputError: exit code 2 and one message naming it.
 from __future__ import annotations
 
 import importlib
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -124,18 +125,63 @@ def _imagefolder(path: str, batch_size: int, sample_shape) -> LoadedData:
                       len(parts["train"]), len(parts["val"]))
 
 
-def _cifar10(path: str, batch_size: int, sample_shape) -> LoadedData:
-    from torchvision.datasets import CIFAR10
+CIFAR_DIR = "cifar-10-batches-py"
+CIFAR_TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))
+CIFAR_TEST = ("test_batch",)
+# what CIFAR-10's python batches are made of: dicts of bytes, lists and uint8 arrays; nothing else may load
+_ARRAY_GLOBALS = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+                  ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
 
+
+class _ArraysOnly(pickle.Unpickler):
+    """CIFAR-10 ships as pickles, and unpickling can run any code a file names: this unpickler builds plain values
+    and numpy arrays only, and refuses a file that names anything else before it runs."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in _ARRAY_GLOBALS:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"it names {module}.{name}, which a CIFAR-10 batch never holds (refused: "
+                                     "unpickling it could run code)")
+
+
+def _cifar_batch(path: Path) -> tuple[np.ndarray, list[int]]:
+    try:
+        with path.open("rb") as f:
+            d = _ArraysOnly(f, encoding="latin1").load()
+        data, labels = np.asarray(d["data"], dtype=np.uint8), [int(v) for v in d["labels"]]
+    except FileNotFoundError:
+        raise _bad(f"cifar10: {path} is missing (expected the extracted {CIFAR_DIR}/ folder: data_batch_1..5 and "
+                   "test_batch; deployfit never downloads)") from None
+    except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError, AttributeError, OSError) as exc:
+        raise _bad(f"cifar10: {path} is not a CIFAR-10 python batch: {exc}") from None
+    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(labels) != len(data) or \
+            any(not 0 <= v < 10 for v in labels):
+        raise _bad(f"cifar10: {path} is not a CIFAR-10 python batch (data {data.shape}, {len(labels)} labels)")
+    return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels
+
+
+class _Cifar10(torch.utils.data.Dataset):
+    def __init__(self, root: Path, files: tuple[str, ...], transform):
+        parts = [_cifar_batch(root / CIFAR_DIR / f) for f in files]
+        self.images = np.concatenate([p[0] for p in parts])
+        self.labels = [v for p in parts for v in p[1]]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        from PIL import Image
+
+        return self.transform(Image.fromarray(self.images[i])), self.labels[i]
+
+
+def _cifar10(path: str, batch_size: int, sample_shape) -> LoadedData:
     if not Path(path).is_dir():
         raise _bad(f"cifar10: {path} is not a directory")
     tf = _image_transform(sample_shape if sample_shape and tuple(sample_shape) != (3, 32, 32) else None)
-    try:
-        train = CIFAR10(path, train=True, download=False, transform=tf)
-        val = CIFAR10(path, train=False, download=False, transform=tf)
-    except RuntimeError as exc:  # torchvision: "Dataset not found or corrupted"
-        raise _bad(f"cifar10: {path}: {exc} (expected the extracted cifar-10-batches-py/ folder under it; "
-                   "deployfit never downloads)") from None
+    train = _Cifar10(Path(path), CIFAR_TRAIN, tf)
+    val = _Cifar10(Path(path), CIFAR_TEST, tf)
     x0, _ = val[0]
     g = torch.Generator().manual_seed(SEED)
     return LoadedData(f"cifar10:{path}", DataLoader(train, batch_size=batch_size, shuffle=True, generator=g),

@@ -117,6 +117,8 @@ def _compute(as_json: bool, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     try:
         rep = fn()
     except UserInputError as exc:
+        if _TERMINATED:  # the flow failed because it was stopped: say so, not the failure it led to
+            raise KeyboardInterrupt from None
         _fail(str(exc), as_json)
     if as_json:
         _emit(rep)
@@ -536,7 +538,6 @@ def ui(prefect_port: Annotated[int, typer.Option("--prefect-port")] = 4200,
     both URLs, and run until interrupted."""
     from flows.deployments import start_uis
 
-    _terminate_as_interrupt()
     try:
         start_uis(prefect_port, mlflow_port, say=lambda m: console.print(m, highlight=False))
     except UserInputError as exc:
@@ -560,15 +561,42 @@ def sync(folder: Annotated[str, typer.Argument(help="a run's tracking-fallback f
                       + (f": {rep['link']}" if rep.get("link") else ""), highlight=False)
 
 
-def _terminate_as_interrupt() -> None:
-    """SIGTERM (a service manager's stop, `kill`) ends a long-running command as Ctrl-C does: its servers are
-    stopped on the way out, not left running."""
-    import signal
+_TERMINATED = False
+TERM_DEADLINE_S = 5.0  # a command still running this long after SIGTERM exits at once; its watchdog stops the rest
 
-    def _raise(signum, frame):
+
+def _exit_terminated() -> None:
+    err_console.print("terminated")
+    os._exit(143)
+
+
+def _guard_process(args: list[str]) -> None:
+    """Nothing a command starts outlives it. SIGTERM (a service manager's stop, `kill`) ends a command as Ctrl-C
+    does, so its servers and runs are closed on the way out, and within TERM_DEADLINE_S at most (`ui` and
+    `stores up` take the time their servers' orderly stop needs: PostgreSQL's fast shutdown). A watchdog
+    (flows.reaper) stops whatever the command started when it dies without the chance to (SIGKILL, out of
+    memory, the deadline)."""
+    import signal
+    import threading
+
+    from flows import reaper
+
+    orderly = bool(args) and args[0] in ("ui", "stores")
+
+    def _on_term(signum, frame):
+        global _TERMINATED
+        if _TERMINATED:
+            return
+        _TERMINATED = True
+        if not orderly:
+            timer = threading.Timer(TERM_DEADLINE_S, _exit_terminated)
+            timer.daemon = True
+            timer.start()
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, _raise)
+    reaper.install()
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_term)
 
 
 @app.command()
@@ -581,7 +609,6 @@ def worker(hardware: HardwareReq,
     the shared servers); runs until interrupted."""
     from flows.device import start_worker
 
-    _terminate_as_interrupt()
     p = start_worker(hardware, trust_pickle=trust_pickle)
     console.print(f"worker on pool deployfit-{hardware}; Ctrl-C stops it", highlight=False)
     try:
@@ -607,7 +634,6 @@ def stores_up(folder: Annotated[str, typer.Option("--dir", help="cluster, logs a
 
     from flows.stores import up
 
-    _terminate_as_interrupt()
     try:
         st = up(folder, pg_port, prefect_port, mlflow_port, say=lambda m: console.print(m, highlight=False))
     except UserInputError as exc:
@@ -746,14 +772,12 @@ def main(argv: Optional[list[str]] = None) -> None:
     from typer.exceptions import Abort, TyperException
 
     args = sys.argv[1:] if argv is None else list(argv)
+    _guard_process(args)
     try:
         rc = app(args=args, prog_name="deployfit", standalone_mode=False)
-    except KeyboardInterrupt:
-        err_console.print("interrupted")
-        sys.exit(130)
-    except Abort:
-        err_console.print("interrupted")
-        sys.exit(130)
+    except (KeyboardInterrupt, Abort):
+        err_console.print("terminated" if _TERMINATED else "interrupted")
+        sys.exit(143 if _TERMINATED else 130)
     except TyperException as exc:  # the argument parser's (typer's own click) errors
         msg = " ".join(exc.format_message().split())
         ctx = getattr(exc, "ctx", None)
@@ -762,6 +786,14 @@ def main(argv: Optional[list[str]] = None) -> None:
         if "--json" in args:
             _emit({"error": msg})
         sys.exit(2)
+    except Exception:
+        if _TERMINATED:  # a library that wrapped the interrupt in its own error: the cause is the SIGTERM
+            err_console.print("terminated")
+            sys.exit(143)
+        raise
+    if _TERMINATED or rc == 130:  # click returns 130 for an interrupt it caught itself
+        err_console.print("terminated" if _TERMINATED else "interrupted")
+        sys.exit(143 if _TERMINATED else 130)
     sys.exit(rc if isinstance(rc, int) else 0)
 
 

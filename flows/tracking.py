@@ -179,9 +179,35 @@ def close_stale_runs(client, exp_id: str) -> list[str]:
         except ProcessLookupError:
             client.set_terminated(run.info.run_id, "KILLED")
             stale.append(run.info.run_id)
+            _crash_flow_run(run.data.tags.get("prefect.flow_run_id", ""), pid)
         except PermissionError:  # alive, another user's
             pass
     return stale
+
+
+def _crash_flow_run(flow_run_id: str, pid: str) -> None:
+    """The Prefect flow run of a killed process, left RUNNING, is set Crashed when this Prefect API holds it (a
+    temporary server's runs live in PREFECT_HOME's database, so the next run from the same home sees them)."""
+    if not flow_run_id:
+        return
+    from prefect.context import FlowRunContext
+    from prefect.settings import PREFECT_API_URL
+
+    if FlowRunContext.get() is None and not PREFECT_API_URL.value():
+        return  # outside a flow with no server named: asking would start a temporary one for nothing
+    try:
+        from uuid import UUID
+
+        from prefect.client.orchestration import get_client
+        from prefect.states import Crashed
+
+        with get_client(sync_client=True) as pc:
+            fr = pc.read_flow_run(UUID(flow_run_id))
+            if fr.state is not None and fr.state.is_running():
+                pc.set_flow_run_state(fr.id, Crashed(message=f"its process ({pid}) ended without closing it"),
+                                      force=True)
+    except Exception:  # noqa: BLE001 - another API's run, or none reachable: the MLflow side is closed anyway
+        pass
 
 
 class _Logger:

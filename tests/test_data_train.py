@@ -190,3 +190,39 @@ def test_autotune_falls_back_and_the_estimate_follows(tmp_path):
     r = runner.invoke(app, ["apply", "demo:digits-cnn", "--strategy", "quantize:int8:tolerable_loss=0.01", "--out",
                             str(tmp_path / "nodata")])
     assert r.exit_code == 2 and "needs --data" in r.stderr
+
+
+def _fake_cifar(root, per_file: int = 4, payload_marker=None):
+    """CIFAR-10's python layout with a few random images per batch (pickle protocol 2, as the real files)."""
+    import pickle
+
+    d = root / "cifar-10-batches-py"
+    d.mkdir()
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {"data": rng.integers(0, 256, (per_file, 3072), dtype=np.uint8),
+                 "labels": [int(v) for v in rng.integers(0, 10, per_file)]}
+        with (d / name).open("wb") as f:
+            pickle.dump(batch, f, protocol=2)
+    if payload_marker is not None:
+        class Payload:
+            def __reduce__(self):
+                return open, (str(payload_marker), "w")
+
+        with (d / "test_batch").open("wb") as f:
+            pickle.dump({"data": np.zeros((1, 3072), np.uint8), "labels": [Payload()]}, f, protocol=2)
+
+
+def test_cifar10_loads_its_batches_without_running_pickled_code(tmp_path):
+    _fake_cifar(tmp_path)
+    data = load_data(f"cifar10:{tmp_path}", batch_size=3)
+    assert (data.train_size, data.val_size, data.num_classes, data.sample_shape) == (20, 4, 10, (3, 32, 32))
+    x, y = next(iter(data.val))
+    assert x.shape == (3, 3, 32, 32) and x.dtype == torch.float32 and 0 <= float(x.min()) <= float(x.max()) <= 1
+    bad = tmp_path / "planted"
+    bad.mkdir()
+    marker = tmp_path / "payload-ran"
+    _fake_cifar(bad, payload_marker=marker)
+    with pytest.raises(UserInputError, match=r"names io.open, which a CIFAR-10 batch never holds \(refused"):
+        load_data(f"cifar10:{bad}")
+    assert not marker.exists()

@@ -155,6 +155,35 @@ def test_flow_parameters_are_validated_models(harness):
         plan_flow(top_k=0)
 
 
+def test_a_flow_run_left_running_by_a_killed_process_is_marked_crashed(harness, mlflow_store):
+    """A run killed outright leaves its Prefect flow run RUNNING: the next run on the machine, closing the dead
+    process's MLflow parent run as KILLED, sets the flow run Crashed too."""
+    import socket
+
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.states import Running
+
+    from flows.tracking import _client, _experiment_id, close_stale_runs
+
+    @flow(name="killed-midway")
+    def killed_midway():
+        return None
+
+    with get_client(sync_client=True) as pc:
+        fr = pc.create_flow_run(killed_midway, state=Running())
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    client = _client(mlflow_store)
+    exp = _experiment_id(client, mlflow_store, "stale-flow-run")
+    run = client.create_run(exp, tags={"deployfit.host": socket.gethostname(), "deployfit.pid": str(dead.pid),
+                                       "prefect.flow_run_id": str(fr.id)}).info.run_id
+    assert close_stale_runs(client, exp) == [run]
+    with get_client(sync_client=True) as pc:
+        state = pc.read_flow_run(fr.id).state
+    assert state.type.value == "CRASHED" and str(dead.pid) in state.message
+
+
 def test_lost_tracking_process_is_retried_by_the_track_task(harness, mlflow_store, tmp_path, monkeypatch):
     """The MLflow logging runs in a background process; if that process dies mid-run, the track task's retry
     logs the whole run from the flow's process and nothing is lost."""
