@@ -117,9 +117,9 @@ def estimate_distill(table: LayerTable, step: DistillStep) -> LayerTable:
         out.state.steps[-1] = step.model_dump()
         return out
     from .analyze import analyze
-    from .modelspec import load_model
+    from .modelspec import format_input_shape, load_model
 
-    student = analyze(load_model(step.student, input_shape=",".join(map(str, table.input_shape))))
+    student = analyze(load_model(step.student, input_shape=format_input_shape(table.input_shape)))
     s = student.state.copy()
     s.steps = list(table.state.steps) + [step.model_dump()]
     return student.with_state(s)

@@ -255,8 +255,17 @@ def accuracy(model: torch.nn.Module, batches: Iterable, set_eval: bool = True) -
     return 100.0 * correct / max(total, 1)
 
 
+def check_one_input(spec: str, loaded) -> None:
+    """A data set yields one input tensor per batch: a model of several inputs is refused before anything loads."""
+    if loaded.n_inputs > 1:
+        raise UserInputError(f"--data {spec}: {loaded.spec} takes {loaded.n_inputs} inputs, and a data set yields one "
+                             "input tensor per batch (labelled evaluation, fine-tuning and calibration need a model "
+                             "of one input); leave out --data")
+
+
 def load_data_for(spec: str, loaded) -> LoadedData:
-    """Load a data spec sized for a loaded model and check that it fits the model."""
+    """Load a data spec sized for a loaded model and check that it fits the model (check_one_input first)."""
+    check_one_input(spec, loaded)
     data = load_data(spec, sample_shape=tuple(loaded.input_shape[1:]))
     check_fits(data, loaded.model, loaded.input_shape, loaded.spec)
     return data

@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .modelspec import as_inputs
+
 log = logging.getLogger(__name__)
 
 # torch-pruning's dependency graph can explode on some models (swin_t: > 20 GB and minutes in its index
@@ -99,7 +101,8 @@ def _names(model: nn.Module) -> dict[int, str]:
 def build_pruner(model: nn.Module, example: torch.Tensor, ignored: list[str], *, ratio: float = 0.5,
                  global_pruning: bool = False, round_to: int | None = None,
                  layer_ratios: dict[str, float] | None = None):
-    """The MetaPruner configuration both the plan and the executor use."""
+    """The MetaPruner configuration both the plan and the executor use. `example`: the model's example input, or
+    for a model of several inputs the tuple of them, which torch-pruning feeds positionally (`model(*example)`)."""
     import torch_pruning as tp
 
     mods = dict(model.named_modules())
@@ -200,7 +203,7 @@ def _trial_steps(model: nn.Module, example: torch.Tensor, ignored: list[str], fa
         if not new:
             try:
                 with torch.no_grad():
-                    trial(example)
+                    trial(*as_inputs(example))
                 return failed
             except Exception as exc:  # noqa: BLE001
                 return {**failed, "*": f"the model pruned by torch-pruning no longer runs ({type(exc).__name__}: "

@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Any
 
 from .compress import estimate
-from .modelspec import LoadedModel
+from .modelspec import LoadedModel, shape_json
 from .strategy import Strategy
 from .table import LayerTable, evaluate, layer_rows, totals
 
@@ -24,7 +24,7 @@ def analysis_report(loaded: LoadedModel, table: LayerTable) -> dict[str, Any]:
     ev = evaluate(table)
     return {
         "model": loaded.spec,
-        "input_shape": list(loaded.input_shape),
+        "input_shape": shape_json(loaded.input_shape),
         "totals": public(totals(table, ev)),
         "layers": layer_rows(table, ev),
         "unsupported_ops": table.unsupported,
@@ -37,7 +37,7 @@ def estimate_report(loaded: LoadedModel, table: LayerTable, strategy: Strategy) 
     out = estimate(table, strategy)
     return {
         "model": loaded.spec,
-        "input_shape": list(loaded.input_shape),
+        "input_shape": shape_json(loaded.input_shape),
         "strategy": strategy.model_dump(exclude_none=True),
         "compact": strategy.compact(),
         "pred": public(totals(out)),

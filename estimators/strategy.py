@@ -202,12 +202,18 @@ def parse_strategy(text: "str | dict | Strategy | None") -> Strategy:
         raise UserInputError(f"bad strategy: {'; '.join(msgs)}; {STRATEGY_FORMS}") from None
 
 
-def check_executable(strategy: Strategy, has_data: bool, modules: "set[str] | None" = None) -> None:
+# dtypes whose executor takes a model of one input only: static INT8 (Intel Neural Compressor's PT2E path)
+# calibrates on batches of one tensor
+SINGLE_INPUT_DTYPES = ("int8",)
+
+
+def check_executable(strategy: Strategy, has_data: bool, modules: "set[str] | None" = None, inputs: int = 1) -> None:
     """Refuse (UserInputError) what apply cannot execute, before any work: estimate, apply and the flows all
     check here, so a strategy is never predicted that apply would refuse. At most one quantize step, and it
     last (torch-pruning and distillation work on float models); accuracy-aware autotune (tolerable_loss) needs
-    data to measure accuracy on; per-layer ratios name modules of the model (`modules`, when given) unless a
-    distillation step before them changes the model."""
+    data to measure accuracy on; a model of several `inputs` is not quantized to SINGLE_INPUT_DTYPES; per-layer
+    ratios name modules of the model (`modules`, when given) unless a distillation step before them changes the
+    model."""
     q = [i for i, s in enumerate(strategy.steps) if s.method == "quantize"]
     if len(q) > 1:
         raise UserInputError("at most one quantize step can be executed")
@@ -216,6 +222,10 @@ def check_executable(strategy: Strategy, has_data: bool, modules: "set[str] | No
                              "float models")
     if not has_data and any(s.method == "quantize" and s.tolerable_loss is not None for s in strategy.steps):
         raise UserInputError("tolerable_loss (accuracy-aware autotune) needs --data to measure accuracy on")
+    if inputs > 1 and any(s.method == "quantize" and s.dtype in SINGLE_INPUT_DTYPES for s in strategy.steps):
+        raise UserInputError(f"the model takes {inputs} inputs, and static INT8 quantization is executed for models "
+                             "of one input only (its calibration feeds one tensor); quantize to int8-weight-only, "
+                             "fp16 or bf16 instead")
     if modules is None:
         return
     for step in strategy.steps:

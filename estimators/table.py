@@ -45,7 +45,7 @@ class State:
 @dataclass
 class LayerTable:
     model: str
-    input_shape: tuple[int, ...]
+    input_shape: tuple  # estimators.modelspec.InputShape: one shape, or one per input for a model of several
     batch: int
     names: list[str]
     ops: list[str]
@@ -72,7 +72,7 @@ class LayerTable:
     st_bytes0: np.ndarray  # bytes at fp32 storage... per storage (elements * elem bytes of the traced dtype)
     st_elems_per_chan: np.ndarray
     st_chan0: np.ndarray
-    st_row: np.ndarray  # producer row (for the activation dtype); -1 for the model input
+    st_row: np.ndarray  # producer row (for the activation dtype); -1 for a model input
     st_birth: np.ndarray
     st_death: np.ndarray
     st_seg: tuple[np.ndarray, np.ndarray, np.ndarray]  # (storage, group, mult)
@@ -111,7 +111,7 @@ def _stored(cost: "R.Cost", tensors: list) -> "R.Cost":
     return cost
 
 
-def build_table(model_spec: str, input_shape: tuple[int, ...], tr: Trace, plan: PrunePlan) -> tuple["LayerTable", dict[int, str]]:
+def build_table(model_spec: str, input_shape: tuple, tr: Trace, plan: PrunePlan) -> tuple["LayerTable", dict[int, str]]:
     """Assemble the table, propagating channel compositions; returns it with the groups it cannot follow."""
     rows = tr.rows
     T = tr.tensors
@@ -264,7 +264,7 @@ def build_table(model_spec: str, input_shape: tuple[int, ...], tr: Trace, plan: 
         for t in r.inputs:
             last_use[T[t].storage] = i
     end = n
-    # the model's outputs and its input (held by the caller) stay alive to the end
+    # the model's outputs and its inputs (held by the caller) stay alive to the end
     for t in tr.output_tids + tr.input_tids:
         last_use[T[t].storage] = end
     for info in T:

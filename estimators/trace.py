@@ -16,6 +16,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
 from . import registry as R
+from .modelspec import as_inputs
 
 # calls that read metadata or bookkeeping and move no data, even when they return a tensor
 _IGNORED = {"__get__", "__set__", "size", "dim", "numel", "__len__", "item", "tolist", "__bool__", "__format__",
@@ -32,7 +33,7 @@ class TensorInfo:
     shape: tuple[int, ...]
     elem_bytes: int
     storage: int  # storage key: tensors sharing one are views or in-place versions of each other
-    producer: int  # row index; -1 for the model input, -2 for a constant made outside any row
+    producer: int  # row index; -1 for a model input, -2 for a constant made outside any row
     storage_bytes: int = 0
 
     @property
@@ -213,15 +214,17 @@ def _light(obj):
     return None
 
 
-def trace_model(model: nn.Module, example: torch.Tensor) -> Trace:
+def trace_model(model: nn.Module, example) -> Trace:
+    """Trace `model` on `example`: a tensor, or a tuple of tensors fed positionally (a model of several inputs).
+    The batch is the first input's first dimension."""
     tracer = _Tracer(model)
     h1 = torch.nn.modules.module.register_module_forward_pre_hook(tracer.pre_hook)
     h2 = torch.nn.modules.module.register_module_forward_hook(tracer.hook)
     try:
-        x = example.clone()
-        in_id = tracer.new_info(x, -1)
+        xs = [x.clone() for x in as_inputs(example)]
+        in_ids = [tracer.new_info(x, -1) for x in xs]
         with torch.no_grad(), tracer:
-            out = model(x)
+            out = model(*xs)
     finally:
         h1.remove()
         h2.remove()
@@ -233,7 +236,7 @@ def trace_model(model: nn.Module, example: torch.Tensor) -> Trace:
         if n not in tracer.owned and id(p) not in seen:
             seen.add(id(p))
             unowned.append((n, p))
-    tr = Trace(tracer.rows, tracer.tensors, [in_id], out_ids, unowned, example.shape[0])
+    tr = Trace(tracer.rows, tracer.tensors, in_ids, out_ids, unowned, xs[0].shape[0])
     tracer.keep.clear()
     return tr
 

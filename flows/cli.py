@@ -104,7 +104,10 @@ def _totals_table(title: str, cols: dict[str, dict[str, Any]]) -> Table:
 
 ModelArg = Annotated[str, typer.Argument(help=MODEL_HELP)]
 WeightsOpt = Annotated[Optional[str], typer.Option("--weights", help="state_dict file (loaded with weights_only=True)")]
-ShapeOpt = Annotated[Optional[str], typer.Option("--input-shape", help="e.g. 1,3,224,224 (default: the model's own)")]
+ShapeOpt = Annotated[Optional[str], typer.Option("--input-shape", help="comma-separated positive integers, batch "
+                                                 "first, e.g. 1,3,224,224; a model of several inputs takes one shape "
+                                                 "per forward argument, in order, separated by ';' (quote it: "
+                                                 "'1,3,224,224;1,16'); default: the model's own")]
 StrategyOpt = Annotated[str, typer.Option("--strategy", "-s", help="e.g. prune:0.5:global,quantize:int8, or JSON")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print one JSON object on stdout")]
 TrustOpt = Annotated[bool, typer.Option("--trust-pickle", help="load a .pt2 model that needs pickle (refused "
@@ -151,7 +154,9 @@ def analyze(model: ModelArg, weights: WeightsOpt = None, input_shape: ShapeOpt =
     rep = _compute(as_json, body)
     if as_json:
         return
-    t = Table(title=f"{model}  input {','.join(map(str, rep['input_shape']))}")
+    from estimators.modelspec import format_input_shape
+
+    t = Table(title=f"{model}  input {format_input_shape(rep['input_shape'])}")
     for c in ("layer", "op", "kind", "output", "params", "MACs", "weight B", "act read B", "act write B"):
         t.add_column(c, justify="left" if c in ("layer", "op", "kind", "output") else "right")
     for r in rep["layers"]:
@@ -233,7 +238,7 @@ def estimate(model: ModelArg, strategy: StrategyOpt = "none", weights: WeightsOp
 
         strat = parse_strategy(strategy)
         loaded = _load(model, weights, input_shape, trust_pickle)
-        check_executable(strat, bool(data), {n for n, _ in loaded.model.named_modules()})
+        check_executable(strat, bool(data), {n for n, _ in loaded.model.named_modules()}, loaded.n_inputs)
         table = run_analysis(loaded)
         rep = _with_latency(estimate_report(loaded, table, strat), loaded, table, strat, hardware, batch_size, anchor)
         if data:
@@ -344,6 +349,7 @@ def plan(model: ModelArg, hardware: HardwareReq, weights: WeightsOpt = None, inp
     def body():
         from estimators.accuracy import DropScorer, ProxyScorer
         from estimators.analyze import analyze as run_analysis
+        from estimators.modelspec import format_input_shape
         from search.plan import plan as run_plan
         from tasks.anchoring import latency_context
 
@@ -370,7 +376,7 @@ def plan(model: ModelArg, hardware: HardwareReq, weights: WeightsOpt = None, inp
             scorer = ProxyScorer()
 
         names = tuple(x.strip() for x in (students or "").split(",") if x.strip())
-        shape = ",".join(map(str, loaded.input_shape))
+        shape = format_input_shape(loaded.input_shape)
         tables = {n: run_analysis(_load(n, None, shape, trust_pickle)) for n in names}
         out = run_plan(table, prof, req, scorer, top_k=top_k, students=names, student_tables=tables, progress=say,
                        grid_step=grid_step, nsga_evals=nsga_evals, seed=seed, anchor=anc)

@@ -24,6 +24,7 @@ from prefect.utilities.annotations import quote
 from pydantic import Field
 
 from estimators.errors import CALIBRATION_BUDGET_S
+from estimators.modelspec import format_input_shape
 from search.requirements import Requirements, broken_as_measured
 from tasks.pipeline import (ModelInput, ParallelOptions, SearchOptions, analyze_task, calibrate_task, execute_task,
                             measure_task, search_task, sensitivity_task)
@@ -145,7 +146,7 @@ def _plan_steps(model: ModelInput, data: Optional[str], hardware: str, requireme
     log = get_run_logger()
     table = analyze_task(model)
     sens = sensitivity_task(model, data, quote(table)) if data else None
-    shape = ",".join(map(str, table.input_shape))
+    shape = format_input_shape(table.input_shape)
     students = {s: analyze_task(ModelInput(spec=s, input_shape=shape, trust_pickle=model.trust_pickle))
                 for s in search.students}
     # quote(): large payloads pass through as they are (Prefect would walk them looking for futures)

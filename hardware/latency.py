@@ -39,6 +39,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from estimators.modelspec import input_shapes
 from estimators.registry import Q_INDEX
 from estimators.table import DTYPE_BYTES, LayerTable, evaluate
 
@@ -276,8 +277,8 @@ def misaligned(cin: np.ndarray, cout: np.ndarray, multiple: int | None, both: bo
 
 
 def input_elements(table: LayerTable) -> float:
-    """Elements of one sample of the model's input."""
-    return float(np.prod(table.input_shape[1:])) if len(table.input_shape) > 1 else 1.0
+    """Elements of one sample of the model's input (of all its inputs, for a model of several)."""
+    return float(sum(np.prod(s[1:]) if len(s) > 1 else 1.0 for s in input_shapes(table.input_shape)))
 
 
 def parent_classes(kinds: np.ndarray) -> np.ndarray:

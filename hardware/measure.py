@@ -7,6 +7,9 @@
   model runs eagerly, tracked at the ATen dispatcher: every op output's storage is counted from its
   creation until the last tensor viewing it is freed (weak references), so it measures the real
   lifetimes PyTorch's eager execution gives, not the estimator's liveness analysis.
+
+Every `example` here is a model's input: one tensor, or for a model of several inputs the tuple of them, fed
+positionally (`fn(*inputs)`, estimators.modelspec.as_inputs); a batch is the first input's first dimension.
 """
 from __future__ import annotations
 
@@ -24,24 +27,28 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from estimators.modelspec import as_inputs
 
-def count_module(model: torch.nn.Module, example: torch.Tensor) -> dict[str, float]:
+
+def count_module(model: torch.nn.Module, example) -> dict[str, float]:
     import torch_pruning as tp
 
     was_training = model.training
     model.eval()
+    # torch-pruning's counter feeds a tuple positionally and averages over the first input's batch
     macs, params = tp.utils.count_ops_and_params(model, example)
     model.train(was_training)
     macs = int(macs) if float(macs).is_integer() else float(macs)
     return {"params": int(params), "macs": macs, "flops": 2 * macs}
 
 
-def gemm_macs(fn: Callable, example: torch.Tensor) -> int:
+def gemm_macs(fn: Callable, example) -> int:
     from torch.utils.flop_counter import FlopCounterMode
 
+    xs = as_inputs(example)
     with torch.no_grad(), FlopCounterMode(display=False) as fc:
-        fn(example)
-    return int(fc.get_total_flops() // 2 // example.shape[0])
+        fn(*xs)
+    return int(fc.get_total_flops() // 2 // xs[0].shape[0])
 
 
 def stored_tensors(ep) -> list[tuple[str, torch.Tensor]]:
@@ -103,15 +110,16 @@ class _PeakTracker(TorchDispatchMode):
         return out
 
 
-def measure_peak_activation_bytes(fn: Callable, example: torch.Tensor, weights: list[torch.Tensor]) -> int:
-    """Peak bytes of activation storages alive at once during one eager forward (input included)."""
+def measure_peak_activation_bytes(fn: Callable, example, weights: list[torch.Tensor]) -> int:
+    """Peak bytes of activation storages alive at once during one eager forward (inputs included)."""
     exclude = {w.untyped_storage().data_ptr() for w in weights if isinstance(w, torch.Tensor) and w.numel()}
-    x = example.clone()
+    xs = [x.clone() for x in as_inputs(example)]
     tracker = _PeakTracker(exclude)
     with torch.no_grad():
-        tracker.track(x)
+        for x in xs:
+            tracker.track(x)
         with tracker:
-            out = fn(x)
+            out = fn(*xs)
         del out
     return tracker.peak
 
@@ -136,11 +144,12 @@ class _TrafficCounter(TorchDispatchMode):
         return out
 
 
-def measure_memory_access_bytes(fn: Callable, example: torch.Tensor) -> int:
+def measure_memory_access_bytes(fn: Callable, example) -> int:
     """Bytes every non-view ATen op reads (its tensor arguments, weights included) and writes, summed."""
+    xs = as_inputs(example)
     counter = _TrafficCounter()
     with torch.no_grad(), counter:
-        fn(example)
+        fn(*xs)
     return counter.bytes
 
 
@@ -338,7 +347,7 @@ def collector_paused():
             gc.enable()
 
 
-def measure_latency(fn: Callable, example: torch.Tensor, warmup: int = 3, min_runs: int = 10, max_runs: int = 200,
+def measure_latency(fn: Callable, example, warmup: int = 3, min_runs: int = 10, max_runs: int = 200,
                     budget_s: float = 2.0, between: Callable[[], float] | None = None) -> dict:
     """Median wall time of fn(example) after warm-up (with p90 and run count), threads and batch fixed.
 
@@ -349,27 +358,28 @@ def measure_latency(fn: Callable, example: torch.Tensor, warmup: int = 3, min_ru
     (measure_paced reads the pace network there)."""
     allocator = steady_allocator()
     extra: list[float] = []
+    xs = as_inputs(example)
     with collector_paused(), torch.inference_mode():
         for _ in range(warmup):
-            fn(example)
+            fn(*xs)
         times: list[float] = []
         start = time.perf_counter()
         while len(times) < max_runs and (len(times) < min_runs or time.perf_counter() - start < budget_s):
             t0 = time.perf_counter()
-            fn(example)
+            fn(*xs)
             times.append(time.perf_counter() - t0)
             if between is not None:
                 extra.append(between())
     times.sort()
     p90 = times[min(len(times) - 1, int(round(0.9 * (len(times) - 1))))]
     out = {"latency_ms": statistics.median(times) * 1e3, "latency_p90_ms": p90 * 1e3, "latency_runs": len(times),
-           "threads": torch.get_num_threads(), "batch_size": int(example.shape[0]), "allocator": allocator}
+           "threads": torch.get_num_threads(), "batch_size": int(xs[0].shape[0]), "allocator": allocator}
     if between is not None:
         out["between"] = extra
     return out
 
 
-def measure_paced(fn: Callable, example: torch.Tensor, reference: PaceReference, warmup: int = 3, min_runs: int = 10,
+def measure_paced(fn: Callable, example, reference: PaceReference, warmup: int = 3, min_runs: int = 10,
                   max_runs: int = 200, budget_s: float = 2.0) -> dict[str, float]:
     """measure_latency's figures for fn(example) timed in alternation with the pace network (a call, then a pace
     reading, in turn, so both see the same moments of the machine), plus `pace_ms`: the median of the readings.
@@ -394,14 +404,15 @@ INTERLEAVE_ROUND_S = 0.02  # a round this short: the machine's stalls (seconds l
 INTERLEAVE_BUDGET_S = 2.0  # seconds per function per measurement
 
 
-def burst_median(fn: Callable, x: torch.Tensor, round_s: float, min_calls: int) -> float:
+def burst_median(fn: Callable, x, round_s: float, min_calls: int) -> float:
     """Median seconds of fn(x) over a burst of at least `min_calls` calls and about `round_s` seconds (at most
     1000 calls): one round of an alternation."""
+    xs = as_inputs(x)
     times: list[float] = []
     start = time.perf_counter()
     while len(times) < min_calls or (time.perf_counter() - start < round_s and len(times) < 1000):
         t0 = time.perf_counter()
-        fn(x)
+        fn(*xs)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
@@ -414,7 +425,7 @@ def describe_rounds(rounds: int | None) -> str:
     return f"{rounds} alternation rounds"
 
 
-def measure_interleaved(fns: list[Callable], examples: list[torch.Tensor], rounds: int | None = None,
+def measure_interleaved(fns: list[Callable], examples: list, rounds: int | None = None,
                         round_s: float = INTERLEAVE_ROUND_S, budget_s: float = INTERLEAVE_BUDGET_S,
                         min_calls: int = 3, warmup: int = 2, min_rounds: int = 9,
                         max_rounds: int = 60) -> dict[str, list[float]]:
@@ -432,9 +443,10 @@ def measure_interleaved(fns: list[Callable], examples: list[torch.Tensor], round
     with collector_paused(), torch.inference_mode():
         call_s = []
         for fn, x in zip(fns, examples):
+            xs = as_inputs(x)
             for _ in range(max(warmup, 1)):
                 t0 = time.perf_counter()
-                fn(x)
+                fn(*xs)
                 took = time.perf_counter() - t0
             call_s.append(took)
         if rounds is None:

@@ -17,6 +17,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
 from estimators import registry as R
+from estimators.modelspec import as_inputs
 from estimators.trace import _IGNORED
 
 
@@ -52,8 +53,9 @@ class _Timer(TorchFunctionMode):
         return out
 
 
-def row_times(model: nn.Module, example: torch.Tensor, runs: int = 5, warmup: int = 2) -> list[float]:
-    """Median in-context seconds of every analysis row of `model(example)` over `runs` forward passes."""
+def row_times(model: nn.Module, example, runs: int = 5, warmup: int = 2) -> list[float]:
+    """Median in-context seconds of every analysis row of `model(example)` over `runs` forward passes (`example`:
+    a tensor, or the tuple of a model's several inputs, fed positionally)."""
     from .measure import collector_paused, steady_allocator
 
     steady_allocator()
@@ -62,14 +64,14 @@ def row_times(model: nn.Module, example: torch.Tensor, runs: int = 5, warmup: in
     return _row_medians(per_run)
 
 
-def _timed_pass(model: nn.Module, example: torch.Tensor) -> list[float]:
+def _timed_pass(model: nn.Module, example) -> list[float]:
     """One forward pass of `model` with every analysis row timed (the hooks in place for this pass only)."""
     timer = _Timer()
     h1 = torch.nn.modules.module.register_module_forward_pre_hook(timer.pre_hook)
     h2 = torch.nn.modules.module.register_module_forward_hook(timer.hook)
     try:
         with timer:
-            model(example)
+            model(*as_inputs(example))
     finally:
         h1.remove()
         h2.remove()
@@ -84,7 +86,7 @@ def _row_medians(per_pass: list[list[float]]) -> list[float]:
     return [statistics.median(r[i] for r in per_pass) for i in range(n)]
 
 
-def row_shares(model: nn.Module, example: torch.Tensor, artifact, rounds: int = 15, round_s: float = 0.02,
+def row_shares(model: nn.Module, example, artifact, rounds: int = 15, round_s: float = 0.02,
                min_calls: int = 3) -> list[float]:
     """Every row's time as a share of the artifact's, both timed in alternation: each round times `artifact` (the
     median of a burst of about `round_s` seconds, hardware.measure.burst_median) and then one forward pass of
@@ -95,12 +97,13 @@ def row_shares(model: nn.Module, example: torch.Tensor, artifact, rounds: int = 
 
     steady_allocator()
     per_round: list[list[float]] = []
+    xs = as_inputs(example)
     with collector_paused(), torch.inference_mode():
         for _ in range(2):
-            artifact(example)
-            model(example)
+            artifact(*xs)
+            model(*xs)
         for _ in range(rounds):
             total = burst_median(artifact, example, round_s, min_calls)
-            model(example)
+            model(*xs)
             per_round.append([t / total for t in _timed_pass(model, example)])
     return _row_medians(per_round)

@@ -26,7 +26,8 @@ from typing import Any, Callable, Protocol
 import numpy as np
 
 from estimators.compress import estimate, prune_counts
-from estimators.strategy import DistillStep, PruneStep, QuantizeStep, Strategy
+from estimators.modelspec import n_inputs
+from estimators.strategy import SINGLE_INPUT_DTYPES, DistillStep, PruneStep, QuantizeStep, Strategy
 from estimators.table import LayerTable
 from hardware.profile import HardwareProfile
 
@@ -63,9 +64,11 @@ class Scorer(Protocol):
     def group_curves(self, table: LayerTable, ratios: np.ndarray) -> np.ndarray: ...
 
 
-def quantize_dtypes(profile: HardwareProfile) -> list[str]:
-    """Dtypes worth proposing: those the device runs fast (a slow one only costs what it saves)."""
-    return [d for d in QUANT_DTYPES if d in profile.fast_dtypes]
+def quantize_dtypes(profile: HardwareProfile, table: LayerTable | None = None) -> list[str]:
+    """Dtypes worth proposing: those the device runs fast (a slow one only costs what it saves), and for a model
+    of several inputs (`table`'s) only those it can be executed in (estimators.strategy.check_executable)."""
+    several = table is not None and n_inputs(table.input_shape) > 1
+    return [d for d in QUANT_DTYPES if d in profile.fast_dtypes and not (several and d in SINGLE_INPUT_DTYPES)]
 
 
 @dataclass
@@ -214,7 +217,7 @@ def build_families(table: LayerTable, profile: HardwareProfile, batch: int, stud
         distills.append((DistillStep(student=s), st))
     fams = []
     for d, base in distills:
-        for q in [None] + [QuantizeStep(dtype=x) for x in quantize_dtypes(profile)]:
+        for q in [None] + [QuantizeStep(dtype=x) for x in quantize_dtypes(profile, table)]:
             qt = base if q is None else estimate(base, Strategy(steps=[q]))
             fams.append(Family(d, q, base, BatchEvaluator(qt, profile, batch, anchor=anchor)))
     return fams

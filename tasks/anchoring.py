@@ -61,6 +61,10 @@ def measure_anchor(loaded: LoadedModel, table: LayerTable, profile, batch: int =
     fn = original_program(loaded).module()
     runtimes, notes, fns = {}, [], [fn]
     int8 = "int8" in profile.fast_dtypes if int8 is None else int8
+    if int8 and loaded.n_inputs > 1:  # static INT8 is executed for models of one input only (check_executable)
+        int8 = False
+        notes.append(f"the original takes {loaded.n_inputs} inputs, which static INT8 quantization does not; it "
+                     "has no INT8 candidates")
     if int8:
         progress("anchoring: quantizing and compiling the original as INT8 artifacts run")
         try:

@@ -7,9 +7,9 @@ from typing import Any, Callable
 
 from estimators.analyze import analyze
 from estimators.compress import estimate
-from estimators.modelspec import LoadedModel
+from estimators.modelspec import LoadedModel, shape_json
 from estimators.report import public, rel_err
-from estimators.strategy import Strategy
+from estimators.strategy import Strategy, check_executable
 from estimators.table import totals
 from hardware.measure import (count_module, gemm_macs, measure_memory_access_bytes, measure_peak_activation_bytes,
                               stored_tensor_bytes, stored_tensors)
@@ -23,7 +23,7 @@ from .quantize_exec import load_program
 def measure_work(work: Work, ep, artifact_path: str) -> tuple[dict[str, Any], list[str]]:
     """Measure the real artifact `ep` (loaded back from `artifact_path`) and the compressed module it was made from."""
     notes: list[str] = []
-    ex = work.example(work.loaded.input_shape[0])
+    ex = work.example()
     meas: dict[str, Any] = {}
     counted = count_module(work.model, ex)  # parameters and MACs of the compressed float module
     meas.update(counted)
@@ -102,11 +102,12 @@ def predict_host_latency(loaded: LoadedModel, table, est, hardware: str, batch_s
     return prof, anchor, out
 
 
-def saved_latency(model_path: str, strategy: dict[str, Any], input_shape: list[int], batch_size: int,
+def saved_latency(model_path: str, strategy: dict[str, Any], input_shape: list, batch_size: int,
                   trust_pickle: bool = False) -> dict[str, Any]:
-    """Latency of a saved artifact, loaded from `model_path`, on the seeded example input at `batch_size`, in the
-    form that runs it fast (a device worker measures what it fetched with this). An artifact that needs pickle is
-    refused unless `trust_pickle`."""
+    """Latency of a saved artifact, loaded from `model_path`, on the seeded example input at `batch_size` (one per
+    input where `input_shape` lists several shapes, as a result's JSON does), in the form that runs it fast (a
+    device worker measures what it fetched with this). An artifact that needs pickle is refused unless
+    `trust_pickle`."""
     from estimators.modelspec import seeded_input
     from hardware.measure import measure_latency
 
@@ -154,6 +155,11 @@ def apply_and_measure(loaded: LoadedModel, strategy: Strategy, out_dir: str, har
     """`latency_now=False`: predict the latency but leave measuring it to `measure_saved_latency` (a
     pipeline that builds candidates in parallel measures them one at a time afterwards). `anchor_on`: predict the
     latency anchored on the original measured here (tasks.anchoring), where the hardware is this machine."""
+    check_executable(strategy, bool(data_spec), {n for n, _ in loaded.model.named_modules()}, loaded.n_inputs)
+    if data_spec:
+        from estimators.data import check_one_input
+
+        check_one_input(data_spec, loaded)
     check_out_dir(out_dir)
     progress(f"analysing {loaded.spec}")
     table = analyze(loaded)
@@ -225,7 +231,7 @@ def apply_and_measure(loaded: LoadedModel, strategy: Strategy, out_dir: str, har
     result = {
         "latency_measurement": None,
         "model": loaded.spec,
-        "input_shape": list(loaded.input_shape),
+        "input_shape": shape_json(loaded.input_shape),
         "batch_size": batch_size,
         "strategy": strategy.model_dump(exclude_none=True),
         "compact": strategy.compact(),

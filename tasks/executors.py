@@ -22,7 +22,7 @@ from torch import nn
 
 from estimators.analyze import analyze
 from estimators.errors import UserInputError
-from estimators.modelspec import LoadedModel, load_model
+from estimators.modelspec import LoadedModel, as_inputs, format_input_shape, load_model
 from estimators.plugins import Registry
 from estimators.pruning import build_pruner
 from estimators.strategy import DistillStep, PruneStep, QuantizeStep, Strategy, check_executable
@@ -60,7 +60,8 @@ class Work:
         self.log.append(f"{label}: {res.epochs} epochs in {res.seconds:.1f} s"
                         + (f", val accuracy {res.history[-1]['accuracy']:.2f}%" if res.history else ""))
 
-    def example(self, batch: int | None = None) -> torch.Tensor:
+    def example(self, batch: int | None = None):
+        """The seeded example: a tensor, or the tuple of a model's several inputs (fed positionally)."""
         return self.loaded.example_input(batch)
 
 
@@ -103,7 +104,7 @@ def execute_distill(work: Work, step: DistillStep) -> Work:
                 m.reset_parameters()
         work.log.append(f"student: the teacher at width {step.width:g}, re-initialised")
         return _train_student(work, f"distill to width {step.width:g}")
-    shape = ",".join(map(str, work.loaded.input_shape))
+    shape = format_input_shape(work.loaded.input_shape)
     student = load_model(step.student, input_shape=shape, trust_pickle=work.loaded.trust_pickle)
     work.loaded = student
     work.model = copy.deepcopy(student.model)
@@ -130,7 +131,9 @@ def execute_quantize(work: Work, step: QuantizeStep) -> Work:
         calib = work.data.calibration_batches(4)
         source = f"{sum(len(c) for c in calib)} training inputs of {work.data.spec}"
     else:
-        calib = [work.example(2)] + [torch.randn_like(work.example(2)) for _ in range(3)]
+        calib = [work.example(2)]
+        if work.loaded.n_inputs == 1:  # only static INT8 calibrates, and it takes models of one input
+            calib += [torch.randn_like(work.example(2)) for _ in range(3)]
         source = "random inputs (no data given)"
     eval_fn = None
     if step.tolerable_loss is not None:  # with data: run_strategy's check_executable
@@ -150,19 +153,21 @@ def execute_quantize(work: Work, step: QuantizeStep) -> Work:
     return work
 
 
-def export_program(model: nn.Module, example: torch.Tensor):
-    """torch.export with a dynamic batch dimension (example batch of 2)."""
+def export_program(model: nn.Module, example):
+    """torch.export with a dynamic batch dimension (example batch of 2). `example`: a tensor, or the tuple of a
+    model's several inputs, exported as positional arguments that share the one dynamic batch (every input's
+    first dimension)."""
     batch = torch.export.Dim("batch", min=1, max=1024)
-    ex = example if example.shape[0] >= 2 else example.expand(2, *example.shape[1:]).contiguous()
+    xs = tuple(x if x.shape[0] >= 2 else x.expand(2, *x.shape[1:]).contiguous() for x in as_inputs(example))
     with torch.no_grad():
-        return torch.export.export(model.eval(), (ex,), dynamic_shapes=({0: batch},))
+        return torch.export.export(model.eval(), xs, dynamic_shapes=tuple({0: batch} for _ in xs))
 
 
 def run_strategy(loaded: LoadedModel, strategy: Strategy, export: bool = True, data: Any = None, train_cfg: Any = None,
                  progress: Callable[[str], None] = lambda m: None) -> Work:
     """Execute every step on a copy of the model; export the result unless told not to. With `data`, the
     steps that train (fine-tuning after pruning, distillation) train for `train_cfg.epochs`."""
-    check_executable(strategy, data is not None, {n for n, _ in loaded.model.named_modules()})
+    check_executable(strategy, data is not None, {n for n, _ in loaded.model.named_modules()}, loaded.n_inputs)
     work = Work(loaded=loaded, model=copy.deepcopy(loaded.model).eval(), table=analyze(loaded), data=data,
                 train_cfg=train_cfg, progress=progress)
     if data is not None:

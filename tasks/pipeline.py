@@ -20,10 +20,10 @@ from typing import Any, Optional
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from estimators.errors import CALIBRATION_BUDGET_S, UserInputError
-from estimators.modelspec import DEMO_WEIGHTS
+from estimators.modelspec import DEMO_WEIGHTS, INPUT_SHAPE_PATTERN, parse_input_shape
 from estimators.strategy import parse_strategy
 from search.requirements import Requirements
 
@@ -50,9 +50,18 @@ class ModelInput(BaseModel):
     model_config = ConfigDict(extra="forbid")
     spec: str = Field(default="demo:digits-cnn", description="model spec")
     weights: Optional[str] = Field(default=None, description="state_dict file (loaded with weights_only=True)")
-    input_shape: Optional[str] = Field(default=None, description="e.g. 1,3,224,224 (default: the model's own)")
+    input_shape: Optional[str] = Field(default=None, pattern=INPUT_SHAPE_PATTERN,
+                                       description="e.g. 1,3,224,224; a model of several inputs: one shape per "
+                                       "input separated by ';', e.g. 1,3,224,224;1,16 (default: the model's own)")
     trust_pickle: bool = Field(default=False, description="load a .pt2 that needs pickle (it can run any code): "
                                "only for a file whose source you trust")
+
+    @field_validator("input_shape")
+    @classmethod
+    def _shape_parses(cls, v: Optional[str]) -> Optional[str]:
+        """What the pattern admits, parse_input_shape parses: one rule for the form, the CLI and load_model."""
+        parse_input_shape(v)
+        return v
 
     def fingerprint(self) -> str:
         """Spec, input shape and the weights' content hash: what the analysis and sensitivity depend on."""

@@ -151,6 +151,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from estimators.modelspec import as_inputs
 from hardware.measure import stored_tensor_bytes, stored_tensors  # noqa: F401  (re-exported)
 
 logger = logging.getLogger(__name__)
@@ -195,9 +196,11 @@ def _batch_dim():
     return torch.export.Dim("batch")
 
 
-def _example_batch(example_input: torch.Tensor, min_batch: int = 2) -> torch.Tensor:
+def _example_batch(example_input, min_batch: int = 2):
     """Example with a batch of at least 2 so torch.export keeps the batch dim symbolic
-    (a batch of 1 would be specialized)."""
+    (a batch of 1 would be specialized); a tuple of a model's several inputs, each so."""
+    if not isinstance(example_input, torch.Tensor):
+        return tuple(_example_batch(x, min_batch) for x in example_input)
     if example_input.dim() == 0 or example_input.shape[0] == 0:
         raise ValueError("example_input must have a non-empty leading batch dimension")
     b = example_input.shape[0]
@@ -207,9 +210,17 @@ def _example_batch(example_input: torch.Tensor, min_batch: int = 2) -> torch.Ten
     return example_input.repeat(reps, *([1] * (example_input.dim() - 1)))[:min_batch]
 
 
-def _export(module: torch.nn.Module, example: torch.Tensor) -> torch.export.ExportedProgram:
+def _export(module: torch.nn.Module, example, varargs: bool = False) -> torch.export.ExportedProgram:
+    """Export `module` on `example` (a tensor, or a tuple of a model's several inputs, passed positionally and
+    sharing one dynamic batch). `varargs`: the module's forward is `(x, *rest)` (_CastIO), whose dynamic shapes
+    nest the rest in a tuple."""
+    xs = as_inputs(example)
+    batch = _batch_dim()
+    specs = tuple({0: batch} for _ in xs)
+    if varargs and len(specs) > 1:
+        specs = (specs[0], specs[1:])
     with torch.no_grad():
-        return torch.export.export(module, (example,), dynamic_shapes=({0: _batch_dim()},))
+        return torch.export.export(module, xs, dynamic_shapes=specs)
 
 
 def _set_submodule(root: torch.nn.Module, fqn: str, new: torch.nn.Module) -> None:
@@ -249,8 +260,8 @@ class _CastIO(torch.nn.Module):
         self.m = inner
         self.dtype = dtype
 
-    def forward(self, x):
-        out = self.m(x.to(self.dtype))
+    def forward(self, x, *rest):  # rest: a model's further inputs, each cast alike
+        out = self.m(x.to(self.dtype), *(r.to(self.dtype) for r in rest))
         return torch.utils._pytree.tree_map(
             lambda t: t.to(torch.float32) if isinstance(t, torch.Tensor) and t.is_floating_point() else t, out
         )
@@ -260,7 +271,7 @@ def _quantize_half(model, example_input, dtype_name):
     tdt = torch.float16 if dtype_name == "fp16" else torch.bfloat16
     inner = copy.deepcopy(model).eval().to(tdt)
     wrapper = _CastIO(inner, tdt).eval()
-    ep = _export(wrapper, _example_batch(example_input))
+    ep = _export(wrapper, _example_batch(example_input), varargs=True)
     quantized = _conv_linear_names(model)  # every conv/linear weight is stored in fp16/bf16
     return _result(ep, dtype_name, quantized, model)
 
@@ -548,7 +559,7 @@ def _quantize_int8(model, example_input, calib_batches, keep_float=(), tolerable
 
 def quantize(
     model: torch.nn.Module,
-    example_input: torch.Tensor,
+    example_input: torch.Tensor | tuple[torch.Tensor, ...],
     dtype: str,
     calib_batches: list[torch.Tensor] | None = None,
     keep_float: list[str] | tuple = (),
@@ -558,14 +569,21 @@ def quantize(
     """Quantize/convert ``model`` to ``dtype`` and export it (dynamic batch dim).
 
     ``model`` is not modified (a deep copy is used). ``example_input`` is a batched
-    tensor; if its batch is < 2 it is repeated to 2 for export. ``calib_batches``,
+    tensor, or for a model of several inputs the tuple of them (fed positionally, sharing the
+    dynamic batch; not for ``int8``); if its batch is < 2 it is repeated to 2 for export. ``calib_batches``,
     ``keep_float`` (module names left in float) and the accuracy-aware autotune
     (``tolerable_loss`` relative, ``eval_fn(graph_module) -> accuracy``) are only used for ``int8``.
     """
     if dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"unsupported dtype {dtype!r}; supported: {', '.join(SUPPORTED_DTYPES)}")
-    if not isinstance(example_input, torch.Tensor):
-        raise TypeError("example_input must be a torch.Tensor")
+    several = isinstance(example_input, tuple) and len(example_input) > 1
+    if not (isinstance(example_input, torch.Tensor)
+            or isinstance(example_input, tuple) and all(isinstance(x, torch.Tensor) for x in example_input)):
+        raise TypeError("example_input must be a torch.Tensor, or a tuple of them for a model of several inputs")
+    if several and dtype == "int8":
+        raise ValueError("static int8 quantization calibrates a model of one input (a tensor per batch)")
+    if isinstance(example_input, tuple) and not several:
+        example_input = example_input[0]
     if dtype == "int8":
         return _quantize_int8(model, example_input, calib_batches, keep_float, tolerable_loss, eval_fn)
     if dtype == "int8-weight-only":

@@ -153,6 +153,14 @@ def test_flow_parameters_are_validated_models(harness):
     assert {"max_latency_ms", "max_size_mb", "max_accuracy_drop"} <= set(schema["definitions"]["Requirements"]["properties"])
     with pytest.raises(ParameterTypeError):
         plan_flow(top_k=0)
+    # the form checks an input shape against --input-shape's syntax (one shape, or several separated by ';')
+    from estimators.modelspec import INPUT_SHAPE_PATTERN
+
+    shape = schema["definitions"]["ModelInput"]["properties"]["input_shape"]
+    assert shape["anyOf"][0]["pattern"] == INPUT_SHAPE_PATTERN
+    for bad in ("1,3;", "1,3;;1,4", "a,b"):
+        with pytest.raises(ParameterTypeError):
+            plan_flow(model={"spec": "tinynets:two_input_net", "input_shape": bad})
 
 
 def test_a_flow_run_left_running_by_a_killed_process_is_marked_crashed(harness, mlflow_store):

@@ -13,7 +13,7 @@ runner = CliRunner()
 
 SPECS = ["nosuchthing", "torchvision:resnet999", "demo:nope", "/no/such/model.pt2", "no_such_module_xyz:factory",
          "tinynets:broken_factory", "tinynets:not_a_module", "tinynets:missing"]
-SHAPES = ["1,x", "0,1,8,8", "-1,1,8,8", "1,3,224,224", ",", "1,,8"]
+SHAPES = ["1,x", "0,1,8,8", "-1,1,8,8", "1,3,224,224", ",", "1,,8", "1,3;", "a,b", "0,3", "-1,3", "1,3;;1,4"]
 STRATEGIES = ["shrink:0.5", "prune:1.0", "prune:-0.1", "quantize:int4", "{bad json", "distill:width:1.5", "prune",
               "prune:0.5:round_to=x", "prune:0.5:bogus", "quantize:int8,prune:0.5", "quantize:fp16,quantize:int8",
               "quantize:int8:tolerable_loss=0.01", "prune:nan", "prune:inf", "prune:0.2:layers=nosuch=0.5",
@@ -51,6 +51,14 @@ CASES += [["calibrate", "--hardware", "jetson-nano"], ["calibrate", "--budget", 
           ["estimate", "demo:digits-cnn", "--no-such-flag"], ["plan", "demo:digits-cnn"],
           # a model whose tracing fails inside the estimators (swin_v2's position-bias MLP reads a buffer)
           ["analyze", "torchvision:swin_v2_t", "--input-shape", "1,3,64,64"]]
+# a model of two inputs: too few or too many shapes, and what takes one input only (data sets, static INT8)
+TWO = ["tinynets:two_input_net", "--input-shape", "1,3,8,8;1,16"]
+CASES += [["analyze", "tinynets:two_input_net", "--input-shape", "1,3,8,8"],
+          ["analyze", "tinynets:two_input_net", "--input-shape", "1,3,8,8;1,16;1,4"],
+          ["estimate", *TWO, "--strategy", "quantize:int8"], ["estimate", *TWO, "--data", "digits"],
+          ["apply", *TWO, "--strategy", "prune:0.5,quantize:int8", "--out", "OUT"],
+          ["plan", *TWO, "--hardware", "jetson-nano", "--data", "digits"],
+          ["run", *TWO, "--hardware", "jetson-nano", "--data", "digits", "--out-dir", "EMPTY"]]
 
 
 def test_the_table_is_broad():

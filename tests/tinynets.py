@@ -110,3 +110,25 @@ def lstm_net():
 def failing_loaders():
     """A data function that raises (a user's bug): one clean error, not a traceback."""
     raise OSError("dataset server unreachable")
+
+
+class TwoInputNet(nn.Module):
+    """Two positional inputs, an image (Nx3x8x8) and a vector (Nx16): conv(3->8, 3x3) -> relu -> global mean on
+    the image, linear(16->8) -> relu on the vector, the two concatenated into a head linear(16->8) -> relu ->
+    linear(8->4). Input shape 1,3,8,8;1,16."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.vec = nn.Linear(16, 8)
+        self.head = nn.Linear(16, 8)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, image, vector):
+        a = torch.relu(self.conv(image)).mean((2, 3))
+        b = torch.relu(self.vec(vector))
+        return self.fc(torch.relu(self.head(torch.cat([a, b], 1))))
+
+
+def two_input_net():
+    return TwoInputNet()
