@@ -42,6 +42,7 @@ class TMeta:
     """What a cost function sees of a tensor."""
 
     shape: tuple[int, ...]
+    axis: int | None = None  # the channel dim where the tracer knows it (see chan_axis)
 
     @property
     def numel(self) -> int:
@@ -49,7 +50,10 @@ class TMeta:
 
     @property
     def chan_axis(self) -> int:
+        # where the tracer knows it (a Linear's output, and rows that keep its layout), the dim it names; else
         # NCHW-style tensors carry channels on dim 1, token tensors (N, L, D) on the last dim
+        if self.axis is not None:
+            return self.axis
         return -1 if len(self.shape) == 3 else 1
 
     @property
@@ -487,6 +491,14 @@ def creation_function(ctx: Ctx) -> Cost:
     for t in ctx.outputs:
         c.add("act_out", t.numel)
     return c
+
+
+# Module types that leave a tensor's layout as it is (elementwise, or acting on the last dim): their output
+# keeps its input's channel dim. A Linear (module or function) puts its output features on the last dim,
+# whatever the rank: on a channels-last (N, H, W, C) tensor that is not the NCHW dim 1.
+LAYOUT_KEEPING_MODULES = (nn.ReLU, nn.ReLU6, nn.ELU, nn.LeakyReLU, nn.GELU, nn.LayerNorm)
+LINEAR_MODULES = (nn.Linear,)
+LINEAR_FUNCTIONS = ("linear",)
 
 
 def module_cost_fn(module: nn.Module) -> CostFn | None:

@@ -35,10 +35,11 @@ class TensorInfo:
     storage: int  # storage key: tensors sharing one are views or in-place versions of each other
     producer: int  # row index; -1 for a model input, -2 for a constant made outside any row
     storage_bytes: int = 0
+    axis: int | None = None  # channel dim where known (R.TMeta.chan_axis); None: the shape's convention
 
     @property
     def meta(self) -> R.TMeta:
-        return R.TMeta(self.shape)
+        return R.TMeta(self.shape, self.axis)
 
 
 @dataclass
@@ -122,6 +123,26 @@ class _Tracer(TorchFunctionMode):
                     acts.append(self.resolve(a))
         return acts, params
 
+    def row_metas(self, in_ids: list[int], out_ids: list[int], layout: str) -> tuple[list[R.TMeta], list[R.TMeta]]:
+        """What a row's cost function sees of its inputs and outputs, with the channel dim of each output set
+        by the row's `layout`: "linear" (a linear map puts its features on the last dim, whatever the rank),
+        "keep" (elementwise or last-dim ops: operands shaped like the output are aligned with it, so all share
+        the channel dim known for any of them), "cat" (the same over the inputs of the output's rank) or ""
+        (the shape's convention)."""
+        ins = [self.tensors[i] for i in in_ids]
+        metas = [t.meta for t in ins]
+        for o in out_ids:
+            out = self.tensors[o]
+            if layout == "linear":
+                out.axis = -1 if len(out.shape) >= 2 else None
+            elif layout in ("keep", "cat"):
+                aligned = [j for j, t in enumerate(ins)
+                           if (t.shape == out.shape if layout == "keep" else len(t.shape) == len(out.shape))]
+                out.axis = next((ins[j].axis for j in aligned if ins[j].axis is not None), None)
+                for j in aligned:
+                    metas[j] = R.TMeta(ins[j].shape, out.axis)
+        return metas, [self.tensors[o].meta for o in out_ids]
+
     def _row_name(self, base: str) -> str:
         k = self.name_count.get(base, 0) + 1
         self.name_count[base] = k
@@ -151,7 +172,9 @@ class _Tracer(TorchFunctionMode):
         outs = [o for o in tree_flatten(output)[0] if isinstance(o, torch.Tensor)]
         row_idx = len(self.rows)
         out_ids = [self.new_info(o, row_idx) for o in outs]
-        ctx = R.Ctx([self.tensors[i].meta for i in acts], [self.tensors[i].meta for i in out_ids], module=module)
+        layout = "linear" if isinstance(module, R.LINEAR_MODULES) else \
+            "keep" if isinstance(module, R.LAYOUT_KEEPING_MODULES) else ""
+        ctx = R.Ctx(*self.row_metas(acts, out_ids, layout), module=module)
         cost = R.module_cost_fn(module)(ctx)
         owned = []
         for n, p in list(module.named_parameters(prefix=name)) + list(module.named_buffers(prefix=name)):
@@ -190,8 +213,8 @@ class _Tracer(TorchFunctionMode):
             cost, rule = None, "fixed"
         else:
             fn, rule = entry
-            ctx = R.Ctx([self.tensors[i].meta for i in acts], [self.tensors[i].meta for i in out_ids], params=fresh_params,
-                        args=args, kwargs=kwargs)
+            layout = "linear" if fname in R.LINEAR_FUNCTIONS else {"same": "keep", "cat": "cat"}.get(rule, "")
+            ctx = R.Ctx(*self.row_metas(acts, out_ids, layout), params=fresh_params, args=args, kwargs=kwargs)
             cost = fn(ctx)
         scope = self.name_stack[-1]
         base = f"{scope}:{fname}" if scope else fname

@@ -11,7 +11,8 @@ from tasks.executors import run_strategy
 
 MODELS = [("demo:digits-cnn", None), ("demo:digits-resnet", None), ("torchvision:resnet18", "1,3,64,64"),
           ("torchvision:mobilenet_v2", "1,3,64,64"), ("torchvision:vgg11", "1,3,64,64"),
-          ("torchvision:densenet121", "1,3,64,64"), ("torchvision:efficientnet_b0", "1,3,64,64")]
+          ("torchvision:densenet121", "1,3,64,64"), ("torchvision:efficientnet_b0", "1,3,64,64"),
+          ("tinynets:tiny_convnext", "1,3,8,8")]
 STRATEGIES = ["prune:0.3", "prune:0.5", "prune:0.7", "prune:0.3:global", "prune:0.5:global", "prune:0.7:global"]
 
 

@@ -132,3 +132,23 @@ class TwoInputNet(nn.Module):
 
 def two_input_net():
     return TwoInputNet()
+
+
+class TinyConvNeXt(nn.Module):
+    """A stem and one torchvision ConvNeXt block (dim 8): its MLP (Linear 8->32, GELU, Linear 32->8) runs on a
+    channels-last 1x4x4xC tensor, so the pruned hidden channels are its last dim, not dim 1. Input 1x3x8x8."""
+
+    def __init__(self):
+        super().__init__()
+        from torchvision.models.convnext import CNBlock
+
+        self.stem = nn.Conv2d(3, 8, 2, stride=2)
+        self.block = CNBlock(8, layer_scale=1e-6, stochastic_depth_prob=0.0)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        return self.fc(self.block(self.stem(x)).mean((2, 3)))
+
+
+def tiny_convnext():
+    return TinyConvNeXt()
