@@ -15,7 +15,7 @@ from rich.table import Table
 
 from estimators.errors import CALIBRATION_BUDGET_S, FINETUNE_EPOCHS, QUICK_CALIBRATION_S, UserInputError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   help="Estimate, search and execute DNN compression strategies against deployment requirements.")
 err_console = Console(stderr=True, soft_wrap=True)
 
@@ -139,7 +139,7 @@ def _print_unpruned(rep: dict[str, Any]) -> None:
         console.print(f"  unpruned {u['layer']}: {u['reason']}", highlight=False)
 
 
-@app.command()
+@app.command(short_help="Trace a model into its layer table.")
 def analyze(model: ModelArg, weights: WeightsOpt = None, input_shape: ShapeOpt = None, trust_pickle: TrustOpt = False,
             as_json: JsonOpt = False) -> None:
     """Trace MODEL into a layer table: per-operator params, MACs, bytes; coupled channel groups."""
@@ -219,7 +219,7 @@ AnchorOpt = Annotated[bool, typer.Option("--anchor/--no-anchor", help="predict l
                                          "model measured on the target, where it can be measured (this machine)")]
 
 
-@app.command()
+@app.command(short_help="Predict what a strategy does to a model.")
 def estimate(model: ModelArg, strategy: StrategyOpt = "none", weights: WeightsOpt = None, input_shape: ShapeOpt = None,
              hardware: HardwareOpt = None, batch_size: BatchOpt = 1, data: DataOpt = None,
              finetune_epochs: EpochsOpt = FINETUNE_EPOCHS, anchor: AnchorOpt = True, trust_pickle: TrustOpt = False,
@@ -264,7 +264,7 @@ def estimate(model: ModelArg, strategy: StrategyOpt = "none", weights: WeightsOp
     _print_unpruned(rep)
 
 
-@app.command()
+@app.command(short_help="Execute a strategy, save the artifact, measure it.")
 def apply(model: ModelArg, out: Annotated[str, typer.Option("--out", help="folder for model.pt2 and strategy.json")],
           strategy: StrategyOpt = "none", weights: WeightsOpt = None, input_shape: ShapeOpt = None,
           hardware: HardwareOpt = None, batch_size: BatchOpt = 1,
@@ -312,14 +312,20 @@ def apply(model: ModelArg, out: Annotated[str, typer.Option("--out", help="folde
 
 
 HardwareReq = Annotated[str, typer.Option("--hardware", help="hardware profile name or YAML path")]
-MaxLatency = Annotated[Optional[float], typer.Option("--max-latency-ms")]
-MaxSize = Annotated[Optional[float], typer.Option("--max-size-mb")]
-MaxParams = Annotated[Optional[int], typer.Option("--max-params")]
-MaxMacs = Annotated[Optional[int], typer.Option("--max-macs")]
-MaxMemory = Annotated[Optional[float], typer.Option("--max-memory-mb")]
-MaxDrop = Annotated[Optional[float], typer.Option("--max-accuracy-drop", help="points")]
-MinAcc = Annotated[Optional[float], typer.Option("--min-accuracy", help="percent (needs --data)")]
-ReqBatch = Annotated[Optional[int], typer.Option("--batch-size")]
+MaxLatency = Annotated[Optional[float], typer.Option("--max-latency-ms", metavar="MS",
+                                                     help="latency per batch on the hardware, milliseconds")]
+MaxSize = Annotated[Optional[float], typer.Option("--max-size-mb", metavar="MB",
+                                                  help="bytes the artifact stores, megabytes (10^6)")]
+MaxParams = Annotated[Optional[int], typer.Option("--max-params", metavar="N", help="parameter count")]
+MaxMacs = Annotated[Optional[int], typer.Option("--max-macs", metavar="N", help="multiply-accumulates per input")]
+MaxMemory = Annotated[Optional[float], typer.Option("--max-memory-mb", metavar="MB",
+                                                    help="peak memory of one inference, megabytes (10^6)")]
+MaxDrop = Annotated[Optional[float], typer.Option("--max-accuracy-drop", metavar="POINTS",
+                                                  help="top-1 accuracy lost, percentage points")]
+MinAcc = Annotated[Optional[float], typer.Option("--min-accuracy", metavar="PERCENT",
+                                                 help="top-1 accuracy on the data, percent (needs --data)")]
+ReqBatch = Annotated[Optional[int], typer.Option("--batch-size", metavar="N",
+                                                 help="inputs per inference the limits hold for (default 1)")]
 ReqFile = Annotated[Optional[str], typer.Option("--requirements", help="requirements.yaml with the same fields (flags win)")]
 StudentsOpt = Annotated[Optional[str], typer.Option("--students", help="comma-separated student model specs")]
 GridOpt = Annotated[float, typer.Option("--grid-step", min=0.005, max=0.45, help="pruning-ratio grid of the structured space")]
@@ -334,13 +340,13 @@ def _requirements(requirements: Optional[str], **flags):
     return parse_requirements(flags, requirements)
 
 
-@app.command()
+@app.command(short_help="Search for the best strategy under requirements.")
 def plan(model: ModelArg, hardware: HardwareReq, weights: WeightsOpt = None, input_shape: ShapeOpt = None,
          max_latency_ms: MaxLatency = None, max_size_mb: MaxSize = None, max_params: MaxParams = None,
          max_macs: MaxMacs = None, max_memory_mb: MaxMemory = None, max_accuracy_drop: MaxDrop = None,
          min_accuracy: MinAcc = None, batch_size: ReqBatch = None, requirements: ReqFile = None,
          data: DataOpt = None, finetune_epochs: EpochsOpt = FINETUNE_EPOCHS, students: StudentsOpt = None,
-         top_k: Annotated[int, typer.Option("--top-k", min=1)] = 5, grid_step: GridOpt = 0.01,
+         top_k: Annotated[int, typer.Option("--top-k", min=1, help="strategies the report lists")] = 5, grid_step: GridOpt = 0.01,
          nsga_evals: NsgaOpt = 10000, seed: SeedOpt = 0, anchor: AnchorOpt = True, trust_pickle: TrustOpt = False,
          as_json: JsonOpt = False) -> None:
     """Search distill -> prune -> quantize strategies for the one that meets every requirement on HARDWARE
@@ -406,7 +412,7 @@ def plan(model: ModelArg, hardware: HardwareReq, weights: WeightsOpt = None, inp
         raise typer.Exit(3)
 
 
-@app.command("run")
+@app.command("run", short_help="Plan, execute the top-k and measure (Prefect flow).")
 def run_cmd(model: ModelArg, hardware: HardwareReq = "host", weights: WeightsOpt = None, input_shape: ShapeOpt = None,
             max_latency_ms: MaxLatency = None, max_size_mb: MaxSize = None, max_params: MaxParams = None,
             max_macs: MaxMacs = None, max_memory_mb: MaxMemory = None, max_accuracy_drop: MaxDrop = None,
@@ -428,7 +434,8 @@ def run_cmd(model: ModelArg, hardware: HardwareReq = "host", weights: WeightsOpt
                                                                    "hardware but host)")] = None,
             device_calibrate: Annotated[bool, typer.Option("--device-calibrate", help="calibrate the hardware's "
                                                            "profile on the device first (work pool)")] = False,
-            device_calibrate_budget: Annotated[float, typer.Option("--device-calibrate-budget", min=1)
+            device_calibrate_budget: Annotated[float, typer.Option("--device-calibrate-budget", min=1,
+                                                                 help="seconds of timing the device calibration may spend")
                                                ] = CALIBRATION_BUDGET_S,
             device_timeout: Annotated[float, typer.Option("--device-timeout", min=1, help="seconds to wait for a "
                                                           "device worker per step")] = 600.0,
@@ -442,8 +449,11 @@ def run_cmd(model: ModelArg, hardware: HardwareReq = "host", weights: WeightsOpt
                             max_macs=max_macs, max_memory_mb=max_memory_mb, max_accuracy_drop=max_accuracy_drop,
                             min_accuracy=min_accuracy, batch_size=batch_size)
         _preflight(model, weights, input_shape, trust_pickle, hardware, data, out_dir)
-        from flows.pipeline import run_flow, terminal_run
+        from flows.pipeline import HardwareName, run_flow, terminal_run
         from tasks.pipeline import ModelInput, ParallelOptions, SearchOptions
+
+        known = hardware in HardwareName.__members__ and hardware != "path"
+        hw_name, hw_path = (hardware, None) if known else ("path", hardware)
 
         names = [x.strip() for x in (students or "").split(",") if x.strip()]
         opts = SearchOptions(grid_step=grid_step, nsga_evals=nsga_evals, seed=seed, students=names,
@@ -451,8 +461,8 @@ def run_cmd(model: ModelArg, hardware: HardwareReq = "host", weights: WeightsOpt
         with terminal_run():
             state = run_flow(model=ModelInput(spec=model, weights=weights, input_shape=input_shape,
                                               trust_pickle=trust_pickle), data=data,
-                             hardware=hardware, requirements=req, search=opts, execute=execute, top_k=top_k,
-                             batch_size=req.batch_size, out_dir=out_dir, return_state=True,
+                             hardware=hw_name, hardware_path=hw_path, requirements=req, search=opts,
+                             execute=execute, top_k=top_k, out_dir=out_dir, return_state=True,
                              parallel=ParallelOptions(workers=workers, dask_address=dask_address, threads=threads),
                              device_measure=device_measure, device_timeout_s=device_timeout,
                              device_calibrate=device_calibrate, device_calibrate_budget_s=device_calibrate_budget,
@@ -525,21 +535,21 @@ def _print_run(rep: dict[str, Any]) -> None:
                   "See both UIs with `deployfit ui`.", highlight=False)
 
 
-@app.command()
+@app.command(short_help="Serve the deployments of prefect.yaml.")
 def serve(file: Annotated[str, typer.Option("--file", help="deployments file")] = "prefect.yaml") -> None:
     """Serve the deployments of prefect.yaml (schedules included) so the Prefect UI can trigger them; runs
     until interrupted."""
     from flows.deployments import serve_deployments
 
     try:
-        serve_deployments(file)
+        serve_deployments(file, say=lambda m: console.print(m, highlight=False))
     except UserInputError as exc:
         _fail(str(exc), False)
 
 
-@app.command()
-def ui(prefect_port: Annotated[int, typer.Option("--prefect-port")] = 4200,
-       mlflow_port: Annotated[int, typer.Option("--mlflow-port")] = 5000) -> None:
+@app.command(short_help="Start the Prefect and MLflow UIs on loopback.")
+def ui(prefect_port: Annotated[int, typer.Option("--prefect-port", help="the Prefect server's port")] = 4200,
+       mlflow_port: Annotated[int, typer.Option("--mlflow-port", help="the MLflow server's port")] = 5000) -> None:
     """Start a Prefect server and an MLflow server on 127.0.0.1 over the same stores the flows use, print
     both URLs, and run until interrupted."""
     from flows.deployments import start_uis
@@ -550,7 +560,7 @@ def ui(prefect_port: Annotated[int, typer.Option("--prefect-port")] = 4200,
         _fail(str(exc), False)
 
 
-@app.command()
+@app.command(short_help="Push a run kept locally into MLflow.")
 def sync(folder: Annotated[str, typer.Argument(help="a run's tracking-fallback folder (RUN_DIR/tracking-fallback)")],
          as_json: JsonOpt = False) -> None:
     """Push a run kept locally while the tracking store was unreachable into MLflow (MLFLOW_TRACKING_URI, else
@@ -605,7 +615,7 @@ def _guard_process(args: list[str]) -> None:
         signal.signal(signal.SIGTERM, _on_term)
 
 
-@app.command()
+@app.command(short_help="Run a device worker on the hardware's work pool.")
 def worker(hardware: HardwareReq,
            trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="load fetched model.pt2 artifacts that "
                                                       "need pickle (refused otherwise: unpickling can run any code)")
@@ -624,16 +634,16 @@ def worker(hardware: HardwareReq,
         p.wait(30)
 
 
-stores_app = typer.Typer(help="Shared stores: PostgreSQL, a Prefect server and an MLflow server on it (loopback).",
+stores_app = typer.Typer(rich_markup_mode=None, short_help="Shared PostgreSQL, Prefect and MLflow stores.", help="Shared stores: PostgreSQL, a Prefect server and an MLflow server on it (loopback).",
                          no_args_is_help=True)
 app.add_typer(stores_app, name="stores")
 
 
 @stores_app.command("up")
 def stores_up(folder: Annotated[str, typer.Option("--dir", help="cluster, logs and MLflow artifacts")] = "build/stores",
-              pg_port: Annotated[int, typer.Option("--pg-port")] = 5433,
-              prefect_port: Annotated[int, typer.Option("--prefect-port")] = 4200,
-              mlflow_port: Annotated[int, typer.Option("--mlflow-port")] = 5000) -> None:
+              pg_port: Annotated[int, typer.Option("--pg-port", help="PostgreSQL's port")] = 5433,
+              prefect_port: Annotated[int, typer.Option("--prefect-port", help="the Prefect server's port")] = 4200,
+              mlflow_port: Annotated[int, typer.Option("--mlflow-port", help="the MLflow server's port")] = 5000) -> None:
     """Start PostgreSQL (Debian's postgresql package) on 127.0.0.1, the Prefect server and the MLflow server on
     it, print the variables every user sets, and run until interrupted (then stop all three)."""
     import time as _time
@@ -653,7 +663,7 @@ def stores_up(folder: Annotated[str, typer.Option("--dir", help="cluster, logs a
         st.stop()
 
 
-hardware_app = typer.Typer(help="Hardware profiles: `host` (this machine, kept in the cache) and the shipped "
+hardware_app = typer.Typer(rich_markup_mode=None, short_help="List and show hardware profiles.", help="Hardware profiles: `host` (this machine, kept in the cache) and the shipped "
                            "hardware/profiles/*.yaml.", no_args_is_help=True)
 app.add_typer(hardware_app, name="hardware")
 
@@ -704,7 +714,7 @@ def hardware_show(name: Annotated[str, typer.Argument(help="profile name or YAML
             _warn(note)
 
 
-@app.command()
+@app.command(short_help="Calibrate this machine's host profile.")
 def calibrate(
     hardware: Annotated[str, typer.Option("--hardware", help="only `host` (this machine) can be calibrated here")] = "host",
     out: Annotated[Optional[str], typer.Option("--out", help="profile path (default: this machine's host profile in "
@@ -772,6 +782,34 @@ def calibrate(
         console.print(f"wrote {rep['profile']} in {rep['provenance']['fit']['seconds']} s")
 
 
+METAVARS = {"hardware": "NAME|PATH", "weights": "FILE", "input_shape": "SHAPE", "requirements": "FILE",
+            "data": "SPEC", "students": "SPECS", "strategy": "STRATEGY", "out": "DIR", "out_dir": "DIR",
+            "file": "FILE", "folder": "DIR", "pool": "FILES", "keep_samples": "FILE", "dask_address": "ADDRESS",
+            "grid_step": "STEP", "budget": "SECONDS", "device_calibrate_budget": "SECONDS",
+            "device_timeout": "SECONDS", "name": "NAME"}
+
+
+def _command():
+    """The click command behind `app`, every value shown in --help by a plain metavar (MODEL, FILE, N ...), not
+    typer's `<str>` and `{model}`."""
+    cmd = typer.main.get_command(app)
+
+    def walk(c) -> None:
+        for p in c.params:
+            if p.param_type_name == "argument":  # usage `MODEL` (not `{model}`), help `MODEL  text`
+                p.metavar = p.metavar or p.name.upper()
+                p.display_type_rich = lambda ctx: None
+                p._usage_display_name = (lambda a: lambda: a.metavar if a.required else f"[{a.metavar}]")(p)
+            elif not getattr(p, "is_flag", False) and p.metavar is None:
+                kind = getattr(getattr(p, "type_descriptor", None), "annotation", None)
+                p.metavar = METAVARS.get(p.name) or {int: "N", float: "NUMBER"}.get(kind, "TEXT")
+        for sub in getattr(c, "commands", {}).values():
+            walk(sub)
+
+    walk(cmd)
+    return cmd
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     """The `deployfit` command. Every bad input ends alike, the argument parser's included: exit code 2, one
     line on stderr and, under --json, {"error": ...} on stdout."""
@@ -780,7 +818,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     args = sys.argv[1:] if argv is None else list(argv)
     _guard_process(args)
     try:
-        rc = app(args=args, prog_name="deployfit", standalone_mode=False)
+        rc = _command().main(args=args, prog_name="deployfit", standalone_mode=False)
     except (KeyboardInterrupt, Abort):
         err_console.print("terminated" if _TERMINATED else "interrupted")
         sys.exit(143 if _TERMINATED else 130)

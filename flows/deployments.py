@@ -60,10 +60,18 @@ def runner_deployments(file: str) -> list:
     return out
 
 
-def serve_deployments(file: str = "prefect.yaml") -> None:
+def serve_deployments(file: str = "prefect.yaml", say: Callable[[str], None] = print) -> None:
+    """Serve the file's deployments until interrupted. Stopping does not pause their schedules: the nightly run
+    stays scheduled and runs when a server is serving again."""
     from prefect import serve
+    from prefect.settings import PREFECT_API_URL
 
-    serve(*runner_deployments(file))
+    deployments = runner_deployments(file)
+    api = PREFECT_API_URL.value()
+    say(f"serving {len(deployments)} deployments of {file} on " + (f"the Prefect API {api}" if api else
+        "a temporary Prefect API this command starts (its runs are seen by `deployfit ui` on this machine; set "
+        "PREFECT_API_URL to serve a running server)"))
+    serve(*deployments, pause_on_shutdown=False)
 
 
 def _wait(url: str, timeout: float) -> bool:

@@ -14,6 +14,7 @@ import os
 import re
 import time
 from contextlib import contextmanager
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Iterator, Optional
 
@@ -32,6 +33,28 @@ from tasks.pipeline import (ModelInput, ParallelOptions, SearchOptions, analyze_
 from . import tracking
 
 DEFAULT_OUT = "build/runs"
+
+
+def _hardware_names() -> list[str]:
+    from hardware.profile import PROFILE_DIR
+
+    return ["host", *sorted(p.stem for p in Path(PROFILE_DIR).glob("*.yaml")), "path"]
+
+
+# the form's hardware choice: this machine, each shipped profile, or `path` (a profile file in hardware_path)
+HardwareName = Enum("HardwareName", {n: n for n in _hardware_names()}, type=str)
+
+
+def hardware_spec(hardware: "HardwareName | str", hardware_path: Optional[str]) -> str:
+    """The hardware as the estimators take it: a profile name or a YAML path."""
+    name = hardware.value if isinstance(hardware, Enum) else str(hardware)
+    if name == "path":
+        if not hardware_path:
+            from estimators.errors import UserInputError
+
+            raise UserInputError("hardware is `path`: give the profile's YAML file in hardware_path")
+        return hardware_path
+    return name
 
 
 @contextmanager
@@ -57,6 +80,30 @@ def track_task(record: dict, plan: dict, executed: list[dict], layers: list[dict
     return tracking.log_run(record, plan, executed, layers, Path(workdir))
 
 
+_PREFECT_NAME = re.compile(r"^[a-z]+-[a-z]+$")  # the adjective-animal names Prefect gives unnamed runs
+
+
+def _name_flow_run(spec: str, hardware: str) -> str:
+    """The flow run's name, shared with its MLflow parent run: the name typed when it was triggered, else (in
+    place of Prefect's random `adjective-animal`) model, hardware and start time, so runs tell apart."""
+    from prefect.runtime import flow_run
+
+    name = flow_run.name or ""
+    if name and not _PREFECT_NAME.match(name):
+        return name
+    hw = Path(hardware).stem if hardware.endswith((".yaml", ".yml")) else hardware
+    new = f"{spec} on {hw} {time.strftime('%Y-%m-%d %H:%M:%S')}"
+    if flow_run.id:
+        try:
+            from prefect.client.orchestration import get_client
+
+            with get_client(sync_client=True) as client:
+                client.update_flow_run(flow_run.id, name=new)
+        except Exception:  # noqa: BLE001 - a name is a convenience: the run goes on under Prefect's
+            return name or new
+    return new
+
+
 def _flow_run_id() -> str:
     from prefect.runtime import flow_run
 
@@ -70,14 +117,15 @@ def _key(*parts: str) -> str:
 def _fmt(v: Any, k: str) -> str:
     if v is None:
         return ""
-    if k == "size_bytes" or k == "peak_memory_bytes":
-        return f"{v / 1e6:.4f} MB"
+    if k in HEADERS:
+        return f"{v / 1e6:.4f}"
     if isinstance(v, float):
         return f"{v:.4g}"
     return f"{v:,}" if isinstance(v, int) else str(v)
 
 
 COLUMNS = ("latency_ms", "size_bytes", "params", "macs", "peak_memory_bytes", "accuracy_drop")
+HEADERS = {"size_bytes": "size (MB)", "peak_memory_bytes": "peak memory (MB)"}  # _fmt shows them in MB
 
 
 def markdown_report(title: str, rep: dict, executed: list[dict], tracked: dict, failed: list[dict] = ()) -> str:
@@ -105,7 +153,7 @@ def markdown_report(title: str, rep: dict, executed: list[dict], tracked: dict, 
             lines.append(f"(as measured; predicted infeasible: {rep['predicted_infeasible']['message']})")
     else:
         lines.append(f"**Infeasible:** {rep['infeasible']['message']}")
-    lines += ["", "## Top candidates (predicted)", "", "| strategy | " + " | ".join(COLUMNS) + " |",
+    lines += ["", "## Top candidates (predicted)", "", "| strategy | " + " | ".join(HEADERS.get(k, k) for k in COLUMNS) + " |",
               "|---" * (len(COLUMNS) + 1) + "|"]
     for r in rep.get("top", []):
         lines.append(f"| `{r['label']}` | " + " | ".join(_fmt(r["pred"].get(k), k) for k in COLUMNS) + " |")
@@ -117,7 +165,7 @@ def markdown_report(title: str, rep: dict, executed: list[dict], tracked: dict, 
                 if k in e["meas"] and k in e["pred"]:
                     err = e["err"].get(k)
                     es = "" if err is None else (f"{err:+.2f} points" if k.startswith("accuracy") else f"{err:+.1%}")
-                    lines.append(f"| `{e['label']}` | {k} | {_fmt(e['pred'][k], k)} | {_fmt(e['meas'][k], k)} | {es} |")
+                    lines.append(f"| `{e['label']}` | {HEADERS.get(k, k)} | {_fmt(e['pred'][k], k)} | {_fmt(e['meas'][k], k)} | {es} |")
     for f in failed:
         lines.append(f"\n**Execution failed:** `{f['label']}`: {f['error']}")
     lines.append("")
@@ -165,7 +213,8 @@ def _record(flow_name: str, model: ModelInput, data: Optional[str], hardware: st
     run_id = _flow_run_id()
     workdir = Path(out_dir) / (run_id or time.strftime("%Y%m%d-%H%M%S"))
     workdir.mkdir(parents=True, exist_ok=True)
-    return ({"flow": flow_name, "flow_run_id": run_id, "model": model.spec, "hardware": hardware, "data": data,
+    return ({"flow": flow_name, "flow_run_id": run_id, "run_name": _name_flow_run(model.spec, hardware),
+             "model": model.spec, "hardware": hardware, "data": data,
              "requirements": requirements.model_dump(exclude_none=True), "search": search.model_dump()}, workdir)
 
 
@@ -227,13 +276,28 @@ def _finish(flow_name: str, model: ModelInput, hardware: str, record: dict, work
 
 
 @flow(name="deployfit-plan", log_prints=True)
-def plan_flow(model: ModelInput = ModelInput(), data: Optional[str] = "digits", hardware: str = "host",
-              requirements: Requirements = Requirements(max_size_mb=0.05),
+def plan_flow(model: ModelInput = ModelInput(), data: Optional[str] = "digits", hardware: HardwareName = "host",
+              hardware_path: Optional[str] = None, requirements: Requirements = Requirements(max_size_mb=0.05),
               search: SearchOptions = SearchOptions(), top_k: Annotated[int, Field(ge=1, le=100)] = 5,
               anchor: bool = True, out_dir: str = DEFAULT_OUT) -> dict:
     """Estimate every candidate of the distill -> prune -> quantize space for MODEL on HARDWARE and
-    recommend the strategy that meets the requirements with the least predicted accuracy drop."""
+    recommend the strategy that meets the requirements with the least predicted accuracy drop.
+
+    Args:
+        model: the model to compress: a spec (torchvision:NAME, demo:NAME, package.module:factory or a .pt2
+            file), optional state_dict weights and input shape
+        data: labelled data for accuracy (digits, imagefolder:PATH, cifar10:PATH or package.module:function);
+            empty: accuracy drop is predicted by a sensitivity proxy
+        hardware: the target: host (this machine), a shipped profile, or path (then give hardware_path)
+        hardware_path: a hardware profile YAML file, used when hardware is path
+        requirements: the limits every recommended strategy must meet (units in each field)
+        search: the search space and budget (pruning grid, NSGA-II evaluations, students, fine-tuning epochs)
+        top_k: how many of the best strategies the report lists (1-100)
+        anchor: predict latency relative to the original model measured on this machine (host only)
+        out_dir: folder for run reports, on the machine that runs the flow
+    """
     t0 = time.perf_counter()
+    hardware = hardware_spec(hardware, hardware_path)
     _ensure_profile(hardware)
     session = tracking.Session()  # after any calibration: the session's start must not disturb its timing
     try:
@@ -316,10 +380,11 @@ def _task_runner(parallel: ParallelOptions):
 
 
 @flow(name="deployfit-run", log_prints=True)
-def run_flow(model: ModelInput = ModelInput(), data: Optional[str] = "digits", hardware: str = "host",
+def run_flow(model: ModelInput = ModelInput(), data: Optional[str] = "digits", hardware: HardwareName = "host",
+             hardware_path: Optional[str] = None,
              requirements: Requirements = Requirements(max_latency_ms=1.0, max_size_mb=0.05),
              search: SearchOptions = SearchOptions(), execute: bool = True,
-             top_k: Annotated[int, Field(ge=1, le=50)] = 3, batch_size: Annotated[int, Field(ge=1)] = 1,
+             top_k: Annotated[int, Field(ge=1, le=50)] = 3,
              parallel: ParallelOptions = ParallelOptions(), device_measure: Optional[bool] = None,
              device_calibrate: bool = False,
              device_calibrate_budget_s: Annotated[float, Field(gt=0, le=3600)] = CALIBRATION_BUDGET_S,
@@ -328,11 +393,36 @@ def run_flow(model: ModelInput = ModelInput(), data: Optional[str] = "digits", h
     """Plan, then execute the top-k strategies (training where they train; in parallel on Dask with
     `parallel`), measure each artifact (latency one at a time; on the device through the work pool
     deployfit-<hardware> with `device_measure`, by default for any target but host) and compare it with its
-    prediction; everything tracked in MLflow."""
+    prediction; everything tracked in MLflow.
+
+    Args:
+        model: the model to compress: a spec (torchvision:NAME, demo:NAME, package.module:factory or a .pt2
+            file), optional state_dict weights and input shape
+        data: labelled data for accuracy (digits, imagefolder:PATH, cifar10:PATH or package.module:function);
+            empty: accuracy drop is predicted by a sensitivity proxy and nothing is fine-tuned
+        hardware: the target: host (this machine), a shipped profile, or path (then give hardware_path)
+        hardware_path: a hardware profile YAML file, used when hardware is path
+        requirements: the limits every recommended strategy must meet (units in each field)
+        search: the search space and budget (pruning grid, NSGA-II evaluations, students, fine-tuning epochs)
+        execute: build, fine-tune and measure the top-k strategies (off: plan only)
+        top_k: how many of the best strategies to execute and measure (1-50)
+        parallel: where the top-k are built: in the flow's process, or on a local or existing Dask cluster
+        device_measure: measure latency on the device through the work pool deployfit-HARDWARE (empty: for
+            every hardware but host)
+        device_calibrate: calibrate the hardware's profile on the device first (needs a worker on its pool)
+        device_calibrate_budget_s: seconds of timing the device calibration may spend (1-3600)
+        device_timeout_s: seconds to wait for a device worker per step before keeping the predictions
+        anchor: predict latency relative to the original model measured on this machine (host only)
+        out_dir: folder for run reports and executed artifacts, on the machine that runs the flow
+    """
     t0 = time.perf_counter()
     log = get_run_logger()
+    hardware = hardware_spec(hardware, hardware_path)
+    batch_size = requirements.batch_size
     _ensure_profile(hardware)
     record, workdir = _record("run", model, data, hardware, requirements, search, out_dir)
+    record["parallel"] = {"workers": parallel.workers, "dask_address": parallel.address() or "",
+                          "threads": parallel.threads or "torch default"}
     profile = None
     if device_calibrate:  # the device calibrates the hardware's profile; it comes back through the tracking store
         from .device import calibrate_remote

@@ -32,6 +32,7 @@ from estimators.strategy import parse_strategy
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DB = REPO / "mlflow" / "mlflow.db"
 DEFAULT_ARTIFACTS = REPO / "mlflow" / "artifacts"
+KIND_TAG, KIND = "mlflow.experimentKind", "custom_model_development"  # the UI opens it on runs, not GenAI traces
 PARETO_RUNS = 25  # nested runs for the front (the whole front is in pareto.json and candidates.json)
 
 
@@ -63,6 +64,63 @@ def _metrics(prefix: str, d: dict | None) -> dict[str, float]:
             if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
+def err_metrics(e: dict) -> dict[str, float]:
+    """An executed candidate's errors as MLflow metrics: `err.K` is always relative, (pred - meas) / meas; a metric
+    in percentage points (accuracy, accuracy drop) also has its difference in points as `err.K_points` (an
+    accuracy drop near zero has no meaningful relative error, so it has the points only)."""
+    from estimators.report import POINTS
+
+    pred, meas, out = e.get("pred") or {}, e.get("meas") or {}, {}
+    for k, v in (e.get("err") or {}).items():
+        if not isinstance(v, (int, float)) or isinstance(v, bool):
+            continue
+        if k in POINTS:
+            out[f"err.{k}_points"] = float(v)
+            if k != "accuracy_drop" and meas.get(k) and k in pred:
+                out[f"err.{k}"] = (float(pred[k]) - float(meas[k])) / float(meas[k])
+        else:
+            out[f"err.{k}"] = float(v)
+    return out
+
+
+def run_name(record: dict, plan: dict) -> str:
+    """The parent run's name: the flow run's (model, hardware, time, or the name it was triggered with) and the
+    recommended strategy."""
+    base = record.get("run_name") or f"{record['model']} on {record['hardware']}"
+    rec = plan.get("recommended")
+    return f"{base}: {rec['label'] if rec else 'infeasible'}"[:250]
+
+
+def child_name(kind: str, row: dict) -> str:
+    """A nested run's name: its kind, a short hash of the full strategy (labels of per-layer strategies
+    abbreviate, so two can read alike) and the readable label."""
+    import hashlib
+
+    h = hashlib.sha256(row["compact"].encode()).hexdigest()[:6]
+    return f"{kind} {h}: {row.get('label', row['compact'])}"[:250]
+
+
+def description(record: dict, plan: dict) -> str:
+    """The parent run's description (markdown): what is recommended and why, and what the latency rests on."""
+    rec = plan.get("recommended")
+    lines = [f"**{record['flow']}** `{record['model']}` on `{record['hardware']}`, data `{record.get('data')}`."]
+    if rec:
+        binding = ", ".join(b["requirement"] for b in plan.get("binding") or []) or "none"
+        lines.append(f"**Recommended:** `{rec['label']}` (`{rec['compact']}`), the least predicted accuracy drop "
+                     f"among those meeting every requirement; binding requirements: {binding}.")
+    elif plan.get("infeasible"):
+        lines.append(f"**Infeasible:** {plan['infeasible'].get('message', '')}")
+    req = record.get("requirements") or {}
+    lines.append("Requirements: " + (", ".join(f"{k} = {v}" for k, v in req.items()) or "none") + ".")
+    ident = plan.get("profile_identity") or {}
+    prof, anchor = ident.get("profile") or {}, ident.get("anchor")
+    if prof:
+        lines.append(f"Latency: profile `{prof.get('name')}` (hash {prof.get('hash')}), "
+                     + (f"anchored on the original measured here ({anchor['total_ms']} ms)." if anchor else
+                        "the profile alone."))
+    return "\n\n".join(lines)
+
+
 def _flat(prefix: str, d: dict) -> dict[str, str]:
     return {f"{prefix}.{k}": str(v) for k, v in d.items() if v is not None}
 
@@ -91,15 +149,58 @@ def pareto_plot(plan: dict, executed: list[dict], path: Path) -> Path:
             if "latency_ms" in p and "accuracy_drop" in p:
                 ax.plot([p["latency_ms"], m["latency_ms"]], [p["accuracy_drop"], m["accuracy_drop"]], c="#c0392b",
                         lw=0.6, alpha=0.6)
+    for i, e in enumerate(executed):  # each executed point named by its number in the run's executed list
+        at = e["meas"] if "latency_ms" in e["meas"] and "accuracy_drop" in e["meas"] else e["pred"]
+        if "latency_ms" in at and "accuracy_drop" in at:
+            ax.annotate(f"#{i + 1} {e.get('label', e['compact'])}"[:48], (at["latency_ms"], at["accuracy_drop"]),
+                        xytext=(5, 4), textcoords="offset points", fontsize=7, color="#7b241c")
+    req = plan.get("requirements") or {}
+    if req.get("max_latency_ms") is not None:
+        ax.axvline(req["max_latency_ms"], color="#555555", ls="--", lw=0.9,
+                   label=f"max latency {req['max_latency_ms']} ms")
+    if req.get("max_accuracy_drop") is not None:
+        ax.axhline(req["max_accuracy_drop"], color="#555555", ls=":", lw=0.9,
+                   label=f"max accuracy drop {req['max_accuracy_drop']}")
     unit = "points" if plan.get("accuracy_unit") == "points" else "proxy"
+    rec = plan.get("recommended")
+    ax.set_title(f"{plan.get('model', '')} on {plan.get('hardware')}: {plan.get('candidates_evaluated', 0):,} "
+                 "candidates" + (f"\nrecommended {rec['label']}"[:90] if rec else "; none meets every requirement"),
+                 fontsize=9)
     ax.set_xlabel(f"latency on {plan.get('hardware')} (ms)")
     ax.set_ylabel(f"accuracy drop ({unit})")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def _columns(rows: list[dict]) -> dict[str, list]:
+    """Rows as an MLflow table (columns of values): numbers stay numbers, so the UI sorts them as numbers; nested
+    values become JSON text."""
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    out = {}
+    for k in keys:
+        col = [r.get(k) for r in rows]
+        if any(isinstance(v, (dict, list, tuple)) for v in col):
+            col = [None if v is None else json.dumps(v, default=str) for v in col]
+        out[k] = col
+    return out
+
+
+def prefect_link(flow_run_id: str | None) -> str | None:
+    """The Prefect UI page of a flow run, where the API is a server (a temporary one has no UI: `deployfit ui`
+    serves its database)."""
+    if not flow_run_id:
+        return None
+    from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL
+
+    ui = PREFECT_UI_URL.value()
+    if not ui:
+        api = PREFECT_API_URL.value() or ""
+        ui = api[:-4] if api.endswith("/api") else "http://127.0.0.1:4200"
+    return f"{ui.rstrip('/')}/runs/flow-run/{flow_run_id}"
 
 
 def _pareto_subset(front: list[dict], n: int = PARETO_RUNS) -> list[dict]:
@@ -155,9 +256,14 @@ def _experiment_id(client, uri: str, name: str) -> str:
     """The experiment `name`, created (artifacts placed by artifact_location) when missing."""
     exp = client.get_experiment_by_name(name)
     if exp:
+        if exp.tags.get(KIND_TAG) != KIND:  # made by an earlier version: the UI would open it on GenAI traces
+            client.set_experiment_tag(exp.experiment_id, KIND_TAG, KIND)
         return exp.experiment_id
     try:
-        return client.create_experiment(name, artifact_location=artifact_location(uri, name))
+        return client.create_experiment(name, artifact_location=artifact_location(uri, name), tags={
+            KIND_TAG: KIND, "mlflow.note.content": f"deployfit runs of `{name.split('/', 1)[-1]}`: one parent run per "
+            "flow run (the recommendation in its description), nested runs for the Pareto front and for each "
+            "executed candidate (pred.*, meas.* and err.* = (pred - meas) / meas)."})
     except Exception:  # noqa: BLE001 - another run created it in between: use theirs
         exp = client.get_experiment_by_name(name)
         if exp is None:
@@ -234,12 +340,18 @@ class _Logger:
         self.exp_id = _experiment_id(client, self.uri, f"deployfit/{record['model']}/{record['hardware']}")
         self.bundle = write_bundle(Path(workdir) / "tracking-bundle", record, plan, [], layers, plot=False)
         self.tags = {"prefect.flow_run_id": record.get("flow_run_id") or "", "deployfit.flow": record.get("flow", ""),
-                     "mlflow.runName": record.get("run_name") or f"{record['flow']} {record['model']}",
+                     "mlflow.runName": run_name(record, plan), "mlflow.note.content": description(record, plan),
                      "deployfit.host": socket.gethostname(), "deployfit.pid": str(os.getpid())}
+        if plan.get("recommended"):
+            self.tags["deployfit.recommended"] = plan["recommended"]["compact"][:5000]
+        link = prefect_link(record.get("flow_run_id"))
+        if link:
+            self.tags["prefect.flow_run_url"] = link
         close_stale_runs(client, self.exp_id)
         self.pid = client.create_run(self.exp_id, tags=self.tags).info.run_id
         params = {"model": record["model"], "hardware": record["hardware"], "data": record.get("data") or "none",
-                  **_flat("req", record.get("requirements", {})), **_flat("search", record.get("search", {}))}
+                  **_flat("req", record.get("requirements", {})), **_flat("search", record.get("search", {})),
+                  **_flat("parallel", record.get("parallel", {}))}
         ident = plan.get("profile_identity") or {}
         prof = ident.get("profile") or {}
         # the profile's identity: a prediction that moved between two runs says whether its numbers did
@@ -253,7 +365,8 @@ class _Logger:
         client.log_batch(self.pid, params=[Param(k, v[:6000]) for k, v in params.items()])
         if prof.get("warning"):
             client.set_tag(self.pid, "deployfit.profile_warning", prof["warning"][:5000])
-        summary = {"candidates_evaluated": plan.get("candidates_evaluated", 0), "search_seconds": plan.get("seconds", 0.0),
+        summary = {"candidates_evaluated": plan.get("candidates_evaluated", 0),
+                   "distinct_candidates": plan.get("distinct_candidates", 0), "search_seconds": plan.get("seconds", 0.0),
                    "candidates_per_second": plan.get("candidates_per_second", 0.0),
                    "pareto_points": len(plan.get("pareto", []))}
         if plan.get("recommended"):
@@ -262,7 +375,9 @@ class _Logger:
         cands = plan.get("candidates") or {}
         if cands:
             client.log_table(self.pid, cands, "candidates.json")
-        for f in ("plan.json", "layers.json", "record.json"):
+        if layers:
+            client.log_table(self.pid, _columns(layers), "layers.json")
+        for f in ("plan.json", "record.json"):
             client.log_artifact(self.pid, str(self.bundle / f))
         for p in _pareto_subset(plan.get("pareto", [])):
             self.nested.append(self._child("pareto", p, {}, []))  # the strategy is the run's `strategy` param
@@ -271,10 +386,11 @@ class _Logger:
         from mlflow.entities import Metric, Param, RunTag
 
         client = self.client
-        r = client.create_run(self.exp_id, tags={"mlflow.parentRunId": self.pid,
-                                                 "mlflow.runName": f"{kind}: {row.get('label', row['compact'])}"[:250],
-                                                 "deployfit.kind": kind,
-                                                 "prefect.flow_run_id": self.tags["prefect.flow_run_id"]})
+        timing = row.get("timing") or {}
+        start = int(timing["started"] * 1000) if timing.get("started") else None
+        r = client.create_run(self.exp_id, start_time=start,
+                              tags={"mlflow.parentRunId": self.pid, "mlflow.runName": child_name(kind, row),
+                                    "deployfit.kind": kind, "prefect.flow_run_id": self.tags["prefect.flow_run_id"]})
         rid = r.info.run_id
         client.log_batch(rid, metrics=[Metric(k, v, 0, 0) for k, v in {**_metrics("pred", row["pred"]),
                                                                         **extra_metrics}.items()],
@@ -283,7 +399,7 @@ class _Logger:
                          tags=[RunTag("deployfit.label", row.get("label", row["compact"])[:5000])])
         for f in files:
             client.log_artifact(rid, str(f))
-        client.set_terminated(rid)
+        client.set_terminated(rid, end_time=int(timing["ended"] * 1000) if timing.get("ended") else None)
         return rid
 
     def executed(self, i: int, e: dict, final: bool = True) -> None:
@@ -291,7 +407,7 @@ class _Logger:
         again with the final result (its latency is timed after every candidate is built), it logs what is
         new or changed. result.json is logged with the final result."""
         sub = write_executed(self.bundle, i, e)
-        metrics = {**_metrics("meas", e.get("meas")), **_metrics("err", e.get("err"))}
+        metrics = {**_metrics("meas", e.get("meas")), **err_metrics(e)}
         if i in self.executed_runs:
             from mlflow.entities import Metric
 

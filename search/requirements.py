@@ -22,14 +22,24 @@ LIMITS = {
 class Requirements(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # a NaN or infinite limit is no limit: refused
 
-    max_latency_ms: Optional[float] = Field(default=None, gt=0)
-    max_size_mb: Optional[float] = Field(default=None, gt=0)
-    max_params: Optional[int] = Field(default=None, gt=0)
-    max_macs: Optional[int] = Field(default=None, gt=0)
-    max_memory_mb: Optional[float] = Field(default=None, gt=0)
-    max_accuracy_drop: Optional[float] = Field(default=None, ge=0, description="points")
-    min_accuracy: Optional[float] = Field(default=None, gt=0, le=100, description="percent")
-    batch_size: int = Field(default=1, ge=1)
+    max_latency_ms: Optional[float] = Field(default=None, gt=0, title="Max latency (ms)",
+                                            description="per batch on the hardware, in milliseconds")
+    max_size_mb: Optional[float] = Field(default=None, gt=0, title="Max size (MB)",
+                                         description="bytes the deployed artifact stores, in megabytes (10^6 bytes)")
+    max_params: Optional[int] = Field(default=None, gt=0, title="Max parameters",
+                                      description="parameter count (weights, biases), e.g. 1000000")
+    max_macs: Optional[int] = Field(default=None, gt=0, title="Max MACs",
+                                    description="multiply-accumulates per input, e.g. 500000000 (0.5 GMACs)")
+    max_memory_mb: Optional[float] = Field(default=None, gt=0, title="Max peak memory (MB)",
+                                           description="peak memory of one inference, in megabytes (10^6 bytes)")
+    max_accuracy_drop: Optional[float] = Field(default=None, ge=0, title="Max accuracy drop (points)",
+                                               description="top-1 accuracy lost, in percentage points (needs data "
+                                               "for a measured accuracy; else a sensitivity proxy)")
+    min_accuracy: Optional[float] = Field(default=None, gt=0, le=100, title="Min accuracy (%)",
+                                          description="top-1 accuracy on the data's validation split, in percent "
+                                          "(not with max accuracy drop)")
+    batch_size: int = Field(default=1, ge=1, title="Batch size",
+                            description="inputs per inference: latency and memory are for a batch of this size")
 
     @model_validator(mode="after")
     def _one_accuracy_form(self):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
+import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Optional
@@ -188,6 +189,7 @@ def execute_candidate(model: ModelInput, strategy: str, out_dir: str, hardware: 
     from tasks.train import TrainConfig
 
     steady_allocator()  # a Dask worker trims freed memory eagerly (MALLOC_TRIM_THRESHOLD_): 2x slower without
+    started = time.time()
     before = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
@@ -201,7 +203,8 @@ def execute_candidate(model: ModelInput, strategy: str, out_dir: str, hardware: 
     rep["label"] = parse_strategy(strategy).label()
     import socket
 
-    rep["executed_by"] = {"host": socket.gethostname(), "pid": os.getpid()}
+    rep["executed_by"] = {"host": socket.gethostname(), "pid": os.getpid(), "threads": threads or before}
+    rep["timing"] = {"started": started, "ended": time.time()}  # the candidate's MLflow run spans them
     return rep
 
 
