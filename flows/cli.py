@@ -428,6 +428,8 @@ def run_cmd(model: ModelArg, hardware: HardwareReq = "host", weights: WeightsOpt
                                                                 "(default $DEPLOYFIT_DASK_ADDRESS)")] = None,
             threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="torch threads per executed "
                                                            "candidate")] = None,
+            verbose: Annotated[bool, typer.Option("--verbose", help="show Dask's own logging (with --workers or "
+                                                  "--dask-address)")] = False,
             device_measure: Annotated[Optional[bool], typer.Option("--device-measure/--no-device-measure",
                                                                    help="measure latency on the device through the "
                                                                    "work pool deployfit-HARDWARE (default: for any "
@@ -439,7 +441,11 @@ def run_cmd(model: ModelArg, hardware: HardwareReq = "host", weights: WeightsOpt
                                                ] = CALIBRATION_BUDGET_S,
             device_timeout: Annotated[float, typer.Option("--device-timeout", min=1, help="seconds to wait for a "
                                                           "device worker per step")] = 600.0,
-            anchor: AnchorOpt = True, trust_pickle: TrustOpt = False, as_json: JsonOpt = False) -> None:
+            anchor: AnchorOpt = True,
+            register: Annotated[Optional[str], typer.Option("--register", metavar="NAME", help="register the "
+                                                            "recommended candidate's model as a new version of "
+                                                            "NAME in the MLflow Model Registry")] = None,
+            trust_pickle: TrustOpt = False, as_json: JsonOpt = False) -> None:
     """Run the `deployfit-run` Prefect flow: plan, execute the top-k, measure and compare, tracked in MLflow
     (the same parameters as the flow's form in the Prefect UI). Runs in this terminal without flow-run
     heartbeats unless PREFECT_FLOWS_HEARTBEAT_FREQUENCY is set."""
@@ -463,10 +469,11 @@ def run_cmd(model: ModelArg, hardware: HardwareReq = "host", weights: WeightsOpt
                                               trust_pickle=trust_pickle), data=data,
                              hardware=hw_name, hardware_path=hw_path, requirements=req, search=opts,
                              execute=execute, top_k=top_k, out_dir=out_dir, return_state=True,
-                             parallel=ParallelOptions(workers=workers, dask_address=dask_address, threads=threads),
+                             parallel=ParallelOptions(workers=workers, dask_address=dask_address, threads=threads,
+                                                      verbose=verbose),
                              device_measure=device_measure, device_timeout_s=device_timeout,
                              device_calibrate=device_calibrate, device_calibrate_budget_s=device_calibrate_budget,
-                             anchor=anchor)
+                             anchor=anchor, register=register)
         if state.is_failed():
             try:
                 state.result()
@@ -529,6 +536,11 @@ def _print_run(rep: dict[str, Any]) -> None:
     tr = rep.get("tracking", {})
     if tr.get("run_id"):
         console.print(f"MLflow: run {tr['run_id']} in {tr['uri']}; UI: {tr['link']}", highlight=False)
+        if tr.get("registered"):
+            r = tr["registered"]
+            console.print(f"registered {r['strategy']} as {r['name']} version {r['version']}"
+                          + ("" if r["recommended"] else " (the recommendation was not executed: the first executed "
+                             "candidate)"), highlight=False)
     else:
         err_console.print(f"tracking store unreachable; results saved under {tr.get('saved_locally')}", highlight=False)
     console.print(f"report: {rep['report_dir']}/report.json; Prefect flow run {rep['flow_run_id']}. "

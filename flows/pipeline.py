@@ -371,12 +371,20 @@ def _with_plan_prediction(res: dict, pred: dict) -> dict:
 
 
 def _task_runner(parallel: ParallelOptions):
+    """The Dask runner: a local cluster, quiet (Dask's warnings and errors only) unless `verbose`."""
+    import logging
+
     from prefect_dask import DaskTaskRunner
 
+    if not parallel.verbose:
+        for name in ("distributed", "distributed.nanny", "distributed.scheduler", "distributed.worker",
+                     "distributed.core", "distributed.http.proxy"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     if parallel.address():
         return DaskTaskRunner(address=parallel.address())
     return DaskTaskRunner(cluster_kwargs={"n_workers": parallel.workers, "threads_per_worker": 1, "processes": True,
-                                          "dashboard_address": None})
+                                          "dashboard_address": None,
+                                          "silence_logs": logging.INFO if parallel.verbose else logging.WARNING})
 
 
 @flow(name="deployfit-run", log_prints=True)
@@ -389,7 +397,7 @@ def run_flow(model: ModelInput = ModelInput(), data: Optional[str] = "digits", h
              device_calibrate: bool = False,
              device_calibrate_budget_s: Annotated[float, Field(gt=0, le=3600)] = CALIBRATION_BUDGET_S,
              device_timeout_s: Annotated[float, Field(gt=0, le=86400)] = 600.0, anchor: bool = True,
-             out_dir: str = DEFAULT_OUT) -> dict:
+             register: Optional[str] = None, out_dir: str = DEFAULT_OUT) -> dict:
     """Plan, then execute the top-k strategies (training where they train; in parallel on Dask with
     `parallel`), measure each artifact (latency one at a time; on the device through the work pool
     deployfit-<hardware> with `device_measure`, by default for any target but host) and compare it with its
@@ -413,6 +421,8 @@ def run_flow(model: ModelInput = ModelInput(), data: Optional[str] = "digits", h
         device_calibrate_budget_s: seconds of timing the device calibration may spend (1-3600)
         device_timeout_s: seconds to wait for a device worker per step before keeping the predictions
         anchor: predict latency relative to the original model measured on this machine (host only)
+        register: register the recommended executed candidate's model under this name in the MLflow Model
+            Registry (a new version per run; empty: none)
         out_dir: folder for run reports and executed artifacts, on the machine that runs the flow
     """
     t0 = time.perf_counter()
@@ -421,8 +431,9 @@ def run_flow(model: ModelInput = ModelInput(), data: Optional[str] = "digits", h
     batch_size = requirements.batch_size
     _ensure_profile(hardware)
     record, workdir = _record("run", model, data, hardware, requirements, search, out_dir)
+    record["register"] = register or None
     record["parallel"] = {"workers": parallel.workers, "dask_address": parallel.address() or "",
-                          "threads": parallel.threads or "torch default"}
+                          "threads": parallel.threads_per_candidate()}
     profile = None
     if device_calibrate:  # the device calibrates the hardware's profile; it comes back through the tracking store
         from .device import calibrate_remote
@@ -474,7 +485,7 @@ def _run_steps(model: ModelInput, data: Optional[str], hardware: str, requiremen
         if parallel.distributed():
             runner = _task_runner(parallel)
             log.info(f"executing {len(cands)} candidates on Dask ({parallel.address() or f'{parallel.workers} local workers'})")
-            per = parallel.threads or (None if parallel.address() else max(1, (os.cpu_count() or 1) // parallel.workers))
+            per = parallel.threads or (None if parallel.address() else parallel.threads_per_candidate())
             for res in execute_flow.with_options(task_runner=runner)(model, cands, out_dir, hardware, batch_size, data,
                                                                      search.finetune_epochs, per):
                 built(res)

@@ -330,6 +330,7 @@ class _Logger:
         self.pid: str | None = None
         self.nested: list[str] = []
         self.executed_runs: dict[int, str] = {}  # executed candidate's index -> its nested run
+        self.models: dict[str, str] = {}  # nested run -> the MLflow model logged in it
         self.logged: dict[int, dict[str, float]] = {}  # the metrics logged into it
 
     def start(self, record: dict, plan: dict, layers: list[dict], workdir: Path) -> None:
@@ -337,6 +338,7 @@ class _Logger:
 
         client = self.client
         self.plan = plan
+        self.register_as = record.get("register")
         self.exp_id = _experiment_id(client, self.uri, f"deployfit/{record['model']}/{record['hardware']}")
         self.bundle = write_bundle(Path(workdir) / "tracking-bundle", record, plan, [], layers, plot=False)
         self.tags = {"prefect.flow_run_id": record.get("flow_run_id") or "", "deployfit.flow": record.get("flow", ""),
@@ -424,19 +426,67 @@ class _Logger:
             rid = self._child("executed", {**e, "label": e.get("label", e["compact"])}, metrics, [])
             self.nested.append(rid)
             self.executed_runs[i] = rid
+            if model_file and Path(model_file).is_file():
+                self._log_model(rid, e, Path(model_file))
         for f in files:
             self.client.log_artifact(rid, str(f))
         self.logged[i] = metrics
+
+    def _log_model(self, rid: str, e: dict, path: Path) -> None:
+        """The artifact as an MLflow model of the run (pyfunc from code, flows/mlflow_pyfunc.py: the program
+        itself, a signature and an input example), so that it can be registered. A model of several inputs is
+        not: a pyfunc takes one input."""
+        import mlflow
+        import torch
+
+        from estimators.modelspec import n_inputs, seeded_input
+
+        shape = e.get("input_shape")
+        if not shape or n_inputs(shape) != 1:
+            self.client.set_tag(rid, "deployfit.model_note", "not logged as an MLflow model: it takes several inputs")
+            return
+        example = seeded_input(shape, 2).numpy()
+        mlflow.set_tracking_uri(self.uri)
+        with mlflow.start_run(run_id=rid):
+            info = mlflow.pyfunc.log_model(
+                name="model", python_model=str(Path(__file__).with_name("mlflow_pyfunc.py")),
+                artifacts={"program": str(path)}, input_example=example,
+                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}",
+                                  "numpy"])
+        self.models[rid] = info.model_uri
+        timing = e.get("timing") or {}
+        # start_run/end reopened and closed the run: it spans the candidate's execution again
+        self.client.set_terminated(rid, end_time=int(timing["ended"] * 1000) if timing.get("ended") else None)
+
+    def register(self, name: str, executed: list[dict]) -> dict[str, Any] | None:
+        """Register the recommended candidate's model (else the first executed one's) as a new version of `name`
+        in the Model Registry."""
+        import mlflow
+
+        rec = (self.plan.get("recommended") or {}).get("compact")
+        order = sorted(range(len(executed)), key=lambda i: executed[i]["compact"] != rec)
+        for i in order:
+            uri = self.models.get(self.executed_runs.get(i, ""))
+            if uri:
+                mlflow.set_tracking_uri(self.uri)
+                mv = mlflow.register_model(uri, name)
+                self.client.set_model_version_tag(name, mv.version, "deployfit.strategy", executed[i]["compact"])
+                return {"name": name, "version": int(mv.version), "strategy": executed[i]["compact"],
+                        "model_uri": uri, "recommended": executed[i]["compact"] == rec}
+        return None
 
     def finish(self, executed: list[dict]) -> dict[str, Any]:
         """Each executed candidate's final result, the Pareto plot with the measured points, the parent closed."""
         for i, e in enumerate(executed):
             self.executed(i, e)
         self.client.log_artifact(self.pid, str(pareto_plot(self.plan, executed, self.bundle / "pareto.png")))
+        registered = self.register(self.register_as, executed) if self.register_as else None
+        if registered:
+            self.client.set_tag(self.pid, "deployfit.registered", f"{registered['name']} v{registered['version']}")
         self.client.set_terminated(self.pid)
         return {"uri": self.uri, "experiment_id": self.exp_id, "run_id": self.pid, "nested_runs": len(self.nested),
                 "executed_runs": [self.executed_runs[i] for i in range(len(executed))],
-                "link": ui_link(self.uri, self.exp_id, self.pid)}
+                "link": ui_link(self.uri, self.exp_id, self.pid), "registered": registered}
 
     def abandon(self) -> None:
         """A failed attempt's parent run is closed as FAILED (a retry logs the run anew)."""

@@ -94,12 +94,24 @@ class ParallelOptions(BaseModel):
     threads: Optional[int] = Field(default=None, ge=1, le=256, description="torch threads per executed candidate "
                                    "(default: all cores in the flow's process, cores / workers on a local cluster); "
                                    "training results depend on it")
+    verbose: bool = Field(default=False, description="show Dask's own logging (quiet otherwise: its warnings and "
+                          "errors only)")
 
     def address(self) -> str | None:
         return self.dask_address or os.environ.get("DEPLOYFIT_DASK_ADDRESS") or None
 
     def distributed(self) -> bool:
         return self.workers > 1 or self.address() is not None
+
+    def threads_per_candidate(self) -> int | str:
+        """The torch threads each executed candidate gets (what training results depend on)."""
+        if self.threads:
+            return self.threads
+        if self.distributed():
+            return "the cluster's" if self.address() else max(1, (os.cpu_count() or 1) // self.workers)
+        import torch
+
+        return torch.get_num_threads()
 
 
 class SearchOptions(BaseModel):

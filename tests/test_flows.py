@@ -64,7 +64,8 @@ def test_run_flow_tracks_every_candidate_and_leaves_a_prefect_artifact(harness, 
     seed_host()
 
     rep = run_flow(model=ModelInput(spec="demo:digits-cnn"), data="digits", hardware="host",
-                   requirements=Requirements(max_size_mb=0.05), search=FAST, top_k=2, out_dir=str(tmp_path / "runs"))
+                   requirements=Requirements(max_size_mb=0.05), search=FAST, top_k=2, out_dir=str(tmp_path / "runs"),
+                   register="digits-cnn-compressed")
     assert rep["recommended"] and len(rep["executed"]) == 2
     for e in rep["executed"]:
         assert {"params", "size_bytes", "latency_ms", "accuracy", "accuracy_drop"} <= set(e["meas"])
@@ -110,6 +111,20 @@ def test_run_flow_tracks_every_candidate_and_leaves_a_prefect_artifact(harness, 
         assert r.info.end_time - r.info.start_time >= 500
         files = {a.path for a in client.list_artifacts(r.info.run_id)}
         assert {"strategy.json", "result.json", "model.pt2"} <= files
+    # each executed artifact is an MLflow model (signature, input example); the recommended one is registered
+    import mlflow
+    import numpy as np
+
+    reg = tr["registered"]
+    assert reg["name"] == "digits-cnn-compressed" and reg["version"] == 1 and reg["recommended"]
+    assert reg["strategy"] == rep["recommended"]["compact"]
+    mv = client.get_model_version("digits-cnn-compressed", "1")
+    assert mv.tags["deployfit.strategy"] == reg["strategy"]
+    mlflow.set_tracking_uri(mlflow_store)
+    loaded = mlflow.pyfunc.load_model(reg["model_uri"])
+    assert loaded.metadata.signature is not None
+    out = loaded.predict(np.random.default_rng(0).standard_normal((3, 1, 8, 8)).astype(np.float32))
+    assert out.shape == (3, 10) and np.isfinite(out).all()
     assert all("pred.latency_ms" in r.data.metrics for r in pareto)
 
     async def prefect_side(client):
@@ -328,7 +343,7 @@ def test_ui_starts_prefect_and_mlflow_servers_on_loopback(tmp_path, monkeypatch)
 
 def _store_content(uri: str) -> dict:
     """What a run flow left in an MLflow store, less what differs between two runs of the same work: run ids,
-    timings, and the measured latency (timing noise)."""
+    timings, where it ran (parallel.*), and the measured latency (timing noise)."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=uri)
@@ -338,7 +353,7 @@ def _store_content(uri: str) -> dict:
     out = []
     for r in runs:
         out.append((r.data.tags.get("deployfit.kind", "parent"), r.data.params.get("strategy", ""),
-                    tuple(sorted(r.data.params.items())),
+                    tuple(sorted((k, v) for k, v in r.data.params.items() if not k.startswith("parallel."))),
                     tuple(sorted((k, round(v, 6)) for k, v in r.data.metrics.items() if k not in skip)),
                     tuple(sorted(a.path for a in client.list_artifacts(r.info.run_id)))))
     return {"runs": sorted(out)}
