@@ -473,7 +473,7 @@ def run_cmd(model: ModelArg, hardware: HardwareReq = "host", weights: WeightsOpt
                                                       verbose=verbose),
                              device_measure=device_measure, device_timeout_s=device_timeout,
                              device_calibrate=device_calibrate, device_calibrate_budget_s=device_calibrate_budget,
-                             anchor=anchor, register=register)
+                             anchor=anchor, register_as=register)
         if state.is_failed():
             try:
                 state.result()

@@ -397,7 +397,7 @@ def run_flow(model: ModelInput = ModelInput(), data: Optional[str] = "digits", h
              device_calibrate: bool = False,
              device_calibrate_budget_s: Annotated[float, Field(gt=0, le=3600)] = CALIBRATION_BUDGET_S,
              device_timeout_s: Annotated[float, Field(gt=0, le=86400)] = 600.0, anchor: bool = True,
-             register: Optional[str] = None, out_dir: str = DEFAULT_OUT) -> dict:
+             register_as: Optional[str] = None, out_dir: str = DEFAULT_OUT) -> dict:
     """Plan, then execute the top-k strategies (training where they train; in parallel on Dask with
     `parallel`), measure each artifact (latency one at a time; on the device through the work pool
     deployfit-<hardware> with `device_measure`, by default for any target but host) and compare it with its
@@ -421,7 +421,7 @@ def run_flow(model: ModelInput = ModelInput(), data: Optional[str] = "digits", h
         device_calibrate_budget_s: seconds of timing the device calibration may spend (1-3600)
         device_timeout_s: seconds to wait for a device worker per step before keeping the predictions
         anchor: predict latency relative to the original model measured on this machine (host only)
-        register: register the recommended executed candidate's model under this name in the MLflow Model
+        register_as: register the recommended executed candidate's model under this name in the MLflow Model
             Registry (a new version per run; empty: none)
         out_dir: folder for run reports and executed artifacts, on the machine that runs the flow
     """
@@ -431,7 +431,7 @@ def run_flow(model: ModelInput = ModelInput(), data: Optional[str] = "digits", h
     batch_size = requirements.batch_size
     _ensure_profile(hardware)
     record, workdir = _record("run", model, data, hardware, requirements, search, out_dir)
-    record["register"] = register or None
+    record["register"] = register_as or None
     record["parallel"] = {"workers": parallel.workers, "dask_address": parallel.address() or "",
                           "threads": parallel.threads_per_candidate()}
     profile = None

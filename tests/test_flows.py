@@ -65,7 +65,7 @@ def test_run_flow_tracks_every_candidate_and_leaves_a_prefect_artifact(harness, 
 
     rep = run_flow(model=ModelInput(spec="demo:digits-cnn"), data="digits", hardware="host",
                    requirements=Requirements(max_size_mb=0.05), search=FAST, top_k=2, out_dir=str(tmp_path / "runs"),
-                   register="digits-cnn-compressed")
+                   register_as="digits-cnn-compressed")
     assert rep["recommended"] and len(rep["executed"]) == 2
     for e in rep["executed"]:
         assert {"params", "size_bytes", "latency_ms", "accuracy", "accuracy_drop"} <= set(e["meas"])
