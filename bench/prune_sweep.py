@@ -5,7 +5,8 @@ left unpruned by both with a named reason. Nothing is timed.
     .venv/bin/python bench/prune_sweep.py [--models a,b] [--max-params-m 100] [--budget-min 20]
 
 A row per (architecture, strategy): `exact`, `unpruned as estimated` (nothing prunable, and apply agrees),
-`mismatch` (with both counts) or `apply failed` (the exception): the last two are defects.
+`refused by estimate` (a clean error naming the reason, before anything runs), `mismatch` (with both counts),
+`apply failed` or `estimate crashed` (the exception): the last three are defects.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 warnings.filterwarnings("ignore")
 
 from estimators.analyze import analyze  # noqa: E402
+from estimators.errors import UserInputError  # noqa: E402
 from estimators.compress import estimate  # noqa: E402
 from estimators.modelspec import load_model  # noqa: E402
 from estimators.strategy import parse_strategy  # noqa: E402
@@ -88,8 +90,10 @@ def main() -> None:
             t1 = time.perf_counter()
             try:
                 r = one(name, text)
-            except Exception as exc:  # noqa: BLE001
-                r = {"model": name, "strategy": text, "result": f"estimate failed: {type(exc).__name__}: "
+            except UserInputError as exc:  # refused up front, with its reason: what a user would be told
+                r = {"model": name, "strategy": text, "result": f"refused by estimate: {str(exc).splitlines()[0][:200]}"}
+            except Exception as exc:  # noqa: BLE001 - a defect this sweep exists to find
+                r = {"model": name, "strategy": text, "result": f"estimate crashed: {type(exc).__name__}: "
                                                                 f"{str(exc).splitlines()[0][:160]}"}
             r["seconds"] = round(time.perf_counter() - t1, 1)
             rows.append(r)
@@ -97,9 +101,12 @@ def main() -> None:
     print("| architecture | strategy | input | result |\n|---|---|---:|---|")
     for r in rows:
         print(f"| {r['model']} | {r['strategy']} | {r.get('input', '')} | {r['result']} |")
-    bad = [r for r in rows if r["result"].startswith(("mismatch", "apply failed", "estimate failed"))]
+    bad = [r for r in rows if r["result"].startswith(("mismatch", "apply failed", "estimate crashed"))]
+    refused = [r for r in rows if r["result"].startswith("refused by estimate")]
     print(f"\n{len(rows)} configurations of {len({r['model'] for r in rows})} architectures in "
-          f"{(time.perf_counter() - t0) / 60:.1f} min: {len(rows) - len(bad)} as estimated, {len(bad)} not.")
+          f"{(time.perf_counter() - t0) / 60:.1f} min: {len(rows) - len(bad) - len(refused)} as estimated, "
+          f"{len(refused)} refused by estimate up front, {len(bad)} defects (mismatch, apply failed, estimate "
+          "crashed).")
     if skipped:
         print("Skipped: " + "; ".join(skipped) + ".")
 
