@@ -13,7 +13,7 @@ import numpy as np
 from .errors import UserInputError
 from .plugins import Registry
 from .strategy import DistillStep, PruneStep, QuantizeStep, Strategy
-from .table import LayerTable, State, totals
+from .table import LayerTable, State
 
 Estimator = Callable[[LayerTable, Any], LayerTable]
 ESTIMATORS = Registry("estimator")  # compression method -> estimator
@@ -136,10 +136,6 @@ def estimate(table: LayerTable, strategy: Strategy) -> LayerTable:
             raise UserInputError(f"no estimator for method {step.method!r}")
         table = fn(table, step)
     return table
-
-
-def estimate_totals(table: LayerTable, strategy: Strategy) -> dict[str, Any]:
-    return totals(estimate(table, strategy))
 
 
 from . import quantize as _quantize  # noqa: E402,F401  registers the quantize estimator

@@ -32,8 +32,6 @@ from .plugins import Registry
 QUANTITIES = ("params", "buffers", "fixed_bytes", "macs", "gemm_macs", "act_in", "act_out")
 Q_INDEX = {q: i for i, q in enumerate(QUANTITIES)}
 
-# latency classes (hardware profiles give an efficiency per class)
-KINDS = ("conv", "dwconv", "gemm", "attention", "elementwise", "norm", "pool", "maxpool", "copy", "view", "param")
 _MAXPOOL = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
 
 

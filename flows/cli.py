@@ -6,6 +6,7 @@ import logging
 import os
 import sys
 import warnings
+from contextlib import contextmanager
 from typing import Annotated, Any, Callable, Optional
 
 import typer
@@ -128,10 +129,30 @@ def _compute(as_json: bool, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     return rep
 
 
-def _load(model: str, weights: Optional[str], input_shape: Optional[str], trust_pickle: bool = False):
-    from estimators.modelspec import load_model
+@contextmanager
+def _status(message: str):
+    """A step that can take seconds: a spinner with the message on a terminal, else one progress line first."""
+    if err_console.is_terminal:
+        with err_console.status(escape(message), spinner="dots"):
+            yield
+    else:
+        _progress(message)
+        yield
 
-    return load_model(model, weights=weights, input_shape=input_shape, trust_pickle=trust_pickle)
+
+def _load(model: str, weights: Optional[str], input_shape: Optional[str], trust_pickle: bool = False):
+    with _status(f"loading {model}"):
+        from estimators.modelspec import load_model
+
+        return load_model(model, weights=weights, input_shape=input_shape, trust_pickle=trust_pickle)
+
+
+def run_analysis(loaded):
+    """The layer table of `loaded` (cached by model), tracing it where it is not cached, with a spinner."""
+    from estimators.analyze import analyze
+
+    with _status(f"tracing {loaded.spec} into its layer table"):
+        return analyze(loaded)
 
 
 def _print_unpruned(rep: dict[str, Any]) -> None:
@@ -145,7 +166,6 @@ def analyze(model: ModelArg, weights: WeightsOpt = None, input_shape: ShapeOpt =
     """Trace MODEL into a layer table: per-operator params, MACs, bytes; coupled channel groups."""
 
     def body():
-        from estimators.analyze import analyze as run_analysis
         from estimators.report import analysis_report
 
         loaded = _load(model, weights, input_shape, trust_pickle)
@@ -232,7 +252,6 @@ def estimate(model: ModelArg, strategy: StrategyOpt = "none", weights: WeightsOp
 
     def body():
         from estimators.accuracy import predict_drop, proxy_report
-        from estimators.analyze import analyze as run_analysis
         from estimators.report import estimate_report
         from estimators.strategy import check_executable, parse_strategy
 
@@ -354,7 +373,6 @@ def plan(model: ModelArg, hardware: HardwareReq, weights: WeightsOpt = None, inp
 
     def body():
         from estimators.accuracy import DropScorer, ProxyScorer
-        from estimators.analyze import analyze as run_analysis
         from estimators.modelspec import format_input_shape
         from search.plan import plan as run_plan
         from tasks.anchoring import latency_context

@@ -40,10 +40,6 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{DEFAULT_DB}"
 
 
-def _is_local_db(uri: str) -> bool:
-    return uri.startswith("sqlite:") or uri.startswith("file:") or "://" not in uri
-
-
 def artifact_location(uri: str, experiment: str) -> str | None:
     """Artifacts of a SQLite store live beside its database file (mlflow/artifacts for the default store),
     never in the working directory; a tracking server decides its own."""

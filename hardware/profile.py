@@ -17,7 +17,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from estimators.errors import UserInputError, read_yaml_mapping
 
 PROFILE_DIR = Path(__file__).parent / "profiles"
-DTYPES = ("fp32", "fp16", "bf16", "int8")
 OP_CLASSES = ("conv", "dwconv", "gemm", "attention", "elementwise", "norm", "pool", "copy")
 # optional finer classes: a profile may give them, else they cost as their parent class
 # gconv: grouped (not depthwise) convolutions; transcendental: elementwise ops that evaluate exp/tanh/erf (SiLU,

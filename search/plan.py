@@ -42,7 +42,6 @@ def ratio_grid(step: float) -> tuple[float, ...]:
 
 
 GRID_STEP = 0.01
-PRUNE_GRID = ratio_grid(0.05)
 LEVEL = 0.05  # per-layer ratios move in steps of this (0 .. 0.90: 19 levels)
 LEVELS = np.round(np.arange(0, 0.90 + 1e-9, LEVEL), 4)
 WIDTHS = (0.75, 0.5)

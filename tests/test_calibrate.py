@@ -17,6 +17,8 @@ from hardware.hostprofile import foreign_note, host_key, host_profile_path, key_
 from hardware.measure import cpu_isa
 from hardware.profile import load_profile, save_profile
 
+pytestmark = pytest.mark.slow
+
 
 def test_quick_calibration_writes_loadable_profile(tmp_path):
     messages = []
@@ -164,6 +166,7 @@ def test_calibrate_cli_pool_errors(tmp_path):
     assert r.exit_code == 2 and "not a calibration" in r.stderr and not out.exists()
 
 
+@pytest.mark.timing
 def test_int8_kernel_fit_predicts_kernels_it_has_not_seen():
     """The INT8 convolution/linear kernels compiled INT8 graphs call, timed directly on a small budget: a fit
     on half of them predicts the other half (median error within 50%, in the right order)."""
@@ -223,6 +226,7 @@ def test_quantized_max_pool_fit_sees_the_channel_tail():
     assert np.median(np.abs(np.log(np.array(pred) / np.array(meas)))) < np.log(1.5)
 
 
+@pytest.mark.timing
 def test_compiled_int8_network_is_profiled_into_its_parts():
     """A quantized, compiled synthetic network: its oneDNN kernels, generated loops and the rest of the
     call are told apart by the profiler (names that change with torch would read as zero)."""

@@ -21,6 +21,8 @@ from tasks.pipeline import ModelInput, SearchOptions
 FAST = SearchOptions(nsga_evals=300, grid_step=0.05, finetune_epochs=1)
 REPO = Path(__file__).resolve().parents[1]
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def harness():

@@ -20,6 +20,8 @@ from hosts import fresh_process_key, seed_host
 ROOT = Path(__file__).resolve().parents[1]
 GONE_WITHIN_S = 10
 
+pytestmark = pytest.mark.slow
+
 
 def _ports(n: int) -> list[int]:
     socks = [socket.socket() for _ in range(n)]
