@@ -131,12 +131,12 @@ def _compute(as_json: bool, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
 
 @contextmanager
 def _status(message: str):
-    """A step that can take seconds: a spinner with the message on a terminal, else one progress line first."""
+    """A step that can take seconds: a spinner with the message on a terminal, cleared when the step ends (so an
+    error stays the one line a command prints); nothing where stderr is not a terminal."""
     if err_console.is_terminal:
         with err_console.status(escape(message), spinner="dots"):
             yield
     else:
-        _progress(message)
         yield
 
 

@@ -113,7 +113,9 @@ def start_uis(prefect_port: int = 4200, mlflow_port: int = 5000, say: Callable[[
     bindir = Path(sys.executable).parent
     prefect_bin = shutil.which("prefect", path=str(bindir)) or "prefect"
     mlflow_bin = shutil.which("mlflow", path=str(bindir)) or "mlflow"
-    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    # the UI's pages call the API at PREFECT_UI_API_URL, which does not follow --port: say where it is
+    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_UI_API_URL": f"http://127.0.0.1:{prefect_port}/api"}
     art = tracking.DEFAULT_ARTIFACTS if uri == f"sqlite:///{tracking.DEFAULT_DB}" else None
     tracking.DEFAULT_DB.parent.mkdir(parents=True, exist_ok=True)
     from prefect.settings import PREFECT_HOME
@@ -132,7 +134,7 @@ def start_uis(prefect_port: int = 4200, mlflow_port: int = 5000, say: Callable[[
     ok_m = _wait(f"{murl}/health", 90)
     say(f"Prefect UI: {purl}  ({'up' if ok_p else 'not answering yet'}; flows run from this machine use it when "
         f"PREFECT_API_URL={purl}/api)")
-    say(f"MLflow UI:  {murl}  ({'up' if ok_m else 'not answering yet'}; store {uri})")
+    say(f"MLflow UI:  {murl}/#/?{tracking.ML_VIEW}  ({'up' if ok_m else 'not answering yet'}; store {uri})")
     if not block:
         return procs
     say("Ctrl-C stops both.")

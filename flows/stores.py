@@ -226,7 +226,8 @@ def up(root: str = "build/stores", pg_port: int = 5433, prefect_port: int = 4200
     st.procs.append(pg)
     bindir = Path(sys.executable).parent
     env = {**os.environ, "PREFECT_API_DATABASE_CONNECTION_URL": f"postgresql+asyncpg://{st.pg_url}/prefect",
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_HOME": str(r / "prefect-home")}
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_HOME": str(r / "prefect-home"),
+           "PREFECT_UI_API_URL": f"http://127.0.0.1:{prefect_port}/api"}  # the UI's pages call the API there
     env.pop("PREFECT_API_URL", None)
     logs = r / "logs"
     logs.mkdir(exist_ok=True)

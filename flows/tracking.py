@@ -33,6 +33,8 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DB = REPO / "mlflow" / "mlflow.db"
 DEFAULT_ARTIFACTS = REPO / "mlflow" / "artifacts"
 KIND_TAG, KIND = "mlflow.experimentKind", "custom_model_development"  # the UI opens it on runs, not GenAI traces
+# MLflow 3's UI shows its GenAI views unless told otherwise (a switch kept per browser): every link says model training
+ML_VIEW = "workflowType=machine_learning"
 PARETO_RUNS = 25  # nested runs for the front (the whole front is in pareto.json and candidates.json)
 
 
@@ -52,7 +54,7 @@ def artifact_location(uri: str, experiment: str) -> str | None:
 def ui_link(uri: str, experiment_id: str, run_id: str) -> str | None:
     """The MLflow UI page of a run: on the tracking server itself, or on `deployfit ui`'s local server."""
     base = uri.rstrip("/") if uri.startswith("http") else "http://127.0.0.1:5000"
-    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}?{ML_VIEW}"
 
 
 def _metrics(prefix: str, d: dict | None) -> dict[str, float]:
