@@ -32,3 +32,16 @@ def seed_host(cache: str | Path | None = None, key: dict | None = None) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     save_profile(ref.model_copy(update={"name": "host", "provenance": prov}), path)
     return path
+
+
+def free_ports(n: int) -> list[int]:
+    """`n` ports free on 127.0.0.1 now (bound together, then released), for servers a test starts."""
+    import socket
+
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports

@@ -15,22 +15,12 @@ from pathlib import Path
 import psutil
 import pytest
 
-from hosts import fresh_process_key, seed_host
+from hosts import fresh_process_key, free_ports, seed_host
 
 ROOT = Path(__file__).resolve().parents[1]
 GONE_WITHIN_S = 10
 
 pytestmark = pytest.mark.slow
-
-
-def _ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def _listening(procs: list[psutil.Process]) -> list[tuple[int, int]]:
@@ -104,7 +94,7 @@ def test_a_killed_run_leaves_no_server(tmp_path, sig):
 def test_a_terminated_ui_leaves_no_server(tmp_path):
     """SIGTERM stops `ui`'s servers in order (SIGKILL goes through the same watchdog as `run`'s)."""
     sig = signal.SIGTERM
-    pp, mp = _ports(2)
+    pp, mp = free_ports(2)
     proc, kids = _start(["ui", "--prefect-port", str(pp), "--mlflow-port", str(mp)], _env(tmp_path), tmp_path,
                         until=lambda kids: {pp, mp} <= {port for _, port in _listening(kids)})
     _kill_and_check(proc, kids, sig)
@@ -116,7 +106,7 @@ def test_a_terminated_ui_leaves_no_server(tmp_path):
 def test_a_killed_stores_up_leaves_no_server_and_its_database_needs_the_secret(tmp_path):
     """`stores up` runs PostgreSQL with password authentication (the secret in a 0600 file, on no command line);
     SIGKILL of it stops PostgreSQL and both servers."""
-    pg, pp, mp = _ports(3)
+    pg, pp, mp = free_ports(3)
     root = Path(tempfile.mkdtemp(prefix="deployfit-stores-"))  # under /tmp: the postgres user must reach it
     os.chmod(root, 0o755)
     proc, kids = _start(["stores", "up", "--dir", str(root), "--pg-port", str(pg), "--prefect-port", str(pp),

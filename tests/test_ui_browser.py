@@ -6,14 +6,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from hosts import fresh_process_key, seed_host
+from hosts import fresh_process_key, free_ports, seed_host
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -27,16 +26,6 @@ except ImportError:
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not CHROMIUM, reason="Chromium is not installed (apt-get install chromium)"),
               pytest.mark.skipif(not PLAYWRIGHT, reason="Playwright is not installed (pip install playwright)")]
-
-
-def _ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def test_a_run_reads_in_the_mlflow_and_prefect_uis(tmp_path, monkeypatch):
@@ -64,7 +53,7 @@ def test_a_run_reads_in_the_mlflow_and_prefect_uis(tmp_path, monkeypatch):
 
     for k, v in {"PREFECT_HOME": str(tmp_path / "prefect"), "MLFLOW_TRACKING_URI": store}.items():
         monkeypatch.setenv(k, v)
-    pp, mp = _ports(2)
+    pp, mp = free_ports(2)
     procs = start_uis(pp, mp, say=lambda m: None, block=False)
     ml, pf = f"http://127.0.0.1:{mp}", f"http://127.0.0.1:{pp}"
     view = "workflowType=machine_learning"
