@@ -99,6 +99,21 @@ def port_free(port: int, host: str = "127.0.0.1") -> bool:
     return True
 
 
+STOP_S = 5.0
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL a server and what it started (uvicorn's workers under `mlflow server`)."""
+    import psutil
+
+    try:
+        proc = psutil.Process(pid)
+        for p in [*proc.children(recursive=True), proc]:
+            p.kill()
+    except psutil.Error:
+        pass
+
+
 def start_uis(prefect_port: int = 4200, mlflow_port: int = 5000, say: Callable[[str], None] = print,
               block: bool = True) -> list[subprocess.Popen]:
     """A Prefect server (the database under PREFECT_HOME the ephemeral runs use) and an MLflow server (the
@@ -147,9 +162,10 @@ def start_uis(prefect_port: int = 4200, mlflow_port: int = 5000, say: Callable[[
         for p in procs:
             if p.poll() is None:
                 p.send_signal(signal.SIGINT)
+        deadline = time.time() + STOP_S  # one deadline for both: stopped within the seconds a service manager gives
         for p in procs:
             try:
-                p.wait(10)
+                p.wait(max(0.1, deadline - time.time()))
             except subprocess.TimeoutExpired:
-                p.kill()
+                _kill_tree(p.pid)
     return procs
