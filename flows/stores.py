@@ -87,10 +87,12 @@ class Stores:
 
 def _stop_postgres(data: Path) -> None:
     """SIGINT to the postmaster named in postmaster.pid: PostgreSQL's fast shutdown."""
+    pid = _running_postmaster(data)
+    if pid is None:
+        return
     try:
-        pid = int((data / "postmaster.pid").read_text().split()[0])
         os.kill(pid, signal.SIGINT)
-    except (OSError, ValueError, IndexError):
+    except OSError:
         return
     for _ in range(300):
         if not (data / "postmaster.pid").exists():
@@ -168,9 +170,8 @@ def start_postgres(root: Path, port: int, say: Callable[[str], None] = print) ->
                            capture_output=True, text=True, timeout=120)
         if r.returncode != 0:
             raise UserInputError(f"initdb {data} failed: {(r.stderr or r.stdout).strip()[-500:]}")
-    elif _running_postmaster(data):
-        raise UserInputError(f"a PostgreSQL server already runs on {data} (pid {_running_postmaster(data)}): stop it "
-                             "first")
+    elif (running := _running_postmaster(data)):
+        raise UserInputError(f"a PostgreSQL server already runs on {data} (pid {running}): stop it first")
     log = data / "server.log"
     proc = subprocess.Popen(_as_owner([pg_bin("postgres"), "-D", str(data), "-p", str(port),
                                        "-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={data}",
@@ -195,7 +196,7 @@ def start_postgres(root: Path, port: int, say: Callable[[str], None] = print) ->
             subprocess.run(psql + [alter], check=True, capture_output=True, env=env, timeout=30)
             hba = data / "pg_hba.conf"
             hba.write_text(re.sub(r"(?m)^([^#\n]*\s)trust(\s*)$", r"\1scram-sha-256\2", hba.read_text()))
-            os.kill(int((data / "postmaster.pid").read_text().split()[0]), signal.SIGHUP)
+            os.kill(_running_postmaster(data), signal.SIGHUP)  # the server just answered pg_isready
         elif new_secret and not fresh:
             raise UserInputError(f"{root / 'pg-secret'} was missing for the password-protected cluster {data}: "
                                  "restore it (a new secret was written; put the old one in its place)")
