@@ -85,3 +85,28 @@ def estimate_quantize(table: LayerTable, step: QuantizeStep) -> LayerTable:
         raise ValueError(step.dtype)
     s.steps.append(step.model_dump())
     return table.with_state(s)
+
+
+ONNX_QDQ_PER_COUT = 5.0  # ONNX Runtime's QDQ weight: an fp32 scale and an int8 zero point per output channel
+
+
+def onnx_layout(table: LayerTable) -> LayerTable:
+    """The estimated model stored as tasks.onnx_export writes it: the exporter folds every BatchNorm fed directly
+    by a convolution or linear layer into it (the layer gains a bias in its dtype if it had none) and stores no
+    num_batches_tracked; an INT8 layer stores per output channel an fp32 scale and an int8 zero point (ONNX
+    Runtime's QDQ weights) where the INT8 program stores an fp32 scale and an int64 zero point."""
+    s = table.state.copy()
+    ops = table.ops
+    mod = table.is_module
+    for i in range(table.n):
+        if not (mod[i] and ops[i] in _BN):
+            continue
+        s.fixed_scale[i] = 0.0
+        src = int(table.src_row[i])
+        if src >= 0 and mod[src] and ops[src] in _FOLD_INTO and s.wscale[i] != 0.0:
+            s.wscale[i] = 0.0
+            if not table.has_bias[src]:
+                s.extra_per_cout[src] += 4.0 if s.wdtype[src] == "int8" else s.wbytes[src]
+    int8 = np.array([d == "int8" for d in s.wdtype]) & any(st.get("dtype") == "int8" for st in s.steps)
+    s.extra_per_cout[int8] -= 12.0 - ONNX_QDQ_PER_COUT
+    return table.with_state(s)

@@ -85,6 +85,8 @@ def _fail(msg: str, as_json: bool) -> None:
 
 
 def _fmt(v: Any) -> str:
+    if isinstance(v, float) and abs(v) < 10 and not v.is_integer():
+        return f"{v:.4g}"  # milliseconds and points: significant digits, not one decimal
     if isinstance(v, float) and not v.is_integer():
         return f"{v:,.1f}"
     if isinstance(v, (int, float)):
@@ -205,13 +207,14 @@ EpochsOpt = Annotated[int, typer.Option("--finetune-epochs", min=0, help="traini
 
 
 def _with_latency(rep: dict[str, Any], loaded, table, strat, hardware: Optional[str], batch_size: int,
-                  anchor: bool = True) -> dict[str, Any]:
+                  anchor: bool = True, runtime: str = "pytorch") -> dict[str, Any]:
     if hardware:
         from estimators.compress import estimate as run_estimate
         from hardware.latency import predict_latency
         from tasks.anchoring import latency_context
 
-        prof, anc, info = latency_context(loaded, table, hardware, batch_size, anchor, progress=_progress)
+        prof, anc, info = latency_context(loaded, table, hardware, batch_size, anchor, progress=_progress,
+                                          runtime=runtime)
         lat = predict_latency(run_estimate(table, strat), prof, batch_size, anchor=anc)
         rep["pred"]["latency_ms"] = round(lat.latency_ms, 4)
         rep["latency_basis"] = lat.basis
@@ -228,13 +231,17 @@ def _print_latency_basis(rep: dict[str, Any]) -> None:
         _warn(hw["warning"])
     anc = hw.get("anchor")
     if anc:
-        console.print(f"latency anchored on the original measured here: {anc['total_ms']} ms at batch {anc['batch']} "
+        where = " in ONNX Runtime" if hw.get("runtime") == "onnxruntime" else ""
+        console.print(f"latency anchored on the original measured here{where}: {anc['total_ms']} ms at batch {anc['batch']} "
                       f"(the {hw['name']} profile alone predicted {anc['predicted_ms']} ms; {anc['truths']} measured "
                       "candidates refine it)", highlight=False)
     elif hw.get("anchor_note"):
         console.print(hw["anchor_note"], highlight=False)
 
 
+RuntimeOpt = Annotated[str, typer.Option("--runtime", metavar="RUNTIME", help="what the latency is predicted and "
+                                         "measured for with --hardware host: pytorch (the saved program) or "
+                                         "onnxruntime (model.onnx in ONNX Runtime)")]
 AnchorOpt = Annotated[bool, typer.Option("--anchor/--no-anchor", help="predict latency relative to the original "
                                          "model measured on the target, where it can be measured (this machine)")]
 
@@ -242,7 +249,8 @@ AnchorOpt = Annotated[bool, typer.Option("--anchor/--no-anchor", help="predict l
 @app.command(short_help="Predict what a strategy does to a model.")
 def estimate(model: ModelArg, strategy: StrategyOpt = "none", weights: WeightsOpt = None, input_shape: ShapeOpt = None,
              hardware: HardwareOpt = None, batch_size: BatchOpt = 1, data: DataOpt = None,
-             finetune_epochs: EpochsOpt = FINETUNE_EPOCHS, anchor: AnchorOpt = True, trust_pickle: TrustOpt = False,
+             finetune_epochs: EpochsOpt = FINETUNE_EPOCHS, runtime: RuntimeOpt = "pytorch", anchor: AnchorOpt = True,
+             trust_pickle: TrustOpt = False,
              as_json: JsonOpt = False) -> None:
     """Predict what STRATEGY does to MODEL without compressing it.
 
@@ -259,7 +267,8 @@ def estimate(model: ModelArg, strategy: StrategyOpt = "none", weights: WeightsOp
         loaded = _load(model, weights, input_shape, trust_pickle)
         check_executable(strat, bool(data), {n for n, _ in loaded.model.named_modules()}, loaded.n_inputs)
         table = run_analysis(loaded)
-        rep = _with_latency(estimate_report(loaded, table, strat), loaded, table, strat, hardware, batch_size, anchor)
+        rep = _with_latency(estimate_report(loaded, table, strat), loaded, table, strat, hardware, batch_size, anchor,
+                            runtime)
         if data:
             from estimators.data import load_data_for
 
@@ -290,7 +299,10 @@ def apply(model: ModelArg, out: Annotated[str, typer.Option("--out", help="folde
           data: DataOpt = None, finetune_epochs: EpochsOpt = FINETUNE_EPOCHS,
           kd: Annotated[bool, typer.Option("--kd/--no-kd", help="distil from the original model when fine-tuning "
                                            "after pruning")] = False,
-          anchor: AnchorOpt = True, trust_pickle: TrustOpt = False, as_json: JsonOpt = False) -> None:
+          export: Annotated[Optional[list[str]], typer.Option(
+              "--export", metavar="FORMAT", help="pt2 (model.pt2, always written: it is what is measured) or onnx "
+              "(model.onnx too, checked in ONNX Runtime); repeatable")] = None,
+          runtime: RuntimeOpt = "pytorch", anchor: AnchorOpt = True, trust_pickle: TrustOpt = False, as_json: JsonOpt = False) -> None:
     """Execute STRATEGY on MODEL, save the artifact, and measure it against the prediction.
 
     With --hardware host the artifact's latency is measured here too, in alternation with the original (their
@@ -307,7 +319,8 @@ def apply(model: ModelArg, out: Annotated[str, typer.Option("--out", help="folde
         loaded = _load(model, weights, input_shape, trust_pickle)
         return apply_and_measure(loaded, strat, out, hardware=hardware, batch_size=batch_size,
                                  progress=_progress, data_spec=data,
-                                 train_cfg=TrainConfig(epochs=finetune_epochs, kd_finetune=kd), anchor_on=anchor)
+                                 train_cfg=TrainConfig(epochs=finetune_epochs, kd_finetune=kd), anchor_on=anchor,
+                                 export=tuple(export or ("pt2",)), runtime=runtime)
 
     rep = _compute(as_json, body)
     if as_json:
@@ -328,6 +341,16 @@ def apply(model: ModelArg, out: Annotated[str, typer.Option("--out", help="folde
     for n in rep["notes"]:
         console.print(f"  note: {n}", highlight=False)
     console.print(f"artifact: {rep['artifact']['model']}")
+    if rep.get("onnx") and "path" in rep["onnx"]:
+        _print_onnx(rep["onnx"])
+
+
+def _print_onnx(o: dict[str, Any]) -> None:
+    agree = f", top-1 agreement {100 * o['top1_agreement']:.2f}%" if "top1_agreement" in o else ""
+    console.print(f"ONNX ({o['form']}, opset {o['opset']}): {o['path']}; checker passed; ONNX Runtime outputs within "
+                  f"{o['max_rel_diff']:.1e} of the program's range{agree}; stored {_fmt(o['size_bytes'])} bytes "
+                  f"(the prediction's error {100 * o.get('size_err', 0):+.2f}%)", highlight=False)
+    console.print(f"  on a TensorRT machine ({o['tensorrt']}): {o['trtexec']}", highlight=False)
 
 
 HardwareReq = Annotated[str, typer.Option("--hardware", help="hardware profile name or YAML path")]
@@ -366,8 +389,8 @@ def plan(model: ModelArg, hardware: HardwareReq, weights: WeightsOpt = None, inp
          min_accuracy: MinAcc = None, batch_size: ReqBatch = None, requirements: ReqFile = None,
          data: DataOpt = None, finetune_epochs: EpochsOpt = FINETUNE_EPOCHS, students: StudentsOpt = None,
          top_k: Annotated[int, typer.Option("--top-k", min=1, help="strategies the report lists")] = 5, grid_step: GridOpt = 0.01,
-         nsga_evals: NsgaOpt = 10000, seed: SeedOpt = 0, anchor: AnchorOpt = True, trust_pickle: TrustOpt = False,
-         as_json: JsonOpt = False) -> None:
+         nsga_evals: NsgaOpt = 10000, seed: SeedOpt = 0, runtime: RuntimeOpt = "pytorch", anchor: AnchorOpt = True,
+         trust_pickle: TrustOpt = False, as_json: JsonOpt = False) -> None:
     """Search distill -> prune -> quantize strategies for the one that meets every requirement on HARDWARE
     with the least predicted accuracy drop. Exit code 3 when nothing fits (with the nearest relaxation)."""
 
@@ -383,7 +406,8 @@ def plan(model: ModelArg, hardware: HardwareReq, weights: WeightsOpt = None, inp
         loaded = _load(model, weights, input_shape, trust_pickle)
         table = run_analysis(loaded)
         say = _progress
-        prof, anc, info = latency_context(loaded, table, hardware, req.batch_size, anchor, progress=say)
+        prof, anc, info = latency_context(loaded, table, hardware, req.batch_size, anchor, progress=say,
+                                          runtime=runtime)
         note = info.get("warning")
         if note:
             _warn(note)
@@ -460,6 +484,9 @@ def run_cmd(model: ModelArg, hardware: HardwareReq = "host", weights: WeightsOpt
             device_timeout: Annotated[float, typer.Option("--device-timeout", min=1, help="seconds to wait for a "
                                                           "device worker per step")] = 600.0,
             anchor: AnchorOpt = True,
+            export: Annotated[Optional[list[str]], typer.Option(
+                "--export", metavar="FORMAT", help="forms each executed candidate is saved in: pt2 (always) and "
+                "onnx (checked in ONNX Runtime); repeatable (default: both)")] = None,
             register: Annotated[Optional[str], typer.Option("--register", metavar="NAME", help="register the "
                                                             "recommended candidate's model as a new version of "
                                                             "NAME in the MLflow Model Registry")] = None,
@@ -473,7 +500,9 @@ def run_cmd(model: ModelArg, hardware: HardwareReq = "host", weights: WeightsOpt
                             max_macs=max_macs, max_memory_mb=max_memory_mb, max_accuracy_drop=max_accuracy_drop,
                             min_accuracy=min_accuracy, batch_size=batch_size)
         _preflight(model, weights, input_shape, trust_pickle, hardware, data, out_dir)
-        from flows.pipeline import HardwareName, run_flow, terminal_run
+        from flows.pipeline import ExportFormat, HardwareName, run_flow, terminal_run
+
+        forms = [_export_format(f, ExportFormat) for f in (export or ["pt2", "onnx"])]
         from tasks.pipeline import ModelInput, ParallelOptions, SearchOptions
 
         known = hardware in HardwareName.__members__ and hardware != "path"
@@ -491,7 +520,7 @@ def run_cmd(model: ModelArg, hardware: HardwareReq = "host", weights: WeightsOpt
                                                       verbose=verbose),
                              device_measure=device_measure, device_timeout_s=device_timeout,
                              device_calibrate=device_calibrate, device_calibrate_budget_s=device_calibrate_budget,
-                             anchor=anchor, register_as=register)
+                             anchor=anchor, register_as=register, export=forms)
         if state.is_failed():
             try:
                 state.result()
@@ -506,6 +535,13 @@ def run_cmd(model: ModelArg, hardware: HardwareReq = "host", weights: WeightsOpt
         _print_run(rep)
     if rep.get("infeasible"):
         raise typer.Exit(3)
+
+
+def _export_format(name: str, kinds):
+    try:
+        return kinds(name)
+    except ValueError:
+        raise UserInputError(f"--export {name}: choose from {', '.join(k.value for k in kinds)}") from None
 
 
 def _preflight(model: str, weights: Optional[str], input_shape: Optional[str], trust_pickle: bool, hardware: str,
@@ -541,7 +577,8 @@ def _print_run(rep: dict[str, Any]) -> None:
         for c in ("strategy", "metric", "predicted", "measured", "error"):
             t.add_column(c, justify="left" if c in ("strategy", "metric") else "right")
         for e in rep["executed"]:
-            keys = [k for k in ("latency_ms", "size_bytes", "params", "accuracy_drop") if k in e["meas"] and k in e["pred"]]
+            keys = [k for k in ("latency_ms", "size_bytes", "params", "accuracy_drop", "onnx_size_bytes")
+                    if k in e["meas"] and k in e["pred"]]
             for i, k in enumerate(keys):
                 err = e["err"].get(k)
                 es = "" if err is None else (f"{err:+.2f} pts" if k.startswith("accuracy") else f"{err:+.1%}")
@@ -549,6 +586,11 @@ def _print_run(rep: dict[str, Any]) -> None:
                 t.add_row(e["label"] if i == 0 else "", k, fmt(e["pred"][k]), fmt(e["meas"][k]), es,
                           end_section=i == len(keys) - 1)
         console.print(t)
+    onnx = [e for e in rep.get("executed", []) if (e.get("onnx") or {}).get("path")]
+    if onnx:
+        console.print(f"ONNX exports, checked in ONNX Runtime (for {onnx[0]['onnx']['tensorrt']}):", highlight=False)
+        for e in onnx:
+            console.print(f"  {e['label']}: {e['onnx']['path']}  ({e['onnx']['trtexec']})", highlight=False)
     for f in rep.get("failed", []):
         err_console.print(f"execution failed: {f['label']}: {f['error']}", highlight=False)
     tr = rep.get("tracking", {})

@@ -45,6 +45,13 @@ def _hardware_names() -> list[str]:
 HardwareName = Enum("HardwareName", {n: n for n in _hardware_names()}, type=str)
 
 
+class ExportFormat(str, Enum):
+    """A form executed candidates are saved in (tasks.apply.EXPORT_FORMS)."""
+
+    pt2 = "pt2"
+    onnx = "onnx"
+
+
 def hardware_spec(hardware: "HardwareName | str", hardware_path: Optional[str]) -> str:
     """The hardware as the estimators take it: a profile name or a YAML path."""
     name = hardware.value if isinstance(hardware, Enum) else str(hardware)
@@ -64,8 +71,11 @@ def terminal_run() -> Iterator[None]:
     deployment's run Crashed when its machine vanishes; a terminal run's crash is seen in the terminal, and
     Prefect stops its heartbeat thread in 1 s sleeps, so each run would end up to 1 s later (half a second
     on average, measured by bench/flow_overhead.py). Served and worker-run deployments keep Prefect's setting."""
-    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, PREFECT_HOME, temporary_settings
 
+    # Prefect's temporary server cannot create its database in a PREFECT_HOME that does not exist: it waits out its
+    # start-up timeout, then fails with a traceback
+    Path(PREFECT_HOME.value()).expanduser().mkdir(parents=True, exist_ok=True)
     with temporary_settings(set_defaults={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
         yield
 
@@ -125,7 +135,7 @@ def _fmt(v: Any, k: str) -> str:
 
 
 COLUMNS = ("latency_ms", "size_bytes", "params", "macs", "peak_memory_bytes", "accuracy_drop")
-HEADERS = {"size_bytes": "size (MB)", "peak_memory_bytes": "peak memory (MB)"}  # _fmt shows them in MB
+HEADERS = {"size_bytes": "size (MB)", "peak_memory_bytes": "peak memory (MB)", "onnx_size_bytes": "ONNX size (MB)"}  # _fmt shows them in MB
 
 
 def markdown_report(title: str, rep: dict, executed: list[dict], tracked: dict, failed: list[dict] = ()) -> str:
@@ -161,11 +171,17 @@ def markdown_report(title: str, rep: dict, executed: list[dict], tracked: dict, 
         lines += ["", "## Executed: predicted vs measured", "",
                   "| strategy | metric | predicted | measured | error |", "|---|---|---|---|---|"]
         for e in executed:
-            for k in COLUMNS + ("accuracy",):
+            for k in COLUMNS + ("accuracy", "onnx_size_bytes"):
                 if k in e["meas"] and k in e["pred"]:
                     err = e["err"].get(k)
                     es = "" if err is None else (f"{err:+.2f} points" if k.startswith("accuracy") else f"{err:+.1%}")
                     lines.append(f"| `{e['label']}` | {HEADERS.get(k, k)} | {_fmt(e['pred'][k], k)} | {_fmt(e['meas'][k], k)} | {es} |")
+        onnx = [e for e in executed if (e.get("onnx") or {}).get("path")]
+        if onnx:
+            lines += ["", f"## ONNX exports (checked in ONNX Runtime; for {onnx[0]['onnx']['tensorrt']})", ""]
+            for e in onnx:
+                o = e["onnx"]
+                lines.append(f"- `{e['label']}`: `{o['path']}` ({o['form']}); on the TensorRT machine: `{o['trtexec']}`")
     for f in failed:
         lines.append(f"\n**Execution failed:** `{f['label']}`: {f['error']}")
     lines.append("")
@@ -266,7 +282,7 @@ def _finish(flow_name: str, model: ModelInput, hardware: str, record: dict, work
                              description=title)
     out = {k: v for k, v in rep.items() if k != "candidates"}
     out.update(executed=[{k: e.get(k) for k in ("compact", "label", "pred", "meas", "err", "artifact", "executed_by",
-                                                 "measured_on", "notes")}
+                                                 "measured_on", "notes", "onnx")}
                          for e in executed],
                failed=failed or [], tracking=tracked, flow_run_id=run_id,
                seconds_total=round(time.perf_counter() - t0, 2),
@@ -316,12 +332,14 @@ def _failure(candidate: dict, exc: Exception) -> dict:
 
 @flow(name="deployfit-execute", log_prints=True)
 def execute_flow(model: ModelInput, candidates: list[dict], out_dir: str, hardware: str, batch_size: int,
-                 data: Optional[str], finetune_epochs: int, threads: Optional[int]) -> list[dict]:
+                 data: Optional[str], finetune_epochs: int, threads: Optional[int],
+                 export: tuple[str, ...] = ("pt2", "onnx")) -> list[dict]:
     """Build, train and measure (all but latency) the candidates concurrently on the flow's task runner (a
     DaskTaskRunner when called from `run` with workers or a cluster address). Returns one dict per candidate:
     its result, or {"error": ...}."""
     futures = [execute_task.submit(model, c["compact"], c["out_dir"], hardware, batch_size=batch_size, data=data,
-                                   finetune_epochs=finetune_epochs, latency_now=False, threads=threads)
+                                   finetune_epochs=finetune_epochs, latency_now=False, threads=threads,
+                                   export=export)
                for c in candidates]
     out = []
     for c, f in zip(candidates, futures):
@@ -397,7 +415,8 @@ def run_flow(model: ModelInput = ModelInput(), data: Optional[str] = "digits", h
              device_calibrate: bool = False,
              device_calibrate_budget_s: Annotated[float, Field(gt=0, le=3600)] = CALIBRATION_BUDGET_S,
              device_timeout_s: Annotated[float, Field(gt=0, le=86400)] = 600.0, anchor: bool = True,
-             register_as: Optional[str] = None, out_dir: str = DEFAULT_OUT) -> dict:
+             register_as: Optional[str] = None, export: list[ExportFormat] = [ExportFormat.pt2, ExportFormat.onnx],
+             out_dir: str = DEFAULT_OUT) -> dict:
     """Plan, then execute the top-k strategies (training where they train; in parallel on Dask with
     `parallel`), measure each artifact (latency one at a time; on the device through the work pool
     deployfit-<hardware> with `device_measure`, by default for any target but host) and compare it with its
@@ -423,6 +442,8 @@ def run_flow(model: ModelInput = ModelInput(), data: Optional[str] = "digits", h
         anchor: predict latency relative to the original model measured on this machine (host only)
         register_as: register the recommended executed candidate's model under this name in the MLflow Model
             Registry (a new version per run; empty: none)
+        export: the forms each executed candidate is saved in: pt2 (always: it is what is measured) and onnx
+            (checked in ONNX Runtime; for TensorRT or ONNX Runtime deployments)
         out_dir: folder for run reports and executed artifacts, on the machine that runs the flow
     """
     t0 = time.perf_counter()
@@ -432,6 +453,8 @@ def run_flow(model: ModelInput = ModelInput(), data: Optional[str] = "digits", h
     _ensure_profile(hardware)
     record, workdir = _record("run", model, data, hardware, requirements, search, out_dir)
     record["register"] = register_as or None
+    forms = tuple(dict.fromkeys(["pt2"] + [ExportFormat(f).value for f in export]))
+    record["export"] = list(forms)
     record["parallel"] = {"workers": parallel.workers, "dask_address": parallel.address() or "",
                           "threads": parallel.threads_per_candidate()}
     profile = None
@@ -447,7 +470,8 @@ def run_flow(model: ModelInput = ModelInput(), data: Optional[str] = "digits", h
     session = tracking.Session()  # after any calibration: the session's start must not disturb its timing
     try:
         return _run_steps(model, data, hardware, requirements, search, execute, top_k, batch_size, parallel,
-                          device_measure, device_timeout_s, out_dir, record, workdir, profile, session, t0, anchor)
+                          device_measure, device_timeout_s, out_dir, record, workdir, profile, session, t0, anchor,
+                          forms)
     finally:
         session.close()
 
@@ -455,7 +479,8 @@ def run_flow(model: ModelInput = ModelInput(), data: Optional[str] = "digits", h
 def _run_steps(model: ModelInput, data: Optional[str], hardware: str, requirements: Requirements,
                search: SearchOptions, execute: bool, top_k: int, batch_size: int, parallel: ParallelOptions,
                device_measure: Optional[bool], device_timeout_s: float, out_dir: str, record: dict, workdir: Path, profile: Optional[str],
-               session: tracking.Session, t0: float, anchor: bool = True) -> dict:
+               session: tracking.Session, t0: float, anchor: bool = True,
+               export: tuple[str, ...] = ("pt2", "onnx")) -> dict:
     log = get_run_logger()
     rep, layers = _plan_steps(model, data, hardware, requirements, search, top_k, profile, anchor)
     rep["profile"] = profile or hardware
@@ -487,14 +512,14 @@ def _run_steps(model: ModelInput, data: Optional[str], hardware: str, requiremen
             log.info(f"executing {len(cands)} candidates on Dask ({parallel.address() or f'{parallel.workers} local workers'})")
             per = parallel.threads or (None if parallel.address() else parallel.threads_per_candidate())
             for res in execute_flow.with_options(task_runner=runner)(model, cands, out_dir, hardware, batch_size, data,
-                                                                     search.finetune_epochs, per):
+                                                                     search.finetune_epochs, per, export):
                 built(res)
         else:
             for i, c in enumerate(cands):
                 log.info(f"executing {i + 1}/{len(cands)}: {c['label']}")
                 state = execute_task(model, c["compact"], c["out_dir"], hardware, batch_size=batch_size, data=data,
                                      finetune_epochs=search.finetune_epochs, latency_now=False,
-                                     threads=parallel.threads, anchor=anchor, return_state=True)
+                                     threads=parallel.threads, anchor=anchor, export=export, return_state=True)
                 try:  # one candidate failing (a runtime that cannot build it) must not lose the others
                     built(state.result())
                 except Exception as exc:

@@ -329,6 +329,7 @@ class _Logger:
         self.nested: list[str] = []
         self.executed_runs: dict[int, str] = {}  # executed candidate's index -> its nested run
         self.models: dict[str, str] = {}  # nested run -> the MLflow model logged in it
+        self.onnx_models: dict[str, str] = {}  # nested run -> its ONNX export logged as an MLflow model
         self.logged: dict[int, dict[str, float]] = {}  # the metrics logged into it
 
     def start(self, record: dict, plan: dict, layers: list[dict], workdir: Path) -> None:
@@ -426,6 +427,9 @@ class _Logger:
             self.executed_runs[i] = rid
             if model_file and Path(model_file).is_file():
                 self._log_model(rid, e, Path(model_file))
+            onnx_file = (e.get("artifact") or {}).get("onnx")
+            if onnx_file and Path(onnx_file).is_file():
+                self._log_onnx(rid, e, Path(onnx_file))
         for f in files:
             self.client.log_artifact(rid, str(f))
         self.logged[i] = metrics
@@ -454,6 +458,31 @@ class _Logger:
         self.models[rid] = info.model_uri
         timing = e.get("timing") or {}
         # start_run/end reopened and closed the run: it spans the candidate's execution again
+        self.client.set_terminated(rid, end_time=int(timing["ended"] * 1000) if timing.get("ended") else None)
+
+    def _log_onnx(self, rid: str, e: dict, path: Path) -> None:
+        """The ONNX export as an MLflow model of the run, ONNX flavour (`onnx-model`, its signature inferred from an
+        input example run in ONNX Runtime), beside the pyfunc of the program; its checks as tags."""
+        import mlflow
+        import mlflow.onnx
+        import onnx
+
+        from estimators.modelspec import n_inputs, seeded_input
+
+        shape = e.get("input_shape")
+        check = e.get("onnx") or {}
+        tags = {f"deployfit.onnx.{k}": str(check[k]) for k in ("form", "opset", "max_rel_diff", "top1_agreement",
+                                                               "trtexec") if k in check}
+        for k, v in tags.items():
+            self.client.set_tag(rid, k, v)
+        example = seeded_input(shape, 2).numpy() if shape and n_inputs(shape) == 1 else None
+        mlflow.set_tracking_uri(self.uri)
+        with mlflow.start_run(run_id=rid):
+            info = mlflow.onnx.log_model(onnx.load(str(path)), name="onnx-model", input_example=example,
+                                         save_as_external_data=False,
+                                         pip_requirements=[f"onnx=={onnx.__version__}", "onnxruntime", "numpy"])
+        self.onnx_models[rid] = info.model_uri
+        timing = e.get("timing") or {}
         self.client.set_terminated(rid, end_time=int(timing["ended"] * 1000) if timing.get("ended") else None)
 
     def register(self, name: str, executed: list[dict]) -> dict[str, Any] | None:

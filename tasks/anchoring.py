@@ -134,18 +134,34 @@ def measure_against_original(candidate: Callable, loaded: LoadedModel, batch: in
 
 
 def latency_context(loaded: LoadedModel, table: LayerTable, hardware: str, batch: int = 1, anchor: bool = True,
-                    progress: Progress = lambda m: None, measure: bool = True) -> tuple:
+                    progress: Progress = lambda m: None, measure: bool = True, runtime: str = "pytorch") -> tuple:
     """What a command needs to predict `loaded`'s latency on `hardware`: (the profile, its anchor or None, what
     the output records of both). `host` is this machine (calibrated first where it has no profile); the anchor is
     measured where the profile is this machine's and `anchor` is on (`measure=False`: only a cached one is used, as
-    in a process building candidates in parallel with others, where nothing may be timed)."""
+    in a process building candidates in parallel with others, where nothing may be timed). `runtime`
+    `onnxruntime`: the latency of the candidates' ONNX exports in ONNX Runtime here (tasks.onnx_runtime)."""
     from hardware.hostprofile import identity
     from hardware.profile import load_profile
 
+    from .onnx_runtime import check_runtime
+
+    check_runtime(runtime, hardware)
     prof = load_profile(hardware, progress=progress)
     info = {"name": prof.name, "runtime": prof.runtime, "batch_size": batch, "profile": identity(prof)}
     if info["profile"]["warning"]:
         info["warning"] = info["profile"]["warning"]
+    if runtime == "onnxruntime":
+        from .onnx_runtime import get_ort_anchor
+
+        info["runtime"] = "onnxruntime"
+        got = get_ort_anchor(loaded, table, prof, batch, progress, measure) if anchor and anchorable(prof) else None
+        if got is not None:
+            info["anchor"] = got.summary()
+        else:
+            info["anchor"] = None
+            info["anchor_note"] = ("latency predicted by the PyTorch host profile alone (latency_basis: profile): "
+                                   "ONNX Runtime has no profile of its own; the anchor sets its level")
+        return prof, got, info
     got = get_anchor(loaded, table, prof, batch, progress=progress, measure=measure) if anchor else None
     if got is not None:
         info["anchor"] = got.summary()

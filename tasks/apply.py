@@ -7,6 +7,7 @@ from typing import Any, Callable
 
 from estimators.analyze import analyze
 from estimators.compress import estimate
+from estimators.errors import UserInputError
 from estimators.modelspec import LoadedModel, shape_json
 from estimators.report import public, rel_err
 from estimators.strategy import Strategy, check_executable
@@ -17,6 +18,8 @@ from hardware.measure import (count_module, gemm_macs, measure_memory_access_byt
 from .anchoring import latency_context
 
 from .executors import Work, check_out_dir, run_strategy, save_artifact
+
+EXPORT_FORMS = ("pt2", "onnx")
 from .quantize_exec import load_program
 
 
@@ -87,13 +90,13 @@ def record_latency(result: dict[str, Any], lat: dict[str, Any], anchor) -> dict[
 
 
 def predict_host_latency(loaded: LoadedModel, table, est, hardware: str, batch_size: int, anchor_on: bool,
-                         progress: Callable[[str], None] = lambda m: None) -> tuple:
+                         progress: Callable[[str], None] = lambda m: None, runtime: str = "pytorch") -> tuple:
     """The latency prediction of `est` (the candidate's estimated table) on `hardware`: (the profile, its anchor or
     None, {latency_ms, latency_basis, hardware, latency_runtime, pred_latency_before_truths_ms})."""
     from hardware.anchor import runtime_of
     from hardware.latency import predict_latency
 
-    prof, anchor, info = latency_context(loaded, table, hardware, batch_size, anchor_on, progress)
+    prof, anchor, info = latency_context(loaded, table, hardware, batch_size, anchor_on, progress, runtime=runtime)
     lat = predict_latency(est, prof, batch_size, anchor=anchor)
     out = {"latency_ms": round(lat.latency_ms, 4), "latency_basis": lat.basis, "hardware": info,
            "latency_runtime": runtime_of(est)}
@@ -151,11 +154,31 @@ def artifact_accuracy(ep, data) -> float:
 
 def apply_and_measure(loaded: LoadedModel, strategy: Strategy, out_dir: str, hardware: str | None = None,
                       batch_size: int = 1, progress: Callable[[str], None] = lambda m: None, data_spec: str | None = None,
-                      train_cfg: Any = None, latency_now: bool = True, anchor_on: bool = True) -> dict[str, Any]:
-    """`latency_now=False`: predict the latency but leave measuring it to `measure_saved_latency` (a
+                      train_cfg: Any = None, latency_now: bool = True, anchor_on: bool = True,
+                      export: tuple[str, ...] = ("pt2",), onnx_required: bool = True,
+                      runtime: str = "pytorch") -> dict[str, Any]:
+    """`export`: the forms written beside strategy.json: `pt2` (always written: it is what is measured) and
+    `onnx` (tasks.onnx_export: model.onnx, verified in ONNX Runtime, its size against the prediction); an export
+    that fails is an error when `onnx_required`, else a note and `onnx: {error}` in the result. `runtime`
+    `onnxruntime`: the latency predicted and measured is model.onnx's in ONNX Runtime (tasks.onnx_runtime; the
+    export is then written whatever `export` says).
+    `latency_now=False`: predict the latency but leave measuring it to `measure_saved_latency` (a
     pipeline that builds candidates in parallel measures them one at a time afterwards). `anchor_on`: predict the
     latency anchored on the original measured here (tasks.anchoring), where the hardware is this machine."""
     check_executable(strategy, bool(data_spec), {n for n, _ in loaded.model.named_modules()}, loaded.n_inputs)
+    from .onnx_runtime import check_runtime
+
+    check_runtime(runtime, hardware)
+    if runtime == "onnxruntime":
+        export = tuple(dict.fromkeys((*export, "onnx")))
+    unknown = set(export) - set(EXPORT_FORMS)
+    if unknown:
+        raise UserInputError(f"unknown export format(s) {', '.join(sorted(unknown))}: choose from "
+                             f"{', '.join(EXPORT_FORMS)}")
+    if "onnx" in export:
+        from .onnx_export import onnx_form
+
+        onnx_form(strategy)  # a strategy ONNX cannot express is refused before the work
     if data_spec:
         from estimators.data import check_one_input
 
@@ -194,6 +217,20 @@ def apply_and_measure(loaded: LoadedModel, strategy: Strategy, out_dir: str, har
         pred.update(public(totals(est)))
         progress(f"re-estimated with {', '.join(work.quant.float_layers)} in float")
     paths = save_artifact(work, strategy, out_dir)
+    onnx_check = None
+    if "onnx" in export:
+        from estimators.quantize import onnx_layout
+
+        from .onnx_export import export_onnx
+
+        pred["onnx_size_bytes"] = totals(onnx_layout(est))["size_bytes"]
+        try:
+            onnx_check = export_onnx(work, strategy, out_dir, pred["onnx_size_bytes"], progress)
+            paths["onnx"] = onnx_check["path"]
+        except UserInputError as exc:
+            if onnx_required:
+                raise UserInputError(f"{exc} ({paths['model']} is saved)") from None
+            onnx_check = {"error": str(exc)}
     progress(f"saved {paths['model']}; measuring")
     ep = load_program(paths["model"], loaded.trust_pickle)  # measure what was saved, as a user would load it
     meas, notes = measure_work(work, ep, paths["model"])
@@ -201,6 +238,10 @@ def apply_and_measure(loaded: LoadedModel, strategy: Strategy, out_dir: str, har
         notes.append(f"{len(est.unsupported)} operator(s) the estimators do not know "
                      f"({', '.join(sorted({u['op'] for u in est.unsupported}))}): their parameters count in the "
                      "predicted params and size, their compute and latency are not predicted")
+    if onnx_check is not None and "error" in onnx_check:
+        notes.append(f"no ONNX export: {onnx_check['error']}")
+    elif onnx_check is not None:
+        meas["onnx_size_bytes"] = onnx_check["size_bytes"]
     if data is not None:
         meas["accuracy"] = round(artifact_accuracy(ep, data), 4)
         meas["accuracy_drop"] = round(acc_before - meas["accuracy"], 4)
@@ -218,11 +259,20 @@ def apply_and_measure(loaded: LoadedModel, strategy: Strategy, out_dir: str, har
         notes.append("latency to be predicted and measured by measure_saved_latency")
     elif hardware:
         prof, anchor, latency_extra = predict_host_latency(loaded, table, est, hardware, batch_size, anchor_on,
-                                                           progress)
+                                                           progress, runtime)
         pred["latency_ms"] = latency_extra.pop("latency_ms")
         if latency_extra["hardware"].get("warning"):
             notes.append(latency_extra["hardware"]["warning"])
-        if prof.name == "host" and latency_now:
+        if prof.name == "host" and latency_now and runtime == "onnxruntime":
+            if anchor is None:
+                notes.append("latency in ONNX Runtime is measured against the original's ONNX Runtime anchor: not "
+                             "measured with --no-anchor")
+            elif onnx_check and "path" in onnx_check:
+                from .onnx_runtime import measure_onnx_candidate
+
+                progress(f"measuring model.onnx in ONNX Runtime at batch {batch_size} in alternation with the original")
+                lat_info = measure_onnx_candidate(onnx_check["path"], loaded, batch_size, anchor)
+        elif prof.name == "host" and latency_now:
             progress(f"measuring latency at batch {batch_size} in alternation with the original")
             lat_info = measure_candidate(fast_form(ep, work.quant is not None and work.quant.dtype == "int8"),
                                          loaded, batch_size, anchor)
@@ -249,6 +299,7 @@ def apply_and_measure(loaded: LoadedModel, strategy: Strategy, out_dir: str, har
                                            "accuracy_before": round(acc_before, 4), "accuracy_estimate": acc_pred,
                                            "finetune_epochs": train_cfg.epochs, "kd_finetune": train_cfg.kd_finetune},
         "training": work.training,
+        "onnx": onnx_check,
     }
     result.update(latency_extra)
     return record_latency(result, lat_info, anchor) if lat_info is not None else result

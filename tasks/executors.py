@@ -46,6 +46,7 @@ class Work:
     teacher: nn.Module | None = None  # the original model, frozen
     progress: Callable[[str], None] = lambda m: None
     training: list[dict] = field(default_factory=list)  # what each training step did
+    calibration: list = field(default_factory=list)  # the batches the quantizer calibrated on (the ONNX export's too)
 
     def trains(self) -> bool:
         return self.data is not None and self.train_cfg is not None and self.train_cfg.epochs > 0
@@ -142,6 +143,7 @@ def execute_quantize(work: Work, step: QuantizeStep) -> Work:
         def eval_fn(m):
             return accuracy(m, work.data.val, set_eval=False) / 100.0
 
+    work.calibration = calib
     work.quant = quantize(work.model, calib[0], step.dtype, calib_batches=calib, keep_float=step.keep_float,
                           tolerable_loss=step.tolerable_loss, eval_fn=eval_fn)
     work.log.append(f"calibrated on {source}")

@@ -190,8 +190,11 @@ def search_space(model: ModelInput, table, hardware: str, requirements: Requirem
 
 def execute_candidate(model: ModelInput, strategy: str, out_dir: str, hardware: str, batch_size: int = 1,
                       data: str | None = None, finetune_epochs: int = 5, latency_now: bool = True,
-                      threads: int | None = None, anchor: bool = True) -> dict[str, Any]:
-    """Execute one strategy (train where it trains), save the artifact, measure it against its prediction.
+                      threads: int | None = None, anchor: bool = True,
+                      export: tuple[str, ...] = ("pt2", "onnx")) -> dict[str, Any]:
+    """Execute one strategy (train where it trains), save the artifact (the `export` forms: model.pt2, and
+    model.onnx checked in ONNX Runtime, whose failure is a note of the result, not a failure), measure it against
+    its prediction.
     `latency_now=False` leaves the latency to `measure_latencies` (candidates built in parallel are
     timed one at a time); `threads`: torch threads while executing (training results depend on it)."""
     import torch
@@ -209,7 +212,7 @@ def execute_candidate(model: ModelInput, strategy: str, out_dir: str, hardware: 
         rep = apply_and_measure(model.load(), parse_strategy(strategy), out_dir, hardware=hardware,
                                 batch_size=batch_size, data_spec=data,
                                 train_cfg=TrainConfig(epochs=finetune_epochs) if data else None, latency_now=latency_now,
-                                anchor_on=anchor)
+                                anchor_on=anchor, export=tuple(export), onnx_required=False)
     finally:
         torch.set_num_threads(before)
     rep["label"] = parse_strategy(strategy).label()
@@ -268,7 +271,8 @@ def _execution_key(ctx, params: dict) -> str:
     h = hashlib.sha256(repr([params["model"].fingerprint(), params["strategy"], os.path.abspath(params["out_dir"]),
                              params["hardware"], params.get("batch_size", 1), params.get("data"),
                              params.get("finetune_epochs", 5), params.get("latency_now", True), params.get("threads"),
-                             params.get("anchor", True), EXECUTOR_CODE]).encode()).hexdigest()[:24]
+                             params.get("anchor", True), tuple(params.get("export", ("pt2", "onnx"))),
+                             EXECUTOR_CODE]).encode()).hexdigest()[:24]
     return f"deployfit-execution-{h}"
 
 

@@ -101,6 +101,10 @@ def test_run_flow_tracks_every_candidate_and_leaves_a_prefect_artifact(harness, 
     table = json.loads(Path(client.download_artifacts(tr["run_id"], "candidates.json", str(tmp_path))).read_text())
     assert len(table["data"]) == rep["distinct_candidates"]  # the whole space
     kids = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{tr['run_id']}'", max_results=500)
+    import mlflow
+    import mlflow.onnx
+
+    mlflow.set_tracking_uri(mlflow_store)
     executed = [r for r in kids if r.data.tags["deployfit.kind"] == "executed"]
     pareto = [r for r in kids if r.data.tags["deployfit.kind"] == "pareto"]
     assert len(executed) == 2 and len(pareto) == min(len(rep["pareto"]), 25) and len(kids) == tr["nested_runs"]
@@ -113,8 +117,15 @@ def test_run_flow_tracks_every_candidate_and_leaves_a_prefect_artifact(harness, 
         assert r.info.end_time - r.info.start_time >= 500
         files = {a.path for a in client.list_artifacts(r.info.run_id)}
         assert {"strategy.json", "result.json", "model.pt2"} <= files
+        # the ONNX export, checked in ONNX Runtime, is an MLflow model of the ONNX flavour beside the program
+        assert "err.onnx_size_bytes" in keys and abs(r.data.metrics["err.onnx_size_bytes"]) < 0.01
+        assert r.data.tags["deployfit.onnx.form"] in ("fp32", "fp16", "int8")
+        onnx_model = mlflow.onnx.load_model(f"runs:/{r.info.run_id}/onnx-model")
+        assert onnx_model.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    for e in rep["executed"]:
+        assert Path(e["onnx"]["path"]).is_file() and e["onnx"]["checker"].startswith("passed")
+        assert e["onnx"]["trtexec"].startswith("trtexec --onnx=model.onnx")
     # each executed artifact is an MLflow model (signature, input example); the recommended one is registered
-    import mlflow
     import numpy as np
 
     reg = tr["registered"]

@@ -1,0 +1,129 @@
+"""ONNX export and ONNX Runtime latency across architectures (this machine).
+
+For each architecture x {none, prune:0.5, quantize:int8} at batch 1, `apply --export onnx --runtime onnxruntime`
+as a user runs it (tasks.apply.apply_and_measure): the candidate is executed, exported to ONNX, checked in ONNX
+Runtime (onnx.checker, outputs against the PyTorch program), its stored bytes compared with the estimator's ONNX
+layout, and its ONNX Runtime latency predicted (anchored on the original measured in ONNX Runtime) and measured
+(its session in alternation with the original's). The candidate's ONNX Runtime session is then timed in
+alternation with the PyTorch program in the form that runs it fast (eager float, compiled INT8): their ratio says
+which runtime serves the model faster here.
+
+Architectures: the latency benchmark's (bench/latency.py), split the same way: DEV, the ones its latency model was
+developed on, and HELD_OUT, never used to develop the ONNX Runtime prediction. Untrained torchvision weights: the
+INT8 top-1 agreement on seeded inputs is reported, not enforced (the outputs of an untrained network are near
+ties; apply enforces it on --data).
+
+    .venv/bin/python bench/export.py [--models a,b] [--budget-min 30] [--dump out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from latency import load_arch, quiet_libraries, release_compiled, say  # noqa: E402
+
+STRATEGIES = ["none", "prune:0.5", "quantize:int8"]
+DEV = ["resnet18", "mobilenet_v2", "squeezenet1_1", "shufflenet_v2_x1_0"]
+HELD_OUT = ["shufflenet_v2_x0_5", "mnasnet0_5", "regnet_x_400mf", "se_net", "mobilenet_v3_large", "regnet_y_400mf",
+            "dw_separable", "efficientnet_b1", "mnasnet1_0", "encoder_vit", "squeezenet1_0", "googlenet",
+            "concat_group", "attention_vit"]
+
+
+def run_one(name: str, text: str, out_root: Path) -> dict:
+    from estimators.strategy import parse_strategy
+    from hardware.measure import measure_interleaved
+    from tasks.apply import apply_and_measure, fast_form
+    from tasks.onnx_export import session, session_fn
+    from tasks.quantize_exec import load_program
+
+    loaded = load_arch(name)
+    row = {"model": name, "split": "dev" if name in DEV else "held-out", "strategy": text}
+    t0 = time.perf_counter()
+    try:
+        rep = apply_and_measure(loaded, parse_strategy(text), str(out_root / f"{name}-{text.replace(':', '_')}"),
+                                hardware="host", export=("pt2", "onnx"), runtime="onnxruntime")
+    except Exception as exc:
+        row.update(exported=False, error=f"{type(exc).__name__}: {str(exc)[:300]}")
+        return row
+    o = rep["onnx"]
+    row.update(exported=True, form=o["form"], max_rel_diff=o["max_rel_diff"], top1_agreement=o.get("top1_agreement"),
+               onnx_size_bytes=o["size_bytes"], pred_onnx_size_bytes=rep["pred"]["onnx_size_bytes"],
+               size_err=rep["err"]["onnx_size_bytes"], pt2_size_bytes=rep["meas"]["size_bytes"],
+               pred_ms=rep["pred"].get("latency_ms"), measured_ms=rep["meas"].get("latency_ms"),
+               latency_err=rep["err"].get("latency_ms"), basis=rep.get("latency_basis"),
+               ratio_iqr=(rep.get("latency_measurement") or {}).get("ratio_iqr"))
+    # which runtime serves it faster here: the ONNX Runtime session against the PyTorch program's fast form
+    x = loaded.example_input(1)
+    torch_fn = fast_form(load_program(rep["artifact"]["model"]), o["form"] == "int8")
+    got = measure_interleaved([torch_fn, session_fn(session(o["path"]))], [x, x])
+    row.update(ort_over_pytorch=got["ratio"][1], pytorch_ms=got["latency_ms"][0], seconds=time.perf_counter() - t0)
+    return row
+
+
+def summarise(rows: list[dict]) -> str:
+    lines = ["| split | configurations | exported | float max rel diff | ONNX size within 1% | latency configurations "
+             "| MAPE | within ±10% | within ±25% | ONNX Runtime / PyTorch (median) |", "|---" * 10 + "|"]
+    for split in ("dev", "held-out"):
+        rs = [r for r in rows if r["split"] == split]
+        if not rs:
+            continue
+        ok = [r for r in rs if r.get("exported")]
+        fl = [r["max_rel_diff"] for r in ok if r["form"] != "int8"]
+        sized = sum(abs(r["size_err"]) <= 0.01 for r in ok)
+        lat = [abs(r["latency_err"]) for r in ok if r["strategy"] != "none" and r.get("latency_err") is not None]
+        speed = [r["ort_over_pytorch"] for r in ok]
+        lines.append(
+            f"| {split} | {len(rs)} | {len(ok)} | {max(fl):.1e} | {sized}/{len(ok)} | {len(lat)} | "
+            + (f"{100 * statistics.mean(lat):.1f}% | {100 * sum(e <= 0.10 for e in lat) / len(lat):.0f}% | "
+               f"{100 * sum(e <= 0.25 for e in lat) / len(lat):.0f}% | " if lat else "| | | ")
+            + f"{statistics.median(speed):.2f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", help="comma-separated architectures (default: DEV and HELD_OUT)")
+    ap.add_argument("--budget-min", type=float, default=30.0, help="stop starting architectures after this")
+    ap.add_argument("--dump", help="write every row as JSON here")
+    args = ap.parse_args()
+    warnings.filterwarnings("ignore")
+    quiet_libraries()
+    for n in ("torch.onnx", "onnxscript", "onnx_ir"):
+        logging.getLogger(n).setLevel(logging.ERROR)
+    names = args.models.split(",") if args.models else DEV + HELD_OUT
+    rows: list[dict] = []
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in names:
+            if time.perf_counter() - start > args.budget_min * 60:
+                say(f"budget of {args.budget_min} min spent: {name} and later not run")
+                break
+            say(f"{name}")
+            for text in STRATEGIES:
+                r = run_one(name, text, Path(tmp))
+                rows.append(r)
+                if r.get("exported"):
+                    say(f"  {text:14s} {r['form']:5s} rel diff {r['max_rel_diff']:.1e}  size err "
+                        f"{100 * r['size_err']:+.2f}%  ORT latency pred {r['pred_ms']:.3f} meas {r['measured_ms']:.3f} "
+                        f"({100 * (r['latency_err'] or 0):+.1f}%)  ORT/PyTorch {r['ort_over_pytorch']:.2f}")
+                else:
+                    say(f"  {text:14s} FAILED {r['error']}")
+            release_compiled()
+    print(summarise(rows))
+    print(f"\n{len(rows)} configurations in {(time.perf_counter() - start) / 60:.1f} min")
+    if args.dump:
+        Path(args.dump).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()

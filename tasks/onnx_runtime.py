@@ -1,0 +1,153 @@
+"""ONNX Runtime as the runtime a model is deployed in on this machine: the anchor and the measurement.
+
+A candidate's ONNX Runtime latency is predicted anchored on the original model measured in ONNX Runtime here:
+the original exported as deployfit exports candidates (tasks.onnx_export: the float ONNX, and the original
+quantized to a QDQ model exactly as a `quantize:int8` candidate is), both timed in alternation in sessions set up
+as a deployment runs them (tasks.onnx_export.session). The host profile prices each candidate relative to the
+original (how pruning, distillation and quantization change its rows); the anchor sets the level ONNX Runtime
+runs the original at, float and INT8 (hardware.anchor: the rows are the profile's, brought to the measured
+total, since ONNX Runtime fuses operators that the table keeps apart). A candidate is measured as its
+`model.onnx` in a session, in alternation with the original's, and its latency is the ratio of the two times the
+anchor's total: the protocol PyTorch candidates are measured with.
+"""
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+from typing import Callable
+
+from estimators.errors import UserInputError
+from estimators.modelspec import LoadedModel
+from estimators.table import LayerTable
+
+RUNTIMES = ("pytorch", "onnxruntime")
+Progress = Callable[[str], None]
+
+
+def check_runtime(runtime: str, hardware: str | None) -> None:
+    if runtime not in RUNTIMES:
+        raise UserInputError(f"unknown runtime {runtime!r}: choose from {', '.join(RUNTIMES)}")
+    if runtime == "onnxruntime" and hardware not in (None, "host"):
+        raise UserInputError("--runtime onnxruntime predicts and measures on this machine: use --hardware host "
+                             f"(for {hardware}, export ONNX with --export onnx and build it there)")
+
+
+def _version() -> str:
+    import onnxruntime
+
+    return onnxruntime.__version__
+
+
+def runtime_hash(profile_hash: str) -> str:
+    """The anchor cache's key for ONNX Runtime on a profile: its anchors are kept apart from PyTorch's."""
+    return f"{profile_hash}-onnxruntime-{_version().replace('.', '_')}"
+
+
+def original_onnx(loaded: LoadedModel, folder: Path, int8: bool) -> tuple[Path, Path | None, list[str]]:
+    """The original as ONNX in `folder`: float, and (`int8`) quantized as a `quantize:int8` candidate is."""
+    from estimators.strategy import QuantizeStep, Strategy
+
+    from .executors import export_program, run_strategy
+    from .onnx_export import export_float_onnx, quantize_onnx
+
+    folder.mkdir(parents=True, exist_ok=True)
+    float_path = folder / "original.onnx"
+    export_float_onnx(export_program(loaded.model, loaded.example_input(2)), loaded.example_input(2), float_path)
+    notes: list[str] = []
+    int8_path = None
+    if int8 and loaded.n_inputs == 1:
+        try:
+            work = run_strategy(loaded, Strategy(steps=[QuantizeStep(dtype="int8")]), export=False)
+            int8_path = folder / "original-int8.onnx"
+            quantize_onnx(float_path, int8_path, work.calibration, work.quant.quantized_layers)
+        except Exception as exc:  # INT8 candidates then keep the profile's level
+            notes.append(f"the original could not be quantized to an INT8 ONNX model here ({type(exc).__name__}: "
+                         f"{str(exc)[:200]}); INT8 candidates keep the profile's prediction")
+            int8_path = None
+    return float_path, int8_path, notes
+
+
+def measure_ort_anchor(loaded: LoadedModel, table: LayerTable, profile, batch: int, folder: Path,
+                       progress: Progress = lambda m: None):
+    """The original measured in ONNX Runtime on this machine (module docstring); its ONNX files stay in `folder`
+    (the candidates' measurements time against the float one)."""
+    from estimators.compress import estimate
+    from estimators.strategy import QuantizeStep, Strategy
+    from hardware.anchor import build_anchor
+    from hardware.latency import predict_latency
+    from hardware.measure import measure_interleaved
+
+    from .onnx_export import session, session_fn
+
+    progress(f"anchoring in ONNX Runtime {_version()}: exporting {loaded.spec} (float and INT8)")
+    float_path, int8_path, notes = original_onnx(loaded, folder, "int8" in profile.fast_dtypes)
+    fns = [session_fn(session(float_path))] + ([session_fn(session(int8_path))] if int8_path else [])
+    progress(f"anchoring in ONNX Runtime: timing the original at batch {batch}")
+    x = loaded.example_input(batch)
+    got = measure_interleaved(fns, [x] * len(fns))
+    total = got["latency_ms"][0]
+    pred = predict_latency(table, profile, batch)
+    scale = total / pred.latency_ms if pred.latency_ms > 0 else 1.0
+    ops = [i for i, k in enumerate(table.kinds) if k != "param"]
+    rows = [pred.per_row_ms[i] * scale * 1e-3 for i in ops]
+    runtimes = {}
+    if int8_path:
+        q = predict_latency(estimate(table, Strategy(steps=[QuantizeStep(dtype="int8")])), profile, batch)
+        runtimes["int8"] = {"measured_ms": total * got["ratio"][1], "predicted_ms": q.latency_ms}
+    notes.append("ONNX Runtime fuses operators the analysis keeps apart: its rows are the profile's, brought to "
+                 "the measured total")
+    anchor = build_anchor(table, profile, batch, rows, total, f"{socket.gethostname()} (ONNX Runtime {_version()})",
+                          runtimes, notes)
+    progress(f"anchoring in ONNX Runtime: {loaded.spec} runs {total:.3f} ms (the profile predicted "
+             f"{pred.latency_ms:.3f} ms for PyTorch)"
+             + (f"; INT8 {runtimes['int8']['measured_ms']:.3f} ms" if runtimes else ""))
+    return anchor
+
+
+def anchor_folder(table: LayerTable, profile, batch: int) -> Path:
+    from hardware.anchor import anchor_path, table_fingerprint
+    from hardware.hostprofile import profile_hash
+
+    return anchor_path(table_fingerprint(table), runtime_hash(profile_hash(profile)), batch).with_suffix("")
+
+
+def get_ort_anchor(loaded: LoadedModel, table: LayerTable, profile, batch: int = 1,
+                   progress: Progress = lambda m: None, measure: bool = True):
+    """The ONNX Runtime anchor of `loaded` on this machine's `profile` at `batch`: cached (with the original's ONNX
+    files), or measured now (`measure`)."""
+    import json
+
+    from hardware.anchor import Anchor
+
+    folder = anchor_folder(table, profile, batch)
+    path = folder.with_suffix(".json")
+    if path.is_file() and (folder / "original.onnx").is_file():
+        try:
+            return Anchor(**json.loads(path.read_text()), path=str(path))
+        except (ValueError, TypeError):
+            pass  # a file from another version: measured again
+    if not measure:
+        return None
+    anchor = measure_ort_anchor(loaded, table, profile, batch, folder, progress)
+    anchor.save(path)
+    return anchor
+
+
+def original_session_fn(anchor) -> Callable:
+    """The original's float ONNX (kept beside the anchor) as a session function, to time candidates against."""
+    from .onnx_export import session, session_fn
+
+    return session_fn(session(Path(anchor.path).with_suffix("") / "original.onnx"))
+
+
+def measure_onnx_candidate(onnx_path: str | Path, loaded: LoadedModel, batch: int, anchor) -> dict:
+    """A candidate's model.onnx timed in a session in alternation with the original's (tasks.anchoring's
+    protocol): its latency is the ratio times the anchor's total."""
+    from .anchoring import measure_against_original
+    from .onnx_export import session, session_fn
+
+    got = measure_against_original(session_fn(session(onnx_path)), loaded, batch, original=original_session_fn(anchor))
+    got["latency_ms"] = got["ratio"] * anchor.total_ms
+    got["scale"] = "anchor: ratio to the original in ONNX Runtime x the original's anchored latency there"
+    got["runtime"] = f"onnxruntime {_version()}"
+    return got
