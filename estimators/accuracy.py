@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from .data import accuracy
+from .progress import step
 from .strategy import Strategy
 from .table import LayerTable
 
@@ -137,24 +138,29 @@ def sensitivity(loaded, table: LayerTable, data, ratios=RATIOS, max_samples: int
     batches = _subset(data, max_samples)
     base = accuracy(model, batches)
     groups, drops = [], []
-    for gi, g in enumerate(table.plan.groups):
-        row = []
-        for r in ratios:
-            hooks = _mask_hooks(model, g, r)
-            try:
-                row.append(max(0.0, base - accuracy(model, batches)) if hooks else 0.0)
-            finally:
-                for h in hooks:
-                    h.remove()
-        groups.append(g.index)
-        drops.append(row)
-        progress(f"sensitivity {gi + 1}/{len(table.plan.groups)}: {g.root} loses "
-                 + ", ".join(f"{d:.1f}" for d in row) + f" points at {', '.join(f'{r:g}' for r in ratios)}")
-    quant = max(0.0, base - accuracy(_fake_quant(model, batches), batches))
-    per_layer = {}
-    for name, m in model.named_modules():
-        if isinstance(m, (nn.Conv2d, nn.Linear)):
+    layers = [name for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    # one pass per group (every ratio), one with every layer in INT8, one per layer in INT8 alone
+    with step(progress, "sensitivity", len(table.plan.groups) + 1 + len(layers), "passes") as counted:
+        for gi, g in enumerate(table.plan.groups):
+            row = []
+            for r in ratios:
+                hooks = _mask_hooks(model, g, r)
+                try:
+                    row.append(max(0.0, base - accuracy(model, batches)) if hooks else 0.0)
+                finally:
+                    for h in hooks:
+                        h.remove()
+            groups.append(g.index)
+            drops.append(row)
+            counted.update(gi + 1, f"{g.root} loses " + ", ".join(f"{d:.1f}" for d in row)
+                           + f" points at {', '.join(f'{r:g}' for r in ratios)}")
+        quant = max(0.0, base - accuracy(_fake_quant(model, batches), batches))
+        counted.update(len(groups) + 1, f"int8 loses {quant:.2f} points")
+        per_layer = {}
+        for i, name in enumerate(layers):
             per_layer[name] = max(0.0, base - accuracy(_fake_quant(model, batches, {name}), batches))
+            counted.update(len(groups) + 2 + i, f"{name} in int8 alone")
+        counted.finish(line=False)  # the line below says it
     n = sum(len(y) for _, y in batches)
     sens = Sensitivity(loaded.spec, data.spec, base, n, list(ratios), groups, drops, quant, 100.0 / data.num_classes,
                        round(time.perf_counter() - t0, 2), per_layer)

@@ -6,7 +6,7 @@ import logging
 import os
 import sys
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Annotated, Any, Callable, Optional
 
 import typer
@@ -15,15 +15,14 @@ from rich.markup import escape
 from rich.table import Table
 
 from estimators.errors import CALIBRATION_BUDGET_S, FINETUNE_EPOCHS, QUICK_CALIBRATION_S, UserInputError
+from flows.progress import ConsoleProgress
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   help="Estimate, search and execute DNN compression strategies against deployment requirements.")
 err_console = Console(stderr=True, soft_wrap=True)
-
-
-def _progress(message) -> None:
-    """A progress line on stderr, dimmed; its text printed as is (calibration's "[fp32 15/72 s]" is not markup)."""
-    err_console.print(f"[dim]{escape(str(message))}[/]", highlight=False)
+# progress on stderr: a message is a dim line printed as is (not markup); a counting step (NSGA-II's evaluations, a
+# calibration stage, the sensitivity passes) is a bar with the time left on a terminal, rate-limited lines elsewhere
+_progress = ConsoleProgress(err_console)
 
 
 def _warn(message: str) -> None:
@@ -118,14 +117,19 @@ TrustOpt = Annotated[bool, typer.Option("--trust-pickle", help="load a .pt2 mode
 
 
 def _compute(as_json: bool, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-    """Run a command body; bad input ends with exit code 2 and one message, never a traceback."""
+    """Run a command body; bad input ends with exit code 2 and one message, never a traceback. Its progress
+    shows as bars on a terminal, as lines under --json (whose reader is a program) or off a terminal."""
     _quiet()
+    _progress.lines_only = as_json
     try:
         rep = fn()
     except UserInputError as exc:
+        _progress.close()
         if _TERMINATED:  # the flow failed because it was stopped: say so, not the failure it led to
             raise KeyboardInterrupt from None
         _fail(str(exc), as_json)
+    finally:
+        _progress.close()  # no bar outlives its command (an interrupt included)
     if as_json:
         _emit(rep)
     return rep
@@ -135,10 +139,7 @@ def _compute(as_json: bool, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
 def _status(message: str):
     """A step that can take seconds: a spinner with the message on a terminal, cleared when the step ends (so an
     error stays the one line a command prints); nothing where stderr is not a terminal."""
-    if err_console.is_terminal:
-        with err_console.status(escape(message), spinner="dots"):
-            yield
-    else:
+    with _progress.status(message, line=False):
         yield
 
 
@@ -511,7 +512,10 @@ def run_cmd(model: ModelArg, hardware: HardwareReq = "host", weights: WeightsOpt
         names = [x.strip() for x in (students or "").split(",") if x.strip()]
         opts = SearchOptions(grid_step=grid_step, nsga_evals=nsga_evals, seed=seed, students=names,
                              finetune_epochs=finetune_epochs)
-        with terminal_run():
+        from estimators.progress import shown
+
+        # in a terminal, the flow's counting steps (search, candidates, calibration) show as bars here
+        with terminal_run(), (shown(_progress) if _progress.terminal else nullcontext()):
             state = run_flow(model=ModelInput(spec=model, weights=weights, input_shape=input_shape,
                                               trust_pickle=trust_pickle), data=data,
                              hardware=hw_name, hardware_path=hw_path, requirements=req, search=opts,

@@ -26,9 +26,10 @@ from pydantic import Field
 
 from estimators.errors import CALIBRATION_BUDGET_S
 from estimators.modelspec import format_input_shape
+from estimators.progress import step
 from search.requirements import Requirements, broken_as_measured
 from tasks.pipeline import (ModelInput, ParallelOptions, SearchOptions, analyze_task, calibrate_task, execute_task,
-                            measure_task, search_task, sensitivity_task)
+                            measure_task, run_progress, search_task, sensitivity_task)
 
 from . import tracking
 
@@ -200,7 +201,7 @@ def _ensure_profile(hardware: str) -> None:
     tracking session starts and before anything is timed."""
     from hardware.profile import load_profile
 
-    load_profile(hardware, progress=get_run_logger().info)
+    load_profile(hardware, progress=run_progress)
 
 
 def _plan_steps(model: ModelInput, data: Optional[str], hardware: str, requirements: Requirements,
@@ -208,11 +209,14 @@ def _plan_steps(model: ModelInput, data: Optional[str], hardware: str, requireme
                 ) -> tuple[dict, list[dict]]:
     """`profile`: the profile to plan with when not the stored `hardware` one (a device calibration's YAML)."""
     log = get_run_logger()
-    table = analyze_task(model)
+    with run_progress.status(f"tracing {model.spec} into its layer table", line=False):  # a spinner on a terminal
+        table = analyze_task(model)
     sens = sensitivity_task(model, data, quote(table)) if data else None
     shape = format_input_shape(table.input_shape)
-    students = {s: analyze_task(ModelInput(spec=s, input_shape=shape, trust_pickle=model.trust_pickle))
-                for s in search.students}
+    students = {}
+    for s in search.students:
+        with run_progress.status(f"tracing the student {s}", line=False):
+            students[s] = analyze_task(ModelInput(spec=s, input_shape=shape, trust_pickle=model.trust_pickle))
     # quote(): large payloads pass through as they are (Prefect would walk them looking for futures)
     rep = search_task(model, quote(table), profile or hardware, requirements, search, data=data, sens=quote(sens),
                       student_tables=quote(students), top_k=top_k, anchor=anchor)
@@ -342,11 +346,13 @@ def execute_flow(model: ModelInput, candidates: list[dict], out_dir: str, hardwa
                                    export=export)
                for c in candidates]
     out = []
-    for c, f in zip(candidates, futures):
-        try:
-            out.append(f.result())
-        except Exception as exc:
-            out.append(_failure(c, exc))
+    with step(run_progress, "candidates built", len(candidates), lines=False) as counted:  # a bar on a terminal
+        for c, f in zip(candidates, futures):
+            try:
+                out.append(f.result())
+            except Exception as exc:
+                out.append(_failure(c, exc))
+            counted.update(len(out), c["label"])
     return out
 
 
@@ -515,15 +521,19 @@ def _run_steps(model: ModelInput, data: Optional[str], hardware: str, requiremen
                                                                      search.finetune_epochs, per, export):
                 built(res)
         else:
-            for i, c in enumerate(cands):
-                log.info(f"executing {i + 1}/{len(cands)}: {c['label']}")
-                state = execute_task(model, c["compact"], c["out_dir"], hardware, batch_size=batch_size, data=data,
-                                     finetune_epochs=search.finetune_epochs, latency_now=False,
-                                     threads=parallel.threads, anchor=anchor, export=export, return_state=True)
-                try:  # one candidate failing (a runtime that cannot build it) must not lose the others
-                    built(state.result())
-                except Exception as exc:
-                    built(_failure(c, exc))
+            # the log says which candidate runs; a terminal also shows them as a bar with the time left
+            with step(run_progress, "executing candidates", len(cands), lines=False) as counted:
+                for i, c in enumerate(cands):
+                    log.info(f"executing {i + 1}/{len(cands)}: {c['label']}")
+                    counted.update(i, c["label"])
+                    state = execute_task(model, c["compact"], c["out_dir"], hardware, batch_size=batch_size, data=data,
+                                         finetune_epochs=search.finetune_epochs, latency_now=False,
+                                         threads=parallel.threads, anchor=anchor, export=export, return_state=True)
+                    try:  # one candidate failing (a runtime that cannot build it) must not lose the others
+                        built(state.result())
+                    except Exception as exc:
+                        built(_failure(c, exc))
+                    counted.update(i + 1)
         if not device_measure:
             session.idle()  # nothing else runs while latency is timed, one candidate at a time
             executed[:] = measure_task(quote(executed), hardware, model, anchor)

@@ -50,6 +50,7 @@ import torch
 from torch import nn
 
 from estimators.errors import CALIBRATION_BUDGET_S, QUICK_CALIBRATION_S
+from estimators.progress import status, step
 from estimators.pruning import PrunePlan
 from estimators.registry import Q_INDEX
 from estimators.table import LayerTable, build_table, evaluate
@@ -209,30 +210,33 @@ def network_samples(budget_s: float, progress: Progress, batches: tuple[int, ...
     t0 = time.perf_counter()
     main_s = budget_s * (1 - RETIME_SHARE) if retime else budget_s
     seed, n = seed0, 0
-    while n < max_nets and (n < min_nets or time.perf_counter() - t0 < main_s):
-        model, shape = synthetic_cnn(seed)
-        seed += 1
-        with torch.inference_mode():
-            t1 = time.perf_counter()
-            model(torch.randn(max(batches), *shape[1:]))
-            if time.perf_counter() - t1 > 0.3:  # keep calibration inside its budget
-                continue
-        gm = exported(model, shape)
-        for b in batches:
-            label = f"synthetic-{seed - 1} {(b,) + tuple(shape[1:])}"
-            probe, before = state(), pace(fresh=True)
-            sample = time_network(gm, torch.randn(b, *shape[1:]), label, tries=tries)
-            out[b].append(dataclasses.replace(sample, probe_us=probe, pace_ms=_around(before, pace(fresh=True))))
-        if len(first) < retime:
-            first.append((gm, tuple(shape[1:]), [out[b][-1] for b in batches]))
-        n += 1
-        if n % 10 == 0:
-            progress(f"[fp32 {time.perf_counter() - t0:4.0f}/{budget_s:.0f} s] {n} synthetic networks timed at batch "
-                     f"{', '.join(map(str, batches))}: {sum(x.table.n for v in out.values() for x in v)} operators")
-    again = retime_totals(first, state, pace)
+    timed = ""
+    with step(progress, "fp32 networks", budget_s, "s") as counted:
+        while n < max_nets and (n < min_nets or time.perf_counter() - t0 < main_s):
+            model, shape = synthetic_cnn(seed)
+            seed += 1
+            with torch.inference_mode():
+                t1 = time.perf_counter()
+                model(torch.randn(max(batches), *shape[1:]))
+                if time.perf_counter() - t1 > 0.3:  # keep calibration inside its budget
+                    continue
+            gm = exported(model, shape)
+            for b in batches:
+                label = f"synthetic-{seed - 1} {(b,) + tuple(shape[1:])}"
+                probe, before = state(), pace(fresh=True)
+                sample = time_network(gm, torch.randn(b, *shape[1:]), label, tries=tries)
+                out[b].append(dataclasses.replace(sample, probe_us=probe, pace_ms=_around(before, pace(fresh=True))))
+            if len(first) < retime:
+                first.append((gm, tuple(shape[1:]), [out[b][-1] for b in batches]))
+            n += 1
+            timed = (f"{n} synthetic networks timed at batch {', '.join(map(str, batches))}: "
+                     f"{sum(x.table.n for v in out.values() for x in v)} operators")
+            counted.update(time.perf_counter() - t0, timed)
+        again = retime_totals(first, state, pace)
+        counted.finish(timed, done=time.perf_counter() - t0)
     if again:
-        progress(f"[fp32 {time.perf_counter() - t0:4.0f}/{budget_s:.0f} s] the first {len(first)} networks' totals "
-                 "timed again (how much their latency follows the pace network)")
+        progress(f"fp32 networks: the first {len(first)} networks' totals timed again (how much their latency follows "
+                 "the pace network)")
     return out, again
 
 
@@ -549,7 +553,8 @@ def int8_samples(budget_s: float, progress: Progress, batches: tuple[int, ...] =
     out: list[Int8Sample] = []
     t0 = time.perf_counter()
     seed, spent = seed0, []  # seconds each network took (quantize, compile, time): the next one's expected cost
-    with inductor_config.patch({"cpp.enable_kernel_profile": True}):  # graphs compile at their first call
+    with step(progress, "int8 networks", budget_s, "s") as counted, \
+            inductor_config.patch({"cpp.enable_kernel_profile": True}):  # graphs compile at their first call
         while time.perf_counter() - t0 + (float(np.mean(spent)) if spent else 0.0) < budget_s:
             model, shape = synthetic_cnn(seed)
             seed += 1
@@ -572,9 +577,10 @@ def int8_samples(budget_s: float, progress: Progress, batches: tuple[int, ...] =
             out.append(Int8Sample(f"synthetic-{seed - 1} {(b,) + tuple(shape[1:])}", table, b,
                                   0.5 * (first + second) / 1e3, kern, pool, loops, probe))
             spent.append(time.perf_counter() - t1)
-            progress(f"[int8 {time.perf_counter() - t0:4.0f}/{budget_s:.0f} s] {out[-1].label}: compiled and timed "
-                     f"({out[-1].total_seconds * 1e3:.2f} ms; oneDNN kernels {out[-1].kernel_seconds * 1e3:.2f}, "
-                     f"generated loops {out[-1].loop_seconds * 1e3:.2f})")
+            counted.update(time.perf_counter() - t0, f"{len(out)} compiled and timed; {out[-1].label}: "
+                           f"{out[-1].total_seconds * 1e3:.2f} ms, oneDNN kernels {out[-1].kernel_seconds * 1e3:.2f}, "
+                           f"generated loops {out[-1].loop_seconds * 1e3:.2f}")
+        counted.finish(f"{len(out)} synthetic networks quantized, compiled and timed", done=time.perf_counter() - t0)
     return out
 
 
@@ -669,6 +675,7 @@ def int8_op_samples(budget_s: float, progress: Progress, batches: tuple[int, ...
     elements: list[ElementSample] = []
     t0 = time.perf_counter()
     seed, n = seed0, 0
+    counted = step(progress, "int8 kernels", budget_s, "s")
     while n < min_ops or time.perf_counter() - t0 < budget_s:
         model, shape = synthetic_cnn(seed)
         seed += 1
@@ -699,8 +706,9 @@ def int8_op_samples(budget_s: float, progress: Progress, batches: tuple[int, ...
                 out[b].append(NetSample(f"int8 {type(m).__name__} {bshape} {post}", table, np.array([sec]), sec, batch=b,
                                         probe_us=probe))
             n += 1
-    progress(f"[int8 ops {time.perf_counter() - t0:4.0f}/{budget_s:.0f} s] {n} INT8 convolution/linear kernels timed "
-             f"at batch {', '.join(map(str, batches))} ({len(elements)} with and without a fused SiLU)")
+            counted.update(time.perf_counter() - t0, f"{n} kernels timed")
+    counted.finish(f"{n} INT8 convolution/linear kernels timed at batch {', '.join(map(str, batches))} "
+                   f"({len(elements)} with and without a fused SiLU)", done=time.perf_counter() - t0)
     return out, elements
 
 
@@ -725,6 +733,7 @@ def int8_pool_samples(budget_s: float, progress: Progress, batches: tuple[int, .
     rng = random.Random(seed0)
     t0 = time.perf_counter()
     seed, n = seed0, 0
+    counted = step(progress, "int8 pools", budget_s, "s")
     while n < min_ops or time.perf_counter() - t0 < budget_s:
         model, shape = synthetic_cnn(seed)
         seed += 1
@@ -746,8 +755,9 @@ def int8_pool_samples(budget_s: float, progress: Progress, batches: tuple[int, .
                     out.append(NetSample(f"int8 maxpool {(b,) + cshape[1:]}", table, np.array([sec]), sec, batch=b,
                                          probe_us=probe))
                 n += 1
-    progress(f"[int8 pools {time.perf_counter() - t0:4.0f}/{budget_s:.0f} s] {n} quantized max pools timed at batch "
-             f"{', '.join(map(str, batches))}")
+                counted.update(time.perf_counter() - t0, f"{n} pools timed")
+    counted.finish(f"{n} quantized max pools timed at batch {', '.join(map(str, batches))}",
+                   done=time.perf_counter() - t0)
     return out
 
 
@@ -976,9 +986,10 @@ def collect_samples(quick: bool = False, progress: Progress = lambda m: None, in
         # quantized original measured on this machine (hardware.anchor) gets the level
         budget_s = min(budget_s, QUICK_CALIBRATION_S - QUICK_FIT_S)
     clock, pace = StateClock(), PaceClock()
-    pace()  # builds the pace network (an export) before anything is timed
-    peaks_probes = [clock()]
-    peaks = measure_peaks(progress)
+    with status(progress, "measuring this machine's peaks (GEMM, memory and cache bandwidth)"):
+        pace()  # builds the pace network (an export) before anything is timed
+        peaks_probes = [clock()]
+        peaks = measure_peaks(progress)
     peaks_probes.append(clock(fresh=True))  # the state before and after the peaks
     spent = time.perf_counter() - t0  # the pace network's export and the peaks come out of the budget
     share = (QUICK_FP32_SHARE if quick else FP32_SHARE) if int8 else 1.0

@@ -27,6 +27,7 @@ import numpy as np
 
 from estimators.compress import estimate, prune_counts
 from estimators.modelspec import n_inputs
+from estimators.progress import status, step
 from estimators.strategy import SINGLE_INPUT_DTYPES, DistillStep, PruneStep, QuantizeStep, Strategy
 from estimators.table import LayerTable
 from hardware.profile import HardwareProfile
@@ -274,7 +275,7 @@ def nsga(fams: list[Family], pool: Pool, scorer: Scorer, req: Requirements, eval
     levels = layer_levels(scorer)
     n_lev = len(levels)
     names = [n for n in req.active() if not (n == "max_accuracy_drop" and scorer.unit == "proxy")]
-    done = {"n": 0, "gen": 0}
+    done = {"n": 0}
 
     def evaluate(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         F = np.zeros((len(X), 3))
@@ -291,9 +292,7 @@ def nsga(fams: list[Family], pool: Pool, scorer: Scorer, req: Requirements, eval
             for j, n in enumerate(names):
                 Gc[sel, j] = v[n] - 1.0
         done["n"] += len(X)
-        done["gen"] += 1
-        if done["gen"] % 10 == 0:
-            progress(f"NSGA-II: {done['n']}/{evals} per-layer candidates")
+        counted.update(done["n"])
         return F, Gc
 
     pop = max(40, min(200, evals // 20))
@@ -303,7 +302,10 @@ def nsga(fams: list[Family], pool: Pool, scorer: Scorer, req: Requirements, eval
     if len(X0) < pop:
         rand = np.concatenate([rng.integers(0, n_lev, (pop - len(X0), G)), rng.integers(0, len(own), (pop - len(X0), 1))], 1)
         X0 = np.concatenate([X0, rand])
-    return minimize(evaluate, np.zeros(G + 1), np.array([n_lev - 1] * G + [len(own) - 1]), X0, pop, evals, seed=seed)
+    with step(progress, "NSGA-II", evals, "per-layer candidates") as counted:  # evaluate() updates it
+        n = minimize(evaluate, np.zeros(G + 1), np.array([n_lev - 1] * G + [len(own) - 1]), X0, pop, evals, seed=seed)
+        counted.finish(done=n)
+    return n
 
 
 def pareto_mask(F: np.ndarray) -> np.ndarray:
@@ -343,12 +345,13 @@ def plan(table: LayerTable, profile: HardwareProfile, req: Requirements, scorer:
     t0 = time.perf_counter()
     if anchor is not None and anchor.batch != req.batch_size:
         raise ValueError(f"the anchor was measured at batch {anchor.batch}, the requirements are for {req.batch_size}")
-    fams = build_families(table, profile, req.batch_size, students, student_tables, anchor=anchor)
-    pool = Pool(fams)
-    own0 = next(i for i, f in enumerate(fams) if f.distill is None and f.quant is None)
-    alloc = allocations(table, scorer, fams[own0].evaluator) if table.plan.groups else None
-    for fi, descs, kept in structured(fams, profile, ratio_grid(grid_step), alloc):
-        pool.add(fi, descs, kept, scorer)
+    with status(progress, "estimating the structured candidates", line=False):  # a spinner on a terminal
+        fams = build_families(table, profile, req.batch_size, students, student_tables, anchor=anchor)
+        pool = Pool(fams)
+        own0 = next(i for i, f in enumerate(fams) if f.distill is None and f.quant is None)
+        alloc = allocations(table, scorer, fams[own0].evaluator) if table.plan.groups else None
+        for fi, descs, kept in structured(fams, profile, ratio_grid(grid_step), alloc):
+            pool.add(fi, descs, kept, scorer)
     n_struct = sum(len(k) for k in pool.kept)
     t_struct = time.perf_counter() - t0
     progress(f"{n_struct} structured candidates estimated in {t_struct:.2f} s")

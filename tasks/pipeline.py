@@ -139,6 +139,31 @@ def _log_info(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
+class RunProgress:
+    """A flow's progress (estimators.progress): messages into the Prefect run's log (_log_info), counting steps
+    as rate-limited lines there, or as bars and spinners on the terminal of a `deployfit run` that shows them
+    (estimators.progress.shown)."""
+
+    def __call__(self, message: str) -> None:
+        _log_info(message)
+
+    def step(self, label: str, total: float, unit: str = "", lines: bool = True):
+        from estimators.progress import Step, showing
+
+        shown = showing()
+        return shown.step(label, total, unit, lines=lines) if shown is not None else \
+            Step(self, label, total, unit, lines=lines)
+
+    def status(self, message: str, line: bool = True):
+        from estimators.progress import showing, status
+
+        shown = showing()
+        return shown.status(message, line=line) if shown is not None else status(_log_info, message, line=line)
+
+
+run_progress = RunProgress()
+
+
 def analyze_model(model: ModelInput):
     """The model's LayerTable."""
     from estimators.analyze import analyze
@@ -152,7 +177,7 @@ def accuracy_sensitivity(model: ModelInput, data: str, table):
     from estimators.data import load_data_for
 
     loaded = model.load()
-    return sensitivity(loaded, table, load_data_for(data, loaded))
+    return sensitivity(loaded, table, load_data_for(data, loaded), progress=run_progress)
 
 
 def search_space(model: ModelInput, table, hardware: str, requirements: Requirements, options: SearchOptions,
@@ -166,7 +191,7 @@ def search_space(model: ModelInput, table, hardware: str, requirements: Requirem
     from tasks.anchoring import latency_context
 
     prof, anc, info = latency_context(model.load(), table, hardware, requirements.batch_size, anchor,
-                                      progress=_log_info)
+                                      progress=run_progress)
     if data:
         if sens is None:
             raise UserInputError("data given without its sensitivity analysis")
@@ -179,7 +204,7 @@ def search_space(model: ModelInput, table, hardware: str, requirements: Requirem
         scorer = ProxyScorer()
     rep = plan(table, prof, req, scorer, top_k=top_k, students=tuple(options.students),
                student_tables=student_tables or {}, grid_step=options.grid_step, nsga_evals=options.nsga_evals,
-               seed=options.seed, keep_candidates=True, anchor=anc)
+               seed=options.seed, keep_candidates=True, anchor=anc, progress=run_progress)
     rep["profile_identity"] = info
     rep["model"] = model.spec
     rep["data"] = data
@@ -232,13 +257,13 @@ def measure_latencies(results: list[dict[str, Any]], hardware: str, model: Model
     from hardware.profile import load_profile
     from tasks.apply import measure_saved_latency
 
-    load_profile(hardware, progress=_log_info)  # a first use calibrates before anything is timed
+    load_profile(hardware, progress=run_progress)  # a first use calibrates before anything is timed
     from estimators.analyze import analyze
     from tasks.anchoring import original_program
 
     loaded = (model or ModelInput(spec=results[0]["model"])).load()
     table, original = analyze(loaded), original_program(loaded).module()
-    return [measure_saved_latency(r, loaded, anchor, _log_info, table, original) for r in results]
+    return [measure_saved_latency(r, loaded, anchor, run_progress, table, original) for r in results]
 
 
 def calibrate_profile(quick: bool = True, budget_s: float = CALIBRATION_BUDGET_S, out: str | None = None) -> str:

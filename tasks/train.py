@@ -18,6 +18,7 @@ from torch import nn
 
 from estimators.data import accuracy  # noqa: F401  (the one top-1 accuracy; re-exported for tasks)
 from estimators.errors import FINETUNE_EPOCHS
+from estimators.progress import step
 
 Progress = Callable[[str], None]
 
@@ -64,30 +65,38 @@ def train(model: nn.Module, train_loader: Iterable, val_loader: Iterable | None,
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps) if steps else None
     if teacher is not None:
         teacher = teacher.eval()
-    for epoch in range(cfg.epochs):
-        model.train()
-        total, n = 0.0, 0
-        for x, y in train_loader:
-            out = model(x)
-            if teacher is not None:
-                with torch.no_grad():
-                    t_out = teacher(x)
-                loss = kd_loss(out, t_out, y, cfg.temperature, cfg.alpha)
-            else:
-                loss = F.cross_entropy(out, y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if sched is not None:
-                sched.step()
-            total += float(loss.detach()) * len(y)
-            n += len(y)
-        rec = {"epoch": epoch + 1, "loss": round(total / max(n, 1), 4)}
-        if val_loader is not None:
-            rec["accuracy"] = round(accuracy(model, val_loader), 2)
-        res.history.append(rec)
-        progress(f"{label}: epoch {epoch + 1}/{cfg.epochs}, loss {rec['loss']:.4f}"
-                 + (f", val accuracy {rec['accuracy']:.2f}%" if "accuracy" in rec else ""))
+    # the batches as a bar on a terminal (lines elsewhere only where an epoch runs longer than a few seconds)
+    counted = step(progress, label, steps, "batches") if steps else None
+    try:
+        for epoch in range(cfg.epochs):
+            model.train()
+            total, n = 0.0, 0
+            for i, (x, y) in enumerate(train_loader):
+                out = model(x)
+                if teacher is not None:
+                    with torch.no_grad():
+                        t_out = teacher(x)
+                    loss = kd_loss(out, t_out, y, cfg.temperature, cfg.alpha)
+                else:
+                    loss = F.cross_entropy(out, y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                if sched is not None:
+                    sched.step()
+                total += float(loss.detach()) * len(y)
+                n += len(y)
+                if counted is not None:
+                    counted.update(epoch * max(1, len(train_loader)) + i + 1, f"epoch {epoch + 1} of {cfg.epochs}")
+            rec = {"epoch": epoch + 1, "loss": round(total / max(n, 1), 4)}
+            if val_loader is not None:
+                rec["accuracy"] = round(accuracy(model, val_loader), 2)
+            res.history.append(rec)
+            progress(f"{label}: epoch {epoch + 1}/{cfg.epochs}, loss {rec['loss']:.4f}"
+                     + (f", val accuracy {rec['accuracy']:.2f}%" if "accuracy" in rec else ""))
+    finally:
+        if counted is not None:
+            counted.finish(line=False)  # the epochs' lines say what it did (or the error)
     model.eval()
     res.seconds = time.perf_counter() - t0
     return res

@@ -265,7 +265,7 @@ def test_first_use_of_host_calibrates_this_machine_and_says_so(tmp_path, monkeyp
     messages = []
     prof = load_profile("host", progress=messages.append)
     assert messages[0].startswith("no host profile for this machine") and describe(host_key()) in messages[0]
-    assert any(m.startswith("[fp32") for m in messages)  # progress of the timing
+    assert any(m.startswith("fp32 networks: ") for m in messages)  # progress of the timing
     assert messages[-1] == f"host profile written to {host_profile_path()}"
     assert key_of(prof) == host_key() and prof.name == "host"
     again = []

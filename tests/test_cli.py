@@ -121,7 +121,7 @@ def test_console_script_exit_code_and_no_traceback():
 
 
 def test_progress_lines_print_brackets_as_text(capsys):
-    """Calibration's progress lines start with "[fp32   15/72 s]": printed as text, not taken for markup."""
+    """Progress lines are printed as text, not taken for markup (a note can hold brackets: "[fp32   15/72 s]")."""
     from flows.cli import _progress
 
     _progress("[fp32   15/72 s] 10 synthetic networks timed")
