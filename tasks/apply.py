@@ -130,10 +130,11 @@ def measure_saved_latency(result: dict[str, Any], loaded: LoadedModel, anchor_on
     from estimators.strategy import Strategy
 
     strat = Strategy.model_validate(result["strategy"])
-    if result.get("float_layers"):  # what was really built: the layers the quantizer left in float
-        strat = strat.model_copy(update={"steps": [s.model_copy(update={"keep_float": list(result["float_layers"])})
-                                                   if s.method == "quantize" else s for s in strat.steps]})
     table = table if table is not None else analyze(loaded)
+    built_float = [n for n in result.get("float_layers") or [] if n in set(table.module_names)]
+    if built_float:  # what was really built: the layers the quantizer left in float (apply_and_measure)
+        strat = strat.model_copy(update={"steps": [s.model_copy(update={"keep_float": built_float})
+                                                   if s.method == "quantize" else s for s in strat.steps]})
     _, anchor, extra = predict_host_latency(loaded, table, estimate(table, strat), "host", result["batch_size"],
                                             anchor_on, progress)
     predicted = extra.pop("latency_ms")
@@ -207,10 +208,13 @@ def apply_and_measure(loaded: LoadedModel, strategy: Strategy, out_dir: str, har
     work = run_strategy(loaded, strategy, data=data, train_cfg=train_cfg, progress=progress)
     pred_before_tuning = None
     qstep = next((s for s in strategy.steps if s.method == "quantize"), None)
+    # layers the quantizer (autotune) left in float, those the layer table has (a module called through a functional
+    # form, as nn.MultiheadAttention's out_proj, is not a row of it and is not quantized by the estimate either)
+    built_float = [n for n in work.quant.float_layers if n in set(table.module_names)] if work.quant is not None else []
     if qstep is not None and qstep.dtype == "int8" and work.quant is not None \
-            and set(work.quant.float_layers) != set(qstep.keep_float):
-        # layers the quantizer (autotune) left in float: the prediction follows what was really built
-        tuned = strategy.model_copy(update={"steps": [s.model_copy(update={"keep_float": list(work.quant.float_layers)})
+            and set(built_float) != set(qstep.keep_float):
+        # the prediction follows what was really built
+        tuned = strategy.model_copy(update={"steps": [s.model_copy(update={"keep_float": built_float})
                                                       if s is qstep else s for s in strategy.steps]})
         pred_before_tuning = dict(pred)
         est = estimate(table, tuned)
