@@ -98,8 +98,32 @@ def export_float_onnx(program, example, path: str | Path) -> None:
     onnx.save(model, str(path))
 
 
-def _weight_module(name: str) -> str:
-    return name[: -len(".weight")] if name.endswith(".weight") else name
+_WEIGHTED = ("Conv", "Gemm", "MatMul", "ConvTranspose")
+
+
+def _weight_owners(model) -> dict[str, str]:
+    """The module each Conv/Gemm/MatMul weight initializer belongs to: `<module>.weight` by its name, or, where
+    the exporter folded a transposed copy under another name (a Linear on a 3-d input becomes a MatMul), by the
+    node's name scopes (its module path, then the aten op)."""
+    import json
+
+    inits = {t.name for t in model.graph.initializer}
+    owners = {}
+    for n in model.graph.node:
+        if n.op_type not in _WEIGHTED or len(n.input) < 2 or n.input[1] not in inits:
+            continue
+        w = n.input[1]
+        if w.endswith(".weight"):
+            owners[w] = w[: -len(".weight")]
+            continue
+        scopes = next((p.value for p in n.metadata_props if p.key == "pkg.torch.onnx.name_scopes"), None)
+        try:
+            path = json.loads(scopes.replace("'", '"')) if scopes else []
+        except ValueError:
+            path = []
+        if len(path) >= 2:
+            owners[w] = path[-2]
+    return owners
 
 
 def quantize_onnx(float_path: str | Path, out_path: str | Path, calib_batches: list, quantized_layers: list[str]) -> None:
@@ -110,14 +134,15 @@ def quantize_onnx(float_path: str | Path, out_path: str | Path, calib_batches: l
     from onnxruntime.quantization.registry import QDQRegistry
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    owners = _weight_owners(onnx.load(str(float_path)))  # the pre-processed graph keeps no name scopes
     with tempfile.TemporaryDirectory() as tmp:
         pre = Path(tmp) / "pre.onnx"
         quant_pre_process(str(float_path), str(pre))  # shape inference; BatchNorm folded into its convolution
         model = onnx.load(str(pre))
         inits = {t.name for t in model.graph.initializer}
         wanted = set(quantized_layers)
-        exclude = [n.name for n in model.graph.node if n.op_type in ("Conv", "Gemm", "MatMul", "ConvTranspose")
-                   and not (len(n.input) > 1 and n.input[1] in inits and _weight_module(n.input[1]) in wanted)]
+        exclude = [n.name for n in model.graph.node if n.op_type in _WEIGHTED
+                   and not (len(n.input) > 1 and n.input[1] in inits and owners.get(n.input[1]) in wanted)]
         input_name = model.graph.input[0].name
 
         class Batches(CalibrationDataReader):
