@@ -62,7 +62,20 @@ def final_line(label: str, done: float, total: float, unit: str, elapsed: float,
     return head + (f", {note}" if note else "")
 
 
-class Step:
+class Scoped:
+    """A step as a `with` block: finished when the block ends normally, closed (no final line) on an error."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.finish()
+        else:
+            self.close()
+
+
+class Step(Scoped):
     """A counting step said as lines through a plain progress callable: at most one per `interval` seconds (the
     first `interval` after it starts) and the final one. `done` is kept within 0..total (a search that evaluates
     a few more than asked, a stage that overruns its budget's seconds). `lines=False`: no lines at all (where the
@@ -103,15 +116,6 @@ class Step:
     def close(self) -> None:
         """The step stopped (an error, an interrupt): no final line."""
         self.ended = True
-
-    def __enter__(self) -> "Step":
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.finish()
-        else:
-            self.close()
 
 
 def step(progress: Progress, label: str, total: float, unit: str = "", lines: bool = True) -> Step:

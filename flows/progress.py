@@ -21,7 +21,7 @@ from rich.progress import (BarColumn, Progress, ProgressColumn, SpinnerColumn, T
 from rich.table import Column
 from rich.text import Text
 
-from estimators.progress import Step, count_text, final_line
+from estimators.progress import Scoped, Step, count_text, final_line
 
 
 class TimeLeftColumn(TimeRemainingColumn):
@@ -200,7 +200,7 @@ class ConsoleProgress:
             self._stop()
 
 
-class _BarStep:
+class _BarStep(Scoped):
     """A counting step as a bar of a ConsoleProgress (the interface of estimators.progress.Step)."""
 
     def __init__(self, owner: ConsoleProgress, label: str, total: float, unit: str):
@@ -238,12 +238,3 @@ class _BarStep:
         if not self.ended:
             self.ended = True
             self.owner._remove(self.bars, self.task)
-
-    def __enter__(self) -> "_BarStep":
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.finish()
-        else:
-            self.close()
