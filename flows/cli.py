@@ -501,9 +501,10 @@ def run_cmd(model: ModelArg, hardware: HardwareReq = "host", weights: WeightsOpt
                             max_macs=max_macs, max_memory_mb=max_memory_mb, max_accuracy_drop=max_accuracy_drop,
                             min_accuracy=min_accuracy, batch_size=batch_size)
         _preflight(model, weights, input_shape, trust_pickle, hardware, data, out_dir)
-        from flows.pipeline import ExportFormat, HardwareName, run_flow, terminal_run
+        from flows.pipeline import HardwareName, run_flow, terminal_run
+        from tasks.apply import check_export_forms
 
-        forms = [_export_format(f, ExportFormat) for f in (export or ["pt2", "onnx"])]
+        forms = list(check_export_forms(export or ["pt2", "onnx"]))
         from tasks.pipeline import ModelInput, ParallelOptions, SearchOptions
 
         known = hardware in HardwareName.__members__ and hardware != "path"
@@ -539,13 +540,6 @@ def run_cmd(model: ModelArg, hardware: HardwareReq = "host", weights: WeightsOpt
         _print_run(rep)
     if rep.get("infeasible"):
         raise typer.Exit(3)
-
-
-def _export_format(name: str, kinds):
-    try:
-        return kinds(name)
-    except ValueError:
-        raise UserInputError(f"--export {name}: choose from {', '.join(k.value for k in kinds)}") from None
 
 
 def _preflight(model: str, weights: Optional[str], input_shape: Optional[str], trust_pickle: bool, hardware: str,

@@ -18,6 +18,7 @@ from typing import Callable
 from estimators.errors import UserInputError, read_yaml_mapping
 
 from . import tracking
+from .reaper import stop_processes
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -102,16 +103,14 @@ def port_free(port: int, host: str = "127.0.0.1") -> bool:
 STOP_S = 5.0
 
 
-def _kill_tree(pid: int) -> None:
-    """SIGKILL a server and what it started (uvicorn's workers under `mlflow server`)."""
-    import psutil
+def ensure_prefect_home() -> Path:
+    """PREFECT_HOME, made where it does not exist: Prefect's server cannot create its database in a missing
+    folder (a temporary server waits out its start-up timeout, then fails with a traceback)."""
+    from prefect.settings import PREFECT_HOME
 
-    try:
-        proc = psutil.Process(pid)
-        for p in [*proc.children(recursive=True), proc]:
-            p.kill()
-    except psutil.Error:
-        pass
+    home = Path(PREFECT_HOME.value()).expanduser()
+    home.mkdir(parents=True, exist_ok=True)
+    return home
 
 
 def start_uis(prefect_port: int = 4200, mlflow_port: int = 5000, say: Callable[[str], None] = print,
@@ -133,10 +132,7 @@ def start_uis(prefect_port: int = 4200, mlflow_port: int = 5000, say: Callable[[
            "PREFECT_UI_API_URL": f"http://127.0.0.1:{prefect_port}/api"}
     art = tracking.DEFAULT_ARTIFACTS if uri == f"sqlite:///{tracking.DEFAULT_DB}" else None
     tracking.DEFAULT_DB.parent.mkdir(parents=True, exist_ok=True)
-    from prefect.settings import PREFECT_HOME
-
-    home = os.environ.get("PREFECT_HOME") or str(PREFECT_HOME.value())
-    Path(home).expanduser().mkdir(parents=True, exist_ok=True)  # the server's database lives there
+    ensure_prefect_home()  # the server's database lives there
     procs = [subprocess.Popen([prefect_bin, "server", "start", "--host", "127.0.0.1", "--port", str(prefect_port)],
                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT),
              subprocess.Popen([mlflow_bin, "server", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port",
@@ -159,13 +155,6 @@ def start_uis(prefect_port: int = 4200, mlflow_port: int = 5000, say: Callable[[
     except KeyboardInterrupt:
         pass
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGINT)
-        deadline = time.time() + STOP_S  # one deadline for both: stopped within the seconds a service manager gives
-        for p in procs:
-            try:
-                p.wait(max(0.1, deadline - time.time()))
-            except subprocess.TimeoutExpired:
-                _kill_tree(p.pid)
+        # one deadline for both: stopped within the seconds a service manager gives
+        stop_processes(procs, STOP_S, signal.SIGINT, tree=True)
     return procs

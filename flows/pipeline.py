@@ -28,6 +28,7 @@ from estimators.errors import CALIBRATION_BUDGET_S
 from estimators.modelspec import format_input_shape
 from estimators.progress import step
 from search.requirements import Requirements, broken_as_measured
+from tasks.apply import EXPORT_FORMS
 from tasks.pipeline import (ModelInput, ParallelOptions, SearchOptions, analyze_task, calibrate_task, execute_task,
                             measure_task, run_progress, search_task, sensitivity_task)
 
@@ -46,11 +47,7 @@ def _hardware_names() -> list[str]:
 HardwareName = Enum("HardwareName", {n: n for n in _hardware_names()}, type=str)
 
 
-class ExportFormat(str, Enum):
-    """A form executed candidates are saved in (tasks.apply.EXPORT_FORMS)."""
-
-    pt2 = "pt2"
-    onnx = "onnx"
+ExportFormat = Enum("ExportFormat", {f: f for f in EXPORT_FORMS}, type=str)  # a form candidates are saved in
 
 
 def hardware_spec(hardware: "HardwareName | str", hardware_path: Optional[str]) -> str:
@@ -72,11 +69,11 @@ def terminal_run() -> Iterator[None]:
     deployment's run Crashed when its machine vanishes; a terminal run's crash is seen in the terminal, and
     Prefect stops its heartbeat thread in 1 s sleeps, so each run would end up to 1 s later (half a second
     on average, measured by bench/flow_overhead.py). Served and worker-run deployments keep Prefect's setting."""
-    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, PREFECT_HOME, temporary_settings
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
-    # Prefect's temporary server cannot create its database in a PREFECT_HOME that does not exist: it waits out its
-    # start-up timeout, then fails with a traceback
-    Path(PREFECT_HOME.value()).expanduser().mkdir(parents=True, exist_ok=True)
+    from .deployments import ensure_prefect_home
+
+    ensure_prefect_home()  # for the temporary server this run starts
     with temporary_settings(set_defaults={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
         yield
 

@@ -13,8 +13,10 @@ keep the pipe open after this process dies.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 
 GRACE_S = 4.0
 # liveness is one /proc read; the descendant scan reads all of /proc (a few ms), so it runs every fourth poll,
@@ -96,6 +98,35 @@ def _adopt_orphans() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
     except (OSError, AttributeError):
         pass
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and what it started (uvicorn's workers under `mlflow server`)."""
+    import psutil
+
+    try:
+        proc = psutil.Process(pid)
+        for p in [*proc.children(recursive=True), proc]:
+            p.kill()
+    except psutil.Error:
+        pass
+
+
+def stop_processes(procs: list[subprocess.Popen], timeout_s: float, sig: int | None = signal.SIGTERM,
+                   tree: bool = False) -> None:
+    """Stop servers this process started: `sig` to each one still running (None: they were told to stop
+    already), then one deadline of `timeout_s` for all of them; one still running then is killed, with what it
+    started where `tree`."""
+    if sig is not None:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(sig)
+    deadline = time.time() + timeout_s
+    for p in procs:
+        try:
+            p.wait(max(0.1, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            kill_tree(p.pid) if tree else p.kill()
 
 
 def install() -> None:

@@ -68,21 +68,11 @@ class Stores:
 
     def stop(self) -> None:
         """The servers first (they hold connections), then PostgreSQL with a fast shutdown."""
-        servers, pg = self.procs[1:], self.procs[:1]
-        for p in servers:
-            if p.poll() is None:
-                p.terminate()
-        for p in servers:
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        from .reaper import stop_processes
+
+        stop_processes(self.procs[1:], 30)
         _stop_postgres(self.root / "pg")
-        for p in pg:
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_processes(self.procs[:1], 30, sig=None)  # told to stop by _stop_postgres (a fast shutdown)
 
 
 def _stop_postgres(data: Path) -> None:

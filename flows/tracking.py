@@ -24,8 +24,9 @@ import os
 import re
 import shutil
 import socket
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from estimators.strategy import parse_strategy
 
@@ -329,7 +330,6 @@ class _Logger:
         self.nested: list[str] = []
         self.executed_runs: dict[int, str] = {}  # executed candidate's index -> its nested run
         self.models: dict[str, str] = {}  # nested run -> the MLflow model logged in it
-        self.onnx_models: dict[str, str] = {}  # nested run -> its ONNX export logged as an MLflow model
         self.logged: dict[int, dict[str, float]] = {}  # the metrics logged into it
 
     def start(self, record: dict, plan: dict, layers: list[dict], workdir: Path) -> None:
@@ -447,43 +447,44 @@ class _Logger:
         if not shape or n_inputs(shape) != 1:
             self.client.set_tag(rid, "deployfit.model_note", "not logged as an MLflow model: it takes several inputs")
             return
-        example = seeded_input(shape, 2).numpy()
-        mlflow.set_tracking_uri(self.uri)
-        with mlflow.start_run(run_id=rid):
+        with self._reopened(rid, e):
             info = mlflow.pyfunc.log_model(
                 name="model", python_model=str(Path(__file__).with_name("mlflow_pyfunc.py")),
-                artifacts={"program": str(path)}, input_example=example,
+                artifacts={"program": str(path)}, input_example=seeded_input(shape, 2).numpy(),
                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}",
                                   "numpy"])
         self.models[rid] = info.model_uri
+
+    @contextmanager
+    def _reopened(self, rid: str, e: dict) -> Iterator[None]:
+        """The executed candidate's run reopened for mlflow's fluent model logging, then closed again at the end of
+        the candidate's execution (e["timing"]): the run keeps spanning the execution, not the logging."""
+        import mlflow
+
+        mlflow.set_tracking_uri(self.uri)
+        with mlflow.start_run(run_id=rid):
+            yield
         timing = e.get("timing") or {}
-        # start_run/end reopened and closed the run: it spans the candidate's execution again
         self.client.set_terminated(rid, end_time=int(timing["ended"] * 1000) if timing.get("ended") else None)
 
     def _log_onnx(self, rid: str, e: dict, path: Path) -> None:
         """The ONNX export as an MLflow model of the run, ONNX flavour (`onnx-model`, its signature inferred from an
         input example run in ONNX Runtime), beside the pyfunc of the program; its checks as tags."""
-        import mlflow
         import mlflow.onnx
         import onnx
+        from mlflow.entities import RunTag
 
         from estimators.modelspec import n_inputs, seeded_input
 
         shape = e.get("input_shape")
         check = e.get("onnx") or {}
-        tags = {f"deployfit.onnx.{k}": str(check[k]) for k in ("form", "opset", "max_rel_diff", "top1_agreement",
-                                                               "trtexec") if k in check}
-        for k, v in tags.items():
-            self.client.set_tag(rid, k, v)
+        self.client.log_batch(rid, tags=[RunTag(f"deployfit.onnx.{k}", str(check[k])) for k in (
+            "form", "opset", "max_rel_diff", "top1_agreement", "trtexec") if k in check])
         example = seeded_input(shape, 2).numpy() if shape and n_inputs(shape) == 1 else None
-        mlflow.set_tracking_uri(self.uri)
-        with mlflow.start_run(run_id=rid):
-            info = mlflow.onnx.log_model(onnx.load(str(path)), name="onnx-model", input_example=example,
-                                         save_as_external_data=False,
-                                         pip_requirements=[f"onnx=={onnx.__version__}", "onnxruntime", "numpy"])
-        self.onnx_models[rid] = info.model_uri
-        timing = e.get("timing") or {}
-        self.client.set_terminated(rid, end_time=int(timing["ended"] * 1000) if timing.get("ended") else None)
+        with self._reopened(rid, e):
+            mlflow.onnx.log_model(onnx.load(str(path)), name="onnx-model", input_example=example,
+                                  save_as_external_data=False,
+                                  pip_requirements=[f"onnx=={onnx.__version__}", "onnxruntime", "numpy"])
 
     def register(self, name: str, executed: list[dict]) -> dict[str, Any] | None:
         """Register the recommended candidate's model (else the first executed one's) as a new version of `name`

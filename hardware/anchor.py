@@ -184,14 +184,17 @@ def load_anchor(table: LayerTable, profile, batch: int) -> Anchor | None:
     """The cached anchor of `table`'s model on `profile` at `batch`, where one was measured."""
     from .hostprofile import profile_hash
 
-    path = anchor_path(table_fingerprint(table), profile_hash(profile), batch)
+    return read_anchor(anchor_path(table_fingerprint(table), profile_hash(profile), batch))
+
+
+def read_anchor(path: Path) -> Anchor | None:
+    """The anchor saved at `path`; None where there is none, or one from another version (measured again)."""
     if not path.is_file():
         return None
     try:
-        data = json.loads(path.read_text())
-        return Anchor(**data, path=str(path))
+        return Anchor(**json.loads(path.read_text()), path=str(path))
     except (ValueError, TypeError):
-        return None  # a file from another version: measured again
+        return None
 
 
 def build_anchor(table: LayerTable, profile, batch: int, row_s: list[float] | np.ndarray, total_ms: float,

@@ -150,19 +150,12 @@ def latency_context(loaded: LoadedModel, table: LayerTable, hardware: str, batch
     info = {"name": prof.name, "runtime": prof.runtime, "batch_size": batch, "profile": identity(prof)}
     if info["profile"]["warning"]:
         info["warning"] = info["profile"]["warning"]
+    get = get_anchor
     if runtime == "onnxruntime":
-        from .onnx_runtime import get_ort_anchor
+        from .onnx_runtime import get_ort_anchor as get
 
         info["runtime"] = "onnxruntime"
-        got = get_ort_anchor(loaded, table, prof, batch, progress, measure) if anchor and anchorable(prof) else None
-        if got is not None:
-            info["anchor"] = got.summary()
-        else:
-            info["anchor"] = None
-            info["anchor_note"] = ("latency predicted by the PyTorch host profile alone (latency_basis: profile): "
-                                   "ONNX Runtime has no profile of its own; the anchor sets its level")
-        return prof, got, info
-    got = get_anchor(loaded, table, prof, batch, progress=progress, measure=measure) if anchor else None
+    got = get(loaded, table, prof, batch, progress=progress, measure=measure) if anchor else None
     if got is not None:
         info["anchor"] = got.summary()
     elif anchor and not anchorable(prof):
@@ -172,4 +165,6 @@ def latency_context(loaded: LoadedModel, table: LayerTable, hardware: str, batch
     else:
         info["anchor"] = None
         info["anchor_note"] = "anchoring off (--no-anchor): latency predicted by the profile alone"
+    if got is None and runtime == "onnxruntime":  # the level a profile of PyTorch's runs gives ONNX Runtime's
+        info["anchor_note"] += " (ONNX Runtime has no profile of its own: the PyTorch host profile's)"
     return prof, got, info

@@ -18,9 +18,31 @@ from hardware.measure import (count_module, gemm_macs, measure_memory_access_byt
 from .anchoring import latency_context
 
 from .executors import Work, check_out_dir, run_strategy, save_artifact
+from .quantize_exec import load_program
 
 EXPORT_FORMS = ("pt2", "onnx")
-from .quantize_exec import load_program
+
+
+def check_export_forms(forms) -> tuple[str, ...]:
+    """The export forms asked for, each once; an error naming any this cannot write."""
+    unknown = set(forms) - set(EXPORT_FORMS)
+    if unknown:
+        raise UserInputError(f"unknown export format(s) {', '.join(sorted(unknown))}: choose from "
+                             f"{', '.join(EXPORT_FORMS)}")
+    return tuple(dict.fromkeys(forms))
+
+
+def as_built(strategy: Strategy, float_layers: list[str], table) -> Strategy:
+    """`strategy` with its quantize step's keep_float set to the layers the quantizer really left in float, those
+    the layer table has (a module called through a functional form, as nn.MultiheadAttention's out_proj, is not a
+    row of it and is not quantized by the estimate either): what the prediction of the built artifact follows.
+    The same `strategy` where those are the layers it names already."""
+    known = set(table.module_names)
+    kept = [n for n in float_layers if n in known]
+    if all(set(kept) == set(s.keep_float) for s in strategy.steps if s.method == "quantize"):
+        return strategy
+    return strategy.model_copy(update={"steps": [s.model_copy(update={"keep_float": kept})
+                                                 if s.method == "quantize" else s for s in strategy.steps]})
 
 
 def measure_work(work: Work, ep, artifact_path: str) -> tuple[dict[str, Any], list[str]]:
@@ -131,10 +153,8 @@ def measure_saved_latency(result: dict[str, Any], loaded: LoadedModel, anchor_on
 
     strat = Strategy.model_validate(result["strategy"])
     table = table if table is not None else analyze(loaded)
-    built_float = [n for n in result.get("float_layers") or [] if n in set(table.module_names)]
-    if built_float:  # what was really built: the layers the quantizer left in float (apply_and_measure)
-        strat = strat.model_copy(update={"steps": [s.model_copy(update={"keep_float": built_float})
-                                                   if s.method == "quantize" else s for s in strat.steps]})
+    if result.get("float_layers"):  # what was really built (apply_and_measure)
+        strat = as_built(strat, result["float_layers"], table)
     _, anchor, extra = predict_host_latency(loaded, table, estimate(table, strat), "host", result["batch_size"],
                                             anchor_on, progress)
     predicted = extra.pop("latency_ms")
@@ -170,12 +190,7 @@ def apply_and_measure(loaded: LoadedModel, strategy: Strategy, out_dir: str, har
     from .onnx_runtime import check_runtime
 
     check_runtime(runtime, hardware)
-    if runtime == "onnxruntime":
-        export = tuple(dict.fromkeys((*export, "onnx")))
-    unknown = set(export) - set(EXPORT_FORMS)
-    if unknown:
-        raise UserInputError(f"unknown export format(s) {', '.join(sorted(unknown))}: choose from "
-                             f"{', '.join(EXPORT_FORMS)}")
+    export = check_export_forms((*export, "onnx") if runtime == "onnxruntime" else export)
     if "onnx" in export:
         from .onnx_export import onnx_form
 
@@ -208,14 +223,9 @@ def apply_and_measure(loaded: LoadedModel, strategy: Strategy, out_dir: str, har
     work = run_strategy(loaded, strategy, data=data, train_cfg=train_cfg, progress=progress)
     pred_before_tuning = None
     qstep = next((s for s in strategy.steps if s.method == "quantize"), None)
-    # layers the quantizer (autotune) left in float, those the layer table has (a module called through a functional
-    # form, as nn.MultiheadAttention's out_proj, is not a row of it and is not quantized by the estimate either)
-    built_float = [n for n in work.quant.float_layers if n in set(table.module_names)] if work.quant is not None else []
-    if qstep is not None and qstep.dtype == "int8" and work.quant is not None \
-            and set(built_float) != set(qstep.keep_float):
-        # the prediction follows what was really built
-        tuned = strategy.model_copy(update={"steps": [s.model_copy(update={"keep_float": built_float})
-                                                      if s is qstep else s for s in strategy.steps]})
+    tuned = as_built(strategy, work.quant.float_layers, table) if work.quant is not None else strategy
+    if qstep is not None and qstep.dtype == "int8" and tuned is not strategy:
+        # layers the quantizer (autotune) left in float: the prediction follows what was really built
         pred_before_tuning = dict(pred)
         est = estimate(table, tuned)
         pred.update(public(totals(est)))

@@ -114,20 +114,18 @@ def anchor_folder(table: LayerTable, profile, batch: int) -> Path:
 def get_ort_anchor(loaded: LoadedModel, table: LayerTable, profile, batch: int = 1,
                    progress: Progress = lambda m: None, measure: bool = True):
     """The ONNX Runtime anchor of `loaded` on this machine's `profile` at `batch`: cached (with the original's ONNX
-    files), or measured now (`measure`)."""
-    import json
+    files), or measured now (`measure`); None where the profile is not this machine's."""
+    from hardware.anchor import read_anchor
 
-    from hardware.anchor import Anchor
+    from .anchoring import anchorable
 
+    if not anchorable(profile):
+        return None
     folder = anchor_folder(table, profile, batch)
     path = folder.with_suffix(".json")
-    if path.is_file() and (folder / "original.onnx").is_file():
-        try:
-            return Anchor(**json.loads(path.read_text()), path=str(path))
-        except (ValueError, TypeError):
-            pass  # a file from another version: measured again
-    if not measure:
-        return None
+    got = read_anchor(path) if (folder / "original.onnx").is_file() else None
+    if got is not None or not measure:
+        return got
     anchor = measure_ort_anchor(loaded, table, profile, batch, folder, progress)
     anchor.save(path)
     return anchor
@@ -141,13 +139,10 @@ def original_session_fn(anchor) -> Callable:
 
 
 def measure_onnx_candidate(onnx_path: str | Path, loaded: LoadedModel, batch: int, anchor) -> dict:
-    """A candidate's model.onnx timed in a session in alternation with the original's (tasks.anchoring's
-    protocol): its latency is the ratio times the anchor's total."""
-    from .anchoring import measure_against_original
+    """A candidate's model.onnx timed in a session in alternation with the original's, as PyTorch candidates are
+    (tasks.apply.measure_candidate): its latency is the ratio times the anchor's total."""
+    from .apply import measure_candidate
     from .onnx_export import session, session_fn
 
-    got = measure_against_original(session_fn(session(onnx_path)), loaded, batch, original=original_session_fn(anchor))
-    got["latency_ms"] = got["ratio"] * anchor.total_ms
-    got["scale"] = "anchor: ratio to the original in ONNX Runtime x the original's anchored latency there"
-    got["runtime"] = f"onnxruntime {_version()}"
-    return got
+    got = measure_candidate(session_fn(session(onnx_path)), loaded, batch, anchor, original_session_fn(anchor))
+    return {**got, "runtime": f"onnxruntime {_version()}"}

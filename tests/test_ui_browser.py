@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from flows.reaper import stop_processes
 from hosts import fresh_process_key, free_ports, seed_host
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -105,10 +106,4 @@ def test_a_run_reads_in_the_mlflow_and_prefect_uis(tmp_path, monkeypatch):
             page.screenshot(path=str(tmp_path / "prefect.png"))
             browser.close()
     finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_processes(procs, 30)
