@@ -96,8 +96,12 @@ INT8_LANES = 4  # int8 dot products (VNNI) do 4x the multiply-adds of fp32 FMA p
 # share of the budget for the float networks; the INT8 part's compiled networks (10-20 s each, compiling at two
 # batches) get most of the rest: at 0.5 of 150 s only 3 were compiled, fitting 9 coefficients
 FP32_SHARE = 0.45
-QUICK_FIT_S = 8.0
-QUICK_FP32_SHARE = 0.7  # a quick calibration's float share: the rest times INT8 kernels and quantized pooling  # what a quick calibration keeps of its QUICK_CALIBRATION_S for its fit and the re-read state
+QUICK_FIT_S = 8.0  # what a quick calibration keeps of its QUICK_CALIBRATION_S for its fit
+QUICK_FP32_SHARE = 0.7  # a quick calibration's float share: the rest times INT8 kernels and quantized pooling
+# the least a quick calibration times whatever its budget, and the least each fit needs: on a busy machine (another
+# process on one of the two cores) a synthetic network took 6-9 s, and minimums of 3 networks, 24 kernels and 12
+# pools took a 45 s quick calibration to 52 s; above the least, nothing is started that would end past the budget
+QUICK_LEAST = {"fp32 networks": 1, "int8 kernels": 8, "int8 pools": 4}
 
 
 def light_table(model: nn.Module, example: torch.Tensor, name: str = "bench") -> LayerTable:
@@ -211,8 +215,10 @@ def network_samples(budget_s: float, progress: Progress, batches: tuple[int, ...
     main_s = budget_s * (1 - RETIME_SHARE) if retime else budget_s
     seed, n = seed0, 0
     timed = ""
+    took: list[float] = []  # seconds per network so far: none is started that would end past the budget
     with step(progress, "fp32 networks", budget_s, "s") as counted:
-        while n < max_nets and (n < min_nets or time.perf_counter() - t0 < main_s):
+        while n < max_nets and (n < min_nets or time.perf_counter() - t0 + _typical(took) < main_s):
+            t_net = time.perf_counter()
             model, shape = synthetic_cnn(seed)
             seed += 1
             with torch.inference_mode():
@@ -229,6 +235,7 @@ def network_samples(budget_s: float, progress: Progress, batches: tuple[int, ...
             if len(first) < retime:
                 first.append((gm, tuple(shape[1:]), [out[b][-1] for b in batches]))
             n += 1
+            took.append(time.perf_counter() - t_net)
             timed = (f"{n} synthetic networks timed at batch {', '.join(map(str, batches))}: "
                      f"{sum(x.table.n for v in out.values() for x in v)} operators")
             counted.update(time.perf_counter() - t0, timed)
@@ -238,6 +245,11 @@ def network_samples(budget_s: float, progress: Progress, batches: tuple[int, ...
         progress(f"fp32 networks: the first {len(first)} networks' totals timed again (how much their latency follows "
                  "the pace network)")
     return out, again
+
+
+def _typical(took: list[float]) -> float:
+    """What the next sample is expected to take: the median of those so far (0 before the first)."""
+    return float(np.median(took)) if took else 0.0
 
 
 def retime_totals(nets: list[tuple[nn.Module, tuple[int, ...], list[NetSample]]], state: State = lambda: 0.0,
@@ -675,13 +687,15 @@ def int8_op_samples(budget_s: float, progress: Progress, batches: tuple[int, ...
     elements: list[ElementSample] = []
     t0 = time.perf_counter()
     seed, n = seed0, 0
+    took: list[float] = []
     counted = step(progress, "int8 kernels", budget_s, "s")
-    while n < min_ops or time.perf_counter() - t0 < budget_s:
+    while n < min_ops or time.perf_counter() - t0 + _typical(took) < budget_s:
         model, shape = synthetic_cnn(seed)
         seed += 1
         for m, in_shape, act in _post_ops(model, torch.randn(1, *shape[1:])):
-            if time.perf_counter() - t0 > budget_s and n >= min_ops:
+            if n >= min_ops and time.perf_counter() - t0 + _typical(took) > budget_s:
                 break
+            t_op = time.perf_counter()
             table = estimate_quantize(light_table(nn.Sequential(m), torch.randn(in_shape), name=f"int8-op-{n}"),
                                       QuantizeStep(dtype="int8"))
             post, scalars = POST_OPS.get(act, ("none", [None]))
@@ -706,6 +720,7 @@ def int8_op_samples(budget_s: float, progress: Progress, batches: tuple[int, ...
                 out[b].append(NetSample(f"int8 {type(m).__name__} {bshape} {post}", table, np.array([sec]), sec, batch=b,
                                         probe_us=probe))
             n += 1
+            took.append(time.perf_counter() - t_op)
             counted.update(time.perf_counter() - t0, f"{n} kernels timed")
     counted.finish(f"{n} INT8 convolution/linear kernels timed at batch {', '.join(map(str, batches))} "
                    f"({len(elements)} with and without a fused SiLU)", done=time.perf_counter() - t0)
@@ -733,14 +748,18 @@ def int8_pool_samples(budget_s: float, progress: Progress, batches: tuple[int, .
     rng = random.Random(seed0)
     t0 = time.perf_counter()
     seed, n = seed0, 0
+    took: list[float] = []
     counted = step(progress, "int8 pools", budget_s, "s")
-    while n < min_ops or time.perf_counter() - t0 < budget_s:
+    while n < min_ops or time.perf_counter() - t0 + _typical(took) < budget_s:
         model, shape = synthetic_cnn(seed)
         seed += 1
         for m, in_shape in _layer_inputs(model, torch.randn(1, *shape[1:]), lambda m: isinstance(m, nn.MaxPool2d)):
             k, st, pad, dil = (list(v) if isinstance(v, (tuple, list)) else [v, v]
                                for v in (m.kernel_size, m.stride, m.padding, m.dilation))
             for c in (in_shape[1], rng.randint(8, 160)):
+                if n >= min_ops and time.perf_counter() - t0 + _typical(took) > budget_s:
+                    break
+                t_op = time.perf_counter()
                 cshape = (1, c) + in_shape[2:]
                 table = estimate_quantize(light_table(nn.Sequential(m), torch.randn(cshape), name=f"int8-pool-{n}"),
                                           QuantizeStep(dtype="int8"))
@@ -755,6 +774,7 @@ def int8_pool_samples(budget_s: float, progress: Progress, batches: tuple[int, .
                     out.append(NetSample(f"int8 maxpool {(b,) + cshape[1:]}", table, np.array([sec]), sec, batch=b,
                                          probe_us=probe))
                 n += 1
+                took.append(time.perf_counter() - t_op)
                 counted.update(time.perf_counter() - t0, f"{n} pools timed")
     counted.finish(f"{n} quantized max pools timed at batch {', '.join(map(str, batches))}",
                    done=time.perf_counter() - t0)
@@ -995,7 +1015,7 @@ def collect_samples(quick: bool = False, progress: Progress = lambda m: None, in
     share = (QUICK_FP32_SHARE if quick else FP32_SHARE) if int8 else 1.0
     nets, retimed = network_samples(max(budget_s - spent, 0.0) * share, progress,
                                     seed0=offset, state=clock, pace=pace, retime=2 if quick else RETIMED,
-                                    min_nets=3 if quick else 4, tries=1 if quick else 2)
+                                    min_nets=QUICK_LEAST["fp32 networks"] if quick else 4, tries=1 if quick else 2)
     ops: dict[int, list[NetSample]] = {}
     elems: list[ElementSample] = []
     pools: list[NetSample] = []
@@ -1005,8 +1025,10 @@ def collect_samples(quick: bool = False, progress: Progress = lambda m: None, in
         # INT8 is not paced: its samples brought to the pace predicted the benchmark's INT8 configurations worse
         # (paced MAPE 33.4% against 14.2% with the same samples as timed, 2026-11-29: the compiled networks' pace
         # readings, taken between compiles, ran 0.65x the calibration's median)
-        ops, elems = int8_op_samples(0.15 * left, progress, seed0=200_000 + offset, state=clock)
-        pools = int8_pool_samples(0.05 * left, progress, seed0=300_000 + offset, state=clock)
+        ops, elems = int8_op_samples(0.15 * left, progress, seed0=200_000 + offset, state=clock,
+                                     min_ops=QUICK_LEAST["int8 kernels"] if quick else 24)
+        pools = int8_pool_samples(0.05 * left, progress, seed0=300_000 + offset, state=clock,
+                                  min_ops=QUICK_LEAST["int8 pools"] if quick else 12)
         q = [] if quick else int8_samples(max(budget_s - (time.perf_counter() - t0), 0.0), progress,
                                           seed0=100_000 + offset, state=clock)
     clock(fresh=True)  # a last reading at the end
