@@ -120,6 +120,35 @@ def description(record: dict, plan: dict) -> str:
     return "\n\n".join(lines)
 
 
+def best_executed(executed: list[dict], requirements: dict) -> int | None:
+    """The executed candidate a reviewer wants first: of those that meet every requirement as measured, the one
+    with the least measured accuracy drop (None where none does)."""
+    from search.requirements import Requirements, broken_as_measured
+
+    req = Requirements(**requirements)
+    ok = [i for i, e in enumerate(executed) if e.get("meas") and not e.get("error")
+          and not broken_as_measured(e["meas"], req)]
+    return min(ok, key=lambda i: executed[i]["meas"].get("accuracy_drop", 0.0)) if ok else None
+
+
+def executed_line(executed: list[dict], runs: dict[int, str], requirements: dict, experiment_id: str) -> str:
+    """The parent run's description line that links the best executed candidate's run (markdown link within the
+    UI): from the start page, the experiment, the parent run, this link."""
+    if not executed:
+        return ""
+    best = best_executed(executed, requirements)
+    if best is None or best not in runs:
+        return f"**Executed:** none of the {len(executed)} executed candidates meets every requirement as measured."
+    e = executed[best]
+    meas = e["meas"]
+    parts = [f"accuracy drop {meas['accuracy_drop']:+.2f} points" if "accuracy_drop" in meas else "",
+             f"latency {meas['latency_ms']:.3f} ms" if "latency_ms" in meas else "",
+             f"size {meas['size_bytes'] / 1e6:.3f} MB" if "size_bytes" in meas else ""]
+    return (f"**Best executed:** [{e.get('label', e['compact'])}](#/experiments/{experiment_id}/runs/{runs[best]}?"
+            f"{ML_VIEW}) meets every requirement as measured ({', '.join(p for p in parts if p)}); "
+            f"{len(executed)} executed.")
+
+
 def _flat(prefix: str, d: dict) -> dict[str, str]:
     return {f"{prefix}.{k}": str(v) for k, v in d.items() if v is not None}
 
@@ -337,6 +366,7 @@ class _Logger:
 
         client = self.client
         self.plan = plan
+        self.requirements = record.get("requirements") or {}
         self.register_as = record.get("register")
         self.exp_id = _experiment_id(client, self.uri, f"deployfit/{record['model']}/{record['hardware']}")
         self.bundle = write_bundle(Path(workdir) / "tracking-bundle", record, plan, [], layers, plot=False)
@@ -508,6 +538,12 @@ class _Logger:
         for i, e in enumerate(executed):
             self.executed(i, e)
         self.client.log_artifact(self.pid, str(pareto_plot(self.plan, executed, self.bundle / "pareto.png")))
+        line = executed_line(executed, self.executed_runs, self.requirements, self.exp_id)
+        if line:
+            self.client.set_tag(self.pid, "mlflow.note.content", self.tags["mlflow.note.content"] + "\n\n" + line)
+        best = best_executed(executed, self.requirements)
+        if best is not None and best in self.executed_runs:
+            self.client.set_tag(self.pid, "deployfit.best_executed_run", self.executed_runs[best])
         registered = self.register(self.register_as, executed) if self.register_as else None
         if registered:
             self.client.set_tag(self.pid, "deployfit.registered", f"{registered['name']} v{registered['version']}")

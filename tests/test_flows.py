@@ -95,6 +95,16 @@ def test_run_flow_tracks_every_candidate_and_leaves_a_prefect_artifact(harness, 
     assert name.startswith("demo:digits-cnn on host 20") and name.endswith(": " + rep["recommended"]["label"])
     assert rep["recommended"]["label"] in parent.data.tags["mlflow.note.content"]
     assert "binding requirements" in parent.data.tags["mlflow.note.content"]
+    # and links the best executed candidate's run (three clicks from the start page: experiment, run, this link)
+    from flows.tracking import best_executed
+
+    best = best_executed(rep["executed"], {"max_size_mb": 0.05})
+    if best is None:
+        assert "none of the 2 executed candidates" in parent.data.tags["mlflow.note.content"]
+    else:
+        rid = tr["executed_runs"][best]
+        assert parent.data.tags["deployfit.best_executed_run"] == rid
+        assert f"/runs/{rid}?" in parent.data.tags["mlflow.note.content"]
     assert parent.data.params["parallel.workers"] == "1"
     names = {a.path for a in client.list_artifacts(tr["run_id"])}
     assert {"candidates.json", "plan.json", "layers.json", "pareto.png", "record.json"} <= names
@@ -181,6 +191,21 @@ def test_run_flow_tracks_every_candidate_and_leaves_a_prefect_artifact(harness, 
         return {k: v for k, v in e["meas"].items() if k not in ("latency_ms", "speedup")}
 
     assert [built(e) for e in again["executed"]] == [built(e) for e in rep["executed"]]
+
+
+def test_best_executed_meets_every_requirement_as_measured_with_the_least_drop():
+    from flows.tracking import best_executed, executed_line
+
+    runs = {0: "r0", 1: "r1", 2: "r2"}
+    ex = [{"compact": "a", "label": "A", "meas": {"size_bytes": 60_000, "accuracy_drop": 0.1}},  # too large
+          {"compact": "b", "label": "B", "meas": {"size_bytes": 40_000, "accuracy_drop": 0.9, "latency_ms": 0.2}},
+          {"compact": "c", "label": "C", "meas": {"size_bytes": 45_000, "accuracy_drop": 0.4, "latency_ms": 0.3}}]
+    assert best_executed(ex, {"max_size_mb": 0.05}) == 2
+    line = executed_line(ex, runs, {"max_size_mb": 0.05}, "7")
+    assert line.startswith("**Best executed:** [C](#/experiments/7/runs/r2?") and "+0.40 points" in line
+    assert best_executed(ex, {"max_size_mb": 0.01}) is None
+    assert "none of the 3 executed candidates" in executed_line(ex, runs, {"max_size_mb": 0.01}, "7")
+    assert executed_line([], runs, {}, "7") == ""
 
 
 def test_flow_parameters_are_validated_models(harness):
