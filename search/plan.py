@@ -28,7 +28,7 @@ import numpy as np
 from estimators.compress import estimate, prune_counts
 from estimators.modelspec import n_inputs
 from estimators.progress import status, step
-from estimators.strategy import SINGLE_INPUT_DTYPES, DistillStep, PruneStep, QuantizeStep, Strategy
+from estimators.strategy import QUANT_DTYPES as STRATEGY_DTYPES, SINGLE_INPUT_DTYPES, DistillStep, PruneStep, QuantizeStep, Strategy
 from estimators.table import LayerTable
 from hardware.profile import HardwareProfile
 
@@ -46,7 +46,9 @@ GRID_STEP = 0.01
 LEVEL = 0.05  # per-layer ratios move in steps of this (0 .. 0.90: 19 levels)
 LEVELS = np.round(np.arange(0, 0.90 + 1e-9, LEVEL), 4)
 WIDTHS = (0.75, 0.5)
-QUANT_DTYPES = ("int8", "fp16", "bf16")
+# the dtypes the search tries: every quantize step's dtype but weight-only INT8, which quantizes Linear layers
+# only (a user asks for it by name)
+QUANT_DTYPES = tuple(d for d in STRATEGY_DTYPES if d != "int8-weight-only")
 OBJECTIVES = ("latency_ms", "accuracy_drop", "size_bytes")
 METRICS = ("params", "size_bytes", "macs", "flops", "memory_access_bytes", "peak_memory_bytes", "latency_ms")
 NSGA_EVALS = 10000

@@ -2,7 +2,7 @@
 
 Public API
 ----------
-``SUPPORTED_DTYPES = ("int8", "int8-weight-only", "fp16", "bf16")``
+``SUPPORTED_DTYPES``: every dtype a quantize step names (``estimators.strategy.QUANT_DTYPES``)
 
 ``quantize(model, example_input, dtype, calib_batches=None) -> QuantResult``
     Deep-copies ``model`` (the caller's module is not modified), converts it, and returns a
@@ -152,13 +152,14 @@ import torch
 import torch.nn.functional as F
 
 from estimators.modelspec import as_inputs
+from estimators.strategy import QUANT_DTYPES
 from hardware.measure import stored_tensor_bytes, stored_tensors  # noqa: F401  (re-exported)
 
 logger = logging.getLogger(__name__)
 # Intel Neural Compressor writes a log folder under $HOME unless HABANA_LOGS points elsewhere
 os.environ.setdefault("HABANA_LOGS", os.path.join(tempfile.gettempdir(), "deployfit-inc-logs"))
 
-SUPPORTED_DTYPES = ("int8", "int8-weight-only", "fp16", "bf16")
+SUPPORTED_DTYPES = QUANT_DTYPES  # one list: what a quantize step may name is what is executed
 
 _CONV_LINEAR_TYPES = (torch.nn.Linear, torch.nn.modules.conv._ConvNd)
 
