@@ -8,7 +8,7 @@ accuracy among those whose *measured* size, parameters, latency and accuracy dro
 recommendation, executed, meets every requirement and its measured accuracy is within 0.5 points of the
 best feasible grid candidate. A plan infeasible only by predicted accuracy executes, as `deployfit run` does,
 the candidates that meet every other requirement (its `verify` list): one of them meeting every requirement as
-measured becomes the recommendation (flows.pipeline.settle_infeasible); an infeasible verdict that stands
+measured becomes the recommendation (search.requirements.settle_infeasible); an infeasible verdict that stands
 passes only when no grid candidate is feasible as measured. Prints the wall time of plan + top 3 against the
 whole grid.
 
@@ -40,7 +40,7 @@ from estimators.strategy import parse_strategy  # noqa: E402
 from hardware.profile import load_profile  # noqa: E402
 from search.plan import NSGA_EVALS, plan  # noqa: E402
 from search.requirements import Requirements, broken_as_measured as meets  # noqa: E402
-from flows.pipeline import settle_infeasible  # noqa: E402
+from search.requirements import settle_infeasible  # noqa: E402
 from tasks.apply import apply_and_measure  # noqa: E402
 from tasks.train import TrainConfig  # noqa: E402
 

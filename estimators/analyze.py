@@ -4,8 +4,6 @@ from __future__ import annotations
 import logging
 import time
 
-import torch
-
 from .modelspec import LoadedModel
 from .errors import UserInputError
 from .pruning import PrunePlan, failing_roots, finish_plan, plan_pruning

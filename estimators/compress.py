@@ -12,8 +12,8 @@ import numpy as np
 
 from .errors import UserInputError
 from .plugins import Registry
-from .strategy import DistillStep, PruneStep, QuantizeStep, Strategy
-from .table import LayerTable, State
+from .strategy import DistillStep, PruneStep, Strategy
+from .table import LayerTable
 
 Estimator = Callable[[LayerTable, Any], LayerTable]
 ESTIMATORS = Registry("estimator")  # compression method -> estimator

@@ -111,162 +111,164 @@ def _stored(cost: "R.Cost", tensors: list) -> "R.Cost":
     return cost
 
 
-def build_table(model_spec: str, input_shape: tuple, tr: Trace, plan: PrunePlan) -> tuple["LayerTable", dict[int, str]]:
-    """Assemble the table, propagating channel compositions; returns it with the groups it cannot follow."""
-    rows = tr.rows
-    T = tr.tensors
-    n = len(rows)
-    unfollowed: dict[int, str] = {}
-    gch = plan.group_channels
-    comp: dict[int, dict[int, int]] = {}  # tensor -> {group: channels of the tensor per root channel}
-    for tid in tr.input_tids:
-        comp[tid] = {}
+class _Channels:
+    """The channel composition of every tensor: for each pruning group, how many of the tensor's channels each
+    root channel of the group accounts for. `unfollowed` names the groups the estimator cannot follow, and why."""
 
-    def cget(tid: int) -> dict[int, int]:
-        return comp.get(tid, {})
+    def __init__(self, tr: Trace, plan: PrunePlan):
+        self.T = tr.tensors
+        self.plan = plan
+        self.comp: dict[int, dict[int, int]] = {tid: {} for tid in tr.input_tids}
+        self.unfollowed: dict[int, str] = {}
 
-    def breaks(segs: dict[int, int], why: str) -> None:
+    def get(self, tid: int) -> dict[int, int]:
+        return self.comp.get(tid, {})
+
+    def breaks(self, segs: dict[int, int], why: str) -> None:
         for g in segs:
-            unfollowed.setdefault(g, why)
+            self.unfollowed.setdefault(g, why)
 
-    def from_deps(deps: list[tuple[int, int]]) -> dict[int, int]:
+    def from_deps(self, deps: list[tuple[int, int]]) -> dict[int, int]:
+        gch = self.plan.group_channels
         out: dict[int, int] = {}
         for g, cnt in deps:
             if cnt % gch[g]:
-                unfollowed.setdefault(g, "a channel mapping that is not a whole multiple of the group")
+                self.unfollowed.setdefault(g, "a channel mapping that is not a whole multiple of the group")
                 continue
             out[g] = out.get(g, 0) + cnt // gch[g]
         return out
 
-    for i, r in enumerate(rows):
-        ins = [cget(t) for t in r.inputs]
-        x0 = ins[0] if ins else {}
-        if r.cost is None:
-            for s in ins:
-                breaks(s, f"channels pass through {r.op}, which the estimator cannot cost")
-            for t in r.outputs:
-                comp[t] = {}
-            continue
-        if not r.cost.channel_exact:
-            for s in ins:
-                breaks(s, f"{r.name} ({r.op}) does not scale with channels")
-        if r.is_module:
-            mname = r.module_name
-            din = from_deps(plan.module_in.get(mname, []))
-            dout = from_deps(plan.module_out.get(mname, []))
-            kind = r.cost.kind
-            if kind in ("conv", "gemm", "attention"):  # a new channel space: what enters must match torch-pruning's map
-                if _comp_key(din) != _comp_key(x0):
-                    why = f"the channels entering {mname} do not map one-to-one through the ops before it"
-                    breaks(din, why)
-                    breaks(x0, why)
-                out = dout
-            else:  # channels pass through (depthwise conv, norm, activation, pooling)
-                out = dout if dout else dict(x0)
-                if dout and _comp_key(dout) != _comp_key(x0):
-                    why = f"{mname} couples channels the estimator maps differently"
-                    breaks(dout, why)
-                    breaks(x0, why)
-            for t in r.outputs:
-                comp[t] = dict(out) if T[t].meta.chan == (T[r.outputs[0]].meta.chan) else {}
-            continue
-        # functions
-        rule = r.rule
-        y = T[r.outputs[0]].meta
-        if rule == "same":
-            # the output's channels are those of the input shaped like it (else of one with as many channels)
-            same_shape = [s for tid, s in zip(r.inputs, ins) if T[tid].shape == y.shape]
-            same_chan = [(tid, s) for tid, s in zip(r.inputs, ins) if T[tid].meta.chan == y.chan]
-            src = (same_shape or [s for _, s in same_chan] or [None])[0]
-            if src is None:
-                for s in ins:
-                    breaks(s, f"{r.name} ({r.op}) changes the channel count")
-                src = {}
-            for tid, s in same_chan:
-                if s and _comp_key(s) != _comp_key(src):
-                    why = f"{r.name} ({r.op}) joins channels that torch-pruning couples differently"
-                    breaks(s, why)
-                    breaks(src, why)
-            out = dict(src)
-        elif rule == "cat":
-            dim = r.kwargs.get("dim", r.args[1] if len(r.args) > 1 else 0)
-            ax = y.chan_axis
-            nd = len(y.shape)
-            if isinstance(dim, int) and (dim % nd) == (ax % nd):
-                out = {}
-                for s in ins:
-                    for g, m in s.items():
-                        out[g] = out.get(g, 0) + m
+    def propagate(self, rows: list, output_tids: list[int]) -> None:
+        """Every row's outputs' compositions from its inputs', in execution order."""
+        for r in rows:
+            ins = [self.get(t) for t in r.inputs]
+            if r.cost is None:
+                for x in ins:
+                    self.breaks(x, f"channels pass through {r.op}, which the estimator cannot cost")
+                for t in r.outputs:
+                    self.comp[t] = {}
+                continue
+            if not r.cost.channel_exact:
+                for x in ins:
+                    self.breaks(x, f"{r.name} ({r.op}) does not scale with channels")
+            if r.is_module:
+                self._module(r, ins)
             else:
-                out = dict(x0)
-        elif rule == "reshape":
-            x = T[r.inputs[0]].meta if r.inputs else None
-            out = {}
-            if x is not None and x0:
-                if len(x.shape) >= 3 and len(y.shape) == 2 and x.chan_axis == 1 and y.shape[0] == x.shape[0] \
-                        and y.shape[1] == math.prod(x.shape[1:]):
-                    k = math.prod(x.shape[2:])
-                    out = {g: m * k for g, m in x0.items()}
-                elif y.chan == x.chan and y.shape[0] == x.shape[0] and (len(y.shape) == len(x.shape) or y.numel == x.numel) \
-                        and (r.op not in ("permute", "transpose", "swapaxes", "movedim", "t") or y.shape == x.shape):
-                    out = dict(x0)
-                else:
-                    breaks(x0, f"channels pass through {r.name} ({r.op}), a reshape the estimator does not follow")
-            for s in ins[1:]:
-                breaks(s, f"channels pass through {r.name} ({r.op}), a reshape the estimator does not follow")
-        else:  # fixed
-            for s in ins:
-                breaks(s, f"channels pass through {r.name} ({r.op}), which makes a new channel space")
-            out = {}
+                self._function(r, ins)
+        # model outputs: nothing may prune them (the classifier is ignored; anything else reaching them is not followed)
+        for t in output_tids:
+            self.breaks(self.get(t), "the group reaches the model output")
+
+    def _module(self, r, ins: list[dict[int, int]]) -> None:
+        T, x0, mname = self.T, (ins[0] if ins else {}), r.module_name
+        din = self.from_deps(self.plan.module_in.get(mname, []))
+        dout = self.from_deps(self.plan.module_out.get(mname, []))
+        if r.cost.kind in ("conv", "gemm", "attention"):  # a new channel space: what enters must match torch-pruning's
+            if _comp_key(din) != _comp_key(x0):
+                why = f"the channels entering {mname} do not map one-to-one through the ops before it"
+                self.breaks(din, why)
+                self.breaks(x0, why)
+            out = dout
+        else:  # channels pass through (depthwise conv, norm, activation, pooling)
+            out = dout if dout else dict(x0)
+            if dout and _comp_key(dout) != _comp_key(x0):
+                why = f"{mname} couples channels the estimator maps differently"
+                self.breaks(dout, why)
+                self.breaks(x0, why)
         for t in r.outputs:
-            comp[t] = dict(out) if T[t].meta.chan == y.chan else {}
+            self.comp[t] = dict(out) if T[t].meta.chan == (T[r.outputs[0]].meta.chan) else {}
+
+    def _function(self, r, ins: list[dict[int, int]]) -> None:
+        T, y = self.T, self.T[r.outputs[0]].meta
+        out = {"same": self._same, "cat": self._cat, "reshape": self._reshape}.get(r.rule, self._fixed)(r, ins, y)
+        for t in r.outputs:
+            self.comp[t] = dict(out) if T[t].meta.chan == y.chan else {}
             if T[t].meta.chan != y.chan and out:
-                breaks(out, f"{r.name} ({r.op}) splits channels")
+                self.breaks(out, f"{r.name} ({r.op}) splits channels")
 
-    # model outputs: nothing may prune them (the classifier is ignored; anything else reaching them is not followed)
-    for t in tr.output_tids:
-        breaks(cget(t), "the group reaches the model output")
+    def _same(self, r, ins, y) -> dict[int, int]:
+        """The output's channels are those of the input shaped like it (else of one with as many channels)."""
+        T = self.T
+        same_shape = [x for tid, x in zip(r.inputs, ins) if T[tid].shape == y.shape]
+        same_chan = [(tid, x) for tid, x in zip(r.inputs, ins) if T[tid].meta.chan == y.chan]
+        src = (same_shape or [x for _, x in same_chan] or [None])[0]
+        if src is None:
+            for x in ins:
+                self.breaks(x, f"{r.name} ({r.op}) changes the channel count")
+            src = {}
+        for tid, x in same_chan:
+            if x and _comp_key(x) != _comp_key(src):
+                why = f"{r.name} ({r.op}) joins channels that torch-pruning couples differently"
+                self.breaks(x, why)
+                self.breaks(src, why)
+        return dict(src)
 
-    # ---- arrays
-    names = [r.name for r in rows]
-    # an unsupported row's compute is unknown, but what it stores is not: its parameters count in params and size
-    cost_rows = [r.cost if r.cost is not None else _stored(R.Cost("unsupported", 0, 0), r.stored) for r in rows]
-    cin0 = np.array([c.cin for c in cost_rows], dtype=np.int64)
-    cout0 = np.array([c.cout for c in cost_rows], dtype=np.int64)
-    tr_, tq, tn, td, ta, tb = [], [], [], [], [], []
-    for i, c in enumerate(cost_rows):
-        for q, num, den, a, b in c.terms:
-            tr_.append(i); tq.append(QI[q]); tn.append(num); td.append(den); ta.append(a); tb.append(b)
-    # unowned parameters/buffers are stored too: one row each
-    extra_names, extra_costs = [], []
-    for pname, p in tr.unowned:
-        c = _stored(R.Cost("param", 0, 0), [p])
-        extra_names.append(f"param:{pname}")
-        extra_costs.append(c)
-    for j, c in enumerate(extra_costs):
-        for q, num, den, a, b in c.terms:
-            tr_.append(n + j); tq.append(QI[q]); tn.append(num); td.append(den); ta.append(a); tb.append(b)
+    def _cat(self, r, ins, y) -> dict[int, int]:
+        dim = r.kwargs.get("dim", r.args[1] if len(r.args) > 1 else 0)
+        nd = len(y.shape)
+        if isinstance(dim, int) and (dim % nd) == (y.chan_axis % nd):
+            out: dict[int, int] = {}
+            for x in ins:
+                for g, m in x.items():
+                    out[g] = out.get(g, 0) + m
+            return out
+        return dict(ins[0] if ins else {})
 
-    def segs(which: str):
+    def _reshape(self, r, ins, y) -> dict[int, int]:
+        x = self.T[r.inputs[0]].meta if r.inputs else None
+        x0 = ins[0] if ins else {}
+        out: dict[int, int] = {}
+        if x is not None and x0:
+            if len(x.shape) >= 3 and len(y.shape) == 2 and x.chan_axis == 1 and y.shape[0] == x.shape[0] \
+                    and y.shape[1] == math.prod(x.shape[1:]):
+                k = math.prod(x.shape[2:])
+                out = {g: m * k for g, m in x0.items()}
+            elif y.chan == x.chan and y.shape[0] == x.shape[0] and (len(y.shape) == len(x.shape) or y.numel == x.numel) \
+                    and (r.op not in ("permute", "transpose", "swapaxes", "movedim", "t") or y.shape == x.shape):
+                out = dict(x0)
+            else:
+                self.breaks(x0, f"channels pass through {r.name} ({r.op}), a reshape the estimator does not follow")
+        for s in ins[1:]:
+            self.breaks(s, f"channels pass through {r.name} ({r.op}), a reshape the estimator does not follow")
+        return out
+
+    def _fixed(self, r, ins, y) -> dict[int, int]:
+        for x in ins:
+            self.breaks(x, f"channels pass through {r.name} ({r.op}), which makes a new channel space")
+        return {}
+
+    def segments(self, tids_of_rows: list[list[int]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(row, group, channels per root channel) of the given tensor of every row (none where a row has none)."""
         rr, gg, mm = [], [], []
-        for i, r in enumerate(rows):
-            tids = r.inputs[:1] if which == "in" else r.outputs[:1]
+        for i, tids in enumerate(tids_of_rows):
             for t in tids:
-                for g, m in cget(t).items():
+                for g, m in self.get(t).items():
                     rr.append(i); gg.append(g); mm.append(m)
         return np.array(rr, dtype=np.int64), np.array(gg, dtype=np.int64), np.array(mm, dtype=np.int64)
 
-    # activation storages: one per storage key, sized by its largest tensor, alive from first write to last read
+
+def _cost_terms(costs: list) -> dict[str, np.ndarray]:
+    """Every row's cost terms as flat arrays: t_row, t_q (the quantity's index), t_num, t_den, t_a, t_b."""
+    cols: list[list[int]] = [[], [], [], [], [], []]
+    for i, c in enumerate(costs):
+        for q, num, den, a, b in c.terms:
+            for col, v in zip(cols, (i, QI[q], num, den, a, b)):
+                col.append(v)
+    return {k: np.array(v, dtype=np.int64) for k, v in zip(("t_row", "t_q", "t_num", "t_den", "t_a", "t_b"), cols)}
+
+
+def _storages(tr: Trace, ch: _Channels) -> dict[str, Any]:
+    """Activation storages: one per storage key, sized by its largest tensor, alive from its first write to its last
+    read; the model's outputs and inputs (held by the caller) stay alive to the end."""
+    rows, T = tr.rows, tr.tensors
     st_index: dict[int, int] = {}
     st_bytes, st_pc, st_ch, st_row, st_birth, st_death, st_tid = [], [], [], [], [], [], []
     last_use: dict[int, int] = {}
     for i, r in enumerate(rows):
         for t in r.inputs:
             last_use[T[t].storage] = i
-    end = n
-    # the model's outputs and its inputs (held by the caller) stay alive to the end
     for t in tr.output_tids + tr.input_tids:
-        last_use[T[t].storage] = end
+        last_use[T[t].storage] = len(rows)
     for info in T:
         if info.producer == -2 and info.storage not in st_index:
             continue  # constants made outside rows (tensors the model builds on the fly) are tiny
@@ -283,23 +285,35 @@ def build_table(model_spec: str, input_shape: tuple, tr: Trace, plan: PrunePlan)
             if nbytes > st_bytes[j]:
                 st_bytes[j] = nbytes; st_pc[j] = info.meta.per_chan * info.elem_bytes; st_ch[j] = info.meta.chan
                 st_tid[j] = info.tid
-    sr, sg, sm = [], [], []
-    for j, tid in enumerate(st_tid):
-        for g, m in cget(tid).items():
-            sr.append(j); sg.append(g); sm.append(m)
-    for j in range(len(st_death)):
-        st_death[j] = max(st_death[j], st_birth[j])
+    st_death = [max(d, b) for d, b in zip(st_death, st_birth)]
+    i64 = lambda a: np.array(a, dtype=np.int64)  # noqa: E731
+    return dict(st_bytes0=i64(st_bytes), st_elems_per_chan=i64(st_pc), st_chan0=i64(st_ch), st_row=i64(st_row),
+                st_birth=i64(st_birth), st_death=i64(st_death), st_seg=ch.segments([[t] for t in st_tid]))
 
-    unsupported = []
-    for r in rows:
-        if r.cost is None:
-            unsupported.append({"layer": r.name, "op": r.op,
-                                "input_shapes": [list(T[t].shape) for t in r.inputs],
-                                "output_shapes": [list(T[t].shape) for t in r.outputs],
-                                "stored_elements": int(sum(p.numel() for p in r.stored)),
-                                "note": "its parameters count in params and size; its compute and memory traffic "
-                                        "are not estimated"})
-    ntot = n + len(extra_names)
+
+def _unsupported(tr: Trace) -> list[dict[str, Any]]:
+    T = tr.tensors
+    return [{"layer": r.name, "op": r.op, "input_shapes": [list(T[t].shape) for t in r.inputs],
+             "output_shapes": [list(T[t].shape) for t in r.outputs],
+             "stored_elements": int(sum(p.numel() for p in r.stored)),
+             "note": "its parameters count in params and size; its compute and memory traffic are not estimated"}
+            for r in tr.rows if r.cost is None]
+
+
+def build_table(model_spec: str, input_shape: tuple, tr: Trace, plan: PrunePlan) -> tuple["LayerTable", dict[int, str]]:
+    """Assemble the table in three steps: the channel compositions propagated through the rows (_Channels), the
+    rows' cost terms (_cost_terms), the activation storages (_storages). Returns it with the groups it cannot
+    follow."""
+    rows, T, n = tr.rows, tr.tensors, len(tr.rows)
+    ch = _Channels(tr, plan)
+    ch.propagate(rows, tr.output_tids)
+    # an unsupported row's compute is unknown, but what it stores is not: its parameters count in params and size
+    cost_rows = [r.cost if r.cost is not None else _stored(R.Cost("unsupported", 0, 0), r.stored) for r in rows]
+    # unowned parameters/buffers are stored too: one row each
+    extra_names = [f"param:{pname}" for pname, _ in tr.unowned]
+    extra_costs = [_stored(R.Cost("param", 0, 0), [p]) for _, p in tr.unowned]
+    ne = len(extra_names)
+    ntot = n + ne
     ng = max(plan.n_dg_groups, 1)
     gchan = np.array([plan.group_channels.get(g, 0) for g in range(ng)], dtype=np.int64)
     state = State(
@@ -308,32 +322,27 @@ def build_table(model_spec: str, input_shape: tuple, tr: Trace, plan: PrunePlan)
         fixed_scale=np.ones(ntot), wscale=np.ones(ntot), extra_per_cout=np.zeros(ntot), extra_const=np.zeros(ntot),
         wdtype=["fp32"] * ntot, xdtype=["fp32"] * ntot,
     )
-    pad = lambda a, v: np.concatenate([a, np.full(len(extra_names), v, dtype=a.dtype)])  # noqa: E731
+    i64 = lambda a: np.array(a, dtype=np.int64)  # noqa: E731
     table = LayerTable(
         model=model_spec, input_shape=tuple(input_shape), batch=tr.batch,
-        names=names + extra_names,
-        ops=[r.op for r in rows] + ["parameter"] * len(extra_names),
-        kinds=[c.kind for c in cost_rows] + ["param"] * len(extra_names),
-        ksize=np.array([c.ksize for c in cost_rows] + [1] * len(extra_names), dtype=np.int64),
-        groups=np.array([c.groups for c in cost_rows] + [1] * len(extra_names), dtype=np.int64),
+        names=[r.name for r in rows] + extra_names,
+        ops=[r.op for r in rows] + ["parameter"] * ne,
+        kinds=[c.kind for c in cost_rows] + ["param"] * ne,
+        ksize=i64([c.ksize for c in cost_rows] + [1] * ne),
+        groups=i64([c.groups for c in cost_rows] + [1] * ne),
         module_names=[r.module_name for r in rows] + [x[6:] for x in extra_names],
-        is_module=np.array([r.is_module for r in rows] + [False] * len(extra_names)),
-        in_shapes=[[T[t].shape for t in r.inputs] for r in rows] + [[]] * len(extra_names),
-        out_shapes=[[T[t].shape for t in r.outputs] for r in rows] + [[]] * len(extra_names),
-        cin0=pad(cin0, 0), cout0=pad(cout0, 0),
-        has_bias=np.array([c.bias for c in cost_rows] + [False] * len(extra_names)),
-        src_row=np.array([T[r.inputs[0]].producer if r.inputs else -1 for r in rows] + [-1] * len(extra_names),
-                         dtype=np.int64),
-        t_row=np.array(tr_, dtype=np.int64), t_q=np.array(tq, dtype=np.int64), t_num=np.array(tn, dtype=np.int64),
-        t_den=np.array(td, dtype=np.int64), t_a=np.array(ta, dtype=np.int64), t_b=np.array(tb, dtype=np.int64),
-        in_seg=segs("in"), out_seg=segs("out"),
-        st_bytes0=np.array(st_bytes, dtype=np.int64), st_elems_per_chan=np.array(st_pc, dtype=np.int64),
-        st_chan0=np.array(st_ch, dtype=np.int64), st_row=np.array(st_row, dtype=np.int64),
-        st_birth=np.array(st_birth, dtype=np.int64), st_death=np.array(st_death, dtype=np.int64),
-        st_seg=(np.array(sr, dtype=np.int64), np.array(sg, dtype=np.int64), np.array(sm, dtype=np.int64)),
-        group_channels=gchan, plan=plan, unsupported=unsupported, state=state,
+        is_module=np.array([r.is_module for r in rows] + [False] * ne),
+        in_shapes=[[T[t].shape for t in r.inputs] for r in rows] + [[]] * ne,
+        out_shapes=[[T[t].shape for t in r.outputs] for r in rows] + [[]] * ne,
+        cin0=i64([c.cin for c in cost_rows] + [0] * ne), cout0=i64([c.cout for c in cost_rows] + [0] * ne),
+        has_bias=np.array([c.bias for c in cost_rows] + [False] * ne),
+        src_row=i64([T[r.inputs[0]].producer if r.inputs else -1 for r in rows] + [-1] * ne),
+        **_cost_terms(cost_rows + extra_costs),
+        in_seg=ch.segments([r.inputs[:1] for r in rows]), out_seg=ch.segments([r.outputs[:1] for r in rows]),
+        **_storages(tr, ch),
+        group_channels=gchan, plan=plan, unsupported=_unsupported(tr), state=state,
     )
-    return table, unfollowed
+    return table, ch.unfollowed
 
 
 # ----------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from . import registry as R
 from .modelspec import as_inputs
 
 # calls that read metadata or bookkeeping and move no data, even when they return a tensor
-_IGNORED = {"__get__", "__set__", "size", "dim", "numel", "__len__", "item", "tolist", "__bool__", "__format__",
+IGNORED_CALLS = {"__get__", "__set__", "size", "dim", "numel", "__len__", "item", "tolist", "__bool__", "__format__",
             "__repr__", "is_floating_point", "requires_grad_", "__setitem__", "_assert", "__index__", "__int__",
             "__float__", "stride", "data_ptr",
             "untyped_storage", "storage_offset", "is_contiguous", "get_device", "type", "__hash__", "equal",
@@ -191,7 +191,7 @@ class _Tracer(TorchFunctionMode):
         if self.suppress:
             return func(*args, **kwargs)
         fname = R.function_name(func)
-        if fname in _IGNORED:
+        if fname in IGNORED_CALLS:
             return func(*args, **kwargs)
         acts, params = self.split_args(args, kwargs)
         out = func(*args, **kwargs)

@@ -813,6 +813,7 @@ def calibrate(
         from hardware.calibrate import collect_samples, fit_profile, load_samples, merge_samples, save_samples
         from hardware.hostprofile import host_profile_path
         from hardware.profile import save_profile
+        from tasks.quantize_exec import compiled_int8
 
         if hardware != "host":
             raise UserInputError(f"only the host can be calibrated from here, not {hardware!r}")
@@ -832,7 +833,8 @@ def calibrate(
                 raise UserInputError(str(e)) from e
         runs = earlier
         if not refit:
-            new = collect_samples(quick=quick, progress=_progress, int8=int8, budget_s=budget, after=earlier)
+            new = collect_samples(quick=quick, progress=_progress, int8=int8, budget_s=budget, after=earlier,
+                                  build_int8=compiled_int8)
             if keep_samples:
                 save_samples(new, keep_samples)
                 _progress(f"samples saved to {keep_samples}")

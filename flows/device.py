@@ -70,11 +70,12 @@ def calibrate_device_flow(hardware: str, tracking_uri: str, quick: bool = False,
     import tempfile
 
     from hardware.calibrate import calibrate_host
+    from tasks.quantize_exec import compiled_int8
     from hardware.profile import save_profile
 
     from . import tracking
 
-    prof = calibrate_host(quick=quick, budget_s=budget_s, int8=int8, progress=print)
+    prof = calibrate_host(quick=quick, budget_s=budget_s, int8=int8, progress=print, build_int8=compiled_int8)
     prof = prof.model_copy(update={"name": hardware,
                                    "description": f"{hardware}, calibrated on {socket.gethostname()}: {prof.description}"})
     with tempfile.TemporaryDirectory() as tmp:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import time
 from contextlib import contextmanager
@@ -27,7 +26,7 @@ from pydantic import Field
 from estimators.errors import CALIBRATION_BUDGET_S
 from estimators.modelspec import format_input_shape
 from estimators.progress import step
-from search.requirements import Requirements, broken_as_measured
+from search.requirements import Requirements, settle_infeasible
 from tasks.apply import EXPORT_FORMS
 from tasks.pipeline import (ModelInput, ParallelOptions, SearchOptions, analyze_task, calibrate_task, execute_task,
                             measure_task, run_progress, search_task, sensitivity_task)
@@ -351,29 +350,6 @@ def execute_flow(model: ModelInput, candidates: list[dict], out_dir: str, hardwa
                 out.append(_failure(c, exc))
             counted.update(len(out), c["label"])
     return out
-
-
-def settle_infeasible(rep: dict, executed: list[dict]) -> None:
-    """A plan infeasible by predicted accuracy executed the candidates that meet every other requirement
-    (`verify`): the one of them that meets every requirement as measured, with the least measured accuracy drop,
-    becomes the recommendation (the prediction's verdict moves to `predicted_infeasible`); else the message says
-    the measurements confirm it."""
-    if rep.get("recommended") or not rep.get("verify") or not executed:
-        return
-    req = Requirements(**rep["requirements"])
-    ok = [e for e in executed if not broken_as_measured(e.get("meas") or {}, req)]
-    inf = rep["infeasible"]
-    if not ok:
-        inf["message"] += f"; executed, none of the {len(executed)} meets every requirement as measured"
-        inf["verified"] = True
-        return
-    best = min(ok, key=lambda e: e["meas"].get("accuracy_drop", 0.0))
-    planned = next(r for r in rep["verify"] if r["compact"] == best["compact"])
-    rep["recommended"] = {**planned, "by": "measurement", "meas": best["meas"]}
-    rep["binding"] = []
-    inf["message"] += (f"; executed, {best['label']} meets every requirement as measured (accuracy drop "
-                       f"{best['meas'].get('accuracy_drop', 0.0):+.2f} points)")
-    rep["predicted_infeasible"] = rep.pop("infeasible")
 
 
 def _with_plan_prediction(res: dict, pred: dict) -> dict:

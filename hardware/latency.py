@@ -92,7 +92,7 @@ def latency_kinds(table: LayerTable) -> np.ndarray:
     return np.where((kinds == "elementwise") & trans, "transcendental", kinds)
 
 
-def _row_features(table: LayerTable, batch: int, ev=None):
+def row_features(table: LayerTable, batch: int, ev=None):
     """FLOPs and bytes per row at `batch`, plus the class of each row and the dtype it computes in."""
     ev = ev if ev is not None else evaluate(table)
     scale = batch / table.batch
@@ -111,11 +111,10 @@ def in_place(table: LayerTable, kinds: np.ndarray) -> np.ndarray:
     """Elementwise rows that write no storage of their own: in-place operators (`relu_`, `add_`, an activation
     built with inplace=True, as every torchvision architecture's are) and identities (dropout in eval). Their
     output goes back into the lines they just read, so the latency model counts what they read and not what
-    they write. Synthetic networks timed both ways (2026-11-29, 13 networks at batch 8, the same rows out of
-    place and in place): in-place ReLU / ReLU6 / Hardswish rows ran 0.58x their out-of-place time in sum (0.59x
-    the median of those over 0.1 ms), which dropping the write reproduces; in-place SiLU (transcendental,
-    compute-bound) 0.96x, so that class is left as it is. Nor do they allocate an output: the glue a call spends
-    per activation byte written (`glue_ns_per_byte`) leaves them out too."""
+    they write: in-place ReLU-like rows run at about 0.6x their out-of-place time, which dropping the write
+    reproduces, while compute-bound in-place activations (SiLU, transcendental) do not speed up, so that class is
+    left as it is. Nor do they allocate an output: the glue a call spends per activation byte written
+    (`glue_ns_per_byte`) leaves them out too."""
     produces = np.zeros(table.n, dtype=bool)
     produces[table.st_row[table.st_row >= 0]] = True
     return (kinds == "elementwise") & ~produces

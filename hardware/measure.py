@@ -218,17 +218,15 @@ def sync_probe_us(seconds: float = 0.2) -> float:
     every measurement is (measure_latency).
 
     It is mostly the cost of handing work to the other threads and waiting for them (fork and join), which
-    tells this 2-vCPU VM's two states apart: 3.4-4.1 us while mobilenet_v2 ran 7.7-9.6 ms at batch 1, 4.7-5.8 us
-    during spells of 10.3-11.8 ms. The memory system changes with it (one process, 2026-11-29: a 256 MB copy
-    ran at 36-48 GB/s for 7 minutes at 3.5-3.9 us, then at 62-93 GB/s at 5.2-5.5 us; 2-thread GEMM 210 against
-    200 GFLOP/s), as if the two vCPUs moved from sharing one cache to two. Calibration records the state it
-    spent the most time in (StateClock, dominant_state)."""
+    tells a shared VM's states apart: a VM whose vCPUs move between sharing one cache and two reads distinct
+    probe times, and its networks and memory copies run at distinct speeds with them. Calibration records the
+    state it spent the most time in (StateClock, dominant_state)."""
     x = torch.randn(50_000 * max(1, torch.get_num_threads()))  # above ATen's grain (32,768) per thread
     return measure_latency(torch.relu, x, warmup=20, min_runs=50, max_runs=10**9, budget_s=seconds)["latency_ms"] * 1e3
 
 
-# Readings of sync_probe_us within this share of each other are one state of the machine. This VM's two states
-# read 3.4-4.1 us and 4.7-5.8 us (measured 2026-11-29): +-15% around either holds its own and not the other's.
+# Readings of sync_probe_us within this share of each other are one state of the machine: two states of a VM
+# read about 30% apart, and +-15% around either holds its own readings and not the other's.
 STATE_TOLERANCE = 0.15
 
 
@@ -283,11 +281,9 @@ class PaceReference:
     """The pace network (hardware.synthetic.pace_network), exported as float artifacts are, on its fixed input:
     what every host measurement is paced against.
 
-    This VM's speed drifts with its neighbours' load: whole networks ran 25-50% slower for a minute and back
-    (2026-11-29, AMD EPYC with AVX2: resnet18 at batch 1 measured 33.5-58.6 ms in eight rounds of a minute's
-    benchmark), and the drift is common to every workload: timed in alternation with this network, the same
-    eight configurations' ratios to it stayed within 10% of their medians in 94-96% of rounds against 46% for
-    their latencies. Calibration records the network's latency beside every sample and fits the samples
+    A shared VM's speed drifts with its neighbours' load (whole networks run tens of percent slower for a minute
+    and back), and the drift is common to every workload: a configuration's ratio to this network, timed in
+    alternation, holds far steadier than its latency. Calibration records the network's latency beside every sample and fits the samples
     brought to one pace (the median of its readings: the profile's `provenance.pace_ms`), and a measurement
     timed in alternation with it (measure_paced) can be brought to the profile's pace: its latency were the
     machine as fast as when it was calibrated."""

@@ -18,7 +18,7 @@ from torch.utils._pytree import tree_flatten
 
 from estimators import registry as R
 from estimators.modelspec import as_inputs
-from estimators.trace import _IGNORED
+from estimators.trace import IGNORED_CALLS
 
 
 class _Timer(TorchFunctionMode):
@@ -43,7 +43,7 @@ class _Timer(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if self.suppress or R.function_name(func) in _IGNORED:
+        if self.suppress or R.function_name(func) in IGNORED_CALLS:
             return func(*args, **kwargs)
         t0 = time.perf_counter()
         out = func(*args, **kwargs)

@@ -444,7 +444,15 @@ def _report(table: LayerTable, profile: HardwareProfile, req: Requirements, scor
                    binding=[{"requirement": n, "limit": req.active()[n], "candidates_excluded": c}
                             for n, c in sorted(counts.items(), key=lambda kv: -kv[1])])
         return out
-    # nothing fits: the candidate that breaks the requirements least (largest ratio over its limit)
+    out.update(_infeasible(m, V, breaks, names, pos, rank, req, row, top_k))
+    return out
+
+
+def _infeasible(m: dict[str, np.ndarray], V: np.ndarray, breaks: np.ndarray, names: list[str], pos: np.ndarray,
+                rank: np.ndarray, req: Requirements, row: Callable[[int], dict], top_k: int) -> dict[str, Any]:
+    """Where nothing fits: the candidate that breaks the requirements least (largest ratio over its limit), which
+    requirements are out of reach (alone or only together), and the candidates that miss only the predicted
+    accuracy, which executing them settles."""
     worst = V.max(1)
     i = int(np.lexsort((pos, worst))[0])
     broken = [n for j, n in enumerate(names) if breaks[i, j]]
@@ -472,10 +480,9 @@ def _report(table: LayerTable, profile: HardwareProfile, req: Requirements, scor
             msg += f"; {len(verify)} candidate{' meets' if one else 's meet'} every other requirement and " \
                    f"miss{'es' if one else ''} only the predicted accuracy: executing {'it' if one else 'them'} " \
                    "checks it"
-    out.update(recommended=None, top=[], binding=[{"requirement": n, "limit": req.active()[n]} for n in broken],
-               verify=verify,
-               infeasible={"message": msg, "unreachable": sorted(broken), "relaxed": relaxed, "nearest": r})
-    return out
+    return dict(recommended=None, top=[], binding=[{"requirement": n, "limit": req.active()[n]} for n in broken],
+                verify=verify,
+                infeasible={"message": msg, "unreachable": sorted(broken), "relaxed": relaxed, "nearest": r})
 
 
 def candidate_space(table: LayerTable, profile: HardwareProfile, students: tuple[str, ...] = (),

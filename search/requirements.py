@@ -87,3 +87,26 @@ def broken_as_measured(meas: dict, req: Requirements) -> list[str]:
         if v is None or v > limit * unit + 1e-9:
             broken.append(name)
     return broken
+
+
+def settle_infeasible(rep: dict, executed: list[dict]) -> None:
+    """A plan infeasible by predicted accuracy executed the candidates that meet every other requirement
+    (`verify`): the one of them that meets every requirement as measured, with the least measured accuracy drop,
+    becomes the recommendation (the prediction's verdict moves to `predicted_infeasible`); else the message says
+    the measurements confirm it."""
+    if rep.get("recommended") or not rep.get("verify") or not executed:
+        return
+    req = Requirements(**rep["requirements"])
+    ok = [e for e in executed if not broken_as_measured(e.get("meas") or {}, req)]
+    inf = rep["infeasible"]
+    if not ok:
+        inf["message"] += f"; executed, none of the {len(executed)} meets every requirement as measured"
+        inf["verified"] = True
+        return
+    best = min(ok, key=lambda e: e["meas"].get("accuracy_drop", 0.0))
+    planned = next(r for r in rep["verify"] if r["compact"] == best["compact"])
+    rep["recommended"] = {**planned, "by": "measurement", "meas": best["meas"]}
+    rep["binding"] = []
+    inf["message"] += (f"; executed, {best['label']} meets every requirement as measured (accuracy drop "
+                       f"{best['meas'].get('accuracy_drop', 0.0):+.2f} points)")
+    rep["predicted_infeasible"] = rep.pop("infeasible")

@@ -1,6 +1,7 @@
 """apply: execute a strategy, save the artifact, measure it and compare with the prediction."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -186,41 +187,14 @@ def apply_and_measure(loaded: LoadedModel, strategy: Strategy, out_dir: str, har
     `latency_now=False`: predict the latency but leave measuring it to `measure_saved_latency` (a
     pipeline that builds candidates in parallel measures them one at a time afterwards). `anchor_on`: predict the
     latency anchored on the original measured here (tasks.anchoring), where the hardware is this machine."""
-    check_executable(strategy, bool(data_spec), {n for n, _ in loaded.model.named_modules()}, loaded.n_inputs)
-    from .onnx_runtime import check_runtime
-
-    check_runtime(runtime, hardware)
-    export = check_export_forms((*export, "onnx") if runtime == "onnxruntime" else export)
-    if "onnx" in export:
-        from .onnx_export import onnx_form
-
-        onnx_form(strategy)  # a strategy ONNX cannot express is refused before the work
-    if data_spec:
-        from estimators.data import check_one_input
-
-        check_one_input(data_spec, loaded)
-    check_out_dir(out_dir)
+    export = _checked(loaded, strategy, out_dir, hardware, data_spec, export, runtime)
     progress(f"analysing {loaded.spec}")
     table = analyze(loaded)
     est = estimate(table, strategy)
     pred = public(totals(est))
-    data = None
-    acc_before = None
-    if data_spec:
-        from estimators.data import accuracy, load_data_for
-
-        from .train import TrainConfig
-
-        data = load_data_for(data_spec, loaded)
-        train_cfg = train_cfg or TrainConfig()
-        acc_before = accuracy(loaded.model, data.val)
-        progress(f"{loaded.spec} on {data.spec}: validation accuracy {acc_before:.2f}% ({data.val_size} inputs)")
-        from estimators.accuracy import predict_drop
-
-        acc_pred = predict_drop(loaded, table, strategy, data, train_cfg.epochs, progress=progress)
-        pred["accuracy_drop"] = acc_pred["accuracy_drop"]
+    acc = _Accuracy.before(loaded, table, strategy, data_spec, train_cfg, pred, progress)
     progress(f"executing {strategy.compact()}")
-    work = run_strategy(loaded, strategy, data=data, train_cfg=train_cfg, progress=progress)
+    work = run_strategy(loaded, strategy, data=acc.data, train_cfg=acc.train_cfg, progress=progress)
     pred_before_tuning = None
     qstep = next((s for s in strategy.steps if s.method == "quantize"), None)
     tuned = as_built(strategy, work.quant.float_layers, table) if work.quant is not None else strategy
@@ -231,20 +205,8 @@ def apply_and_measure(loaded: LoadedModel, strategy: Strategy, out_dir: str, har
         pred.update(public(totals(est)))
         progress(f"re-estimated with {', '.join(work.quant.float_layers)} in float")
     paths = save_artifact(work, strategy, out_dir)
-    onnx_check = None
-    if "onnx" in export:
-        from estimators.quantize import onnx_layout
-
-        from .onnx_export import export_onnx
-
-        pred["onnx_size_bytes"] = totals(onnx_layout(est))["size_bytes"]
-        try:
-            onnx_check = export_onnx(work, strategy, out_dir, pred["onnx_size_bytes"], progress)
-            paths["onnx"] = onnx_check["path"]
-        except UserInputError as exc:
-            if onnx_required:
-                raise UserInputError(f"{exc} ({paths['model']} is saved)") from None
-            onnx_check = {"error": str(exc)}
+    onnx_check = _export_onnx(work, strategy, out_dir, est, pred, paths, onnx_required, progress) \
+        if "onnx" in export else None
     progress(f"saved {paths['model']}; measuring")
     ep = load_program(paths["model"], loaded.trust_pickle)  # measure what was saved, as a user would load it
     meas, notes = measure_work(work, ep, paths["model"])
@@ -256,42 +218,15 @@ def apply_and_measure(loaded: LoadedModel, strategy: Strategy, out_dir: str, har
         notes.append(f"no ONNX export: {onnx_check['error']}")
     elif onnx_check is not None:
         meas["onnx_size_bytes"] = onnx_check["size_bytes"]
-    if data is not None:
-        meas["accuracy"] = round(artifact_accuracy(ep, data), 4)
-        meas["accuracy_drop"] = round(acc_before - meas["accuracy"], 4)
-        progress(f"artifact accuracy {meas['accuracy']:.2f}% (drop {meas['accuracy_drop']:+.2f} points, predicted "
-                 f"{pred['accuracy_drop']:+.2f})")
-        from estimators.accuracy import record_truth
-
-        record_truth(acc_pred, meas["accuracy_drop"])  # the recovery model learns from this truth
-    lat_info = None
-    anchor = None
-    latency_extra: dict[str, Any] = {}
+    acc.after(ep, pred, meas, progress)
+    lat_info, anchor, latency_extra = None, None, {}
     if hardware == "host" and not latency_now:
         # built beside others (maybe in another process, with other threads): this machine's profile and anchor are
         # the measuring process's, so measure_saved_latency predicts the latency where it measures it
         notes.append("latency to be predicted and measured by measure_saved_latency")
     elif hardware:
-        prof, anchor, latency_extra = predict_host_latency(loaded, table, est, hardware, batch_size, anchor_on,
-                                                           progress, runtime)
-        pred["latency_ms"] = latency_extra.pop("latency_ms")
-        if latency_extra["hardware"].get("warning"):
-            notes.append(latency_extra["hardware"]["warning"])
-        if prof.name == "host" and latency_now and runtime == "onnxruntime":
-            if anchor is None:
-                notes.append("latency in ONNX Runtime is measured against the original's ONNX Runtime anchor: not "
-                             "measured with --no-anchor")
-            elif onnx_check and "path" in onnx_check:
-                from .onnx_runtime import measure_onnx_candidate
-
-                progress(f"measuring model.onnx in ONNX Runtime at batch {batch_size} in alternation with the original")
-                lat_info = measure_onnx_candidate(onnx_check["path"], loaded, batch_size, anchor)
-        elif prof.name == "host" and latency_now:
-            progress(f"measuring latency at batch {batch_size} in alternation with the original")
-            lat_info = measure_candidate(fast_form(ep, work.quant is not None and work.quant.dtype == "int8"),
-                                         loaded, batch_size, anchor)
-        elif prof.name != "host":
-            notes.append(f"latency is predicted for {prof.name}; it can be measured only on that device")
+        lat_info, anchor, latency_extra = _latency(loaded, table, est, ep, work, hardware, batch_size, anchor_on,
+                                                   latency_now, runtime, onnx_check, pred, notes, progress)
     result = {
         "latency_measurement": None,
         "model": loaded.spec,
@@ -309,11 +244,122 @@ def apply_and_measure(loaded: LoadedModel, strategy: Strategy, out_dir: str, har
         "notes": notes,
         "pred_before_tuning": pred_before_tuning,
         "float_layers": list(work.quant.float_layers) if work.quant is not None else [],
-        "data": None if data is None else {"spec": data.spec, "train_size": data.train_size, "val_size": data.val_size,
-                                           "accuracy_before": round(acc_before, 4), "accuracy_estimate": acc_pred,
-                                           "finetune_epochs": train_cfg.epochs, "kd_finetune": train_cfg.kd_finetune},
+        "data": acc.summary(),
         "training": work.training,
         "onnx": onnx_check,
     }
     result.update(latency_extra)
     return record_latency(result, lat_info, anchor) if lat_info is not None else result
+
+
+def _checked(loaded: LoadedModel, strategy: Strategy, out_dir: str, hardware: str | None, data_spec: str | None,
+             export: tuple[str, ...], runtime: str) -> tuple[str, ...]:
+    """Every refusal apply makes before any work; returns the export forms to write."""
+    check_executable(strategy, bool(data_spec), {n for n, _ in loaded.model.named_modules()}, loaded.n_inputs)
+    from .onnx_runtime import check_runtime
+
+    check_runtime(runtime, hardware)
+    export = check_export_forms((*export, "onnx") if runtime == "onnxruntime" else export)
+    if "onnx" in export:
+        from .onnx_export import onnx_form
+
+        onnx_form(strategy)  # a strategy ONNX cannot express is refused before the work
+    if data_spec:
+        from estimators.data import check_one_input
+
+        check_one_input(data_spec, loaded)
+    check_out_dir(out_dir)
+    return export
+
+
+@dataclass
+class _Accuracy:
+    """Accuracy with `--data`: measured before, predicted for the strategy, measured on the artifact after (a truth
+    the recovery model learns from). Without data every part is None."""
+
+    data: Any = None
+    train_cfg: Any = None
+    before_pct: float | None = None
+    predicted: dict[str, Any] | None = None
+
+    @classmethod
+    def before(cls, loaded, table, strategy, data_spec, train_cfg, pred, progress) -> "_Accuracy":
+        if not data_spec:
+            return cls(train_cfg=train_cfg)
+        from estimators.accuracy import predict_drop
+        from estimators.data import accuracy, load_data_for
+
+        from .train import TrainConfig
+
+        data = load_data_for(data_spec, loaded)
+        train_cfg = train_cfg or TrainConfig()
+        before_pct = accuracy(loaded.model, data.val)
+        progress(f"{loaded.spec} on {data.spec}: validation accuracy {before_pct:.2f}% ({data.val_size} inputs)")
+        predicted = predict_drop(loaded, table, strategy, data, train_cfg.epochs, progress=progress)
+        pred["accuracy_drop"] = predicted["accuracy_drop"]
+        return cls(data, train_cfg, before_pct, predicted)
+
+    def after(self, ep, pred, meas, progress) -> None:
+        if self.data is None:
+            return
+        meas["accuracy"] = round(artifact_accuracy(ep, self.data), 4)
+        meas["accuracy_drop"] = round(self.before_pct - meas["accuracy"], 4)
+        progress(f"artifact accuracy {meas['accuracy']:.2f}% (drop {meas['accuracy_drop']:+.2f} points, predicted "
+                 f"{pred['accuracy_drop']:+.2f})")
+        from estimators.accuracy import record_truth
+
+        record_truth(self.predicted, meas["accuracy_drop"])  # the recovery model learns from this truth
+
+    def summary(self) -> dict[str, Any] | None:
+        d = self.data
+        if d is None:
+            return None
+        return {"spec": d.spec, "train_size": d.train_size, "val_size": d.val_size,
+                "accuracy_before": round(self.before_pct, 4), "accuracy_estimate": self.predicted,
+                "finetune_epochs": self.train_cfg.epochs, "kd_finetune": self.train_cfg.kd_finetune}
+
+
+def _export_onnx(work, strategy: Strategy, out_dir: str, est, pred: dict[str, Any], paths: dict[str, str],
+                 required: bool, progress: Callable[[str], None]) -> dict[str, Any]:
+    """model.onnx beside the program, verified, its size predicted by the ONNX layout; a failure is an error when
+    `required`, else `{error}`."""
+    from estimators.quantize import onnx_layout
+
+    from .onnx_export import export_onnx
+
+    pred["onnx_size_bytes"] = totals(onnx_layout(est))["size_bytes"]
+    try:
+        check = export_onnx(work, strategy, out_dir, pred["onnx_size_bytes"], progress)
+        paths["onnx"] = check["path"]
+        return check
+    except UserInputError as exc:
+        if required:
+            raise UserInputError(f"{exc} ({paths['model']} is saved)") from None
+        return {"error": str(exc)}
+
+
+def _latency(loaded, table, est, ep, work, hardware: str, batch_size: int, anchor_on: bool, latency_now: bool,
+             runtime: str, onnx_check, pred: dict[str, Any], notes: list[str], progress: Callable[[str], None]):
+    """The candidate's predicted latency (into `pred`) and, on this machine, its measurement in alternation with
+    the original: (measurement or None, anchor, the result's latency entries)."""
+    prof, anchor, extra = predict_host_latency(loaded, table, est, hardware, batch_size, anchor_on, progress, runtime)
+    pred["latency_ms"] = extra.pop("latency_ms")
+    if extra["hardware"].get("warning"):
+        notes.append(extra["hardware"]["warning"])
+    lat_info = None
+    if prof.name == "host" and latency_now and runtime == "onnxruntime":
+        if anchor is None:
+            notes.append("latency in ONNX Runtime is measured against the original's ONNX Runtime anchor: not "
+                         "measured with --no-anchor")
+        elif onnx_check and "path" in onnx_check:
+            from .onnx_runtime import measure_onnx_candidate
+
+            progress(f"measuring model.onnx in ONNX Runtime at batch {batch_size} in alternation with the original")
+            lat_info = measure_onnx_candidate(onnx_check["path"], loaded, batch_size, anchor)
+    elif prof.name == "host" and latency_now:
+        progress(f"measuring latency at batch {batch_size} in alternation with the original")
+        lat_info = measure_candidate(fast_form(ep, work.quant is not None and work.quant.dtype == "int8"),
+                                     loaded, batch_size, anchor)
+    elif prof.name != "host":
+        notes.append(f"latency is predicted for {prof.name}; it can be measured only on that device")
+    return lat_info, anchor, extra

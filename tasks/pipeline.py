@@ -270,10 +270,12 @@ def calibrate_profile(quick: bool = True, budget_s: float = CALIBRATION_BUDGET_S
     """Calibrate the host profile on this machine and write it (default: this machine's file in the cache,
     hardware.hostprofile); returns its path."""
     from hardware.calibrate import calibrate_host
+
+    from .quantize_exec import compiled_int8
     from hardware.hostprofile import host_profile_path
     from hardware.profile import save_profile
 
-    prof = calibrate_host(quick=quick, budget_s=budget_s)
+    prof = calibrate_host(quick=quick, budget_s=budget_s, build_int8=compiled_int8)
     path = Path(out) if out else host_profile_path()
     path.parent.mkdir(parents=True, exist_ok=True)
     save_profile(prof, path)

@@ -1,143 +1,16 @@
-"""Real quantization executor for deployfit.
+"""The quantization executor: a model converted to a dtype and exported as a program with a dynamic batch dim.
 
-Public API
-----------
-``SUPPORTED_DTYPES``: every dtype a quantize step names (``estimators.strategy.QUANT_DTYPES``)
+- ``quantize(model, example_input, dtype, calib_batches=None, keep_float=(), tolerable_loss=None, eval_fn=None)
+  -> QuantResult``: converts a deep copy of ``model`` to ``dtype`` (one of ``SUPPORTED_DTYPES``, the
+  strategy's ``QUANT_DTYPES``) and exports it. ``int8`` is static W8A8 post-training quantization with Intel
+  Neural Compressor 3.x (PT2E), its weights folded to stored INT8; ``int8-weight-only`` INC's RTN on Linear
+  layers; ``fp16``/``bf16`` a cast with the input and outputs cast at the edges.
+- ``load_program(path, trust_pickle=False)``: ``torch.export.load`` that registers the quantized ops first
+  (an INT8 program needs them in a fresh process).
+- ``compile_for_inference(ep, dynamic=False)``: inductor with freezing, the form INT8 runs fast in.
+- ``compiled_int8(model, example)``: both, as a full calibration times INT8 networks.
 
-``quantize(model, example_input, dtype, calib_batches=None) -> QuantResult``
-    Deep-copies ``model`` (the caller's module is not modified), converts it, and returns a
-    ``torch.export.ExportedProgram`` with a dynamic batch dim (``torch.export.Dim("batch")``;
-    an example batch < 2 is repeated to 2 for export). Unsupported ``dtype`` -> ``ValueError``.
-``stored_tensor_bytes(ep) -> int``
-    Bytes of every tensor the program stores (``ep.state_dict`` + ``ep.constants``),
-    deduplicated by storage.
-``load_program(path, trust_pickle=False)``
-    ``torch.export.load`` after importing ``torch.ao.quantization.fx._decomposed``; REQUIRED for
-    ``int8`` programs in a fresh process (the Q/DQ ops live in the ``quantized_decomposed``
-    library, which plain ``import torch`` does not register). An archive that needs pickle is
-    refused unless ``trust_pickle`` (``estimators.pt2.load_pt2``).
-``compile_for_inference(ep)``
-    ``torch._inductor.config.freezing = True`` then ``torch.compile(ep.module())``.
-
-``QuantResult``: ``program``, ``dtype``, ``quantized_layers`` / ``float_layers`` (FQNs in the
-ORIGINAL model of every ``nn.Linear`` and ``nn.Conv*``/``nn.ConvTranspose*`` module, in
-``named_modules()`` order), ``stored_tensors`` (name -> (dtype str, shape), names as in the
-program), ``stored_bytes`` (sum of numel*element_size over ``stored_tensors``).
-
-How each dtype is produced
---------------------------
-* ``int8`` (W8A8 static PTQ, INC 3.x PT2E path): ``neural_compressor.torch.export.export``
-  (strict ``torch.export``, dynamic batch) -> ``prepare(gm, StaticQuantConfig())`` (INC default:
-  weights int8 symmetric per-output-channel MinMax, activations uint8 asymmetric per-tensor
-  MovingAverageMinMax; X86InductorQuantizer) -> calibration (``calib_batches``, or by default the
-  example batch plus 3 seeded Gaussian batches with the example's mean/std) -> INC ``convert``.
-  INC's ``W8A8PT2EQuantizer.convert`` accepts ``fold_quantize`` but INC's
-  ``pt2e_static_quant_entry`` does not forward the kwarg, so it always calls
-  ``convert_pt2e(fold_quantize=False)`` (Q/DQ graph holding fp32 weights).  We then run
-  ``torchao.quantization.pt2e.constant_fold.constant_fold(gm, _quant_node_constraint)`` -- the
-  very step ``convert_pt2e(..., fold_quantize=True)`` performs -- which replaces every
-  ``quantize_per_channel(weight)`` by a stored int8 tensor.  torchao's fold only deletes unused
-  *top-level* attributes, so the fp32 ``a.b.weight`` parameters would survive (60 MB for
-  resnet18): we rename the folded tensors to ``<layer>.weight`` / ``<layer>.weight_scale`` /
-  ``<layer>.weight_zero_point``, delete every parameter/buffer no ``get_attr`` node uses, and
-  re-export with ``torch.export.export`` and the dynamic batch Dim.  The program keeps the Q/DQ
-  form (``dequantize_per_channel`` on int8 weights, quantize/dequantize_per_tensor on
-  activations); inductor with freezing turns it into oneDNN int8 kernels.
-* ``int8-weight-only``: INC ``RTNConfig(bits=8, group_size=-1, use_sym=True,
-  use_layer_wise=False)`` + ``prepare``/``convert(..., use_optimum_format=False)``.  INC's output
-  module (``INCWeightOnlyLinear``: codes packed into int32, weight recovered in forward via
-  numba/``.numpy()`` and a python loop) cannot be traced by ``torch.export`` (".numpy() is not
-  supported for tensor subclasses"), so each ``INCWeightOnlyLinear`` INC produced is replaced by
-  ``Int8WeightOnlyLinear``, which stores INC's exact int8 codes and fp32 scales (from
-  ``INCWeightOnlyLinear.unpack()``) unpacked and dequantizes in forward
-  (``weight.float() * weight_scale[:, None]``).  This self-made stored form is used ONLY for the
-  layers INC's config selected.
-* ``fp16`` / ``bf16``: ``copy.deepcopy(model).to(dtype)`` wrapped in ``_CastIO`` (input cast to
-  ``dtype`` at entry, floating outputs cast back to fp32), exported.  Stored names get the
-  wrapper prefix ``m.`` (e.g. ``m.layer1.0.conv1.weight``).
-
-Storage rule (what the program stores), per dtype
--------------------------------------------------
-Notation: ``sd`` = the fp32 model's ``state_dict()`` (params + persistent buffers, including
-each BatchNorm's ``num_batches_tracked``: int64, shape ``()``, 8 bytes).  "Cout" = weight.shape[0]
-for Conv/Linear.  Element sizes: int8 1, fp16/bf16 2, fp32 4, int64 8.
-
-``fp16`` / ``bf16``
-    Exactly the tensors of ``sd``: every floating tensor in fp16/bf16 (weights, biases,
-    BatchNorm weight/bias/running_mean/running_var), integer tensors unchanged (so each
-    BatchNorm adds an int64 ``num_batches_tracked``, 8 bytes).  No BN folding.
-    bytes = sum(numel*2 for floating tensors in sd) + sum(numel*itemsize for the others).
-    quantized_layers = every Conv/Linear; float_layers = [].
-
-``int8-weight-only``
-    Selected layers = every ``nn.Linear`` whose FQN does NOT match (``re.match``) any of INC's
-    LM-head patterns ``.*lm_head``, ``.*output_layer``, ``.*embed_out`` (i.e. the name does not
-    contain those substrings); (+ ``transformers.Conv1D`` if transformers is installed; it is
-    not in this venv).  Conv layers are never selected.
-    Per selected Linear(in, out): ``<fqn>.weight`` int8 [out, in]; ``<fqn>.weight_scale`` fp32
-    [out]; ``<fqn>.bias`` fp32 [out] only if the Linear had a bias.  No zero points.
-    Everything else: exactly as in ``sd`` in fp32 (BatchNorm unfolded: 4 fp32 [C] tensors +
-    int64 ``num_batches_tracked``).
-    bytes = bytes(sd) - sum over selected Linear of (4*in*out) + (in*out + 4*out).
-
-``int8`` (static)
-    Quantized layers = every ``nn.Conv2d`` (incl. depthwise/grouped) and every ``nn.Linear``
-    reached through ``aten.conv2d`` / ``aten.linear`` (X86InductorQuantizer; first and last
-    layers included).  ``nn.Conv1d`` is quantized only when its output goes straight into a ReLU;
-    ``Conv3d`` and ``ConvTranspose*`` stay fp32.
-    BatchNorm folding (torchao ``prepare_pt2e``): a BatchNorm whose input is DIRECTLY the output
-    of a Conv (any conv / conv-transpose) or a Linear is folded into that layer's weight and bias
-    -> the BN's 4 tensors and its ``num_batches_tracked`` disappear; if the layer had no bias a
-    new fp32 bias ``<fqn>.weight_bias`` [Cout] is created, otherwise ``<fqn>.bias`` is updated.
-    A BN that follows something else (e.g. conv -> relu -> bn) is kept in fp32: weight, bias,
-    running_mean, running_var (4 x fp32 [C]); its ``num_batches_tracked`` is NOT stored (unused
-    tensors are dropped).
-    Per quantized layer: ``<fqn>.weight`` int8, same shape as the fp32 weight;
-    ``<fqn>.weight_scale`` fp32 [Cout]; ``<fqn>.weight_zero_point`` int64 [Cout] (all zeros,
-    symmetric); bias fp32 [Cout] if the layer had a bias or a BN was folded into it (bias is NOT
-    quantized).  => numel(W) + 12*Cout (+ 4*Cout bias) bytes.
-    Non-quantized conv: fp32 weight (+ fp32 bias if bias or folded BN).
-    Activation scales / zero points are python scalars baked into the graph: 0 bytes.
-    Any other parameter used by forward (LayerNorm, embeddings, ...) stays fp32 as in ``sd``;
-    parameters/buffers forward never reads are not stored.
-
-Verification (/tmp/qexp/verify_rule.py; rule evaluated from the fp32 module + a torch.fx
-trace to find BN-after-conv/linear, without quantizing; torch.manual_seed(0), untrained
-weights, BN running stats randomised, calibration = default)::
-
-    model         dtype              fp32 bytes  predicted   stored     err   ratio  cos vs fp32
-    resnet18      int8                46796608   11771712   11771712   0.0%  0.252  0.99990
-    resnet18      int8-weight-only    46796608   45264608   45264608   0.0%  0.967  0.99999
-    resnet18      fp16 / bf16         46796608   23398384   23398384   0.0%  0.500  1.00000/0.99999
-    mobilenet_v2  int8                14156352    3758656    3758656   0.0%  0.266  0.99992
-    mobilenet_v2  int8-weight-only    14156352   10320352   10320352   0.0%  0.729  0.99997
-    mobilenet_v2  fp16 / bf16         14156352    7078384    7078384   0.0%  0.500  1.00000/0.99999
-    tiny_cnn      int8                   34760      10864      10864   0.0%  0.313  0.99999
-    tiny_cnn      int8-weight-only       34760      26992      26992   0.0%  0.777  1.00000
-    tiny_cnn      fp16 / bf16            34760      17396      17396   0.0%  0.500  1.00000/0.99999
-
-(tiny_cnn: conv+bias->BN, conv->relu->BN (not folded), depthwise conv->BN, Linear->BN1d,
-Linear head.)  resnet18 int8 (unseeded default calibration, 2x3x224x224): max |diff| 0.09-0.13
-on logits of magnitude ~1, cosine 0.9999, same argmax.  ``torch.export.save`` + ``load_program``
-round-trips for all dtypes and the loaded programs run at batch 1 and 4.
-
-Timing on the 2-core dev box (resnet18, 2x3x224x224, default calibration): ``quantize(...,
-"int8")`` 4.7 s on the first call (about 3 s of it is importing INC/torchao), 1.5 s after that;
-the other dtypes take 0.3-1.5 s.  Batch-1 latency (median of 20): fp32 program eager ~16 ms,
-int8 Q/DQ program eager ~43 ms (reference form, slow), int8 via ``compile_for_inference`` ~3.3 ms
-(compile ~2-16 s), fp32 via ``compile_for_inference`` ~9.3 ms.
-
-Gotchas
--------
-* Loading an int8 ``.pt2`` needs ``load_program`` (or importing
-  ``torch.ao.quantization.fx._decomposed`` before ``torch.export.load``).
-* A BatchNorm that cannot be folded (e.g. conv -> relu -> bn) makes INC ``convert`` slow:
-  torchao's ``_fold_conv_bn_qat`` then exports ~96 pattern graphs (+12-25 s on 2 cores).
-* INC logs through the ``neural_compressor`` logger (INFO lines, "Converted the model in qdq
-  mode..." warning); RTN warns that numba is missing and that the ``.*lm_head`` configs are
-  "already set" - harmless.  Inductor warns from ``mkldnn_lowerings.py`` when compiling int8.
-* ``calib_batches`` may use any batch size (the batch dim is dynamic from the INC export on).
-* A Linear/conv called several times (shared weight) is stored once.
+What each dtype stores, byte for byte (the rule ``estimators.quantize`` predicts), is in docs/quantization.md.
 """
 
 from __future__ import annotations
@@ -621,3 +494,9 @@ def compile_for_inference(ep: torch.export.ExportedProgram, dynamic: bool | None
 
     inductor_config.freezing = True
     return torch.compile(ep.module(), dynamic=dynamic)
+
+
+def compiled_int8(model: torch.nn.Module, example: torch.Tensor):
+    """`model` quantized to static INT8 (calibrated on `example`) and compiled as deployed: what a full calibration
+    times (hardware.calibrate.int8.Int8Builder)."""
+    return compile_for_inference(quantize(model, example, "int8").program)

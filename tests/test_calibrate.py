@@ -10,8 +10,9 @@ from typer.testing import CliRunner
 from estimators.analyze import analyze
 from estimators.modelspec import load_model
 from flows.cli import app
-from hardware.calibrate import (QUICK_LEAST, SEED_STRIDE, at_one_pace, calibrate_host, channel_multiple, collect_samples, fit_profile,
-                                load_samples, merge_samples, pace_elasticity)
+from hardware.calibrate import calibrate_host, collect_samples, fit_profile, load_samples, merge_samples
+from hardware.calibrate.samples import QUICK_LEAST, SEED_STRIDE, at_one_pace, pace_elasticity
+from hardware.calibrate.sampling import channel_multiple
 from hardware.latency import predict_latency
 from hardware.hostprofile import foreign_note, host_key, host_profile_path, key_of
 from hardware.measure import cpu_isa
@@ -173,8 +174,9 @@ def test_int8_kernel_fit_predicts_kernels_it_has_not_seen():
     import numpy as np
     from scipy.stats import spearmanr
 
-    from hardware.calibrate import (CACHE_SHARE, CHANNEL_MULTIPLE, cache_bytes, fit_split_model, int8_op_samples,
-                                    predict_rows)
+    from hardware.calibrate.fit import fit_split_model, predict_rows
+    from hardware.calibrate.int8 import int8_op_samples
+    from hardware.calibrate.sampling import CACHE_SHARE, CHANNEL_MULTIPLE, cache_bytes
     from hardware.latency import latency_kinds
 
     cache = CACHE_SHARE * cache_bytes()
@@ -216,8 +218,9 @@ def test_quantized_max_pool_fit_sees_the_channel_tail():
     (a scalar tail) and predicts the samples it was fitted on."""
     import numpy as np
 
-    from hardware.calibrate import QPOOL_LANES, fit_pool, int8_pool_samples
-    from hardware.latency import _row_features, remainder_share
+    from hardware.calibrate.fit import fit_pool
+    from hardware.calibrate.int8 import QPOOL_LANES, int8_pool_samples
+    from hardware.latency import row_features, remainder_share
 
     samples = int8_pool_samples(2.0, lambda m: None, batches=(1,), min_ops=12)
     assert len(samples) >= 12 and all(s.total_seconds > 0 for s in samples)
@@ -225,7 +228,7 @@ def test_quantized_max_pool_fit_sees_the_channel_tail():
     assert x[2] > x[1] > 0  # a FLOP in the tail costs more than a vectorised one
     pred, meas = [], []
     for s in samples:
-        flops, _, _, kinds, cin, _ = _row_features(s.table, s.batch)
+        flops, _, _, kinds, cin, _ = row_features(s.table, s.batch)
         i = int(np.flatnonzero(kinds == "maxpool")[0])
         pred.append(x[0] + flops[i] * (x[1] + x[2] * remainder_share(cin[i:i + 1], QPOOL_LANES)[0]))
         meas.append(s.total_seconds)
@@ -239,15 +242,15 @@ def test_compiled_int8_network_is_profiled_into_its_parts():
     import torch
     import torch._inductor.config as inductor_config
 
-    from hardware.calibrate import profiled_parts
+    from hardware.calibrate.int8 import profiled_parts
     from hardware.measure import measure_latency
     from hardware.synthetic import synthetic_cnn
-    from tasks.quantize_exec import compile_for_inference, quantize
+    from tasks.quantize_exec import compiled_int8
 
     model, shape = next((m, s) for m, s in map(synthetic_cnn, range(100, 200))
                         if s[2] <= 96 and any(isinstance(x, torch.nn.MaxPool2d) for x in m.modules()))
     with inductor_config.patch({"cpp.enable_kernel_profile": True}):  # as calibration compiles them
-        fn = compile_for_inference(quantize(model, torch.randn(2, *shape[1:]), "int8").program)
+        fn = compiled_int8(model, torch.randn(2, *shape[1:]))
         x = torch.randn(1, *shape[1:])
         total = measure_latency(fn, x, warmup=2, min_runs=5, budget_s=0.2)["latency_ms"] / 1e3
         kern, pool, loops = profiled_parts(fn, x)

@@ -14,8 +14,9 @@ from torch import nn
 from estimators.analyze import analyze
 from estimators.errors import UserInputError
 from estimators.modelspec import load_model
-from hardware.calibrate import NetSample, exported, fit_split_model, light_table, split_efficiency, time_network
-from hardware.latency import SPLIT_WIDTH, _row_features, pointwise, predict_latency
+from hardware.calibrate.fit import fit_split_model, split_efficiency
+from hardware.calibrate.sampling import NetSample, exported, light_table, time_network
+from hardware.latency import SPLIT_WIDTH, row_features, pointwise, predict_latency
 from hardware.measure import measure_latency, steady_allocator
 from hardware.profile import parse_profile
 from hardware.synthetic import synthetic_cnn
@@ -60,7 +61,7 @@ def test_split_formula_by_hand(table):
     assert ms("features.3") == pytest.approx(expect * 1e3, rel=1e-9)
     # a class without split entries falls back to the kernel overhead and full-share bandwidths
     fc = table.names.index("classifier")
-    flops, wb, ab, *_ = _row_features(table, 1)
+    flops, wb, ab, *_ = row_features(table, 1)
     expect = 7e-6 + flops[fc] / (100e9 * 0.4) + wb[fc] / 20e9 + min(ab[fc], 4096) / 80e9 + max(ab[fc] - 4096, 0) / 10e9
     assert pred.per_row_ms[fc] == pytest.approx(expect * 1e3, rel=1e-9)
 
@@ -164,7 +165,7 @@ def test_fit_recovers_known_coefficients(pw):
     """Rows timed exactly by a known split model (eager PyTorch's convolution dispatch included): the per-class
     least squares gets the model back, a 1x1 convolution slower per FLOP than the others or faster (`pw`: its
     FLOPs' extra seconds; the fit keeps both rates non-negative, not the difference)."""
-    from hardware.calibrate import _features
+    from hardware.calibrate.fit import features
 
     z4 = [0.0] * 5
     known = {"conv": np.array([20e-6, 2e-12, pw, 3e-12, 5e-11, 1e-11, 8e-11, 25e-6, 2e-10, 1.5e-10, 1e-12, 1.2e-12]),
@@ -177,7 +178,7 @@ def test_fit_recovers_known_coefficients(pw):
     for seed in range(24):
         model, shape = synthetic_cnn(seed)
         table = light_table(model, torch.randn(*shape))
-        cols, kinds, _ = _features(table, table.batch, 16, cache, threads=2)
+        cols, kinds, _ = features(table, table.batch, 16, cache, threads=2)
         t = np.zeros(table.n)
         for cls, x in known.items():
             t[kinds == cls] = cols[kinds == cls] @ x
@@ -207,7 +208,7 @@ def test_glue_fit_bounds_a_larger_batch_by_the_first_ones_python_not_its_bytes()
     written): fit_glue gets batch 1's back; batch 8's, bounded by batch 1's per-operator and per-call glue
     (glue_bound) and not its per-byte glue, gets a per-byte cost below batch 1's back; bounded by all three, the
     per-byte cost could not fall below batch 1's."""
-    from hardware.calibrate import _glue_columns, fit_glue, glue_bound
+    from hardware.calibrate.fit import fit_glue, glue_bound, glue_columns
 
     def nets(batch, glue):
         out = []
@@ -216,7 +217,7 @@ def test_glue_fit_bounds_a_larger_batch_by_the_first_ones_python_not_its_bytes()
             table = light_table(model, torch.randn(*shape))
             rows = np.full(table.n, 2e-5)
             net = NetSample(f"seed {seed}", table, rows, 0.0, batch=batch)
-            out.append(dataclasses.replace(net, total_seconds=float(rows.sum() + np.dot(_glue_columns(net), glue))))
+            out.append(dataclasses.replace(net, total_seconds=float(rows.sum() + np.dot(glue_columns(net), glue))))
         return out
 
     first = (10e-6, 150e-6, 2e-11)
@@ -238,7 +239,8 @@ def test_int8_graph_fit_recovers_known_costs():
     the kernels' context as it was (a least-absolute fit)."""
     from estimators.quantize import estimate_quantize
     from estimators.strategy import QuantizeStep
-    from hardware.calibrate import Int8Sample, _int8_parts, fit_int8
+    from hardware.calibrate.fit import fit_int8, int8_parts
+    from hardware.calibrate.int8 import Int8Sample
     from hardware.synthetic import _Shuffle
 
     cache = 2e6
@@ -254,7 +256,7 @@ def test_int8_graph_fit_recovers_known_costs():
         table = estimate_quantize(light_table(model, torch.randn(1, *shape[1:])), QuantizeStep(dtype="int8"))
         for b in (1, 8):
             s = Int8Sample(f"seed {seed}", table, b, 1.0)
-            a = _int8_parts(s, coef8[b], cache)
+            a = int8_parts(s, coef8[b], cache)
             kern = a[4] + ctx * a[1] + per_byte * a[8]
             loops = other * a[2] + element * a[3] + permute * a[7]
             rest = call + op * (a[1] + a[2]) + moved * (a[3] + a[5])
@@ -270,7 +272,7 @@ def test_int8_graph_fit_recovers_known_costs():
     assert f.byte_s_ctx[1] == pytest.approx(per_byte, rel=1e-3) and f.byte_s_ctx[8] == pytest.approx(per_byte, rel=1e-3)
     assert f.mape < 1e-3
     # the spilled bytes pay no context: some rows of these networks spill, so a context on all bytes would differ
-    assert any(_int8_parts(s, coef8[s.batch], cache)[5] > _int8_parts(s, coef8[s.batch], cache)[8] for s in samples)
+    assert any(int8_parts(s, coef8[s.batch], cache)[5] > int8_parts(s, coef8[s.batch], cache)[8] for s in samples)
     slow = samples[9]
     samples[9] = Int8Sample(slow.label, slow.table, slow.batch, slow.total_seconds + 0.8 * slow.kernel_seconds,
                             1.8 * slow.kernel_seconds, 0.0, slow.loop_seconds)
@@ -390,7 +392,8 @@ def test_samples_are_brought_to_one_pace_by_hand():
     """Every float network's times scaled by the calibration's median pace over the pace it was timed at, those
     timed over PACE_BAND (2x) away from it dropped; unread ones (pace 0), INT8 samples and samples without pace
     readings as they are. A network's pace is the mean of the readings before and after it."""
-    from hardware.calibrate import Samples, _around, at_one_pace
+    from hardware.calibrate.samples import Samples, at_one_pace
+    from hardware.calibrate.sampling import pace_around
 
     def net(pace, sec):
         return NetSample("n", None, np.array([sec, 2 * sec]), 3 * sec, batch=1, pace_ms=pace)
@@ -410,7 +413,7 @@ def test_samples_are_brought_to_one_pace_by_hand():
     assert at_one_pace(unpaced) == (unpaced, 0.0)
     half, _ = at_one_pace(s, 0.5)  # with an elasticity: 3 s at pace 2 is 3 x (3 / 2) ** 0.5 s at pace 3
     assert half.nets[1][0].total_seconds == pytest.approx(3 * 1.5 ** 0.5) and len(half.nets[1]) == 3
-    assert _around(3.0, 5.0) == 4.0 and _around(0.0, 5.0) == 5.0 and _around(0.0, 0.0) == 0.0
+    assert pace_around(3.0, 5.0) == 4.0 and pace_around(0.0, 5.0) == 5.0 and pace_around(0.0, 0.0) == 0.0
 
 
 def test_pace_elasticity_by_hand():
@@ -418,7 +421,8 @@ def test_pace_elasticity_by_hand():
     of the paces they were timed at, over every pair of timings of a network (samples and re-timings pooled); 1
     where fewer than ELASTICITY_LEAST pairs or paces about equal measure it; timings over PACE_BAND away from the
     median pace left out."""
-    from hardware.calibrate import ELASTICITY_LEAST, Samples, pace_elasticity
+    from hardware.calibrate.samples import Samples, pace_elasticity
+    from hardware.calibrate.sampling import ELASTICITY_LEAST
 
     def net(label, pace, sec):
         return NetSample(label, None, np.zeros(0), sec, batch=1, pace_ms=pace)

@@ -199,7 +199,9 @@ def _samples():
     """Samples of every kind a calibration keeps, built without timing anything."""
     from estimators.quantize import estimate_quantize
     from estimators.strategy import QuantizeStep
-    from hardware.calibrate import ElementSample, Int8Sample, NetSample, Samples, light_table
+    from hardware.calibrate import Samples
+    from hardware.calibrate.int8 import ElementSample, Int8Sample
+    from hardware.calibrate.sampling import NetSample, light_table
     from hardware.synthetic import synthetic_cnn
 
     model, shape = synthetic_cnn(0)

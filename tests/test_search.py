@@ -231,7 +231,7 @@ def test_nsga2_explores_per_layer_ratios_reproducibly(table):
 def test_infeasible_by_predicted_accuracy_lists_candidates_to_execute(digits):
     """12,000 parameters need pruning, which is predicted to cost more than 0.01 points: infeasible as predicted,
     and the candidates that meet every other requirement are listed, least predicted drop first, to be executed."""
-    from flows.pipeline import settle_infeasible
+    from search.requirements import settle_infeasible
 
     loaded = load_model("demo:digits-cnn")
     table = analyze(loaded)

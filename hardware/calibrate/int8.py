@@ -1,0 +1,318 @@
+"""Calibration's INT8 part. INT8 runs compiled (inductor with freezing), where operators cannot be timed one by one
+inside the graph, so three kinds of sample are taken:
+
+- the oneDNN INT8 convolution and linear kernels the compiled graph calls, timed directly (prepacked weights,
+  uint8 channels-last activations, the following activation fused as a post-op; a SiLU timed with and without,
+  for its cost per element): hundreds of kernels, no compile;
+- quantized max pooling, timed the same way (its channels beyond a multiple of QPOOL_LANES run a scalar tail);
+- whole quantized synthetic networks, compiled and profiled (torch.profiler with inductor's kernel profile), each
+  call split into oneDNN kernels, quantized pooling, generated loops and the rest (Python wrapper, guards).
+
+Building a compiled INT8 program is the executor's job (tasks.quantize_exec); the caller passes it in
+(`Int8Builder`), so that this layer does not reach up into tasks.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from estimators.progress import step
+from estimators.registry import Q_INDEX
+from estimators.table import LayerTable, evaluate
+
+from ..measure import measure_latency
+from .sampling import BATCHES, NetSample, Progress, State, light_table, typical
+
+# a float module and an example batch -> the compiled INT8 program as a function of its float input
+Int8Builder = Callable[[nn.Module, torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]
+
+@dataclass
+class Int8Sample:
+    label: str
+    table: LayerTable  # the int8 estimate of the synthetic network
+    batch: int
+    total_seconds: float
+    kernel_seconds: float = 0.0  # of which in its oneDNN convolution/linear kernels (profiled)
+    pool_seconds: float = 0.0  # in quantized max pooling
+    loop_seconds: float = 0.0  # in the graph's generated loops and the ATen copies/concatenations it calls
+    probe_us: float = 0.0  # the machine's state when it was timed
+
+
+# profiled operators that move data outside the oneDNN kernels (the rest of a call is Python and guards)
+_LOOP_OPS = ("aten::cat", "aten::copy_", "aten::clone", "aten::contiguous")
+
+
+@contextlib.contextmanager
+def _quiet_fds():
+    """Silence file descriptors 1 and 2 (the profiler's C++ side prints its start and stop there)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 1)
+        os.dup2(null, 2)
+        yield
+    finally:
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in saved + [null]:
+            os.close(fd)
+
+
+def profiled_parts(fn: Callable, x: torch.Tensor, runs: int = 5) -> tuple[float, float, float]:
+    """Seconds per call that compiled INT8 graph `fn` spends in oneDNN kernels, in quantized max pooling and in
+    its generated loops (visible when compiled with inductor's cpp.enable_kernel_profile) and ATen copies
+    (torch.profiler self times)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.inference_mode(), _quiet_fds():
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(runs):
+                fn(x)
+    k = p = g = 0.0
+    for e in prof.key_averages():
+        t = e.self_cpu_time_total / runs / 1e6
+        if e.key.startswith("onednn::"):
+            k += t
+        elif e.key == "quantized::max_pool2d":
+            p += t
+        elif e.key.startswith("graph_") or e.key in _LOOP_OPS:
+            g += t
+    return k, p, g
+
+
+def int8_samples(budget_s: float, progress: Progress, build: Int8Builder, batches: tuple[int, ...] = BATCHES,
+                 seed0: int = 100_000, state: State = lambda: 0.0) -> list[Int8Sample]:
+    """Quantize (Intel Neural Compressor static INT8), compile and time whole synthetic networks, and profile
+    where each call goes (oneDNN kernels, quantized max pooling, generated loops; the rest is the Python
+    wrapper and guards). The graphs compile with inductor's kernel profile, so the generated loops show.
+    A graph compiles for one batch size (as deployed): each network is compiled and timed at one batch, the
+    batches taken in turn, since compiling dominates (4-25 s a network here) and more networks at one batch
+    each fit the graph's costs better than half as many at every batch. `build` makes the compiled program."""
+    import torch._inductor.config as inductor_config
+
+    from estimators.quantize import estimate_quantize
+    from estimators.strategy import QuantizeStep
+
+    from ..synthetic import synthetic_cnn
+
+    out: list[Int8Sample] = []
+    t0 = time.perf_counter()
+    seed, spent = seed0, []  # seconds each network took (quantize, compile, time): the next one's expected cost
+    with step(progress, "int8 networks", budget_s, "s") as counted, \
+            inductor_config.patch({"cpp.enable_kernel_profile": True}):  # graphs compile at their first call
+        while time.perf_counter() - t0 + (float(np.mean(spent)) if spent else 0.0) < budget_s:
+            model, shape = synthetic_cnn(seed)
+            seed += 1
+            with torch.inference_mode():
+                t1 = time.perf_counter()
+                model(torch.randn(max(batches), *shape[1:]))
+                if time.perf_counter() - t1 > 0.15:  # compiled int8 networks cost compile time: keep them small
+                    continue
+            t1 = time.perf_counter()
+            fn = build(model, torch.randn(2, *shape[1:]))
+            table = estimate_quantize(light_table(model, torch.randn(1, *shape[1:]), name=f"synthetic-{seed - 1}"),
+                                      QuantizeStep(dtype="int8"))
+            b = batches[len(spent) % len(batches)]  # one batch a network, the batches in turn
+            x = torch.randn(b, *shape[1:])
+            probe = state()
+            # this machine's speed drifts for seconds at a time: the mean of two medians, around the profile
+            first = measure_latency(fn, x, warmup=2, min_runs=5, max_runs=50, budget_s=0.15)["latency_ms"]
+            kern, pool, loops = profiled_parts(fn, x)
+            second = measure_latency(fn, x, warmup=1, min_runs=5, max_runs=50, budget_s=0.15)["latency_ms"]
+            out.append(Int8Sample(f"synthetic-{seed - 1} {(b,) + tuple(shape[1:])}", table, b,
+                                  0.5 * (first + second) / 1e3, kern, pool, loops, probe))
+            spent.append(time.perf_counter() - t1)
+            counted.update(time.perf_counter() - t0, f"{len(out)} compiled and timed; {out[-1].label}: "
+                           f"{out[-1].total_seconds * 1e3:.2f} ms, oneDNN kernels {out[-1].kernel_seconds * 1e3:.2f}, "
+                           f"generated loops {out[-1].loop_seconds * 1e3:.2f}")
+        counted.finish(f"{len(out)} synthetic networks quantized, compiled and timed", done=time.perf_counter() - t0)
+    return out
+
+
+# the oneDNN post-op an INT8 convolution/linear runs for the activation that follows it (inductor fuses these;
+# others, e.g. sigmoid, stay apart): (attr, scalars)
+POST_OPS = {nn.ReLU: ("relu", [None]), nn.ReLU6: ("hardtanh", [0.0, 6.0]), nn.SiLU: ("swish", [None]),
+            nn.Hardswish: ("hardswish", [None])}
+
+
+def _int8_kernel(m: nn.Module, shape: tuple[int, ...], post: str = "none", scalars: list | None = None
+                 ) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The oneDNN INT8 kernel an inductor-compiled INT8 graph calls for conv/linear `m` (uint8 activations,
+    channels-last, prepacked int8 weights, uint8 output, post-op `post`), as a function of its uint8 input;
+    None for other modules."""
+    scalars = scalars if scalars is not None else [None]
+    if isinstance(m, nn.Conv2d):
+        g = m.groups
+        w = torch.randint(-127, 127, (m.out_channels, m.in_channels // g, *m.kernel_size), dtype=torch.int8)
+        ws, wz = torch.full((m.out_channels,), 0.01), torch.zeros(m.out_channels, dtype=torch.int64)
+        args = (list(m.stride), list(m.padding), list(m.dilation), g)
+        pw = torch.ops.onednn.qconv_prepack(w, ws, 0.02, 0, *args, list(shape))
+        bias = torch.zeros(m.out_channels)
+        return lambda x: torch.ops.onednn.qconv_pointwise(x, 0.02, 0, pw, ws, wz, bias, *args, 0.05, 0, None, post,
+                                                          scalars, "")
+    if isinstance(m, nn.Linear):
+        w = torch.randint(-127, 127, (m.out_features, m.in_features), dtype=torch.int8)
+        ws, wz = torch.full((m.out_features,), 0.01), torch.zeros(m.out_features, dtype=torch.int64)
+        pw = torch.ops.onednn.qlinear_prepack(w, list(shape))
+        return lambda x: torch.ops.onednn.qlinear_pointwise(x, 0.02, 0, pw, ws, wz, None, 0.05, 0, None, post, scalars,
+                                                            "")
+    return None
+
+
+def _layer_inputs(model: nn.Module, example: torch.Tensor, keep: Callable[[nn.Module], bool]
+                  ) -> list[tuple[nn.Module, tuple[int, ...]]]:
+    """The modules of `model` that `keep` selects, in execution order, each with its input's shape."""
+    seen: list[tuple[nn.Module, tuple[int, ...]]] = []
+    hooks = [m.register_forward_hook(lambda m, i, o: seen.append((m, tuple(i[0].shape))))
+             for m in model.modules() if keep(m)]
+    try:
+        with torch.inference_mode():
+            model(example)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+def _post_ops(model: nn.Module, example: torch.Tensor) -> list[tuple[nn.Module, tuple[int, ...], type | None]]:
+    """The convolutions and linears of `model` in execution order, with their input shape and the activation
+    module that runs right after them (BatchNorm, folded away, skipped), if any."""
+    leaves = _layer_inputs(model, example, lambda m: not list(m.children()))
+    out = []
+    for j, (m, shape) in enumerate(leaves):
+        if not isinstance(m, (nn.Conv2d, nn.Linear)):
+            continue
+        nxt = next((n for n, _ in leaves[j + 1:] if not isinstance(n, nn.BatchNorm2d)), None)
+        out.append((m, shape, type(nxt) if type(nxt) in POST_OPS else None))
+    return out
+
+
+@dataclass
+class ElementSample:
+    """An INT8 kernel timed with and without a fused activation: what the activation adds per element."""
+
+    act: str
+    elements: int
+    seconds: float
+    probe_us: float = 0.0  # the machine's state when it was timed
+
+
+def int8_op_samples(budget_s: float, progress: Progress, batches: tuple[int, ...] = BATCHES, seed0: int = 200_000,
+                    min_ops: int = 24, state: State = lambda: 0.0
+                    ) -> tuple[dict[int, list[NetSample]], list[ElementSample]]:
+    """Time the oneDNN INT8 convolution and linear kernels that compiled INT8 graphs call, one per sample,
+    for the convolutions and linears of synthetic networks (no compile, so hundreds fit in the budget),
+    at every batch size, with the activation that follows each fused as the graph fuses it. Each sample
+    is a one-row table (the INT8 estimate of that layer) timed without the activation's cost: a
+    transcendental activation (SiLU) is timed both ways, and what it adds per element is an ElementSample."""
+    from estimators.quantize import estimate_quantize
+    from estimators.strategy import QuantizeStep
+
+    from ..synthetic import synthetic_cnn
+
+    out: dict[int, list[NetSample]] = {b: [] for b in batches}
+    elements: list[ElementSample] = []
+    t0 = time.perf_counter()
+    seed, n = seed0, 0
+    took: list[float] = []
+    counted = step(progress, "int8 kernels", budget_s, "s")
+    while n < min_ops or time.perf_counter() - t0 + typical(took) < budget_s:
+        model, shape = synthetic_cnn(seed)
+        seed += 1
+        for m, in_shape, act in _post_ops(model, torch.randn(1, *shape[1:])):
+            if n >= min_ops and time.perf_counter() - t0 + typical(took) > budget_s:
+                break
+            t_op = time.perf_counter()
+            table = estimate_quantize(light_table(nn.Sequential(m), torch.randn(in_shape), name=f"int8-op-{n}"),
+                                      QuantizeStep(dtype="int8"))
+            post, scalars = POST_OPS.get(act, ("none", [None]))
+            out_elements = int(evaluate(table).q[0, Q_INDEX["act_out"]])  # at the table's batch of 1
+            for b in batches:
+                bshape = (b,) + in_shape[1:]
+                x = torch.randint(0, 255, bshape, dtype=torch.uint8)
+                if x.dim() == 4:
+                    x = x.contiguous(memory_format=torch.channels_last)
+
+                def timed(p, sc):
+                    with torch.inference_mode():
+                        fn = _int8_kernel(m, bshape, p, sc)
+                        return measure_latency(fn, x, warmup=2, min_runs=5, max_runs=30, budget_s=0.05)["latency_ms"] / 1e3
+
+                probe = state()
+                if post == "swish":  # the kernel without it, and what it adds per output element
+                    sec = timed("none", [None])
+                    elements.append(ElementSample("transcendental", out_elements * b, timed(post, scalars) - sec, probe))
+                else:  # relu, hardtanh, hardswish post-ops cost next to nothing (<0.03 ns per element here)
+                    sec = timed(post, scalars)
+                out[b].append(NetSample(f"int8 {type(m).__name__} {bshape} {post}", table, np.array([sec]), sec, batch=b,
+                                        probe_us=probe))
+            n += 1
+            took.append(time.perf_counter() - t_op)
+            counted.update(time.perf_counter() - t0, f"{n} kernels timed")
+    counted.finish(f"{n} INT8 convolution/linear kernels timed at batch {', '.join(map(str, batches))} "
+                   f"({len(elements)} with and without a fused SiLU)", done=time.perf_counter() - t0)
+    return out, elements
+
+
+QPOOL_LANES = 32  # quantized max pooling vectorises 32 uint8 channels at a time; the rest run in a scalar tail
+
+
+def int8_pool_samples(budget_s: float, progress: Progress, batches: tuple[int, ...] = BATCHES, seed0: int = 300_000,
+                      min_ops: int = 12, state: State = lambda: 0.0) -> list[NetSample]:
+    """Time the quantized max pooling compiled INT8 graphs call (`quantized::max_pool2d` on channels-last
+    uint8) for the max pools of synthetic networks, each at its own channel count and at a random one (its
+    speed depends on the channels beyond a multiple of QPOOL_LANES: 24 channels run 17x slower per element
+    than 32 here), at every batch size."""
+    import random
+    import warnings
+
+    from estimators.quantize import estimate_quantize
+    from estimators.strategy import QuantizeStep
+
+    from ..synthetic import synthetic_cnn
+
+    out: list[NetSample] = []
+    rng = random.Random(seed0)
+    t0 = time.perf_counter()
+    seed, n = seed0, 0
+    took: list[float] = []
+    counted = step(progress, "int8 pools", budget_s, "s")
+    while n < min_ops or time.perf_counter() - t0 + typical(took) < budget_s:
+        model, shape = synthetic_cnn(seed)
+        seed += 1
+        for m, in_shape in _layer_inputs(model, torch.randn(1, *shape[1:]), lambda m: isinstance(m, nn.MaxPool2d)):
+            k, st, pad, dil = (list(v) if isinstance(v, (tuple, list)) else [v, v]
+                               for v in (m.kernel_size, m.stride, m.padding, m.dilation))
+            for c in (in_shape[1], rng.randint(8, 160)):
+                if n >= min_ops and time.perf_counter() - t0 + typical(took) > budget_s:
+                    break
+                t_op = time.perf_counter()
+                cshape = (1, c) + in_shape[2:]
+                table = estimate_quantize(light_table(nn.Sequential(m), torch.randn(cshape), name=f"int8-pool-{n}"),
+                                          QuantizeStep(dtype="int8"))
+                for b in batches:
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore")  # quantized tensors are deprecated; the graphs still use them
+                        qx = torch.quantize_per_tensor(torch.randn((b,) + cshape[1:]), 0.05, 0, torch.quint8)
+                    qx = qx.contiguous(memory_format=torch.channels_last)
+                    fn = lambda t: torch.ops.quantized.max_pool2d(t, k, st, pad, dil, m.ceil_mode)  # noqa: E731
+                    probe = state()
+                    sec = measure_latency(fn, qx, warmup=2, min_runs=5, max_runs=30, budget_s=0.05)["latency_ms"] / 1e3
+                    out.append(NetSample(f"int8 maxpool {(b,) + cshape[1:]}", table, np.array([sec]), sec, batch=b,
+                                         probe_us=probe))
+                n += 1
+                took.append(time.perf_counter() - t_op)
+                counted.update(time.perf_counter() - t0, f"{n} pools timed")
+    counted.finish(f"{n} quantized max pools timed at batch {', '.join(map(str, batches))}",
+                   done=time.perf_counter() - t0)
+    return out
