@@ -11,10 +11,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 ONE_RUN = """
 import sys
-from flows.tracking import _client, _experiment_id
+from flows.mlflow_store import client_for, experiment_id
 uri = sys.argv[1]
-client = _client(uri)
-run = client.create_run(_experiment_id(client, uri, "concurrent"))
+client = client_for(uri)
+run = client.create_run(experiment_id(client, uri, "concurrent"))
 client.set_terminated(run.info.run_id)
 """
 
@@ -38,11 +38,11 @@ def test_a_parent_run_left_running_by_a_dead_process_is_marked_killed(tmp_path):
     KILLED, and leaves alone one whose process is alive."""
     import socket
 
-    from flows.tracking import _client, _experiment_id, close_stale_runs
+    from flows.mlflow_store import client_for, close_stale_runs, experiment_id
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    client = _client(uri)
-    exp = _experiment_id(client, uri, "stale")
+    client = client_for(uri)
+    exp = experiment_id(client, uri, "stale")
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     host = socket.gethostname()

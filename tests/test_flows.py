@@ -241,7 +241,7 @@ def test_a_flow_run_left_running_by_a_killed_process_is_marked_crashed(harness, 
     from prefect.client.orchestration import get_client
     from prefect.states import Running
 
-    from flows.tracking import _client, _experiment_id, close_stale_runs
+    from flows.mlflow_store import client_for, close_stale_runs, experiment_id
 
     @flow(name="killed-midway")
     def killed_midway():
@@ -251,8 +251,8 @@ def test_a_flow_run_left_running_by_a_killed_process_is_marked_crashed(harness, 
         fr = pc.create_flow_run(killed_midway, state=Running())
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    client = _client(mlflow_store)
-    exp = _experiment_id(client, mlflow_store, "stale-flow-run")
+    client = client_for(mlflow_store)
+    exp = experiment_id(client, mlflow_store, "stale-flow-run")
     run = client.create_run(exp, tags={"deployfit.host": socket.gethostname(), "deployfit.pid": str(dead.pid),
                                        "prefect.flow_run_id": str(fr.id)}).info.run_id
     assert close_stale_runs(client, exp) == [run]
