@@ -18,7 +18,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -207,6 +207,28 @@ class ElementSample:
     probe_us: float = 0.0  # the machine's state when it was timed
 
 
+def _within_budget(budget_s: float, min_ops: int, seed0: int,
+                   items: Callable[[nn.Module, tuple[int, ...]], Iterable]) -> Iterator:
+    """The `items` of synthetic networks (seeded from `seed0` on) to time, one at a time with their count so far: at
+    least `min_ops`, then none started that would end past `budget_s` (the median of those so far predicts the
+    next). Each takes the time between its yield and the next request."""
+    from ..synthetic import synthetic_cnn
+
+    t0 = time.perf_counter()
+    seed, n = seed0, 0
+    took: list[float] = []
+    while n < min_ops or time.perf_counter() - t0 + typical(took) < budget_s:
+        model, shape = synthetic_cnn(seed)
+        seed += 1
+        for item in items(model, shape):
+            if n >= min_ops and time.perf_counter() - t0 + typical(took) > budget_s:
+                break
+            t_op = time.perf_counter()
+            yield n, item
+            n += 1
+            took.append(time.perf_counter() - t_op)
+
+
 def int8_op_samples(budget_s: float, progress: Progress, batches: tuple[int, ...] = BATCHES, seed0: int = 200_000,
                     min_ops: int = 24, state: State = lambda: 0.0
                     ) -> tuple[dict[int, list[NetSample]], list[ElementSample]]:
@@ -218,47 +240,38 @@ def int8_op_samples(budget_s: float, progress: Progress, batches: tuple[int, ...
     from estimators.quantize import estimate_quantize
     from estimators.strategy import QuantizeStep
 
-    from ..synthetic import synthetic_cnn
-
     out: dict[int, list[NetSample]] = {b: [] for b in batches}
     elements: list[ElementSample] = []
     t0 = time.perf_counter()
-    seed, n = seed0, 0
-    took: list[float] = []
+    n = 0
     counted = step(progress, "int8 kernels", budget_s, "s")
-    while n < min_ops or time.perf_counter() - t0 + typical(took) < budget_s:
-        model, shape = synthetic_cnn(seed)
-        seed += 1
-        for m, in_shape, act in _post_ops(model, torch.randn(1, *shape[1:])):
-            if n >= min_ops and time.perf_counter() - t0 + typical(took) > budget_s:
-                break
-            t_op = time.perf_counter()
-            table = estimate_quantize(light_table(nn.Sequential(m), torch.randn(in_shape), name=f"int8-op-{n}"),
-                                      QuantizeStep(dtype="int8"))
-            post, scalars = POST_OPS.get(act, ("none", [None]))
-            out_elements = int(evaluate(table).q[0, Q_INDEX["act_out"]])  # at the table's batch of 1
-            for b in batches:
-                bshape = (b,) + in_shape[1:]
-                x = torch.randint(0, 255, bshape, dtype=torch.uint8)
-                if x.dim() == 4:
-                    x = x.contiguous(memory_format=torch.channels_last)
+    layers = lambda model, shape: _post_ops(model, torch.randn(1, *shape[1:]))  # noqa: E731
+    for i, (m, in_shape, act) in _within_budget(budget_s, min_ops, seed0, layers):
+        table = estimate_quantize(light_table(nn.Sequential(m), torch.randn(in_shape), name=f"int8-op-{i}"),
+                                  QuantizeStep(dtype="int8"))
+        post, scalars = POST_OPS.get(act, ("none", [None]))
+        out_elements = int(evaluate(table).q[0, Q_INDEX["act_out"]])  # at the table's batch of 1
+        for b in batches:
+            bshape = (b,) + in_shape[1:]
+            x = torch.randint(0, 255, bshape, dtype=torch.uint8)
+            if x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
 
-                def timed(p, sc):
-                    with torch.inference_mode():
-                        fn = _int8_kernel(m, bshape, p, sc)
-                        return measure_latency(fn, x, warmup=2, min_runs=5, max_runs=30, budget_s=0.05)["latency_ms"] / 1e3
+            def timed(p, sc):
+                with torch.inference_mode():
+                    fn = _int8_kernel(m, bshape, p, sc)
+                    return measure_latency(fn, x, warmup=2, min_runs=5, max_runs=30, budget_s=0.05)["latency_ms"] / 1e3
 
-                probe = state()
-                if post == "swish":  # the kernel without it, and what it adds per output element
-                    sec = timed("none", [None])
-                    elements.append(ElementSample("transcendental", out_elements * b, timed(post, scalars) - sec, probe))
-                else:  # relu, hardtanh, hardswish post-ops cost next to nothing (<0.03 ns per element here)
-                    sec = timed(post, scalars)
-                out[b].append(NetSample(f"int8 {type(m).__name__} {bshape} {post}", table, np.array([sec]), sec, batch=b,
-                                        probe_us=probe))
-            n += 1
-            took.append(time.perf_counter() - t_op)
-            counted.update(time.perf_counter() - t0, f"{n} kernels timed")
+            probe = state()
+            if post == "swish":  # the kernel without it, and what it adds per output element
+                sec = timed("none", [None])
+                elements.append(ElementSample("transcendental", out_elements * b, timed(post, scalars) - sec, probe))
+            else:  # relu, hardtanh, hardswish post-ops cost next to nothing (<0.03 ns per element here)
+                sec = timed(post, scalars)
+            out[b].append(NetSample(f"int8 {type(m).__name__} {bshape} {post}", table, np.array([sec]), sec, batch=b,
+                                    probe_us=probe))
+        n = i + 1
+        counted.update(time.perf_counter() - t0, f"{n} kernels timed")
     counted.finish(f"{n} INT8 convolution/linear kernels timed at batch {', '.join(map(str, batches))} "
                    f"({len(elements)} with and without a fused SiLU)", done=time.perf_counter() - t0)
     return out, elements
@@ -279,40 +292,34 @@ def int8_pool_samples(budget_s: float, progress: Progress, batches: tuple[int, .
     from estimators.quantize import estimate_quantize
     from estimators.strategy import QuantizeStep
 
-    from ..synthetic import synthetic_cnn
-
     out: list[NetSample] = []
     rng = random.Random(seed0)
     t0 = time.perf_counter()
-    seed, n = seed0, 0
-    took: list[float] = []
+    n = 0
     counted = step(progress, "int8 pools", budget_s, "s")
-    while n < min_ops or time.perf_counter() - t0 + typical(took) < budget_s:
-        model, shape = synthetic_cnn(seed)
-        seed += 1
+
+    def pools(model: nn.Module, shape: tuple[int, ...]):
         for m, in_shape in _layer_inputs(model, torch.randn(1, *shape[1:]), lambda m: isinstance(m, nn.MaxPool2d)):
-            k, st, pad, dil = (list(v) if isinstance(v, (tuple, list)) else [v, v]
-                               for v in (m.kernel_size, m.stride, m.padding, m.dilation))
             for c in (in_shape[1], rng.randint(8, 160)):
-                if n >= min_ops and time.perf_counter() - t0 + typical(took) > budget_s:
-                    break
-                t_op = time.perf_counter()
-                cshape = (1, c) + in_shape[2:]
-                table = estimate_quantize(light_table(nn.Sequential(m), torch.randn(cshape), name=f"int8-pool-{n}"),
-                                          QuantizeStep(dtype="int8"))
-                for b in batches:
-                    with warnings.catch_warnings():
-                        warnings.simplefilter("ignore")  # quantized tensors are deprecated; the graphs still use them
-                        qx = torch.quantize_per_tensor(torch.randn((b,) + cshape[1:]), 0.05, 0, torch.quint8)
-                    qx = qx.contiguous(memory_format=torch.channels_last)
-                    fn = lambda t: torch.ops.quantized.max_pool2d(t, k, st, pad, dil, m.ceil_mode)  # noqa: E731
-                    probe = state()
-                    sec = measure_latency(fn, qx, warmup=2, min_runs=5, max_runs=30, budget_s=0.05)["latency_ms"] / 1e3
-                    out.append(NetSample(f"int8 maxpool {(b,) + cshape[1:]}", table, np.array([sec]), sec, batch=b,
-                                         probe_us=probe))
-                n += 1
-                took.append(time.perf_counter() - t_op)
-                counted.update(time.perf_counter() - t0, f"{n} pools timed")
+                yield m, (1, c) + in_shape[2:]
+
+    for i, (m, cshape) in _within_budget(budget_s, min_ops, seed0, pools):
+        k, st, pad, dil = (list(v) if isinstance(v, (tuple, list)) else [v, v]
+                           for v in (m.kernel_size, m.stride, m.padding, m.dilation))
+        table = estimate_quantize(light_table(nn.Sequential(m), torch.randn(cshape), name=f"int8-pool-{i}"),
+                                  QuantizeStep(dtype="int8"))
+        for b in batches:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # quantized tensors are deprecated; the graphs still use them
+                qx = torch.quantize_per_tensor(torch.randn((b,) + cshape[1:]), 0.05, 0, torch.quint8)
+            qx = qx.contiguous(memory_format=torch.channels_last)
+            fn = lambda t: torch.ops.quantized.max_pool2d(t, k, st, pad, dil, m.ceil_mode)  # noqa: E731
+            probe = state()
+            sec = measure_latency(fn, qx, warmup=2, min_runs=5, max_runs=30, budget_s=0.05)["latency_ms"] / 1e3
+            out.append(NetSample(f"int8 maxpool {(b,) + cshape[1:]}", table, np.array([sec]), sec, batch=b,
+                                 probe_us=probe))
+        n = i + 1
+        counted.update(time.perf_counter() - t0, f"{n} pools timed")
     counted.finish(f"{n} quantized max pools timed at batch {', '.join(map(str, batches))}",
                    done=time.perf_counter() - t0)
     return out
