@@ -32,7 +32,7 @@ from .plugins import Registry
 QUANTITIES = ("params", "buffers", "fixed_bytes", "macs", "gemm_macs", "act_in", "act_out")
 Q_INDEX = {q: i for i, q in enumerate(QUANTITIES)}
 
-_MAXPOOL = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
+MAXPOOL_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
 
 
 @dataclass
@@ -118,7 +118,7 @@ def register_function(*names: str, rule: str = "same") -> Callable[[CostFn], Cos
 # helpers
 
 
-def _acts(c: Cost, ctx: Ctx) -> Cost:
+def acts(c: Cost, ctx: Ctx) -> Cost:
     """Activation reads and writes, each tensor in terms of cin (first input) or cout when its channel
     count is one of those; otherwise a constant and the row is not channel-exact."""
     for i, t in enumerate(ctx.inputs):
@@ -140,13 +140,13 @@ def _acts(c: Cost, ctx: Ctx) -> Cost:
     return c
 
 
-def _io(ctx: Ctx) -> tuple[int, int]:
+def io(ctx: Ctx) -> tuple[int, int]:
     cin = ctx.inputs[0].chan if ctx.inputs else 0
     cout = ctx.outputs[0].chan if ctx.outputs else 0
     return cin, cout
 
 
-def _const_params(c: Cost, tensors: list[torch.Tensor]) -> Cost:
+def const_params(c: Cost, tensors: list[torch.Tensor]) -> Cost:
     for p in tensors:
         q = "params" if isinstance(p, nn.Parameter) else "buffers"
         if p.is_floating_point():
@@ -157,14 +157,14 @@ def _const_params(c: Cost, tensors: list[torch.Tensor]) -> Cost:
     return c
 
 
-def _channel_params(c: Cost, tensors: list[torch.Tensor]) -> Cost:
+def channel_params(c: Cost, tensors: list[torch.Tensor]) -> Cost:
     """A float tensor with one element per output channel (norm affine, layer scale) scales with the channels;
     any other parameter or buffer is a constant."""
     for p in tensors:
         if p.is_floating_point() and p.numel() == c.cout and c.cout > 1:
             c.add("params" if isinstance(p, nn.Parameter) else "buffers", 1, b=1)
         else:
-            _const_params(c, [p])
+            const_params(c, [p])
     return c
 
 
@@ -172,7 +172,7 @@ def _channel_params(c: Cost, tensors: list[torch.Tensor]) -> Cost:
 # modules (exact types, as torch-pruning's counter)
 
 
-def _conv_cost(cin: int, cout: int, groups: int, ksize: int, out_per_chan: int, bias: bool) -> Cost:
+def conv_cost(cin: int, cout: int, groups: int, ksize: int, out_per_chan: int, bias: bool) -> Cost:
     depthwise = groups > 1 and groups == cin
     c = Cost("dwconv" if depthwise else "conv", cin, cout, ksize=ksize, groups=int(groups))
     if depthwise:  # groups follow the channels when pruned: everything scales with cout
@@ -195,9 +195,9 @@ def conv_module(ctx: Ctx) -> Cost:
     """Convolutions; transposed ones too (torch-pruning's counter uses the conv formula on output positions)."""
     m = ctx.module
     y = ctx.outputs[0]
-    c = _conv_cost(m.in_channels, m.out_channels, m.groups, math.prod(m.kernel_size), y.numel // m.out_channels,
+    c = conv_cost(m.in_channels, m.out_channels, m.groups, math.prod(m.kernel_size), y.numel // m.out_channels,
                    m.bias is not None)
-    return _acts(c, ctx)
+    return acts(c, ctx)
 
 
 @register_module(nn.Linear)
@@ -221,7 +221,7 @@ def linear_module(ctx: Ctx) -> Cost:
     return c
 
 
-def _norm(ctx: Ctx, channels: int, affine: bool, stats: bool) -> Cost:
+def norm(ctx: Ctx, channels: int, affine: bool, stats: bool) -> Cost:
     x = ctx.inputs[0]
     c = Cost("norm", channels, channels)
     if affine:
@@ -230,13 +230,13 @@ def _norm(ctx: Ctx, channels: int, affine: bool, stats: bool) -> Cost:
         c.add("buffers", 2, b=1)
         c.add("fixed_bytes", 8)  # num_batches_tracked, int64
     c.add("macs", (2 if affine else 1) * (x.numel // channels), b=1)
-    return _acts(c, ctx)
+    return acts(c, ctx)
 
 
 @register_module(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 def batchnorm_module(ctx: Ctx) -> Cost:
     m = ctx.module
-    c = _norm(ctx, m.num_features, m.affine, m.track_running_stats)
+    c = norm(ctx, m.num_features, m.affine, m.track_running_stats)
     if m.track_running_stats and m.num_batches_tracked is None:
         c.terms = [t for t in c.terms if t[0] != "fixed_bytes"]
     return c
@@ -245,13 +245,13 @@ def batchnorm_module(ctx: Ctx) -> Cost:
 @register_module(nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
 def instancenorm_module(ctx: Ctx) -> Cost:
     m = ctx.module
-    return _norm(ctx, m.num_features, m.affine, m.track_running_stats)
+    return norm(ctx, m.num_features, m.affine, m.track_running_stats)
 
 
 @register_module(nn.GroupNorm)
 def groupnorm_module(ctx: Ctx) -> Cost:
     m = ctx.module
-    c = _norm(ctx, m.num_channels, m.affine, False)
+    c = norm(ctx, m.num_channels, m.affine, False)
     return c
 
 
@@ -267,12 +267,12 @@ def layernorm_module(ctx: Ctx) -> Cost:
         if m.bias is not None:
             c.add("params", per, b=1)
     c.add("macs", (2 if m.elementwise_affine else 1) * (x.numel // d), b=1)
-    return _acts(c, ctx)
+    return acts(c, ctx)
 
 
 @register_module(nn.ReLU, nn.ReLU6, nn.ELU, nn.LeakyReLU, nn.GELU, nn.PReLU)
 def counted_activation_module(ctx: Ctx) -> Cost:
-    cin, cout = _io(ctx)
+    cin, cout = io(ctx)
     c = Cost("elementwise", cin, cout)
     y = ctx.outputs[0]
     c.add("macs", y.per_chan, b=1)
@@ -282,10 +282,10 @@ def counted_activation_module(ctx: Ctx) -> Cost:
             c.add("params", 1, b=1)
         else:
             c.add("params", n)
-    return _acts(c, ctx)
+    return acts(c, ctx)
 
 
-def _window(k) -> int:
+def window(k) -> int:
     """Elements of a pooling window (kernel_size as an int or a tuple; adaptive pools count 1)."""
     if isinstance(k, (tuple, list)):
         return int(math.prod(int(x) for x in k)) if all(isinstance(x, int) for x in k) else 1
@@ -296,20 +296,20 @@ def _window(k) -> int:
                  nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
                  nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
 def pool_module(ctx: Ctx) -> Cost:
-    cin, cout = _io(ctx)
-    c = Cost("maxpool" if isinstance(ctx.module, _MAXPOOL) else "pool", cin, cout,
-             ksize=_window(getattr(ctx.module, "kernel_size", 1)))
+    cin, cout = io(ctx)
+    c = Cost("maxpool" if isinstance(ctx.module, MAXPOOL_MODULES) else "pool", cin, cout,
+             ksize=window(getattr(ctx.module, "kernel_size", 1)))
     c.add("macs", ctx.inputs[0].per_chan, a=1)
-    return _acts(c, ctx)
+    return acts(c, ctx)
 
 
 @register_module(nn.Upsample)
 def upsample_module(ctx: Ctx) -> Cost:
-    cin, cout = _io(ctx)
+    cin, cout = io(ctx)
     c = Cost("copy", cin, cout)
     y = ctx.outputs[0]
     c.add("macs", math.prod(y.shape[2:]), b=1)  # the counter counts output[0]'s elements
-    return _acts(c, ctx)
+    return acts(c, ctx)
 
 
 @register_module(nn.MultiheadAttention)
@@ -338,159 +338,6 @@ def mha_module(ctx: Ctx) -> Cost:
     return c
 
 
-# ----------------------------------------------------------------------------------------------
-# functions (torch functions, Tensor methods, aten ops)
-
-
-@register_function("conv1d", "conv2d", "conv3d", "convolution", "_convolution", rule="fixed")
-def conv_function(ctx: Ctx) -> Cost:
-    w = ctx.args[1] if len(ctx.args) > 1 else ctx.kwargs["weight"]
-    bias = ctx.args[2] if len(ctx.args) > 2 else ctx.kwargs.get("bias")
-    groups = ctx.kwargs.get("groups")
-    if groups is None:  # F.conv2d(x, w, b, stride, padding, dilation, groups); aten.convolution puts it 9th
-        groups = ctx.args[8] if len(ctx.args) >= 9 else (ctx.args[6] if len(ctx.args) >= 7 else 1)
-    cin = ctx.inputs[0].chan
-    cout = w.shape[0]
-    c = _conv_cost(cin, cout, int(groups), math.prod(w.shape[2:]), ctx.outputs[0].numel // cout,
-                   isinstance(bias, torch.Tensor))
-    return _acts(c, ctx)
-
-
-@register_function("linear", rule="fixed")
-def linear_function(ctx: Ctx) -> Cost:
-    w = ctx.args[1] if len(ctx.args) > 1 else ctx.kwargs["weight"]
-    bias = ctx.args[2] if len(ctx.args) > 2 else ctx.kwargs.get("bias")
-    cout, cin = w.shape
-    x = ctx.inputs[0]
-    c = Cost("gemm", cin, cout)
-    c.add("params", 1, a=1, b=1)
-    c.add("gemm_macs", x.numel // cin, a=1, b=1)
-    if isinstance(bias, torch.Tensor):
-        c.bias = True
-        c.add("params", 1, b=1)
-    return _acts(c, ctx)
-
-
-@register_function("batch_norm", "_native_batch_norm_legit_no_training", "native_batch_norm", "instance_norm", "group_norm",
-                   "layer_norm", "native_layer_norm", "rms_norm", rule="same")
-def norm_function(ctx: Ctx) -> Cost:
-    cin, cout = _io(ctx)
-    c = Cost("norm", cin, cout)
-    _channel_params(c, ctx.params)
-    return _acts(c, ctx)
-
-
-@register_function(
-    "relu", "relu_", "relu6", "hardtanh", "hardtanh_", "silu", "silu_", "gelu", "sigmoid", "sigmoid_", "hardsigmoid",
-    "hardswish", "hardswish_", "tanh", "elu", "leaky_relu", "mish", "softplus", "dropout", "dropout_", "alpha_dropout",
-    "feature_alpha_dropout", "clone", "contiguous", "to", "float", "softmax", "log_softmax", "_softmax", "abs", "neg",
-    "exp", "sqrt", "rsqrt", "pow", "__pow__", "clamp", "clamp_min", "erf", "layer_scale", "masked_fill",
-    "add", "add_", "__add__", "__iadd__", "__radd__", "sub", "sub_", "__sub__", "__rsub__", "__isub__",
-    "mul", "mul_", "__mul__", "__imul__", "__rmul__", "div", "div_", "__truediv__", "__itruediv__", "__rtruediv__",
-    "where", "stochastic_depth", "eq", "ne", "lt", "gt", "le", "ge", "__eq__", "__ne__", "__lt__", "__gt__",
-    "__le__", "__ge__", "logical_not", "quantize_per_tensor", "dequantize_per_tensor", "quantize_per_channel",
-    "dequantize_per_channel", "__and__", "__or__", "logical_and", "logical_or", rule="same")
-def elementwise_function(ctx: Ctx) -> Cost:
-    cin, cout = _io(ctx)
-    c = Cost("elementwise", cin, cout)
-    _channel_params(c, ctx.params)
-    return _acts(c, ctx)
-
-
-@register_function("avg_pool1d", "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d",
-                   "adaptive_avg_pool3d", "_adaptive_avg_pool2d", "mean", "sum", "interpolate", "upsample_nearest2d",
-                   "upsample_bilinear2d", rule="same")
-def pool_function(ctx: Ctx) -> Cost:
-    cin, cout = _io(ctx)
-    c = Cost("pool", cin, cout)
-    _const_params(c, ctx.params)
-    return _acts(c, ctx)
-
-
-@register_function("max_pool1d", "max_pool2d", "max_pool3d", "adaptive_max_pool1d", "adaptive_max_pool2d",
-                   "adaptive_max_pool3d", "max_pool2d_with_indices", "amax", rule="same")
-def maxpool_function(ctx: Ctx) -> Cost:
-    """Max pooling as a function (exported programs): the same class as the MaxPool modules."""
-    cin, cout = _io(ctx)
-    c = Cost("maxpool", cin, cout, ksize=_window(ctx.args[1] if len(ctx.args) > 1 else ctx.kwargs.get("kernel_size", 1)))
-    _const_params(c, ctx.params)
-    return _acts(c, ctx)
-
-
-@register_function("cat", "concat", "concatenate", "stack", rule="cat")
-def cat_function(ctx: Ctx) -> Cost:
-    cin, cout = _io(ctx)
-    c = Cost("copy", cin, cout)
-    y = ctx.outputs[0]
-    # every input is read once and written once: the reads add up to the output
-    c.add("act_in", y.per_chan, b=1)
-    c.add("act_out", y.per_chan, b=1)
-    return c
-
-
-@register_function("flatten", "view", "reshape", "unsqueeze", "squeeze", "permute", "transpose", "t", "__getitem__",
-                   "select", "narrow", "expand", "expand_as", "unflatten", "chunk", "split", "unbind", "unsafe_view",
-                   "_unsafe_view", "detach", "movedim", "swapaxes", "swapdims", "alias", "view_as", "reshape_as", "slice", rule="reshape")
-def view_function(ctx: Ctx) -> Cost:
-    """Views move no data (a copy is costed where a later op needs one: contiguous, clone)."""
-    cin, cout = _io(ctx)
-    c = Cost("view", cin, cout)
-    if ctx.params:  # indexing a parameter table (e.g. relative position bias) reads it
-        _const_params(c, ctx.params)
-        for t in ctx.outputs:
-            c.add("act_out", t.numel)
-    return c
-
-
-@register_function("pad", "roll", "channel_shuffle", "native_channel_shuffle", "pixel_shuffle", "repeat", rule="reshape")
-def copy_function(ctx: Ctx) -> Cost:
-    cin, cout = _io(ctx)
-    c = Cost("copy", cin, cout)
-    _const_params(c, ctx.params)
-    return _acts(c, ctx)
-
-
-@register_function("matmul", "__matmul__", "bmm", "mm", "einsum", "baddbmm", "addmm", rule="fixed")
-def matmul_function(ctx: Ctx) -> Cost:
-    cin, cout = _io(ctx)
-    c = Cost("gemm", cin, cout, channel_exact=False)
-    ops = [t for t in ctx.inputs] + [TMeta(tuple(p.shape)) for p in ctx.params]
-    a, b = (ops + [None, None])[:2]
-    y = ctx.outputs[0]
-    if a is not None:
-        k = a.shape[-1]
-        c.add("gemm_macs", y.numel * k)
-    _const_params(c, ctx.params)
-    for t in ctx.inputs:
-        c.add("act_in", t.numel)
-    for t in ctx.outputs:
-        c.add("act_out", t.numel)
-    return c
-
-
-@register_function("scaled_dot_product_attention", rule="fixed")
-def sdpa_function(ctx: Ctx) -> Cost:
-    q, k, v = ctx.inputs[:3]
-    y = ctx.outputs[0]
-    batch_heads = q.numel // (q.shape[-2] * q.shape[-1])
-    lq, lk, d, dv = q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
-    c = Cost("attention", q.chan, y.chan, channel_exact=False)
-    c.add("gemm_macs", batch_heads * lq * lk * (d + dv))
-    c.add("act_in", sum(t.numel for t in ctx.inputs))
-    c.add("act_out", y.numel)
-    return c
-
-
-@register_function("zeros", "ones", "full", "arange", "new_zeros", "new_ones", "new_full", "zeros_like", "ones_like",
-                   "full_like", "empty", "empty_like", "tensor", "as_tensor", "meshgrid", "fill_", "zero_", rule="fixed")
-def creation_function(ctx: Ctx) -> Cost:
-    cin, cout = _io(ctx)
-    c = Cost("copy", cin, cout, channel_exact=False)
-    for t in ctx.outputs:
-        c.add("act_out", t.numel)
-    return c
-
-
 # Module types that leave a tensor's layout as it is (elementwise, or acting on the last dim): their output
 # keeps its input's channel dim. A Linear (module or function) puts its output features on the last dim,
 # whatever the rank: on a channels-last (N, H, W, C) tensor that is not the NCHW dim 1.
@@ -510,3 +357,8 @@ def function_name(func: Any) -> str:
         return getattr(op, "__name__", str(op)).split(".")[-1]
     name = getattr(func, "__name__", None) or str(func)
     return name
+
+
+from . import function_costs  # noqa: E402  (registers the function costs; it imports this module's types)
+
+FUNCTION_COSTS_MODULE = function_costs

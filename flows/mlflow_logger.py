@@ -52,6 +52,7 @@ class RunLogger:
         close_stale_runs(client, self.exp_id)
         self.pid = client.create_run(self.exp_id, tags=self.tags).info.run_id
         params = {"model": record["model"], "hardware": record["hardware"], "data": record.get("data") or "none",
+                  "runtime": record.get("runtime") or "pytorch",
                   **flat_params("req", record.get("requirements", {})), **flat_params("search", record.get("search", {})),
                   **flat_params("parallel", record.get("parallel", {}))}
         ident = plan.get("profile_identity") or {}

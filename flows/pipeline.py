@@ -28,10 +28,13 @@ from estimators.modelspec import format_input_shape
 from estimators.progress import step
 from search.requirements import Requirements, settle_infeasible
 from tasks.apply import EXPORT_FORMS
+from tasks.onnx_runtime import RUNTIMES
 from tasks.pipeline import (ModelInput, ParallelOptions, SearchOptions, analyze_task, calibrate_task, execute_task,
                             measure_task, run_progress, search_task, sensitivity_task)
 
 from . import tracking
+from .context import RunContext, Runtime
+from .markdown import markdown_report
 
 DEFAULT_OUT = "build/runs"
 
@@ -121,77 +124,6 @@ def _key(*parts: str) -> str:
     return re.sub(r"[^a-z0-9-]+", "-", "-".join(parts).lower()).strip("-")[:100]
 
 
-def _fmt(v: Any, k: str) -> str:
-    if v is None:
-        return ""
-    if k in HEADERS:
-        return f"{v / 1e6:.4f}"
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return f"{v:,}" if isinstance(v, int) else str(v)
-
-
-COLUMNS = ("latency_ms", "size_bytes", "params", "macs", "peak_memory_bytes", "accuracy_drop")
-HEADERS = {"size_bytes": "size (MB)", "peak_memory_bytes": "peak memory (MB)", "onnx_size_bytes": "ONNX size (MB)"}  # _fmt shows them in MB
-
-
-def markdown_report(title: str, rep: dict, executed: list[dict], tracked: dict, failed: list[dict] = ()) -> str:
-    lines = [f"# {title}", ""]
-    req = rep.get("requirements", {})
-    lines.append(f"Requirements: {', '.join(f'{k} = {v}' for k, v in req.items()) or 'none'}; "
-                 f"{rep['candidates_evaluated']:,} candidates in {rep['seconds']} s "
-                 f"({rep['candidates_per_second']:,.0f}/s); accuracy as {rep['accuracy_unit']}.")
-    ident = rep.get("profile_identity") or {}
-    prof = ident.get("profile") or {}
-    if prof:
-        anchor = ident.get("anchor")
-        lines.append(f"Profile `{prof['name']}` (hash {prof['hash']}" + (f", calibrated {prof['calibrated']} on "
-                     f"{prof['cpu']} {prof['isa']}" if prof.get("calibrated") else "") + "); latency "
-                     + (f"anchored on the original measured here ({anchor['total_ms']} ms at batch {anchor['batch']}; "
-                        f"the profile alone predicted {anchor['predicted_ms']} ms; {anchor['truths']} measured "
-                        "candidates refine it)." if anchor else f"from the profile alone: {ident.get('anchor_note', '')}"))
-        if prof.get("warning"):
-            lines.append(f"\n**Warning:** {prof['warning']}")
-    lines.append("")
-    if rep.get("recommended"):
-        lines.append(f"**Recommended:** `{rep['recommended']['label']}`; binding: "
-                     f"{', '.join(b['requirement'] for b in rep['binding']) or 'none'}")
-        if rep.get("predicted_infeasible"):
-            lines.append(f"(as measured; predicted infeasible: {rep['predicted_infeasible']['message']})")
-    else:
-        lines.append(f"**Infeasible:** {rep['infeasible']['message']}")
-    lines += ["", "## Top candidates (predicted)", "", "| strategy | " + " | ".join(HEADERS.get(k, k) for k in COLUMNS) + " |",
-              "|---" * (len(COLUMNS) + 1) + "|"]
-    for r in rep.get("top", []):
-        lines.append(f"| `{r['label']}` | " + " | ".join(_fmt(r["pred"].get(k), k) for k in COLUMNS) + " |")
-    if executed:
-        lines += ["", "## Executed: predicted vs measured", "",
-                  "| strategy | metric | predicted | measured | error |", "|---|---|---|---|---|"]
-        for e in executed:
-            for k in COLUMNS + ("accuracy", "onnx_size_bytes"):
-                if k in e["meas"] and k in e["pred"]:
-                    err = e["err"].get(k)
-                    es = "" if err is None else (f"{err:+.2f} points" if k.startswith("accuracy") else f"{err:+.1%}")
-                    lines.append(f"| `{e['label']}` | {HEADERS.get(k, k)} | {_fmt(e['pred'][k], k)} | {_fmt(e['meas'][k], k)} | {es} |")
-        onnx = [e for e in executed if (e.get("onnx") or {}).get("path")]
-        if onnx:
-            lines += ["", f"## ONNX exports (checked in ONNX Runtime; for {onnx[0]['onnx']['tensorrt']})", ""]
-            for e in onnx:
-                o = e["onnx"]
-                lines.append(f"- `{e['label']}`: `{o['path']}` ({o['form']}); on the TensorRT machine: `{o['trtexec']}`")
-    for f in failed:
-        lines.append(f"\n**Execution failed:** `{f['label']}`: {f['error']}")
-    lines.append("")
-    if tracked.get("run_id"):
-        lines.append(f"MLflow run {tracked['run_id']} in {tracked['uri']} ({tracked['nested_runs']} nested runs): "
-                     f"[open in the MLflow UI]({tracked['link']})"
-                     + (" (start it with `deployfit ui`)" if not tracked["uri"].startswith("http") else ""))
-    else:
-        lines.append(f"Tracking store {tracked.get('uri')} unreachable ({tracked.get('error')}): results saved "
-                     f"locally under `{tracked.get('saved_locally')}`.")
-    return "\n".join(lines)
-
-
 def _ensure_profile(hardware: str) -> None:
     """Load the profile first: `host` on a machine without one is calibrated here (quickly, saying so), before the
     tracking session starts and before anything is timed."""
@@ -200,22 +132,39 @@ def _ensure_profile(hardware: str) -> None:
     load_profile(hardware, progress=run_progress)
 
 
-def _plan_steps(model: ModelInput, data: Optional[str], hardware: str, requirements: Requirements,
-                search: SearchOptions, top_k: int, profile: str | None = None, anchor: bool = True
-                ) -> tuple[dict, list[dict]]:
-    """`profile`: the profile to plan with when not the stored `hardware` one (a device calibration's YAML)."""
+def _open(flow_name: str, model: ModelInput, data: Optional[str], hardware: str, requirements: Requirements,
+          search: SearchOptions, top_k: int, anchor: bool, runtime: Runtime, out_dir: str, **run: Any) -> RunContext:
+    """The run's context: its inputs, its Prefect flow run (named) and its own folder, created. The runtime is
+    checked here, before any work (ONNX Runtime is measured on this machine only)."""
+    from tasks.onnx_runtime import check_runtime
+
+    check_runtime(runtime.value if isinstance(runtime, Enum) else runtime, hardware)
+    run_id = _flow_run_id()
+    workdir = Path(out_dir) / (run_id or time.strftime("%Y%m%d-%H%M%S"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    return RunContext(flow=flow_name, model=model, data=data, hardware=hardware, requirements=requirements,
+                      search=search, top_k=top_k, anchor=anchor,
+                      runtime=runtime.value if isinstance(runtime, Enum) else runtime, out_dir=out_dir,
+                      workdir=workdir, flow_run_id=run_id, run_name=_name_flow_run(model.spec, hardware),
+                      started=time.perf_counter(), **run)
+
+
+def _plan_steps(ctx: RunContext) -> tuple[dict, list[dict]]:
+    """Analysis, sensitivity (with data), the students' analyses and the search: the plan report and the layer rows."""
     log = get_run_logger()
+    model = ctx.model
     with run_progress.status(f"tracing {model.spec} into its layer table", line=False):  # a spinner on a terminal
         table = analyze_task(model)
-    sens = sensitivity_task(model, data, quote(table)) if data else None
+    sens = sensitivity_task(model, ctx.data, quote(table)) if ctx.data else None
     shape = format_input_shape(table.input_shape)
     students = {}
-    for s in search.students:
+    for s in ctx.search.students:
         with run_progress.status(f"tracing the student {s}", line=False):
             students[s] = analyze_task(ModelInput(spec=s, input_shape=shape, trust_pickle=model.trust_pickle))
     # quote(): large payloads pass through as they are (Prefect would walk them looking for futures)
-    rep = search_task(model, quote(table), profile or hardware, requirements, search, data=data, sens=quote(sens),
-                      student_tables=quote(students), top_k=top_k, anchor=anchor)
+    rep = search_task(model, quote(table), ctx.plan_hardware, ctx.requirements, ctx.search, data=ctx.data,
+                      sens=quote(sens), student_tables=quote(students), top_k=ctx.top_k, anchor=ctx.anchor,
+                      runtime=ctx.runtime)
     log.info(f"{rep['candidates_evaluated']:,} candidates in {rep['seconds']} s; recommended "
              f"{rep['recommended']['label'] if rep.get('recommended') else 'none: ' + rep['infeasible']['message']}")
     from estimators.table import layer_rows
@@ -223,26 +172,12 @@ def _plan_steps(model: ModelInput, data: Optional[str], hardware: str, requireme
     return rep, layer_rows(table)
 
 
-def _record(flow_name: str, model: ModelInput, data: Optional[str], hardware: str, requirements: Requirements,
-            search: SearchOptions, out_dir: str) -> tuple[dict, Path]:
-    """What the tracking store records of this flow run (params, tags) and the run's own folder."""
-    run_id = _flow_run_id()
-    workdir = Path(out_dir) / (run_id or time.strftime("%Y%m%d-%H%M%S"))
-    workdir.mkdir(parents=True, exist_ok=True)
-    return ({"flow": flow_name, "flow_run_id": run_id, "run_name": _name_flow_run(model.spec, hardware),
-             "model": model.spec, "hardware": hardware, "data": data,
-             "requirements": requirements.model_dump(exclude_none=True), "search": search.model_dump()}, workdir)
-
-
-def _finish(flow_name: str, model: ModelInput, hardware: str, record: dict, workdir: Path,
-            session: tracking.Session, rep: dict, executed: list[dict], layers: list[dict],
-            t0: float, failed: list[dict] | None = None, device: tuple[int, float] | None = None) -> dict:
+def _track(ctx: RunContext, session: tracking.Session, rep: dict, executed: list[dict], layers: list[dict]) -> dict:
+    """The run in MLflow, or (the store down) everything kept on disk, and where."""
     log = get_run_logger()
-    run_id = record["flow_run_id"]
-    if device is None:  # measured here: settled before it is tracked
-        settle_infeasible(rep, executed)
+    record = ctx.record()
     t_track = time.perf_counter()
-    state = track_task(record, quote(rep), quote(executed), quote(layers), str(workdir), quote(session),
+    state = track_task(record, quote(rep), quote(executed), quote(layers), str(ctx.workdir), quote(session),
                        return_state=True)
     if state.is_completed():
         tracked = state.result()
@@ -253,49 +188,67 @@ def _finish(flow_name: str, model: ModelInput, hardware: str, record: dict, work
             error = "unknown"
         except Exception as exc:  # the store is down: keep everything on disk and say where
             error = f"{type(exc).__name__}: {str(exc)[:300]}"
-        tracked = tracking.save_local(workdir / "tracking-fallback", record, rep, executed, layers, error)
+        tracked = tracking.save_local(ctx.workdir / "tracking-fallback", record, rep, executed, layers, error)
         log.warning(f"tracking store unreachable ({error}); results saved under {tracked['saved_locally']}")
     tracked["seconds"] = round(time.perf_counter() - t_track, 3)
-    if device is not None:
-        # measurement on the device: the worker of pool deployfit-<hardware> fetches each artifact from the
-        # tracking store, measures it and logs into the candidate's run; the measurements come back here
-        from estimators.report import rel_err
+    return tracked
 
-        from .device import measure_remote, pool_name
 
-        if not tracked.get("executed_runs"):
-            log.warning("device measurement needs the tracking store (the artifacts travel through it): skipped")
+def _measure_on_device(ctx: RunContext, executed: list[dict], tracked: dict) -> None:
+    """Latency measured on the device: the worker of pool deployfit-<hardware> fetches each artifact from the
+    tracking store, measures it and logs into the candidate's run; the measurements come back into `executed`."""
+    from estimators.report import rel_err
+
+    from .device import measure_remote, pool_name
+
+    log = get_run_logger()
+    if not tracked.get("executed_runs"):
+        log.warning("device measurement needs the tracking store (the artifacts travel through it): skipped")
+        return
+    got = measure_remote(tracked["executed_runs"], tracked["uri"], ctx.hardware, ctx.batch_size,
+                         ctx.device_timeout_s, say=log.warning)
+    for e, m in zip(executed, got):
+        if m and "meas.latency_ms" in m:
+            e["meas"]["latency_ms"] = m["meas.latency_ms"]
+            e["err"] = rel_err(e["pred"], e["meas"])
+            e["measured_on"] = f"pool {pool_name(ctx.hardware)}"
         else:
-            got = measure_remote(tracked["executed_runs"], tracked["uri"], hardware, device[0], device[1],
-                                 say=log.warning)
-            for e, m in zip(executed, got):
-                if m and "meas.latency_ms" in m:
-                    e["meas"]["latency_ms"] = m["meas.latency_ms"]
-                    e["err"] = rel_err(e["pred"], e["meas"])
-                    e["measured_on"] = f"pool {pool_name(hardware)}"
-                else:
-                    e.setdefault("notes", []).append("latency not measured: no device worker answered in time")
+            e.setdefault("notes", []).append("latency not measured: no device worker answered in time")
+
+
+def _finish(ctx: RunContext, session: tracking.Session, rep: dict, executed: list[dict], layers: list[dict],
+            failed: list[dict] | None = None) -> dict:
+    """Settle the plan on the measurements, track the run, leave its Prefect artifact and report.json; returns the
+    report."""
+    on_device = ctx.device_measure and bool(executed)
+    if not on_device:  # measured here: settled before it is tracked
+        settle_infeasible(rep, executed)
+    tracked = _track(ctx, session, rep, executed, layers)
+    if on_device:
+        _measure_on_device(ctx, executed, tracked)
         settle_infeasible(rep, executed)  # on the device's measurements, just taken
-    title = f"deployfit {flow_name}: {model.spec} on {hardware}"
-    create_markdown_artifact(markdown_report(title, rep, executed, tracked, failed or []), key=_key("deployfit", flow_name, model.spec,
-                                                                                     hardware),
-                             description=title)
+    title = f"deployfit {ctx.flow}: {ctx.model.spec} on {ctx.hardware}" + (
+        " (ONNX Runtime)" if ctx.runtime == "onnxruntime" else "")
+    create_markdown_artifact(markdown_report(title, rep, executed, tracked, failed or []),
+                             key=_key("deployfit", ctx.flow, ctx.model.spec, ctx.hardware), description=title)
     out = {k: v for k, v in rep.items() if k != "candidates"}
     out.update(executed=[{k: e.get(k) for k in ("compact", "label", "pred", "meas", "err", "artifact", "executed_by",
                                                  "measured_on", "notes", "onnx")}
                          for e in executed],
-               failed=failed or [], tracking=tracked, flow_run_id=run_id,
-               seconds_total=round(time.perf_counter() - t0, 2),
-               report_dir=str(workdir))
-    (workdir / "report.json").write_text(json.dumps(out, indent=1, default=str))
+               failed=failed or [], tracking=tracked, flow_run_id=ctx.flow_run_id, runtime=ctx.runtime,
+               seconds_total=round(time.perf_counter() - ctx.started, 2), report_dir=str(ctx.workdir))
+    (ctx.workdir / "report.json").write_text(json.dumps(out, indent=1, default=str))
     return out
+
+
+RuntimeName = Enum("RuntimeName", {r: r for r in RUNTIMES}, type=str)  # the form's runtime choice
 
 
 @flow(name="deployfit-plan", log_prints=True)
 def plan_flow(model: ModelInput = ModelInput(), data: Optional[str] = "digits", hardware: HardwareName = "host",
               hardware_path: Optional[str] = None, requirements: Requirements = Requirements(max_size_mb=0.05),
               search: SearchOptions = SearchOptions(), top_k: Annotated[int, Field(ge=1, le=100)] = 5,
-              anchor: bool = True, out_dir: str = DEFAULT_OUT) -> dict:
+              anchor: bool = True, runtime: RuntimeName = RuntimeName.pytorch, out_dir: str = DEFAULT_OUT) -> dict:
     """Estimate every candidate of the distill -> prune -> quantize space for MODEL on HARDWARE and
     recommend the strategy that meets the requirements with the least predicted accuracy drop.
 
@@ -310,17 +263,18 @@ def plan_flow(model: ModelInput = ModelInput(), data: Optional[str] = "digits", 
         search: the search space and budget (pruning grid, NSGA-II evaluations, students, fine-tuning epochs)
         top_k: how many of the best strategies the report lists (1-100)
         anchor: predict latency relative to the original model measured on this machine (host only)
+        runtime: what latency is predicted for on host: pytorch (the saved program) or onnxruntime (the ONNX
+            export in ONNX Runtime)
         out_dir: folder for run reports, on the machine that runs the flow
     """
-    t0 = time.perf_counter()
     hardware = hardware_spec(hardware, hardware_path)
     _ensure_profile(hardware)
+    ctx = _open("plan", model, data, hardware, requirements, search, top_k, anchor, runtime, out_dir)
     session = tracking.Session()  # after any calibration: the session's start must not disturb its timing
     try:
-        record, workdir = _record("plan", model, data, hardware, requirements, search, out_dir)
-        rep, layers = _plan_steps(model, data, hardware, requirements, search, top_k, anchor=anchor)
-        session.start(record, rep, layers, workdir)
-        return _finish("plan", model, hardware, record, workdir, session, rep, [], layers, t0)
+        rep, layers = _plan_steps(ctx)
+        session.start(ctx.record(), rep, layers, ctx.workdir)
+        return _finish(ctx, session, rep, [], layers)
     finally:
         session.close()
 
@@ -333,13 +287,13 @@ def _failure(candidate: dict, exc: Exception) -> dict:
 @flow(name="deployfit-execute", log_prints=True)
 def execute_flow(model: ModelInput, candidates: list[dict], out_dir: str, hardware: str, batch_size: int,
                  data: Optional[str], finetune_epochs: int, threads: Optional[int],
-                 export: tuple[str, ...] = ("pt2", "onnx")) -> list[dict]:
+                 export: tuple[str, ...] = ("pt2", "onnx"), runtime: str = "pytorch") -> list[dict]:
     """Build, train and measure (all but latency) the candidates concurrently on the flow's task runner (a
     DaskTaskRunner when called from `run` with workers or a cluster address). Returns one dict per candidate:
     its result, or {"error": ...}."""
     futures = [execute_task.submit(model, c["compact"], c["out_dir"], hardware, batch_size=batch_size, data=data,
                                    finetune_epochs=finetune_epochs, latency_now=False, threads=threads,
-                                   export=export)
+                                   export=export, runtime=runtime)
                for c in candidates]
     out = []
     with step(run_progress, "candidates built", len(candidates), lines=False) as counted:  # a bar on a terminal
@@ -394,6 +348,7 @@ def run_flow(model: ModelInput = ModelInput(), data: Optional[str] = "digits", h
              device_calibrate: bool = False,
              device_calibrate_budget_s: Annotated[float, Field(gt=0, le=3600)] = CALIBRATION_BUDGET_S,
              device_timeout_s: Annotated[float, Field(gt=0, le=86400)] = 600.0, anchor: bool = True,
+             runtime: RuntimeName = RuntimeName.pytorch,
              register_as: Optional[str] = None, export: list[ExportFormat] = [ExportFormat.pt2, ExportFormat.onnx],
              out_dir: str = DEFAULT_OUT) -> dict:
     """Plan, then execute the top-k strategies (training where they train; in parallel on Dask with
@@ -419,64 +374,90 @@ def run_flow(model: ModelInput = ModelInput(), data: Optional[str] = "digits", h
         device_calibrate_budget_s: seconds of timing the device calibration may spend (1-3600)
         device_timeout_s: seconds to wait for a device worker per step before keeping the predictions
         anchor: predict latency relative to the original model measured on this machine (host only)
+        runtime: what latency is predicted and measured for on host: pytorch (the saved program) or onnxruntime
+            (each candidate's model.onnx in ONNX Runtime, which is then always exported)
         register_as: register the recommended executed candidate's model under this name in the MLflow Model
             Registry (a new version per run; empty: none)
         export: the forms each executed candidate is saved in: pt2 (always: it is what is measured) and onnx
             (checked in ONNX Runtime; for TensorRT or ONNX Runtime deployments)
         out_dir: folder for run reports and executed artifacts, on the machine that runs the flow
     """
-    t0 = time.perf_counter()
     log = get_run_logger()
     hardware = hardware_spec(hardware, hardware_path)
-    batch_size = requirements.batch_size
     _ensure_profile(hardware)
-    record, workdir = _record("run", model, data, hardware, requirements, search, out_dir)
-    record["register"] = register_as or None
-    forms = tuple(dict.fromkeys(["pt2"] + [ExportFormat(f).value for f in export]))
-    record["export"] = list(forms)
-    record["parallel"] = {"workers": parallel.workers, "dask_address": parallel.address() or "",
-                          "threads": parallel.threads_per_candidate()}
-    profile = None
+    forms = [ExportFormat(f).value for f in export] + (["onnx"] if RuntimeName(runtime).value == "onnxruntime" else [])
+    ctx = _open("run", model, data, hardware, requirements, search, top_k, anchor, runtime, out_dir,
+                execute=execute, export=tuple(dict.fromkeys(["pt2", *forms])), parallel=parallel,
+                # a target other than this machine is measured on the device when a worker serves it
+                device_measure=hardware != "host" if device_measure is None else device_measure,
+                device_timeout_s=device_timeout_s, register_as=register_as or None)
     if device_calibrate:  # the device calibrates the hardware's profile; it comes back through the tracking store
         from .device import calibrate_remote
 
         got = calibrate_remote(hardware, tracking.tracking_uri(), Path(out_dir) / "profiles", quick=
                                device_calibrate_budget_s < 30, budget_s=device_calibrate_budget_s,
                                timeout_s=device_timeout_s, say=log.warning)
-        profile = str(got) if got else None
         if got:
+            ctx = ctx.model_copy(update={"profile": str(got)})
             log.info(f"planning with the {hardware} profile calibrated on the device ({got})")
     session = tracking.Session()  # after any calibration: the session's start must not disturb its timing
     try:
-        return _run_steps(model, data, hardware, requirements, search, execute, top_k, batch_size, parallel,
-                          device_measure, device_timeout_s, out_dir, record, workdir, profile, session, t0, anchor,
-                          forms)
+        return _run_steps(ctx, session)
     finally:
         session.close()
 
 
-def _run_steps(model: ModelInput, data: Optional[str], hardware: str, requirements: Requirements,
-               search: SearchOptions, execute: bool, top_k: int, batch_size: int, parallel: ParallelOptions,
-               device_measure: Optional[bool], device_timeout_s: float, out_dir: str, record: dict, workdir: Path, profile: Optional[str],
-               session: tracking.Session, t0: float, anchor: bool = True,
-               export: tuple[str, ...] = ("pt2", "onnx")) -> dict:
+def _candidates(ctx: RunContext, chosen: list[dict]) -> list[dict]:
+    """The chosen strategies to execute, each with its own artifact folder (by model and strategy)."""
+    out = []
+    for cand in chosen:
+        tag = hashlib.sha256(f"{ctx.model.fingerprint()}|{cand['compact']}".encode()).hexdigest()[:12]
+        out.append({"compact": cand["compact"], "label": cand["label"],
+                    "out_dir": str(Path(ctx.out_dir) / "artifacts" / f"{_key(ctx.model.spec)}-{tag}")})
+    return out
+
+
+def _execute(ctx: RunContext, cands: list[dict], built) -> None:
+    """Build and train each candidate (on Dask with `ctx.parallel`, else one after another here), handing each
+    result, or its failure, to `built`."""
     log = get_run_logger()
-    rep, layers = _plan_steps(model, data, hardware, requirements, search, top_k, profile, anchor)
-    rep["profile"] = profile or hardware
-    session.start(record, rep, layers, workdir)  # logged in the background while the candidates execute
-    if device_measure is None:  # a target other than this machine is measured on the device when a worker serves it
-        device_measure = hardware != "host"
+    parallel = ctx.parallel
+    if parallel.distributed():
+        runner = _task_runner(parallel)
+        log.info(f"executing {len(cands)} candidates on Dask ({parallel.address() or f'{parallel.workers} local workers'})")
+        per = parallel.threads or (None if parallel.address() else parallel.threads_per_candidate())
+        for res in execute_flow.with_options(task_runner=runner)(ctx.model, cands, ctx.out_dir, ctx.hardware,
+                                                                 ctx.batch_size, ctx.data, ctx.search.finetune_epochs,
+                                                                 per, ctx.export, ctx.runtime):
+            built(res)
+        return
+    # the log says which candidate runs; a terminal also shows them as a bar with the time left
+    with step(run_progress, "executing candidates", len(cands), lines=False) as counted:
+        for i, c in enumerate(cands):
+            log.info(f"executing {i + 1}/{len(cands)}: {c['label']}")
+            counted.update(i, c["label"])
+            state = execute_task(ctx.model, c["compact"], c["out_dir"], ctx.hardware, batch_size=ctx.batch_size,
+                                 data=ctx.data, finetune_epochs=ctx.search.finetune_epochs, latency_now=False,
+                                 threads=parallel.threads, anchor=ctx.anchor, export=ctx.export, runtime=ctx.runtime,
+                                 return_state=True)
+            try:  # one candidate failing (a runtime that cannot build it) must not lose the others
+                built(state.result())
+            except Exception as exc:
+                built(_failure(c, exc))
+            counted.update(i + 1)
+
+
+def _run_steps(ctx: RunContext, session: tracking.Session) -> dict:
+    log = get_run_logger()
+    rep, layers = _plan_steps(ctx)
+    rep["profile"] = ctx.plan_hardware
+    session.start(ctx.record(), rep, layers, ctx.workdir)  # logged in the background while the candidates execute
     executed: list[dict] = []
     failed: list[dict] = []
     # nothing predicted feasible, but candidates that miss only the predicted accuracy: executed to check it
-    chosen = (rep.get("top") or rep.get("verify") or [])[:top_k]
-    if execute and chosen:
-        cands = []
+    chosen = (rep.get("top") or rep.get("verify") or [])[:ctx.top_k]
+    if ctx.execute and chosen:
         plan_pred = {c["compact"]: c["pred"] for c in chosen}
-        for cand in chosen:
-            tag = hashlib.sha256(f"{model.fingerprint()}|{cand['compact']}".encode()).hexdigest()[:12]
-            cands.append({"compact": cand["compact"], "label": cand["label"],
-                          "out_dir": str(Path(out_dir) / "artifacts" / f"{_key(model.spec)}-{tag}")})
 
         def built(res: dict) -> None:  # tracked in the background while the next candidates execute
             if "error" in res:
@@ -486,32 +467,11 @@ def _run_steps(model: ModelInput, data: Optional[str], hardware: str, requiremen
             executed.append(_with_plan_prediction(res, plan_pred[res["compact"]]))
             session.executed(len(executed) - 1, executed[-1])
 
-        if parallel.distributed():
-            runner = _task_runner(parallel)
-            log.info(f"executing {len(cands)} candidates on Dask ({parallel.address() or f'{parallel.workers} local workers'})")
-            per = parallel.threads or (None if parallel.address() else parallel.threads_per_candidate())
-            for res in execute_flow.with_options(task_runner=runner)(model, cands, out_dir, hardware, batch_size, data,
-                                                                     search.finetune_epochs, per, export):
-                built(res)
-        else:
-            # the log says which candidate runs; a terminal also shows them as a bar with the time left
-            with step(run_progress, "executing candidates", len(cands), lines=False) as counted:
-                for i, c in enumerate(cands):
-                    log.info(f"executing {i + 1}/{len(cands)}: {c['label']}")
-                    counted.update(i, c["label"])
-                    state = execute_task(model, c["compact"], c["out_dir"], hardware, batch_size=batch_size, data=data,
-                                         finetune_epochs=search.finetune_epochs, latency_now=False,
-                                         threads=parallel.threads, anchor=anchor, export=export, return_state=True)
-                    try:  # one candidate failing (a runtime that cannot build it) must not lose the others
-                        built(state.result())
-                    except Exception as exc:
-                        built(_failure(c, exc))
-                    counted.update(i + 1)
-        if not device_measure:
+        _execute(ctx, _candidates(ctx, chosen), built)
+        if not ctx.device_measure:
             session.idle()  # nothing else runs while latency is timed, one candidate at a time
-            executed[:] = measure_task(quote(executed), hardware, model, anchor)
-    return _finish("run", model, hardware, record, workdir, session, rep, executed, layers, t0, failed,
-                   device=(batch_size, device_timeout_s) if device_measure and executed else None)
+            executed[:] = measure_task(quote(executed), ctx.hardware, ctx.model, ctx.anchor, ctx.runtime)
+    return _finish(ctx, session, rep, executed, layers, failed)
 
 
 @flow(name="deployfit-calibrate", log_prints=True)

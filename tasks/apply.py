@@ -143,12 +143,14 @@ def saved_latency(model_path: str, strategy: dict[str, Any], input_shape: list, 
 
 def measure_saved_latency(result: dict[str, Any], loaded: LoadedModel, anchor_on: bool = True,
                           progress: Callable[[str], None] = lambda m: None, table=None,
-                          original=None) -> dict[str, Any]:
+                          original=None, runtime: str = "pytorch") -> dict[str, Any]:
     """Predict and measure the latency of an artifact `apply_and_measure(..., latency_now=False)` saved, on this
     machine: the prediction anchored as apply's, the measurement in alternation with the original `loaded`
     (measure_candidate); completes its `pred`, `meas` and `err` (the result is returned updated). `table` (the
     original's analysis) and `original` (its artifact's module, tasks.anchoring.original_program): built here when
-    not given, once by a caller measuring several candidates of one model."""
+    not given, once by a caller measuring several candidates of one model. `runtime` `onnxruntime`: the
+    candidate's model.onnx, predicted and timed in ONNX Runtime against the original's session (`original` is
+    then not used)."""
     from estimators.compress import estimate
     from estimators.strategy import Strategy
 
@@ -157,12 +159,22 @@ def measure_saved_latency(result: dict[str, Any], loaded: LoadedModel, anchor_on
     if result.get("float_layers"):  # what was really built (apply_and_measure)
         strat = as_built(strat, result["float_layers"], table)
     _, anchor, extra = predict_host_latency(loaded, table, estimate(table, strat), "host", result["batch_size"],
-                                            anchor_on, progress)
+                                            anchor_on, progress, runtime)
     predicted = extra.pop("latency_ms")
     # a plan's executed candidate keeps the prediction that chose it (flows.pipeline._with_plan_prediction)
     out = {**result, "pred": {"latency_ms": predicted, **result["pred"]}, **extra}
     out["notes"] = [n for n in result.get("notes", []) if not n.startswith("latency to be predicted")] \
         + ([extra["hardware"]["warning"]] if extra["hardware"].get("warning") else [])
+    if runtime == "onnxruntime":
+        onnx_path = (result.get("onnx") or {}).get("path")
+        if anchor is None or not onnx_path:
+            out["notes"].append("latency in ONNX Runtime not measured: " + (
+                "it is measured against the original's ONNX Runtime anchor (off with --no-anchor)" if anchor is None
+                else "the candidate has no model.onnx"))
+            return out
+        from .onnx_runtime import measure_onnx_candidate
+
+        return record_latency(out, measure_onnx_candidate(onnx_path, loaded, result["batch_size"], anchor), anchor)
     fn = fast_form(load_program(result["artifact"]["model"], loaded.trust_pickle), _is_int8(result["strategy"]))
     return record_latency(out, measure_candidate(fn, loaded, result["batch_size"], anchor, original), anchor)
 

@@ -182,16 +182,17 @@ def accuracy_sensitivity(model: ModelInput, data: str, table):
 
 def search_space(model: ModelInput, table, hardware: str, requirements: Requirements, options: SearchOptions,
                  data: str | None = None, sens=None, student_tables: dict | None = None,
-                 top_k: int = 5, anchor: bool = True) -> dict[str, Any]:
+                 top_k: int = 5, anchor: bool = True, runtime: str = "pytorch") -> dict[str, Any]:
     """Estimate every candidate (size, params, MACs, memory, latency on `hardware`, accuracy drop), search
     them against the requirements: the plan report (search.plan.plan), with the whole space as columns.
-    `anchor`: latencies anchored on the original measured on the target, where it can be measured here."""
+    `anchor`: latencies anchored on the original measured on the target, where it can be measured here;
+    `runtime`: what they are for on this machine (tasks.onnx_runtime.RUNTIMES)."""
     from estimators.accuracy import DropScorer, ProxyScorer
     from search.plan import plan
     from tasks.anchoring import latency_context
 
     prof, anc, info = latency_context(model.load(), table, hardware, requirements.batch_size, anchor,
-                                      progress=run_progress)
+                                      progress=run_progress, runtime=runtime)
     if data:
         if sens is None:
             raise UserInputError("data given without its sensitivity analysis")
@@ -216,10 +217,11 @@ def search_space(model: ModelInput, table, hardware: str, requirements: Requirem
 def execute_candidate(model: ModelInput, strategy: str, out_dir: str, hardware: str, batch_size: int = 1,
                       data: str | None = None, finetune_epochs: int = 5, latency_now: bool = True,
                       threads: int | None = None, anchor: bool = True,
-                      export: tuple[str, ...] = ("pt2", "onnx")) -> dict[str, Any]:
+                      export: tuple[str, ...] = ("pt2", "onnx"), runtime: str = "pytorch") -> dict[str, Any]:
     """Execute one strategy (train where it trains), save the artifact (the `export` forms: model.pt2, and
     model.onnx checked in ONNX Runtime, whose failure is a note of the result, not a failure), measure it against
-    its prediction.
+    its prediction (`runtime` `onnxruntime`: model.onnx is written whatever `export` says, and its latency is the
+    one predicted and measured).
     `latency_now=False` leaves the latency to `measure_latencies` (candidates built in parallel are
     timed one at a time); `threads`: torch threads while executing (training results depend on it)."""
     import torch
@@ -237,7 +239,7 @@ def execute_candidate(model: ModelInput, strategy: str, out_dir: str, hardware: 
         rep = apply_and_measure(model.load(), parse_strategy(strategy), out_dir, hardware=hardware,
                                 batch_size=batch_size, data_spec=data,
                                 train_cfg=TrainConfig(epochs=finetune_epochs) if data else None, latency_now=latency_now,
-                                anchor_on=anchor, export=tuple(export), onnx_required=False)
+                                anchor_on=anchor, export=tuple(export), onnx_required=False, runtime=runtime)
     finally:
         torch.set_num_threads(before)
     rep["label"] = parse_strategy(strategy).label()
@@ -249,9 +251,10 @@ def execute_candidate(model: ModelInput, strategy: str, out_dir: str, hardware: 
 
 
 def measure_latencies(results: list[dict[str, Any]], hardware: str, model: ModelInput | None = None,
-                      anchor: bool = True) -> list[dict[str, Any]]:
+                      anchor: bool = True, runtime: str = "pytorch") -> list[dict[str, Any]]:
     """The latency of each executed candidate's artifact, one at a time, measured on this machine in alternation
-    with the original `model` when `hardware` is host (the results are returned completed)."""
+    with the original `model` when `hardware` is host (the results are returned completed); `runtime`
+    `onnxruntime`: each candidate's model.onnx in ONNX Runtime, against the original's session."""
     if hardware != "host" or not results:
         return results
     from hardware.profile import load_profile
@@ -262,8 +265,9 @@ def measure_latencies(results: list[dict[str, Any]], hardware: str, model: Model
     from tasks.anchoring import original_program
 
     loaded = (model or ModelInput(spec=results[0]["model"])).load()
-    table, original = analyze(loaded), original_program(loaded).module()
-    return [measure_saved_latency(r, loaded, anchor, run_progress, table, original) for r in results]
+    table = analyze(loaded)
+    original = original_program(loaded).module() if runtime == "pytorch" else None
+    return [measure_saved_latency(r, loaded, anchor, run_progress, table, original, runtime) for r in results]
 
 
 def calibrate_profile(quick: bool = True, budget_s: float = CALIBRATION_BUDGET_S, out: str | None = None) -> str:
@@ -299,7 +303,7 @@ def _execution_key(ctx, params: dict) -> str:
                              params["hardware"], params.get("batch_size", 1), params.get("data"),
                              params.get("finetune_epochs", 5), params.get("latency_now", True), params.get("threads"),
                              params.get("anchor", True), tuple(params.get("export", ("pt2", "onnx"))),
-                             EXECUTOR_CODE]).encode()).hexdigest()[:24]
+                             params.get("runtime", "pytorch"), EXECUTOR_CODE]).encode()).hexdigest()[:24]
     return f"deployfit-execution-{h}"
 
 

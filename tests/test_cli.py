@@ -122,7 +122,7 @@ def test_console_script_exit_code_and_no_traceback():
 
 def test_progress_lines_print_brackets_as_text(capsys):
     """Progress lines are printed as text, not taken for markup (a note can hold brackets: "[fp32   15/72 s]")."""
-    from flows.cli import _progress
+    from flows.cli_common import progress as _progress
 
     _progress("[fp32   15/72 s] 10 synthetic networks timed")
     _progress("[int8 ops   13/13 s] [/] done")

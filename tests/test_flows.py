@@ -193,6 +193,34 @@ def test_run_flow_tracks_every_candidate_and_leaves_a_prefect_artifact(harness, 
     assert [built(e) for e in again["executed"]] == [built(e) for e in rep["executed"]]
 
 
+def test_run_flow_in_onnx_runtime_predicts_and_measures_each_candidates_onnx(harness, mlflow_store, tmp_path,
+                                                                            monkeypatch):
+    """`runtime: onnxruntime`: the plan is anchored on the original measured in ONNX Runtime, every executed
+    candidate gets its model.onnx (even with export pt2 alone), timed in a session against the original's, and the
+    run records the runtime in MLflow and in its report."""
+    from mlflow.tracking import MlflowClient
+
+    from flows.pipeline import run_flow
+
+    monkeypatch.setenv("DEPLOYFIT_CACHE_DIR", str(tmp_path / "cache"))
+    seed_host()
+    rep = run_flow(model=ModelInput(spec="demo:digits-cnn"), data=None, hardware="host", runtime="onnxruntime",
+                   requirements=Requirements(max_size_mb=0.05), search=FAST, top_k=1, export=["pt2"],
+                   out_dir=str(tmp_path / "runs"))
+    assert rep["runtime"] == "onnxruntime" and rep["profile_identity"]["runtime"] == "onnxruntime"
+    assert "ONNX Runtime" in rep["profile_identity"]["anchor"]["where"]
+    (e,) = rep["executed"]
+    assert Path(e["onnx"]["path"]).is_file()
+    assert e["meas"]["latency_ms"] > 0 and "latency_ms" in e["err"], e
+    client = MlflowClient(tracking_uri=mlflow_store)
+    parent = client.get_run(rep["tracking"]["run_id"])
+    assert parent.data.params["runtime"] == "onnxruntime" and parent.data.params["latency.basis"] == "anchored"
+    kids = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    (run,) = [r for r in kids if r.data.tags["deployfit.kind"] == "executed"]
+    done = json.loads(Path(client.download_artifacts(run.info.run_id, "result.json", str(tmp_path))).read_text())
+    assert done["latency_measurement"]["runtime"].startswith("onnxruntime")
+
+
 def test_best_executed_meets_every_requirement_as_measured_with_the_least_drop():
     from flows.tracking import best_executed, executed_line
 

@@ -160,3 +160,9 @@ def test_onnx_runtime_is_for_this_machine_and_named_runtimes_only(tmp_path):
         r = CliRunner().invoke(app, ["apply", "demo:digits-cnn", "--out", str(tmp_path / "x"), *args, "--json"])
         assert r.exit_code == 2 and words in json.loads(r.stdout)["error"], r.output
         assert not (tmp_path / "x").exists()
+    # `run` refuses the same before its flow starts
+    for args, words in ((["--hardware", "jetson-nano", "--runtime", "onnxruntime"], "use --hardware host"),
+                        (["--runtime", "tensorrt"], "unknown runtime")):
+        r = CliRunner().invoke(app, ["run", "demo:digits-cnn", "--out-dir", str(tmp_path / "runs"), *args, "--json"])
+        assert r.exit_code == 2 and words in json.loads(r.stdout)["error"], r.output
+        assert not (tmp_path / "runs").exists()
