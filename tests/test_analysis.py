@@ -8,9 +8,10 @@ from estimators.analyze import analyze
 from estimators.modelspec import load_model
 from estimators.table import totals
 
+SLOW = pytest.mark.slow  # a large network: outside the fast subset (-m "not slow")
 MODELS = ["demo:digits-cnn", "demo:digits-resnet", "torchvision:resnet18", "torchvision:resnet50",
-          "torchvision:mobilenet_v2", "torchvision:vgg11", "torchvision:efficientnet_b0",
-          "torchvision:shufflenet_v2_x1_0", "torchvision:densenet121"]
+          "torchvision:mobilenet_v2", pytest.param("torchvision:vgg11", marks=SLOW), "torchvision:efficientnet_b0",
+          "torchvision:shufflenet_v2_x1_0", pytest.param("torchvision:densenet121", marks=SLOW)]
 
 
 @pytest.mark.parametrize("spec", MODELS)
@@ -30,7 +31,7 @@ def test_totals_equal_torch_pruning_and_flop_counter(spec):
     assert table.unsupported == []
 
 
-@pytest.mark.parametrize("name", ["vit_b_16", "swin_t"])
+@pytest.mark.parametrize("name", ["vit_b_16", pytest.param("swin_t", marks=SLOW)])
 def test_transformers_cost_attention_and_matmul(name, monkeypatch):
     import estimators.pruning
 

@@ -131,6 +131,7 @@ def test_latency_model_has_named_columns():
     assert LatencyModel(table, prof, 1).kinds.shape == (table.n,)
 
 
+@pytest.mark.slow
 def test_truths_recorded_by_apply_change_the_next_prediction(tmp_path):
     """apply measures the candidate in alternation with the original and stores it as a truth of the anchor; the
     next prediction of that model on this machine is refitted with it."""

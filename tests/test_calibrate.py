@@ -21,53 +21,100 @@ from hardware.profile import load_profile, save_profile
 pytestmark = pytest.mark.slow
 
 
-def test_quick_calibration_writes_loadable_profile(tmp_path):
+@dataclasses.dataclass
+class Quick:
+    """One quick calibration (float only, 6 s of timing), shared by the tests that read it: its progress
+    messages, the profile as saved and loaded again, its kept samples, the demo table and two predictions."""
+
+    messages: list
+    profile: object
+    kept: object
+    table: object
+    p1: float
+    p8: float
+
+    @property
+    def fit(self) -> dict:
+        return self.profile.provenance.fit
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory) -> Quick:
+    folder = tmp_path_factory.mktemp("quick")
     messages = []
-    prof = calibrate_host(quick=True, int8=False, budget_s=6.0, progress=messages.append, keep=tmp_path / "s.npz")
-    path = tmp_path / "host.yaml"
-    save_profile(prof, path)
-    again = load_profile(str(path))
+    prof = calibrate_host(quick=True, int8=False, budget_s=6.0, progress=messages.append, keep=folder / "s.npz")
+    save_profile(prof, folder / "host.yaml")
+    again = load_profile(str(folder / "host.yaml"))
+    table = analyze(load_model("demo:digits-cnn"))
+    return Quick(messages, again, load_samples(folder / "s.npz"), table, predict_latency(table, again, 1).latency_ms,
+                 predict_latency(table, again, 8).latency_ms)
+
+
+def test_quick_calibration_writes_a_profile_that_loads_and_predicts(quick):
+    again = quick.profile
     assert again.provenance is not None and again.provenance.threads >= 1
     assert again.peak_gflops["fp32"] > 0 and again.memory_bandwidth_gbs > 0
     assert again.memory_read_bandwidth_gbs and again.efficiency.split
     assert 8 in again.batch_efficiency and again.eff("fp32", 8).split  # calibrated at batch 8 too
-    assert again.provenance.fit["fp32.b1.networks"] >= QUICK_LEAST["fp32 networks"]
-    assert any(m.startswith("fit fp32 batch 1") for m in messages)  # progress is shown
+    assert quick.fit["fp32.b1.networks"] >= QUICK_LEAST["fp32 networks"]
+    assert any(m.startswith("fit fp32 batch 1") for m in quick.messages)  # progress is shown
+    assert 0 < quick.p1 < quick.p8
+
+
+def test_calibration_records_the_machine_state_it_was_timed_in(quick):
+    fit = quick.fit
     # the machine's state while it was timed: fork and join of all threads, a few microseconds
-    fit = again.provenance.fit
     assert 0.1 < fit["sync_probe_us"] < 1000 and fit["sync_probe_range_us"] >= 0
     # the state is read throughout (about once a second), the profile's is the one most readings were in
     assert fit["state.readings"] >= 3 and 0 < fit["state.in_state_share"] <= 1
-    assert fit["state.memory_copy_gbs"] == again.memory_bandwidth_gbs
+    assert fit["state.memory_copy_gbs"] == quick.profile.memory_bandwidth_gbs
     assert 0 <= fit["state.fp32.b1.other_state"] <= fit["fp32.b1.networks"]  # every sample fitted, those counted
-    assert any(m.startswith("machine state: sync probe") for m in messages)
-    table = analyze(load_model("demo:digits-cnn"))
-    p1 = predict_latency(table, again, 1).latency_ms
-    p8 = predict_latency(table, again, 8).latency_ms
-    assert 0 < p1 < p8
-    # the samples were kept: fitted again they give the same profile; pooled with themselves, twice the samples
-    kept = load_samples(tmp_path / "s.npz")
+    assert any(m.startswith("machine state: sync probe") for m in quick.messages)
+
+
+def test_kept_samples_refit_to_the_same_profile_and_pool(quick):
+    kept = quick.kept
     assert kept.runs == 1 and kept.seed_offset == 0
     # every network kept was fitted but those timed while the pace ran over PACE_BAND away (a stall of the VM)
-    assert len(kept.nets[1]) - fit["pace.dropped"] <= fit["fp32.b1.networks"] <= len(kept.nets[1])
+    assert len(kept.nets[1]) - quick.fit["pace.dropped"] <= quick.fit["fp32.b1.networks"] <= len(kept.nets[1])
     refit = fit_profile(kept)
-    assert predict_latency(table, refit, 1).latency_ms == pytest.approx(p1, rel=1e-9)
+    assert predict_latency(quick.table, refit, 1).latency_ms == pytest.approx(quick.p1, rel=1e-9)
     pooled = merge_samples([kept, kept])
     assert pooled.runs == 2 and len(pooled.nets[8]) == 2 * len(kept.nets[8])
+    assert len(pooled.retimed) == 2 * len(kept.retimed)
     assert fit_profile(pooled).provenance.fit["calibrations_pooled"] == 2
-    # a calibration to be pooled with it times other synthetic networks than it did
-    more = collect_samples(quick=True, int8=False, budget_s=2.0, after=[kept])
+
+
+def test_a_calibration_to_pool_times_other_networks(quick):
+    more = collect_samples(quick=True, int8=False, budget_s=2.0, after=[quick.kept])
     assert more.seed_offset == SEED_STRIDE
-    assert not {n.label for n in more.nets[1]} & {n.label for n in kept.nets[1]}
+    assert not {n.label for n in more.nets[1]} & {n.label for n in quick.kept.nets[1]}
+
+
+def test_samples_of_another_machine_runtime_or_pace_are_not_pooled(quick, tmp_path):
+    kept = quick.kept
     with pytest.raises(ValueError, match="threads"):  # another machine's or runtime's samples are refused
         merge_samples([kept, dataclasses.replace(kept, threads=kept.threads + 1)])
     with pytest.raises(ValueError, match="isa"):  # a CPU of the same name with other features too
         merge_samples([kept, dataclasses.replace(kept, isa="avx2+avx512f+avx512_vnni")])
+    with pytest.raises(ValueError, match="pace"):  # samples kept before the pace was read cannot join them
+        merge_samples([kept, dataclasses.replace(kept, pace_readings=[])])
+    with pytest.raises(ValueError, match="not a calibration's samples"):
+        (tmp_path / "bad.pkl").write_bytes(b"not samples")
+        load_samples(tmp_path / "bad.pkl")
+
+
+def test_the_profile_keeps_the_pace_its_samples_were_brought_to(quick):
+    kept, again, fit = quick.kept, quick.profile, quick.fit
     # the pace network was read throughout; the fit brought the samples to its median pace, which the profile keeps
     assert len(kept.pace_readings) >= 3 and all(n.pace_ms > 0 for n in kept.nets[1] + kept.nets[8])
     assert again.calibrated_pace() == pytest.approx(float(np.median(kept.pace_readings)), rel=1e-3)
     assert fit["pace_ms"] == pytest.approx(again.provenance.pace_ms) and fit["pace.p5_ms"] <= fit["pace.p95_ms"]
-    assert any(m.startswith("pace: the pace network ran") for m in messages)
+    assert any(m.startswith("pace: the pace network ran") for m in quick.messages)
+
+
+def test_retimed_networks_measure_how_much_latency_follows_the_pace(quick):
+    kept, again, fit = quick.kept, quick.profile, quick.fit
     # the first networks' totals were timed again at the end (no row times), between two pace readings; how much
     # the latency followed the pace between the two timings is the profile's elasticity
     firsts = {n.label for n in kept.nets[1][:len(kept.retimed) // 2] + kept.nets[8][:len(kept.retimed) // 2]}
@@ -77,22 +124,20 @@ def test_quick_calibration_writes_loadable_profile(tmp_path):
     assert 0 < pairs <= len(kept.retimed) and fit["pace.pairs"] == pairs
     assert 0 <= elasticity <= 1 and again.provenance.pace_elasticity == pytest.approx(elasticity, abs=1e-4)
     assert again.pace_elasticity() == again.provenance.pace_elasticity == fit["pace.elasticity"]
-    assert len(pooled.retimed) == 2 * len(kept.retimed)
     levelled, _ = at_one_pace(kept, elasticity)  # what was fitted: the same samples levelled by hand, fitted unpaced
     by_hand = fit_profile(dataclasses.replace(levelled, pace_readings=[]))
     assert by_hand.calibrated_pace() is None
-    assert predict_latency(table, by_hand, 8).latency_ms == pytest.approx(p8, rel=1e-9)
-    with pytest.raises(ValueError, match="pace"):  # samples kept before the pace was read cannot join them
-        merge_samples([kept, dataclasses.replace(kept, pace_readings=[])])
+    assert predict_latency(quick.table, by_hand, 8).latency_ms == pytest.approx(quick.p8, rel=1e-9)
+
+
+def test_the_profile_records_this_cpu_and_warns_on_another(quick):
+    again = quick.profile
     # the CPU's features are recorded, and the channel block the fit assumes follows them
-    assert kept.isa == cpu_isa() and again.provenance.isa == cpu_isa()
+    assert quick.kept.isa == cpu_isa() and again.provenance.isa == cpu_isa()
     assert again.channel_multiple == channel_multiple(cpu_isa()) and foreign_note(again) is None
     assert key_of(again) == host_key()  # calibrated here: this machine's
     other_cpu = again.model_copy(update={"provenance": again.provenance.model_copy(update={"isa": "amx_int8"})})
     assert "amx_int8" in foreign_note(other_cpu) and "--hardware host" in foreign_note(other_cpu)
-    with pytest.raises(ValueError, match="not a calibration's samples"):
-        (tmp_path / "bad.pkl").write_bytes(b"not samples")
-        load_samples(tmp_path / "bad.pkl")
 
 
 def test_channel_multiple_follows_the_vector_width():

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 ONE_RUN = """
@@ -19,6 +21,7 @@ client.set_terminated(run.info.run_id)
 """
 
 
+@pytest.mark.slow
 def test_four_runs_at_once_on_a_new_sqlite_store_are_all_recorded(tmp_path):
     from mlflow.tracking import MlflowClient
 

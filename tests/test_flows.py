@@ -4,6 +4,7 @@ its flow run and markdown artifact in Prefect; an unreachable tracking store lea
 served deployment can be triggered with run_deployment and completes."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -57,30 +58,62 @@ def _prefect(coro_fn):
     return asyncio.run(go())
 
 
-def test_run_flow_tracks_every_candidate_and_leaves_a_prefect_artifact(harness, mlflow_store, tmp_path, monkeypatch):
-    from mlflow.tracking import MlflowClient
+@dataclasses.dataclass
+class DigitsRun:
+    """One `run` flow of the digits demo (top-2 executed, the recommendation registered), shared by the tests that
+    read what it left in MLflow and Prefect: its report, its MLflow store and its folder."""
 
+    rep: dict
+    uri: str
+    folder: Path
+
+    def client(self):
+        from mlflow.tracking import MlflowClient
+
+        return MlflowClient(tracking_uri=self.uri)
+
+    def parent(self):
+        return self.client().get_run(self.rep["tracking"]["run_id"])
+
+    def nested(self) -> list:
+        client, tr = self.client(), self.rep["tracking"]
+        return client.search_runs([tr["experiment_id"]], f"tags.mlflow.parentRunId = '{tr['run_id']}'",
+                                  max_results=500)
+
+
+@pytest.fixture(scope="module")
+def digits_run(harness, tmp_path_factory) -> DigitsRun:
     from flows.pipeline import run_flow
 
-    monkeypatch.setenv("DEPLOYFIT_CACHE_DIR", str(tmp_path / "cache-1"))  # the recovery model's truths
-    seed_host()
+    folder = tmp_path_factory.mktemp("digits-run")
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        mp.setenv("DEPLOYFIT_CACHE_DIR", str(folder / "cache-1"))  # the recovery model's truths, the anchor
+        seed_host()
+        rep = run_flow(model=ModelInput(spec="demo:digits-cnn"), data="digits", hardware="host",
+                       requirements=Requirements(max_size_mb=0.05), search=FAST, top_k=2, out_dir=str(folder / "runs"),
+                       register_as="digits-cnn-compressed")
+    return DigitsRun(rep, uri, folder)
 
-    rep = run_flow(model=ModelInput(spec="demo:digits-cnn"), data="digits", hardware="host",
-                   requirements=Requirements(max_size_mb=0.05), search=FAST, top_k=2, out_dir=str(tmp_path / "runs"),
-                   register_as="digits-cnn-compressed")
+
+def test_run_flow_executes_and_measures_the_top_k(digits_run):
+    rep = digits_run.rep
     assert rep["recommended"] and len(rep["executed"]) == 2
     for e in rep["executed"]:
         assert {"params", "size_bytes", "latency_ms", "accuracy", "accuracy_drop"} <= set(e["meas"])
         assert e["err"]["params"] == 0.0  # the pruning estimate is exact
         # measured in alternation with the original, on the anchor's scale; predicted anchored on it
         assert e["meas"]["speedup"] > 0 and "latency_ms" in e["err"]
-    tr = rep["tracking"]
-    client = MlflowClient(tracking_uri=mlflow_store)
-    exp = client.get_experiment_by_name("deployfit/demo:digits-cnn/host")
+
+
+def test_the_parent_run_records_inputs_profile_anchor_and_search(digits_run):
+    rep, tr = digits_run.rep, digits_run.rep["tracking"]
+    exp = digits_run.client().get_experiment_by_name("deployfit/demo:digits-cnn/host")
     assert exp is not None and exp.experiment_id == tr["experiment_id"]
-    parent = client.get_run(tr["run_id"])
+    parent = digits_run.parent()
     assert parent.data.params["model"] == "demo:digits-cnn" and parent.data.params["data"] == "digits"
-    assert parent.data.params["req.max_size_mb"] == "0.05"
+    assert parent.data.params["req.max_size_mb"] == "0.05" and parent.data.params["runtime"] == "pytorch"
     # the profile's identity and the latency's basis, so that a prediction that moved between runs says why
     assert parent.data.params["profile.name"] == "host" and len(parent.data.params["profile.hash"]) == 12
     assert parent.data.params["profile.calibrated"] and parent.data.params["latency.basis"] == "anchored"
@@ -88,6 +121,15 @@ def test_run_flow_tracks_every_candidate_and_leaves_a_prefect_artifact(harness, 
     assert parent.data.tags["prefect.flow_run_id"] == rep["flow_run_id"]
     assert parent.data.metrics["candidates_evaluated"] == rep["candidates_evaluated"]
     assert parent.data.metrics["distinct_candidates"] == rep["distinct_candidates"]
+    assert parent.data.params["parallel.workers"] == "1"
+
+
+def test_the_parent_run_is_named_and_described_with_the_best_executed(digits_run):
+    from flows.tracking import best_executed
+
+    rep, tr = digits_run.rep, digits_run.rep["tracking"]
+    exp = digits_run.client().get_experiment_by_name("deployfit/demo:digits-cnn/host")
+    parent = digits_run.parent()
     # the experiment is one of model training; the run is named after model, hardware, time and recommendation,
     # as its Prefect flow run is, and its description says what is recommended and why
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
@@ -96,8 +138,6 @@ def test_run_flow_tracks_every_candidate_and_leaves_a_prefect_artifact(harness, 
     assert rep["recommended"]["label"] in parent.data.tags["mlflow.note.content"]
     assert "binding requirements" in parent.data.tags["mlflow.note.content"]
     # and links the best executed candidate's run (three clicks from the start page: experiment, run, this link)
-    from flows.tracking import best_executed
-
     best = best_executed(rep["executed"], {"max_size_mb": 0.05})
     if best is None:
         assert "none of the 2 executed candidates" in parent.data.tags["mlflow.note.content"]
@@ -105,19 +145,30 @@ def test_run_flow_tracks_every_candidate_and_leaves_a_prefect_artifact(harness, 
         rid = tr["executed_runs"][best]
         assert parent.data.tags["deployfit.best_executed_run"] == rid
         assert f"/runs/{rid}?" in parent.data.tags["mlflow.note.content"]
-    assert parent.data.params["parallel.workers"] == "1"
+
+
+def test_the_parent_run_holds_the_whole_space_and_the_layers(digits_run, tmp_path):
+    rep, tr, client = digits_run.rep, digits_run.rep["tracking"], digits_run.client()
     names = {a.path for a in client.list_artifacts(tr["run_id"])}
     assert {"candidates.json", "plan.json", "layers.json", "pareto.png", "record.json"} <= names
     table = json.loads(Path(client.download_artifacts(tr["run_id"], "candidates.json", str(tmp_path))).read_text())
     assert len(table["data"]) == rep["distinct_candidates"]  # the whole space
-    kids = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{tr['run_id']}'", max_results=500)
+    layers = json.loads(Path(client.download_artifacts(tr["run_id"], "layers.json", str(tmp_path))).read_text())
+    assert set(layers) == {"columns", "data"} and layers["data"]  # a table the UI renders, sorted as numbers
+
+
+def test_each_executed_candidate_is_a_nested_run_with_its_program_and_onnx(digits_run):
     import mlflow
     import mlflow.onnx
 
-    mlflow.set_tracking_uri(mlflow_store)
+    rep, tr, client = digits_run.rep, digits_run.rep["tracking"], digits_run.client()
+    kids = digits_run.nested()
+    mlflow.set_tracking_uri(digits_run.uri)
     executed = [r for r in kids if r.data.tags["deployfit.kind"] == "executed"]
     pareto = [r for r in kids if r.data.tags["deployfit.kind"] == "pareto"]
     assert len(executed) == 2 and len(pareto) == min(len(rep["pareto"]), 25) and len(kids) == tr["nested_runs"]
+    assert len({r.data.tags["mlflow.runName"] for r in kids}) == len(kids)  # nested runs tell apart
+    assert all("pred.latency_ms" in r.data.metrics for r in pareto)
     for r in executed:
         keys = set(r.data.metrics)
         assert {"pred.size_bytes", "meas.size_bytes", "err.size_bytes", "pred.latency_ms", "meas.latency_ms",
@@ -135,20 +186,28 @@ def test_run_flow_tracks_every_candidate_and_leaves_a_prefect_artifact(harness, 
     for e in rep["executed"]:
         assert Path(e["onnx"]["path"]).is_file() and e["onnx"]["checker"].startswith("passed")
         assert e["onnx"]["trtexec"].startswith("trtexec --onnx=model.onnx")
+
+
+def test_the_recommended_candidate_is_registered_as_a_loadable_model(digits_run):
     # each executed artifact is an MLflow model (signature, input example); the recommended one is registered
+    import mlflow
     import numpy as np
 
-    reg = tr["registered"]
+    rep, client = digits_run.rep, digits_run.client()
+    reg = rep["tracking"]["registered"]
     assert reg["name"] == "digits-cnn-compressed" and reg["version"] == 1 and reg["recommended"]
     assert reg["strategy"] == rep["recommended"]["compact"]
     mv = client.get_model_version("digits-cnn-compressed", "1")
     assert mv.tags["deployfit.strategy"] == reg["strategy"]
-    mlflow.set_tracking_uri(mlflow_store)
+    mlflow.set_tracking_uri(digits_run.uri)
     loaded = mlflow.pyfunc.load_model(reg["model_uri"])
     assert loaded.metadata.signature is not None
     out = loaded.predict(np.random.default_rng(0).standard_normal((3, 1, 8, 8)).astype(np.float32))
     assert out.shape == (3, 10) and np.isfinite(out).all()
-    assert all("pred.latency_ms" in r.data.metrics for r in pareto)
+
+
+def test_the_prefect_flow_run_shares_the_name_and_leaves_its_markdown(digits_run):
+    rep, tr = digits_run.rep, digits_run.rep["tracking"]
 
     async def prefect_side(client):
         from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
@@ -160,23 +219,26 @@ def test_run_flow_tracks_every_candidate_and_leaves_a_prefect_artifact(harness, 
 
     run, arts = _prefect(prefect_side)
     assert run.state.is_completed()
-    assert name.startswith(run.name + ": ")  # one name in both UIs
-    assert len({r.data.tags["mlflow.runName"] for r in kids}) == len(kids)  # nested runs tell apart
-    layers = json.loads(Path(client.download_artifacts(tr["run_id"], "layers.json", str(tmp_path))).read_text())
-    assert set(layers) == {"columns", "data"} and layers["data"]  # a table the UI renders, sorted as numbers
+    assert digits_run.parent().data.tags["mlflow.runName"].startswith(run.name + ": ")  # one name in both UIs
     md = [a for a in arts if a.type == "markdown"]
     assert md and "Executed: predicted vs measured" in md[0].data and tr["run_id"] in md[0].data
 
-    # a rerun (as after a crash) finds the analysis, the sensitivity and the executed candidates persisted
-    # (the recovery store starts empty again, and the anchor is the first run's without its truths, so the plan
-    # and its top-2 are the same: a new anchor is a new measurement, its truths refit the latency predictions)
-    monkeypatch.setenv("DEPLOYFIT_CACHE_DIR", str(tmp_path / "cache-2"))
+
+def test_a_rerun_finds_the_finished_steps_persisted(digits_run, monkeypatch):
+    """A rerun (as after a crash) finds the analysis, the sensitivity and the executed candidates persisted (the
+    recovery store starts empty again, and the anchor is the first run's without its truths, so the plan and its
+    top-2 are the same: a new anchor is a new measurement, its truths refit the latency predictions)."""
+    from flows.pipeline import run_flow
+
+    folder, rep = digits_run.folder, digits_run.rep
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", digits_run.uri)
+    monkeypatch.setenv("DEPLOYFIT_CACHE_DIR", str(folder / "cache-2"))
     seed_host()
-    (tmp_path / "cache-2" / "anchors").mkdir()
-    for f in (tmp_path / "cache-1" / "anchors").glob("*.json"):
-        (tmp_path / "cache-2" / "anchors" / f.name).write_text(json.dumps({**json.loads(f.read_text()), "truths": []}))
+    (folder / "cache-2" / "anchors").mkdir()
+    for f in (folder / "cache-1" / "anchors").glob("*.json"):
+        (folder / "cache-2" / "anchors" / f.name).write_text(json.dumps({**json.loads(f.read_text()), "truths": []}))
     again = run_flow(model=ModelInput(spec="demo:digits-cnn"), data="digits", hardware="host",
-                     requirements=Requirements(max_size_mb=0.05), search=FAST, top_k=2, out_dir=str(tmp_path / "runs"))
+                     requirements=Requirements(max_size_mb=0.05), search=FAST, top_k=2, out_dir=str(folder / "runs"))
 
     async def task_states(client):
         from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
@@ -187,6 +249,7 @@ def test_run_flow_tracks_every_candidate_and_leaves_a_prefect_artifact(harness, 
     states = _prefect(task_states)
     cached = {n: st for n, st in states.items() if n.startswith(("analyze", "accuracy-sensitivity", "execute"))}
     assert len(cached) == 4 and set(cached.values()) == {"Cached"}, states
+
     def built(e):  # what the cached execution produced (latency is measured again, one candidate at a time)
         return {k: v for k, v in e["meas"].items() if k not in ("latency_ms", "speedup")}
 

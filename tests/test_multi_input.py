@@ -154,6 +154,7 @@ def test_what_takes_one_input_refuses_several(args, reason, capsys, tmp_path):
     assert not (tmp_path / "out" / "model.pt2").exists()
 
 
+@pytest.mark.slow
 def test_latency_anchored_and_measured_with_two_inputs(capsys, tmp_path):
     """--hardware host: the original is exported and timed on both inputs (the anchor), and the artifact in
     alternation with it."""

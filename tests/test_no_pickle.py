@@ -142,6 +142,7 @@ def test_not_an_archive_is_a_clean_error(tmp_path):
     assert r.exit_code == 2 and "cannot load" in r.stderr and not (tmp_path / "marker").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["fp32", "int8", "int8-weight-only", "fp16"])
 def test_deployfits_own_artifacts_load_without_trust(tmp_path, dtype):
     """What apply and run save holds plain tensors only, and loads without --trust-pickle in a fresh process

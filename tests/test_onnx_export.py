@@ -129,6 +129,7 @@ def test_apply_cli_exports_onnx_and_refuses_what_it_cannot(tmp_path):
         assert not out.exists()
 
 
+@pytest.mark.slow
 def test_onnx_runtime_latency_is_anchored_on_the_original_measured_there(tmp_path):
     loaded = load_model("demo:digits-cnn")
     rep = apply_and_measure(loaded, parse_strategy("none"), str(tmp_path / "n"), hardware="host",

@@ -9,10 +9,16 @@ from estimators.table import totals
 from hardware.measure import count_module
 from tasks.executors import run_strategy
 
-MODELS = [("demo:digits-cnn", None), ("demo:digits-resnet", None), ("torchvision:resnet18", "1,3,64,64"),
-          ("torchvision:mobilenet_v2", "1,3,64,64"), ("torchvision:vgg11", "1,3,64,64"),
-          ("torchvision:densenet121", "1,3,64,64"), ("torchvision:efficientnet_b0", "1,3,64,64"),
-          ("tinynets:tiny_convnext", "1,3,8,8")]
+
+def _model(spec: str, shape: str | None, slow: bool = False):
+    """A model of the exactness check; `slow`: one of the large ones, outside the fast subset (-m "not slow")."""
+    return pytest.param(spec, shape, id=spec, marks=[pytest.mark.slow] if slow else [])
+
+
+MODELS = [_model("demo:digits-cnn", None), _model("demo:digits-resnet", None),
+          _model("torchvision:resnet18", "1,3,64,64"), _model("torchvision:mobilenet_v2", "1,3,64,64"),
+          _model("torchvision:vgg11", "1,3,64,64", slow=True), _model("torchvision:densenet121", "1,3,64,64", slow=True),
+          _model("torchvision:efficientnet_b0", "1,3,64,64"), _model("tinynets:tiny_convnext", "1,3,8,8")]
 STRATEGIES = ["prune:0.3", "prune:0.5", "prune:0.7", "prune:0.3:global", "prune:0.5:global", "prune:0.7:global"]
 
 
@@ -20,7 +26,7 @@ def state_bytes(model) -> int:
     return sum(t.numel() * t.element_size() for t in model.state_dict().values())
 
 
-@pytest.mark.parametrize("spec,shape", MODELS, ids=[m for m, _ in MODELS])
+@pytest.mark.parametrize("spec,shape", MODELS)
 def test_prune_estimate_equals_torch_pruning(spec, shape):
     loaded = load_model(spec, input_shape=shape)
     table = analyze(loaded)

@@ -45,6 +45,7 @@ def test_resnet18_int8_stores_int8_weights(tmp_path):
     assert int8 >= 0.99 * sum(m.weight.numel() for m in loaded.model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)))
 
 
+@pytest.mark.slow
 def test_mobilenet_prune_then_int8(tmp_path):
     loaded = load_model("torchvision:mobilenet_v2", input_shape="1,3,64,64")
     rep = apply_and_measure(loaded, parse_strategy("prune:0.5,quantize:int8"), str(tmp_path / "q"))
@@ -53,7 +54,8 @@ def test_mobilenet_prune_then_int8(tmp_path):
 
 
 @pytest.mark.parametrize("spec,shape", [("demo:digits-resnet", None), ("torchvision:resnet18", "1,3,64,64"),
-                                        ("torchvision:mobilenet_v2", "1,3,64,64"), ("torchvision:densenet121", "1,3,64,64")])
+                                        ("torchvision:mobilenet_v2", "1,3,64,64"),
+                                        pytest.param("torchvision:densenet121", "1,3,64,64", marks=pytest.mark.slow)])
 def test_peak_memory_within_20_percent_of_eager_measurement(tmp_path, spec, shape):
     rep = apply_and_measure(load_model(spec, input_shape=shape), parse_strategy("prune:0.3"), str(tmp_path / "p"))
     assert abs(rep["err"]["peak_memory_bytes"]) <= 0.20
