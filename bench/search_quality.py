@@ -108,7 +108,7 @@ def main() -> None:
         top = [execute(name, loaded, r["compact"], "plan") for r in chosen]
         top_s = sum(t["seconds"] for t in top)
         if rep["recommended"] is None:  # what `deployfit run` makes of the executed candidates
-            settle_infeasible(rep, [{**r, "meas": t["meas"]} for r, t in zip(chosen, top)])
+            rep = settle_infeasible(rep, [{**r, "meas": t["meas"]} for r, t in zip(chosen, top)])
             print(f"  executed: {(rep.get('infeasible') or rep['predicted_infeasible'])['message']}")
         grid = {text: execute(name, loaded, text, "grid") for text in GRID}
         grid_s = sum(g["seconds"] for g in grid.values())

@@ -127,7 +127,7 @@ def _parse_token(tok: str) -> dict:
         parts = [p for p in rest.split(":") if p]
         if not parts:
             raise UserInputError(f"prune needs a ratio, e.g. prune:0.5; {STRATEGY_FORMS}")
-        if parts[0].startswith("layers="):
+        if parts[0].startswith(("layers=", "round_to=")) and any(x.startswith("layers=") for x in parts):
             parts.insert(0, "0")  # per-layer ratios only: groups not named are not pruned
         try:
             step: dict = {"method": "prune", "ratio": float(parts[0])}

@@ -215,6 +215,7 @@ def plan(model: ModelArg, hardware: HardwareReq, weights: WeightsOpt = None, inp
         from estimators.modelspec import format_input_shape
         from search.plan import plan as run_plan
         from tasks.anchoring import latency_context
+        from tasks.onnx_runtime import plan_round_to
 
         req = _requirements(requirements, max_latency_ms=max_latency_ms, max_size_mb=max_size_mb, max_params=max_params,
                             max_macs=max_macs, max_memory_mb=max_memory_mb, max_accuracy_drop=max_accuracy_drop,
@@ -243,7 +244,8 @@ def plan(model: ModelArg, hardware: HardwareReq, weights: WeightsOpt = None, inp
         shape = format_input_shape(loaded.input_shape)
         tables = {n: run_analysis(load(n, None, shape, trust_pickle)) for n in names}
         out = run_plan(table, prof, req, scorer, top_k=top_k, students=names, student_tables=tables, progress=say,
-                       grid_step=grid_step, nsga_evals=nsga_evals, seed=seed, anchor=anc)
+                       grid_step=grid_step, nsga_evals=nsga_evals, seed=seed, anchor=anc,
+                       round_to=plan_round_to(runtime))
         out["profile"] = info
         return {**out, "warning": note} if note else out
 
@@ -406,7 +408,8 @@ def _print_run(rep: dict[str, Any]) -> None:
     if onnx:
         console.print(f"ONNX exports, checked in ONNX Runtime (for {onnx[0]['onnx']['tensorrt']}):", highlight=False)
         for e in onnx:
-            console.print(f"  {e['label']}: {e['onnx']['path']}  ({e['onnx']['trtexec']})", highlight=False)
+            console.print(f"  {e['label']}: {e['onnx']['path']}  ({e['onnx']['trtexec']})"
+                          + (f"; on the device: {e['device_onnx']}" if e.get("device_onnx") else ""), highlight=False)
     for f in rep.get("failed", []):
         err_console.print(f"execution failed: {f['label']}: {f['error']}", highlight=False)
     tr = rep.get("tracking", {})

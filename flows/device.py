@@ -8,7 +8,9 @@ comes back through the tracking store) and plans with it. With `device_measure`,
 tracking it: the artifact travels through the MLflow artifact store (the worker downloads the candidate's
 `model.pt2` from its nested run), the worker measures the latency in the form that runs it fast and logs
 `meas.latency_ms` and `err.latency_ms` into that run; the flow waits, reads them back and reports them. When
-no worker answers within the timeout, the run says so and keeps the predictions.
+no worker answers within the timeout, the run says so and keeps the predictions. The worker also keeps the
+candidate's ONNX export on the device (DEVICE_ARTIFACTS, for TensorRT: `trtexec --onnx=...`) and logs where
+(`deployfit.device_onnx`), which the run's report names.
 
 A fetched `model.pt2` that needs pickle to load is refused (estimators.pt2) unless the worker was started with
 `--trust-pickle`: the decision is the device owner's, passed to the flow runs in the worker's environment
@@ -30,6 +32,7 @@ from estimators.errors import CALIBRATION_BUDGET_S
 
 REPO = Path(__file__).resolve().parents[1]
 TRUST_ENV = "DEPLOYFIT_WORKER_TRUST_PICKLE"  # "1": this worker loads fetched .pt2 artifacts that need pickle
+DEVICE_ARTIFACTS = "device-artifacts"  # under the device's cache ($DEPLOYFIT_CACHE_DIR): one folder per MLflow run
 
 
 def pool_name(hardware: str) -> str:
@@ -57,9 +60,30 @@ def measure_flow(run_id: str, tracking_uri: str, batch_size: int = 1) -> dict:
     measured = {"latency_ms": round(lat["latency_ms"], 4)}
     meas = {"meas.latency_ms": measured["latency_ms"],
             **{f"err.{k}": v for k, v in rel_err(result["pred"], measured).items()}}
-    tracking.log_measurement(tracking_uri, run_id, meas, {"deployfit.measured_on": socket.gethostname()})
-    print(f"measured {result['compact']}: {meas['meas.latency_ms']} ms on {socket.gethostname()}")
-    return {**meas, "p90_ms": lat.get("latency_p90_ms"), "runs": lat.get("latency_runs"), "host": socket.gethostname()}
+    onnx = fetch_onnx(tracking_uri, run_id) if (result.get("onnx") or {}).get("path") else None
+    tags = {"deployfit.measured_on": socket.gethostname(), **({"deployfit.device_onnx": str(onnx)} if onnx else {})}
+    tracking.log_measurement(tracking_uri, run_id, meas, tags)
+    print(f"measured {result['compact']}: {meas['meas.latency_ms']} ms on {socket.gethostname()}"
+          + (f"; its ONNX export is at {onnx} ({result['onnx'].get('trtexec', '')})" if onnx else ""))
+    return {**meas, "p90_ms": lat.get("latency_p90_ms"), "runs": lat.get("latency_runs"), "host": socket.gethostname(),
+            "onnx": str(onnx) if onnx else None}
+
+
+def fetch_onnx(tracking_uri: str, run_id: str) -> Path | None:
+    """The candidate's ONNX export (its run's `onnx-model`), kept on this device under DEVICE_ARTIFACTS/RUN_ID;
+    None where the run has none."""
+    from hardware.hostprofile import cache_dir
+
+    from . import tracking
+
+    dest = cache_dir() / DEVICE_ARTIFACTS / run_id
+    dest.mkdir(parents=True, exist_ok=True)
+    try:
+        path = tracking.download_model(tracking_uri, run_id, "onnx-model", dest) / "model.onnx"
+    except Exception as exc:  # noqa: BLE001 - the export is a convenience on top of the measurement
+        print(f"no ONNX export fetched for run {run_id}: {type(exc).__name__}: {str(exc)[:200]}")
+        return None
+    return path if path.is_file() else None
 
 
 @flow(name="deployfit-calibrate-device", log_prints=True)
@@ -188,5 +212,7 @@ def measure_remote(executed_runs: list[str], tracking_uri: str, hardware: str, b
             continue
         from . import tracking
 
-        out.append(tracking.read_metrics(tracking_uri, rid, ("meas.latency_ms", "err.latency_ms")))
+        got = tracking.read_metrics(tracking_uri, rid, ("meas.latency_ms", "err.latency_ms"))
+        onnx = tracking.read_tags(tracking_uri, rid, ("deployfit.device_onnx",)).get("deployfit.device_onnx")
+        out.append({**got, **({"device_onnx": onnx} if onnx else {})})
     return out

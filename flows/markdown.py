@@ -65,7 +65,9 @@ def markdown_report(title: str, rep: dict, executed: list[dict], tracked: dict, 
             lines += ["", f"## ONNX exports (checked in ONNX Runtime; for {onnx[0]['onnx']['tensorrt']})", ""]
             for e in onnx:
                 o = e["onnx"]
-                lines.append(f"- `{e['label']}`: `{o['path']}` ({o['form']}); on the TensorRT machine: `{o['trtexec']}`")
+                where = (f"; on the device at `{e['device_onnx']}`" if e.get("device_onnx") else "")
+                lines.append(f"- `{e['label']}`: `{o['path']}` ({o['form']}){where}; on the TensorRT machine: "
+                             f"`{o['trtexec']}`")
     for f in failed:
         lines.append(f"\n**Execution failed:** `{f['label']}`: {f['error']}")
     lines.append("")

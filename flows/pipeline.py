@@ -194,9 +194,10 @@ def _track(ctx: RunContext, session: tracking.Session, rep: dict, executed: list
     return tracked
 
 
-def _measure_on_device(ctx: RunContext, executed: list[dict], tracked: dict) -> None:
+def _measure_on_device(ctx: RunContext, executed: list[dict], tracked: dict) -> list[dict]:
     """Latency measured on the device: the worker of pool deployfit-<hardware> fetches each artifact from the
-    tracking store, measures it and logs into the candidate's run; the measurements come back into `executed`."""
+    tracking store, measures it and logs into the candidate's run. Returns the executed candidates with the
+    measurements that came back (a candidate no worker measured in time keeps its prediction, with a note)."""
     from estimators.report import rel_err
 
     from .device import measure_remote, pool_name
@@ -204,16 +205,19 @@ def _measure_on_device(ctx: RunContext, executed: list[dict], tracked: dict) -> 
     log = get_run_logger()
     if not tracked.get("executed_runs"):
         log.warning("device measurement needs the tracking store (the artifacts travel through it): skipped")
-        return
+        return executed
     got = measure_remote(tracked["executed_runs"], tracked["uri"], ctx.hardware, ctx.batch_size,
                          ctx.device_timeout_s, say=log.warning)
+    out = []
     for e, m in zip(executed, got):
         if m and "meas.latency_ms" in m:
-            e["meas"]["latency_ms"] = m["meas.latency_ms"]
-            e["err"] = rel_err(e["pred"], e["meas"])
-            e["measured_on"] = f"pool {pool_name(ctx.hardware)}"
+            meas = {**e["meas"], "latency_ms": m["meas.latency_ms"]}
+            out.append({**e, "meas": meas, "err": rel_err(e["pred"], meas),
+                        "measured_on": f"pool {pool_name(ctx.hardware)}",
+                        **({"device_onnx": m["device_onnx"]} if m.get("device_onnx") else {})})
         else:
-            e.setdefault("notes", []).append("latency not measured: no device worker answered in time")
+            out.append({**e, "notes": [*e.get("notes", []), "latency not measured: no device worker answered in time"]})
+    return out
 
 
 def _finish(ctx: RunContext, session: tracking.Session, rep: dict, executed: list[dict], layers: list[dict],
@@ -222,18 +226,18 @@ def _finish(ctx: RunContext, session: tracking.Session, rep: dict, executed: lis
     report."""
     on_device = ctx.device_measure and bool(executed)
     if not on_device:  # measured here: settled before it is tracked
-        settle_infeasible(rep, executed)
+        rep = settle_infeasible(rep, executed)
     tracked = _track(ctx, session, rep, executed, layers)
     if on_device:
-        _measure_on_device(ctx, executed, tracked)
-        settle_infeasible(rep, executed)  # on the device's measurements, just taken
+        executed = _measure_on_device(ctx, executed, tracked)
+        rep = settle_infeasible(rep, executed)  # on the device's measurements, just taken
     title = f"deployfit {ctx.flow}: {ctx.model.spec} on {ctx.hardware}" + (
         " (ONNX Runtime)" if ctx.runtime == "onnxruntime" else "")
     create_markdown_artifact(markdown_report(title, rep, executed, tracked, failed or []),
                              key=_key("deployfit", ctx.flow, ctx.model.spec, ctx.hardware), description=title)
     out = {k: v for k, v in rep.items() if k != "candidates"}
     out.update(executed=[{k: e.get(k) for k in ("compact", "label", "pred", "meas", "err", "artifact", "executed_by",
-                                                 "measured_on", "notes", "onnx")}
+                                                 "measured_on", "device_onnx", "notes", "onnx")}
                          for e in executed],
                failed=failed or [], tracking=tracked, flow_run_id=ctx.flow_run_id, runtime=ctx.runtime,
                seconds_total=round(time.perf_counter() - ctx.started, 2), report_dir=str(ctx.workdir))
@@ -450,7 +454,7 @@ def _execute(ctx: RunContext, cands: list[dict], built) -> None:
 def _run_steps(ctx: RunContext, session: tracking.Session) -> dict:
     log = get_run_logger()
     rep, layers = _plan_steps(ctx)
-    rep["profile"] = ctx.plan_hardware
+    rep = {**rep, "profile": ctx.plan_hardware}
     session.start(ctx.record(), rep, layers, ctx.workdir)  # logged in the background while the candidates execute
     executed: list[dict] = []
     failed: list[dict] = []

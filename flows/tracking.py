@@ -229,6 +229,19 @@ def download(uri: str, run_id: str, names: list[str], dest: str) -> dict[str, st
     return {n: client.download_artifacts(run_id, n, dest) for n in names}
 
 
+def download_model(uri: str, run_id: str, name: str, dest: Path) -> Path:
+    """An MLflow model a run logged (e.g. `onnx-model`), downloaded into `dest`; returns its folder."""
+    import mlflow.artifacts
+
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=f"runs:/{run_id}/{name}", dst_path=str(dest),
+                                                    tracking_uri=uri))
+
+
+def read_tags(uri: str, run_id: str, names: tuple[str, ...]) -> dict[str, str]:
+    t = client_for(uri).get_run(run_id).data.tags
+    return {k: t[k] for k in names if k in t}
+
+
 def log_measurement(uri: str, run_id: str, metrics: dict[str, float], tags: dict[str, str]) -> None:
     from mlflow.entities import Metric, RunTag
 

@@ -8,7 +8,9 @@ The space, in the order distill -> prune -> quantize, each optional:
   pruning    ratios on a fine grid (`grid_step`, default 0.01 up to 0.90), uniform and global, uniform with
              round_to the profile's channel multiple, and per-layer ratios allocated by sensitivity: for
              each trade-off lambda every group takes the ratio that minimises its predicted loss minus lambda
-             x the latency (or size) it saves, so less sensitive groups are pruned harder
+             x the latency (or size) it saves, so less sensitive groups are pruned harder. With `round_to`
+             (a runtime whose fast kernels need channel counts in multiples of it: ONNX Runtime), every
+             pruning candidate, NSGA-II's included, keeps its channel counts multiples of it
   quantize   only the dtypes the hardware profile runs fast (no INT8 for a device without fast INT8)
 That structured space is evaluated exhaustively. Free per-layer ratios (up to 19 levels per group: 19^G
 candidates) are searched by NSGA-II (search.nsga), seeded with the structured space's best, with the
@@ -121,13 +123,13 @@ class Pool:
         return fam, kept, m
 
 
-def layer_step(table: LayerTable, ratios: np.ndarray) -> PruneStep:
+def layer_step(table: LayerTable, ratios: np.ndarray, round_to: int | None = None) -> PruneStep:
     """A per-layer PruneStep giving each followed group (plan order) its ratio: keyed by the first module of
     the group's torch-pruning look-up order, so the executor's pruning_ratio_dict finds the same ratio."""
     rs = [round(float(r), 4) for r in ratios]
     if len(set(rs)) == 1:
-        return PruneStep(ratio=rs[0], scope="uniform")
-    return PruneStep(ratio=0.0, scope="uniform",
+        return PruneStep(ratio=rs[0], scope="uniform", round_to=round_to)
+    return PruneStep(ratio=0.0, scope="uniform", round_to=round_to,
                      layers={g.scope_modules[0]: r for g, r in zip(table.plan.groups, rs) if r > 0})
 
 
@@ -139,10 +141,10 @@ def _prune_step(table: LayerTable, desc) -> PruneStep | None:
     if kind == "uniform":
         return PruneStep(ratio=desc[1], scope="uniform")
     if kind == "global":
-        return PruneStep(ratio=desc[1], scope="global")
+        return PruneStep(ratio=desc[1], scope="global", round_to=desc[2] if len(desc) > 2 else None)
     if kind == "round_to":
         return PruneStep(ratio=desc[1], scope="uniform", round_to=desc[2])
-    return layer_step(table, np.array(desc[1]))
+    return layer_step(table, np.array(desc[1]), desc[2] if len(desc) > 2 else None)
 
 
 def _kept_for(table: LayerTable, P: np.ndarray) -> np.ndarray:
@@ -226,9 +228,12 @@ def build_families(table: LayerTable, profile: HardwareProfile, batch: int, stud
 
 
 def structured(fams: list[Family], profile: HardwareProfile, grid: tuple[float, ...],
-               alloc: np.ndarray | None) -> list[tuple[int, list, np.ndarray]]:
-    """(family, descriptors, kept) blocks of the structured space."""
+               alloc: np.ndarray | None, round_to: int | None = None) -> list[tuple[int, list, np.ndarray]]:
+    """(family, descriptors, kept) blocks of the structured space; `round_to`: every pruning candidate keeps its
+    channel counts multiples of it (the uniform ones as `round_to` descriptors)."""
     blocks = []
+    rt = (round_to,) if round_to else ()
+    m = profile.channel_multiple
     for fi, f in enumerate(fams):
         t = f.table
         descs: list = [None]
@@ -238,16 +243,16 @@ def structured(fams: list[Family], profile: HardwareProfile, grid: tuple[float, 
             g = np.array(grid)
             if not width:  # a width student pruned uniformly is another width: the widths and grid cover it
                 R = np.repeat(g[:, None], len(t.plan.groups), 1)
-                descs += [("uniform", r) for r in grid]
-                Ps.append(counts_for_ratios(t, R))
-                if profile.channel_multiple and profile.channel_multiple > 1:
-                    descs += [("round_to", r, profile.channel_multiple) for r in grid]
-                    Ps.append(counts_for_ratios(t, R, round_to=profile.channel_multiple))
-            descs += [("global", r) for r in grid]
-            Ps.append(np.array([prune_counts(t, PruneStep(ratio=r, scope="global")) for r in grid]))
+                descs += [("round_to", r, round_to) if round_to else ("uniform", r) for r in grid]
+                Ps.append(counts_for_ratios(t, R, round_to=round_to))
+                if m and m > 1 and m != round_to and (not round_to or m % round_to == 0):
+                    descs += [("round_to", r, m) for r in grid]
+                    Ps.append(counts_for_ratios(t, R, round_to=m))
+            descs += [("global", r, *rt) for r in grid]
+            Ps.append(np.array([prune_counts(t, PruneStep(ratio=r, scope="global", round_to=round_to)) for r in grid]))
             if f.distill is None and alloc is not None and len(alloc):
-                descs += [("layers", tuple(a)) for a in alloc]
-                Ps.append(counts_for_ratios(t, alloc))
+                descs += [("layers", tuple(a), *rt) for a in alloc]
+                Ps.append(counts_for_ratios(t, alloc, round_to=round_to))
         blocks.append((fi, descs, _kept_for(t, np.concatenate(Ps))))
     return blocks
 
@@ -264,9 +269,11 @@ def _violation_ratios(m: dict[str, np.ndarray], req: Requirements, unit: str) ->
 
 
 def nsga(fams: list[Family], pool: Pool, scorer: Scorer, req: Requirements, evals: int, seeds: np.ndarray,
-         seed_q: np.ndarray, seed: int = 0, progress: Callable[[str], None] = lambda m: None) -> int:
+         seed_q: np.ndarray, seed: int = 0, progress: Callable[[str], None] = lambda m: None,
+         round_to: int | None = None) -> int:
     """NSGA-II (search.nsga) over free per-layer ratios (layer_levels per followed group) and the quantization, for
-    the model itself (no distillation). Every evaluated candidate goes into the pool. Returns evaluations."""
+    the model itself (no distillation); `round_to`: channel counts kept multiples of it. Every evaluated candidate
+    goes into the pool. Returns evaluations."""
     from .nsga import minimize
 
     own = [i for i, f in enumerate(fams) if f.distill is None]
@@ -287,8 +294,8 @@ def nsga(fams: list[Family], pool: Pool, scorer: Scorer, req: Requirements, eval
             if not len(sel):
                 continue
             R = levels[X[sel, :G]]
-            kept = _kept_for(table, counts_for_ratios(table, R))
-            m = pool.add(fi, [("layers", tuple(r)) for r in R], kept, scorer)
+            kept = _kept_for(table, counts_for_ratios(table, R, round_to=round_to))
+            m = pool.add(fi, [("layers", tuple(r), *((round_to,) if round_to else ())) for r in R], kept, scorer)
             F[sel] = np.stack([m[o] for o in OBJECTIVES], 1)
             v = _violation_ratios(m, req, scorer.unit)
             for j, n in enumerate(names):
@@ -340,10 +347,12 @@ def _round_pred(m: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 def plan(table: LayerTable, profile: HardwareProfile, req: Requirements, scorer: Scorer, top_k: int = 5,
          students: tuple[str, ...] = (), student_tables: dict[str, LayerTable] | None = None,
          progress: Callable[[str], None] = lambda m: None, grid_step: float = GRID_STEP,
-         nsga_evals: int = NSGA_EVALS, seed: int = 0, keep_candidates: bool = False, anchor=None) -> dict[str, Any]:
+         nsga_evals: int = NSGA_EVALS, seed: int = 0, keep_candidates: bool = False, anchor=None,
+         round_to: int | None = None) -> dict[str, Any]:
     """`keep_candidates`: also return the whole space as columns (`candidates`: strategy, label and every
     prediction per distinct candidate), for tracking. `anchor`: the original measured on the target at the
-    requirements' batch (hardware.anchor): latencies are anchored on it (each candidate's `latency_basis`)."""
+    requirements' batch (hardware.anchor): latencies are anchored on it (each candidate's `latency_basis`).
+    `round_to`: every pruning candidate keeps its channel counts multiples of it (the module docstring)."""
     t0 = time.perf_counter()
     if anchor is not None and anchor.batch != req.batch_size:
         raise ValueError(f"the anchor was measured at batch {anchor.batch}, the requirements are for {req.batch_size}")
@@ -352,7 +361,7 @@ def plan(table: LayerTable, profile: HardwareProfile, req: Requirements, scorer:
         pool = Pool(fams)
         own0 = next(i for i, f in enumerate(fams) if f.distill is None and f.quant is None)
         alloc = allocations(table, scorer, fams[own0].evaluator) if table.plan.groups else None
-        for fi, descs, kept in structured(fams, profile, ratio_grid(grid_step), alloc):
+        for fi, descs, kept in structured(fams, profile, ratio_grid(grid_step), alloc, round_to):
             pool.add(fi, descs, kept, scorer)
     n_struct = sum(len(k) for k in pool.kept)
     t_struct = time.perf_counter() - t0
@@ -368,16 +377,19 @@ def plan(table: LayerTable, profile: HardwareProfile, req: Requirements, scorer:
         seeds, seed_q = [], []
         for i in order:
             d = pool.desc[i]
-            if fam[i] not in own or d is None or d[0] not in ("uniform", "layers"):
+            # with round_to the uniform candidates are its `round_to` descriptors
+            uniform = ("uniform", "round_to") if round_to else ("uniform",)
+            if fam[i] not in own or d is None or d[0] not in (*uniform, "layers") or \
+                    (d[0] == "round_to" and d[2] != round_to):
                 continue
-            R = np.full(len(table.plan.groups), d[1]) if d[0] == "uniform" else np.array(d[1])
+            R = np.full(len(table.plan.groups), d[1]) if d[0] in uniform else np.array(d[1])
             if np.allclose(np.round(R / LEVEL) * LEVEL, R) and R.max() <= layer_levels(scorer)[-1] + 1e-9:
                 seeds.append(R)
                 seed_q.append(own.index(int(fam[i])))
             if len(seeds) >= 60:
                 break
         n_nsga = nsga(fams, pool, scorer, req, nsga_evals, np.array(seeds).reshape(-1, len(table.plan.groups)),
-                      np.array(seed_q, dtype=np.int64), seed=seed, progress=progress)
+                      np.array(seed_q, dtype=np.int64), seed=seed, progress=progress, round_to=round_to)
     seconds = time.perf_counter() - t0
     return _report(table, profile, req, scorer, pool, top_k, seconds, n_struct, n_nsga, t_struct, keep_candidates)
 

@@ -89,24 +89,24 @@ def broken_as_measured(meas: dict, req: Requirements) -> list[str]:
     return broken
 
 
-def settle_infeasible(rep: dict, executed: list[dict]) -> None:
-    """A plan infeasible by predicted accuracy executed the candidates that meet every other requirement
+def settle_infeasible(rep: dict, executed: list[dict]) -> dict:
+    """The plan report `rep` settled by the executed candidates' measurements (a new report; `rep` is left as it
+    is). A plan infeasible by predicted accuracy executed the candidates that meet every other requirement
     (`verify`): the one of them that meets every requirement as measured, with the least measured accuracy drop,
     becomes the recommendation (the prediction's verdict moves to `predicted_infeasible`); else the message says
-    the measurements confirm it."""
+    the measurements confirm it. Any other report is returned as it is."""
     if rep.get("recommended") or not rep.get("verify") or not executed:
-        return
+        return rep
     req = Requirements(**rep["requirements"])
     ok = [e for e in executed if not broken_as_measured(e.get("meas") or {}, req)]
-    inf = rep["infeasible"]
+    inf = dict(rep["infeasible"])
     if not ok:
         inf["message"] += f"; executed, none of the {len(executed)} meets every requirement as measured"
-        inf["verified"] = True
-        return
+        return {**rep, "infeasible": {**inf, "verified": True}}
     best = min(ok, key=lambda e: e["meas"].get("accuracy_drop", 0.0))
     planned = next(r for r in rep["verify"] if r["compact"] == best["compact"])
-    rep["recommended"] = {**planned, "by": "measurement", "meas": best["meas"]}
-    rep["binding"] = []
     inf["message"] += (f"; executed, {best['label']} meets every requirement as measured (accuracy drop "
                        f"{best['meas'].get('accuracy_drop', 0.0):+.2f} points)")
-    rep["predicted_infeasible"] = rep.pop("infeasible")
+    settled = {k: v for k, v in rep.items() if k != "infeasible"}
+    return {**settled, "recommended": {**planned, "by": "measurement", "meas": best["meas"]}, "binding": [],
+            "predicted_infeasible": inf}

@@ -190,6 +190,7 @@ def search_space(model: ModelInput, table, hardware: str, requirements: Requirem
     from estimators.accuracy import DropScorer, ProxyScorer
     from search.plan import plan
     from tasks.anchoring import latency_context
+    from tasks.onnx_runtime import plan_round_to
 
     prof, anc, info = latency_context(model.load(), table, hardware, requirements.batch_size, anchor,
                                       progress=run_progress, runtime=runtime)
@@ -205,7 +206,8 @@ def search_space(model: ModelInput, table, hardware: str, requirements: Requirem
         scorer = ProxyScorer()
     rep = plan(table, prof, req, scorer, top_k=top_k, students=tuple(options.students),
                student_tables=student_tables or {}, grid_step=options.grid_step, nsga_evals=options.nsga_evals,
-               seed=options.seed, keep_candidates=True, anchor=anc, progress=run_progress)
+               seed=options.seed, keep_candidates=True, anchor=anc, progress=run_progress,
+               round_to=plan_round_to(runtime))
     rep["profile_identity"] = info
     rep["model"] = model.spec
     rep["data"] = data

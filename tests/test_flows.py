@@ -668,6 +668,11 @@ def test_device_measurement_through_the_hardware_work_pool(harness, mlflow_store
         run = MlflowClient(tracking_uri=mlflow_store).get_run(rid)
         assert run.data.metrics["meas.latency_ms"] == e["meas"]["latency_ms"]
         assert "deployfit.measured_on" in run.data.tags and "err.latency_ms" in run.data.metrics
+        # the worker keeps the candidate's ONNX export on the device (for trtexec there) and the report says where
+        import onnx
+
+        assert run.data.tags["deployfit.device_onnx"] == e["device_onnx"] and "device-artifacts" in e["device_onnx"]
+        onnx.checker.check_model(onnx.load(e["device_onnx"]), full_check=True)
     finally:
         _stop(proc)
 

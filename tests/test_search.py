@@ -252,10 +252,34 @@ def test_infeasible_by_predicted_accuracy_lists_candidates_to_execute(digits):
     # what the run flow makes of the executed candidates' measurements
     meas = [{"params": v[0]["pred"]["params"], "accuracy_drop": 0.5}, {"params": 11000, "accuracy_drop": -0.1}]
     executed = [{"compact": r["compact"], "label": r["label"], "meas": m} for r, m in zip(v, meas)]
-    kept = {k: (dict(x) if isinstance(x, dict) else x) for k, x in rep.items()}
-    settle_infeasible(kept, executed[:1])  # breaks the accuracy as measured too: the verdict stands, confirmed
+    before = json.dumps(rep, sort_keys=True, default=str)
+    kept = settle_infeasible(rep, executed[:1])  # breaks the accuracy as measured too: the verdict stands, confirmed
     assert kept["recommended"] is None and kept["infeasible"]["verified"]
     assert "none of the 1 meets every requirement as measured" in kept["infeasible"]["message"]
-    settle_infeasible(rep, executed)  # the second meets both as measured: recommended
-    assert rep["recommended"]["compact"] == v[1]["compact"] and rep["recommended"]["by"] == "measurement"
-    assert "infeasible" not in rep and "meets every requirement as measured" in rep["predicted_infeasible"]["message"]
+    settled = settle_infeasible(rep, executed)  # the second meets both as measured: recommended
+    assert settled["recommended"]["compact"] == v[1]["compact"] and settled["recommended"]["by"] == "measurement"
+    assert "infeasible" not in settled
+    assert "meets every requirement as measured" in settled["predicted_infeasible"]["message"]
+    assert json.dumps(rep, sort_keys=True, default=str) == before  # the plan's own report is left as it was
+
+
+def test_a_plan_for_onnx_runtime_keeps_every_pruned_channel_count_a_multiple_of_four(resnet):
+    """ONNX Runtime's fast convolutions take input channels in multiples of 4 (docs/onnx.md): with round_to every
+    candidate of the space, NSGA-II's per-layer ones included, is pruned to such counts, estimated with that
+    rounding, and names it in its strategy (torch-pruning executes it exactly: test_prune_exact)."""
+    from estimators.table import evaluate
+    from tasks.onnx_runtime import plan_round_to
+
+    assert plan_round_to("onnxruntime") == 4 and plan_round_to("pytorch") is None
+    _, table = resnet
+    req = Requirements(max_macs=int(totals(table)["macs"] * 0.5))
+    rep = plan(table, load_profile("host"), req, ProxyScorer(), top_k=5, nsga_evals=400, grid_step=0.1,
+               keep_candidates=True, round_to=4)
+    steps = [st for text in rep["candidates"]["strategy"] for st in parse_strategy(text).steps if st.method == "prune"]
+    assert steps and all(st.round_to and st.round_to % 4 == 0 for st in steps)
+    assert any(st.layers for st in steps) and any(st.scope == "global" for st in steps)  # NSGA-II's, global too
+    base = evaluate(table).cin
+    for text in [r["compact"] for r in rep["top"]] + rep["candidates"]["strategy"][:200]:
+        cin = evaluate(estimate(table, parse_strategy(text))).cin
+        convs = [i for i, k in enumerate(table.kinds) if k == "conv" and base[i] % 4 == 0]
+        assert all(cin[i] % 4 == 0 for i in convs), text
