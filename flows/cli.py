@@ -61,10 +61,17 @@ def _with_latency(rep: dict[str, Any], loaded, table, strat, hardware: Optional[
 
         prof, anc, info = latency_context(loaded, table, hardware, batch_size, anchor, progress=progress,
                                           runtime=runtime)
-        lat = predict_latency(run_estimate(table, strat), prof, batch_size, anchor=anc)
+        est = run_estimate(table, strat)
+        lat = predict_latency(est, prof, batch_size, anchor=anc)
         rep["pred"]["latency_ms"] = round(lat.latency_ms, 4)
         rep["latency_basis"] = lat.basis
         rep["hardware"] = info
+        if runtime == "onnxruntime":
+            from tasks.onnx_runtime import slow_path_note
+
+            note = slow_path_note(table, est)
+            if note:
+                rep["notes"] = [*rep.get("notes", []), note]
     return rep
 
 
@@ -125,6 +132,8 @@ def estimate(model: ModelArg, strategy: StrategyOpt = "none", weights: WeightsOp
         return
     console.print(totals_table(f"{model} with {rep['compact']} (predicted)", {"pred": rep["pred"]}))
     _print_latency_basis(rep)
+    for n in rep.get("notes", []):
+        warn(n)
     if "accuracy_proxy" in rep:
         console.print(f"accuracy proxy {rep['accuracy_proxy']['score']:.4f}: {rep['accuracy_proxy']['note']}",
                       highlight=False)

@@ -28,9 +28,38 @@ Progress = Callable[[str], None]
 NCHWC_CHANNELS = 4
 
 
+NCHWC_SMALL_INPUT = 16  # ... or, a dense convolution, fewer input channels than this
+
+
 def plan_round_to(runtime: str) -> int | None:
     """The channel multiple every pruning candidate keeps in a plan for `runtime` (None: any count)."""
     return NCHWC_CHANNELS if runtime == "onnxruntime" else None
+
+
+def slow_path_convolutions(table: LayerTable) -> int:
+    """How many convolutions of `table` (an analysis or an estimate) ONNX Runtime leaves out of its blocked layout:
+    input channels not a multiple of NCHWC_CHANNELS, unless a dense one on fewer than NCHWC_SMALL_INPUT."""
+    import numpy as np
+
+    from estimators.table import evaluate
+    from hardware.latency import latency_kinds
+
+    kinds = latency_kinds(table)
+    cin = evaluate(table).cin
+    slow = (cin % NCHWC_CHANNELS != 0) & ~((kinds == "conv") & (cin < NCHWC_SMALL_INPUT))
+    return int((np.isin(kinds, ("conv", "gconv", "dwconv")) & slow).sum())
+
+
+def slow_path_note(table: LayerTable, candidate: LayerTable) -> str | None:
+    """A note where `candidate` (an estimate of the original `table`) puts more convolutions on ONNX Runtime's slow
+    path than the original has: its ONNX Runtime prediction does not price that path (docs/onnx.md)."""
+    extra = slow_path_convolutions(candidate) - slow_path_convolutions(table)
+    if extra <= 0:
+        return None
+    return (f"{extra} more convolution(s) than the original take input channels that are not a multiple of "
+            f"{NCHWC_CHANNELS}: ONNX Runtime runs them outside its fast blocked layout, which the prediction does not "
+            f"price, so expect this candidate slower than predicted there (docs/onnx.md); `:round_to={NCHWC_CHANNELS}` "
+            "on the prune step keeps them in it")
 
 
 def check_runtime(runtime: str, hardware: str | None) -> None:

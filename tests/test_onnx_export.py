@@ -167,3 +167,29 @@ def test_onnx_runtime_is_for_this_machine_and_named_runtimes_only(tmp_path):
         r = CliRunner().invoke(app, ["run", "demo:digits-cnn", "--out-dir", str(tmp_path / "runs"), *args, "--json"])
         assert r.exit_code == 2 and words in json.loads(r.stdout)["error"], r.output
         assert not (tmp_path / "runs").exists()
+
+
+def test_a_candidate_off_onnx_runtimes_fast_layout_says_so():
+    """Pruned to input channels that are not multiples of 4, a convolution leaves ONNX Runtime's blocked layout
+    (docs/onnx.md): estimate --runtime onnxruntime says how many more do than in the original, and that
+    `:round_to=4` keeps them in it; rounded or unpruned, it says nothing."""
+    from estimators.analyze import analyze
+    from estimators.compress import estimate
+    from estimators.modelspec import load_model
+    from estimators.strategy import parse_strategy
+    from tasks.onnx_runtime import slow_path_convolutions, slow_path_note
+
+    table = analyze(load_model("torchvision:resnet18", input_shape="1,3,64,64"))
+    assert slow_path_convolutions(table) == 0  # 64 to 512 channels, the stem on 3
+    pruned = estimate(table, parse_strategy("prune:0.3"))  # 64 -> 45 channels, ...
+    assert slow_path_convolutions(pruned) > 10
+    assert "more convolution(s) than the original" in slow_path_note(table, pruned)
+    assert slow_path_note(table, estimate(table, parse_strategy("prune:0.3:round_to=4"))) is None
+    assert slow_path_note(table, table) is None
+    out = []
+    for strategy in ("prune:0.3", "prune:0.3:round_to=4"):
+        r = CliRunner().invoke(app, ["estimate", "torchvision:resnet18", "--input-shape", "1,3,64,64", "--strategy",
+                                     strategy, "--hardware", "host", "--runtime", "onnxruntime", "--no-anchor", "--json"])
+        assert r.exit_code == 0, r.output
+        out.append(json.loads(r.stdout).get("notes", []))
+    assert any("round_to=4" in n for n in out[0]) and not out[1]
