@@ -212,7 +212,7 @@ def measure_remote(executed_runs: list[str], tracking_uri: str, hardware: str, b
             continue
         from . import tracking
 
-        got = tracking.read_metrics(tracking_uri, rid, ("meas.latency_ms", "err.latency_ms"))
-        onnx = tracking.read_tags(tracking_uri, rid, ("deployfit.device_onnx",)).get("deployfit.device_onnx")
-        out.append({**got, **({"device_onnx": onnx} if onnx else {})})
+        got, tags = tracking.read_run(tracking_uri, rid, ("meas.latency_ms", "err.latency_ms"),
+                                      ("deployfit.device_onnx",))
+        out.append({**got, **({"device_onnx": tags["deployfit.device_onnx"]} if tags else {})})
     return out

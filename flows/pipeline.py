@@ -27,7 +27,7 @@ from estimators.errors import CALIBRATION_BUDGET_S
 from estimators.modelspec import format_input_shape
 from estimators.progress import step
 from search.requirements import Requirements, settle_infeasible
-from tasks.apply import EXPORT_FORMS
+from tasks.apply import EXPORT_FORMS, check_export_forms
 from tasks.onnx_runtime import RUNTIMES
 from tasks.pipeline import (ModelInput, ParallelOptions, SearchOptions, analyze_task, calibrate_task, execute_task,
                             measure_task, run_progress, search_task, sensitivity_task)
@@ -138,13 +138,14 @@ def _open(flow_name: str, model: ModelInput, data: Optional[str], hardware: str,
     checked here, before any work (ONNX Runtime is measured on this machine only)."""
     from tasks.onnx_runtime import check_runtime
 
-    check_runtime(runtime.value if isinstance(runtime, Enum) else runtime, hardware)
+    runtime = runtime.value if isinstance(runtime, Enum) else runtime
+    check_runtime(runtime, hardware)
     run_id = _flow_run_id()
     workdir = Path(out_dir) / (run_id or time.strftime("%Y%m%d-%H%M%S"))
     workdir.mkdir(parents=True, exist_ok=True)
     return RunContext(flow=flow_name, model=model, data=data, hardware=hardware, requirements=requirements,
                       search=search, top_k=top_k, anchor=anchor,
-                      runtime=runtime.value if isinstance(runtime, Enum) else runtime, out_dir=out_dir,
+                      runtime=runtime, out_dir=out_dir,
                       workdir=workdir, flow_run_id=run_id, run_name=_name_flow_run(model.spec, hardware),
                       started=time.perf_counter(), **run)
 
@@ -389,9 +390,9 @@ def run_flow(model: ModelInput = ModelInput(), data: Optional[str] = "digits", h
     log = get_run_logger()
     hardware = hardware_spec(hardware, hardware_path)
     _ensure_profile(hardware)
-    forms = [ExportFormat(f).value for f in export] + (["onnx"] if RuntimeName(runtime).value == "onnxruntime" else [])
+    forms = check_export_forms(["pt2", *(ExportFormat(f).value for f in export)], RuntimeName(runtime).value)
     ctx = _open("run", model, data, hardware, requirements, search, top_k, anchor, runtime, out_dir,
-                execute=execute, export=tuple(dict.fromkeys(["pt2", *forms])), parallel=parallel,
+                execute=execute, export=forms, parallel=parallel,
                 # a target other than this machine is measured on the device when a worker serves it
                 device_measure=hardware != "host" if device_measure is None else device_measure,
                 device_timeout_s=device_timeout_s, register_as=register_as or None)

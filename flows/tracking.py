@@ -237,11 +237,6 @@ def download_model(uri: str, run_id: str, name: str, dest: Path) -> Path:
                                                     tracking_uri=uri))
 
 
-def read_tags(uri: str, run_id: str, names: tuple[str, ...]) -> dict[str, str]:
-    t = client_for(uri).get_run(run_id).data.tags
-    return {k: t[k] for k in names if k in t}
-
-
 def log_measurement(uri: str, run_id: str, metrics: dict[str, float], tags: dict[str, str]) -> None:
     from mlflow.entities import Metric, RunTag
 
@@ -249,9 +244,12 @@ def log_measurement(uri: str, run_id: str, metrics: dict[str, float], tags: dict
                            tags=[RunTag(k, v) for k, v in tags.items()])
 
 
-def read_metrics(uri: str, run_id: str, names: tuple[str, ...]) -> dict[str, float]:
-    m = client_for(uri).get_run(run_id).data.metrics
-    return {k: m[k] for k in names if k in m}
+def read_run(uri: str, run_id: str, metrics: tuple[str, ...], tags: tuple[str, ...] = ()
+             ) -> tuple[dict[str, float], dict[str, str]]:
+    """The named metrics and tags a run has (one read of the run)."""
+    data = client_for(uri).get_run(run_id).data
+    return ({k: data.metrics[k] for k in metrics if k in data.metrics},
+            {k: data.tags[k] for k in tags if k in data.tags})
 
 
 def log_profile(uri: str, hardware: str, path: Path, params: dict[str, str]) -> str:

@@ -375,10 +375,9 @@ def plan(table: LayerTable, profile: HardwareProfile, req: Requirements, scorer:
         worst = np.max(np.stack(list(viol.values())), 0) if viol else np.zeros(len(fam))
         order = np.lexsort((m["latency_ms"], m["accuracy_drop"], np.maximum(worst, 1.0)))
         seeds, seed_q = [], []
+        uniform = ("uniform", "round_to") if round_to else ("uniform",)  # with round_to, its descriptors are uniform
         for i in order:
             d = pool.desc[i]
-            # with round_to the uniform candidates are its `round_to` descriptors
-            uniform = ("uniform", "round_to") if round_to else ("uniform",)
             if fam[i] not in own or d is None or d[0] not in (*uniform, "layers") or \
                     (d[0] == "round_to" and d[2] != round_to):
                 continue

@@ -24,13 +24,14 @@ from .quantize_exec import load_program
 EXPORT_FORMS = ("pt2", "onnx")
 
 
-def check_export_forms(forms) -> tuple[str, ...]:
-    """The export forms asked for, each once; an error naming any this cannot write."""
+def check_export_forms(forms, runtime: str = "pytorch") -> tuple[str, ...]:
+    """The export forms asked for, each once (with `onnx` for the ONNX Runtime runtime, whose latency is
+    model.onnx's); an error naming any this cannot write."""
     unknown = set(forms) - set(EXPORT_FORMS)
     if unknown:
         raise UserInputError(f"unknown export format(s) {', '.join(sorted(unknown))}: choose from "
                              f"{', '.join(EXPORT_FORMS)}")
-    return tuple(dict.fromkeys(forms))
+    return tuple(dict.fromkeys([*forms, *(["onnx"] if runtime == "onnxruntime" else [])]))
 
 
 def as_built(strategy: Strategy, float_layers: list[str], table) -> Strategy:
@@ -166,17 +167,28 @@ def measure_saved_latency(result: dict[str, Any], loaded: LoadedModel, anchor_on
     out["notes"] = [n for n in result.get("notes", []) if not n.startswith("latency to be predicted")] \
         + ([extra["hardware"]["warning"]] if extra["hardware"].get("warning") else [])
     if runtime == "onnxruntime":
-        onnx_path = (result.get("onnx") or {}).get("path")
-        if anchor is None or not onnx_path:
-            out["notes"].append("latency in ONNX Runtime not measured: " + (
-                "it is measured against the original's ONNX Runtime anchor (off with --no-anchor)" if anchor is None
-                else "the candidate has no model.onnx"))
-            return out
-        from .onnx_runtime import measure_onnx_candidate
-
-        return record_latency(out, measure_onnx_candidate(onnx_path, loaded, result["batch_size"], anchor), anchor)
+        lat = onnx_latency((result.get("onnx") or {}).get("path"), loaded, result["batch_size"], anchor, out["notes"],
+                           progress)
+        return record_latency(out, lat, anchor) if lat is not None else out
     fn = fast_form(load_program(result["artifact"]["model"], loaded.trust_pickle), _is_int8(result["strategy"]))
     return record_latency(out, measure_candidate(fn, loaded, result["batch_size"], anchor, original), anchor)
+
+
+def onnx_latency(onnx_path: str | None, loaded: LoadedModel, batch_size: int, anchor, notes: list[str],
+                 progress: Callable[[str], None]) -> dict[str, Any] | None:
+    """A candidate's model.onnx timed in ONNX Runtime in alternation with the original's session (on the anchor's
+    scale); None, with the reason in `notes`, without an anchor or a model.onnx."""
+    if anchor is None:
+        notes.append("latency in ONNX Runtime is measured against the original's ONNX Runtime anchor: not "
+                     "measured with --no-anchor")
+        return None
+    if not onnx_path:
+        notes.append("latency in ONNX Runtime not measured: the candidate has no model.onnx")
+        return None
+    from .onnx_runtime import measure_onnx_candidate
+
+    progress(f"measuring model.onnx in ONNX Runtime at batch {batch_size} in alternation with the original")
+    return measure_onnx_candidate(onnx_path, loaded, batch_size, anchor)
 
 
 def artifact_accuracy(ep, data) -> float:
@@ -271,7 +283,7 @@ def _checked(loaded: LoadedModel, strategy: Strategy, out_dir: str, hardware: st
     from .onnx_runtime import check_runtime
 
     check_runtime(runtime, hardware)
-    export = check_export_forms((*export, "onnx") if runtime == "onnxruntime" else export)
+    export = check_export_forms(export, runtime)
     if "onnx" in export:
         from .onnx_export import onnx_form
 
@@ -366,14 +378,7 @@ def _latency(loaded, table, est, ep, work, hardware: str, batch_size: int, ancho
             notes.append(note)
     lat_info = None
     if prof.name == "host" and latency_now and runtime == "onnxruntime":
-        if anchor is None:
-            notes.append("latency in ONNX Runtime is measured against the original's ONNX Runtime anchor: not "
-                         "measured with --no-anchor")
-        elif onnx_check and "path" in onnx_check:
-            from .onnx_runtime import measure_onnx_candidate
-
-            progress(f"measuring model.onnx in ONNX Runtime at batch {batch_size} in alternation with the original")
-            lat_info = measure_onnx_candidate(onnx_check["path"], loaded, batch_size, anchor)
+        lat_info = onnx_latency((onnx_check or {}).get("path"), loaded, batch_size, anchor, notes, progress)
     elif prof.name == "host" and latency_now:
         progress(f"measuring latency at batch {batch_size} in alternation with the original")
         lat_info = measure_candidate(fast_form(ep, work.quant is not None and work.quant.dtype == "int8"),

@@ -64,15 +64,14 @@ def fold_and_rename(q: torch.fx.GraphModule) -> list[str]:
     now-unused fp32 parameters. Returns the FQN prefixes of the layers whose weights were folded."""
     from torchao.quantization.pt2e.constant_fold import constant_fold
 
+    qops = quant_ops()
     try:
         from torchao.quantization.pt2e.quantize_pt2e import _quant_node_constraint
     except ImportError:  # pragma: no cover - private helper moved
-        qops = quant_ops()
 
         def _quant_node_constraint(n):
             return n.op == "call_function" and n.target in qops
 
-    qops = quant_ops()
     # dequant node -> weight fqn, recorded before folding (the dequant nodes survive folding)
     dq_to_weight: dict[torch.fx.Node, str] = {}
     for n in q.graph.nodes:

@@ -26,8 +26,6 @@ Progress = Callable[[str], None]
 # this (docs/onnx.md): pruning to other counts left resnet18 at prune:0.3 no faster than the original there, so a
 # plan for ONNX Runtime keeps every pruned channel count a multiple of it
 NCHWC_CHANNELS = 4
-
-
 NCHWC_SMALL_INPUT = 16  # ... or, a dense convolution, fewer input channels than this
 
 
