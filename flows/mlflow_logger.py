@@ -65,6 +65,8 @@ class RunLogger:
         if anchor:
             params.update({"anchor.original_ms": str(anchor["total_ms"]), "anchor.profile_ms": str(anchor["predicted_ms"]),
                            "anchor.measured_at": anchor["measured_at"], "anchor.truths": str(anchor["truths"])})
+            if anchor.get("probe"):  # the anchor's second point (hardware.anchor.PROBE_STRATEGY)
+                params["anchor.probe_ms"] = str(anchor["probe"]["total_ms"])
         client.log_batch(self.pid, params=[Param(k, v[:6000]) for k, v in params.items()])
         if prof.get("warning"):
             client.set_tag(self.pid, "deployfit.profile_warning", prof["warning"][:5000])

@@ -6,8 +6,15 @@ running model (hardware.timing.row_times: the analysis's own rows, in context), 
 the original quantized and compiled as INT8 artifacts are. A candidate's latency is then the profile's prediction
 for that candidate corrected row by row by the ratio of the original's measured to predicted time for that row
 (class by class where the rows differ, as for a student of another architecture), and the time outside the
-operators by the same ratio for it. A candidate of `none` predicts exactly the measured original. The profile's
-model still says how each row changes with pruning; the anchor says what this machine does with this model's rows.
+operators by the same ratio for it. A candidate of `none` predicts exactly the measured original.
+
+Where the original can be pruned, the anchor also measures a probe: the original pruned uniformly by half
+(PROBE_STRATEGY), timed the same way in alternation with it. Two measured points per operator class give the
+class's time as a line in the profile's prediction (measured = a + b x predicted), which a single ratio cannot:
+on a 2-core Xeon at batch 1 the profile's per-operator fixed costs were too large for real networks, so halving
+their widths measured 0.45-0.59x where one ratio predicted 0.53-0.70x. A row of a candidate is then the line at its
+prediction times the row's own residual at the original (so the original still predicts exactly), and never below
+PROBE_FLOOR of what the single ratio gives; the time outside the operators likewise.
 
 A candidate that runs in another runtime than the original's float one (a compiled INT8 graph) is corrected by the
 ratio of the quantized original's measured to predicted total. Every candidate measured afterwards (apply, run,
@@ -35,6 +42,9 @@ PRIOR_TRUTHS = 2.0  # truths' ratios are shrunk towards 1 as if this many truths
 # a row whose measured time is more than this factor from its predicted one is one the profile cannot price (it
 # predicts next to nothing for it): its measured time is kept as a fixed time instead of scaling its prediction
 FACTOR_RANGE = (0.05, 20.0)
+PROBE_STRATEGY = "prune:0.5"  # the second measured point of an anchor: the original pruned uniformly by half
+PROBE_FLOOR = 0.2  # a row's two-point prediction is at least this share of its single-ratio prediction
+PROBE_MIN_CHANGE = 0.02  # a class whose predicted time the probe changes less than this share has one point only
 
 
 def table_fingerprint(table: LayerTable) -> str:
@@ -58,6 +68,18 @@ class Correction:
     basis: str  # `anchored` or `profile`
     truths: int = 0  # measured candidates of this runtime the correction was refitted with
     fixed_s: float = 0.0  # measured time the profile cannot price (added as it is)
+    add_s: np.ndarray | None = None  # per row, seconds added to the scaled prediction (two measured points)
+    floor: np.ndarray | None = None  # per row, the least a row's corrected seconds are, per predicted second
+    outside_add_s: float = 0.0
+    outside_floor: float = 0.0
+
+    def apply(self, rows: np.ndarray, outside: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The corrected seconds of K candidates' rows (K x rows) and of their time outside the operators (K)."""
+        out = rows * self.rows
+        if self.add_s is not None:
+            out = np.maximum(out + self.add_s, rows * self.floor)
+        o = np.maximum(outside * self.outside + self.outside_add_s, outside * self.outside_floor)
+        return out, o + self.fixed_s
 
 
 @dataclass
@@ -77,6 +99,9 @@ class Anchor:
     total_ms: float  # the original as its artifact runs here
     measured_at: str
     where: str  # the machine that measured it
+    # the original pruned by PROBE_STRATEGY, measured as the original is: {strategy, total_ms, measured_rows_ms,
+    # predicted_rows_ms, measured_outside_ms, predicted_outside_ms}; empty where it could not be (one point only)
+    probe: dict[str, Any]
     runtimes: dict[str, dict[str, float]] = field(default_factory=dict)  # other runtimes: {measured_ms, predicted_ms}
     truths: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -134,15 +159,69 @@ class Anchor:
                 return Correction(np.full(table.n, k), k, "anchored" if n else "profile", n)
             f = k * run["measured_ms"] / run["predicted_ms"]
             return Correction(np.full(table.n, f), f, "anchored", n)
+        lines = self.class_lines()
+        o_mul, o_add = self.outside_line()
+        o_floor = PROBE_FLOOR * self.outside_factor() * k
         if list(table.names) == self.names:
-            return Correction(self.row_factors() * k, self.outside_factor() * k, "anchored", n, self.fixed_ms() * k / 1e3)
+            f = self.row_factors()
+            corr = Correction(f * k, o_mul * k, "anchored", n, self.fixed_ms() * k / 1e3,
+                              outside_add_s=o_add * k / 1e3, outside_floor=o_floor)
+            if lines:  # each row on its class's line, times its own residual at the original
+                kinds = np.array(self.kinds)
+                b = np.array([lines.get(c, (0.0, 0.0))[1] for c in self.kinds])
+                a = np.array([lines.get(c, (0.0, 0.0))[0] for c in self.kinds])
+                p = np.array(self.predicted_rows_ms)
+                at = a + b * p
+                on = np.isin(kinds, list(lines)) & (f > 0) & (at > 0)
+                r = np.where(on, np.array(self.measured_rows_ms) / np.where(on, at, 1.0), 0.0)
+                corr.rows = np.where(on, r * b, f) * k
+                corr.add_s = np.where(on, r * a, 0.0) * k / 1e3
+                corr.floor = PROBE_FLOOR * f * k
+            return corr
         # another architecture (a student): class by class, the whole model's ratio for classes it lacks
         per = self.class_factors()
         priced = self._priced()
         m, p = np.array(self.measured_rows_ms)[priced].sum(), np.array(self.predicted_rows_ms)[priced].sum()
         whole = float(m / p) if p > 0 else 1.0
         rows = np.array([per.get(str(c), whole) for c in model.kinds])
-        return Correction(rows * k, (self.outside_factor() or whole) * k, "anchored", n)
+        corr = Correction(rows * k, (o_mul if self.predicted_outside_ms > 0 else whole) * k, "anchored", n,
+                          outside_add_s=o_add * k / 1e3, outside_floor=o_floor)
+        if lines:
+            corr.rows = np.array([lines[str(c)][1] if str(c) in lines else f for c, f in zip(model.kinds, rows)]) * k
+            corr.add_s = np.array([lines[str(c)][0] if str(c) in lines else 0.0 for c in model.kinds]) * k / 1e3
+            corr.floor = PROBE_FLOOR * rows * k
+        return corr
+
+    def class_lines(self) -> dict[str, tuple[float, float]]:
+        """Per operator class, the line through the original's and the probe's measured time against the profile's
+        prediction: (ms per row at zero prediction, measured per predicted ms). Classes the probe leaves (almost)
+        unchanged, or whose two points do not slope upwards, are left out (their single ratio holds)."""
+        if not self.probe:
+            return {}
+        m0, p0 = np.array(self.measured_rows_ms), np.array(self.predicted_rows_ms)
+        m1, p1 = np.array(self.probe["measured_rows_ms"]), np.array(self.probe["predicted_rows_ms"])
+        kinds, priced = np.array(self.kinds), self._priced()
+        out = {}
+        for c in set(self.kinds):
+            sel = (kinds == c) & priced
+            M0, M1, P0, P1 = m0[sel].sum(), m1[sel].sum(), p0[sel].sum(), p1[sel].sum()
+            if P0 <= 0 or P0 - P1 <= PROBE_MIN_CHANGE * P0 or M0 <= M1:
+                continue
+            b = (M0 - M1) / (P0 - P1)
+            out[c] = (float((M0 - b * P0) / sel.sum()), float(b))
+        return out
+
+    def outside_line(self) -> tuple[float, float]:
+        """The time outside the operators as (measured per predicted ms, ms added), through the original and the
+        probe where both were measured and the probe changes its prediction; else (outside_factor(), 0)."""
+        O0, Q0 = self.measured_outside_ms, self.predicted_outside_ms
+        if not self.probe or Q0 <= 0:
+            return self.outside_factor(), 0.0
+        O1, Q1 = self.probe["measured_outside_ms"], self.probe["predicted_outside_ms"]
+        if Q0 - Q1 <= PROBE_MIN_CHANGE * Q0 or O0 <= O1:
+            return self.outside_factor(), 0.0
+        b = (O0 - O1) / (Q0 - Q1)
+        return float(b), float(O0 - b * Q0)
 
     # ------------------------------------------------------------------------------------------
     def record_truth(self, compact: str, runtime: str, predicted_ms: float, measured_ms: float) -> None:
@@ -162,7 +241,9 @@ class Anchor:
                                                                          + self.predicted_outside_ms, 4),
                 "batch": self.batch, "measured_at": self.measured_at, "where": self.where,
                 "runtimes": {k: {kk: round(vv, 4) for kk, vv in v.items()} for k, v in self.runtimes.items()},
-                "truths": len(self.truths), "fingerprint": self.fingerprint, "notes": list(self.notes)}
+                "truths": len(self.truths), "fingerprint": self.fingerprint, "notes": list(self.notes),
+                "probe": ({"strategy": self.probe["strategy"], "total_ms": round(self.probe["total_ms"], 4),
+                           "classes_on_lines": sorted(self.class_lines())} if self.probe else None)}
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -199,14 +280,36 @@ def read_anchor(path: Path) -> Anchor | None:
 
 def build_anchor(table: LayerTable, profile, batch: int, row_s: list[float] | np.ndarray, total_ms: float,
                  where: str, runtimes: dict[str, dict[str, float]] | None = None,
-                 notes: list[str] | None = None) -> Anchor:
+                 notes: list[str] | None = None, probe: tuple[LayerTable, list[float] | np.ndarray, float] | None = None
+                 ) -> Anchor:
     """An anchor from the original's measurement: `row_s`, the seconds of each of its operator rows timed in
     context (hardware.timing.row_times: the table's rows other than parameters, in order) and `total_ms`, the
     artifact's latency. The rows are brought to the total: the time the artifact spends outside them is the total
     less the rows (where the rows, timed with the eager model's own dispatch around them, add up to more than the
-    artifact's total, they are scaled down to it and the time outside is the profile's share of the total)."""
+    artifact's total, they are scaled down to it and the time outside is the profile's share of the total).
+    `probe`: (the estimated table of the original pruned by PROBE_STRATEGY, its rows' seconds, its total in ms),
+    measured the same way."""
     from .hostprofile import profile_hash
-    from .latency import latency_kinds, predict_latency
+    from .latency import latency_kinds
+
+    rows, outside, pred = _measured_rows(table, profile, batch, row_s, total_ms)
+    point = {}
+    if probe is not None:
+        p_rows, p_outside, p_pred = _measured_rows(probe[0], profile, batch, probe[1], probe[2])
+        point = {"strategy": PROBE_STRATEGY, "total_ms": float(probe[2]), "measured_rows_ms": [float(x) for x in p_rows],
+                 "predicted_rows_ms": [float(x) for x in p_pred.per_row_ms], "measured_outside_ms": float(p_outside),
+                 "predicted_outside_ms": float(p_pred.outside_ms)}
+    kinds = latency_kinds(table)
+    return Anchor(table_fingerprint(table), profile.name, profile_hash(profile), batch, list(table.names),
+                  [str(k) for k in kinds], [float(x) for x in rows], [float(x) for x in pred.per_row_ms],
+                  float(outside), float(pred.outside_ms), float(total_ms),
+                  _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), where, point, dict(runtimes or {}),
+                  notes=list(notes or []))
+
+
+def _measured_rows(table: LayerTable, profile, batch: int, row_s, total_ms: float):
+    """(every row's measured ms brought to the total, the measured ms outside the rows, the profile's prediction)."""
+    from .latency import predict_latency
 
     pred = predict_latency(table, profile, batch)
     ops = np.array(table.kinds) != "param"
@@ -221,9 +324,4 @@ def build_anchor(table: LayerTable, profile, batch: int, row_s: list[float] | np
         share = pred.outside_ms / pred.latency_ms if pred.latency_ms > 0 else 0.0
         outside = total * share
         rows = rows * (total - outside) / max(rows.sum(), 1e-12)
-    kinds = latency_kinds(table)
-    return Anchor(table_fingerprint(table), profile.name, profile_hash(profile), batch, list(table.names),
-                  [str(k) for k in kinds], [float(x) for x in rows], [float(x) for x in pred.per_row_ms],
-                  float(outside), float(pred.outside_ms), total,
-                  _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), where, dict(runtimes or {}),
-                  notes=list(notes or []))
+    return rows, outside, pred

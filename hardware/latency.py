@@ -464,7 +464,7 @@ def predict_latency(table: LayerTable, profile: HardwareProfile, batch_size: int
     basis = "profile"
     if anchor is not None:
         corr = anchor.correction(table, model)
-        rows, outside = rows * corr.rows, outside * corr.outside + corr.fixed_s
+        rows, outside = corr.apply(rows, outside)
         basis = corr.basis
     per_row = rows[0]
     return LatencyPrediction(float((per_row.sum() + outside[0]) * 1e3), per_row * 1e3, batch_size, profile.name,

@@ -118,8 +118,6 @@ class BatchEvaluator:
         if self.latency is not None:
             rows, outside = self.latency.seconds(q, cin, cout, wb, arb, awb)
             if self.correction is not None:
-                out["latency_ms"] = (rows @ self.correction.rows + outside * self.correction.outside
-                                     + self.correction.fixed_s) * 1e3
-            else:
-                out["latency_ms"] = (rows.sum(1) + outside) * 1e3
+                rows, outside = self.correction.apply(rows, outside)
+            out["latency_ms"] = (rows.sum(1) + outside) * 1e3
         return out

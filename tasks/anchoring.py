@@ -13,7 +13,7 @@ from typing import Callable
 
 from estimators.modelspec import LoadedModel
 from estimators.table import LayerTable
-from hardware.anchor import Anchor, build_anchor, load_anchor
+from hardware.anchor import PROBE_STRATEGY, Anchor, build_anchor, load_anchor
 
 Progress = Callable[[str], None]
 ANCHOR_TRIES = 3
@@ -60,6 +60,7 @@ def measure_anchor(loaded: LoadedModel, table: LayerTable, profile, batch: int =
     progress(f"anchoring: measuring {loaded.spec} at batch {batch} on this machine (once; cached)")
     fn = original_program(loaded).module()
     runtimes, notes, fns = {}, [], [fn]
+    at: dict[str, int] = {}  # where the INT8 original and the probe are in fns
     int8 = "int8" in profile.fast_dtypes if int8 is None else int8
     if int8 and loaded.n_inputs > 1:  # static INT8 is executed for models of one input only (check_executable)
         int8 = False
@@ -69,9 +70,14 @@ def measure_anchor(loaded: LoadedModel, table: LayerTable, profile, batch: int =
         progress("anchoring: quantizing and compiling the original as INT8 artifacts run")
         try:
             fns.append(original_int8(loaded, batch))
+            at["int8"] = len(fns) - 1
         except Exception as exc:  # a model INC cannot quantize: its INT8 candidates keep the profile's prediction
             notes.append(f"the original could not be quantized to INT8 here ({type(exc).__name__}: {str(exc)[:200]}); "
                          "INT8 candidates keep the profile's prediction")
+    probe = probe_work(loaded, table, notes, progress)
+    if probe is not None:
+        fns.append(probe[0].program.module())
+        at["probe"] = len(fns) - 1
     # this machine stalls for seconds at a time: the original is timed in many short rounds, and its rows as
     # shares of it timed in alternation with them (hardware.timing.row_shares), which the drift barely moves; the
     # INT8 original's ratio to it is timed again (up to ANCHOR_TRIES) while it is uncertain, keeping the surest
@@ -79,7 +85,8 @@ def measure_anchor(loaded: LoadedModel, table: LayerTable, profile, batch: int =
     for _ in range(ANCHOR_TRIES):
         got = measure_interleaved(fns, [x] * len(fns))
         # the INT8 ratio's uncertainty: its rounds' spread over the square root of their number
-        unsure = got["ratio_iqr"][1] / got["ratio"][1] / got["rounds"] ** 0.5 if len(fns) > 1 else 0.0
+        i8 = at.get("int8")
+        unsure = got["ratio_iqr"][i8] / got["ratio"][i8] / got["rounds"] ** 0.5 if i8 else 0.0
         if best is None or unsure < best[0]:
             best = (unsure, got)
         if unsure <= INT8_UNCERTAINTY:
@@ -92,14 +99,48 @@ def measure_anchor(loaded: LoadedModel, table: LayerTable, profile, batch: int =
     total = got["latency_ms"][0]
     shares = row_shares(loaded.model, x, fn)
     rows = [s * total * 1e-3 for s in shares]
-    if len(fns) > 1:
+    if "int8" in at:
         q = predict_latency(estimate(table, Strategy(steps=[QuantizeStep(dtype="int8")])), profile, batch)
-        runtimes["int8"] = {"measured_ms": total * got["ratio"][1], "predicted_ms": q.latency_ms}
-    anchor = build_anchor(table, profile, batch, rows, total, socket.gethostname(), runtimes, notes)
+        runtimes["int8"] = {"measured_ms": total * got["ratio"][at["int8"]], "predicted_ms": q.latency_ms}
+    point = None
+    if probe is not None:
+        p_total = total * got["ratio"][at["probe"]]
+        p_shares = row_shares(probe[0].model, x, fns[at["probe"]])
+        point = (probe[1], [s * p_total * 1e-3 for s in p_shares], p_total)
+    try:
+        anchor = build_anchor(table, profile, batch, rows, total, socket.gethostname(), runtimes, notes, point)
+    except RuntimeError as exc:  # the probe's rows are not the original's: one point only
+        notes.append(f"the probe ({PROBE_STRATEGY}) was not used: {exc}")
+        anchor = build_anchor(table, profile, batch, rows, total, socket.gethostname(), runtimes, notes)
     progress(f"anchoring: {loaded.spec} runs {total:.3f} ms here (the profile predicted {sum(anchor.predicted_rows_ms) + anchor.predicted_outside_ms:.3f} ms)"
              + (f"; INT8 {runtimes['int8']['measured_ms']:.3f} ms (predicted {runtimes['int8']['predicted_ms']:.3f})"
-                if "int8" in runtimes else ""))
+                if "int8" in runtimes else "")
+             + (f"; pruned by half {anchor.probe['total_ms']:.3f} ms (predicted "
+                f"{sum(anchor.probe['predicted_rows_ms']) + anchor.probe['predicted_outside_ms']:.3f})"
+                if anchor.probe else ""))
     return anchor
+
+
+def probe_work(loaded: LoadedModel, table: LayerTable, notes: list[str], progress: Progress):
+    """The original pruned by hardware.anchor.PROBE_STRATEGY (executed and exported as a candidate is) and its
+    estimated table: the anchor's second point. None, with a note, where the original cannot be pruned so."""
+    from estimators.compress import estimate
+    from estimators.strategy import parse_strategy
+
+    from .executors import run_strategy
+
+    strategy = parse_strategy(PROBE_STRATEGY)
+    progress(f"anchoring: a second point, the original pruned by half ({PROBE_STRATEGY})")
+    try:
+        est = estimate(table, strategy)
+        if est.n != table.n or list(est.names) != list(table.names):
+            raise RuntimeError("its analysis has other rows than the original's")
+        return run_strategy(loaded, strategy), est
+    except Exception as exc:  # noqa: BLE001 - a model torch-pruning cannot prune: one point, said
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        notes.append(f"no second point: the original could not be pruned by half ({type(exc).__name__}: {first}); "
+                     "candidates are predicted by one measured ratio per row")
+        return None
 
 
 def get_anchor(loaded: LoadedModel, table: LayerTable, profile, batch: int = 1, progress: Progress = lambda m: None,

@@ -14,7 +14,7 @@ from estimators.compress import estimate
 from estimators.modelspec import LoadedModel, load_model
 from estimators.strategy import Strategy, parse_strategy
 from estimators.table import METRICS, totals
-from hardware.anchor import build_anchor, load_anchor, runtime_of
+from hardware.anchor import PROBE_STRATEGY, build_anchor, load_anchor, runtime_of
 from hardware.latency import LatencyModel, predict_latency
 from hardware.profile import load_profile
 from search.batch import BatchEvaluator
@@ -80,27 +80,46 @@ def test_measured_rows_map_onto_the_tables_rows(net, shape):
     assert rows.sum() + anchor.measured_outside_ms == pytest.approx(anchor.total_ms, rel=1e-9)
     # the original itself predicts exactly what was measured
     assert predict_latency(table, prof, 1, anchor=anchor).latency_ms == pytest.approx(anchor.total_ms, rel=1e-9)
+    # the second point: the original pruned by half, its rows mapped onto the same rows and adding up to its total
+    probe = anchor.probe
+    assert probe["strategy"] == PROBE_STRATEGY and len(probe["measured_rows_ms"]) == table.n
+    p_rows = np.array(probe["measured_rows_ms"])
+    assert (p_rows[params] == 0).all() and (p_rows[~params] > 0).all()
+    assert p_rows.sum() + probe["measured_outside_ms"] == pytest.approx(probe["total_ms"], rel=1e-9)
+    assert table.names[int(np.argmax(p_rows))] == "heavy"
 
 
-def _anchor(table, prof, batch=1, seed=0):
-    """An anchor from row times made up for the test (each row 0.5-3x its prediction), deterministic."""
+def _anchor(table, prof, batch=1, seed=0, probe=False):
+    """An anchor from row times made up for the test (each row 0.5-3x its prediction), deterministic; `probe`: with
+    a second point, the original pruned by half, whose rows are made up alike."""
     rng = np.random.default_rng(seed)
-    pred = predict_latency(table, prof, batch)
     ops = np.array(table.kinds) != "param"
-    rows = pred.per_row_ms[ops] / 1e3 * rng.uniform(0.5, 3.0, int(ops.sum()))
-    rows[0] = 0.0  # a row measured at nothing: not a factor, its time is fixed
-    total = (rows.sum() * 1e3 + pred.outside_ms) * 1.3
+
+    def made_up(t):
+        pred = predict_latency(t, prof, batch)
+        rows = pred.per_row_ms[ops] / 1e3 * rng.uniform(0.5, 3.0, int(ops.sum()))
+        rows[0] = 0.0  # a row measured at nothing: not a factor, its time is fixed
+        return rows, (rows.sum() * 1e3 + pred.outside_ms) * 1.3
+
+    rows, total = made_up(table)
+    point = None
+    if probe:
+        half = estimate(table, parse_strategy(PROBE_STRATEGY))
+        point = (half, *made_up(half))
     q = predict_latency(estimate(table, Strategy.model_validate({"steps": [{"method": "quantize", "dtype": "int8"}]})),
                         prof, batch).latency_ms
-    return build_anchor(table, prof, batch, rows, total, "test", {"int8": {"measured_ms": q * 0.6, "predicted_ms": q}})
+    return build_anchor(table, prof, batch, rows, total, "test", {"int8": {"measured_ms": q * 0.6, "predicted_ms": q}},
+                        probe=point)
 
 
+@pytest.mark.parametrize("probe", [False, True], ids=["one point", "two points"])
 @pytest.mark.parametrize("spec,shape", [("demo:digits-resnet", None), ("torchvision:mobilenet_v2", "1,3,32,32")])
-def test_anchored_correction_is_exact_for_the_original_and_the_batch_path_equals_the_single(spec, shape):
+def test_anchored_correction_is_exact_for_the_original_and_the_batch_path_equals_the_single(spec, shape, probe):
     table = analyze(load_model(spec, input_shape=shape))
     prof = load_profile("host")
     for batch in (1, 8):
-        anchor = _anchor(table, prof, batch)
+        anchor = _anchor(table, prof, batch, probe=probe)
+        assert bool(anchor.probe) == probe and bool(anchor.class_lines()) == probe
         none = predict_latency(estimate(table, parse_strategy("none")), prof, batch, anchor=anchor)
         assert none.latency_ms == pytest.approx(anchor.total_ms, rel=1e-9) and none.basis == "anchored"
         for s in ("none", "prune:0.3", "prune:0.6:global", "quantize:int8", "distill:width:0.5",
@@ -118,6 +137,57 @@ def test_anchored_correction_is_exact_for_the_original_and_the_batch_path_equals
                 assert single.latency_ms == pytest.approx(0.6 * plain.latency_ms, rel=1e-9)
     # a profile alone says so
     assert predict_latency(table, prof, 1).basis == "profile"
+
+
+def test_two_measured_points_put_every_class_on_its_line():
+    """Where the original and the probe measure each class's rows on a line in the profile's prediction
+    (measured = a + b x predicted per row), a third candidate is predicted on those lines, in the single path and the
+    batch path alike, and the time outside the operators on its own line."""
+    table = analyze(load_model("torchvision:mobilenet_v2", input_shape="1,3,32,32"))
+    prof = load_profile("host")
+    ops = np.array(table.kinds) != "param"
+    kinds = LatencyModel(table, prof, 1).kinds
+    # per class: a fixed part the profile over-prices (a < 0, as found at batch 1) and a slope
+    line = {c: (-0.2 * predict_latency(table, prof, 1).per_row_ms[kinds == c].min(), 1.3 + 0.1 * i)
+            for i, c in enumerate(sorted(set(kinds)))}
+    out_line = (1.5, 0.01)
+
+    def on_lines(t):
+        pred = predict_latency(t, prof, 1)
+        rows = np.array([line[c][0] + line[c][1] * p for c, p in zip(kinds, pred.per_row_ms)])
+        outside = out_line[0] * pred.outside_ms + out_line[1]
+        return rows, outside
+
+    rows, outside = on_lines(table)
+    half = estimate(table, parse_strategy(PROBE_STRATEGY))
+    h_rows, h_outside = on_lines(half)
+    anchor = build_anchor(table, prof, 1, rows[ops] / 1e3, rows.sum() + outside, "test",
+                          probe=(half, h_rows[ops] / 1e3, h_rows.sum() + h_outside))
+    assert anchor.measured_outside_ms == pytest.approx(outside, rel=1e-9)
+    lines = anchor.class_lines()
+    assert set(lines) == {c for c in line if predict_latency(table, prof, 1).per_row_ms[kinds == c].sum()
+                          - predict_latency(half, prof, 1).per_row_ms[kinds == c].sum() > 0.02
+                          * predict_latency(table, prof, 1).per_row_ms[kinds == c].sum()}
+    for c, (a, b) in lines.items():
+        assert (a, b) == pytest.approx(line[c], rel=1e-6)
+    for s in ("prune:0.3", "prune:0.7", "prune:0.6:global"):
+        est = estimate(table, parse_strategy(s))
+        want_rows, want_out = on_lines(est)
+        pred = predict_latency(est, prof, 1, anchor=anchor)
+        on = np.isin(kinds, list(lines))
+        assert pred.per_row_ms[on] == pytest.approx(want_rows[on], rel=1e-6), s
+        q0, q1 = predict_latency(table, prof, 1).outside_ms, predict_latency(half, prof, 1).outside_ms
+        if q0 - q1 > 0.02 * q0:  # the probe changes the predicted time outside: its line
+            assert pred.outside_ms == pytest.approx(want_out, rel=1e-6), s
+        else:  # else the single ratio
+            assert pred.outside_ms == pytest.approx(outside / q0 * predict_latency(est, prof, 1).outside_ms, rel=1e-6)
+        out = BatchEvaluator(est, prof, 1, anchor=anchor)(est.state.kept[None, :])
+        assert out["latency_ms"][0] == pytest.approx(pred.latency_ms, rel=1e-9), s
+    # the one-point ratio (no probe) would have predicted each pruned row at the original's ratio: more
+    single = build_anchor(table, prof, 1, rows[ops] / 1e3, rows.sum() + outside, "test")
+    est = estimate(table, parse_strategy("prune:0.7"))
+    assert predict_latency(est, prof, 1, anchor=single).latency_ms > predict_latency(est, prof, 1,
+                                                                                    anchor=anchor).latency_ms
 
 
 def test_latency_model_has_named_columns():
