@@ -287,8 +287,9 @@ def test_compiled_int8_network_is_profiled_into_its_parts():
     import torch
     import torch._inductor.config as inductor_config
 
+    import time
+
     from hardware.calibrate.int8 import profiled_parts
-    from hardware.measure import measure_latency
     from hardware.synthetic import synthetic_cnn
     from tasks.quantize_exec import compiled_int8
 
@@ -297,10 +298,15 @@ def test_compiled_int8_network_is_profiled_into_its_parts():
     with inductor_config.patch({"cpp.enable_kernel_profile": True}):  # as calibration compiles them
         fn = compiled_int8(model, torch.randn(2, *shape[1:]))
         x = torch.randn(1, *shape[1:])
-        total = measure_latency(fn, x, warmup=2, min_runs=5, budget_s=0.2)["latency_ms"] / 1e3
-        kern, pool, loops = profiled_parts(fn, x)
+        with torch.inference_mode():
+            fn(x), fn(x)
+        # the parts are bounded by the wall time of the very calls they were profiled in: a total timed in another
+        # moment of this drifting machine can be half of it
+        t0 = time.perf_counter()
+        kern, pool, loops = profiled_parts(fn, x, runs=5)
+        per_call = (time.perf_counter() - t0) / 5
     assert kern > 0 and pool > 0 and loops > 0  # the first quantize of the input is a generated loop
-    assert kern + pool + loops < 1.5 * total
+    assert kern + pool + loops < per_call
 
 
 
