@@ -34,7 +34,8 @@ def markdown_report(title: str, rep: dict, executed: list[dict], tracked: dict, 
         where = " in ONNX Runtime" if ident.get("runtime") == "onnxruntime" else ""
         lines.append(f"Profile `{prof['name']}` (hash {prof['hash']}" + (f", calibrated {prof['calibrated']} on "
                      f"{prof['cpu']} {prof['isa']}" if prof.get("calibrated") else "") + "); latency "
-                     + (f"anchored on the original measured here{where} ({anchor['total_ms']} ms at batch {anchor['batch']}; "
+                     + (f"anchored on the original measured here{where} ({anchor['total_ms']} ms at batch {anchor['batch']}"
+                        + (f", pruned by half {anchor['probe']['total_ms']} ms" if anchor.get("probe") else "") + "; "
                         f"the profile alone predicted {anchor['predicted_ms']} ms; {anchor['truths']} measured "
                         "candidates refine it)." if anchor else f"from the profile alone: {ident.get('anchor_note', '')}"))
         if prof.get("warning"):

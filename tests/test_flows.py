@@ -222,6 +222,8 @@ def test_the_prefect_flow_run_shares_the_name_and_leaves_its_markdown(digits_run
     assert digits_run.parent().data.tags["mlflow.runName"].startswith(run.name + ": ")  # one name in both UIs
     md = [a for a in arts if a.type == "markdown"]
     assert md and "Executed: predicted vs measured" in md[0].data and tr["run_id"] in md[0].data
+    probe = rep["profile_identity"]["anchor"]["probe"]  # the anchor's second point, named in the report
+    assert probe["strategy"] == "prune:0.5" and f"pruned by half {probe['total_ms']} ms" in md[0].data
 
 
 def test_a_rerun_finds_the_finished_steps_persisted(digits_run, monkeypatch):
