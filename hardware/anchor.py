@@ -81,6 +81,13 @@ class Correction:
         o = np.maximum(outside * self.outside + self.outside_add_s, outside * self.outside_floor)
         return out, o + self.fixed_s
 
+    def put_on_lines(self, on: np.ndarray, a_ms: np.ndarray, b: np.ndarray, single: np.ndarray, k: float) -> None:
+        """Rows `on` take the line a_ms + b x predicted (ms); the others keep their single ratio `single`; every row
+        is floored at PROBE_FLOOR of its single-ratio prediction. `k`: the truths' factor."""
+        self.rows = np.where(on, b, single) * k
+        self.add_s = np.where(on, a_ms, 0.0) * k / 1e3
+        self.floor = PROBE_FLOOR * single * k
+
 
 @dataclass
 class Anchor:
@@ -167,16 +174,11 @@ class Anchor:
             corr = Correction(f * k, o_mul * k, "anchored", n, self.fixed_ms() * k / 1e3,
                               outside_add_s=o_add * k / 1e3, outside_floor=o_floor)
             if lines:  # each row on its class's line, times its own residual at the original
-                kinds = np.array(self.kinds)
-                b = np.array([lines.get(c, (0.0, 0.0))[1] for c in self.kinds])
-                a = np.array([lines.get(c, (0.0, 0.0))[0] for c in self.kinds])
-                p = np.array(self.predicted_rows_ms)
-                at = a + b * p
-                on = np.isin(kinds, list(lines)) & (f > 0) & (at > 0)
+                has, a, b = _per_row(self.kinds, lines)
+                at = a + b * np.array(self.predicted_rows_ms)
+                on = has & (f > 0) & (at > 0)
                 r = np.where(on, np.array(self.measured_rows_ms) / np.where(on, at, 1.0), 0.0)
-                corr.rows = np.where(on, r * b, f) * k
-                corr.add_s = np.where(on, r * a, 0.0) * k / 1e3
-                corr.floor = PROBE_FLOOR * f * k
+                corr.put_on_lines(on, r * a, r * b, f, k)
             return corr
         # another architecture (a student): class by class, the whole model's ratio for classes it lacks
         per = self.class_factors()
@@ -187,9 +189,8 @@ class Anchor:
         corr = Correction(rows * k, (o_mul if self.predicted_outside_ms > 0 else whole) * k, "anchored", n,
                           outside_add_s=o_add * k / 1e3, outside_floor=o_floor)
         if lines:
-            corr.rows = np.array([lines[str(c)][1] if str(c) in lines else f for c, f in zip(model.kinds, rows)]) * k
-            corr.add_s = np.array([lines[str(c)][0] if str(c) in lines else 0.0 for c in model.kinds]) * k / 1e3
-            corr.floor = PROBE_FLOOR * rows * k
+            has, a, b = _per_row([str(c) for c in model.kinds], lines)
+            corr.put_on_lines(has, a, b, rows, k)
         return corr
 
     def class_lines(self) -> dict[str, tuple[float, float]]:
@@ -253,6 +254,14 @@ class Anchor:
         tmp.write_text(json.dumps(data))
         tmp.replace(path)  # atomic: a reader never sees half a file
         self.path = str(path)
+
+
+def _per_row(kinds: list[str], lines: dict[str, tuple[float, float]]):
+    """Per row of classes `kinds`: whether its class has a line (Anchor.class_lines), and the line's (a, b)."""
+    has = np.array([c in lines for c in kinds], dtype=bool)
+    a = np.array([lines[c][0] if c in lines else 0.0 for c in kinds])
+    b = np.array([lines[c][1] if c in lines else 0.0 for c in kinds])
+    return has, a, b
 
 
 def anchor_path(fingerprint: str, profile_hash: str, batch: int) -> Path:
