@@ -58,6 +58,7 @@ def _with_latency(rep: dict[str, Any], loaded, table, strat, hardware: Optional[
         from estimators.compress import estimate as run_estimate
         from hardware.latency import predict_latency
         from tasks.anchoring import latency_context
+        from tasks.onnx_runtime import slow_path_note
 
         prof, anc, info = latency_context(loaded, table, hardware, batch_size, anchor, progress=progress,
                                           runtime=runtime)
@@ -66,12 +67,9 @@ def _with_latency(rep: dict[str, Any], loaded, table, strat, hardware: Optional[
         rep["pred"]["latency_ms"] = round(lat.latency_ms, 4)
         rep["latency_basis"] = lat.basis
         rep["hardware"] = info
-        if runtime == "onnxruntime":
-            from tasks.onnx_runtime import slow_path_note
-
-            note = slow_path_note(table, est)
-            if note:
-                rep["notes"] = [*rep.get("notes", []), note]
+        note = slow_path_note(table, est, runtime)
+        if note:
+            rep["notes"] = [*rep.get("notes", []), note]
     return rep
 
 

@@ -71,14 +71,20 @@ class Correction:
     add_s: np.ndarray | None = None  # per row, seconds added to the scaled prediction (two measured points)
     floor: np.ndarray | None = None  # per row, the least a row's corrected seconds are, per predicted second
     outside_add_s: float = 0.0
-    outside_floor: float = 0.0
+    outside_floor: float | None = 0.0  # None: the time outside may be negative (the total floor still holds)
+    total_floor: float = 0.0  # the least a candidate's corrected total is, per predicted second (rows and outside)
 
     def apply(self, rows: np.ndarray, outside: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The corrected seconds of K candidates' rows (K x rows) and of their time outside the operators (K)."""
         out = rows * self.rows
         if self.add_s is not None:
             out = np.maximum(out + self.add_s, rows * self.floor)
-        o = np.maximum(outside * self.outside + self.outside_add_s, outside * self.outside_floor)
+        o = outside * self.outside + self.outside_add_s
+        if self.outside_floor is not None:
+            o = np.maximum(o, outside * self.outside_floor)
+        if self.total_floor > 0:
+            short = self.total_floor * (rows.sum(-1) + outside) - (out.sum(-1) + o)
+            o = o + np.maximum(short, 0.0)
         return out, o + self.fixed_s
 
     def put_on_lines(self, on: np.ndarray, a_ms: np.ndarray, b: np.ndarray, single: np.ndarray, k: float) -> None:
@@ -112,6 +118,11 @@ class Anchor:
     runtimes: dict[str, dict[str, float]] = field(default_factory=dict)  # other runtimes: {measured_ms, predicted_ms}
     truths: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    # where a class line's time at zero prediction goes: `rows`, a fixed cost shared evenly by the class's rows; or
+    # `outside`, the time outside the operators, every row taking the line's slope (an anchor of totals only, whose
+    # rows are the profile's brought to a measured total: their one line is the whole model's, and its intercept,
+    # negative where the runtime's time falls faster with pruning than the profile's, belongs to no row)
+    intercept: str = "rows"
     path: str = ""
 
     # ------------------------------------------------------------------------------------------
@@ -171,6 +182,8 @@ class Anchor:
         o_floor = PROBE_FLOOR * self.outside_factor() * k
         if list(table.names) == self.names:
             f = self.row_factors()
+            if lines and self.intercept == "outside":
+                return self._outside_line(lines, f, k, n)
             corr = Correction(f * k, o_mul * k, "anchored", n, self.fixed_ms() * k / 1e3,
                               outside_add_s=o_add * k / 1e3, outside_floor=o_floor)
             if lines:  # each row on its class's line, times its own residual at the original
@@ -192,6 +205,17 @@ class Anchor:
             has, a, b = _per_row([str(c) for c in model.kinds], lines)
             corr.put_on_lines(has, a, b, rows, k)
         return corr
+
+    def _outside_line(self, lines: dict[str, tuple[float, float]], f: np.ndarray, k: float, n: int) -> Correction:
+        """The correction of an anchor of totals (intercept `outside`): every priced row at the line's slope, the
+        line's intercept as the time outside the operators, and the candidate never below PROBE_FLOOR of its
+        single-ratio total."""
+        (a, b), = lines.values()
+        priced = f > 0
+        whole = sum(self.measured_rows_ms) / max(sum(self.predicted_rows_ms) + self.predicted_outside_ms, 1e-12)
+        return Correction(np.where(priced, b, 0.0) * k, 0.0, "anchored", n,
+                          outside_add_s=a * int(priced.sum()) * k / 1e3, outside_floor=None,
+                          total_floor=PROBE_FLOOR * whole * k)
 
     def class_lines(self) -> dict[str, tuple[float, float]]:
         """Per operator class, the line through the original's and the probe's measured time against the profile's
@@ -289,15 +313,20 @@ def read_anchor(path: Path) -> Anchor | None:
 
 def build_anchor(table: LayerTable, profile, batch: int, row_s: list[float] | np.ndarray, total_ms: float,
                  where: str, runtimes: dict[str, dict[str, float]] | None = None,
-                 notes: list[str] | None = None, probe: tuple[LayerTable, list[float] | np.ndarray, float] | None = None
-                 ) -> Anchor:
+                 notes: list[str] | None = None,
+                 probe: tuple[LayerTable, list[float] | np.ndarray, float] | None = None,
+                 probe_strategy: str = PROBE_STRATEGY, classes: list[str] | None = None,
+                 intercept: str = "rows") -> Anchor:
     """An anchor from the original's measurement: `row_s`, the seconds of each of its operator rows timed in
     context (hardware.timing.row_times: the table's rows other than parameters, in order) and `total_ms`, the
     artifact's latency. The rows are brought to the total: the time the artifact spends outside them is the total
     less the rows (where the rows, timed with the eager model's own dispatch around them, add up to more than the
     artifact's total, they are scaled down to it and the time outside is the profile's share of the total).
-    `probe`: (the estimated table of the original pruned by PROBE_STRATEGY, its rows' seconds, its total in ms),
-    measured the same way."""
+    `probe`: (the estimated table of the original pruned by `probe_strategy`, its rows' seconds, its total in ms),
+    measured the same way. `classes`: the rows' classes the probe's lines are drawn per (default: their latency
+    classes; rows that were not timed one by one, only brought to a total, are one class: a line per class would
+    only restate the profile's split between classes). `intercept`: where a class line's intercept goes
+    (Anchor.intercept)."""
     from .hostprofile import profile_hash
     from .latency import latency_kinds
 
@@ -305,15 +334,16 @@ def build_anchor(table: LayerTable, profile, batch: int, row_s: list[float] | np
     point = {}
     if probe is not None:
         p_rows, p_outside, p_pred = _measured_rows(probe[0], profile, batch, probe[1], probe[2])
-        point = {"strategy": PROBE_STRATEGY, "total_ms": float(probe[2]), "measured_rows_ms": [float(x) for x in p_rows],
+        point = {"strategy": probe_strategy, "total_ms": float(probe[2]),
+                 "measured_rows_ms": [float(x) for x in p_rows],
                  "predicted_rows_ms": [float(x) for x in p_pred.per_row_ms], "measured_outside_ms": float(p_outside),
                  "predicted_outside_ms": float(p_pred.outside_ms)}
-    kinds = latency_kinds(table)
+    kinds = classes if classes is not None else latency_kinds(table)
     return Anchor(table_fingerprint(table), profile.name, profile_hash(profile), batch, list(table.names),
                   [str(k) for k in kinds], [float(x) for x in rows], [float(x) for x in pred.per_row_ms],
                   float(outside), float(pred.outside_ms), float(total_ms),
                   _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), where, point, dict(runtimes or {}),
-                  notes=list(notes or []))
+                  notes=list(notes or []), intercept=intercept)
 
 
 def _measured_rows(table: LayerTable, profile, batch: int, row_s, total_ms: float):
@@ -329,6 +359,8 @@ def _measured_rows(table: LayerTable, profile, batch: int, row_s, total_ms: floa
     rows[ops] = row_s * 1e3
     total = float(total_ms)
     outside = total - rows.sum()
+    if -1e-9 * total <= outside < 0:  # rows brought to the total exactly, but for rounding
+        outside = 0.0
     if outside < 0 or rows.sum() <= 0:
         share = pred.outside_ms / pred.latency_ms if pred.latency_ms > 0 else 0.0
         outside = total * share

@@ -121,16 +121,18 @@ def measure_anchor(loaded: LoadedModel, table: LayerTable, profile, batch: int =
     return anchor
 
 
-def probe_work(loaded: LoadedModel, table: LayerTable, notes: list[str], progress: Progress):
-    """The original pruned by hardware.anchor.PROBE_STRATEGY (executed and exported as a candidate is) and its
-    estimated table: the anchor's second point. None, with a note, where the original cannot be pruned so."""
+def probe_work(loaded: LoadedModel, table: LayerTable, notes: list[str], progress: Progress,
+               text: str = PROBE_STRATEGY):
+    """The original pruned by `text` (default hardware.anchor.PROBE_STRATEGY; executed and exported as a candidate
+    is) and its estimated table: the anchor's second point. None, with a note, where the original cannot be pruned
+    so."""
     from estimators.compress import estimate
     from estimators.strategy import parse_strategy
 
     from .executors import run_strategy
 
-    strategy = parse_strategy(PROBE_STRATEGY)
-    progress(f"anchoring: a second point, the original pruned by half ({PROBE_STRATEGY})")
+    strategy = parse_strategy(text)
+    progress(f"anchoring: a second point, the original pruned by half ({text})")
     try:
         est = estimate(table, strategy)
         if est.n != table.n or list(est.names) != list(table.names):

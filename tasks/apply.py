@@ -370,12 +370,11 @@ def _latency(loaded, table, est, ep, work, hardware: str, batch_size: int, ancho
     pred["latency_ms"] = extra.pop("latency_ms")
     if extra["hardware"].get("warning"):
         notes.append(extra["hardware"]["warning"])
-    if runtime == "onnxruntime":
-        from .onnx_runtime import slow_path_note
+    from .onnx_runtime import slow_path_note
 
-        note = slow_path_note(table, est)
-        if note:
-            notes.append(note)
+    note = slow_path_note(table, est, runtime)
+    if note:
+        notes.append(note)
     lat_info = None
     if prof.name == "host" and latency_now and runtime == "onnxruntime":
         lat_info = onnx_latency((onnx_check or {}).get("path"), loaded, batch_size, anchor, notes, progress)

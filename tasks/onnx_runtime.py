@@ -48,9 +48,12 @@ def slow_path_convolutions(table: LayerTable) -> int:
     return int((np.isin(kinds, ("conv", "gconv", "dwconv")) & slow).sum())
 
 
-def slow_path_note(table: LayerTable, candidate: LayerTable) -> str | None:
+def slow_path_note(table: LayerTable, candidate: LayerTable, runtime: str = "onnxruntime") -> str | None:
     """A note where `candidate` (an estimate of the original `table`) puts more convolutions on ONNX Runtime's slow
-    path than the original has: its ONNX Runtime prediction does not price that path (docs/onnx.md)."""
+    path than the original has: its ONNX Runtime prediction does not price that path (docs/onnx.md). None for
+    another `runtime`."""
+    if runtime != "onnxruntime":
+        return None
     extra = slow_path_convolutions(candidate) - slow_path_convolutions(table)
     if extra <= 0:
         return None
@@ -75,8 +78,9 @@ def _version() -> str:
 
 
 def runtime_hash(profile_hash: str) -> str:
-    """The anchor cache's key for ONNX Runtime on a profile: its anchors are kept apart from PyTorch's."""
-    return f"{profile_hash}-onnxruntime-{_version().replace('.', '_')}"
+    """The anchor cache's key for ONNX Runtime on a profile: its anchors are kept apart from PyTorch's (`2`: with
+    the probe; an anchor measured before it had one point and is measured again)."""
+    return f"{profile_hash}-onnxruntime2-{_version().replace('.', '_')}"
 
 
 def original_onnx(loaded: LoadedModel, folder: Path, int8: bool) -> tuple[Path, Path | None, list[str]]:
@@ -103,40 +107,78 @@ def original_onnx(loaded: LoadedModel, folder: Path, int8: bool) -> tuple[Path, 
     return float_path, int8_path, notes
 
 
+def probe_strategy() -> str:
+    """The anchor's second point in ONNX Runtime: hardware.anchor.PROBE_STRATEGY kept in the fast layout, as every
+    candidate of a plan for ONNX Runtime is (plan_round_to)."""
+    from hardware.anchor import PROBE_STRATEGY
+
+    return f"{PROBE_STRATEGY}:round_to={NCHWC_CHANNELS}"
+
+
+def _rows_at(table: LayerTable, profile, batch: int, total_ms: float) -> tuple[list[float], float]:
+    """The profile's rows of `table` (seconds, operator rows in order) brought to `total_ms`, all of it: ONNX
+    Runtime fuses operators the analysis keeps apart and is timed as a whole, so its time has no part outside the
+    rows and no split between them but the profile's. Returns (the rows, the profile's predicted ms)."""
+    from hardware.latency import predict_latency
+
+    pred = predict_latency(table, profile, batch)
+    ops = [i for i, k in enumerate(table.kinds) if k != "param"]
+    in_rows = float(sum(pred.per_row_ms[i] for i in ops))
+    scale = total_ms / in_rows if in_rows > 0 else 0.0
+    return [pred.per_row_ms[i] * scale * 1e-3 for i in ops], pred.latency_ms
+
+
 def measure_ort_anchor(loaded: LoadedModel, table: LayerTable, profile, batch: int, folder: Path,
                        progress: Progress = lambda m: None):
     """The original measured in ONNX Runtime on this machine (module docstring); its ONNX files stay in `folder`
-    (the candidates' measurements time against the float one)."""
+    (the candidates' measurements time against the float one). Where the original can be pruned, the probe
+    (probe_strategy) is exported and timed with it: the anchor's two points put the candidates on the line their
+    measured totals draw against the profile's predictions (one line for all rows, its intercept the time outside
+    them: hardware.anchor.build_anchor's `classes` and `intercept`), where one ratio would carry
+    the profile's idea of how pruning shrinks a model into ONNX Runtime, whose time follows the compute more
+    closely than eager PyTorch's."""
     from estimators.compress import estimate
     from estimators.strategy import QuantizeStep, Strategy
     from hardware.anchor import build_anchor
     from hardware.latency import predict_latency
     from hardware.measure import measure_interleaved
 
-    from .onnx_export import session, session_fn
+    from .anchoring import probe_work
+    from .onnx_export import export_float_onnx, session, session_fn
 
     progress(f"anchoring in ONNX Runtime {_version()}: exporting {loaded.spec} (float and INT8)")
     float_path, int8_path, notes = original_onnx(loaded, folder, "int8" in profile.fast_dtypes)
     fns = [session_fn(session(float_path))] + ([session_fn(session(int8_path))] if int8_path else [])
+    probe = probe_work(loaded, table, notes, progress, probe_strategy())
+    if probe is not None:
+        try:
+            export_float_onnx(probe[0].program, loaded.example_input(2), folder / "probe.onnx")
+            fns.append(session_fn(session(folder / "probe.onnx")))
+        except Exception as exc:  # noqa: BLE001 - the probe does not export: one point, said
+            notes.append(f"no second point: the original pruned by half did not export to ONNX ({type(exc).__name__}: "
+                         f"{str(exc)[:200]})")
+            probe = None
     progress(f"anchoring in ONNX Runtime: timing the original at batch {batch}")
     x = loaded.example_input(batch)
     got = measure_interleaved(fns, [x] * len(fns))
     total = got["latency_ms"][0]
-    pred = predict_latency(table, profile, batch)
-    scale = total / pred.latency_ms if pred.latency_ms > 0 else 1.0
-    ops = [i for i, k in enumerate(table.kinds) if k != "param"]
-    rows = [pred.per_row_ms[i] * scale * 1e-3 for i in ops]
+    rows, predicted_ms = _rows_at(table, profile, batch, total)
     runtimes = {}
     if int8_path:
         q = predict_latency(estimate(table, Strategy(steps=[QuantizeStep(dtype="int8")])), profile, batch)
         runtimes["int8"] = {"measured_ms": total * got["ratio"][1], "predicted_ms": q.latency_ms}
     notes.append("ONNX Runtime fuses operators the analysis keeps apart: its rows are the profile's, brought to "
                  "the measured total")
+    point = None
+    if probe is not None:
+        p_total = total * got["ratio"][-1]
+        point = (probe[1], _rows_at(probe[1], profile, batch, p_total)[0], p_total)
     anchor = build_anchor(table, profile, batch, rows, total, f"{socket.gethostname()} (ONNX Runtime {_version()})",
-                          runtimes, notes)
+                          runtimes, notes, point, probe_strategy(), ["onnxruntime"] * table.n, "outside")
     progress(f"anchoring in ONNX Runtime: {loaded.spec} runs {total:.3f} ms (the profile predicted "
-             f"{pred.latency_ms:.3f} ms for PyTorch)"
-             + (f"; INT8 {runtimes['int8']['measured_ms']:.3f} ms" if runtimes else ""))
+             f"{predicted_ms:.3f} ms for PyTorch)"
+             + (f"; INT8 {runtimes['int8']['measured_ms']:.3f} ms" if runtimes else "")
+             + (f"; pruned by half {point[2]:.3f} ms" if point else ""))
     return anchor
 
 

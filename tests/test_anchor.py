@@ -190,6 +190,44 @@ def test_two_measured_points_put_every_class_on_its_line():
                                                                                     anchor=anchor).latency_ms
 
 
+def test_totals_only_anchor_puts_candidates_on_the_line_of_the_two_totals():
+    """ONNX Runtime is timed as a whole: its anchor's rows are the profile's brought to the measured total, the
+    original's and the probe's (tasks.onnx_runtime.measure_ort_anchor). One class, its intercept the time outside the
+    operators: every candidate then lies on the line through the two measured totals against the
+    profile's predicted ones, the original and the probe exactly, a negative intercept included (the runtime's time
+    falls faster with pruning than the profile's), in the single and the batch path."""
+    table = analyze(load_model("torchvision:mobilenet_v2", input_shape="1,3,32,32"))
+    prof = load_profile("host")
+    ops = np.array(table.kinds) != "param"
+    probe = "prune:0.5:round_to=4"
+    half = estimate(table, parse_strategy(probe))
+
+    def rows_at(t, total_ms):  # the profile's rows, all of the total in them
+        pred = predict_latency(t, prof, 1).per_row_ms[ops]
+        return pred * total_ms / pred.sum() / 1e3
+
+    P0 = predict_latency(table, prof, 1).per_row_ms.sum()
+    P1 = predict_latency(half, prof, 1).per_row_ms.sum()
+    M0, M1 = 0.3 * P0, 0.3 * P0 * 0.5 * P1 / P0  # halving the profile's prediction's fall measured twice as steep
+    anchor = build_anchor(table, prof, 1, rows_at(table, M0), M0, "test", probe=(half, rows_at(half, M1), M1),
+                          probe_strategy=probe, classes=["onnxruntime"] * table.n, intercept="outside")
+    assert anchor.measured_outside_ms == pytest.approx(0.0, abs=1e-12) and anchor.probe["strategy"] == probe
+    (a, b), = anchor.class_lines().values()
+    A = a * int((np.array(anchor.predicted_rows_ms) > 0).sum())  # the line's intercept, the whole model's
+    assert A < 0 and A + b * P0 == pytest.approx(M0) and A + b * P1 == pytest.approx(M1)
+    for s in ("none", probe, "prune:0.3:round_to=4", "prune:0.6:global:round_to=4", "distill:width:0.75"):
+        est = estimate(table, parse_strategy(s))
+        pred = predict_latency(est, prof, 1, anchor=anchor)
+        want = A + b * predict_latency(est, prof, 1).per_row_ms.sum()
+        assert pred.latency_ms == pytest.approx(want, rel=1e-6), s
+        out = BatchEvaluator(est, prof, 1, anchor=anchor)(est.state.kept[None, :])
+        assert out["latency_ms"][0] == pytest.approx(pred.latency_ms, rel=1e-9), s
+    # shared evenly by the rows instead, that negative intercept takes small rows below their floor: off the line
+    even = build_anchor(table, prof, 1, rows_at(table, M0), M0, "test", probe=(half, rows_at(half, M1), M1),
+                        probe_strategy=probe, classes=["onnxruntime"] * table.n)
+    assert predict_latency(half, prof, 1, anchor=even).latency_ms > 1.05 * M1
+
+
 def test_latency_model_has_named_columns():
     from hardware.latency import COL, SPLIT_COLUMNS, split_coefficients
 

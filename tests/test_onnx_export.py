@@ -137,6 +137,9 @@ def test_onnx_runtime_latency_is_anchored_on_the_original_measured_there(tmp_pat
     hw = rep["hardware"]
     assert hw["runtime"] == "onnxruntime" and rep["latency_basis"] == "anchored"
     assert "ONNX Runtime" in hw["anchor"]["where"]
+    # its second point: the original pruned by half as a plan for ONNX Runtime prunes (multiples of 4), exported
+    # and timed in the same alternation
+    assert hw["anchor"]["probe"]["strategy"] == "prune:0.5:round_to=4" and hw["anchor"]["probe"]["total_ms"] > 0
     # a candidate of `none` predicts the original as measured in ONNX Runtime, and is measured as model.onnx in a
     # session timed in alternation with the original's
     assert rep["pred"]["latency_ms"] == pytest.approx(hw["anchor"]["total_ms"], rel=1e-3)
