@@ -106,12 +106,12 @@ def measure_anchor(loaded: LoadedModel, table: LayerTable, profile, batch: int =
     if probe is not None:
         p_total = total * got["ratio"][at["probe"]]
         p_shares = row_shares(probe[0].model, x, fns[at["probe"]])
-        point = (probe[1], [s * p_total * 1e-3 for s in p_shares], p_total)
-    try:
-        anchor = build_anchor(table, profile, batch, rows, total, socket.gethostname(), runtimes, notes, point)
-    except RuntimeError as exc:  # the probe's rows are not the original's: one point only
-        notes.append(f"the probe ({PROBE_STRATEGY}) was not used: {exc}")
-        anchor = build_anchor(table, profile, batch, rows, total, socket.gethostname(), runtimes, notes)
+        if len(p_shares) == len(shares):
+            point = (probe[1], [s * p_total * 1e-3 for s in p_shares], p_total)
+        else:  # the pruned model ran other operators than the original's rows: one point only
+            notes.append(f"the probe ({PROBE_STRATEGY}) was not used: it timed {len(p_shares)} operators, the "
+                         f"original {len(shares)}")
+    anchor = build_anchor(table, profile, batch, rows, total, socket.gethostname(), runtimes, notes, point)
     progress(f"anchoring: {loaded.spec} runs {total:.3f} ms here (the profile predicted {sum(anchor.predicted_rows_ms) + anchor.predicted_outside_ms:.3f} ms)"
              + (f"; INT8 {runtimes['int8']['measured_ms']:.3f} ms (predicted {runtimes['int8']['predicted_ms']:.3f})"
                 if "int8" in runtimes else "")
