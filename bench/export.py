@@ -1,9 +1,10 @@
 """ONNX export and ONNX Runtime latency across architectures (this machine).
 
 For each architecture x {none, prune:0.5, prune:0.3:round_to=4, quantize:int8} at batch 1,
-`apply --export onnx --runtime onnxruntime` as a user runs it (tasks.apply.apply_and_measure): the candidate is executed, exported to ONNX, checked in ONNX
-Runtime (onnx.checker, outputs against the PyTorch program), its stored bytes compared with the estimator's ONNX
-layout, and its ONNX Runtime latency predicted (anchored on the original measured in ONNX Runtime) and measured
+`apply --export onnx --runtime onnxruntime` as a user runs it (tasks.apply.apply_and_measure): the candidate is
+executed, exported to ONNX, checked in ONNX Runtime (onnx.checker, outputs against the PyTorch program), its stored
+bytes compared with the estimator's ONNX layout, and its ONNX Runtime latency predicted (anchored on the original and
+the original pruned by half, measured in ONNX Runtime) and measured
 (its session in alternation with the original's). The candidate's ONNX Runtime session is then timed in
 alternation with the PyTorch program in the form that runs it fast (eager float, compiled INT8): their ratio says
 which runtime serves the model faster here.

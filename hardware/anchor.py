@@ -44,6 +44,7 @@ PRIOR_TRUTHS = 2.0  # truths' ratios are shrunk towards 1 as if this many truths
 FACTOR_RANGE = (0.05, 20.0)
 PROBE_STRATEGY = "prune:0.5"  # the second measured point of an anchor: the original pruned uniformly by half
 PROBE_FLOOR = 0.2  # a row's two-point prediction is at least this share of its single-ratio prediction
+TOTAL_CLASS = "total"  # the one class of an anchor of totals (build_anchor's totals_only)
 PROBE_MIN_CHANGE = 0.02  # a class whose predicted time the probe changes less than this share has one point only
 
 
@@ -315,18 +316,16 @@ def build_anchor(table: LayerTable, profile, batch: int, row_s: list[float] | np
                  where: str, runtimes: dict[str, dict[str, float]] | None = None,
                  notes: list[str] | None = None,
                  probe: tuple[LayerTable, list[float] | np.ndarray, float] | None = None,
-                 probe_strategy: str = PROBE_STRATEGY, classes: list[str] | None = None,
-                 intercept: str = "rows") -> Anchor:
+                 probe_strategy: str = PROBE_STRATEGY, totals_only: bool = False) -> Anchor:
     """An anchor from the original's measurement: `row_s`, the seconds of each of its operator rows timed in
     context (hardware.timing.row_times: the table's rows other than parameters, in order) and `total_ms`, the
     artifact's latency. The rows are brought to the total: the time the artifact spends outside them is the total
     less the rows (where the rows, timed with the eager model's own dispatch around them, add up to more than the
     artifact's total, they are scaled down to it and the time outside is the profile's share of the total).
     `probe`: (the estimated table of the original pruned by `probe_strategy`, its rows' seconds, its total in ms),
-    measured the same way. `classes`: the rows' classes the probe's lines are drawn per (default: their latency
-    classes; rows that were not timed one by one, only brought to a total, are one class: a line per class would
-    only restate the profile's split between classes). `intercept`: where a class line's intercept goes
-    (Anchor.intercept)."""
+    measured the same way. `totals_only`: the rows were not timed one by one, only brought to a total (the
+    profile's rows scaled to it): they are one class, whose line's intercept is the time outside them
+    (Anchor.intercept `outside`); a line per class would only restate the profile's split between classes."""
     from .hostprofile import profile_hash
     from .latency import latency_kinds
 
@@ -338,12 +337,12 @@ def build_anchor(table: LayerTable, profile, batch: int, row_s: list[float] | np
                  "measured_rows_ms": [float(x) for x in p_rows],
                  "predicted_rows_ms": [float(x) for x in p_pred.per_row_ms], "measured_outside_ms": float(p_outside),
                  "predicted_outside_ms": float(p_pred.outside_ms)}
-    kinds = classes if classes is not None else latency_kinds(table)
+    kinds = [TOTAL_CLASS] * table.n if totals_only else latency_kinds(table)
     return Anchor(table_fingerprint(table), profile.name, profile_hash(profile), batch, list(table.names),
                   [str(k) for k in kinds], [float(x) for x in rows], [float(x) for x in pred.per_row_ms],
                   float(outside), float(pred.outside_ms), float(total_ms),
                   _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), where, point, dict(runtimes or {}),
-                  notes=list(notes or []), intercept=intercept)
+                  notes=list(notes or []), intercept="outside" if totals_only else "rows")
 
 
 def _measured_rows(table: LayerTable, profile, batch: int, row_s, total_ms: float):

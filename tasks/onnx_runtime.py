@@ -134,9 +134,8 @@ def measure_ort_anchor(loaded: LoadedModel, table: LayerTable, profile, batch: i
     (the candidates' measurements time against the float one). Where the original can be pruned, the probe
     (probe_strategy) is exported and timed with it: the anchor's two points put the candidates on the line their
     measured totals draw against the profile's predictions (one line for all rows, its intercept the time outside
-    them: hardware.anchor.build_anchor's `classes` and `intercept`), where one ratio would carry
-    the profile's idea of how pruning shrinks a model into ONNX Runtime, whose time follows the compute more
-    closely than eager PyTorch's."""
+    them: hardware.anchor.build_anchor's `totals_only`), where one ratio would carry the profile's idea of how
+    pruning shrinks a model into ONNX Runtime, whose time follows the compute more closely than eager PyTorch's."""
     from estimators.compress import estimate
     from estimators.strategy import QuantizeStep, Strategy
     from hardware.anchor import build_anchor
@@ -174,7 +173,7 @@ def measure_ort_anchor(loaded: LoadedModel, table: LayerTable, profile, batch: i
         p_total = total * got["ratio"][-1]
         point = (probe[1], _rows_at(probe[1], profile, batch, p_total)[0], p_total)
     anchor = build_anchor(table, profile, batch, rows, total, f"{socket.gethostname()} (ONNX Runtime {_version()})",
-                          runtimes, notes, point, probe_strategy(), ["onnxruntime"] * table.n, "outside")
+                          runtimes, notes, point, probe_strategy(), totals_only=True)
     progress(f"anchoring in ONNX Runtime: {loaded.spec} runs {total:.3f} ms (the profile predicted "
              f"{predicted_ms:.3f} ms for PyTorch)"
              + (f"; INT8 {runtimes['int8']['measured_ms']:.3f} ms" if runtimes else "")

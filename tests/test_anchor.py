@@ -210,7 +210,7 @@ def test_totals_only_anchor_puts_candidates_on_the_line_of_the_two_totals():
     P1 = predict_latency(half, prof, 1).per_row_ms.sum()
     M0, M1 = 0.3 * P0, 0.3 * P0 * 0.5 * P1 / P0  # halving the profile's prediction's fall measured twice as steep
     anchor = build_anchor(table, prof, 1, rows_at(table, M0), M0, "test", probe=(half, rows_at(half, M1), M1),
-                          probe_strategy=probe, classes=["onnxruntime"] * table.n, intercept="outside")
+                          probe_strategy=probe, totals_only=True)
     assert anchor.measured_outside_ms == pytest.approx(0.0, abs=1e-12) and anchor.probe["strategy"] == probe
     (a, b), = anchor.class_lines().values()
     A = a * int((np.array(anchor.predicted_rows_ms) > 0).sum())  # the line's intercept, the whole model's
@@ -224,7 +224,8 @@ def test_totals_only_anchor_puts_candidates_on_the_line_of_the_two_totals():
         assert out["latency_ms"][0] == pytest.approx(pred.latency_ms, rel=1e-9), s
     # shared evenly by the rows instead, that negative intercept takes small rows below their floor: off the line
     even = build_anchor(table, prof, 1, rows_at(table, M0), M0, "test", probe=(half, rows_at(half, M1), M1),
-                        probe_strategy=probe, classes=["onnxruntime"] * table.n)
+                        probe_strategy=probe, totals_only=True)
+    even.intercept = "rows"
     assert predict_latency(half, prof, 1, anchor=even).latency_ms > 1.05 * M1
 
 
