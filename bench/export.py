@@ -5,7 +5,8 @@ For each architecture x {none, prune:0.5, prune:0.3:round_to=4, quantize:int8} a
 executed, exported to ONNX, checked in ONNX Runtime (onnx.checker, outputs against the PyTorch program), its stored
 bytes compared with the estimator's ONNX layout, and its ONNX Runtime latency predicted (anchored on the original and
 the original pruned by half, measured in ONNX Runtime) and measured
-(its session in alternation with the original's). The candidate's ONNX Runtime session is then timed in
+(its session in alternation with the original's), and predicted by this machine's ONNX Runtime profile alone
+(`--no-anchor`; calibrated first where there is none). The candidate's ONNX Runtime session is then timed in
 alternation with the PyTorch program in the form that runs it fast (eager float, compiled INT8): their ratio says
 which runtime serves the model faster here.
 
@@ -90,6 +91,14 @@ def run_one(name: str, text: str, out_root: Path, timed: bool = True) -> dict:
                ratio_iqr=(rep.get("latency_measurement") or {}).get("ratio_iqr"))
     if not timed:
         return row
+    if row["measured_ms"]:  # what the ONNX Runtime profile predicts without the anchor
+        from estimators.analyze import analyze
+        from estimators.compress import estimate
+        from hardware.latency import predict_latency
+        from tasks.onnx_runtime import load_ort_profile
+
+        alone = predict_latency(estimate(analyze(loaded), parse_strategy(text)), load_ort_profile(), 1).latency_ms
+        row.update(profile_ms=alone, profile_err=alone / row["measured_ms"] - 1)
     # which runtime serves it faster here: the ONNX Runtime session against the PyTorch program's fast form
     x = loaded.example_input(1)
     torch_fn = fast_form(load_program(rep["artifact"]["model"]), o["form"] == "int8")
@@ -101,12 +110,17 @@ def run_one(name: str, text: str, out_root: Path, timed: bool = True) -> dict:
     return row
 
 
-LATENCY_SUBSETS = [  # (label, which candidates' latency is scored)
-    ("all", lambda r: r["strategy"] != "none"),
-    (f"all but {PROBE_LIKE}", lambda r: r["strategy"] not in ("none", PROBE_LIKE)),
-    ("INT8", lambda r: r["form"] == "int8"),
-    ("pruned float", lambda r: r["strategy"] != "none" and r["form"] != "int8"),
-    (f"pruned float but {PROBE_LIKE}", lambda r: r["strategy"] not in ("none", PROBE_LIKE) and r["form"] != "int8"),
+LATENCY_SUBSETS = [  # (label, which candidates' latency is scored, which error)
+    ("all", lambda r: r["strategy"] != "none", "latency_err"),
+    (f"all but {PROBE_LIKE}", lambda r: r["strategy"] not in ("none", PROBE_LIKE), "latency_err"),
+    ("INT8", lambda r: r["form"] == "int8", "latency_err"),
+    ("pruned float", lambda r: r["strategy"] != "none" and r["form"] != "int8", "latency_err"),
+    (f"pruned float but {PROBE_LIKE}", lambda r: r["strategy"] not in ("none", PROBE_LIKE) and r["form"] != "int8",
+     "latency_err"),
+    # the ONNX Runtime profile alone (--no-anchor): the originals too, which the anchor measures
+    ("profile only: all", lambda r: True, "profile_err"),
+    ("profile only: float", lambda r: r["form"] != "int8", "profile_err"),
+    ("profile only: INT8", lambda r: r["form"] == "int8", "profile_err"),
 ]
 
 
@@ -124,8 +138,8 @@ def summarise(rows: list[dict]) -> str:
         speed = [r["ort_over_pytorch"] for r in ok if "ort_over_pytorch" in r] or [float("nan")]
         lines.append(f"| {split} | {len(rs)} | {len(ok)} | {max(fl):.1e} | {sized}/{len(ok)} | "
                      f"{statistics.median(speed):.2f} |")
-        for label, keep in LATENCY_SUBSETS:
-            lat = [abs(r["latency_err"]) for r in ok if keep(r) and r.get("latency_err") is not None]
+        for label, keep, key in LATENCY_SUBSETS:
+            lat = [abs(r[key]) for r in ok if keep(r) and r.get(key) is not None]
             if lat:
                 lat_lines.append(f"| {split} | {label} | {len(lat)} | {100 * statistics.mean(lat):.1f}% | "
                                  f"{100 * sum(e <= 0.10 for e in lat) / len(lat):.0f}% | "

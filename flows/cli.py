@@ -216,26 +216,28 @@ def plan(model: ModelArg, hardware: HardwareReq, weights: WeightsOpt = None, inp
          nsga_evals: NsgaOpt = 10000, seed: SeedOpt = 0, runtime: RuntimeOpt = "pytorch", anchor: AnchorOpt = True,
          trust_pickle: TrustOpt = False, as_json: JsonOpt = False) -> None:
     """Search distill -> prune -> quantize strategies for the one that meets every requirement on HARDWARE
-    with the least predicted accuracy drop. Exit code 3 when nothing fits (with the nearest relaxation)."""
+    with the least predicted accuracy drop. Exit code 3 when nothing fits (with the nearest relaxation).
+    `--runtime pytorch,onnxruntime` plans for each runtime in turn and compares their recommendations (exit code 3
+    when nothing fits on any)."""
+    runtimes = [r.strip() for r in runtime.split(",") if r.strip()]
 
     def body():
         from estimators.accuracy import DropScorer, ProxyScorer
         from estimators.modelspec import format_input_shape
         from search.plan import plan as run_plan
         from tasks.anchoring import latency_context
-        from tasks.onnx_runtime import plan_round_to
+        from tasks.onnx_runtime import check_runtime, plan_round_to
 
+        if not runtimes or len(set(runtimes)) != len(runtimes):
+            raise UserInputError(f"--runtime: one runtime, or several without repeats, not {runtime!r}")
+        for r in runtimes:  # every runtime checked before anything is measured
+            check_runtime(r, hardware)
         req = _requirements(requirements, max_latency_ms=max_latency_ms, max_size_mb=max_size_mb, max_params=max_params,
                             max_macs=max_macs, max_memory_mb=max_memory_mb, max_accuracy_drop=max_accuracy_drop,
                             min_accuracy=min_accuracy, batch_size=batch_size)
         loaded = load(model, weights, input_shape, trust_pickle)
         table = run_analysis(loaded)
         say = progress
-        prof, anc, info = latency_context(loaded, table, hardware, req.batch_size, anchor, progress=say,
-                                          runtime=runtime)
-        note = info.get("warning")
-        if note:
-            warn(note)
         if data:
             from estimators.data import accuracy, load_data_for
 
@@ -247,18 +249,63 @@ def plan(model: ModelArg, hardware: HardwareReq, weights: WeightsOpt = None, inp
             if req.max_accuracy_drop is not None:
                 raise UserInputError("--max-accuracy-drop needs --data: without data accuracy is only ranked by a proxy")
             scorer = ProxyScorer()
-
         names = tuple(x.strip() for x in (students or "").split(",") if x.strip())
         shape = format_input_shape(loaded.input_shape)
         tables = {n: run_analysis(load(n, None, shape, trust_pickle)) for n in names}
-        out = run_plan(table, prof, req, scorer, top_k=top_k, students=names, student_tables=tables, progress=say,
-                       grid_step=grid_step, nsga_evals=nsga_evals, seed=seed, anchor=anc,
-                       round_to=plan_round_to(runtime))
-        out["profile"] = info
-        return {**out, "warning": note} if note else out
+        reps = {}
+        for r in runtimes:
+            prof, anc, info = latency_context(loaded, table, hardware, req.batch_size, anchor, progress=say, runtime=r)
+            note = info.get("warning")
+            if note:
+                warn(note)
+            out = run_plan(table, prof, req, scorer, top_k=top_k, students=names, student_tables=tables,
+                           progress=say, grid_step=grid_step, nsga_evals=nsga_evals, seed=seed, anchor=anc,
+                           round_to=plan_round_to(r))
+            out["profile"] = info
+            reps[r] = {**out, "warning": note} if note else out
+        if len(runtimes) == 1:
+            return reps[runtimes[0]]
+        return {"runtimes": reps, "comparison": _runtime_comparison(reps)}
 
     rep = compute(as_json, body)
-    if not as_json and rep["top"]:
+    if len(runtimes) == 1:
+        _print_plan(model, rep, as_json)
+        if rep.get("infeasible"):
+            err_console.print(f"infeasible: {rep['infeasible']['message']}", highlight=False)
+            raise typer.Exit(3)
+        return
+    for r, one in rep["runtimes"].items():
+        if not as_json:
+            console.print(f"[bold]runtime {r}[/]")
+        _print_plan(model, one, as_json)
+        if one.get("infeasible"):
+            err_console.print(f"infeasible on {r}: {one['infeasible']['message']}", highlight=False)
+    if not as_json:
+        for c in rep["comparison"]:
+            console.print(f"{c['runtime']}: " + (f"{c['recommended']} at {c['latency_ms']:.3f} ms predicted "
+                                                 f"({c['latency_basis']})" if c["recommended"] else "nothing fits"),
+                          highlight=False)
+    if all(one.get("infeasible") for one in rep["runtimes"].values()):
+        raise typer.Exit(3)
+
+
+def _runtime_comparison(reps: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per runtime planned for: its recommended strategy and that strategy's predicted latency (None where nothing
+    fits), fastest first."""
+    out = []
+    for r, rep in reps.items():
+        best = rep.get("recommended") if not rep.get("infeasible") else None
+        out.append({"runtime": r, "recommended": best["compact"] if best else None,
+                    "latency_ms": best["pred"]["latency_ms"] if best else None,
+                    "latency_basis": best["latency_basis"] if best else None})
+    return sorted(out, key=lambda c: (c["latency_ms"] is None, c["latency_ms"] or 0.0))
+
+
+def _print_plan(model: str, rep: dict[str, Any], as_json: bool) -> None:
+    """A plan's table of its top strategies and its recommendation (nothing under --json: compute emitted it)."""
+    if as_json:
+        return
+    if rep["top"]:
         t = Table(title=f"{model} on {rep['hardware']}: {rep['candidates_evaluated']:,} candidates in {rep['seconds']} s "
                         f"({rep['search']['structured']:,} structured, {rep['search']['nsga2']:,} by NSGA-II)")
         for c in ("strategy", "latency ms", "size MB", "params", "accuracy drop" if rep["accuracy_unit"] == "points"
@@ -271,13 +318,9 @@ def plan(model: ModelArg, hardware: HardwareReq, weights: WeightsOpt = None, inp
         console.print(t)
         console.print(f"recommended: {rep['recommended']['compact']}; binding: "
                       + (", ".join(b["requirement"] for b in rep["binding"]) or "none"), highlight=False)
-    if not as_json:
-        console.print(f"{rep['candidates_evaluated']:,} candidates in {rep['seconds']} s "
-                      f"({rep['candidates_per_second']:,.0f}/s); Pareto front: {len(rep['pareto'])} strategies "
-                      "(--json lists them)", highlight=False)
-    if rep.get("infeasible"):
-        err_console.print(f"infeasible: {rep['infeasible']['message']}", highlight=False)
-        raise typer.Exit(3)
+    console.print(f"{rep['candidates_evaluated']:,} candidates in {rep['seconds']} s "
+                  f"({rep['candidates_per_second']:,.0f}/s); Pareto front: {len(rep['pareto'])} strategies "
+                  "(--json lists them)", highlight=False)
 
 
 @app.command("run", short_help="Plan, execute the top-k and measure (Prefect flow).")

@@ -170,11 +170,16 @@ def calibrate(
         "--pool", help="comma-separated samples of earlier calibrations of this machine (--keep-samples): fitted "
                        "together with this run's")] = None,
     refit: Annotated[bool, typer.Option("--refit", help="time nothing: fit the --pool samples alone")] = False,
+    runtime: Annotated[str, typer.Option("--runtime", metavar="RUNTIME", help="pytorch (the host profile) or "
+                                         "onnxruntime (this machine's profile for ONNX Runtime, fitted on top of the "
+                                         "host profile: about 2.5 minutes, --quick 1)")] = "pytorch",
     as_json: JsonOpt = False,
 ) -> None:
     """Fit the host profile to operators timed inside synthetic networks on this machine (about 2.7 minutes
     on 2 cores) and write it with its provenance. Calibrations of one machine can be pooled (--keep-samples,
-    then --pool): more compiled INT8 networks and operators per fit, at 2.7 minutes a run."""
+    then --pool): more compiled INT8 networks and operators per fit, at 2.7 minutes a run. With --runtime
+    onnxruntime, fit this machine's ONNX Runtime profile instead: synthetic networks exported to ONNX (float and
+    INT8 QDQ) and timed whole in ONNX Runtime."""
 
     def body():
         from pathlib import Path
@@ -188,6 +193,10 @@ def calibrate(
             raise UserInputError(f"only the host can be calibrated from here, not {hardware!r}")
         if budget <= 0:
             raise UserInputError(f"--budget must be positive seconds, not {budget}")
+        if runtime == "onnxruntime":
+            return _calibrate_ort(out, quick, int8, budget if budget_given else None, pool, keep_samples, refit)
+        if runtime != "pytorch":
+            raise UserInputError(f"unknown runtime {runtime!r}: choose from pytorch, onnxruntime")
         if refit and not pool:
             raise UserInputError("--refit fits earlier samples: name them with --pool")
         if refit and keep_samples:
@@ -218,6 +227,31 @@ def calibrate(
         save_profile(prof, path)
         return {"profile": str(path), "provenance": prof.provenance.model_dump() if prof.provenance else None}
 
+    budget_given = budget != CALIBRATION_BUDGET_S
     rep = compute(as_json, body)
     if not as_json:
         console.print(f"wrote {rep['profile']} in {rep['provenance']['fit']['seconds']} s")
+
+
+def _calibrate_ort(out: str | None, quick: bool, int8: bool, budget: float | None, pool: str | None,
+                   keep_samples: str | None, refit: bool) -> dict:
+    """`calibrate --runtime onnxruntime`: this machine's ONNX Runtime profile (tasks.onnx_runtime.calibrate_ort),
+    written to `out` or beside the host profile in the cache."""
+    from pathlib import Path
+
+    from hardware.profile import save_profile
+    from tasks.onnx_runtime import calibrate_ort, ort_profile_path
+
+    if pool or keep_samples or refit:
+        raise UserInputError("--pool, --keep-samples and --refit pool PyTorch calibrations: not with --runtime "
+                             "onnxruntime")
+    prof = calibrate_ort(quick=quick, progress=progress, int8=int8, budget_s=budget)
+    path = Path(out) if out else ort_profile_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_profile(prof, path)
+    fit = prof.provenance.fit
+    progress(f"fit: float networks {100 * fit['fp32.mape']:.1f}% in sample"
+             + (f", {100 * fit['fp32.left_out_mape']:.1f}% left out" if "fp32.left_out_mape" in fit else "")
+             + (f"; INT8 QDQ {100 * fit['int8.mape']:.1f}% in sample" if "int8.mape" in fit else "")
+             + (f", {100 * fit['int8.left_out_mape']:.1f}% left out" if "int8.left_out_mape" in fit else ""))
+    return {"profile": str(path), "provenance": prof.provenance.model_dump()}

@@ -124,12 +124,12 @@ def _key(*parts: str) -> str:
     return re.sub(r"[^a-z0-9-]+", "-", "-".join(parts).lower()).strip("-")[:100]
 
 
-def _ensure_profile(hardware: str) -> None:
-    """Load the profile first: `host` on a machine without one is calibrated here (quickly, saying so), before the
-    tracking session starts and before anything is timed."""
-    from hardware.profile import load_profile
+def _ensure_profile(hardware: str, runtime: str) -> None:
+    """Load the profile first: `host` (or its ONNX Runtime profile) on a machine without one is calibrated here
+    (quickly, saying so), before the tracking session starts and before anything is timed."""
+    from tasks.onnx_runtime import runtime_profile
 
-    load_profile(hardware, progress=run_progress)
+    runtime_profile(hardware, runtime, run_progress)
 
 
 def _open(flow_name: str, model: ModelInput, data: Optional[str], hardware: str, requirements: Requirements,
@@ -273,7 +273,7 @@ def plan_flow(model: ModelInput = ModelInput(), data: Optional[str] = "digits", 
         out_dir: folder for run reports, on the machine that runs the flow
     """
     hardware = hardware_spec(hardware, hardware_path)
-    _ensure_profile(hardware)
+    _ensure_profile(hardware, RuntimeName(runtime).value)
     ctx = _open("plan", model, data, hardware, requirements, search, top_k, anchor, runtime, out_dir)
     session = tracking.Session()  # after any calibration: the session's start must not disturb its timing
     try:
@@ -389,7 +389,7 @@ def run_flow(model: ModelInput = ModelInput(), data: Optional[str] = "digits", h
     """
     log = get_run_logger()
     hardware = hardware_spec(hardware, hardware_path)
-    _ensure_profile(hardware)
+    _ensure_profile(hardware, RuntimeName(runtime).value)
     forms = check_export_forms(["pt2", *(ExportFormat(f).value for f in export)], RuntimeName(runtime).value)
     ctx = _open("run", model, data, hardware, requirements, search, top_k, anchor, runtime, out_dir,
                 execute=execute, export=forms, parallel=parallel,
@@ -481,6 +481,14 @@ def _run_steps(ctx: RunContext, session: tracking.Session) -> dict:
 
 @flow(name="deployfit-calibrate", log_prints=True)
 def calibrate_flow(quick: bool = False, budget_s: Annotated[float, Field(gt=0, le=3600)] = CALIBRATION_BUDGET_S,
-                   out: Optional[str] = None) -> str:
-    """Calibrate the host profile on this machine (micro-benchmarks in synthetic networks) and write it."""
-    return calibrate_task(quick=quick, budget_s=budget_s, out=out)
+                   out: Optional[str] = None, runtime: RuntimeName = RuntimeName.pytorch) -> str:
+    """Calibrate the host profile on this machine (micro-benchmarks in synthetic networks) and write it.
+
+    Args:
+        quick: a short calibration (what a first use of `host` runs)
+        budget_s: seconds of timing
+        out: the profile's path (default: this machine's file in the deployfit cache)
+        runtime: pytorch (the host profile) or onnxruntime (this machine's ONNX Runtime profile: synthetic networks
+            exported to ONNX and timed whole in ONNX Runtime)
+    """
+    return calibrate_task(quick=quick, budget_s=budget_s, out=out, runtime=RuntimeName(runtime).value)

@@ -275,6 +275,42 @@ def misaligned(cin: np.ndarray, cout: np.ndarray, multiple: int | None, both: bo
     return (a & b) if both else (a | b)
 
 
+def off_multiple(profile: HardwareProfile, kinds: np.ndarray, cin: np.ndarray, cout: np.ndarray) -> np.ndarray:
+    """Rows (K x rows) whose channels put them off the profile's channel_multiple, by its `misaligned_by` and
+    `aligned_below` rules."""
+    m = profile.channel_multiple
+    if not m or m <= 1:
+        return np.zeros(cin.shape, dtype=bool)
+    off = (cin % m) != 0
+    if profile.misaligned_by == "channels":
+        off = off | ((cout % m) != 0)
+    if profile.aligned_below:
+        off = off & ~((kinds == "conv") & (cin < profile.aligned_below))
+    return off
+
+
+def roof_memory(profile: HardwareProfile, w: np.ndarray, a: np.ndarray, streams: np.ndarray
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """The roofline's memory time of rows moving `w` weight and `a` activation bytes (K x rows, at the batch),
+    as (seconds at the cache's full bandwidth, which a class's bandwidth share divides, seconds at the memory's,
+    which it does not): a class's bandwidth share applies to cache-resident traffic, where calibration measures
+    it; traffic that spills to memory, and weights streamed from memory on every call (`streams`: the model's
+    weights exceed the cache), move at the memory's bandwidth."""
+    bw_dram = profile.memory_bandwidth_gbs * 1e9
+    cache = profile.cache_bytes or 0
+    if not cache:
+        return (w + a) / bw_dram, np.zeros(np.shape(w))
+    cache_bw = profile.cache_bandwidth_gbs * 1e9
+    work = w + a
+    a_cached = a <= cache
+    stream_unit = np.where(a_cached, a, 0.0) / cache_bw
+    stream_fixed = (w + np.where(a_cached, 0.0, a)) / bw_dram
+    fit_cached = work <= cache
+    fit_unit = np.where(fit_cached, work, 0.0) / cache_bw
+    fit_fixed = np.where(fit_cached, 0.0, work) / bw_dram
+    return np.where(streams, stream_unit, fit_unit), np.where(streams, stream_fixed, fit_fixed)
+
+
 def input_elements(table: LayerTable) -> float:
     """Elements of one sample of the model's input (of all its inputs, for a model of several)."""
     return float(sum(np.prod(s[1:]) if len(s) > 1 else 1.0 for s in input_shapes(table.input_shape)))
@@ -403,9 +439,8 @@ class LatencyModel:
         abytes = (arb + awb_paid) * scale
         eager = {}  # per thread count: eager PyTorch's convolution dispatch columns
         m = prof.channel_multiple
-        off = ((cin % m) != 0) | ((cout % m) != 0) if m and m > 1 else np.zeros(cin.shape, dtype=bool)
+        off = off_multiple(prof, self.kinds, cin, cout)
         cache = prof.cache_bytes or 0
-        bw_dram = prof.memory_bandwidth_gbs * 1e9
         # weights of a model larger than the cache stream from memory on every call
         streams = (wb.sum(1) > cache)[:, None] if cache > 0 else np.zeros((len(q), 1), dtype=bool)
         out = np.zeros(flops.shape)
@@ -431,17 +466,8 @@ class LatencyModel:
             else:
                 peak_eff, share, bs, factor, slow_f, kern = par
                 comp = f / peak_eff
-                # the class's bandwidth share applies to cache-resident traffic (where calibration measures it);
-                # traffic that spills to memory moves at the memory's bandwidth
-                if cache:
-                    work = w + a
-                    cache_bw = prof.cache_bandwidth_gbs * 1e9 * share
-                    act_bw = np.where(a <= cache, cache_bw, bw_dram)
-                    mem_stream = (w / bw_dram + a / act_bw) * bs
-                    mem_fit = work * bs / np.where(work <= cache, cache_bw, bw_dram)
-                    mem = np.where(streams, mem_stream, mem_fit)
-                else:
-                    mem = (w + a) * bs / (bw_dram * share)
+                unit, fixed = roof_memory(prof, w, a, streams)
+                mem = (unit / share + fixed) * bs
                 slow = np.where(off[:, sel], slow_f, 1.0)
                 body = comp * slow + mem if prof.combine == "sum" else np.maximum(comp, mem) * slow
                 per = body * factor + kern

@@ -190,6 +190,11 @@ class HardwareProfile(_Strict):
         default_factory=dict, description="efficiencies calibrated at other batch sizes (efficiency and dtype_overrides "
                                           "hold batch 1); a prediction uses the nearest calibrated batch")
     channel_multiple: Optional[int] = Field(default=None, ge=1, description="channel counts the kernels prefer")
+    misaligned_by: Literal["channels", "input"] = Field(
+        default="channels", description="which channel counts put a row off channel_multiple: `channels`, its input "
+                                        "or output; `input`, its input alone (ONNX Runtime pads outputs to its block)")
+    aligned_below: int = Field(default=0, ge=0, description="a dense convolution on fewer input channels than this "
+                                                            "runs its fast path whatever they are (0: none does)")
     sources: dict[str, str] = Field(description="where each number comes from")
     provenance: Optional[Provenance] = None
 

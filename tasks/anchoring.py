@@ -184,12 +184,10 @@ def latency_context(loaded: LoadedModel, table: LayerTable, hardware: str, batch
     in a process building candidates in parallel with others, where nothing may be timed). `runtime`
     `onnxruntime`: the latency of the candidates' ONNX exports in ONNX Runtime here (tasks.onnx_runtime)."""
     from hardware.hostprofile import identity
-    from hardware.profile import load_profile
 
-    from .onnx_runtime import check_runtime
+    from .onnx_runtime import runtime_profile
 
-    check_runtime(runtime, hardware)
-    prof = load_profile(hardware, progress=progress)
+    prof = runtime_profile(hardware, runtime, progress)
     info = {"name": prof.name, "runtime": prof.runtime, "batch_size": batch, "profile": identity(prof)}
     if info["profile"]["warning"]:
         info["warning"] = info["profile"]["warning"]
@@ -208,6 +206,4 @@ def latency_context(loaded: LoadedModel, table: LayerTable, hardware: str, batch
     else:
         info["anchor"] = None
         info["anchor_note"] = "anchoring off (--no-anchor): latency predicted by the profile alone"
-    if got is None and runtime == "onnxruntime":  # the level a profile of PyTorch's runs gives ONNX Runtime's
-        info["anchor_note"] += " (ONNX Runtime has no profile of its own: the PyTorch host profile's)"
     return prof, got, info

@@ -3,10 +3,12 @@
 A candidate's ONNX Runtime latency is predicted anchored on the original model measured in ONNX Runtime here:
 the original exported as deployfit exports candidates (tasks.onnx_export: the float ONNX, and the original
 quantized to a QDQ model exactly as a `quantize:int8` candidate is), both timed in alternation in sessions set up
-as a deployment runs them (tasks.onnx_export.session). The host profile prices each candidate relative to the
-original (how pruning, distillation and quantization change its rows); the anchor sets the level ONNX Runtime
-runs the original at, float and INT8 (hardware.anchor: the rows are the profile's, brought to the measured
-total, since ONNX Runtime fuses operators that the table keeps apart). A candidate is measured as its
+as a deployment runs them (tasks.onnx_export.session). This machine's ONNX Runtime profile (load_ort_profile:
+the host profile's machine with efficiencies fitted to synthetic networks timed whole in ONNX Runtime,
+hardware.calibrate.onnxrt) prices each candidate relative to the original (how pruning, distillation and
+quantization change its rows), and alone where anchoring is off; the anchor sets the level ONNX Runtime runs the
+original at, float and INT8 (hardware.anchor: the rows are the profile's, brought to the measured total, since
+ONNX Runtime fuses operators that the table keeps apart). A candidate is measured as its
 `model.onnx` in a session, in alternation with the original's, and its latency is the ratio of the two times the
 anchor's total: the protocol PyTorch candidates are measured with.
 """
@@ -20,13 +22,15 @@ from estimators.errors import UserInputError
 from estimators.modelspec import LoadedModel
 from estimators.table import LayerTable
 
+from hardware.calibrate.onnxrt import ORT_ALIGNED_BELOW, ORT_CHANNEL_MULTIPLE
+
 RUNTIMES = ("pytorch", "onnxruntime")
 Progress = Callable[[str], None]
 # ONNX Runtime runs a convolution in its fast blocked layout (NCHWc) only where its input channels are a multiple of
 # this (docs/onnx.md): pruning to other counts left resnet18 at prune:0.3 no faster than the original there, so a
 # plan for ONNX Runtime keeps every pruned channel count a multiple of it
-NCHWC_CHANNELS = 4
-NCHWC_SMALL_INPUT = 16  # ... or, a dense convolution, fewer input channels than this
+NCHWC_CHANNELS = ORT_CHANNEL_MULTIPLE
+NCHWC_SMALL_INPUT = ORT_ALIGNED_BELOW  # ... or, a dense convolution, fewer input channels than this
 
 
 def plan_round_to(runtime: str) -> int | None:
@@ -58,9 +62,9 @@ def slow_path_note(table: LayerTable, candidate: LayerTable, runtime: str = "onn
     if extra <= 0:
         return None
     return (f"{extra} more convolution(s) than the original take input channels that are not a multiple of "
-            f"{NCHWC_CHANNELS}: ONNX Runtime runs them outside its fast blocked layout, which the prediction does not "
-            f"price, so expect this candidate slower than predicted there (docs/onnx.md); `:round_to={NCHWC_CHANNELS}` "
-            "on the prune step keeps them in it")
+            f"{NCHWC_CHANNELS}: ONNX Runtime runs them outside its fast blocked layout, which the ONNX Runtime profile "
+            "prices at one factor per FLOP fitted on synthetic networks, and such a candidate can run no faster than "
+            f"its original there (docs/onnx.md); `:round_to={NCHWC_CHANNELS}` on the prune step keeps them in it")
 
 
 def check_runtime(runtime: str, hardware: str | None) -> None:
@@ -75,6 +79,93 @@ def _version() -> str:
     import onnxruntime
 
     return onnxruntime.__version__
+
+
+def runtime_text() -> str:
+    """What an ONNX Runtime profile predicts for: the runtime as deployfit's sessions run it here."""
+    import torch
+
+    return (f"ONNX Runtime {_version()} (CPU execution provider, {torch.get_num_threads()} intra-op threads, every "
+            "graph optimisation): float and INT8 QDQ ONNX models as deployfit exports them")
+
+
+def ort_profile_path() -> Path:
+    """Where this machine's ONNX Runtime profile is kept: beside its host profile, keyed by the same machine and by
+    ONNX Runtime's version."""
+    from hardware.hostprofile import host_profile_path
+
+    host = host_profile_path()
+    return host.with_name(f"{host.stem}-onnxruntime-{_version().replace('.', '_')}.yaml")
+
+
+def calibration_sessions(model, example, folder: Path, int8_layers: list[str]) -> tuple[Callable, Callable | None]:
+    """hardware.calibrate.onnxrt's OrtBuilder: `model` exported to ONNX as a candidate is (float, and INT8 QDQ of
+    `int8_layers` calibrated on random batches), each as a session function."""
+    import torch
+
+    from .executors import export_program
+    from .onnx_export import export_float_onnx, quantize_onnx, session, session_fn
+
+    folder.mkdir(parents=True, exist_ok=True)
+    float_path = folder / "float.onnx"
+    export_float_onnx(export_program(model, example), example, float_path)
+    int8_fn = None
+    if int8_layers:
+        quantize_onnx(float_path, folder / "int8.onnx", [torch.randn_like(example) for _ in range(4)], int8_layers)
+        int8_fn = session_fn(session(folder / "int8.onnx"))
+    return session_fn(session(float_path)), int8_fn
+
+
+def calibrate_ort(quick: bool = False, progress: Progress = lambda m: None, int8: bool = True,
+                  budget_s: float | None = None, least: int | None = None):
+    """This machine's ONNX Runtime profile, fitted now on top of its host profile (calibrated first where it has
+    none): hardware.calibrate.onnxrt.calibrate_runtime with this layer's export."""
+    from hardware.calibrate.onnxrt import LEAST_NETS, calibrate_runtime
+    from hardware.profile import load_profile
+
+    base = load_profile("host", progress=progress)
+    return calibrate_runtime(base, calibration_sessions, runtime_text(), quick=quick, progress=progress, int8=int8,
+                             budget_s=budget_s, least=least or LEAST_NETS)
+
+
+def load_ort_profile(progress: Progress | None = None, calibrate: bool = True):
+    """This machine's ONNX Runtime profile from the cache; where there is none, calibrate it now (quick), with
+    progress, and keep it (as `host` is: hardware.hostprofile.load_host). `calibrate=False`: raise instead."""
+    import sys
+
+    from hardware.calibrate.onnxrt import QUICK_ORT_CALIBRATION_S
+    from hardware.hostprofile import host_key, key_of
+    from hardware.profile import load_profile_file, save_profile
+
+    say = progress or (lambda m: print(m, file=sys.stderr, flush=True))
+    path = ort_profile_path()
+    if path.is_file():
+        try:
+            prof = load_profile_file(path)
+            if key_of(prof) == host_key():
+                return prof
+        except UserInputError:
+            pass
+        say(f"{path} does not describe this machine: calibrating it again")
+    if not calibrate:
+        raise UserInputError(f"no ONNX Runtime profile for this machine in {path.parent}: run "
+                             "`deployfit calibrate --runtime onnxruntime`")
+    say(f"no ONNX Runtime {_version()} profile for this machine in {path.parent}: calibrating it now (quick, about "
+        f"{QUICK_ORT_CALIBRATION_S:.0f} s; `deployfit calibrate --runtime onnxruntime` fits a fuller one)")
+    prof = calibrate_ort(quick=True, progress=say)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_profile(prof, path)
+    say(f"ONNX Runtime profile written to {path}")
+    return prof
+
+
+def runtime_profile(hardware: str, runtime: str, progress: Progress | None = None):
+    """The profile a prediction for `runtime` on `hardware` uses: this machine's ONNX Runtime profile for
+    `onnxruntime` (calibrated first where it has none), else hardware.profile.load_profile's."""
+    from hardware.profile import load_profile
+
+    check_runtime(runtime, hardware)
+    return load_ort_profile(progress) if runtime == "onnxruntime" else load_profile(hardware, progress=progress)
 
 
 def runtime_hash(profile_hash: str) -> str:
@@ -175,7 +266,7 @@ def measure_ort_anchor(loaded: LoadedModel, table: LayerTable, profile, batch: i
     anchor = build_anchor(table, profile, batch, rows, total, f"{socket.gethostname()} (ONNX Runtime {_version()})",
                           runtimes, notes, point, probe_strategy(), totals_only=True)
     progress(f"anchoring in ONNX Runtime: {loaded.spec} runs {total:.3f} ms (the profile predicted "
-             f"{predicted_ms:.3f} ms for PyTorch)"
+             f"{predicted_ms:.3f} ms)"
              + (f"; INT8 {runtimes['int8']['measured_ms']:.3f} ms" if runtimes else "")
              + (f"; pruned by half {point[2]:.3f} ms" if point else ""))
     return anchor

@@ -259,10 +259,10 @@ def measure_latencies(results: list[dict[str, Any]], hardware: str, model: Model
     `onnxruntime`: each candidate's model.onnx in ONNX Runtime, against the original's session."""
     if hardware != "host" or not results:
         return results
-    from hardware.profile import load_profile
     from tasks.apply import measure_saved_latency
+    from tasks.onnx_runtime import runtime_profile
 
-    load_profile(hardware, progress=run_progress)  # a first use calibrates before anything is timed
+    runtime_profile(hardware, runtime, run_progress)  # a first use calibrates before anything is timed
     from estimators.analyze import analyze
     from tasks.anchoring import original_program
 
@@ -272,17 +272,25 @@ def measure_latencies(results: list[dict[str, Any]], hardware: str, model: Model
     return [measure_saved_latency(r, loaded, anchor, run_progress, table, original, runtime) for r in results]
 
 
-def calibrate_profile(quick: bool = True, budget_s: float = CALIBRATION_BUDGET_S, out: str | None = None) -> str:
-    """Calibrate the host profile on this machine and write it (default: this machine's file in the cache,
-    hardware.hostprofile); returns its path."""
+def calibrate_profile(quick: bool = True, budget_s: float = CALIBRATION_BUDGET_S, out: str | None = None,
+                      runtime: str = "pytorch") -> str:
+    """Calibrate the host profile on this machine (`runtime` onnxruntime: its ONNX Runtime profile,
+    tasks.onnx_runtime.calibrate_ort, with `budget_s` of timing) and write it (default: this machine's file in the
+    cache, hardware.hostprofile); returns its path."""
     from hardware.calibrate import calibrate_host
 
+    from .onnx_runtime import calibrate_ort, check_runtime, ort_profile_path
     from .quantize_exec import compiled_int8
     from hardware.hostprofile import host_profile_path
     from hardware.profile import save_profile
 
-    prof = calibrate_host(quick=quick, budget_s=budget_s, build_int8=compiled_int8)
-    path = Path(out) if out else host_profile_path()
+    check_runtime(runtime, "host")
+    if runtime == "onnxruntime":
+        prof = calibrate_ort(quick=quick, progress=run_progress, budget_s=budget_s)
+        path = Path(out) if out else ort_profile_path()
+    else:
+        prof = calibrate_host(quick=quick, budget_s=budget_s, build_int8=compiled_int8)
+        path = Path(out) if out else host_profile_path()
     path.parent.mkdir(parents=True, exist_ok=True)
     save_profile(prof, path)
     return str(path)
