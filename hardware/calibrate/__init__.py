@@ -13,7 +13,9 @@ The package, in the order a calibration runs:
 - `int8`: INT8 kernels and quantized pooling timed alone, and compiled INT8 networks profiled;
 - `samples`: collecting all of it (collect_samples), keeping it as data (save/load/merge), pacing it;
 - `fit`: the least-squares fits of the split model, the glue, pooling and the INT8 graph;
-- `profile`: fit_profile, the host profile from the samples, and calibrate_host, the whole run.
+- `profile`: fit_profile, the host profile from the samples, and calibrate_host, the whole run;
+- `onnxrt`: this machine's ONNX Runtime profile, the host profile refitted to whole synthetic networks timed in
+  ONNX Runtime (calibrate_runtime; the export is the caller's).
 """
 from .int8 import Int8Builder
 from .profile import calibrate_host, fit_profile
