@@ -114,36 +114,47 @@ def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def load_host(progress: Callable[[str], None] | None = None, calibrate: bool = True) -> HardwareProfile:
-    """This machine's profile from the cache; when there is none, calibrate it now (quick), with progress, and
-    keep it. `calibrate=False`: raise instead."""
+def load_calibrated(path: Path, label: str, command: str, quick_s: float,
+                    fit: Callable[[Callable[[str], None]], HardwareProfile],
+                    progress: Callable[[str], None] | None = None, calibrate: bool = True) -> HardwareProfile:
+    """This machine's `label` profile kept at `path`; where there is none (or it describes another machine), `fit`
+    one now (quick, about `quick_s`; `command` fits a fuller one), with progress, and keep it there.
+    `calibrate=False`: raise instead."""
     from estimators.errors import UserInputError
 
     say = progress or _say
     key = host_key()
-    path = host_profile_path(key)
     if path.is_file():
-        prof = load_profile_file(path)
-        if key_of(prof) == key:
+        try:
+            prof = load_profile_file(path)
+        except UserInputError:  # unreadable or invalid: calibrated again
+            prof = None
+        if prof is not None and key_of(prof) == key:
             return prof
         say(f"{path} was calibrated for another machine: calibrating this one again")
     if not calibrate:
-        raise UserInputError(f"no host profile for this machine ({describe(key)}) in {path.parent}: run "
-                             "`deployfit calibrate`")
-    from estimators.errors import QUICK_CALIBRATION_S
-
-    from .calibrate import calibrate_host
-
-    say(f"no host profile for this machine ({describe(key)}) in {path.parent}: calibrating it now (quick, about "
-        f"{QUICK_CALIBRATION_S:.0f} s; `deployfit calibrate` fits a fuller one)")
-    prof = calibrate_host(quick=True, progress=say)
+        raise UserInputError(f"no {label} for this machine ({describe(key)}) in {path.parent}: run `{command}`")
+    say(f"no {label} for this machine ({describe(key)}) in {path.parent}: calibrating it now (quick, about "
+        f"{quick_s:.0f} s; `{command}` fits a fuller one)")
+    prof = fit(say)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_profile(prof, path)
     note = fit_note(prof)
     if note:
         say(f"warning: {note}")
-    say(f"host profile written to {path}")
+    say(f"{label} written to {path}")
     return prof
+
+
+def load_host(progress: Callable[[str], None] | None = None, calibrate: bool = True) -> HardwareProfile:
+    """This machine's profile from the cache; when there is none, calibrate it now (quick), with progress, and
+    keep it. `calibrate=False`: raise instead."""
+    from estimators.errors import QUICK_CALIBRATION_S
+
+    from .calibrate import calibrate_host
+
+    return load_calibrated(host_profile_path(), "host profile", "deployfit calibrate", QUICK_CALIBRATION_S,
+                           lambda say: calibrate_host(quick=True, progress=say), progress, calibrate)
 
 
 def host_calibrated() -> Path | None:

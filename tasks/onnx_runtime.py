@@ -130,33 +130,13 @@ def calibrate_ort(quick: bool = False, progress: Progress = lambda m: None, int8
 
 def load_ort_profile(progress: Progress | None = None, calibrate: bool = True):
     """This machine's ONNX Runtime profile from the cache; where there is none, calibrate it now (quick), with
-    progress, and keep it (as `host` is: hardware.hostprofile.load_host). `calibrate=False`: raise instead."""
-    import sys
-
+    progress, and keep it (as `host` is: hardware.hostprofile.load_calibrated). `calibrate=False`: raise instead."""
     from hardware.calibrate.onnxrt import QUICK_ORT_CALIBRATION_S
-    from hardware.hostprofile import host_key, key_of
-    from hardware.profile import load_profile_file, save_profile
+    from hardware.hostprofile import load_calibrated
 
-    say = progress or (lambda m: print(m, file=sys.stderr, flush=True))
-    path = ort_profile_path()
-    if path.is_file():
-        try:
-            prof = load_profile_file(path)
-            if key_of(prof) == host_key():
-                return prof
-        except UserInputError:
-            pass
-        say(f"{path} does not describe this machine: calibrating it again")
-    if not calibrate:
-        raise UserInputError(f"no ONNX Runtime profile for this machine in {path.parent}: run "
-                             "`deployfit calibrate --runtime onnxruntime`")
-    say(f"no ONNX Runtime {_version()} profile for this machine in {path.parent}: calibrating it now (quick, about "
-        f"{QUICK_ORT_CALIBRATION_S:.0f} s; `deployfit calibrate --runtime onnxruntime` fits a fuller one)")
-    prof = calibrate_ort(quick=True, progress=say)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_profile(prof, path)
-    say(f"ONNX Runtime profile written to {path}")
-    return prof
+    return load_calibrated(ort_profile_path(), f"ONNX Runtime {_version()} profile",
+                           "deployfit calibrate --runtime onnxruntime", QUICK_ORT_CALIBRATION_S,
+                           lambda say: calibrate_ort(quick=True, progress=say), progress, calibrate)
 
 
 def runtime_profile(hardware: str, runtime: str, progress: Progress | None = None):
