@@ -85,7 +85,8 @@ def _print_latency_basis(rep: dict[str, Any]) -> None:
         where = " in ONNX Runtime" if hw.get("runtime") == "onnxruntime" else ""
         probe = f", and pruned by half at {anc['probe']['total_ms']} ms" if anc.get("probe") else ""
         console.print(f"latency anchored on the original measured here{where}: {anc['total_ms']} ms at batch {anc['batch']}"
-                      f"{probe} (the {hw['name']} profile alone predicted {anc['predicted_ms']} ms; {anc['truths']} "
+                      f"{probe} (the {hw['name']}{where and ' ONNX Runtime'} profile alone predicted "
+                      f"{anc['predicted_ms']} ms; {anc['truths']} "
                       "measured candidates refine it)", highlight=False)
     elif hw.get("anchor_note"):
         console.print(hw["anchor_note"], highlight=False)
