@@ -36,3 +36,7 @@ CALIBRATION_BUDGET_S = 160.0
 # the whole of a quick calibration (`deployfit calibrate --quick`, and the first use of `host` on a machine), start
 # to written profile: timing, peaks and fits (hardware.calibrate.collect_samples keeps to it)
 QUICK_CALIBRATION_S = 45.0
+# seconds of exporting and timing networks that `calibrate --runtime onnxruntime` spends (hardware.calibrate.onnxrt;
+# the fit takes a second more), and its quick one (the first use of `--runtime onnxruntime` on a machine)
+ORT_CALIBRATION_S = 150.0
+QUICK_ORT_CALIBRATION_S = 60.0

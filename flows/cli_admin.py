@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from estimators.errors import CALIBRATION_BUDGET_S, QUICK_CALIBRATION_S, UserInputError
+from estimators.errors import CALIBRATION_BUDGET_S, ORT_CALIBRATION_S, QUICK_CALIBRATION_S, UserInputError
 from flows.cli_common import (
     app, console, progress, warn, fail, compute, JsonOpt, HardwareReq)
 
@@ -161,8 +161,9 @@ def calibrate(
     quick: Annotated[bool, typer.Option("--quick", help=f"about {QUICK_CALIBRATION_S:.0f} s in all: fewer synthetic "
                                         "networks (what a first use of `host` runs)")] = False,
     int8: Annotated[bool, typer.Option("--int8/--no-int8", help="also calibrate the compiled INT8 path")] = True,
-    budget: Annotated[float, typer.Option("--budget", help="seconds of timing (peaks and set-up come on top)")
-                      ] = CALIBRATION_BUDGET_S,
+    budget: Annotated[Optional[float], typer.Option(
+        "--budget", help=f"seconds of timing (peaks and set-up come on top; default {CALIBRATION_BUDGET_S:.0f}, "
+                         f"with --runtime onnxruntime {ORT_CALIBRATION_S:.0f})")] = None,
     keep_samples: Annotated[Optional[str], typer.Option(
         "--keep-samples", help="also save what this calibration timed here (an npz of data only, for --pool "
                                "later)")] = None,
@@ -191,10 +192,10 @@ def calibrate(
 
         if hardware != "host":
             raise UserInputError(f"only the host can be calibrated from here, not {hardware!r}")
-        if budget <= 0:
+        if budget is not None and budget <= 0:
             raise UserInputError(f"--budget must be positive seconds, not {budget}")
         if runtime == "onnxruntime":
-            return _calibrate_ort(out, quick, int8, budget if budget_given else None, pool, keep_samples, refit)
+            return _calibrate_ort(out, quick, int8, budget, pool, keep_samples, refit)
         if runtime != "pytorch":
             raise UserInputError(f"unknown runtime {runtime!r}: choose from pytorch, onnxruntime")
         if refit and not pool:
@@ -211,7 +212,8 @@ def calibrate(
                 raise UserInputError(str(e)) from e
         runs = earlier
         if not refit:
-            new = collect_samples(quick=quick, progress=progress, int8=int8, budget_s=budget, after=earlier,
+            new = collect_samples(quick=quick, progress=progress, int8=int8,
+                                  budget_s=CALIBRATION_BUDGET_S if budget is None else budget, after=earlier,
                                   build_int8=compiled_int8)
             if keep_samples:
                 save_samples(new, keep_samples)
@@ -227,7 +229,6 @@ def calibrate(
         save_profile(prof, path)
         return {"profile": str(path), "provenance": prof.provenance.model_dump() if prof.provenance else None}
 
-    budget_given = budget != CALIBRATION_BUDGET_S
     rep = compute(as_json, body)
     if not as_json:
         console.print(f"wrote {rep['profile']} in {rep['provenance']['fit']['seconds']} s")

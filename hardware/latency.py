@@ -275,18 +275,22 @@ def misaligned(cin: np.ndarray, cout: np.ndarray, multiple: int | None, both: bo
     return (a & b) if both else (a | b)
 
 
+def channels_off(kinds: np.ndarray, cin: np.ndarray, cout: np.ndarray, multiple: int | None,
+                 misaligned_by: str = "channels", aligned_below: int = 0) -> np.ndarray:
+    """Rows (any shape of `cin`) whose channels are off `multiple`: input or output (`misaligned_by` channels),
+    or input alone (`input`); a dense convolution on fewer input channels than `aligned_below` never is."""
+    if not multiple or multiple <= 1:
+        return np.zeros(np.shape(cin), dtype=bool)
+    off = misaligned(cin, cout, multiple) if misaligned_by == "channels" else (cin % multiple) != 0
+    if aligned_below:
+        off = off & ~((kinds == "conv") & (cin < aligned_below))
+    return off
+
+
 def off_multiple(profile: HardwareProfile, kinds: np.ndarray, cin: np.ndarray, cout: np.ndarray) -> np.ndarray:
     """Rows (K x rows) whose channels put them off the profile's channel_multiple, by its `misaligned_by` and
     `aligned_below` rules."""
-    m = profile.channel_multiple
-    if not m or m <= 1:
-        return np.zeros(cin.shape, dtype=bool)
-    off = (cin % m) != 0
-    if profile.misaligned_by == "channels":
-        off = off | ((cout % m) != 0)
-    if profile.aligned_below:
-        off = off & ~((kinds == "conv") & (cin < profile.aligned_below))
-    return off
+    return channels_off(kinds, cin, cout, profile.channel_multiple, profile.misaligned_by, profile.aligned_below)
 
 
 def roof_memory(profile: HardwareProfile, w: np.ndarray, a: np.ndarray, streams: np.ndarray

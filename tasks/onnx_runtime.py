@@ -44,11 +44,11 @@ def slow_path_convolutions(table: LayerTable) -> int:
     import numpy as np
 
     from estimators.table import evaluate
-    from hardware.latency import latency_kinds
+    from hardware.latency import channels_off, latency_kinds
 
     kinds = latency_kinds(table)
     cin = evaluate(table).cin
-    slow = (cin % NCHWC_CHANNELS != 0) & ~((kinds == "conv") & (cin < NCHWC_SMALL_INPUT))
+    slow = channels_off(kinds, cin, cin, NCHWC_CHANNELS, "input", NCHWC_SMALL_INPUT)
     return int((np.isin(kinds, ("conv", "gconv", "dwconv")) & slow).sum())
 
 
@@ -131,7 +131,7 @@ def calibrate_ort(quick: bool = False, progress: Progress = lambda m: None, int8
 def load_ort_profile(progress: Progress | None = None, calibrate: bool = True):
     """This machine's ONNX Runtime profile from the cache; where there is none, calibrate it now (quick), with
     progress, and keep it (as `host` is: hardware.hostprofile.load_calibrated). `calibrate=False`: raise instead."""
-    from hardware.calibrate.onnxrt import QUICK_ORT_CALIBRATION_S
+    from estimators.errors import QUICK_ORT_CALIBRATION_S
     from hardware.hostprofile import load_calibrated
 
     return load_calibrated(ort_profile_path(), f"ONNX Runtime {_version()} profile",

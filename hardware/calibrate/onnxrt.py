@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from estimators.errors import ORT_CALIBRATION_S, QUICK_ORT_CALIBRATION_S
 from estimators.progress import step
 from estimators.table import LayerTable
 
@@ -48,8 +49,6 @@ FIT_GROUPS = {"conv": ("conv",), "gconv": ("gconv",), "dwconv": ("dwconv",), "ge
 MISALIGNED = ("conv", "dwconv")
 INHERIT = {"gconv": "conv", "dwconv": "conv", "gemm": "conv", "pool": "other"}  # a group no network had
 MAX_COMPUTE, MAX_BANDWIDTH, FACTOR_RANGE = 4.0, 50.0, (0.25, 8.0)  # hardware.profile.Efficiency's ranges
-ORT_CALIBRATION_S = 150.0  # seconds of exporting and timing networks (the fit takes a second more)
-QUICK_ORT_CALIBRATION_S = 60.0
 LEAST_NETS = 6  # networks timed whatever the budget: fewer cannot fit a group's compute and bandwidth apart
 SLOW_NET_S = 0.15  # a network whose eager call at the largest batch takes longer is skipped (timing it is long)
 FOLDS = 4  # the fit is also scored on networks left out of it, in this many folds
@@ -245,26 +244,23 @@ def _rows(samples: list[OrtSample], shape: HardwareProfile, dtype: str, base_eff
           ) -> tuple[np.ndarray, np.ndarray]:
     """Design rows of the samples of `dtype` and the seconds left for their `dtype` rows to explain (less the
     spilled traffic, and for INT8 networks less their float rows priced by `base_eff`)."""
+    fc = coefficients_of(base_eff) if base_eff is not None else None
     X, y = [], []
     for s in samples:
         cols, fixed = design(s.table, shape, s.batch, dtype)
-        if base_eff is not None:
+        if fc is not None:
             fcols, ffixed = design(s.table, shape, s.batch, "fp32")
-            fc = coefficients_of(base_eff)
             fixed += ffixed + sum(fcols[k] * fc[k] for k in COLUMNS)
         X.append([cols[k] for k in COLUMNS])
         y.append(s.seconds - fixed)
     return np.array(X), np.array(y)
 
 
-def _score(samples: list[OrtSample], shape: HardwareProfile, dtype: str, eff: Efficiency,
-           base_eff: Efficiency | None) -> float:
-    """The mean absolute relative error of `eff`'s predictions of `samples`."""
-    X, left = _rows(samples, shape, dtype, base_eff)
+def _errors(X: np.ndarray, left: np.ndarray, seconds: np.ndarray, eff: Efficiency) -> np.ndarray:
+    """The absolute relative errors of `eff`'s predictions of samples whose design rows are `X`, `left` of their
+    `seconds` being what the columns must explain (_rows)."""
     c = coefficients_of(eff)
-    seconds = np.array([s.seconds for s in samples])
-    pred = X @ np.array([c[k] for k in COLUMNS]) + (seconds - left)  # what the columns explain, and what is fixed
-    return float(np.mean(np.abs(pred - seconds) / seconds))
+    return np.abs(X @ np.array([c[k] for k in COLUMNS]) - left) / seconds
 
 
 def fit_runtime(samples: list[OrtSample], shape: HardwareProfile) -> tuple[dict[str, Efficiency], dict[str, float]]:
@@ -277,21 +273,20 @@ def fit_runtime(samples: list[OrtSample], shape: HardwareProfile) -> tuple[dict[
         mine = [s for s in samples if s.dtype == dtype]
         if not mine:
             continue
-        base = effs.get("fp32") if dtype == "int8" else None
-        X, y = _rows(mine, shape, dtype, base)
+        X, y = _rows(mine, shape, dtype, effs.get("fp32") if dtype == "int8" else None)
+        seconds = np.array([s.seconds for s in mine])
         eff = efficiency_of(_fit_coef(X, y))
         effs[dtype] = eff
         stats[f"{dtype}.samples"] = float(len(mine))
-        stats[f"{dtype}.mape"] = round(_score(mine, shape, dtype, eff, base), 4)
+        stats[f"{dtype}.mape"] = round(float(np.mean(_errors(X, y, seconds, eff))), 4)
         nets = sorted({s.net for s in mine})
         if len(nets) >= FOLDS:
+            net = np.array([s.net for s in mine])
             errs = []
             for k in range(FOLDS):
-                out = {n for i, n in enumerate(nets) if i % FOLDS == k}
-                train = np.array([s.net not in out for s in mine])
-                held = [s for s in mine if s.net in out]
-                e = efficiency_of(_fit_coef(X[train], y[train]))
-                errs.extend([_score([s], shape, dtype, e, base) for s in held])
+                held = np.isin(net, [n for i, n in enumerate(nets) if i % FOLDS == k])
+                e = efficiency_of(_fit_coef(X[~held], y[~held]))
+                errs.extend(_errors(X[held], y[held], seconds[held], e))
             stats[f"{dtype}.left_out_mape"] = round(float(np.mean(errs)), 4)
     return effs, stats
 
