@@ -31,24 +31,6 @@ def _dense(seg: tuple[np.ndarray, np.ndarray, np.ndarray], n_groups: int, n_cols
     return out
 
 
-def counts_for_ratios(table: LayerTable, ratios: np.ndarray, round_to: int | None = None) -> np.ndarray:
-    """Root channels torch-pruning removes from each followed group at per-group ratios (K x groups), the
-    uniform arithmetic of estimators.compress.prune_counts, vectorised over candidates."""
-    groups = table.plan.groups
-    gidx = np.array([g.index for g in groups], dtype=np.int64)
-    chg = np.array([g.ch_groups for g in groups], dtype=np.int64)
-    kept = table.state.kept[gidx].astype(np.int64)
-    L = kept // chg
-    r = np.atleast_2d(ratios)
-    n = L - np.floor(L * (1.0 - r)).astype(np.int64)
-    if round_to:
-        keep = kept - n
-        rounded = keep - keep % round_to
-        n = np.where(n > 0, np.maximum(kept - rounded, 0), 0)
-    P = n * chg
-    return np.where((P >= kept) | (kept <= 1), 0, P)
-
-
 class BatchEvaluator:
     """Totals and predicted latency of K candidates of one base table (student and quantization fixed)."""
 

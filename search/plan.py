@@ -27,14 +27,16 @@ from typing import Any, Callable, Protocol
 
 import numpy as np
 
-from estimators.compress import estimate, prune_counts
+from estimators.compress import estimate
+from estimators.methods.prune import counts_for_ratios, prune_counts
+from estimators.methods.quantize import DTYPES as STRATEGY_DTYPES, SINGLE_INPUT_DTYPES
 from estimators.modelspec import n_inputs
 from estimators.progress import status, step
-from estimators.strategy import QUANT_DTYPES as STRATEGY_DTYPES, SINGLE_INPUT_DTYPES, DistillStep, PruneStep, QuantizeStep, Strategy
+from estimators.strategy import DistillStep, PruneStep, QuantizeStep, Strategy
 from estimators.table import LayerTable
 from hardware.profile import HardwareProfile
 
-from .batch import BatchEvaluator, counts_for_ratios
+from .batch import BatchEvaluator
 from .requirements import LIMITS, Requirements
 
 

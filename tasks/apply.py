@@ -347,7 +347,7 @@ def _export_onnx(work, strategy: Strategy, out_dir: str, est, pred: dict[str, An
                  required: bool, progress: Callable[[str], None]) -> dict[str, Any]:
     """model.onnx beside the program, verified, its size predicted by the ONNX layout; a failure is an error when
     `required`, else `{error}`."""
-    from estimators.quantize import onnx_layout
+    from estimators.methods.quantize import onnx_layout
 
     from .onnx_export import export_onnx
 

@@ -1,18 +1,15 @@
-"""Executors: really compress a model, step by step, as the estimators predict.
+"""Execution: a strategy really done on a copy of the model, step by step, each by its method's executor
+(estimators.methods: prune, quantize, distill), then exported and saved.
 
-    prune     torch-pruning's MetaPruner with the plan's ignored layers (classifier, groups not followed);
-              with data, fine-tuned for the training budget (optionally distilling from the original)
-    distill   builds the student: width:F is the teacher pruned uniformly to width F and re-initialised,
-              or a model spec; with data, trained by knowledge distillation from the original model
-    quantize  Intel Neural Compressor 3.x (see quantize_exec), calibrated on the data's training batches
-              when there are data; must be the last step
+`Work` carries the model through the steps and gives the executors the services of this layer: training
+(`fit`, tasks.train), Intel Neural Compressor (`quantize`, tasks.quantize_exec) and accuracy on the validation
+data (`accuracy`).
 """
 from __future__ import annotations
 
 import copy
 import json
 import logging
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -22,10 +19,9 @@ from torch import nn
 
 from estimators.analyze import analyze
 from estimators.errors import UserInputError
-from estimators.modelspec import LoadedModel, as_inputs, format_input_shape, load_model
-from estimators.plugins import Registry
-from estimators.pruning import build_pruner
-from estimators.strategy import DistillStep, PruneStep, QuantizeStep, Strategy, check_executable
+from estimators.methods import METHODS
+from estimators.modelspec import LoadedModel, as_inputs
+from estimators.strategy import Strategy, check_executable
 from estimators.table import LayerTable
 
 log = logging.getLogger(__name__)
@@ -61,98 +57,21 @@ class Work:
         self.log.append(f"{label}: {res.epochs} epochs in {res.seconds:.1f} s"
                         + (f", val accuracy {res.history[-1]['accuracy']:.2f}%" if res.history else ""))
 
+    def quantize(self, example, dtype: str, **kw):
+        """tasks.quantize_exec.quantize on the current model: a QuantResult (the program, layers kept float)."""
+        from .quantize_exec import quantize
+
+        return quantize(self.model, example, dtype, **kw)
+
+    def accuracy(self, model: nn.Module) -> float:
+        """Top-1 accuracy of `model` on the validation data, as a fraction (autotune's evaluation)."""
+        from .train import accuracy
+
+        return accuracy(model, self.data.val, set_eval=False) / 100.0
+
     def example(self, batch: int | None = None):
         """The seeded example: a tensor, or the tuple of a model's several inputs (fed positionally)."""
         return self.loaded.example_input(batch)
-
-
-Executor = Callable[[Work, Any], Work]
-EXECUTORS = Registry("executor")  # compression method -> executor
-register_executor = EXECUTORS.register
-
-
-def _prune_module(work: Work, step: PruneStep) -> None:
-    plan = work.table.plan
-    if plan.error:
-        work.log.append(f"prune: nothing pruned ({plan.error})")
-        return
-    pruner = build_pruner(work.model, work.example(), plan.classifier + plan.ignored_roots, ratio=step.ratio,
-                          global_pruning=step.scope == "global", round_to=step.round_to, layer_ratios=step.layers)
-    with torch.no_grad():
-        pruner.step()
-
-
-@register_executor("prune")
-def execute_prune(work: Work, step: PruneStep) -> Work:
-    if step.layers:
-        missing = [n for n in step.layers if n not in dict(work.model.named_modules())]
-        if missing:
-            raise UserInputError(f"per-layer ratios name modules that {work.loaded.spec} lacks: {', '.join(missing)}")
-    _prune_module(work, step)
-    work.log.append(f"pruned with torch-pruning: {step.compact()}")
-    if work.trains():
-        work.fit(f"fine-tune after {step.compact()}", work.teacher if work.train_cfg.kd_finetune else None)
-    return work
-
-
-@register_executor("distill")
-def execute_distill(work: Work, step: DistillStep) -> Work:
-    if step.width is not None:
-        _prune_module(work, PruneStep(ratio=round(1.0 - step.width, 12), scope="uniform"))
-        torch.manual_seed(0)
-        for m in work.model.modules():
-            if hasattr(m, "reset_parameters") and m is not work.model:
-                m.reset_parameters()
-        work.log.append(f"student: the teacher at width {step.width:g}, re-initialised")
-        return _train_student(work, f"distill to width {step.width:g}")
-    shape = format_input_shape(work.loaded.input_shape)
-    student = load_model(step.student, input_shape=shape, trust_pickle=work.loaded.trust_pickle)
-    work.loaded = student
-    work.model = copy.deepcopy(student.model)
-    work.table = analyze(student)
-    work.log.append(f"student: {step.student}")
-    return _train_student(work, f"distill to {step.student}")
-
-
-def _train_student(work: Work, label: str) -> Work:
-    """Knowledge distillation from the original model when there are data; else say the student is untrained."""
-    if work.trains():
-        work.fit(label, work.teacher)
-    else:
-        work.log.append("the student is untrained: give --data to train it by knowledge distillation")
-    return work
-
-
-@register_executor("quantize")
-def execute_quantize(work: Work, step: QuantizeStep) -> Work:
-    from .quantize_exec import quantize
-
-    t0 = time.perf_counter()
-    if work.data is not None:
-        calib = work.data.calibration_batches(4)
-        source = f"{sum(len(c) for c in calib)} training inputs of {work.data.spec}"
-    else:
-        calib = [work.example(2)]
-        if work.loaded.n_inputs == 1:  # only static INT8 calibrates, and it takes models of one input
-            calib += [torch.randn_like(work.example(2)) for _ in range(3)]
-        source = "random inputs (no data given)"
-    eval_fn = None
-    if step.tolerable_loss is not None:  # with data: run_strategy's check_executable
-        from .train import accuracy
-
-        def eval_fn(m):
-            return accuracy(m, work.data.val, set_eval=False) / 100.0
-
-    work.calibration = calib
-    work.quant = quantize(work.model, calib[0], step.dtype, calib_batches=calib, keep_float=step.keep_float,
-                          tolerable_loss=step.tolerable_loss, eval_fn=eval_fn)
-    work.log.append(f"calibrated on {source}")
-    if step.dtype == "int8" and work.quant.float_layers:
-        work.log.append(f"kept in float: {', '.join(work.quant.float_layers)}"
-                        + (" (chosen by autotune)" if step.tolerable_loss is not None else ""))
-    work.program = work.quant.program
-    work.log.append(f"quantized to {step.dtype} in {time.perf_counter() - t0:.1f} s")
-    return work
 
 
 def export_program(model: nn.Module, example):
@@ -177,10 +96,10 @@ def run_strategy(loaded: LoadedModel, strategy: Strategy, export: bool = True, d
 
         work.teacher = frozen_copy(loaded.model)
     for step in strategy.steps:
-        fn = EXECUTORS.get(step.method)
-        if fn is None:
+        method = METHODS.get(step.method)
+        if method is None:
             raise UserInputError(f"no executor for method {step.method!r}")
-        work = fn(work, step)
+        work = method.execute(work, step)
         work.model.eval()
     if work.program is None and export:
         work.program = export_program(work.model, work.example(2))

@@ -1,8 +1,8 @@
 """The quantization executor: a model converted to a dtype and exported as a program with a dynamic batch dim.
 
 - ``quantize(model, example_input, dtype, calib_batches=None, keep_float=(), tolerable_loss=None, eval_fn=None)
-  -> QuantResult``: converts a deep copy of ``model`` to ``dtype`` (one of ``SUPPORTED_DTYPES``, the
-  strategy's ``QUANT_DTYPES``) and exports it. ``int8`` is static W8A8 post-training quantization with Intel
+  -> QuantResult``: converts a deep copy of ``model`` to ``dtype`` (one of
+  ``estimators.methods.quantize.DTYPES``) and exports it. ``int8`` is static W8A8 post-training quantization with Intel
   Neural Compressor 3.x (PT2E), its weights folded to stored INT8; ``int8-weight-only`` INC's RTN on Linear
   layers; ``fp16``/``bf16`` a cast with the input and outputs cast at the edges.
 - ``load_program(path, trust_pickle=False)``: ``torch.export.load`` that registers the quantized ops first
@@ -10,7 +10,7 @@
 - ``compile_for_inference(ep, dynamic=False)``: inductor with freezing, the form INT8 runs fast in.
 - ``compiled_int8(model, example)``: both, as a full calibration times INT8 networks.
 
-What each dtype stores, byte for byte (the rule ``estimators.quantize`` predicts), is in docs/quantization.md.
+What each dtype stores, byte for byte (the rule ``estimators.methods.quantize`` predicts), is in docs/quantization.md.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from estimators.modelspec import as_inputs
-from estimators.strategy import QUANT_DTYPES
+from estimators.methods.quantize import DTYPES
 from hardware.measure import stored_tensor_bytes, stored_tensors  # noqa: F401  (re-exported)
 
 from .int8_fold import fold_and_rename
@@ -34,7 +34,6 @@ logger = logging.getLogger(__name__)
 # Intel Neural Compressor writes a log folder under $HOME unless HABANA_LOGS points elsewhere
 os.environ.setdefault("HABANA_LOGS", os.path.join(tempfile.gettempdir(), "deployfit-inc-logs"))
 
-SUPPORTED_DTYPES = QUANT_DTYPES  # one list: what a quantize step may name is what is executed
 
 _CONV_LINEAR_TYPES = (torch.nn.Linear, torch.nn.modules.conv._ConvNd)
 
@@ -322,8 +321,8 @@ def quantize(
     ``keep_float`` (module names left in float) and the accuracy-aware autotune
     (``tolerable_loss`` relative, ``eval_fn(graph_module) -> accuracy``) are only used for ``int8``.
     """
-    if dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"unsupported dtype {dtype!r}; supported: {', '.join(SUPPORTED_DTYPES)}")
+    if dtype not in DTYPES:
+        raise ValueError(f"unsupported dtype {dtype!r}; supported: {', '.join(DTYPES)}")
     several = isinstance(example_input, tuple) and len(example_input) > 1
     if not (isinstance(example_input, torch.Tensor)
             or isinstance(example_input, tuple) and all(isinstance(x, torch.Tensor) for x in example_input)):

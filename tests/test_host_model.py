@@ -237,7 +237,7 @@ def test_int8_graph_fit_recovers_known_costs():
     gets them back, the shuffle's extra cost from the networks that have shuffles after the per-operator and
     per-element costs are fitted on those that do not. One network's kernels timed in a slow spell (1.8x) leave
     the kernels' context as it was (a least-absolute fit)."""
-    from estimators.quantize import estimate_quantize
+    from estimators.methods.quantize import estimate as estimate_quantize
     from estimators.strategy import QuantizeStep
     from hardware.calibrate.fit import fit_int8, int8_parts
     from hardware.calibrate.int8 import Int8Sample
@@ -526,7 +526,8 @@ def test_unfused_ops_stay_out_of_the_convolution():
 def _batched_equals_per_candidate(table, prof, batch: int, steps) -> np.ndarray:
     """The batch evaluator's latencies of `table` pruned by each of `steps`, each asserted equal to
     predict_latency on the estimated table; returned (ms)."""
-    from estimators.compress import estimate, prune_counts
+    from estimators.compress import estimate
+    from estimators.methods.prune import prune_counts
     from estimators.strategy import Strategy
     from search.batch import BatchEvaluator
 

@@ -198,7 +198,7 @@ def test_device_worker_refuses_a_fetched_pt2_that_needs_pickle(program, tmp_path
 
 def _samples():
     """Samples of every kind a calibration keeps, built without timing anything."""
-    from estimators.quantize import estimate_quantize
+    from estimators.methods.quantize import estimate as estimate_quantize
     from estimators.strategy import QuantizeStep
     from hardware.calibrate import Samples
     from hardware.calibrate.int8 import ElementSample, Int8Sample

@@ -8,7 +8,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from estimators.quantize import estimate_quantize
+from estimators.methods.quantize import estimate as estimate_quantize
 from estimators.strategy import QuantizeStep
 from hardware.calibrate.onnxrt import (COLUMNS, OrtSample, coefficients_of, design, efficiency_of, fit_runtime,
                                        runtime_shape)

@@ -102,12 +102,13 @@ def test_plan_cli_with_data_and_errors():
 # the batched evaluation equals the per-candidate estimators; per-layer allocation; NSGA-II
 
 from estimators.accuracy import DropScorer, RecoveryModel, predict_drop, proxy_score  # noqa: E402
-from estimators.compress import estimate, prune_counts  # noqa: E402
+from estimators.compress import estimate  # noqa: E402
+from estimators.methods.prune import counts_for_ratios, prune_counts  # noqa: E402
 from estimators.data import load_data  # noqa: E402
 from estimators.strategy import PruneStep, QuantizeStep, Strategy, parse_strategy  # noqa: E402
 from estimators.table import totals  # noqa: E402
 from hardware.latency import predict_latency  # noqa: E402
-from search.batch import BatchEvaluator, counts_for_ratios  # noqa: E402
+from search.batch import BatchEvaluator  # noqa: E402
 from search.plan import allocations, build_families, layer_step  # noqa: E402
 
 METRICS = ("params", "size_bytes", "macs", "flops", "memory_access_bytes", "peak_memory_bytes")

@@ -100,7 +100,7 @@ def int8_samples(budget_s: float, progress: Progress, build: Int8Builder, batche
     each fit the graph's costs better than half as many at every batch. `build` makes the compiled program."""
     import torch._inductor.config as inductor_config
 
-    from estimators.quantize import estimate_quantize
+    from estimators.methods.quantize import estimate as estimate_quantize
     from estimators.strategy import QuantizeStep
 
     from ..synthetic import synthetic_cnn
@@ -237,7 +237,7 @@ def int8_op_samples(budget_s: float, progress: Progress, batches: tuple[int, ...
     at every batch size, with the activation that follows each fused as the graph fuses it. Each sample
     is a one-row table (the INT8 estimate of that layer) timed without the activation's cost: a
     transcendental activation (SiLU) is timed both ways, and what it adds per element is an ElementSample."""
-    from estimators.quantize import estimate_quantize
+    from estimators.methods.quantize import estimate as estimate_quantize
     from estimators.strategy import QuantizeStep
 
     out: dict[int, list[NetSample]] = {b: [] for b in batches}
@@ -289,7 +289,7 @@ def int8_pool_samples(budget_s: float, progress: Progress, batches: tuple[int, .
     import random
     import warnings
 
-    from estimators.quantize import estimate_quantize
+    from estimators.methods.quantize import estimate as estimate_quantize
     from estimators.strategy import QuantizeStep
 
     out: list[NetSample] = []

@@ -82,7 +82,7 @@ def ort_samples(budget_s: float, progress: Progress, build: OrtBuilder, int8: bo
     """Export synthetic networks to ONNX (float and, with `int8`, INT8 QDQ) and time each at every batch in
     alternation with the pace network's float session; at least `least` networks, then none started that would end
     past `budget_s`."""
-    from estimators.quantize import estimate_quantize
+    from estimators.methods.quantize import estimate as estimate_quantize
     from estimators.strategy import QuantizeStep
 
     from ..synthetic import pace_network, synthetic_cnn
