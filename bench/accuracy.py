@@ -62,7 +62,7 @@ def main() -> None:
                 dmg = damage(est, strat, sens)
                 quant = int8_drop(strat, sens)
                 drops = [apply_and_measure(loaded, strat, f"{tmp}/{len(rows)}-{seed}", data_spec="digits",
-                                           train_cfg=TrainConfig(epochs=args.epochs, seed=seed))["meas"]["accuracy_drop"]
+                                           train_cfg=TrainConfig(epochs=args.epochs, seed=seed)).meas.accuracy_drop
                          for seed in range(args.seeds)]
                 ratio = 1.0 - totals(est)["size_bytes"] / size0
                 rows.append(dict(model=name, strategy=text, strat=strat, damage=dmg, quant=quant,

@@ -46,7 +46,7 @@ def main() -> None:
             loaded = load_model(spec, input_shape=args.input_shape if spec.startswith("torchvision:") else None)
             for text in strategies:
                 t0 = time.perf_counter()
-                rep = apply_and_measure(loaded, parse_strategy(text), f"{tmp}/{name}-{len(rows)}")
+                rep = apply_and_measure(loaded, parse_strategy(text), f"{tmp}/{name}-{len(rows)}").dump()
                 dt = time.perf_counter() - t0
                 ok = rep["pred"]["params"] == rep["meas"]["params"]
                 rows.append((spec, text, rep, ok))

@@ -78,7 +78,7 @@ def run_one(name: str, text: str, out_root: Path, timed: bool = True) -> dict:
     try:
         rep = apply_and_measure(loaded, parse_strategy(text), str(out_root / f"{name}-{text.replace(':', '_')}"),
                                 hardware="host" if timed else None, export=("pt2", "onnx"),
-                                runtime="onnxruntime" if timed else "pytorch")
+                                runtime="onnxruntime" if timed else "pytorch").dump()
     except Exception as exc:
         row.update(exported=False, error=f"{type(exc).__name__}: {str(exc)[:300]}")
         return row

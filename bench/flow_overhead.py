@@ -45,11 +45,11 @@ if mode == "direct":
     sens = accuracy_sensitivity(model, "digits", table)
     rep = search_space(model, table, "host", req, opts, data="digits", sens=sens, top_k=3)
     # as the flow calls them: every candidate built and trained, then each one's latency timed
-    built = [execute_candidate(model, c["compact"], f"{out}/a{i}", "host", data="digits",
+    built = [execute_candidate(model, c.compact, f"{out}/a{i}", "host", data="digits",
                                finetune_epochs=opts.finetune_epochs, latency_now=False)
-             for i, c in enumerate(rep["top"][:3])]
+             for i, c in enumerate(rep.top[:3])]
     done = measure_latencies(built, "host")
-    top = [c["compact"] for c in rep["top"][:3]]
+    top = [c.compact for c in rep.top[:3]]
 else:
     kw = dict(model=model, data="digits", hardware="host", requirements=req, search=opts, top_k=3, out_dir=out)
     if mode == "flow":

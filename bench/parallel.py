@@ -67,13 +67,13 @@ def main() -> None:
         t1 = time.perf_counter()
         built = runner(model, cands, tmp, "host", 1, "digits", args.epochs, per)
         t_par = time.perf_counter() - t1
-    assert not any("error" in b for b in built), built
+    assert not any(isinstance(b, dict) for b in built), built  # a failure is a dict with its error
     print(f"{args.workers} Dask workers: {t_par:.1f} s for the candidates (+ {t_up:.1f} s to start the cluster and "
           "warm its workers up, once per cluster)")
     print(f"ratio serial / parallel: {t_serial / t_par:.2f}x ({t_serial / (t_par + t_up):.2f}x with a fresh cluster)")
     for s, p in zip(serial, built):
-        print(f"  {s['compact']:34s} accuracy serial {s['meas']['accuracy']:.2f}%  parallel {p['meas']['accuracy']:.2f}%"
-              f"  ({'same' if s['meas']['size_bytes'] == p['meas']['size_bytes'] else 'different'} size)")
+        print(f"  {s.compact:34s} accuracy serial {s.meas.accuracy:.2f}%  parallel {p.meas.accuracy:.2f}%"
+              f"  ({'same' if s.meas.size_bytes == p.meas.size_bytes else 'different'} size)")
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ def main() -> None:
     for hw, req in (("jetson-nano", Requirements(max_latency_ms=60.0, max_size_mb=40.0)),
                     ("host", Requirements(max_latency_ms=20.0, max_size_mb=40.0))):
         rep = plan(table, load_profile(hw), req, ProxyScorer(), grid_step=args.grid_step, nsga_evals=args.nsga_evals)
-        rec = rep["recommended"]["label"] if rep["recommended"] else rep["infeasible"]["message"]
+        rec = rep.recommended.label if rep.recommended else rep.infeasible.message
         s = rep["search"]
         print(f"{hw:12s} {rep['candidates_evaluated']:6d} candidates in {rep['seconds']:.2f} s = "
               f"{rep['candidates_per_second']:,.0f} candidates/s ({s['structured']} structured in "

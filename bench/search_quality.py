@@ -73,8 +73,8 @@ def main() -> None:
             t0 = time.perf_counter()
             r = apply_and_measure(loaded, parse_strategy(text), f"{tmp}/{name}-{len(executed)}", hardware="host",
                                   data_spec="digits", train_cfg=TrainConfig(epochs=args.epochs))
-            executed[key] = {"meas": r["meas"], "pred": r["pred"], "seconds": time.perf_counter() - t0}
-            m = r["meas"]
+            executed[key] = {"result": r, "meas": r.meas.given(), "seconds": time.perf_counter() - t0}
+            m = executed[key]["meas"]
             print(f"  executed {name} {parse_strategy(text).label():58s} acc {m['accuracy']:6.2f}  size "
                   f"{m['size_bytes'] / 1e6:.4f} MB  params {m['params']:7d}  latency {m['latency_ms']:.3f} ms "
                   f"({executed[key]['seconds']:.1f} s)", flush=True)
@@ -94,32 +94,32 @@ def main() -> None:
         truths = len(scorer.rec.truths)
         rep = plan(table, prof, req, scorer, top_k=3, nsga_evals=args.nsga_evals)
         plan_s = time.perf_counter() - t0
-        chosen = rep["top"] or rep["verify"]  # verify: predicted infeasible by accuracy only, executed to check
+        chosen = rep.top or rep.verify  # verify: predicted infeasible by accuracy only, executed to check
         if not chosen:
-            print(f"  plan: infeasible ({truths} executed truths): {rep['infeasible']['message']}")
+            print(f"  plan: infeasible ({truths} executed truths): {rep.infeasible.message}")
             results.append((name, limits, False, "infeasible", plan_s, 0.0, 0.0))
             continue
-        if rep["recommended"] is None:
-            print(f"  plan: infeasible as predicted ({truths} executed truths): {rep['infeasible']['message']}")
+        if rep.recommended is None:
+            print(f"  plan: infeasible as predicted ({truths} executed truths): {rep.infeasible.message}")
         else:
-            print(f"  plan: {rep['candidates_evaluated']} candidates in {plan_s:.1f} s (with sensitivity; recovery "
-                  f"model from {truths} executed truths); recommended {rep['recommended']['label']} (predicted drop "
-                  f"{rep['recommended']['pred']['accuracy_drop']:.2f})")
-        top = [execute(name, loaded, r["compact"], "plan") for r in chosen]
+            print(f"  plan: {rep.candidates_evaluated} candidates in {plan_s:.1f} s (with sensitivity; recovery "
+                  f"model from {truths} executed truths); recommended {rep.recommended.label} (predicted drop "
+                  f"{rep.recommended.pred.accuracy_drop:.2f})")
+        top = [execute(name, loaded, r.compact, "plan") for r in chosen]
         top_s = sum(t["seconds"] for t in top)
-        if rep["recommended"] is None:  # what `deployfit run` makes of the executed candidates
-            rep = settle_infeasible(rep, [{**r, "meas": t["meas"]} for r, t in zip(chosen, top)])
-            print(f"  executed: {(rep.get('infeasible') or rep['predicted_infeasible'])['message']}")
+        if rep.recommended is None:  # what `deployfit run` makes of the executed candidates
+            rep = settle_infeasible(rep, [t["result"] for t in top])
+            print(f"  executed: {(rep.infeasible or rep.predicted_infeasible).message}")
         grid = {text: execute(name, loaded, text, "grid") for text in GRID}
         grid_s = sum(g["seconds"] for g in grid.values())
         feas = {t: g for t, g in grid.items() if not meets(g["meas"], req)}
-        if rep["recommended"] is None:
+        if rep.recommended is None:
             ok = not feas
             print(f"  grid: {len(feas)}/{len(GRID)} candidates feasible as measured -> {'PASS' if ok else 'FAIL'}")
             results.append((name, limits, ok, "infeasible, executed" if not feas else "infeasible; grid has one",
                             plan_s, top_s, grid_s))
             continue
-        rec = rep["recommended"].get("meas") or top[0]["meas"]
+        rec = rep.recommended.meas.given() if rep.recommended.meas else top[0]["meas"]
         broken = meets(rec, req)
         best_t, best = max(feas.items(), key=lambda kv: kv[1]["meas"]["accuracy"]) if feas else (None, None)
         best_top = max((t["meas"]["accuracy"] for t in top if not meets(t["meas"], req)), default=None)

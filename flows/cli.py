@@ -168,7 +168,7 @@ def apply(model: ModelArg, out: Annotated[str, typer.Option("--out", help="folde
         return apply_and_measure(loaded, strat, out, hardware=hardware, batch_size=batch_size,
                                  progress=progress, data_spec=data,
                                  train_cfg=TrainConfig(epochs=finetune_epochs, kd_finetune=kd), anchor_on=anchor,
-                                 export=tuple(export or ("pt2",)), runtime=runtime)
+                                 export=tuple(export or ("pt2",)), runtime=runtime).dump()
 
     rep = compute(as_json, body)
     if as_json:
@@ -259,10 +259,10 @@ def plan(model: ModelArg, hardware: HardwareReq, weights: WeightsOpt = None, inp
             note = info.get("warning")
             if note:
                 warn(note)
-            out = run_plan(table, prof, req, scorer, top_k=top_k, students=names, student_tables=tables,
-                           progress=say, grid_step=grid_step, nsga_evals=nsga_evals, seed=seed, anchor=anc,
-                           round_to=plan_round_to(r))
-            out["profile"] = info
+            planned = run_plan(table, prof, req, scorer, top_k=top_k, students=names, student_tables=tables,
+                               progress=say, grid_step=grid_step, nsga_evals=nsga_evals, seed=seed, anchor=anc,
+                               round_to=plan_round_to(r))
+            out = {**planned.dump(), "profile": info}
             reps[r] = {**out, "warning": note} if note else out
         if len(runtimes) == 1:
             return reps[runtimes[0]]

@@ -27,6 +27,7 @@ from estimators.errors import CALIBRATION_BUDGET_S
 from estimators.modelspec import format_input_shape
 from estimators.progress import step
 from search.requirements import Requirements, settle_infeasible
+from search.results import CandidateResult, PlannedCandidate, PlanReport, Prediction
 from tasks.apply import EXPORT_FORMS, check_export_forms
 from tasks.onnx_runtime import RUNTIMES
 from tasks.pipeline import (ModelInput, ParallelOptions, SearchOptions, analyze_task, calibrate_task, execute_task,
@@ -150,7 +151,7 @@ def _open(flow_name: str, model: ModelInput, data: Optional[str], hardware: str,
                       started=time.perf_counter(), **run)
 
 
-def _plan_steps(ctx: RunContext) -> tuple[dict, list[dict]]:
+def _plan_steps(ctx: RunContext) -> tuple[PlanReport, list[dict]]:
     """Analysis, sensitivity (with data), the students' analyses and the search: the plan report and the layer rows."""
     log = get_run_logger()
     model = ctx.model
@@ -166,19 +167,21 @@ def _plan_steps(ctx: RunContext) -> tuple[dict, list[dict]]:
     rep = search_task(model, quote(table), ctx.plan_hardware, ctx.requirements, ctx.search, data=ctx.data,
                       sens=quote(sens), student_tables=quote(students), top_k=ctx.top_k, anchor=ctx.anchor,
                       runtime=ctx.runtime)
-    log.info(f"{rep['candidates_evaluated']:,} candidates in {rep['seconds']} s; recommended "
-             f"{rep['recommended']['label'] if rep.get('recommended') else 'none: ' + rep['infeasible']['message']}")
+    log.info(f"{rep.candidates_evaluated:,} candidates in {rep.seconds} s; recommended "
+             f"{rep.recommended.label if rep.recommended else 'none: ' + rep.infeasible.message}")
     from estimators.table import layer_rows
 
     return rep, layer_rows(table)
 
 
-def _track(ctx: RunContext, session: tracking.Session, rep: dict, executed: list[dict], layers: list[dict]) -> dict:
+def _track(ctx: RunContext, session: tracking.Session, rep: PlanReport, executed: list[CandidateResult],
+           layers: list[dict]) -> dict:
     """The run in MLflow, or (the store down) everything kept on disk, and where."""
     log = get_run_logger()
     record = ctx.record()
     t_track = time.perf_counter()
-    state = track_task(record, quote(rep), quote(executed), quote(layers), str(ctx.workdir), quote(session),
+    plan, done = rep.dump(), [e.dump() for e in executed]  # the store's JSON
+    state = track_task(record, quote(plan), quote(done), quote(layers), str(ctx.workdir), quote(session),
                        return_state=True)
     if state.is_completed():
         tracked = state.result()
@@ -189,18 +192,16 @@ def _track(ctx: RunContext, session: tracking.Session, rep: dict, executed: list
             error = "unknown"
         except Exception as exc:  # the store is down: keep everything on disk and say where
             error = f"{type(exc).__name__}: {str(exc)[:300]}"
-        tracked = tracking.save_local(ctx.workdir / "tracking-fallback", record, rep, executed, layers, error)
+        tracked = tracking.save_local(ctx.workdir / "tracking-fallback", record, plan, done, layers, error)
         log.warning(f"tracking store unreachable ({error}); results saved under {tracked['saved_locally']}")
     tracked["seconds"] = round(time.perf_counter() - t_track, 3)
     return tracked
 
 
-def _measure_on_device(ctx: RunContext, executed: list[dict], tracked: dict) -> list[dict]:
+def _measure_on_device(ctx: RunContext, executed: list[CandidateResult], tracked: dict) -> list[CandidateResult]:
     """Latency measured on the device: the worker of pool deployfit-<hardware> fetches each artifact from the
     tracking store, measures it and logs into the candidate's run. Returns the executed candidates with the
     measurements that came back (a candidate no worker measured in time keeps its prediction, with a note)."""
-    from estimators.report import rel_err
-
     from .device import measure_remote, pool_name
 
     log = get_run_logger()
@@ -212,17 +213,17 @@ def _measure_on_device(ctx: RunContext, executed: list[dict], tracked: dict) -> 
     out = []
     for e, m in zip(executed, got):
         if m and "meas.latency_ms" in m:
-            meas = {**e["meas"], "latency_ms": m["meas.latency_ms"]}
-            out.append({**e, "meas": meas, "err": rel_err(e["pred"], meas),
-                        "measured_on": f"pool {pool_name(ctx.hardware)}",
-                        **({"device_onnx": m["device_onnx"]} if m.get("device_onnx") else {})})
+            out.append(e.model_copy(update={"meas": e.meas.model_copy(update={"latency_ms": m["meas.latency_ms"]}),
+                                            "measured_on": f"pool {pool_name(ctx.hardware)}",
+                                            "device_onnx": m.get("device_onnx") or None}))
         else:
-            out.append({**e, "notes": [*e.get("notes", []), "latency not measured: no device worker answered in time"]})
+            out.append(e.model_copy(update={
+                "notes": [*e.notes, "latency not measured: no device worker answered in time"]}))
     return out
 
 
-def _finish(ctx: RunContext, session: tracking.Session, rep: dict, executed: list[dict], layers: list[dict],
-            failed: list[dict] | None = None) -> dict:
+def _finish(ctx: RunContext, session: tracking.Session, rep: PlanReport, executed: list[CandidateResult],
+            layers: list[dict], failed: list[dict] | None = None) -> dict:
     """Settle the plan on the measurements, track the run, leave its Prefect artifact and report.json; returns the
     report."""
     on_device = ctx.device_measure and bool(executed)
@@ -234,12 +235,13 @@ def _finish(ctx: RunContext, session: tracking.Session, rep: dict, executed: lis
         rep = settle_infeasible(rep, executed)  # on the device's measurements, just taken
     title = f"deployfit {ctx.flow}: {ctx.model.spec} on {ctx.hardware}" + (
         " (ONNX Runtime)" if ctx.runtime == "onnxruntime" else "")
-    create_markdown_artifact(markdown_report(title, rep, executed, tracked, failed or []),
+    done = [e.dump() for e in executed]
+    create_markdown_artifact(markdown_report(title, rep.dump(), done, tracked, failed or []),
                              key=_key("deployfit", ctx.flow, ctx.model.spec, ctx.hardware), description=title)
-    out = {k: v for k, v in rep.items() if k != "candidates"}
+    out = rep.dump(candidates=False)
     out.update(executed=[{k: e.get(k) for k in ("compact", "label", "pred", "meas", "err", "artifact", "executed_by",
                                                  "measured_on", "device_onnx", "notes", "onnx")}
-                         for e in executed],
+                         for e in done],
                failed=failed or [], tracking=tracked, flow_run_id=ctx.flow_run_id, runtime=ctx.runtime,
                seconds_total=round(time.perf_counter() - ctx.started, 2), report_dir=str(ctx.workdir))
     (ctx.workdir / "report.json").write_text(json.dumps(out, indent=1, default=str))
@@ -278,7 +280,7 @@ def plan_flow(model: ModelInput = ModelInput(), data: Optional[str] = "digits", 
     session = tracking.Session()  # after any calibration: the session's start must not disturb its timing
     try:
         rep, layers = _plan_steps(ctx)
-        session.start(ctx.record(), rep, layers, ctx.workdir)
+        session.start(ctx.record(), rep.dump(), layers, ctx.workdir)
         return _finish(ctx, session, rep, [], layers)
     finally:
         session.close()
@@ -311,19 +313,12 @@ def execute_flow(model: ModelInput, candidates: list[dict], out_dir: str, hardwa
     return out
 
 
-def _with_plan_prediction(res: dict, pred: dict) -> dict:
+def _with_plan_prediction(res: CandidateResult, pred: Prediction) -> CandidateResult:
     """An executed candidate's accuracy and latency predictions are the plan's, which chose it: the ones `apply`
     makes while executing have already learnt from candidates executed before it (and in parallel, from whichever
     finished first), so the order of execution would change them."""
-    from estimators.report import rel_err
-
-    keep = {k: pred[k] for k in ("accuracy_drop", "latency_ms") if k in pred}
-    if not keep:
-        return res
-    out = dict(res)
-    out["pred"] = {**res["pred"], **keep}
-    out["err"] = rel_err(out["pred"], out["meas"])
-    return out
+    keep = {k: pred.get(k) for k in ("accuracy_drop", "latency_ms") if pred.get(k) is not None}
+    return res.model_copy(update={"pred": res.pred.model_copy(update=keep)}) if keep else res
 
 
 def _task_runner(parallel: ParallelOptions):
@@ -412,12 +407,12 @@ def run_flow(model: ModelInput = ModelInput(), data: Optional[str] = "digits", h
         session.close()
 
 
-def _candidates(ctx: RunContext, chosen: list[dict]) -> list[dict]:
+def _candidates(ctx: RunContext, chosen: list[PlannedCandidate]) -> list[dict]:
     """The chosen strategies to execute, each with its own artifact folder (by model and strategy)."""
     out = []
     for cand in chosen:
-        tag = hashlib.sha256(f"{ctx.model.fingerprint()}|{cand['compact']}".encode()).hexdigest()[:12]
-        out.append({"compact": cand["compact"], "label": cand["label"],
+        tag = hashlib.sha256(f"{ctx.model.fingerprint()}|{cand.compact}".encode()).hexdigest()[:12]
+        out.append({"compact": cand.compact, "label": cand.label,
                     "out_dir": str(Path(ctx.out_dir) / "artifacts" / f"{_key(ctx.model.spec)}-{tag}")})
     return out
 
@@ -455,22 +450,22 @@ def _execute(ctx: RunContext, cands: list[dict], built) -> None:
 def _run_steps(ctx: RunContext, session: tracking.Session) -> dict:
     log = get_run_logger()
     rep, layers = _plan_steps(ctx)
-    rep = {**rep, "profile": ctx.plan_hardware}
-    session.start(ctx.record(), rep, layers, ctx.workdir)  # logged in the background while the candidates execute
-    executed: list[dict] = []
+    rep = rep.model_copy(update={"profile": ctx.plan_hardware})
+    session.start(ctx.record(), rep.dump(), layers, ctx.workdir)  # logged in the background while candidates execute
+    executed: list[CandidateResult] = []
     failed: list[dict] = []
     # nothing predicted feasible, but candidates that miss only the predicted accuracy: executed to check it
-    chosen = (rep.get("top") or rep.get("verify") or [])[:ctx.top_k]
+    chosen = (rep.top or rep.verify)[:ctx.top_k]
     if ctx.execute and chosen:
-        plan_pred = {c["compact"]: c["pred"] for c in chosen}
+        plan_pred = {c.compact: c.pred for c in chosen}
 
-        def built(res: dict) -> None:  # tracked in the background while the next candidates execute
-            if "error" in res:
+        def built(res: CandidateResult | dict) -> None:  # tracked in the background while the next ones execute
+            if isinstance(res, dict):  # _failure's
                 failed.append(res)
                 log.warning(f"{res['label']} failed: {res['error']}")
                 return
-            executed.append(_with_plan_prediction(res, plan_pred[res["compact"]]))
-            session.executed(len(executed) - 1, executed[-1])
+            executed.append(_with_plan_prediction(res, plan_pred[res.compact]))
+            session.executed(len(executed) - 1, executed[-1].dump())
 
         _execute(ctx, _candidates(ctx, chosen), built)
         if not ctx.device_measure:

@@ -38,6 +38,7 @@ from hardware.profile import HardwareProfile
 
 from .batch import BatchEvaluator
 from .requirements import LIMITS, Requirements
+from .results import Binding, Infeasible, PlannedCandidate, PlanReport, Prediction
 
 
 def ratio_grid(step: float) -> tuple[float, ...]:
@@ -350,7 +351,7 @@ def plan(table: LayerTable, profile: HardwareProfile, req: Requirements, scorer:
          students: tuple[str, ...] = (), student_tables: dict[str, LayerTable] | None = None,
          progress: Callable[[str], None] = lambda m: None, grid_step: float = GRID_STEP,
          nsga_evals: int = NSGA_EVALS, seed: int = 0, keep_candidates: bool = False, anchor=None,
-         round_to: int | None = None) -> dict[str, Any]:
+         round_to: int | None = None) -> PlanReport:
     """`keep_candidates`: also return the whole space as columns (`candidates`: strategy, label and every
     prediction per distinct candidate), for tracking. `anchor`: the original measured on the target at the
     requirements' batch (hardware.anchor): latencies are anchored on it (each candidate's `latency_basis`).
@@ -396,7 +397,7 @@ def plan(table: LayerTable, profile: HardwareProfile, req: Requirements, scorer:
 
 
 def _report(table: LayerTable, profile: HardwareProfile, req: Requirements, scorer: Scorer, pool: Pool, top_k: int,
-            seconds: float, n_struct: int, n_nsga: int, t_struct: float, keep_candidates: bool = False) -> dict[str, Any]:
+            seconds: float, n_struct: int, n_nsga: int, t_struct: float, keep_candidates: bool = False) -> PlanReport:
     fam, kept, m = pool.arrays()
     n_eval = len(fam)
     # distinct candidates: same student, quantization and kept channels predict the same; keep the first
@@ -414,7 +415,7 @@ def _report(table: LayerTable, profile: HardwareProfile, req: Requirements, scor
     pos = np.empty(len(rank), dtype=np.int64)
     pos[rank] = np.arange(len(rank))
 
-    def row(i: int, full: bool = True) -> dict:
+    def row(i: int, full: bool = True) -> PlannedCandidate:
         f = pool.families[fam[i]]
         d = desc[i]
         step = _prune_step(f.table, d)
@@ -424,11 +425,10 @@ def _report(table: LayerTable, profile: HardwareProfile, req: Requirements, scor
             if k in m:
                 v = float(m[k][i])
                 pred[k] = int(v) if k != "latency_ms" and k != "accuracy_drop" and v.is_integer() else round(v, 4)
-        out = {"compact": strat.compact(), "label": strat.label(), "pred": pred,
-               "latency_basis": f.evaluator.correction.basis if f.evaluator.correction is not None else "profile"}
-        if full:
-            out["strategy"] = strat.model_dump(exclude_none=True)
-        return out
+        return PlannedCandidate(
+            compact=strat.compact(), label=strat.label(), pred=Prediction(**pred),
+            latency_basis=f.evaluator.correction.basis if f.evaluator.correction is not None else "profile",
+            strategy=strat.model_dump(exclude_none=True) if full else None)
 
     F = np.stack([m[o] for o in OBJECTIVES], 1)
     front = np.flatnonzero(pareto_mask(F))
@@ -441,10 +441,10 @@ def _report(table: LayerTable, profile: HardwareProfile, req: Requirements, scor
         "pareto": [row(i, full=False) for i in front]}  # compact strategies: the front can hold hundreds
     if keep_candidates:
         rows = [row(int(i), full=False) for i in rank]
-        cols: dict[str, list] = {"strategy": [r["compact"] for r in rows], "label": [r["label"] for r in rows]}
-        for k in rows[0]["pred"] if rows else []:
-            cols[k] = [r["pred"].get(k) for r in rows]
-        cols["latency_basis"] = [r["latency_basis"] for r in rows]
+        cols: dict[str, list] = {"strategy": [r.compact for r in rows], "label": [r.label for r in rows]}
+        for k in rows[0].pred.given() if rows else []:
+            cols[k] = [r.pred.get(k) for r in rows]
+        cols["latency_basis"] = [r.latency_basis for r in rows]
         cols["feasible"] = [bool(feasible[i]) for i in rank]
         out["candidates"] = cols
     names = list(viol)
@@ -453,16 +453,14 @@ def _report(table: LayerTable, profile: HardwareProfile, req: Requirements, scor
         rec = int(feas[0])
         better = pos < pos[rec]
         counts = {n: int((breaks[better, j]).sum()) for j, n in enumerate(names) if (breaks[better, j]).any()}
-        out.update(recommended=row(rec), top=[row(int(i)) for i in feas[:top_k]],
-                   binding=[{"requirement": n, "limit": req.active()[n], "candidates_excluded": c}
-                            for n, c in sorted(counts.items(), key=lambda kv: -kv[1])])
-        return out
-    out.update(_infeasible(m, V, breaks, names, pos, rank, req, row, top_k))
-    return out
+        return PlanReport(**out, recommended=row(rec), top=[row(int(i)) for i in feas[:top_k]],
+                          binding=[Binding(requirement=n, limit=req.active()[n], candidates_excluded=c)
+                                   for n, c in sorted(counts.items(), key=lambda kv: -kv[1])])
+    return PlanReport(**out, **_infeasible(m, V, breaks, names, pos, rank, req, row, top_k))
 
 
 def _infeasible(m: dict[str, np.ndarray], V: np.ndarray, breaks: np.ndarray, names: list[str], pos: np.ndarray,
-                rank: np.ndarray, req: Requirements, row: Callable[[int], dict], top_k: int) -> dict[str, Any]:
+                rank: np.ndarray, req: Requirements, row: Callable[[int], PlannedCandidate], top_k: int) -> dict[str, Any]:
     """Where nothing fits: the candidate that breaks the requirements least (largest ratio over its limit), which
     requirements are out of reach (alone or only together), and the candidates that miss only the predicted
     accuracy, which executing them settles."""
@@ -480,7 +478,7 @@ def _infeasible(m: dict[str, np.ndarray], V: np.ndarray, breaks: np.ndarray, nam
     nearest = ", ".join(_fmt_limit(n, v * LIMITS[n][2]) for n, v in relaxed.items())
     r = row(i)
     msg = f"{' and '.join(words)}{' within ' + ', '.join(kept_req) if kept_req else ''}; the nearest is {nearest} " \
-          f"with {r['label']}"
+          f"with {r.label}"
     # accuracy is the one prediction no formula gives: candidates that meet every other requirement miss only by
     # the accuracy predictor's word, and executing them settles it (flows.pipeline: one that meets every
     # requirement as measured is recommended)
@@ -493,9 +491,8 @@ def _infeasible(m: dict[str, np.ndarray], V: np.ndarray, breaks: np.ndarray, nam
             msg += f"; {len(verify)} candidate{' meets' if one else 's meet'} every other requirement and " \
                    f"miss{'es' if one else ''} only the predicted accuracy: executing {'it' if one else 'them'} " \
                    "checks it"
-    return dict(recommended=None, top=[], binding=[{"requirement": n, "limit": req.active()[n]} for n in broken],
-                verify=verify,
-                infeasible={"message": msg, "unreachable": sorted(broken), "relaxed": relaxed, "nearest": r})
+    return dict(recommended=None, top=[], binding=[Binding(requirement=n, limit=req.active()[n]) for n in broken],
+                verify=verify, infeasible=Infeasible(message=msg, unreachable=sorted(broken), relaxed=relaxed, nearest=r))
 
 
 def candidate_space(table: LayerTable, profile: HardwareProfile, students: tuple[str, ...] = (),

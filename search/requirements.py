@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from estimators.errors import UserInputError, read_yaml_mapping
+
+if TYPE_CHECKING:
+    from .results import CandidateResult, PlanReport
 
 # requirement -> (predicted metric it limits, "max" or "min", unit factor from the requirement to the metric)
 LIMITS = {
@@ -78,8 +81,9 @@ def parse_requirements(values: dict, path: str | None = None) -> Requirements:
         raise UserInputError("invalid requirements: " + "; ".join(msgs)) from None
 
 
-def broken_as_measured(meas: dict, req: Requirements) -> list[str]:
-    """The requirements a measured candidate breaks (a metric the measurement lacks counts as broken)."""
+def broken_as_measured(meas, req: Requirements) -> list[str]:
+    """The requirements a measured candidate breaks (`meas`: a search.results.Measurement or its JSON; a metric
+    the measurement lacks counts as broken)."""
     broken = []
     for name, limit in req.active().items():
         metric, _, unit = LIMITS[name]
@@ -89,24 +93,23 @@ def broken_as_measured(meas: dict, req: Requirements) -> list[str]:
     return broken
 
 
-def settle_infeasible(rep: dict, executed: list[dict]) -> dict:
+def settle_infeasible(rep: "PlanReport", executed: "list[CandidateResult]") -> "PlanReport":
     """The plan report `rep` settled by the executed candidates' measurements (a new report; `rep` is left as it
     is). A plan infeasible by predicted accuracy executed the candidates that meet every other requirement
     (`verify`): the one of them that meets every requirement as measured, with the least measured accuracy drop,
     becomes the recommendation (the prediction's verdict moves to `predicted_infeasible`); else the message says
     the measurements confirm it. Any other report is returned as it is."""
-    if rep.get("recommended") or not rep.get("verify") or not executed:
+    if rep.recommended or not rep.verify or not executed or rep.infeasible is None:
         return rep
-    req = Requirements(**rep["requirements"])
-    ok = [e for e in executed if not broken_as_measured(e.get("meas") or {}, req)]
-    inf = dict(rep["infeasible"])
+    req = Requirements(**rep.requirements)
+    ok = [e for e in executed if not broken_as_measured(e.meas, req)]
     if not ok:
-        inf["message"] += f"; executed, none of the {len(executed)} meets every requirement as measured"
-        return {**rep, "infeasible": {**inf, "verified": True}}
-    best = min(ok, key=lambda e: e["meas"].get("accuracy_drop", 0.0))
-    planned = next(r for r in rep["verify"] if r["compact"] == best["compact"])
-    inf["message"] += (f"; executed, {best['label']} meets every requirement as measured (accuracy drop "
-                       f"{best['meas'].get('accuracy_drop', 0.0):+.2f} points)")
-    settled = {k: v for k, v in rep.items() if k != "infeasible"}
-    return {**settled, "recommended": {**planned, "by": "measurement", "meas": best["meas"]}, "binding": [],
-            "predicted_infeasible": inf}
+        msg = f"{rep.infeasible.message}; executed, none of the {len(executed)} meets every requirement as measured"
+        return rep.model_copy(update={"infeasible": rep.infeasible.model_copy(update={"message": msg, "verified": True})})
+    best = min(ok, key=lambda e: e.meas.get("accuracy_drop", 0.0))
+    planned = next(r for r in rep.verify if r.compact == best.compact)
+    msg = (f"{rep.infeasible.message}; executed, {best.label} meets every requirement as measured (accuracy drop "
+           f"{best.meas.get('accuracy_drop', 0.0):+.2f} points)")
+    return rep.model_copy(update={
+        "recommended": planned.model_copy(update={"by": "measurement", "meas": best.meas}), "binding": [],
+        "infeasible": None, "predicted_infeasible": rep.infeasible.model_copy(update={"message": msg})})

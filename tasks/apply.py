@@ -5,19 +5,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-
 from estimators.analyze import analyze
 from estimators.compress import estimate
 from estimators.errors import UserInputError
 from estimators.modelspec import LoadedModel, shape_json
-from estimators.report import public, rel_err
+from estimators.report import public
 from estimators.strategy import Strategy, check_executable
 from estimators.table import totals
 from hardware.measure import (count_module, gemm_macs, measure_memory_access_bytes, measure_peak_activation_bytes,
                               stored_tensor_bytes, stored_tensors)
+from search.results import CandidateResult, Measurement, Prediction
 
 from .anchoring import latency_context
-
 from .executors import Work, check_out_dir, run_strategy, save_artifact
 from .quantize_exec import load_program
 
@@ -99,18 +98,16 @@ def measure_candidate(fn, loaded: LoadedModel, batch_size: int, anchor=None, ori
     return got
 
 
-def record_latency(result: dict[str, Any], lat: dict[str, Any], anchor) -> dict[str, Any]:
-    """Complete `result` with the latency measurement `lat` (measure_candidate): meas.latency_ms and
+def record_latency(result: CandidateResult, lat: dict[str, Any], anchor) -> CandidateResult:
+    """`result` completed with the latency measurement `lat` (measure_candidate): meas.latency_ms and
     meas.speedup (the original's latency over the candidate's, measured in alternation); a measured candidate is
     a truth of the anchor (hardware.anchor.Anchor.record_truth), whose correction it refits."""
-    out = dict(result)
-    out["meas"] = {**result["meas"], "latency_ms": round(lat["latency_ms"], 4), "speedup": round(1 / lat["ratio"], 4)}
-    out["err"] = rel_err(out["pred"], out["meas"])
-    out["latency_measurement"] = lat
-    if anchor is not None and result.get("pred_latency_before_truths_ms"):
-        anchor.record_truth(result["compact"], result["latency_runtime"], result["pred_latency_before_truths_ms"],
+    meas = result.meas.model_copy(update={"latency_ms": round(lat["latency_ms"], 4),
+                                          "speedup": round(1 / lat["ratio"], 4)})
+    if anchor is not None and result.pred_latency_before_truths_ms:
+        anchor.record_truth(result.compact, result.latency_runtime, result.pred_latency_before_truths_ms,
                             lat["latency_ms"])
-    return out
+    return result.model_copy(update={"meas": meas, "latency_measurement": lat})
 
 
 def predict_host_latency(loaded: LoadedModel, table, est, hardware: str, batch_size: int, anchor_on: bool,
@@ -142,9 +139,9 @@ def saved_latency(model_path: str, strategy: dict[str, Any], input_shape: list, 
     return measure_latency(fn, seeded_input(input_shape, batch_size), warmup=3, min_runs=10, budget_s=3.0)
 
 
-def measure_saved_latency(result: dict[str, Any], loaded: LoadedModel, anchor_on: bool = True,
+def measure_saved_latency(result: CandidateResult, loaded: LoadedModel, anchor_on: bool = True,
                           progress: Callable[[str], None] = lambda m: None, table=None,
-                          original=None, runtime: str = "pytorch") -> dict[str, Any]:
+                          original=None, runtime: str = "pytorch") -> CandidateResult:
     """Predict and measure the latency of an artifact `apply_and_measure(..., latency_now=False)` saved, on this
     machine: the prediction anchored as apply's, the measurement in alternation with the original `loaded`
     (measure_candidate); completes its `pred`, `meas` and `err` (the result is returned updated). `table` (the
@@ -152,26 +149,23 @@ def measure_saved_latency(result: dict[str, Any], loaded: LoadedModel, anchor_on
     not given, once by a caller measuring several candidates of one model. `runtime` `onnxruntime`: the
     candidate's model.onnx, predicted and timed in ONNX Runtime against the original's session (`original` is
     then not used)."""
-    from estimators.compress import estimate
-    from estimators.strategy import Strategy
-
-    strat = Strategy.model_validate(result["strategy"])
+    strat = Strategy.model_validate(result.strategy)
     table = table if table is not None else analyze(loaded)
-    if result.get("float_layers"):  # what was really built (apply_and_measure)
-        strat = as_built(strat, result["float_layers"], table)
-    _, anchor, extra = predict_host_latency(loaded, table, estimate(table, strat), "host", result["batch_size"],
+    if result.float_layers:  # what was really built (apply_and_measure)
+        strat = as_built(strat, result.float_layers, table)
+    _, anchor, extra = predict_host_latency(loaded, table, estimate(table, strat), "host", result.batch_size,
                                             anchor_on, progress, runtime)
     predicted = extra.pop("latency_ms")
-    # a plan's executed candidate keeps the prediction that chose it (flows.pipeline._with_plan_prediction)
-    out = {**result, "pred": {"latency_ms": predicted, **result["pred"]}, **extra}
-    out["notes"] = [n for n in result.get("notes", []) if not n.startswith("latency to be predicted")] \
+    notes = [n for n in result.notes if not n.startswith("latency to be predicted")] \
         + ([extra["hardware"]["warning"]] if extra["hardware"].get("warning") else [])
+    # a plan's executed candidate keeps the prediction that chose it (flows.pipeline._with_plan_prediction)
+    pred = result.pred if result.pred.latency_ms is not None else result.pred.model_copy(update={"latency_ms": predicted})
+    out = result.model_copy(update={"pred": pred, "notes": notes, **extra})
     if runtime == "onnxruntime":
-        lat = onnx_latency((result.get("onnx") or {}).get("path"), loaded, result["batch_size"], anchor, out["notes"],
-                           progress)
+        lat = onnx_latency((result.onnx or {}).get("path"), loaded, result.batch_size, anchor, notes, progress)
         return record_latency(out, lat, anchor) if lat is not None else out
-    fn = fast_form(load_program(result["artifact"]["model"], loaded.trust_pickle), _is_int8(result["strategy"]))
-    return record_latency(out, measure_candidate(fn, loaded, result["batch_size"], anchor, original), anchor)
+    fn = fast_form(load_program(result.artifact["model"], loaded.trust_pickle), _is_int8(result.strategy))
+    return record_latency(out, measure_candidate(fn, loaded, result.batch_size, anchor, original), anchor)
 
 
 def onnx_latency(onnx_path: str | None, loaded: LoadedModel, batch_size: int, anchor, notes: list[str],
@@ -202,7 +196,7 @@ def apply_and_measure(loaded: LoadedModel, strategy: Strategy, out_dir: str, har
                       batch_size: int = 1, progress: Callable[[str], None] = lambda m: None, data_spec: str | None = None,
                       train_cfg: Any = None, latency_now: bool = True, anchor_on: bool = True,
                       export: tuple[str, ...] = ("pt2",), onnx_required: bool = True,
-                      runtime: str = "pytorch") -> dict[str, Any]:
+                      runtime: str = "pytorch") -> CandidateResult:
     """`export`: the forms written beside strategy.json: `pt2` (always written: it is what is measured) and
     `onnx` (tasks.onnx_export: model.onnx, verified in ONNX Runtime, its size against the prediction); an export
     that fails is an error when `onnx_required`, else a note and `onnx: {error}` in the result. `runtime`
@@ -251,28 +245,15 @@ def apply_and_measure(loaded: LoadedModel, strategy: Strategy, out_dir: str, har
     elif hardware:
         lat_info, anchor, latency_extra = _latency(loaded, table, est, ep, work, hardware, batch_size, anchor_on,
                                                    latency_now, runtime, onnx_check, pred, notes, progress)
-    result = {
-        "latency_measurement": None,
-        "model": loaded.spec,
-        "input_shape": shape_json(loaded.input_shape),
-        "batch_size": batch_size,
-        "strategy": strategy.model_dump(exclude_none=True),
-        "compact": strategy.compact(),
-        "artifact": paths,
-        "pred": pred,
-        "meas": meas,
-        "err": rel_err(pred, meas),
-        "unpruned": est.plan.unpruned if any(s.method in ("prune", "distill") for s in strategy.steps) else [],
-        "unsupported_ops": est.unsupported,
-        "log": work.log,
-        "notes": notes,
-        "pred_before_tuning": pred_before_tuning,
-        "float_layers": list(work.quant.float_layers) if work.quant is not None else [],
-        "data": acc.summary(),
-        "training": work.training,
-        "onnx": onnx_check,
-    }
-    result.update(latency_extra)
+    result = CandidateResult(
+        model=loaded.spec, input_shape=shape_json(loaded.input_shape), batch_size=batch_size,
+        strategy=strategy.model_dump(exclude_none=True), compact=strategy.compact(), label=strategy.label(),
+        artifact=paths, pred=Prediction(**pred), meas=Measurement(**meas),
+        unpruned=est.plan.unpruned if any(s.method in ("prune", "distill") for s in strategy.steps) else [],
+        unsupported_ops=est.unsupported, log=work.log, notes=notes,
+        pred_before_tuning=Prediction(**pred_before_tuning) if pred_before_tuning is not None else None,
+        float_layers=list(work.quant.float_layers) if work.quant is not None else [], data=acc.summary(),
+        training=work.training, onnx=onnx_check, **latency_extra)
     return record_latency(result, lat_info, anchor) if lat_info is not None else result
 
 

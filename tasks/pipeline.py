@@ -17,7 +17,7 @@ import sys
 import time
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -27,6 +27,7 @@ from estimators.errors import CALIBRATION_BUDGET_S, UserInputError
 from estimators.modelspec import DEMO_WEIGHTS, INPUT_SHAPE_PATTERN, parse_input_shape
 from estimators.strategy import parse_strategy
 from search.requirements import Requirements
+from search.results import CandidateResult, PlanReport
 
 CODE_ROOT = Path(__file__).resolve().parents[1]
 
@@ -182,7 +183,7 @@ def accuracy_sensitivity(model: ModelInput, data: str, table):
 
 def search_space(model: ModelInput, table, hardware: str, requirements: Requirements, options: SearchOptions,
                  data: str | None = None, sens=None, student_tables: dict | None = None,
-                 top_k: int = 5, anchor: bool = True, runtime: str = "pytorch") -> dict[str, Any]:
+                 top_k: int = 5, anchor: bool = True, runtime: str = "pytorch") -> PlanReport:
     """Estimate every candidate (size, params, MACs, memory, latency on `hardware`, accuracy drop), search
     them against the requirements: the plan report (search.plan.plan), with the whole space as columns.
     `anchor`: latencies anchored on the original measured on the target, where it can be measured here;
@@ -208,18 +209,14 @@ def search_space(model: ModelInput, table, hardware: str, requirements: Requirem
                student_tables=student_tables or {}, grid_step=options.grid_step, nsga_evals=options.nsga_evals,
                seed=options.seed, keep_candidates=True, anchor=anc, progress=run_progress,
                round_to=plan_round_to(runtime))
-    rep["profile_identity"] = info
-    rep["model"] = model.spec
-    rep["data"] = data
-    if sens is not None:
-        rep["base_accuracy"] = round(sens.base_accuracy, 4)
-    return rep
+    return rep.model_copy(update={"profile_identity": info, "model": model.spec, "data": data,
+                                  "base_accuracy": round(sens.base_accuracy, 4) if sens is not None else None})
 
 
 def execute_candidate(model: ModelInput, strategy: str, out_dir: str, hardware: str, batch_size: int = 1,
                       data: str | None = None, finetune_epochs: int = 5, latency_now: bool = True,
                       threads: int | None = None, anchor: bool = True,
-                      export: tuple[str, ...] = ("pt2", "onnx"), runtime: str = "pytorch") -> dict[str, Any]:
+                      export: tuple[str, ...] = ("pt2", "onnx"), runtime: str = "pytorch") -> CandidateResult:
     """Execute one strategy (train where it trains), save the artifact (the `export` forms: model.pt2, and
     model.onnx checked in ONNX Runtime, whose failure is a note of the result, not a failure), measure it against
     its prediction (`runtime` `onnxruntime`: model.onnx is written whatever `export` says, and its latency is the
@@ -244,16 +241,15 @@ def execute_candidate(model: ModelInput, strategy: str, out_dir: str, hardware: 
                                 anchor_on=anchor, export=tuple(export), onnx_required=False, runtime=runtime)
     finally:
         torch.set_num_threads(before)
-    rep["label"] = parse_strategy(strategy).label()
     import socket
 
-    rep["executed_by"] = {"host": socket.gethostname(), "pid": os.getpid(), "threads": threads or before}
-    rep["timing"] = {"started": started, "ended": time.time()}  # the candidate's MLflow run spans them
-    return rep
+    return rep.model_copy(update={
+        "executed_by": {"host": socket.gethostname(), "pid": os.getpid(), "threads": threads or before},
+        "timing": {"started": started, "ended": time.time()}})  # the candidate's MLflow run spans them
 
 
-def measure_latencies(results: list[dict[str, Any]], hardware: str, model: ModelInput | None = None,
-                      anchor: bool = True, runtime: str = "pytorch") -> list[dict[str, Any]]:
+def measure_latencies(results: list[CandidateResult], hardware: str, model: ModelInput | None = None,
+                      anchor: bool = True, runtime: str = "pytorch") -> list[CandidateResult]:
     """The latency of each executed candidate's artifact, one at a time, measured on this machine in alternation
     with the original `model` when `hardware` is host (the results are returned completed); `runtime`
     `onnxruntime`: each candidate's model.onnx in ONNX Runtime, against the original's session."""
@@ -266,7 +262,7 @@ def measure_latencies(results: list[dict[str, Any]], hardware: str, model: Model
     from estimators.analyze import analyze
     from tasks.anchoring import original_program
 
-    loaded = (model or ModelInput(spec=results[0]["model"])).load()
+    loaded = (model or ModelInput(spec=results[0].model)).load()
     table = analyze(loaded)
     original = original_program(loaded).module() if runtime == "pytorch" else None
     return [measure_saved_latency(r, loaded, anchor, run_progress, table, original, runtime) for r in results]

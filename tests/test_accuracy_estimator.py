@@ -106,8 +106,8 @@ def test_apply_records_the_truth(tmp_path):
     before = len(RecoveryModel.load(store).truths)
     rep = apply_and_measure(loaded, parse_strategy("prune:0.4"), str(tmp_path), data_spec="digits",
                             train_cfg=TrainConfig(epochs=1))
-    assert "accuracy_drop" in rep["pred"]
-    assert rep["err"]["accuracy_drop"] == pytest.approx(rep["pred"]["accuracy_drop"] - rep["meas"]["accuracy_drop"],
+    assert rep.pred.accuracy_drop is not None
+    assert rep.err["accuracy_drop"] == pytest.approx(rep.pred.accuracy_drop - rep.meas.accuracy_drop,
                                                         abs=1e-3)  # in points
     truths = RecoveryModel.load(store).truths
     assert len(truths) == before + 1 and truths[-1]["method"] == "prune" and truths[-1]["epochs"] == 1

@@ -251,19 +251,19 @@ def test_truths_recorded_by_apply_change_the_next_prediction(tmp_path):
     prof = load_profile("host")
     strat = parse_strategy("prune:0.5")
     rep = apply_and_measure(loaded, strat, str(tmp_path / "a"), hardware="host")
-    assert rep["latency_basis"] == "anchored" and rep["hardware"]["anchor"]["truths"] == 0
-    lat = rep["latency_measurement"]
-    assert lat["rounds"] >= 5 and lat["ratio"] > 0 and rep["meas"]["speedup"] == pytest.approx(1 / lat["ratio"], rel=1e-3)
+    assert rep.latency_basis == "anchored" and rep.hardware["anchor"]["truths"] == 0
+    lat = rep.latency_measurement
+    assert lat["rounds"] >= 5 and lat["ratio"] > 0 and rep.meas.speedup == pytest.approx(1 / lat["ratio"], rel=1e-3)
     anchor = load_anchor(table, prof, 1)
     assert anchor is not None and len(anchor.truths) == 1 and anchor.truths[0]["compact"] == "prune:0.5"
     # the measured latency is on the anchor's scale: the ratio to the original times the original's anchored time
-    assert rep["meas"]["latency_ms"] == pytest.approx(lat["ratio"] * anchor.total_ms, rel=1e-3)
+    assert rep.meas.latency_ms == pytest.approx(lat["ratio"] * anchor.total_ms, rel=1e-3)
     est = estimate(table, strat)
-    before = rep["pred"]["latency_ms"]
+    before = rep.pred.latency_ms
     after = predict_latency(est, prof, 1, anchor=anchor).latency_ms
     k, n = anchor.truth_factor("float")
     assert n == 1 and after == pytest.approx(before * k, rel=1e-3) and after != pytest.approx(before, rel=1e-6)
     # refitted towards the truth: the error falls
-    assert abs(after - rep["meas"]["latency_ms"]) <= abs(before - rep["meas"]["latency_ms"])
+    assert abs(after - rep.meas.latency_ms) <= abs(before - rep.meas.latency_ms)
     saved = json.loads((tmp_path / "a" / "strategy.json").read_text())
     assert saved["compact"] == "prune:0.5"

@@ -127,25 +127,25 @@ def test_finetune_recovers_pruned_accuracy(tmp_path):
     strat = parse_strategy("prune:0.5")
     raw = apply_and_measure(loaded, strat, str(tmp_path / "raw"), data_spec="digits", train_cfg=TrainConfig(epochs=0))
     tuned = apply_and_measure(loaded, strat, str(tmp_path / "ft"), data_spec="digits", train_cfg=TrainConfig(epochs=3))
-    assert raw["meas"]["accuracy"] < 60.0  # pruning alone wrecks it
-    assert tuned["meas"]["accuracy"] >= 95.0 and tuned["meas"]["accuracy"] - raw["meas"]["accuracy"] > 30.0
-    assert tuned["meas"]["accuracy_drop"] == pytest.approx(tuned["data"]["accuracy_before"] - tuned["meas"]["accuracy"],
+    assert raw.meas.accuracy < 60.0  # pruning alone wrecks it
+    assert tuned.meas.accuracy >= 95.0 and tuned.meas.accuracy - raw.meas.accuracy > 30.0
+    assert tuned.meas.accuracy_drop == pytest.approx(tuned.data["accuracy_before"] - tuned.meas.accuracy,
                                                            abs=1e-3)
-    assert tuned["training"][0]["epochs"] == 3 and len(tuned["training"][0]["history"]) == 3
+    assert tuned.training[0]["epochs"] == 3 and len(tuned.training[0]["history"]) == 3
 
 
 def test_distilled_student_learns(tmp_path):
     rep = apply_and_measure(load_model("demo:digits-cnn"), parse_strategy("distill:width:0.5"), str(tmp_path),
                             data_spec="digits", train_cfg=TrainConfig(epochs=3))
-    assert rep["training"][0]["distilled"] is True
-    assert rep["meas"]["accuracy"] >= 90.0  # a re-initialised student scores ~10% before training
+    assert rep.training[0]["distilled"] is True
+    assert rep.meas.accuracy >= 90.0  # a re-initialised student scores ~10% before training
 
 
 def test_int8_on_digits_within_one_point(tmp_path):
     rep = apply_and_measure(load_model("demo:digits-cnn"), parse_strategy("quantize:int8"), str(tmp_path),
                             data_spec="digits")
-    assert abs(rep["meas"]["accuracy_drop"]) <= 1.0
-    assert any("training inputs of digits" in line for line in rep["log"])
+    assert abs(rep.meas.accuracy_drop) <= 1.0
+    assert any("training inputs of digits" in line for line in rep.log)
 
 
 def test_quantize_options_parse_and_round_trip():
@@ -162,8 +162,8 @@ def test_quantize_options_parse_and_round_trip():
 def test_layers_kept_float_are_in_the_size_estimate(tmp_path):
     rep = apply_and_measure(load_model("demo:digits-cnn"), parse_strategy("quantize:int8:keep_float=classifier"),
                             str(tmp_path))
-    assert rep["float_layers"] == ["classifier"]
-    assert rep["pred"]["size_bytes"] == rep["meas"]["size_bytes"]
+    assert rep.float_layers == ["classifier"]
+    assert rep.pred.size_bytes == rep.meas.size_bytes
     with pytest.raises(UserInputError, match="lacks: nope"):
         apply_and_measure(load_model("demo:digits-cnn"), parse_strategy("quantize:int8:keep_float=nope"),
                           str(tmp_path / "x"))
@@ -176,16 +176,16 @@ def test_autotune_falls_back_and_the_estimate_follows(tmp_path):
     nothing is re-estimated."""
     rep = apply_and_measure(load_model("demo:digits-resnet"), parse_strategy("quantize:int8:tolerable_loss=0"),
                             str(tmp_path), data_spec="digits")
-    assert rep["pred"]["size_bytes"] == rep["meas"]["size_bytes"]
-    assert rep["meas"]["accuracy_drop"] <= 0.0
-    if rep["float_layers"]:
-        assert rep["pred_before_tuning"]["size_bytes"] < rep["pred"]["size_bytes"]
+    assert rep.pred.size_bytes == rep.meas.size_bytes
+    assert rep.meas.accuracy_drop <= 0.0
+    if rep.float_layers:
+        assert rep.pred_before_tuning.size_bytes < rep.pred.size_bytes
     else:  # autotune accepted all-int8: the plain all-int8 artifact must lose nothing on this machine either
-        assert rep["pred_before_tuning"] is None
+        assert rep.pred_before_tuning is None
         plain = apply_and_measure(load_model("demo:digits-resnet"), parse_strategy("quantize:int8"),
                                   str(tmp_path / "plain"), data_spec="digits")
-        assert plain["meas"]["accuracy_drop"] <= 0.0, "autotune kept everything int8 although its accuracy was lower"
-        assert plain["meas"]["size_bytes"] == rep["meas"]["size_bytes"]
+        assert plain.meas.accuracy_drop <= 0.0, "autotune kept everything int8 although its accuracy was lower"
+        assert plain.meas.size_bytes == rep.meas.size_bytes
     runner = CliRunner()
     r = runner.invoke(app, ["apply", "demo:digits-cnn", "--strategy", "quantize:int8:tolerable_loss=0.01", "--out",
                             str(tmp_path / "nodata")])

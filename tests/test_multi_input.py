@@ -125,8 +125,8 @@ def test_half_precision_exports_both_inputs(tmp_path):
     from estimators.strategy import parse_strategy
 
     rep = apply_and_measure(load_model(SPEC, input_shape=SHAPE), parse_strategy("quantize:fp16"), str(tmp_path))
-    assert rep["meas"]["size_bytes"] == rep["pred"]["size_bytes"]
-    lat = saved_latency(rep["artifact"]["model"], rep["strategy"], rep["input_shape"], 3)
+    assert rep.meas.size_bytes == rep.pred.size_bytes
+    lat = saved_latency(rep.artifact["model"], rep.strategy, rep.input_shape, 3)
     assert lat["batch_size"] == 3 and lat["latency_ms"] > 0
 
 

@@ -34,7 +34,7 @@ def _apply(tmp_path, spec, strategy, data=None):
 ])
 def test_float_export_runs_in_onnx_runtime_as_the_program_does(tmp_path, spec, strategy):
     rep = _apply(tmp_path, spec, strategy)
-    o = rep["onnx"]
+    o = rep.onnx
     model = onnx.load(o["path"])
     onnx.checker.check_model(model, full_check=True)
     assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
@@ -42,7 +42,7 @@ def test_float_export_runs_in_onnx_runtime_as_the_program_does(tmp_path, spec, s
     # any batch runs, and equals the saved program's output
     from tasks.quantize_exec import load_program
 
-    prog = load_program(rep["artifact"]["model"]).module()
+    prog = load_program(rep.artifact["model"]).module()
     run = session_fn(session(o["path"]))
     x = torch.randn(5, 1, 8, 8)
     want = prog(x).detach().float().numpy()
@@ -50,15 +50,15 @@ def test_float_export_runs_in_onnx_runtime_as_the_program_does(tmp_path, spec, s
     assert got.shape == (5, 10)
     assert np.abs(got - want).max() <= (1e-2 if "fp16" in strategy else FLOAT_RTOL) * np.abs(want).max()
     # the ONNX form's size is predicted (BatchNorm folded by the exporter) within 1%
-    assert rep["meas"]["onnx_size_bytes"] == stored_bytes(o["path"])
-    assert abs(rep["err"]["onnx_size_bytes"]) <= 0.01
+    assert rep.meas.onnx_size_bytes == stored_bytes(o["path"])
+    assert abs(rep.err["onnx_size_bytes"]) <= 0.01
 
 
 def test_int8_export_is_symmetric_qdq_with_int8_weights_and_agrees_on_digits(tmp_path):
     rep = _apply(tmp_path, "demo:digits-cnn", "prune:0.3,quantize:int8", data="digits")
-    o = rep["onnx"]
-    assert o["form"] == "int8" and o["top1_agreement"] >= 0.99 and o["inputs"] == rep["data"]["val_size"]
-    assert abs(rep["err"]["onnx_size_bytes"]) <= 0.01
+    o = rep.onnx
+    assert o["form"] == "int8" and o["top1_agreement"] >= 0.99 and o["inputs"] == rep.data["val_size"]
+    assert abs(rep.err["onnx_size_bytes"]) <= 0.01
     model = onnx.load(o["path"])
     inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     ops = [n.op_type for n in model.graph.node]
@@ -87,11 +87,11 @@ def test_sessions_use_exact_int8_kernels_on_cpus_without_vnni(tmp_path):
 
 def test_layers_left_in_float_stay_float_in_the_onnx(tmp_path):
     rep = _apply(tmp_path, "demo:digits-cnn", "quantize:int8:keep_float=classifier")
-    model = onnx.load(rep["onnx"]["path"])
+    model = onnx.load(rep.onnx["path"])
     int8 = {t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT8 and len(t.dims) > 1}
     assert "classifier.weight" in {t.name for t in model.graph.initializer}  # still fp32
     assert int8 and not any(n.startswith("classifier") for n in int8)
-    assert abs(rep["err"]["onnx_size_bytes"]) <= 0.01
+    assert abs(rep.err["onnx_size_bytes"]) <= 0.01
 
 
 def test_onnx_layout_folds_batchnorm_and_stores_qdq_parameters():
@@ -143,23 +143,23 @@ def test_onnx_runtime_latency_is_anchored_on_the_original_measured_there(tmp_pat
     loaded = load_model("demo:digits-cnn")
     rep = apply_and_measure(loaded, parse_strategy("none"), str(tmp_path / "n"), hardware="host",
                             runtime="onnxruntime")
-    hw = rep["hardware"]
-    assert hw["runtime"] == "onnxruntime" and rep["latency_basis"] == "anchored"
+    hw = rep.hardware
+    assert hw["runtime"] == "onnxruntime" and rep.latency_basis == "anchored"
     assert "ONNX Runtime" in hw["anchor"]["where"]
     # its second point: the original pruned by half as a plan for ONNX Runtime prunes (multiples of 4), exported
     # and timed in the same alternation
     assert hw["anchor"]["probe"]["strategy"] == "prune:0.5:round_to=4" and hw["anchor"]["probe"]["total_ms"] > 0
     # a candidate of `none` predicts the original as measured in ONNX Runtime, and is measured as model.onnx in a
     # session timed in alternation with the original's
-    assert rep["pred"]["latency_ms"] == pytest.approx(hw["anchor"]["total_ms"], rel=1e-3)
-    lat = rep["latency_measurement"]
+    assert rep.pred.latency_ms == pytest.approx(hw["anchor"]["total_ms"], rel=1e-3)
+    lat = rep.latency_measurement
     assert lat["runtime"].startswith("onnxruntime") and 0.7 < lat["ratio"] < 1.4
-    assert rep["artifact"]["onnx"].endswith("model.onnx")  # the export is written for the runtime measured
+    assert rep.artifact["onnx"].endswith("model.onnx")  # the export is written for the runtime measured
     # the measured candidate is a truth of the ONNX Runtime anchor (kept apart from PyTorch's): the next
     # prediction of that runtime is refitted from it
     rep2 = apply_and_measure(loaded, parse_strategy("prune:0.3"), str(tmp_path / "p"), hardware="host",
                              runtime="onnxruntime")
-    assert rep2["hardware"]["anchor"]["truths"] == 1
+    assert rep2.hardware["anchor"]["truths"] == 1
     from tasks.onnx_runtime import get_ort_anchor, load_ort_profile
 
     # kept under this machine's ONNX Runtime profile, which predicts for that runtime

@@ -16,6 +16,7 @@ from flows.cli import app
 from hardware.profile import load_profile
 from search.plan import OBJECTIVES, candidate_space, plan
 from search.requirements import Requirements, parse_requirements
+from search.results import CandidateResult, Measurement
 
 
 @pytest.fixture(scope="module")
@@ -58,16 +59,16 @@ def test_pareto_points_are_non_dominated_and_recommendation_feasible(table):
     # profile's latencies (a tie on loss would be broken by latency, which the profile decides)
     req = Requirements(max_latency_ms=1e9, max_size_mb=0.05)
     rep = plan(table, load_profile("host"), req, _proxy(), nsga_evals=400)
-    front = np.array([[r["pred"][o] for o in OBJECTIVES] for r in rep["pareto"]])
+    front = np.array([[r.pred.get(o) for o in OBJECTIVES] for r in rep.pareto])
     for i, p in enumerate(front):
         others = np.delete(front, i, axis=0)
         assert not np.any(np.all(others <= p, axis=1) & np.any(others < p, axis=1))
-    rec = rep["recommended"]["pred"]
-    assert rec["size_bytes"] <= 0.05e6
-    assert rep["top"][0]["compact"] == rep["recommended"]["compact"]
-    assert [b["requirement"] for b in rep["binding"]] == ["max_size_mb"]  # the only limit that excludes better ones
-    assert rep["search"]["structured"] >= len(candidate_space(table, load_profile("host"), grid_step=0.01))
-    assert rep["candidates_evaluated"] == rep["search"]["structured"] + rep["search"]["nsga2"]
+    rec = rep.recommended.pred
+    assert rec.size_bytes <= 0.05e6
+    assert rep.top[0].compact == rep.recommended.compact
+    assert [b.requirement for b in rep.binding] == ["max_size_mb"]  # the only limit that excludes better ones
+    assert rep.search["structured"] >= len(candidate_space(table, load_profile("host"), grid_step=0.01))
+    assert rep.candidates_evaluated == rep.search["structured"] + rep.search["nsga2"]
 
 
 def test_infeasible_gives_the_relaxation_and_exit_3():
@@ -220,13 +221,13 @@ def test_nsga2_explores_per_layer_ratios_reproducibly(table):
     req = Requirements(max_size_mb=0.05)
     a = plan(table, load_profile("host"), req, ProxyScorer(), nsga_evals=1500, seed=7)
     b = plan(table, load_profile("host"), req, ProxyScorer(), nsga_evals=1500, seed=7)
-    assert a["search"]["nsga2"] >= 1500 and a["candidates_evaluated"] > a["search"]["structured"]
-    assert a["recommended"]["compact"] == b["recommended"]["compact"]
-    assert a["recommended"]["pred"]["size_bytes"] <= 0.05e6
+    assert a.search["nsga2"] >= 1500 and a.candidates_evaluated > a.search["structured"]
+    assert a.recommended.compact == b.recommended.compact
+    assert a.recommended.pred.size_bytes <= 0.05e6
     # the search can only improve on the structured space: NSGA-II candidates join the same pool
     c = plan(table, load_profile("host"), req, ProxyScorer(), nsga_evals=0)
-    assert a["recommended"]["pred"]["accuracy_drop"] <= c["recommended"]["pred"]["accuracy_drop"]
-    assert any("layers=" in r["compact"] for r in a["pareto"])
+    assert a.recommended.pred.accuracy_drop <= c.recommended.pred.accuracy_drop
+    assert any("layers=" in r.compact for r in a.pareto)
 
 
 def test_infeasible_by_predicted_accuracy_lists_candidates_to_execute(digits):
@@ -242,26 +243,28 @@ def test_infeasible_by_predicted_accuracy_lists_candidates_to_execute(digits):
     # predicted within 0.01 points and became the nearest)
     scorer = DropScorer(loaded, table, digits, 1, recovery=RecoveryModel())
     rep = plan(table, load_profile("host"), req, scorer, top_k=3, nsga_evals=200)
-    assert rep["recommended"] is None and "max_accuracy_drop" in rep["infeasible"]["unreachable"]
-    v = rep["verify"]
+    assert rep.recommended is None and "max_accuracy_drop" in rep.infeasible.unreachable
+    v = rep.verify
     assert 2 <= len(v) <= 3 and f"{len(v)} candidates meet every other requirement and miss only the predicted " \
-        "accuracy: executing them checks it" in rep["infeasible"]["message"]
-    assert "12,000 parameters is not reachable" not in rep["infeasible"]["message"]  # pruning reaches it alone
-    assert all(r["pred"]["params"] <= 12000 and r["pred"]["accuracy_drop"] > 0.01 for r in v)
-    drops = [r["pred"]["accuracy_drop"] for r in v]
+        "accuracy: executing them checks it" in rep.infeasible.message
+    assert "12,000 parameters is not reachable" not in rep.infeasible.message  # pruning reaches it alone
+    assert all(r.pred.params <= 12000 and r.pred.accuracy_drop > 0.01 for r in v)
+    drops = [r.pred.accuracy_drop for r in v]
     assert drops == sorted(drops)
     # what the run flow makes of the executed candidates' measurements
-    meas = [{"params": v[0]["pred"]["params"], "accuracy_drop": 0.5}, {"params": 11000, "accuracy_drop": -0.1}]
-    executed = [{"compact": r["compact"], "label": r["label"], "meas": m} for r, m in zip(v, meas)]
-    before = json.dumps(rep, sort_keys=True, default=str)
+    meas = [Measurement(params=v[0].pred.params, accuracy_drop=0.5), Measurement(params=11000, accuracy_drop=-0.1)]
+    executed = [CandidateResult(model=loaded.spec, input_shape=[1, 1, 8, 8], batch_size=1, strategy=r.strategy,
+                                compact=r.compact, label=r.label, artifact={}, pred=r.pred, meas=m)
+                for r, m in zip(v, meas)]
+    before = rep.model_dump_json()
     kept = settle_infeasible(rep, executed[:1])  # breaks the accuracy as measured too: the verdict stands, confirmed
-    assert kept["recommended"] is None and kept["infeasible"]["verified"]
-    assert "none of the 1 meets every requirement as measured" in kept["infeasible"]["message"]
+    assert kept.recommended is None and kept.infeasible.verified
+    assert "none of the 1 meets every requirement as measured" in kept.infeasible.message
     settled = settle_infeasible(rep, executed)  # the second meets both as measured: recommended
-    assert settled["recommended"]["compact"] == v[1]["compact"] and settled["recommended"]["by"] == "measurement"
-    assert "infeasible" not in settled
-    assert "meets every requirement as measured" in settled["predicted_infeasible"]["message"]
-    assert json.dumps(rep, sort_keys=True, default=str) == before  # the plan's own report is left as it was
+    assert settled.recommended.compact == v[1].compact and settled.recommended.by == "measurement"
+    assert settled.infeasible is None and settled.recommended.meas == executed[1].meas
+    assert "meets every requirement as measured" in settled.predicted_infeasible.message
+    assert rep.model_dump_json() == before  # the plan's own report is left as it was
 
 
 def test_a_plan_for_onnx_runtime_keeps_every_pruned_channel_count_a_multiple_of_four(resnet):
@@ -276,11 +279,11 @@ def test_a_plan_for_onnx_runtime_keeps_every_pruned_channel_count_a_multiple_of_
     req = Requirements(max_macs=int(totals(table)["macs"] * 0.5))
     rep = plan(table, load_profile("host"), req, ProxyScorer(), top_k=5, nsga_evals=400, grid_step=0.1,
                keep_candidates=True, round_to=4)
-    steps = [st for text in rep["candidates"]["strategy"] for st in parse_strategy(text).steps if st.method == "prune"]
+    steps = [st for text in rep.candidates["strategy"] for st in parse_strategy(text).steps if st.method == "prune"]
     assert steps and all(st.round_to and st.round_to % 4 == 0 for st in steps)
     assert any(st.layers for st in steps) and any(st.scope == "global" for st in steps)  # NSGA-II's, global too
     base = evaluate(table).cin
-    for text in [r["compact"] for r in rep["top"]] + rep["candidates"]["strategy"][:200]:
+    for text in [r.compact for r in rep.top] + rep.candidates["strategy"][:200]:
         cin = evaluate(estimate(table, parse_strategy(text))).cin
         convs = [i for i, k in enumerate(table.kinds) if k == "conv" and base[i] % 4 == 0]
         assert all(cin[i] % 4 == 0 for i in convs), text
