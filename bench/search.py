@@ -35,11 +35,11 @@ def main() -> None:
                     ("host", Requirements(max_latency_ms=20.0, max_size_mb=40.0))):
         rep = plan(table, load_profile(hw), req, ProxyScorer(), grid_step=args.grid_step, nsga_evals=args.nsga_evals)
         rec = rep.recommended.label if rep.recommended else rep.infeasible.message
-        s = rep["search"]
-        print(f"{hw:12s} {rep['candidates_evaluated']:6d} candidates in {rep['seconds']:.2f} s = "
-              f"{rep['candidates_per_second']:,.0f} candidates/s ({s['structured']} structured in "
-              f"{s['structured_seconds']:.2f} s, {s['nsga2']} by NSGA-II; {rep['distinct_candidates']} distinct); "
-              f"Pareto {len(rep['pareto'])}; recommended {rec}")
+        s = rep.search
+        print(f"{hw:12s} {rep.candidates_evaluated:6d} candidates in {rep.seconds:.2f} s = "
+              f"{rep.candidates_per_second:,.0f} candidates/s ({s['structured']} structured in "
+              f"{s['structured_seconds']:.2f} s, {s['nsga2']} by NSGA-II; {rep.distinct_candidates} distinct); "
+              f"Pareto {len(rep.pareto)}; recommended {rec}")
 
 
 if __name__ == "__main__":

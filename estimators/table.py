@@ -3,7 +3,8 @@
 A table holds the traced model (rows, their cost terms, the channel composition of every row's input
 and output, tensor lifetimes) and a compression *state*: channels kept per pruning group and bytes per
 element of weights and activations per row. Estimators return a new table with a new state; `totals`
-evaluates it. No model is touched after analysis.
+evaluates it. `Evaluator` is the one implementation of that arithmetic, over K candidates of a table at once
+(the search's); `evaluate` and `totals` are its K = 1 case. No model is touched after analysis.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
+from scipy import sparse
 
 from . import registry as R
 from .pruning import PrunePlan
@@ -351,73 +353,108 @@ def build_table(model_spec: str, input_shape: tuple, tr: Trace, plan: PrunePlan)
 
 @dataclass
 class Evaluated:
+    """The estimators' arithmetic for one table (`evaluate`: arrays per row) or for K candidates of it
+    (`Evaluator`: arrays K x rows, peak_act_bytes one per candidate)."""
+
     cin: np.ndarray
     cout: np.ndarray
-    q: np.ndarray  # rows x quantities
-    weight_bytes: np.ndarray  # per row, stored bytes
+    q: np.ndarray  # (K x) rows x quantities
+    weight_bytes: np.ndarray  # (K x) per row, stored bytes
     act_read_bytes: np.ndarray
     act_write_bytes: np.ndarray
-    peak_act_bytes: int
+    peak_act_bytes: Any  # int, or an array of K
+
+    def one(self, k: int = 0) -> "Evaluated":
+        """Candidate k of a K-candidate evaluation."""
+        return Evaluated(self.cin[k], self.cout[k], self.q[k], self.weight_bytes[k], self.act_read_bytes[k],
+                         self.act_write_bytes[k], int(self.peak_act_bytes[k]))
 
 
-def _pruned(table: LayerTable) -> np.ndarray:
-    return (table.group_channels - table.state.kept).astype(np.int64)
+def _dense(seg: tuple[np.ndarray, np.ndarray, np.ndarray], n_groups: int, n_cols: int) -> np.ndarray:
+    """(col, group, mult) segments as a groups x cols matrix: channels lost per pruned root channel."""
+    out = np.zeros((n_groups, n_cols))
+    c, g, m = seg
+    if len(c):
+        np.add.at(out, (g, c), m)
+    return out
+
+
+class Evaluator:
+    """The estimators' arithmetic over K candidates of one table at once. Candidates of a table differ only in
+    the root channels each pruning group keeps (`kept`, K x groups); bytes per element and dtypes are the
+    table's state. `evaluate` is the K = 1 case, search.batch.BatchEvaluator the search's."""
+
+    def __init__(self, table: LayerTable):
+        t = table
+        n, n_dg, T, S = t.n, len(t.group_channels), len(t.t_row), len(t.st_chan0)
+        self.table = t
+        self.Min = _dense(t.in_seg, n_dg, n)
+        self.Mout = _dense(t.out_seg, n_dg, n)
+        self.Mst = _dense(t.st_seg, n_dg, S)
+        # term -> (row, quantity) cell: a row's quantities are the sums of its terms
+        self.A = sparse.csr_matrix((np.ones(T), (np.arange(T), t.t_row * NQ + t.t_q)), shape=(T, n * NQ))
+        self.prod_bytes = np.where(t.st_row >= 0, t.state.abytes[np.maximum(t.st_row, 0)], 4.0) / 4.0
+        # storage lifetimes: +1 at the step after its producer, -1 after its last reader
+        B = np.zeros((S, n + 3))
+        if S:
+            np.add.at(B, (np.arange(S), t.st_birth + 1), 1.0)
+            np.add.at(B, (np.arange(S), t.st_death + 2), -1.0)
+        self.B = B
+
+    def __call__(self, kept: np.ndarray) -> Evaluated:
+        t, s = self.table, self.table.state
+        kept = np.atleast_2d(kept)
+        K, n = len(kept), t.n
+        P = (t.group_channels[None, :] - kept).astype(np.float64)
+        cin = (t.cin0[None, :] - P @ self.Min).round().astype(np.int64)
+        cout = (t.cout0[None, :] - P @ self.Mout).round().astype(np.int64)
+        tr = t.t_row
+        a = np.where(t.t_a == 1, cin[:, tr], 1)
+        b = np.where(t.t_b == 1, cout[:, tr], 1)
+        vals = (t.t_num * a * b // t.t_den).astype(np.float64)
+        q = np.asarray((self.A.T @ vals.T).T).reshape(K, n, NQ)
+        wb = (q[:, :, QI["params"]] * s.wbytes + q[:, :, QI["buffers"]] * s.bbytes) * s.wscale \
+            + q[:, :, QI["fixed_bytes"]] * s.fixed_scale + s.extra_per_cout * cout + s.extra_const
+        # activations: a row writes in its own activation dtype and reads in its producers' (approximated by its own)
+        arb = q[:, :, QI["act_in"]] * s.abytes
+        awb = q[:, :, QI["act_out"]] * s.abytes
+        # peak: storages sized by their channels and the producer's activation dtype, alive from birth to death
+        sch = t.st_chan0[None, :] - (P @ self.Mst).round()
+        live = np.cumsum((t.st_elems_per_chan * sch * self.prod_bytes) @ self.B, axis=1)
+        peak = np.floor(live.max(1)) if live.shape[1] else np.zeros(K)
+        return Evaluated(cin, cout, q, wb, arb, awb, peak)
 
 
 def evaluate(table: LayerTable) -> Evaluated:
-    s = table.state
-    n = table.n
-    P = _pruned(table)
-    cin = table.cin0.copy()
-    cout = table.cout0.copy()
-    if P.any():
-        r, g, m = table.in_seg
-        if len(r):
-            cin -= np.bincount(r, weights=m * P[g], minlength=n).astype(np.int64)
-        r, g, m = table.out_seg
-        if len(r):
-            cout -= np.bincount(r, weights=m * P[g], minlength=n).astype(np.int64)
-    tr = table.t_row
-    vals = table.t_num * np.where(table.t_a == 1, cin[tr], 1) * np.where(table.t_b == 1, cout[tr], 1) // table.t_den
-    q = np.bincount(tr * NQ + table.t_q, weights=vals.astype(np.float64), minlength=n * NQ).reshape(n, NQ)
-    wb = (q[:, QI["params"]] * s.wbytes + q[:, QI["buffers"]] * s.bbytes) * s.wscale \
-        + q[:, QI["fixed_bytes"]] * s.fixed_scale + s.extra_per_cout * cout + s.extra_const
-    # activations: a row writes in its own activation dtype and reads in its producers' (approximated by its own)
-    ab = s.abytes
-    arb = q[:, QI["act_in"]] * ab
-    awb = q[:, QI["act_out"]] * ab
-    # peak: storages sized by their channels and the producer's activation dtype
-    sch = table.st_chan0.copy()
-    if P.any() and len(table.st_seg[0]):
-        r, g, m = table.st_seg
-        sch -= np.bincount(r, weights=m * P[g], minlength=len(sch)).astype(np.int64)
-    prod_bytes = np.where(table.st_row >= 0, ab[np.maximum(table.st_row, 0)], 4.0) / 4.0
-    sizes = table.st_elems_per_chan * sch * prod_bytes
-    steps = n + 2
-    delta = np.zeros(steps + 1)
-    np.add.at(delta, table.st_birth + 1, sizes)
-    np.add.at(delta, table.st_death + 2, -sizes)
-    live = np.cumsum(delta)
-    return Evaluated(cin, cout, q, wb, arb, awb, int(live.max()) if len(live) else 0)
+    """The table's own state: the Evaluator's K = 1 case."""
+    return Evaluator(table)(table.state.kept).one()
 
 
 METRICS = ("params", "size_bytes", "macs", "flops", "memory_access_bytes", "peak_memory_bytes")
 
 
+def metric_totals(ev: Evaluated, batch: int) -> dict[str, np.ndarray]:
+    """Every metric of K evaluated candidates (arrays of K), per sample of a traced `batch`."""
+    qs = ev.q.sum(1)
+    size = ev.weight_bytes.sum(1)
+    macs = qs[:, QI["macs"]] / batch
+    return {"params": np.round(qs[:, QI["params"]]), "size_bytes": np.round(size), "macs": macs, "flops": 2 * macs,
+            "gemm_macs": np.round(qs[:, QI["gemm_macs"]] / batch),
+            "memory_access_bytes": np.round(size + ev.act_read_bytes.sum(1) + ev.act_write_bytes.sum(1)),
+            "peak_memory_bytes": np.round(size + ev.peak_act_bytes)}
+
+
+def _number(v: float) -> int | float:
+    return int(round(v)) if float(v).is_integer() else float(v)
+
+
 def totals(table: LayerTable, ev: Evaluated | None = None) -> dict[str, Any]:
+    """The table's metrics (metric_totals' K = 1 case): counts and bytes as integers, MACs too where whole."""
     ev = ev or evaluate(table)
-    q = ev.q.sum(axis=0)
-    size = float(ev.weight_bytes.sum())
-    macs = q[QI["macs"]] / table.batch
-    return {
-        "params": int(round(q[QI["params"]])),
-        "size_bytes": int(round(size)),
-        "macs": int(round(macs)) if float(macs).is_integer() else float(macs),
-        "flops": int(round(2 * macs)) if float(2 * macs).is_integer() else float(2 * macs),
-        "gemm_macs": int(round(q[QI["gemm_macs"]] / table.batch)),
-        "memory_access_bytes": int(round(size + ev.act_read_bytes.sum() + ev.act_write_bytes.sum())),
-        "peak_memory_bytes": int(round(size + ev.peak_act_bytes)),
-    }
+    many = Evaluated(ev.cin[None], ev.cout[None], ev.q[None], ev.weight_bytes[None], ev.act_read_bytes[None],
+                     ev.act_write_bytes[None], np.array([ev.peak_act_bytes]))
+    m = {k: float(v[0]) for k, v in metric_totals(many, table.batch).items()}
+    return {k: _number(v) if k in ("macs", "flops") else int(v) for k, v in m.items()}
 
 
 def layer_rows(table: LayerTable, ev: Evaluated | None = None) -> list[dict[str, Any]]:

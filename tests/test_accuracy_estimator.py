@@ -100,6 +100,7 @@ def test_estimate_cli_with_and_without_data():
     assert "not accuracy points" in d["accuracy_proxy"]["note"]
 
 
+@pytest.mark.slow  # trains and measures on the data
 def test_apply_records_the_truth(tmp_path):
     loaded = load_model("demo:digits-cnn")
     store = recovery_path(loaded.spec, "digits")

@@ -31,7 +31,7 @@ def test_totals_equal_torch_pruning_and_flop_counter(spec):
     assert table.unsupported == []
 
 
-@pytest.mark.parametrize("name", ["vit_b_16", pytest.param("swin_t", marks=SLOW)])
+@pytest.mark.parametrize("name", [pytest.param("vit_b_16", marks=SLOW), pytest.param("swin_t", marks=SLOW)])
 def test_transformers_cost_attention_and_matmul(name, monkeypatch):
     import estimators.pruning
 

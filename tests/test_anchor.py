@@ -55,6 +55,7 @@ class HeavyBranch(nn.Module):
         return self.c(torch.cat([y, z], 1)).mean((2, 3))
 
 
+@pytest.mark.slow  # profiles timed runs of each network
 @pytest.mark.parametrize("net,shape", [(OneHeavyConv, (1, 3, 40, 40)), (HeavyBranch, (1, 4, 32, 32))])
 def test_measured_rows_map_onto_the_tables_rows(net, shape):
     """Every operator timed in the running model lands on its row of the analysis: the row that costs most is the

@@ -191,6 +191,7 @@ def test_ui_refuses_a_taken_port():
     assert r.exit_code == 2 and f"port {port} on 127.0.0.1 is taken" in r.stderr, r.output
 
 
+@pytest.mark.slow  # every command's help, each in a fresh process
 def test_help_reads_cleanly_at_80_columns(monkeypatch):
     """Every command's --help fits 80 columns, names values plainly (MODEL, FILE, N; not `<str>` or `{model}`)
     and documents every option; the command list gives each command a whole sentence."""

@@ -36,6 +36,7 @@ def test_four_runs_at_once_on_a_new_sqlite_store_are_all_recorded(tmp_path):
     assert len(client.search_runs([exp.experiment_id])) == 4
 
 
+@pytest.mark.slow  # a process killed mid-run and a tracking store
 def test_a_parent_run_left_running_by_a_dead_process_is_marked_killed(tmp_path):
     """A run killed outright (SIGKILL) cannot close its MLflow parent run: the next run on the machine marks it
     KILLED, and leaves alone one whose process is alive."""

@@ -141,6 +141,7 @@ def test_distilled_student_learns(tmp_path):
     assert rep.meas.accuracy >= 90.0  # a re-initialised student scores ~10% before training
 
 
+@pytest.mark.slow  # INT8 calibrated and measured on the data
 def test_int8_on_digits_within_one_point(tmp_path):
     rep = apply_and_measure(load_model("demo:digits-cnn"), parse_strategy("quantize:int8"), str(tmp_path),
                             data_spec="digits")
@@ -169,6 +170,7 @@ def test_layers_kept_float_are_in_the_size_estimate(tmp_path):
                           str(tmp_path / "x"))
 
 
+@pytest.mark.slow  # autotune: several INT8 builds with training data
 def test_autotune_falls_back_and_the_estimate_follows(tmp_path):
     """Zero tolerable loss on digits-resnet: where all-int8 loses a little (seen on AVX-512 VNNI CPUs), Intel
     Neural Compressor's autotune moves on to configurations with float layers, and the prediction is re-estimated

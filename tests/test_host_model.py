@@ -108,6 +108,7 @@ def test_bad_split_fields_name_the_field():
             parse_profile(d, "test")
 
 
+@pytest.mark.slow  # times every operator of random networks
 @pytest.mark.parametrize("seed", [0, 3])
 def test_operator_timer_aligns_with_the_analysis(seed):
     model, shape = synthetic_cnn(seed)
@@ -203,6 +204,7 @@ def test_fit_recovers_known_coefficients(pw):
     assert eff.padding_ns["conv"] == pytest.approx(1.2e-3) and eff.padding_ns["dwconv"] == pytest.approx(5e-3)
 
 
+@pytest.mark.slow  # fits on real timed samples
 def test_glue_fit_bounds_a_larger_batch_by_the_first_ones_python_not_its_bytes():
     """Networks whose untimed totals exceed their rows by known glue (per operator, per call, per activation byte
     written): fit_glue gets batch 1's back; batch 8's, bounded by batch 1's per-operator and per-call glue
@@ -230,6 +232,7 @@ def test_glue_fit_bounds_a_larger_batch_by_the_first_ones_python_not_its_bytes()
     assert fit_glue(b8, g1)[2] >= first[2]
 
 
+@pytest.mark.slow  # compiles INT8 graphs
 def test_int8_graph_fit_recovers_known_costs():
     """Compiled INT8 synthetic networks whose profiled parts follow known costs (a kernel in a graph against alone,
     per kernel and per activation byte up to the cache's size; the generated loops per operator, per element and

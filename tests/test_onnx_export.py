@@ -29,8 +29,8 @@ def _apply(tmp_path, spec, strategy, data=None):
 
 @pytest.mark.parametrize("spec,strategy", [
     ("demo:digits-cnn", "none"),
-    ("demo:digits-resnet", "prune:0.5:global"),
-    ("demo:digits-cnn", "quantize:fp16"),
+    pytest.param("demo:digits-resnet", "prune:0.5:global", marks=pytest.mark.slow),
+    pytest.param("demo:digits-cnn", "quantize:fp16", marks=pytest.mark.slow),
 ])
 def test_float_export_runs_in_onnx_runtime_as_the_program_does(tmp_path, spec, strategy):
     rep = _apply(tmp_path, spec, strategy)
@@ -54,6 +54,7 @@ def test_float_export_runs_in_onnx_runtime_as_the_program_does(tmp_path, spec, s
     assert abs(rep.err["onnx_size_bytes"]) <= 0.01
 
 
+@pytest.mark.slow  # trains, quantizes twice, runs the validation set in two runtimes
 def test_int8_export_is_symmetric_qdq_with_int8_weights_and_agrees_on_digits(tmp_path):
     rep = _apply(tmp_path, "demo:digits-cnn", "prune:0.3,quantize:int8", data="digits")
     o = rep.onnx
@@ -85,6 +86,7 @@ def test_sessions_use_exact_int8_kernels_on_cpus_without_vnni(tmp_path):
     assert opts.get_session_config_entry("session.x64quantprecision") == "1"
 
 
+@pytest.mark.slow  # Intel Neural Compressor, then the ONNX quantizer
 def test_layers_left_in_float_stay_float_in_the_onnx(tmp_path):
     rep = _apply(tmp_path, "demo:digits-cnn", "quantize:int8:keep_float=classifier")
     model = onnx.load(rep.onnx["path"])
@@ -114,6 +116,7 @@ class _Svd(torch.nn.Module):
         return torch.linalg.svd(self.proj(x))[1]
 
 
+@pytest.mark.slow  # the exporter runs to its failure
 def test_an_operator_onnx_cannot_express_is_named(tmp_path):
     model = _Svd().eval()
     x = torch.randn(2, 8)

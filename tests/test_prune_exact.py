@@ -18,7 +18,7 @@ def _model(spec: str, shape: str | None, slow: bool = False):
 MODELS = [_model("demo:digits-cnn", None), _model("demo:digits-resnet", None),
           _model("torchvision:resnet18", "1,3,64,64"), _model("torchvision:mobilenet_v2", "1,3,64,64"),
           _model("torchvision:vgg11", "1,3,64,64", slow=True), _model("torchvision:densenet121", "1,3,64,64", slow=True),
-          _model("torchvision:efficientnet_b0", "1,3,64,64"), _model("tinynets:tiny_convnext", "1,3,8,8")]
+          _model("torchvision:efficientnet_b0", "1,3,64,64", slow=True), _model("tinynets:tiny_convnext", "1,3,8,8")]
 STRATEGIES = ["prune:0.3", "prune:0.5", "prune:0.7", "prune:0.3:global", "prune:0.5:global", "prune:0.7:global"]
 
 

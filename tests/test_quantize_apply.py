@@ -13,7 +13,7 @@ from tasks.quantize_exec import load_program
 
 @pytest.mark.parametrize("spec,strategy", [
     ("demo:digits-cnn", "quantize:int8"),
-    ("demo:digits-resnet", "prune:0.5:global,quantize:int8"),
+    pytest.param("demo:digits-resnet", "prune:0.5:global,quantize:int8", marks=pytest.mark.slow),
     ("demo:digits-resnet", "quantize:fp16"),
     ("demo:digits-cnn", "quantize:bf16"),
     ("demo:digits-cnn", "prune:0.3,quantize:int8-weight-only"),
@@ -33,6 +33,7 @@ def test_apply_matches_prediction(tmp_path, spec, strategy):
     assert saved["compact"] == parse_strategy(strategy).compact()
 
 
+@pytest.mark.slow  # Intel Neural Compressor on resnet18
 def test_resnet18_int8_stores_int8_weights(tmp_path):
     loaded = load_model("torchvision:resnet18", input_shape="1,3,64,64")
     rep = apply_and_measure(loaded, parse_strategy("quantize:int8"), str(tmp_path / "q"))
@@ -54,7 +55,7 @@ def test_mobilenet_prune_then_int8(tmp_path):
 
 
 @pytest.mark.parametrize("spec,shape", [("demo:digits-resnet", None), ("torchvision:resnet18", "1,3,64,64"),
-                                        ("torchvision:mobilenet_v2", "1,3,64,64"),
+                                        pytest.param("torchvision:mobilenet_v2", "1,3,64,64", marks=pytest.mark.slow),
                                         pytest.param("torchvision:densenet121", "1,3,64,64", marks=pytest.mark.slow)])
 def test_peak_memory_within_20_percent_of_eager_measurement(tmp_path, spec, shape):
     rep = apply_and_measure(load_model(spec, input_shape=shape), parse_strategy("prune:0.3"), str(tmp_path / "p"))

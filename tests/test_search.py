@@ -71,6 +71,7 @@ def test_pareto_points_are_non_dominated_and_recommendation_feasible(table):
     assert rep.candidates_evaluated == rep.search["structured"] + rep.search["nsga2"]
 
 
+@pytest.mark.slow  # a plan through the CLI with data: sensitivity and search
 def test_infeasible_gives_the_relaxation_and_exit_3():
     runner = CliRunner()
     r = runner.invoke(app, ["plan", "demo:digits-cnn", "--hardware", "host", "--max-latency-ms", "0.001",
