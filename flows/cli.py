@@ -12,7 +12,7 @@ from rich.table import Table
 
 from estimators.errors import CALIBRATION_BUDGET_S, FINETUNE_EPOCHS, UserInputError
 from flows.cli_common import (
-    app, console, err_console, progress, warn, emit, fmt, totals_table, compute, load, run_analysis,
+    app, console, err_console, progress, warn, emit, fmt, totals_table, compute, load, run_analysis, search_options,
     print_unpruned, signals, guard_process, ModelArg, WeightsOpt, ShapeOpt, StrategyOpt, JsonOpt, TrustOpt,
     HardwareReq, HardwareOpt, BatchOpt, DataOpt, EpochsOpt, RuntimeOpt, AnchorOpt, MaxLatency, MaxSize, MaxParams,
     MaxMacs, MaxMemory, MaxDrop, MinAcc, ReqBatch, ReqFile, StudentsOpt, GridOpt, NsgaOpt, SeedOpt)
@@ -223,11 +223,10 @@ def plan(model: ModelArg, hardware: HardwareReq, weights: WeightsOpt = None, inp
     runtimes = [r.strip() for r in runtime.split(",") if r.strip()]
 
     def body():
-        from estimators.accuracy import DropScorer, ProxyScorer
         from estimators.modelspec import format_input_shape
-        from search.plan import plan as run_plan
-        from tasks.anchoring import latency_context
-        from tasks.onnx_runtime import check_runtime, plan_round_to
+        from estimators.progress import shown
+        from tasks.onnx_runtime import check_runtime
+        from tasks.pipeline import ModelInput, accuracy_sensitivity, search_space
 
         if not runtimes or len(set(runtimes)) != len(runtimes):
             raise UserInputError(f"--runtime: one runtime, or several without repeats, not {runtime!r}")
@@ -236,34 +235,26 @@ def plan(model: ModelArg, hardware: HardwareReq, weights: WeightsOpt = None, inp
         req = _requirements(requirements, max_latency_ms=max_latency_ms, max_size_mb=max_size_mb, max_params=max_params,
                             max_macs=max_macs, max_memory_mb=max_memory_mb, max_accuracy_drop=max_accuracy_drop,
                             min_accuracy=min_accuracy, batch_size=batch_size)
+        opts = search_options(grid_step, nsga_evals, seed, students, finetune_epochs)
+        if not data and req.max_accuracy_drop is not None:
+            raise UserInputError("--max-accuracy-drop needs --data: without data accuracy is only ranked by a proxy")
         loaded = load(model, weights, input_shape, trust_pickle)
         table = run_analysis(loaded)
-        say = progress
-        if data:
-            from estimators.data import accuracy, load_data_for
-
-            d = load_data_for(data, loaded)
-            req = req.resolve_accuracy(accuracy(loaded.model, d.val))
-            scorer = DropScorer(loaded, table, d, finetune_epochs, progress=say)
-        else:
-            req = req.resolve_accuracy(None)
-            if req.max_accuracy_drop is not None:
-                raise UserInputError("--max-accuracy-drop needs --data: without data accuracy is only ranked by a proxy")
-            scorer = ProxyScorer()
-        names = tuple(x.strip() for x in (students or "").split(",") if x.strip())
+        spec = ModelInput(spec=model, weights=weights, input_shape=input_shape, trust_pickle=trust_pickle)
         shape = format_input_shape(loaded.input_shape)
-        tables = {n: run_analysis(load(n, None, shape, trust_pickle)) for n in names}
+        tables = {n: run_analysis(load(n, None, shape, trust_pickle)) for n in opts.students}
         reps = {}
-        for r in runtimes:
-            prof, anc, info = latency_context(loaded, table, hardware, req.batch_size, anchor, progress=say, runtime=r)
-            note = info.get("warning")
-            if note:
-                warn(note)
-            planned = run_plan(table, prof, req, scorer, top_k=top_k, students=names, student_tables=tables,
-                               progress=say, grid_step=grid_step, nsga_evals=nsga_evals, seed=seed, anchor=anc,
-                               round_to=plan_round_to(r))
-            out = {**planned.dump(), "profile": info}
-            reps[r] = {**out, "warning": note} if note else out
+        with shown(progress):  # the pipeline's steps draw on this command's progress
+            sens = accuracy_sensitivity(spec, data, table, loaded) if data else None
+            for r in runtimes:  # the plan the flows make (tasks.pipeline.search_space), once per runtime
+                planned = search_space(spec, table, hardware, req, opts, data=data, sens=sens, student_tables=tables,
+                                       top_k=top_k, anchor=anchor, runtime=r, loaded=loaded)
+                info = planned.profile_identity or {}
+                note = info.get("warning")
+                if note:
+                    warn(note)
+                out = {**planned.dump(), "profile": info}
+                reps[r] = {**out, "warning": note} if note else out
         if len(runtimes) == 1:
             return reps[runtimes[0]]
         return {"runtimes": reps, "comparison": _runtime_comparison(reps)}
@@ -374,14 +365,12 @@ def run_cmd(model: ModelArg, hardware: HardwareReq = "host", weights: WeightsOpt
         from tasks.apply import check_export_forms
 
         forms = list(check_export_forms(export or ["pt2", "onnx"]))
-        from tasks.pipeline import ModelInput, ParallelOptions, SearchOptions
+        from tasks.pipeline import ModelInput, ParallelOptions
 
         known = hardware in HardwareName.__members__ and hardware != "path"
         hw_name, hw_path = (hardware, None) if known else ("path", hardware)
 
-        names = [x.strip() for x in (students or "").split(",") if x.strip()]
-        opts = SearchOptions(grid_step=grid_step, nsga_evals=nsga_evals, seed=seed, students=names,
-                             finetune_epochs=finetune_epochs)
+        opts = search_options(grid_step, nsga_evals, seed, students, finetune_epochs)
         from estimators.progress import shown
 
         # in a terminal, the flow's counting steps (search, candidates, calibration) show as bars here

@@ -151,6 +151,14 @@ def load(model: str, weights: Optional[str], input_shape: Optional[str], trust_p
         return load_model(model, weights=weights, input_shape=input_shape, trust_pickle=trust_pickle)
 
 
+def search_options(grid_step: float, nsga_evals: int, seed: int, students: Optional[str], finetune_epochs: int):
+    """The search options of `plan` and `run`, `--students` split at its commas."""
+    from tasks.pipeline import SearchOptions
+
+    return SearchOptions(grid_step=grid_step, nsga_evals=nsga_evals, seed=seed, finetune_epochs=finetune_epochs,
+                         students=[x.strip() for x in (students or "").split(",") if x.strip()])
+
+
 def run_analysis(loaded):
     """The layer table of `loaded` (cached by model), tracing it where it is not cached, with a spinner."""
     from estimators.analyze import analyze

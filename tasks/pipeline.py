@@ -172,28 +172,30 @@ def analyze_model(model: ModelInput):
     return analyze(model.load())
 
 
-def accuracy_sensitivity(model: ModelInput, data: str, table):
-    """The accuracy estimator's sensitivity analysis of the model on the data's validation split."""
+def accuracy_sensitivity(model: ModelInput, data: str, table, loaded=None):
+    """The accuracy estimator's sensitivity analysis of the model on the data's validation split. `loaded`: the
+    model already loaded (the CLI's), else it is loaded here."""
     from estimators.accuracy import sensitivity
     from estimators.data import load_data_for
 
-    loaded = model.load()
+    loaded = loaded or model.load()
     return sensitivity(loaded, table, load_data_for(data, loaded), progress=run_progress)
 
 
 def search_space(model: ModelInput, table, hardware: str, requirements: Requirements, options: SearchOptions,
                  data: str | None = None, sens=None, student_tables: dict | None = None,
-                 top_k: int = 5, anchor: bool = True, runtime: str = "pytorch") -> PlanReport:
+                 top_k: int = 5, anchor: bool = True, runtime: str = "pytorch", loaded=None) -> PlanReport:
     """Estimate every candidate (size, params, MACs, memory, latency on `hardware`, accuracy drop), search
     them against the requirements: the plan report (search.plan.plan), with the whole space as columns.
     `anchor`: latencies anchored on the original measured on the target, where it can be measured here;
-    `runtime`: what they are for on this machine (tasks.onnx_runtime.RUNTIMES)."""
+    `runtime`: what they are for on this machine (tasks.onnx_runtime.RUNTIMES); `loaded`: the model already
+    loaded (the CLI's), else it is loaded here."""
     from estimators.accuracy import DropScorer, ProxyScorer
     from search.plan import plan
     from tasks.anchoring import latency_context
     from tasks.onnx_runtime import plan_round_to
 
-    prof, anc, info = latency_context(model.load(), table, hardware, requirements.batch_size, anchor,
+    prof, anc, info = latency_context(loaded or model.load(), table, hardware, requirements.batch_size, anchor,
                                       progress=run_progress, runtime=runtime)
     if data:
         if sens is None:
