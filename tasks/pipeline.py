@@ -23,7 +23,8 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from estimators.errors import CALIBRATION_BUDGET_S, UserInputError
+from estimators.defaults import CALIBRATION_BUDGET_S
+from estimators.errors import UserInputError
 from estimators.modelspec import DEMO_WEIGHTS, INPUT_SHAPE_PATTERN, parse_input_shape
 from estimators.strategy import parse_strategy
 from search.requirements import Requirements
@@ -33,16 +34,17 @@ CODE_ROOT = Path(__file__).resolve().parents[1]
 
 
 def _code_version(*packages: str) -> str:
-    """Hash of the sources a cached result depends on: a code change invalidates the cache."""
+    """Hash of the sources a cached result depends on, subpackages included: a code change invalidates the
+    cache."""
     h = hashlib.sha256()
     for pkg in packages:
-        for f in sorted((CODE_ROOT / pkg).glob("*.py")):
+        for f in sorted((CODE_ROOT / pkg).rglob("*.py")):
             h.update(f.read_bytes())
     return h.hexdigest()[:16]
 
 
 ESTIMATOR_CODE = _code_version("estimators")
-EXECUTOR_CODE = _code_version("estimators", "hardware", "tasks")
+EXECUTOR_CODE = _code_version("estimators", "hardware", "search", "tasks")  # search: the result's type
 
 
 class ModelInput(BaseModel):

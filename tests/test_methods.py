@@ -38,3 +38,18 @@ def test_an_unknown_method_lists_the_registered_ones():
 
     with pytest.raises(UserInputError, match="methods are prune, quantize, distill"):
         parse_strategy("sparsify:0.5")
+
+
+def test_a_change_in_a_method_module_invalidates_cached_results(tmp_path, monkeypatch):
+    """The pipeline's caches (analysis, sensitivity, execution) are keyed by the code's hash: the methods live in a
+    subpackage of estimators, and a change there must change the key."""
+    import tasks.pipeline as tp
+
+    (tmp_path / "estimators" / "methods").mkdir(parents=True)
+    (tmp_path / "estimators" / "table.py").write_text("A = 1\n")
+    method = tmp_path / "estimators" / "methods" / "prune.py"
+    method.write_text("B = 1\n")
+    monkeypatch.setattr(tp, "CODE_ROOT", tmp_path)
+    before = tp._code_version("estimators")
+    method.write_text("B = 2\n")
+    assert tp._code_version("estimators") != before
