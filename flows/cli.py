@@ -10,7 +10,8 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.table import Table
 
-from estimators.errors import CALIBRATION_BUDGET_S, FINETUNE_EPOCHS, UserInputError
+from estimators.defaults import CALIBRATION_BUDGET_S, FINETUNE_EPOCHS
+from estimators.errors import UserInputError
 from flows.cli_common import (
     app, console, err_console, progress, warn, emit, fmt, totals_table, compute, load, run_analysis, search_options,
     print_unpruned, signals, guard_process, ModelArg, WeightsOpt, ShapeOpt, StrategyOpt, JsonOpt, TrustOpt,

@@ -7,7 +7,8 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from estimators.errors import CALIBRATION_BUDGET_S, ORT_CALIBRATION_S, QUICK_CALIBRATION_S, UserInputError
+from estimators.defaults import CALIBRATION_BUDGET_S, ORT_CALIBRATION_S, QUICK_CALIBRATION_S
+from estimators.errors import UserInputError
 from flows.cli_common import (
     app, console, progress, warn, fail, compute, JsonOpt, HardwareReq)
 

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from prefect import flow
 
-from estimators.errors import CALIBRATION_BUDGET_S
+from estimators.defaults import CALIBRATION_BUDGET_S
 
 REPO = Path(__file__).resolve().parents[1]
 TRUST_ENV = "DEPLOYFIT_WORKER_TRUST_PICKLE"  # "1": this worker loads fetched .pt2 artifacts that need pickle

@@ -23,7 +23,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.utilities.annotations import quote
 from pydantic import Field
 
-from estimators.errors import CALIBRATION_BUDGET_S
+from estimators.defaults import CALIBRATION_BUDGET_S
 from estimators.modelspec import format_input_shape
 from estimators.progress import step
 from search.requirements import Requirements, settle_infeasible

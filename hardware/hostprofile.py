@@ -149,7 +149,7 @@ def load_calibrated(path: Path, label: str, command: str, quick_s: float,
 def load_host(progress: Callable[[str], None] | None = None, calibrate: bool = True) -> HardwareProfile:
     """This machine's profile from the cache; when there is none, calibrate it now (quick), with progress, and
     keep it. `calibrate=False`: raise instead."""
-    from estimators.errors import QUICK_CALIBRATION_S
+    from estimators.defaults import QUICK_CALIBRATION_S
 
     from .calibrate import calibrate_host
 

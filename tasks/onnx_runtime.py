@@ -131,7 +131,7 @@ def calibrate_ort(quick: bool = False, progress: Progress = lambda m: None, int8
 def load_ort_profile(progress: Progress | None = None, calibrate: bool = True):
     """This machine's ONNX Runtime profile from the cache; where there is none, calibrate it now (quick), with
     progress, and keep it (as `host` is: hardware.hostprofile.load_calibrated). `calibrate=False`: raise instead."""
-    from estimators.errors import QUICK_ORT_CALIBRATION_S
+    from estimators.defaults import QUICK_ORT_CALIBRATION_S
     from hardware.hostprofile import load_calibrated
 
     return load_calibrated(ort_profile_path(), f"ONNX Runtime {_version()} profile",

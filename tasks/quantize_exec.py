@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from estimators.modelspec import as_inputs
 from estimators.methods.quantize import DTYPES
-from hardware.measure import stored_tensor_bytes, stored_tensors  # noqa: F401  (re-exported)
+from hardware.measure import stored_tensor_bytes, stored_tensors
 
 from .int8_fold import fold_and_rename
 

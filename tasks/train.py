@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from estimators.data import accuracy  # noqa: F401  (the one top-1 accuracy; re-exported for tasks)
-from estimators.errors import FINETUNE_EPOCHS
+from estimators.defaults import FINETUNE_EPOCHS
 from estimators.progress import step
 
 Progress = Callable[[str], None]

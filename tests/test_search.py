@@ -137,7 +137,9 @@ def _steps(table, rng):
 
 
 @pytest.mark.parametrize("spec,shape", [("demo:digits-resnet", None), ("torchvision:mobilenet_v2", "1,3,32,32")])
-def test_batch_evaluator_equals_the_per_candidate_estimators(spec, shape):
+def test_the_searchs_candidates_are_the_strategies_it_names(spec, shape):
+    """What the search evaluates (channel counts from the pruning arithmetic, K candidates at once on a student's
+    quantized table) is what estimating the strategy it reports gives, on every metric and the latency."""
     table = analyze(load_model(spec, input_shape=shape))
     rng = np.random.default_rng(1)
     gidx = np.array([g.index for g in table.plan.groups])

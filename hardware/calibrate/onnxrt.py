@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from estimators.errors import ORT_CALIBRATION_S, QUICK_ORT_CALIBRATION_S
+from estimators.defaults import ORT_CALIBRATION_S, QUICK_ORT_CALIBRATION_S
 from estimators.progress import step
 from estimators.table import LayerTable
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from estimators.errors import CALIBRATION_BUDGET_S
+from estimators.defaults import CALIBRATION_BUDGET_S
 
 from ..latency import COL, SPLIT_WIDTH
 from ..measure import dominant_state, same_state

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from estimators.errors import CALIBRATION_BUDGET_S, QUICK_CALIBRATION_S
+from estimators.defaults import CALIBRATION_BUDGET_S, QUICK_CALIBRATION_S
 from estimators.progress import status
 from estimators.pruning import PrunePlan
 from estimators.table import LayerTable
