@@ -17,6 +17,7 @@ from flows.cli_common import (
     print_unpruned, signals, guard_process, ModelArg, WeightsOpt, ShapeOpt, StrategyOpt, JsonOpt, TrustOpt,
     HardwareReq, HardwareOpt, BatchOpt, DataOpt, EpochsOpt, RuntimeOpt, AnchorOpt, MaxLatency, MaxSize, MaxParams,
     MaxMacs, MaxMemory, MaxDrop, MinAcc, ReqBatch, ReqFile, StudentsOpt, GridOpt, NsgaOpt, SeedOpt)
+from flows.cli_report import print_latency_basis, print_onnx, print_plan, print_run
 
 
 @app.command(short_help="Trace a model into its layer table.")
@@ -74,25 +75,6 @@ def _with_latency(rep: dict[str, Any], loaded, table, strat, hardware: Optional[
     return rep
 
 
-def _print_latency_basis(rep: dict[str, Any]) -> None:
-    """Where a latency prediction comes from, and a warning for a profile calibrated on another machine."""
-    hw = rep.get("hardware")
-    if not hw:
-        return
-    if hw.get("warning"):
-        warn(hw["warning"])
-    anc = hw.get("anchor")
-    if anc:
-        where = " in ONNX Runtime" if hw.get("runtime") == "onnxruntime" else ""
-        probe = f", and pruned by half at {anc['probe']['total_ms']} ms" if anc.get("probe") else ""
-        console.print(f"latency anchored on the original measured here{where}: {anc['total_ms']} ms at batch {anc['batch']}"
-                      f"{probe} (the {hw['name']}{where and ' ONNX Runtime'} profile alone predicted "
-                      f"{anc['predicted_ms']} ms; {anc['truths']} "
-                      "measured candidates refine it)", highlight=False)
-    elif hw.get("anchor_note"):
-        console.print(hw["anchor_note"], highlight=False)
-
-
 @app.command(short_help="Predict what a strategy does to a model.")
 def estimate(model: ModelArg, strategy: StrategyOpt = "none", weights: WeightsOpt = None, input_shape: ShapeOpt = None,
              hardware: HardwareOpt = None, batch_size: BatchOpt = 1, data: DataOpt = None,
@@ -132,7 +114,7 @@ def estimate(model: ModelArg, strategy: StrategyOpt = "none", weights: WeightsOp
     if as_json:
         return
     console.print(totals_table(f"{model} with {rep['compact']} (predicted)", {"pred": rep["pred"]}))
-    _print_latency_basis(rep)
+    print_latency_basis(rep)
     for n in rep.get("notes", []):
         warn(n)
     if "accuracy_proxy" in rep:
@@ -180,7 +162,7 @@ def apply(model: ModelArg, out: Annotated[str, typer.Option("--out", help="folde
             "err": {k: ("" if k not in rep["err"] else f"{rep['err'][k]:+.2f} pts" if k in POINTS
                         else f"{100 * rep['err'][k]:+.2f} %") for k in rep["pred"]}}
     console.print(totals_table(f"{model} with {rep['compact']}", cols))
-    _print_latency_basis(rep)
+    print_latency_basis(rep)
     if rep.get("data"):
         d = rep["data"]
         console.print(f"accuracy on {d['spec']} ({d['val_size']} validation inputs): {d['accuracy_before']:.2f}% -> "
@@ -191,15 +173,7 @@ def apply(model: ModelArg, out: Annotated[str, typer.Option("--out", help="folde
         console.print(f"  note: {n}", highlight=False)
     console.print(f"artifact: {rep['artifact']['model']}")
     if rep.get("onnx") and "path" in rep["onnx"]:
-        _print_onnx(rep["onnx"])
-
-
-def _print_onnx(o: dict[str, Any]) -> None:
-    agree = f", top-1 agreement {100 * o['top1_agreement']:.2f}%" if "top1_agreement" in o else ""
-    console.print(f"ONNX ({o['form']}, opset {o['opset']}): {o['path']}; checker passed; ONNX Runtime outputs within "
-                  f"{o['max_rel_diff']:.1e} of the program's range{agree}; stored {fmt(o['size_bytes'])} bytes "
-                  f"(the prediction's error {100 * o.get('size_err', 0):+.2f}%)", highlight=False)
-    console.print(f"  on a TensorRT machine ({o['tensorrt']}): {o['trtexec']}", highlight=False)
+        print_onnx(rep["onnx"])
 
 
 def _requirements(requirements: Optional[str], **flags):
@@ -262,7 +236,7 @@ def plan(model: ModelArg, hardware: HardwareReq, weights: WeightsOpt = None, inp
 
     rep = compute(as_json, body)
     if len(runtimes) == 1:
-        _print_plan(model, rep, as_json)
+        print_plan(model, rep, as_json)
         if rep.get("infeasible"):
             err_console.print(f"infeasible: {rep['infeasible']['message']}", highlight=False)
             raise typer.Exit(3)
@@ -270,7 +244,7 @@ def plan(model: ModelArg, hardware: HardwareReq, weights: WeightsOpt = None, inp
     for r, one in rep["runtimes"].items():
         if not as_json:
             console.print(f"[bold]runtime {r}[/]")
-        _print_plan(model, one, as_json)
+        print_plan(model, one, as_json)
         if one.get("infeasible"):
             err_console.print(f"infeasible on {r}: {one['infeasible']['message']}", highlight=False)
     if not as_json:
@@ -292,28 +266,6 @@ def _runtime_comparison(reps: dict[str, dict[str, Any]]) -> list[dict[str, Any]]
                     "latency_ms": best["pred"]["latency_ms"] if best else None,
                     "latency_basis": best["latency_basis"] if best else None})
     return sorted(out, key=lambda c: (c["latency_ms"] is None, c["latency_ms"] or 0.0))
-
-
-def _print_plan(model: str, rep: dict[str, Any], as_json: bool) -> None:
-    """A plan's table of its top strategies and its recommendation (nothing under --json: compute emitted it)."""
-    if as_json:
-        return
-    if rep["top"]:
-        t = Table(title=f"{model} on {rep['hardware']}: {rep['candidates_evaluated']:,} candidates in {rep['seconds']} s "
-                        f"({rep['search']['structured']:,} structured, {rep['search']['nsga2']:,} by NSGA-II)")
-        for c in ("strategy", "latency ms", "size MB", "params", "accuracy drop" if rep["accuracy_unit"] == "points"
-                  else "accuracy proxy"):
-            t.add_column(c, justify="left" if c == "strategy" else "right")
-        for r in rep["top"]:
-            p = r["pred"]
-            t.add_row(r["label"], f"{p['latency_ms']:.3f}", f"{p['size_bytes'] / 1e6:.3f}", f"{p['params']:,}",
-                      f"{p['accuracy_drop']:.3f}")
-        console.print(t)
-        console.print(f"recommended: {rep['recommended']['compact']}; binding: "
-                      + (", ".join(b["requirement"] for b in rep["binding"]) or "none"), highlight=False)
-    console.print(f"{rep['candidates_evaluated']:,} candidates in {rep['seconds']} s "
-                  f"({rep['candidates_per_second']:,.0f}/s); Pareto front: {len(rep['pareto'])} strategies "
-                  "(--json lists them)", highlight=False)
 
 
 @app.command("run", short_help="Plan, execute the top-k and measure (Prefect flow).")
@@ -396,7 +348,7 @@ def run_cmd(model: ModelArg, hardware: HardwareReq = "host", weights: WeightsOpt
 
     rep = compute(as_json, body)
     if not as_json:
-        _print_run(rep)
+        print_run(rep)
     if rep.get("infeasible"):
         raise typer.Exit(3)
 
@@ -421,51 +373,6 @@ def _preflight(model: str, weights: Optional[str], input_shape: Optional[str], t
 
         load_data_for(data, loaded)
     check_out_dir(out_dir)
-
-
-def _print_run(rep: dict[str, Any]) -> None:
-    if rep.get("recommended"):
-        console.print(f"recommended: {rep['recommended']['label']}  ({rep['candidates_evaluated']:,} candidates in "
-                      f"{rep['seconds']} s)", highlight=False)
-        if rep.get("predicted_infeasible"):
-            console.print(f"predicted infeasible, settled by measurement: {rep['predicted_infeasible']['message']}",
-                          highlight=False)
-    else:
-        err_console.print(f"infeasible: {rep['infeasible']['message']}", highlight=False)
-    if rep.get("executed"):
-        t = Table(title="executed: predicted vs measured")
-        for c in ("strategy", "metric", "predicted", "measured", "error"):
-            t.add_column(c, justify="left" if c in ("strategy", "metric") else "right")
-        for e in rep["executed"]:
-            keys = [k for k in ("latency_ms", "size_bytes", "params", "accuracy_drop", "onnx_size_bytes")
-                    if k in e["meas"] and k in e["pred"]]
-            for i, k in enumerate(keys):
-                err = e["err"].get(k)
-                es = "" if err is None else (f"{err:+.2f} pts" if k.startswith("accuracy") else f"{err:+.1%}")
-                show = (lambda v: f"{v:.4g}") if k in ("latency_ms", "accuracy_drop") else fmt
-                t.add_row(e["label"] if i == 0 else "", k, show(e["pred"][k]), show(e["meas"][k]), es,
-                          end_section=i == len(keys) - 1)
-        console.print(t)
-    onnx = [e for e in rep.get("executed", []) if (e.get("onnx") or {}).get("path")]
-    if onnx:
-        console.print(f"ONNX exports, checked in ONNX Runtime (for {onnx[0]['onnx']['tensorrt']}):", highlight=False)
-        for e in onnx:
-            console.print(f"  {e['label']}: {e['onnx']['path']}  ({e['onnx']['trtexec']})"
-                          + (f"; on the device: {e['device_onnx']}" if e.get("device_onnx") else ""), highlight=False)
-    for f in rep.get("failed", []):
-        err_console.print(f"execution failed: {f['label']}: {f['error']}", highlight=False)
-    tr = rep.get("tracking", {})
-    if tr.get("run_id"):
-        console.print(f"MLflow: run {tr['run_id']} in {tr['uri']}; UI: {tr['link']}", highlight=False)
-        if tr.get("registered"):
-            r = tr["registered"]
-            console.print(f"registered {r['strategy']} as {r['name']} version {r['version']}"
-                          + ("" if r["recommended"] else " (the recommendation was not executed: the first executed "
-                             "candidate)"), highlight=False)
-    else:
-        err_console.print(f"tracking store unreachable; results saved under {tr.get('saved_locally')}", highlight=False)
-    console.print(f"report: {rep['report_dir']}/report.json; Prefect flow run {rep['flow_run_id']}. "
-                  "See both UIs with `deployfit ui`.", highlight=False)
 
 
 from flows import cli_admin  # noqa: E402
