@@ -14,6 +14,9 @@ EXAMPLES = {"prune": "prune:0.3:global:round_to=2", "quantize": "quantize:int8:k
 
 
 def test_every_registered_method_has_an_example_here():
+    from estimators.methods import NAMES
+
+    assert list(METHODS) == list(NAMES)  # each module's METHOD is named as its module
     assert set(METHODS) == set(EXAMPLES)
 
 

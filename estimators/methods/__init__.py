@@ -2,21 +2,17 @@
 
 A method module holds everything about its step (estimators.methods.base.Method): the pydantic step, the grammar
 of its compact string, its parser, its estimate and its executor. Adding a method is one module that defines
-`METHOD` and one entry in `_MODULES` below; the strategy parser, `estimators.compress.estimate` and
+`METHOD` and its name in `NAMES` below; the strategy parser, `estimators.compress.estimate` and
 `tasks.executors.run_strategy` find it here.
 """
 from __future__ import annotations
 
-from . import distill, prune, quantize
+from importlib import import_module
+
 from .base import Method, StepModel
 
-_MODULES = (prune, quantize, distill)  # the order messages list them in
+NAMES = ("prune", "quantize", "distill")  # the method modules, in the order messages list them
 
-METHODS: dict[str, Method] = {m.METHOD.name: m.METHOD for m in _MODULES}
+METHODS: dict[str, Method] = {m.name: m for m in (import_module(f".{n}", __name__).METHOD for n in NAMES)}
 
-
-def get(name: str) -> Method | None:
-    return METHODS.get(name)
-
-
-__all__ = ["METHODS", "Method", "StepModel", "get"]
+__all__ = ["METHODS", "NAMES", "Method", "StepModel"]
