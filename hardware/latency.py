@@ -276,21 +276,30 @@ def misaligned(cin: np.ndarray, cout: np.ndarray, multiple: int | None, both: bo
 
 
 def channels_off(kinds: np.ndarray, cin: np.ndarray, cout: np.ndarray, multiple: int | None,
-                 misaligned_by: str = "channels", aligned_below: int = 0) -> np.ndarray:
-    """Rows (any shape of `cin`) whose channels are off `multiple`: input or output (`misaligned_by` channels),
-    or input alone (`input`); a dense convolution on fewer input channels than `aligned_below` never is."""
+                 misaligned_by: str = "channels", aligned_below: int = 0, groups: np.ndarray | None = None,
+                 group_multiple: int | None = None) -> np.ndarray:
+    """Rows (any shape of `cin`, rows last) whose channels are off `multiple`: input or output (`misaligned_by`
+    channels), or input alone (`input`); a dense convolution on fewer input channels than `aligned_below` never
+    is. With `group_multiple` and the rows' `groups`, a grouped (not depthwise) convolution is off where its input
+    or output channels per group are not multiples of it."""
     if not multiple or multiple <= 1:
         return np.zeros(np.shape(cin), dtype=bool)
     off = misaligned(cin, cout, multiple) if misaligned_by == "channels" else (cin % multiple) != 0
     if aligned_below:
         off = off & ~((kinds == "conv") & (cin < aligned_below))
+    if group_multiple and groups is not None:
+        g = np.maximum(np.asarray(groups), 1)
+        per_group_off = ((cin // g) % group_multiple != 0) | ((cout // g) % group_multiple != 0)
+        off = np.where(kinds == "gconv", per_group_off, off)
     return off
 
 
-def off_multiple(profile: HardwareProfile, kinds: np.ndarray, cin: np.ndarray, cout: np.ndarray) -> np.ndarray:
-    """Rows (K x rows) whose channels put them off the profile's channel_multiple, by its `misaligned_by` and
-    `aligned_below` rules."""
-    return channels_off(kinds, cin, cout, profile.channel_multiple, profile.misaligned_by, profile.aligned_below)
+def off_multiple(profile: HardwareProfile, kinds: np.ndarray, cin: np.ndarray, cout: np.ndarray,
+                 groups: np.ndarray | None = None) -> np.ndarray:
+    """Rows (K x rows) whose channels put them off the profile's channel_multiple, by its `misaligned_by`,
+    `aligned_below` and `group_multiple` rules (`groups`: the rows' convolution groups)."""
+    return channels_off(kinds, cin, cout, profile.channel_multiple, profile.misaligned_by, profile.aligned_below,
+                        groups, profile.group_multiple)
 
 
 def roof_memory(profile: HardwareProfile, w: np.ndarray, a: np.ndarray, streams: np.ndarray
@@ -443,7 +452,7 @@ class LatencyModel:
         abytes = (arb + awb_paid) * scale
         eager = {}  # per thread count: eager PyTorch's convolution dispatch columns
         m = prof.channel_multiple
-        off = off_multiple(prof, self.kinds, cin, cout)
+        off = off_multiple(prof, self.kinds, cin, cout, t.groups)
         cache = prof.cache_bytes or 0
         # weights of a model larger than the cache stream from memory on every call
         streams = (wb.sum(1) > cache)[:, None] if cache > 0 else np.zeros((len(q), 1), dtype=bool)

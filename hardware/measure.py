@@ -428,11 +428,13 @@ def measure_interleaved(fns: list[Callable], examples: list, rounds: int | None 
     """Several functions timed in alternation in this process: each round times every function in turn (at least
     `min_calls` calls, about `round_s` seconds, its median), so all of them see the same moments of the machine.
     The first function is the reference: `ratio[i]` is the median over rounds of function i's round median over the
-    reference's in that round. This VM's speed drifts by tens of percent within minutes and stalls for seconds; a
+    reference's in that round. The order turns by one place every round (the rounds are a multiple of the functions'
+    count), so each function comes first, second, ... equally often: two sessions of one ONNX model timed in a fixed
+    order measured 1-6% apart, the later one slower, in a process that had exported and checked models before. This VM's speed drifts by tens of percent within minutes and stalls for seconds; a
     ratio taken over many short rounds barely moves with either (a stall spans rounds of both functions alike, and
     the median over rounds drops it), where two absolute times taken minutes apart do. `rounds` defaults to
     what `budget_s` seconds per function buy (at least `min_rounds`, at most `max_rounds`), judged from the warm-up
-    calls. Returns per function `latency_ms` (the median of its round medians), `ratio` and `ratio_iqr` (the
+    calls; either is raised to a multiple of the functions' count. Returns per function `latency_ms` (the median of its round medians), `ratio` and `ratio_iqr` (the
     ratios' interquartile range, their spread), and `rounds`."""
     steady_allocator()
     per: list[list[float]] = [[] for _ in fns]
@@ -445,12 +447,14 @@ def measure_interleaved(fns: list[Callable], examples: list, rounds: int | None 
                 fn(*xs)
                 took = time.perf_counter() - t0
             call_s.append(took)
+        n = len(fns)
         if rounds is None:
             round_total = sum(max(round_s, min_calls * c) for c in call_s)
-            rounds = int(min(max(len(fns) * budget_s / max(round_total, 1e-9), min_rounds), max_rounds))
-        for _ in range(rounds):
-            for i, (fn, x) in enumerate(zip(fns, examples)):
-                per[i].append(burst_median(fn, x, round_s, min_calls))
+            rounds = int(min(max(n * budget_s / max(round_total, 1e-9), min_rounds), max_rounds))
+        rounds = -(-rounds // n) * n
+        for r in range(rounds):
+            for i in [(r + j) % n for j in range(n)]:
+                per[i].append(burst_median(fns[i], examples[i], round_s, min_calls))
     ref = np.array(per[0])
     ratios = [np.array(p) / ref for p in per]
     return {"latency_ms": [statistics.median(p) * 1e3 for p in per],

@@ -195,6 +195,10 @@ class HardwareProfile(_Strict):
                                         "or output; `input`, its input alone (ONNX Runtime pads outputs to its block)")
     aligned_below: int = Field(default=0, ge=0, description="a dense convolution on fewer input channels than this "
                                                             "runs its fast path whatever they are (0: none does)")
+    group_multiple: Optional[int] = Field(default=None, ge=1, description="a grouped (not depthwise) convolution runs "
+                                          "its fast path only where its input and output channels per group are "
+                                          "multiples of this (ONNX Runtime's blocked layout); None: channel_multiple's "
+                                          "rule")
     sources: dict[str, str] = Field(description="where each number comes from")
     provenance: Optional[Provenance] = None
 

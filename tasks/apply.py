@@ -83,7 +83,8 @@ def _is_int8(strategy: dict[str, Any]) -> bool:
     return any(s.get("method") == "quantize" and s.get("dtype") == "int8" for s in strategy["steps"])
 
 
-def measure_candidate(fn, loaded: LoadedModel, batch_size: int, anchor=None, original=None) -> dict[str, Any]:
+def measure_candidate(fn, loaded: LoadedModel, batch_size: int, anchor=None, original=None,
+                      original_after=None) -> dict[str, Any]:
     """The latency of a candidate's fast form `fn` on this machine, timed in alternation with the original
     (tasks.anchoring.measure_against_original): the ratio of the two is what the machine's drift barely moves.
     With `anchor` (the original measured when the prediction was anchored), the latency is that ratio times the
@@ -91,7 +92,7 @@ def measure_candidate(fn, loaded: LoadedModel, batch_size: int, anchor=None, ori
     median in this window."""
     from .anchoring import measure_against_original
 
-    got = measure_against_original(fn, loaded, batch_size, original=original)
+    got = measure_against_original(fn, loaded, batch_size, original=original, original_after=original_after)
     got["latency_ms"] = got["ratio"] * anchor.total_ms if anchor is not None else got["latency_ms"]
     got["scale"] = "anchor: ratio to the original x the original's anchored latency" if anchor is not None \
         else "this window's median"

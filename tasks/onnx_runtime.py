@@ -14,15 +14,18 @@ anchor's total: the protocol PyTorch candidates are measured with.
 """
 from __future__ import annotations
 
+import functools
 import socket
 from pathlib import Path
 from typing import Callable
+
+import numpy as np
 
 from estimators.errors import UserInputError
 from estimators.modelspec import LoadedModel
 from estimators.table import LayerTable
 
-from hardware.calibrate.onnxrt import ORT_ALIGNED_BELOW, ORT_CHANNEL_MULTIPLE
+from hardware.calibrate.onnxrt import ORT_CHANNEL_MULTIPLE
 
 RUNTIMES = ("pytorch", "onnxruntime")
 Progress = Callable[[str], None]
@@ -30,7 +33,41 @@ Progress = Callable[[str], None]
 # this (docs/onnx.md): pruning to other counts left resnet18 at prune:0.3 no faster than the original there, so a
 # plan for ONNX Runtime keeps every pruned channel count a multiple of it
 NCHWC_CHANNELS = ORT_CHANNEL_MULTIPLE
-NCHWC_SMALL_INPUT = ORT_ALIGNED_BELOW  # ... or, a dense convolution, fewer input channels than this
+# the version of the layout rules an ONNX Runtime profile is fitted under (its file name carries it): a profile
+# fitted under older rules is fitted again
+ORT_PROFILE_RULES = 2
+
+
+@functools.lru_cache(maxsize=1)
+def nchwc_block() -> int | None:
+    """ONNX Runtime's NCHWc block on this CPU (its MLAS library: 8 channels with AVX2, 16 with AVX-512), read from
+    what its graph optimiser makes of a grouped 1x1 convolution of 8, 16 and 32 channels per group: the fewest it
+    puts in the blocked layout (a grouped convolution goes there only with channels per group a multiple of the
+    block). None where it puts none there: no blocked layout on this CPU."""
+    import tempfile
+
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for per_group in (8, 16, 32):
+            c = 2 * per_group
+            w = numpy_helper.from_array(np.ones((c, per_group, 1, 1), dtype=np.float32), "w")
+            graph = helper.make_graph(
+                [helper.make_node("Conv", ["x", "w"], ["y"], group=2)], "probe",
+                [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, c, 4, 4])],
+                [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, c, 4, 4])], [w])
+            src, opt = Path(tmp) / f"g{per_group}.onnx", Path(tmp) / f"g{per_group}-opt.onnx"
+            onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(src))
+            opts = ort.SessionOptions()
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            opts.optimized_model_filepath = str(opt)
+            opts.log_severity_level = 3
+            ort.InferenceSession(str(src), sess_options=opts, providers=["CPUExecutionProvider"])
+            if any("nchwc" in n.domain for n in onnx.load(str(opt)).graph.node):
+                return per_group
+    return None
 
 
 def plan_round_to(runtime: str) -> int | None:
@@ -39,32 +76,35 @@ def plan_round_to(runtime: str) -> int | None:
 
 
 def slow_path_convolutions(table: LayerTable) -> int:
-    """How many convolutions of `table` (an analysis or an estimate) ONNX Runtime leaves out of its blocked layout:
-    input channels not a multiple of NCHWC_CHANNELS, unless a dense one on fewer than NCHWC_SMALL_INPUT."""
-    import numpy as np
-
+    """How many convolutions of `table` (an analysis or an estimate) ONNX Runtime leaves out of its blocked layout
+    here (nchwc_block): input channels not a multiple of NCHWC_CHANNELS, unless a dense one on fewer than the
+    block; a grouped one, channels per group not multiples of the block."""
     from estimators.table import evaluate
     from hardware.latency import channels_off, latency_kinds
 
+    block = nchwc_block()
+    if block is None:
+        return 0
     kinds = latency_kinds(table)
-    cin = evaluate(table).cin
-    slow = channels_off(kinds, cin, cin, NCHWC_CHANNELS, "input", NCHWC_SMALL_INPUT)
+    ev = evaluate(table)
+    slow = channels_off(kinds, ev.cin, ev.cout, NCHWC_CHANNELS, "input", block, table.groups, block)
     return int((np.isin(kinds, ("conv", "gconv", "dwconv")) & slow).sum())
 
 
 def slow_path_note(table: LayerTable, candidate: LayerTable, runtime: str = "onnxruntime") -> str | None:
     """A note where `candidate` (an estimate of the original `table`) puts more convolutions on ONNX Runtime's slow
-    path than the original has: its ONNX Runtime prediction does not price that path (docs/onnx.md). None for
-    another `runtime`."""
+    path than the original has: they can make it run no faster than its original (docs/onnx.md). None for another
+    `runtime`."""
     if runtime != "onnxruntime":
         return None
     extra = slow_path_convolutions(candidate) - slow_path_convolutions(table)
     if extra <= 0:
         return None
-    return (f"{extra} more convolution(s) than the original take input channels that are not a multiple of "
-            f"{NCHWC_CHANNELS}: ONNX Runtime runs them outside its fast blocked layout, which the ONNX Runtime profile "
-            "prices at one factor per FLOP fitted on synthetic networks, and such a candidate can run no faster than "
-            f"its original there (docs/onnx.md); `:round_to={NCHWC_CHANNELS}` on the prune step keeps them in it")
+    return (f"{extra} more convolution(s) than the original fall outside ONNX Runtime's fast blocked layout here "
+            f"(input channels not a multiple of {NCHWC_CHANNELS}, or a grouped one's channels per group not a "
+            f"multiple of {nchwc_block()}): the ONNX Runtime profile prices that path at one factor per FLOP fitted "
+            "on synthetic networks, and such a candidate can run no faster than its original there (docs/onnx.md); "
+            f"`:round_to={NCHWC_CHANNELS}` on the prune step keeps dense and depthwise convolutions in it")
 
 
 def check_runtime(runtime: str, hardware: str | None) -> None:
@@ -89,13 +129,13 @@ def runtime_text() -> str:
             "graph optimisation): float and INT8 QDQ ONNX models as deployfit exports them")
 
 
-def ort_profile_path() -> Path:
-    """Where this machine's ONNX Runtime profile is kept: beside its host profile, keyed by the same machine and by
-    ONNX Runtime's version."""
+def ort_profile_path(host: Path | None = None) -> Path:
+    """Where this machine's ONNX Runtime profile is kept: beside its host profile (`host`, default this machine's),
+    keyed by the same machine, by ONNX Runtime's version and by the layout rules it is fitted under."""
     from hardware.hostprofile import host_profile_path
 
-    host = host_profile_path()
-    return host.with_name(f"{host.stem}-onnxruntime-{_version().replace('.', '_')}.yaml")
+    host = host or host_profile_path()
+    return host.with_name(f"{host.stem}-onnxruntime-{_version().replace('.', '_')}-r{ORT_PROFILE_RULES}.yaml")
 
 
 def calibration_sessions(model, example, folder: Path, int8_layers: list[str]) -> tuple[Callable, Callable | None]:
@@ -124,8 +164,8 @@ def calibrate_ort(quick: bool = False, progress: Progress = lambda m: None, int8
     from hardware.profile import load_profile
 
     base = load_profile("host", progress=progress)
-    return calibrate_runtime(base, calibration_sessions, runtime_text(), quick=quick, progress=progress, int8=int8,
-                             budget_s=budget_s, least=least or LEAST_NETS)
+    return calibrate_runtime(base, calibration_sessions, runtime_text(), nchwc_block(), quick=quick,
+                             progress=progress, int8=int8, budget_s=budget_s, least=least or LEAST_NETS)
 
 
 def load_ort_profile(progress: Progress | None = None, calibrate: bool = True):
@@ -288,9 +328,12 @@ def original_session_fn(anchor) -> Callable:
 
 def measure_onnx_candidate(onnx_path: str | Path, loaded: LoadedModel, batch: int, anchor) -> dict:
     """A candidate's model.onnx timed in a session in alternation with the original's, as PyTorch candidates are
-    (tasks.apply.measure_candidate): its latency is the ratio times the anchor's total."""
+    (tasks.apply.measure_candidate): its latency is the ratio times the anchor's total. The original has two
+    sessions, made before and after the candidate's (tasks.anchoring.measure_against_original)."""
     from .apply import measure_candidate
     from .onnx_export import session, session_fn
 
-    got = measure_candidate(session_fn(session(onnx_path)), loaded, batch, anchor, original_session_fn(anchor))
+    before = original_session_fn(anchor)
+    candidate = session_fn(session(onnx_path))
+    got = measure_candidate(candidate, loaded, batch, anchor, before, original_session_fn(anchor))
     return {**got, "runtime": f"onnxruntime {_version()}"}

@@ -37,7 +37,8 @@ def seed_host(cache: str | Path | None = None, key: dict | None = None) -> Path:
 
 
 # seconds per column unit of hardware.calibrate.onnxrt.design: about what ONNX Runtime fitted on an x86 VM
-ORT_COEFFICIENTS = {"conv.flops": 1.0, "conv.flops_off": 2.0, "gconv.flops": 4.0, "dwconv.flops": 2.0,
+ORT_COEFFICIENTS = {"conv.flops": 1.0, "conv.flops_off": 2.0, "gconv.flops": 4.0, "gconv.flops_off": 8.0,
+                    "dwconv.flops": 2.0,
                     "dwconv.flops_off": 4.0, "gemm.flops": 4.0, "pool.flops": 50.0, "other.flops": 10.0,
                     "conv.bytes": 9.0, "gconv.bytes": 20.0, "dwconv.bytes": 5.0, "gemm.bytes": 4.0, "pool.bytes": 1.0,
                     "other.bytes": 1.0, "kernels": 2e-6, "views": 0.0, "call": 2e-5}
@@ -47,12 +48,12 @@ def seed_ort(host_path: Path, host) -> Path:
     """The ONNX Runtime profile beside the host profile at `host_path`, on `host`'s machine with ORT_COEFFICIENTS
     (INT8 QDQ twice as slow per convolution FLOP), so that tests do not each calibrate ONNX Runtime."""
     from hardware.calibrate.onnxrt import efficiency_of, runtime_shape
-    from tasks.onnx_runtime import _version, runtime_text
+    from tasks.onnx_runtime import nchwc_block, ort_profile_path, runtime_text
 
     int8 = {**ORT_COEFFICIENTS, "conv.flops": 2.0, "conv.flops_off": 2.0}
-    prof = runtime_shape(host, runtime_text()).model_copy(update={
+    prof = runtime_shape(host, runtime_text(), nchwc_block()).model_copy(update={
         "efficiency": efficiency_of(ORT_COEFFICIENTS), "dtype_overrides": {"int8": efficiency_of(int8)}})
-    path = host_path.with_name(f"{host_path.stem}-onnxruntime-{_version().replace('.', '_')}.yaml")
+    path = ort_profile_path(host_path)
     save_profile(prof, path)
     return path
 

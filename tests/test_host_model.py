@@ -730,6 +730,32 @@ def test_interleaved_measurement_gives_ratios_round_by_round():
         return t
 
     got = measure_interleaved([once, twice, once], [x, x, x], rounds=5, round_s=0.04)
-    assert got["rounds"] == 5 and len(got["ratio"]) == 3 and got["ratio"][0] == 1.0
+    assert got["rounds"] == 6 and len(got["ratio"]) == 3 and got["ratio"][0] == 1.0  # a multiple of 3
     assert 1.4 < got["ratio"][1] < 3.0 and 0.7 < got["ratio"][2] < 1.4
     assert all(v > 0 for v in got["latency_ms"]) and all(v >= 0 for v in got["ratio_iqr"])
+
+
+def test_interleaved_rounds_give_every_function_every_place_equally_often():
+    """The order of an alternation turns every round: each function leads as many rounds as every other, so a
+    place in the round that runs slower (seen: the later of two ONNX Runtime sessions) weighs on all alike."""
+    import collections
+
+    from hardware.measure import measure_interleaved
+
+    log: list[int] = []
+
+    def timed(i):
+        def fn(t):
+            log.append(i)
+            return t
+        return fn
+
+    x = torch.randn(2)
+    got = measure_interleaved([timed(0), timed(1), timed(2)], [x, x, x], rounds=7, round_s=0.0, min_calls=1,
+                              warmup=1)
+    assert got["rounds"] == 9
+    calls = log[3:]  # after one warm-up call each, one call per function per round
+    rounds = [calls[k:k + 3] for k in range(0, len(calls), 3)]
+    assert len(rounds) == 9 and all(sorted(r) == [0, 1, 2] for r in rounds)
+    assert collections.Counter(r[0] for r in rounds) == {0: 3, 1: 3, 2: 3}
+    assert collections.Counter(r[2] for r in rounds) == {0: 3, 1: 3, 2: 3}

@@ -185,6 +185,53 @@ def test_onnx_runtime_is_for_this_machine_and_named_runtimes_only(tmp_path):
         assert not (tmp_path / "runs").exists()
 
 
+def _in_blocked_layout(model: torch.nn.Module, shape: tuple, folder) -> bool:
+    """Whether ONNX Runtime's graph optimiser here puts the convolution of `model` in its blocked layout."""
+    import onnx
+    import onnxruntime as ort
+
+    src, opt = folder / "m.onnx", folder / "opt.onnx"
+    torch.onnx.export(model.eval(), (torch.randn(*shape),), str(src), dynamo=False, opset_version=18)
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.optimized_model_filepath = str(opt)
+    opts.log_severity_level = 3
+    ort.InferenceSession(str(src), sess_options=opts, providers=["CPUExecutionProvider"])
+    return any("nchwc" in n.domain for n in onnx.load(str(opt)).graph.node)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the TorchScript exporter: quick for one convolution
+def test_the_blocked_layout_rules_are_onnx_runtimes_on_this_cpu(tmp_path):
+    """The rules the ONNX Runtime profile prices the slow path by (hardware.latency.channels_off with this CPU's
+    block, tasks.onnx_runtime.nchwc_block) say of single convolutions what ONNX Runtime's own graph optimiser
+    does here: dense ones by input channels (a multiple of 4, or fewer than the block), depthwise ones by
+    channels, grouped ones by channels per group (multiples of the block, in and out)."""
+    import numpy as np
+
+    from estimators.analyze import analyze
+    from estimators.modelspec import LoadedModel
+    from hardware.latency import latency_kinds
+    from tasks.onnx_runtime import nchwc_block, slow_path_convolutions
+
+    block = nchwc_block()
+    if block is None:
+        pytest.skip("ONNX Runtime has no blocked layout on this CPU")
+    assert block in (8, 16)
+    cases = [(cin, 32, 1) for cin in (3, block - 2, block + 2, 12, 20, 18, 36)] \
+        + [(c, c, c) for c in (12, 18, 20)] \
+        + [(2 * pg_in, 2 * pg_out, 2) for pg_in, pg_out in ((block, block), (block // 2, block // 2),
+                                                             (block + 4, block), (block, block + 4), (2 * block, block))]
+    for i, (cin, cout, groups) in enumerate(cases):
+        model = torch.nn.Conv2d(cin, cout, 3, padding=1, groups=groups)
+        shape = (1, cin, 8, 8)
+        table = analyze(LoadedModel(spec=f"conv{i}", kind="factory", model=model.eval(), input_shape=shape))
+        assert np.isin(latency_kinds(table), ("conv", "gconv", "dwconv")).sum() == 1
+        folder = tmp_path / str(i)
+        folder.mkdir()
+        fast = _in_blocked_layout(model, shape, folder)
+        assert slow_path_convolutions(table) == (0 if fast else 1), (cin, cout, groups, fast)
+
+
 def test_a_candidate_off_onnx_runtimes_fast_layout_says_so():
     """Pruned to input channels that are not multiples of 4, a convolution leaves ONNX Runtime's blocked layout
     (docs/onnx.md): estimate --runtime onnxruntime says how many more do than in the original, and that

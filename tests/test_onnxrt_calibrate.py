@@ -33,7 +33,7 @@ def tables():
 
 
 def _profile(coef_fp32: dict, coef_int8: dict):
-    shape = runtime_shape(load_profile("cpu-avx2"), "ONNX Runtime (test)")
+    shape = runtime_shape(load_profile("cpu-avx2"), "ONNX Runtime (test)", 8)
     return shape.model_copy(update={"efficiency": efficiency_of(coef_fp32),
                                     "dtype_overrides": {"int8": efficiency_of(coef_int8)}})
 
@@ -42,7 +42,7 @@ def test_design_columns_price_a_network_as_the_latency_model_does(tables):
     rng = np.random.default_rng(0)
     for k, (table, qtable) in enumerate(tables[:4]):
         coef = {c: float(rng.uniform(0.5, 3.0)) for c in COLUMNS}
-        for g in ("conv", "dwconv"):  # misaligned rows 1-3x slower than aligned ones
+        for g in ("conv", "gconv", "dwconv"):  # misaligned rows 1-3x slower than aligned ones
             coef[f"{g}.flops_off"] = coef[f"{g}.flops"] * float(rng.uniform(1.0, 3.0))
         coef.update(kernels=float(rng.uniform(1e-6, 5e-6)), views=float(rng.uniform(0, 1e-6)), call=1e-5)
         prof = _profile(coef, coef)
@@ -60,7 +60,7 @@ def test_fit_recovers_a_runtime_whose_costs_it_is_given(tables):
     samples = [OrtSample(f"net{i} b{b} {dtype}", t, b, dtype, 1.0, predict_latency(t, truth, b).latency_ms / 1e3, i)
                for i, (table, qtable) in enumerate(tables) for dtype, t in (("fp32", table), ("int8", qtable))
                for b in (1, 8)]
-    effs, stats = fit_runtime(samples, runtime_shape(load_profile("cpu-avx2"), "ONNX Runtime (test)"))
+    effs, stats = fit_runtime(samples, runtime_shape(load_profile("cpu-avx2"), "ONNX Runtime (test)", 8))
     assert set(effs) == {"fp32", "int8"}
     assert stats["fp32.samples"] == stats["int8.samples"] == 2 * len(tables)
     assert stats["fp32.mape"] < 1e-6 and stats["int8.mape"] < 1e-6
