@@ -174,13 +174,12 @@ def _plan_steps(ctx: RunContext) -> tuple[PlanReport, list[dict]]:
     return rep, layer_rows(table)
 
 
-def _track(ctx: RunContext, session: tracking.Session, rep: PlanReport, executed: list[CandidateResult],
-           layers: list[dict]) -> dict:
-    """The run in MLflow, or (the store down) everything kept on disk, and where."""
+def _track(ctx: RunContext, session: tracking.Session, plan: dict, done: list[dict], layers: list[dict]) -> dict:
+    """The run in MLflow, or (the store down) everything kept on disk, and where: `plan` and `done` are the plan
+    report's and the executed candidates' JSON."""
     log = get_run_logger()
     record = ctx.record()
     t_track = time.perf_counter()
-    plan, done = rep.dump(), [e.dump() for e in executed]  # the store's JSON
     state = track_task(record, quote(plan), quote(done), quote(layers), str(ctx.workdir), quote(session),
                        return_state=True)
     if state.is_completed():
@@ -229,16 +228,17 @@ def _finish(ctx: RunContext, session: tracking.Session, rep: PlanReport, execute
     on_device = ctx.device_measure and bool(executed)
     if not on_device:  # measured here: settled before it is tracked
         rep = settle_infeasible(rep, executed)
-    tracked = _track(ctx, session, rep, executed, layers)
+    plan, done = rep.dump(), [e.dump() for e in executed]  # the JSON the store, the artifact and report.json take
+    tracked = _track(ctx, session, plan, done, layers)
     if on_device:
         executed = _measure_on_device(ctx, executed, tracked)
         rep = settle_infeasible(rep, executed)  # on the device's measurements, just taken
+        plan, done = rep.dump(), [e.dump() for e in executed]
     title = f"deployfit {ctx.flow}: {ctx.model.spec} on {ctx.hardware}" + (
         " (ONNX Runtime)" if ctx.runtime == "onnxruntime" else "")
-    done = [e.dump() for e in executed]
-    create_markdown_artifact(markdown_report(title, rep.dump(), done, tracked, failed or []),
+    create_markdown_artifact(markdown_report(title, plan, done, tracked, failed or []),
                              key=_key("deployfit", ctx.flow, ctx.model.spec, ctx.hardware), description=title)
-    out = rep.dump(candidates=False)
+    out = {k: v for k, v in plan.items() if k != "candidates"}
     out.update(executed=[{k: e.get(k) for k in ("compact", "label", "pred", "meas", "err", "artifact", "executed_by",
                                                  "measured_on", "device_onnx", "notes", "onnx")}
                          for e in done],
