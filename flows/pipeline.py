@@ -238,7 +238,7 @@ def _finish(ctx: RunContext, session: tracking.Session, rep: PlanReport, execute
         " (ONNX Runtime)" if ctx.runtime == "onnxruntime" else "")
     create_markdown_artifact(markdown_report(title, plan, done, tracked, failed or []),
                              key=_key("deployfit", ctx.flow, ctx.model.spec, ctx.hardware), description=title)
-    out = {k: v for k, v in plan.items() if k != "candidates"}
+    out = rep.dump(candidates=False)
     out.update(executed=[{k: e.get(k) for k in ("compact", "label", "pred", "meas", "err", "artifact", "executed_by",
                                                  "measured_on", "device_onnx", "notes", "onnx")}
                          for e in done],

@@ -275,16 +275,17 @@ def misaligned(cin: np.ndarray, cout: np.ndarray, multiple: int | None, both: bo
     return (a & b) if both else (a | b)
 
 
-def channels_off(kinds: np.ndarray, cin: np.ndarray, cout: np.ndarray, multiple: int | None,
+def channels_off(kinds: np.ndarray, cin: np.ndarray, cout: np.ndarray, channel_multiple: int | None,
                  misaligned_by: str = "channels", aligned_below: int = 0, groups: np.ndarray | None = None,
                  group_multiple: int | None = None) -> np.ndarray:
-    """Rows (any shape of `cin`, rows last) whose channels are off `multiple`: input or output (`misaligned_by`
-    channels), or input alone (`input`); a dense convolution on fewer input channels than `aligned_below` never
-    is. With `group_multiple` and the rows' `groups`, a grouped (not depthwise) convolution is off where its input
-    or output channels per group are not multiples of it."""
-    if not multiple or multiple <= 1:
+    """Rows (any shape of `cin`, rows last) whose channels are off `channel_multiple`: input or output
+    (`misaligned_by` channels), or input alone (`input`); a dense convolution on fewer input channels than
+    `aligned_below` never is. With `group_multiple` and the rows' `groups`, a grouped (not depthwise) convolution is
+    off where its input or output channels per group are not multiples of it. The rules are the profile's fields
+    of those names (off_multiple)."""
+    if not channel_multiple or channel_multiple <= 1:
         return np.zeros(np.shape(cin), dtype=bool)
-    off = misaligned(cin, cout, multiple) if misaligned_by == "channels" else (cin % multiple) != 0
+    off = misaligned(cin, cout, channel_multiple) if misaligned_by == "channels" else (cin % channel_multiple) != 0
     if aligned_below:
         off = off & ~((kinds == "conv") & (cin < aligned_below))
     if group_multiple and groups is not None:

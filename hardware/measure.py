@@ -428,14 +428,15 @@ def measure_interleaved(fns: list[Callable], examples: list, rounds: int | None 
     """Several functions timed in alternation in this process: each round times every function in turn (at least
     `min_calls` calls, about `round_s` seconds, its median), so all of them see the same moments of the machine.
     The first function is the reference: `ratio[i]` is the median over rounds of function i's round median over the
-    reference's in that round. The order turns by one place every round (the rounds are a multiple of the functions'
-    count), so each function comes first, second, ... equally often: two sessions of one ONNX model timed in a fixed
-    order measured 1-6% apart, the later one slower, in a process that had exported and checked models before. This VM's speed drifts by tens of percent within minutes and stalls for seconds; a
-    ratio taken over many short rounds barely moves with either (a stall spans rounds of both functions alike, and
-    the median over rounds drops it), where two absolute times taken minutes apart do. `rounds` defaults to
-    what `budget_s` seconds per function buy (at least `min_rounds`, at most `max_rounds`), judged from the warm-up
-    calls; either is raised to a multiple of the functions' count. Returns per function `latency_ms` (the median of its round medians), `ratio` and `ratio_iqr` (the
-    ratios' interquartile range, their spread), and `rounds`."""
+    reference's in that round. The order turns by one place every round (the rounds are a multiple of the
+    functions' count), so each function comes first, second, ... equally often: two sessions of one ONNX model
+    timed in a fixed order measured 1-6% apart, the later one slower, in a process that had exported and checked
+    models before. This VM's speed drifts by tens of percent within minutes and stalls for seconds; a ratio taken
+    over many short rounds barely moves with either (a stall spans rounds of both functions alike, and the median
+    over rounds drops it), where two absolute times taken minutes apart do. `rounds` defaults to what `budget_s`
+    seconds per function buy (at least `min_rounds`, at most `max_rounds`), judged from the warm-up calls; either
+    is raised to a multiple of the functions' count. Returns per function `latency_ms` (the median of its round
+    medians), `ratio` and `ratio_iqr` (the ratios' interquartile range, their spread), and `rounds`."""
     steady_allocator()
     per: list[list[float]] = [[] for _ in fns]
     with collector_paused(), torch.inference_mode():

@@ -38,6 +38,20 @@ NCHWC_CHANNELS = ORT_CHANNEL_MULTIPLE
 ORT_PROFILE_RULES = 2
 
 
+def in_blocked_layout(path: str | Path, optimised: str | Path) -> bool:
+    """Whether ONNX Runtime's graph optimiser here puts any operator of the ONNX model at `path` in its blocked
+    layout (NCHWc); the optimised graph is written to `optimised`."""
+    import onnx
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.optimized_model_filepath = str(optimised)
+    opts.log_severity_level = 3
+    ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+    return any("nchwc" in n.domain for n in onnx.load(str(optimised)).graph.node)
+
+
 @functools.lru_cache(maxsize=1)
 def nchwc_block() -> int | None:
     """ONNX Runtime's NCHWc block on this CPU (its MLAS library: 8 channels with AVX2, 16 with AVX-512), read from
@@ -47,7 +61,6 @@ def nchwc_block() -> int | None:
     import tempfile
 
     import onnx
-    import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -60,12 +73,7 @@ def nchwc_block() -> int | None:
                 [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, c, 4, 4])], [w])
             src, opt = Path(tmp) / f"g{per_group}.onnx", Path(tmp) / f"g{per_group}-opt.onnx"
             onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(src))
-            opts = ort.SessionOptions()
-            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            opts.optimized_model_filepath = str(opt)
-            opts.log_severity_level = 3
-            ort.InferenceSession(str(src), sess_options=opts, providers=["CPUExecutionProvider"])
-            if any("nchwc" in n.domain for n in onnx.load(str(opt)).graph.node):
+            if in_blocked_layout(src, opt):
                 return per_group
     return None
 
@@ -77,17 +85,16 @@ def plan_round_to(runtime: str) -> int | None:
 
 def slow_path_convolutions(table: LayerTable) -> int:
     """How many convolutions of `table` (an analysis or an estimate) ONNX Runtime leaves out of its blocked layout
-    here (nchwc_block): input channels not a multiple of NCHWC_CHANNELS, unless a dense one on fewer than the
-    block; a grouped one, channels per group not multiples of the block."""
+    here, by the rules its profile prices (hardware.calibrate.onnxrt.layout_rules for this CPU's nchwc_block):
+    input channels not a multiple of NCHWC_CHANNELS, unless a dense one on fewer than the block; a grouped one,
+    channels per group not multiples of the block."""
     from estimators.table import evaluate
+    from hardware.calibrate.onnxrt import layout_rules
     from hardware.latency import channels_off, latency_kinds
 
-    block = nchwc_block()
-    if block is None:
-        return 0
     kinds = latency_kinds(table)
     ev = evaluate(table)
-    slow = channels_off(kinds, ev.cin, ev.cout, NCHWC_CHANNELS, "input", block, table.groups, block)
+    slow = channels_off(kinds, ev.cin, ev.cout, groups=table.groups, **layout_rules(nchwc_block()))
     return int((np.isin(kinds, ("conv", "gconv", "dwconv")) & slow).sum())
 
 

@@ -185,21 +185,6 @@ def test_onnx_runtime_is_for_this_machine_and_named_runtimes_only(tmp_path):
         assert not (tmp_path / "runs").exists()
 
 
-def _in_blocked_layout(model: torch.nn.Module, shape: tuple, folder) -> bool:
-    """Whether ONNX Runtime's graph optimiser here puts the convolution of `model` in its blocked layout."""
-    import onnx
-    import onnxruntime as ort
-
-    src, opt = folder / "m.onnx", folder / "opt.onnx"
-    torch.onnx.export(model.eval(), (torch.randn(*shape),), str(src), dynamo=False, opset_version=18)
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.optimized_model_filepath = str(opt)
-    opts.log_severity_level = 3
-    ort.InferenceSession(str(src), sess_options=opts, providers=["CPUExecutionProvider"])
-    return any("nchwc" in n.domain for n in onnx.load(str(opt)).graph.node)
-
-
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the TorchScript exporter: quick for one convolution
 def test_the_blocked_layout_rules_are_onnx_runtimes_on_this_cpu(tmp_path):
     """The rules the ONNX Runtime profile prices the slow path by (hardware.latency.channels_off with this CPU's
@@ -211,7 +196,7 @@ def test_the_blocked_layout_rules_are_onnx_runtimes_on_this_cpu(tmp_path):
     from estimators.analyze import analyze
     from estimators.modelspec import LoadedModel
     from hardware.latency import latency_kinds
-    from tasks.onnx_runtime import nchwc_block, slow_path_convolutions
+    from tasks.onnx_runtime import in_blocked_layout, nchwc_block, slow_path_convolutions
 
     block = nchwc_block()
     if block is None:
@@ -226,9 +211,9 @@ def test_the_blocked_layout_rules_are_onnx_runtimes_on_this_cpu(tmp_path):
         shape = (1, cin, 8, 8)
         table = analyze(LoadedModel(spec=f"conv{i}", kind="factory", model=model.eval(), input_shape=shape))
         assert np.isin(latency_kinds(table), ("conv", "gconv", "dwconv")).sum() == 1
-        folder = tmp_path / str(i)
-        folder.mkdir()
-        fast = _in_blocked_layout(model, shape, folder)
+        src = tmp_path / f"conv{i}.onnx"
+        torch.onnx.export(model.eval(), (torch.randn(*shape),), str(src), dynamo=False, opset_version=18)
+        fast = in_blocked_layout(src, tmp_path / f"conv{i}-opt.onnx")
         assert slow_path_convolutions(table) == (0 if fast else 1), (cin, cout, groups, fast)
 
 

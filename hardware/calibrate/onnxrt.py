@@ -139,16 +139,22 @@ def ort_samples(budget_s: float, progress: Progress, build: OrtBuilder, int8: bo
     return out
 
 
+def layout_rules(block: int | None) -> dict:
+    """ONNX Runtime's blocked-layout rules for its NCHWc `block` on a CPU (None: no blocked layout there, and no
+    channel count is off it), as the profile fields hardware.latency.channels_off reads."""
+    return {"channel_multiple": ORT_CHANNEL_MULTIPLE if block else None, "misaligned_by": "input",
+            "aligned_below": block or 0, "group_multiple": block}
+
+
 def runtime_shape(base: HardwareProfile, runtime: str, block: int | None) -> HardwareProfile:
-    """`base` (this machine's host profile) with ONNX Runtime's layout rules for its NCHWc `block` here (None: it
-    has no blocked layout on this CPU, and no channel count is off it) and fusion, its efficiencies still the
+    """`base` (this machine's host profile) with ONNX Runtime's layout rules for its NCHWc `block` here
+    (layout_rules) and fusion, its efficiencies still the
     host's: what fit_runtime fits the efficiencies of. Its cache is the whole last-level cache: ONNX Runtime read
     2 to 18 MB of 1x1 convolution weights per call at one rate on a 32 MiB L3 here, with no step at the quarter
     of it that eager PyTorch's fit takes (a float fit on 18 networks: 5.9% error in sample with the whole cache,
     14.8% with the quarter)."""
     return base.model_copy(update={
-        "runtime": runtime, "combine": "sum", "channel_multiple": ORT_CHANNEL_MULTIPLE if block else None,
-        "misaligned_by": "input", "aligned_below": block or 0, "group_multiple": block, "cache_bytes": cache_bytes(),
+        "runtime": runtime, "combine": "sum", **layout_rules(block), "cache_bytes": cache_bytes(),
         "batch_efficiency": {}, "slow_dtypes": {}, "float_runs_as": "fp32"})
 
 
