@@ -3,8 +3,9 @@
 For a few held-out architectures (bench/latency.py's HELD_OUT, batch 1), every candidate of CANDIDATES (uniform and
 global pruning at ratios 0.1-0.7, each with and without INT8) is executed without data
 (tasks.executors.run_strategy) and measured as its artifact runs (tasks.apply.fast_form) in alternation with the
-original (tasks.anchoring.measure_against_original); its measured latency is that ratio times the anchor's total, the
-anchor being the original measured here once (tasks.anchoring.measure_anchor). The drift of this VM (tens of percent
+original (tasks.apply.measure_candidate); its measured latency is that ratio times the anchor's total, the
+anchor being the original measured here once (tasks.anchoring.measure_anchor); an INT8 candidate is timed against
+the anchor's INT8 original and put on that point's scale. The drift of this VM (tens of percent
 within minutes) moves candidate and original alike within a round and cancels in the ratio.
 
 Then, with no more timing, for n in 0, 3 and 10 truths and for each of `--orders` seeded orders of a model's
@@ -43,8 +44,8 @@ from hardware.anchor import Anchor, runtime_of
 from hardware.latency import predict_latency
 from hardware.measure import describe_rounds
 from hardware.profile import load_profile
-from tasks.anchoring import measure_against_original, measure_anchor, original_program
-from tasks.apply import fast_form
+from tasks.anchoring import measure_anchor, original_program
+from tasks.apply import fast_form, measure_candidate
 from tasks.executors import run_strategy
 
 MODELS = ["regnet_x_400mf", "mnasnet1_0", "resnet34", "googlenet"]
@@ -69,14 +70,14 @@ def measure_model(name: str, profile, rounds: int) -> tuple[Anchor, list[dict], 
         try:
             work = run_strategy(loaded, parse_strategy(text))
             int8 = work.quant is not None and work.quant.dtype == "int8"
-            got = measure_against_original(fast_form(work.program, int8), loaded, BATCH, rounds=rounds,
-                                           original=original)
+            got = measure_candidate(fast_form(work.program, int8), loaded, BATCH, anchor, original, int8=int8,
+                                    rounds=rounds)
         except Exception as exc:  # noqa: BLE001 - a candidate the executors cannot build or run: said, not fatal
             first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
             bench.say(f"    {text}: not executed or not measured ({type(exc).__name__}: {first})")
             continue
         rows.append({"model": name, "strategy": text, "runtime": runtime_of(est),
-                     "measured_ms": got["ratio"] * anchor.total_ms, "ratio": got["ratio"],
+                     "measured_ms": got["latency_ms"], "ratio": got["ratio"],
                      "ratio_iqr": got["ratio_iqr"],
                      "pred0_ms": predict_latency(est, profile, BATCH, anchor=anchor).latency_ms})
         r = rows[-1]

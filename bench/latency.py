@@ -14,14 +14,17 @@ the float program eager, an INT8 program inductor-compiled). Three predictors ar
 
 Protocol. This VM's speed drifts by tens of percent within minutes, so no absolute time taken at one moment is
 compared with one taken at another. Every candidate is timed in alternation with the original, round by round
-(tasks.anchoring.measure_against_original), and its measured latency is that ratio times the anchor's total at the
-same batch: the latency it has on the anchor's scale, the scale the anchored prediction is on. The drift moves both
-the candidate and the original within a round and cancels in the ratio; the spread of the ratios over the rounds is
-dumped with every row. The profile-only predictor is scored on the same scale, so a drift between calibration and
+(tasks.apply.measure_candidate), and its measured latency is that ratio times the anchor's total at the same batch:
+the latency it has on the anchor's scale, the scale the anchored prediction is on. An INT8 candidate is timed against
+the anchor's own compiled INT8 original instead, times the anchor's INT8 total (a compiled INT8 graph's ratio to the
+eager float original moves with the machine's state from minute to minute; two INT8 graphs timed together do not).
+The drift moves both the candidate and its reference within a round and cancels in the ratio; the spread of the
+ratios over the rounds is dumped with every row. The profile-only predictor is scored on the same scale, so a drift between calibration and
 anchor counts against it (that is the error a user without the target would see).
 
 `quantize:int8` alone is the anchor's own quantized original: its anchored prediction is a measurement of the same
-program (compiled again), so its error is the measurement's noise. The scores are given with and without it.
+program (compiled again, and timed against the anchor's build), so its error is the measurement's noise and the
+difference between two builds. The scores are given with and without it.
 
 The split: DEV are the architectures the latency model was developed on; HELD_OUT the others, never looked at while
 developing it. Each split is scored separately (MAPE, share within +-10% and +-25%, Kendall's tau over the
@@ -73,8 +76,8 @@ from hardware.hostprofile import profile_hash  # noqa: E402
 from hardware.latency import predict_latency  # noqa: E402
 from hardware.measure import describe_rounds  # noqa: E402
 from hardware.profile import load_profile  # noqa: E402
-from tasks.anchoring import measure_against_original, measure_anchor, original_program  # noqa: E402
-from tasks.apply import fast_form  # noqa: E402
+from tasks.anchoring import forget_int8_references, measure_anchor, original_program  # noqa: E402
+from tasks.apply import fast_form, measure_candidate  # noqa: E402
 from tasks.executors import run_strategy  # noqa: E402
 
 STRATEGIES = ["prune:0.3", "prune:0.6:global", "quantize:int8", "prune:0.3,quantize:int8", "distill:width:0.5"]
@@ -159,6 +162,7 @@ def release_compiled() -> None:
     """Drop what one model compiled and built before the next starts."""
     import torch
 
+    forget_int8_references()
     torch._dynamo.reset()
     gc.collect()
 
@@ -178,16 +182,17 @@ def configurations(name: str, loaded: LoadedModel, profile, text: str, est, flop
             continue
         t0 = time.perf_counter()
         fn = fast_form(work.program, int8)  # a fresh graph per batch: an INT8 one compiles for the batch it runs
-        got = measure_against_original(fn, loaded, b, rounds=rounds, original=original)
-        times["measure_s"] += time.perf_counter() - t0
         anchor = anchors[b]
+        got = measure_candidate(fn, loaded, b, anchor, original, int8=int8, rounds=rounds)
+        times["measure_s"] += time.perf_counter() - t0
         base = anchor.runtimes["int8"]["measured_ms"] if int8 and "int8" in anchor.runtimes else anchor.total_ms
         anchored = predict_latency(est, profile, b, anchor=anchor)
         rows.append({
             "model": name, "split": split_of(name), "spec": loaded.spec, "input_shape": list(loaded.input_shape),
             "strategy": text, "batch": b, "runtime": runtime_of(est),
-            "measured_ms": got["ratio"] * anchor.total_ms, "ratio": got["ratio"], "ratio_iqr": got["ratio_iqr"],
-            "rounds": got["rounds"], "window_ms": got["latency_ms"], "window_original_ms": got["original_ms"],
+            "measured_ms": got["latency_ms"], "ratio": got["ratio"], "ratio_iqr": got["ratio_iqr"],
+            "reference": got["reference"], "rounds": got["rounds"], "window_ms": got["window_ms"],
+            "window_reference_ms": got["original_ms"],
             "anchor_ms": anchor.total_ms, "anchor_int8_ms": anchor.runtimes.get("int8", {}).get("measured_ms"),
             "pred_anchored_ms": anchored.latency_ms, "anchored_basis": anchored.basis,
             "pred_profile_ms": predict_latency(est, profile, b).latency_ms,

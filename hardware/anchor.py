@@ -17,7 +17,8 @@ prediction times the row's own residual at the original (so the original still p
 PROBE_FLOOR of what the single ratio gives; the time outside the operators likewise.
 
 A candidate that runs in another runtime than the original's float one (a compiled INT8 graph) is corrected by the
-ratio of the quantized original's measured to predicted total. Every candidate measured afterwards (apply, run,
+quantized original's measured total against the profile's prediction, and where the probe was quantized and measured
+too, by the line through those two totals (Anchor.runtime_line), as a float class is by its two points. Every candidate measured afterwards (apply, run,
 the benchmarks) is a truth: the correction of its runtime is refitted from the truths' measured-over-predicted
 ratios (a geometric mean shrunk towards 1 by PRIOR_TRUTHS), so the next prediction on this model and target is
 better (a closed loop). Anchors and their truths are kept per (model structure, profile, batch) in the cache
@@ -177,7 +178,12 @@ class Anchor:
             if run is None or run["predicted_ms"] <= 0:
                 return Correction(np.full(table.n, k), k, "anchored" if n else "profile", n)
             f = k * run["measured_ms"] / run["predicted_ms"]
-            return Correction(np.full(table.n, f), f, "anchored", n)
+            line = self.runtime_line(rt)
+            if line is None:
+                return Correction(np.full(table.n, f), f, "anchored", n)
+            a, b = line  # the whole graph on the runtime's line, never below PROBE_FLOOR of its single ratio
+            return Correction(np.full(table.n, b * k), b * k, "anchored", n, outside_add_s=a * k / 1e3,
+                              outside_floor=None, total_floor=PROBE_FLOOR * f)
         lines = self.class_lines()
         o_mul, o_add = self.outside_line()
         o_floor = PROBE_FLOOR * self.outside_factor() * k
@@ -248,6 +254,20 @@ class Anchor:
             return self.outside_factor(), 0.0
         b = (O0 - O1) / (Q0 - Q1)
         return float(b), float(O0 - b * Q0)
+
+    def runtime_line(self, runtime: str) -> tuple[float, float] | None:
+        """The total of another runtime (a compiled INT8 graph) as a line in the profile's prediction, through the
+        quantized original and the quantized probe where both were measured: (ms at zero prediction, measured per
+        predicted ms). None where there is one point, or the probe leaves the prediction (almost) unchanged, or the
+        two points do not slope upwards (the single ratio holds)."""
+        run = self.runtimes.get(runtime) or {}
+        if "probe_measured_ms" not in run:
+            return None
+        M0, P0, M1, P1 = run["measured_ms"], run["predicted_ms"], run["probe_measured_ms"], run["probe_predicted_ms"]
+        if P0 <= 0 or P0 - P1 <= PROBE_MIN_CHANGE * P0 or M0 <= M1:
+            return None
+        b = (M0 - M1) / (P0 - P1)
+        return float(M0 - b * P0), float(b)
 
     # ------------------------------------------------------------------------------------------
     def record_truth(self, compact: str, runtime: str, predicted_ms: float, measured_ms: float) -> None:

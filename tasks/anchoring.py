@@ -14,11 +14,14 @@ from typing import Callable
 
 from estimators.modelspec import LoadedModel
 from estimators.table import LayerTable
-from hardware.anchor import PROBE_STRATEGY, Anchor, build_anchor, load_anchor
+from hardware.anchor import PROBE_STRATEGY, Anchor, build_anchor, load_anchor, table_fingerprint
 
 Progress = Callable[[str], None]
 ANCHOR_TRIES = 3
 INT8_UNCERTAINTY = 0.03  # an INT8 ratio less sure than this (relative) is timed again
+INT8_PROBE = f"{PROBE_STRATEGY},quantize:int8"  # the INT8 runtime's second point: the probe quantized
+INT8_REFERENCES = 4  # compiled INT8 originals kept in a process (the newest), to time INT8 candidates against
+_int8_references: dict[tuple[str, int], Callable] = {}
 
 
 def anchorable(profile) -> bool:
@@ -47,10 +50,48 @@ def original_int8(loaded: LoadedModel, batch: int):
     return fast_form(run_strategy(loaded, Strategy(steps=[QuantizeStep(dtype="int8")])).program, True)
 
 
+def int8_work(loaded: LoadedModel, table: LayerTable, text: str):
+    """(`loaded` executed by the INT8 strategy `text` and compiled as INT8 artifacts run, its estimated table)."""
+    from estimators.compress import estimate
+    from estimators.strategy import parse_strategy
+
+    from .apply import fast_form
+    from .executors import run_strategy
+
+    strategy = parse_strategy(text)
+    return fast_form(run_strategy(loaded, strategy).program, True), estimate(table, strategy)
+
+
+def keep_int8_reference(fingerprint: str, batch: int, fn: Callable) -> None:
+    """Keep the compiled INT8 original of the model `fingerprint` at `batch` for this process (int8_reference)."""
+    _int8_references.pop((fingerprint, batch), None)
+    _int8_references[(fingerprint, batch)] = fn
+    while len(_int8_references) > INT8_REFERENCES:
+        _int8_references.pop(next(iter(_int8_references)))
+
+
+def forget_int8_references() -> None:
+    """Drop the compiled INT8 originals this process keeps (with torch._dynamo.reset, after which they would compile
+    again)."""
+    _int8_references.clear()
+
+
+def int8_reference(loaded: LoadedModel, anchor: Anchor, progress: Progress = lambda m: None) -> Callable:
+    """The original quantized and compiled as the anchor's INT8 point was (original_int8): the one the anchor timed
+    where this process measured it, else built again."""
+    key = (anchor.fingerprint, anchor.batch)
+    if key not in _int8_references:
+        progress("quantizing and compiling the original as INT8 artifacts run, to time the INT8 candidate against")
+        keep_int8_reference(*key, original_int8(loaded, anchor.batch))
+    return _int8_references[key]
+
+
 def measure_anchor(loaded: LoadedModel, table: LayerTable, profile, batch: int = 1, int8: bool | None = None,
                    progress: Progress = lambda m: None) -> Anchor:
-    """Measure the original on this machine: its artifact's latency, every row's time in context and (`int8`;
-    default: where the profile runs INT8 fast) the quantized original compiled."""
+    """Measure the original on this machine: its artifact's latency, every row's time in context, the probe
+    (probe_work) and (`int8`; default: where the profile runs INT8 fast) the quantized original compiled, with the
+    probe quantized and compiled (INT8_PROBE) as the INT8 runtime's second point (hardware.anchor.Anchor.runtime_line).
+    The compiled INT8 original is kept for this process (int8_reference)."""
     from estimators.compress import estimate
     from estimators.strategy import Strategy, QuantizeStep
     from hardware.latency import predict_latency
@@ -79,6 +120,17 @@ def measure_anchor(loaded: LoadedModel, table: LayerTable, profile, batch: int =
     if probe is not None:
         fns.append(probe[0].program.module())
         at["probe"] = len(fns) - 1
+    int8_probe = None
+    if probe is not None and "int8" in at:
+        progress(f"anchoring: the probe quantized and compiled as INT8 artifacts run ({INT8_PROBE})")
+        try:
+            int8_probe = int8_work(loaded, table, INT8_PROBE)
+            fns.append(int8_probe[0])
+            at["int8probe"] = len(fns) - 1
+        except Exception as exc:  # noqa: BLE001 - one INT8 point then, said
+            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+            notes.append(f"no second INT8 point: {INT8_PROBE} could not be executed ({type(exc).__name__}: {first}); "
+                         "INT8 candidates are predicted by one measured ratio")
     # this machine stalls for seconds at a time: the original is timed in many short rounds, and its rows as
     # shares of it timed in alternation with them (hardware.timing.row_shares), which the drift barely moves; the
     # INT8 original's ratio to it is timed again (up to ANCHOR_TRIES) while it is uncertain, keeping the surest
@@ -86,8 +138,8 @@ def measure_anchor(loaded: LoadedModel, table: LayerTable, profile, batch: int =
     for _ in range(ANCHOR_TRIES):
         got = measure_interleaved(fns, [x] * len(fns))
         # the INT8 ratio's uncertainty: its rounds' spread over the square root of their number
-        i8 = at.get("int8")
-        unsure = got["ratio_iqr"][i8] / got["ratio"][i8] / got["rounds"] ** 0.5 if i8 else 0.0
+        unsure = max([got["ratio_iqr"][i] / got["ratio"][i] / got["rounds"] ** 0.5
+                      for i in (at.get("int8"), at.get("int8probe")) if i] + [0.0])
         if best is None or unsure < best[0]:
             best = (unsure, got)
         if unsure <= INT8_UNCERTAINTY:
@@ -103,6 +155,10 @@ def measure_anchor(loaded: LoadedModel, table: LayerTable, profile, batch: int =
     if "int8" in at:
         q = predict_latency(estimate(table, Strategy(steps=[QuantizeStep(dtype="int8")])), profile, batch)
         runtimes["int8"] = {"measured_ms": total * got["ratio"][at["int8"]], "predicted_ms": q.latency_ms}
+        if "int8probe" in at:
+            runtimes["int8"].update(probe_measured_ms=total * got["ratio"][at["int8probe"]],
+                                    probe_predicted_ms=predict_latency(int8_probe[1], profile, batch).latency_ms)
+        keep_int8_reference(table_fingerprint(table), batch, fns[at["int8"]])
     point = None
     if probe is not None:
         p_total = total * got["ratio"][at["probe"]]
@@ -116,6 +172,9 @@ def measure_anchor(loaded: LoadedModel, table: LayerTable, profile, batch: int =
     progress(f"anchoring: {loaded.spec} runs {total:.3f} ms here (the profile predicted {sum(anchor.predicted_rows_ms) + anchor.predicted_outside_ms:.3f} ms)"
              + (f"; INT8 {runtimes['int8']['measured_ms']:.3f} ms (predicted {runtimes['int8']['predicted_ms']:.3f})"
                 if "int8" in runtimes else "")
+             + (f"; INT8 pruned by half {runtimes['int8']['probe_measured_ms']:.3f} ms (predicted "
+                f"{runtimes['int8']['probe_predicted_ms']:.3f})" if "probe_measured_ms" in runtimes.get("int8", {})
+                else "")
              + (f"; pruned by half {anchor.probe['total_ms']:.3f} ms (predicted "
                 f"{sum(anchor.probe['predicted_rows_ms']) + anchor.probe['predicted_outside_ms']:.3f})"
                 if anchor.probe else ""))

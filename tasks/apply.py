@@ -84,15 +84,32 @@ def _is_int8(strategy: dict[str, Any]) -> bool:
 
 
 def measure_candidate(fn, loaded: LoadedModel, batch_size: int, anchor=None, original=None,
-                      original_after=None) -> dict[str, Any]:
+                      original_after=None, int8: bool = False, rounds: int | None = None,
+                      progress: Callable[[str], None] = lambda m: None) -> dict[str, Any]:
     """The latency of a candidate's fast form `fn` on this machine, timed in alternation with the original
     (tasks.anchoring.measure_against_original): the ratio of the two is what the machine's drift barely moves.
     With `anchor` (the original measured when the prediction was anchored), the latency is that ratio times the
     anchor's measurement of the original, the scale the anchored prediction is on; without, the candidate's own
-    median in this window."""
-    from .anchoring import measure_against_original
+    median in this window. An INT8 candidate (`int8`) of an anchor with an INT8 point is timed against the INT8
+    original (tasks.anchoring.int8_reference) and put on that point's scale: a compiled INT8 graph's ratio to the
+    eager float original moved by up to 8% from one minute to the next here (the machine's state moves the two
+    runtimes differently), where two INT8 builds timed together stayed within 3-5% of each other."""
+    from .anchoring import int8_reference, measure_against_original
 
-    got = measure_against_original(fn, loaded, batch_size, original=original, original_after=original_after)
+    point = anchor.runtimes.get("int8") if anchor is not None and int8 else None
+    if point is not None:
+        ref = int8_reference(loaded, anchor, progress)
+        got = measure_against_original(fn, loaded, batch_size, rounds=rounds, original=ref)
+        to_float = point["measured_ms"] / anchor.total_ms  # the ratios to the float original, on the anchor's scale
+        got.update(ratio=got["ratio"] * to_float, ratio_iqr=got["ratio_iqr"] * to_float, reference="INT8 original",
+                   window_ms=got["latency_ms"])
+        got["latency_ms"] = got["ratio"] * anchor.total_ms
+        got["scale"] = ("anchor: ratio to the INT8 original x the INT8 original's anchored latency "
+                        f"({point['measured_ms']:.4g} ms)")
+        return got
+    got = measure_against_original(fn, loaded, batch_size, rounds=rounds, original=original,
+                                   original_after=original_after)
+    got.update(reference="original", window_ms=got["latency_ms"])
     got["latency_ms"] = got["ratio"] * anchor.total_ms if anchor is not None else got["latency_ms"]
     got["scale"] = "anchor: ratio to the original x the original's anchored latency" if anchor is not None \
         else "this window's median"
@@ -166,7 +183,8 @@ def measure_saved_latency(result: CandidateResult, loaded: LoadedModel, anchor_o
         lat = onnx_latency((result.onnx or {}).get("path"), loaded, result.batch_size, anchor, notes, progress)
         return record_latency(out, lat, anchor) if lat is not None else out
     fn = fast_form(load_program(result.artifact["model"], loaded.trust_pickle), _is_int8(result.strategy))
-    return record_latency(out, measure_candidate(fn, loaded, result.batch_size, anchor, original), anchor)
+    return record_latency(out, measure_candidate(fn, loaded, result.batch_size, anchor, original,
+                                                 int8=_is_int8(result.strategy), progress=progress), anchor)
 
 
 def onnx_latency(onnx_path: str | None, loaded: LoadedModel, batch_size: int, anchor, notes: list[str],
@@ -362,8 +380,8 @@ def _latency(loaded, table, est, ep, work, hardware: str, batch_size: int, ancho
         lat_info = onnx_latency((onnx_check or {}).get("path"), loaded, batch_size, anchor, notes, progress)
     elif prof.name == "host" and latency_now:
         progress(f"measuring latency at batch {batch_size} in alternation with the original")
-        lat_info = measure_candidate(fast_form(ep, work.quant is not None and work.quant.dtype == "int8"),
-                                     loaded, batch_size, anchor)
+        int8 = work.quant is not None and work.quant.dtype == "int8"
+        lat_info = measure_candidate(fast_form(ep, int8), loaded, batch_size, anchor, int8=int8, progress=progress)
     elif prof.name != "host":
         notes.append(f"latency is predicted for {prof.name}; it can be measured only on that device")
     return lat_info, anchor, extra

@@ -241,6 +241,71 @@ def test_latency_model_has_named_columns():
     assert LatencyModel(table, prof, 1).kinds.shape == (table.n,)
 
 
+def test_int8_candidates_lie_on_the_line_of_the_two_int8_totals():
+    """Where the anchor measured the quantized original and the quantized probe (tasks.anchoring.INT8_PROBE), an INT8
+    candidate's total lies on the line through those two measured totals against the profile's INT8 predictions:
+    both points exactly, a third candidate on the line, never below PROBE_FLOOR of the single ratio; single and
+    batch path alike. A float candidate keeps its own correction."""
+    from hardware.anchor import PROBE_FLOOR
+
+    table = analyze(load_model("torchvision:mobilenet_v2", input_shape="1,3,32,32"))
+    prof = load_profile("host")
+    plain = {s: predict_latency(estimate(table, parse_strategy(s)), prof, 1).latency_ms
+             for s in ("quantize:int8", f"{PROBE_STRATEGY},quantize:int8", "prune:0.3,quantize:int8",
+                       "prune:0.9,quantize:int8", "prune:0.3")}
+    P0, P1 = plain["quantize:int8"], plain[f"{PROBE_STRATEGY},quantize:int8"]
+    M0, M1 = 0.6 * P0, 0.6 * P0 * (0.5 + 0.5 * P1 / P0)  # pruning by half saves half what the profile says
+    anchor = _anchor(table, prof, 1, probe=True)
+    float_before = predict_latency(estimate(table, parse_strategy("prune:0.3")), prof, 1, anchor=anchor).latency_ms
+    anchor.runtimes["int8"].update(measured_ms=M0, predicted_ms=P0, probe_measured_ms=M1, probe_predicted_ms=P1)
+    a, b = anchor.runtime_line("int8")
+    assert a > 0 and a + b * P0 == pytest.approx(M0) and a + b * P1 == pytest.approx(M1)
+    for s, want in (("quantize:int8", M0), (f"{PROBE_STRATEGY},quantize:int8", M1),
+                    ("prune:0.3,quantize:int8", a + b * plain["prune:0.3,quantize:int8"]),
+                    ("prune:0.9,quantize:int8", max(a + b * plain["prune:0.9,quantize:int8"],
+                                                    PROBE_FLOOR * M0 / P0 * plain["prune:0.9,quantize:int8"]))):
+        est = estimate(table, parse_strategy(s))
+        pred = predict_latency(est, prof, 1, anchor=anchor)
+        assert pred.latency_ms == pytest.approx(want, rel=1e-6) and pred.basis == "anchored", s
+        out = BatchEvaluator(est, prof, 1, anchor=anchor)(est.state.kept[None, :])
+        assert out["latency_ms"][0] == pytest.approx(pred.latency_ms, rel=1e-9), s
+    # the single ratio would have priced the pruned INT8 candidate lower (it scales the whole of it)
+    assert a + b * plain["prune:0.3,quantize:int8"] > M0 / P0 * plain["prune:0.3,quantize:int8"]
+    after = predict_latency(estimate(table, parse_strategy("prune:0.3")), prof, 1, anchor=anchor).latency_ms
+    assert after == pytest.approx(float_before, rel=1e-12)
+    # a probe that does not slope upwards leaves the single ratio
+    anchor.runtimes["int8"]["probe_measured_ms"] = 1.01 * M0
+    assert anchor.runtime_line("int8") is None
+    est = estimate(table, parse_strategy("prune:0.3,quantize:int8"))
+    assert predict_latency(est, prof, 1, anchor=anchor).latency_ms == pytest.approx(
+        M0 / P0 * plain["prune:0.3,quantize:int8"], rel=1e-9)
+
+
+@pytest.mark.slow
+def test_an_int8_candidate_is_timed_against_the_int8_original(tmp_path):
+    """apply's measurement of an INT8 candidate: in alternation with the anchor's compiled INT8 original (kept by
+    the process that measured the anchor), put on the anchor's INT8 scale; the anchor has the INT8 line's second
+    point. A candidate of the same program as the anchor's INT8 original measures about that original's time."""
+    from tasks.anchoring import forget_int8_references
+    from tasks.apply import apply_and_measure
+
+    loaded = load_model("demo:digits-cnn")
+    table = analyze(loaded)
+    prof = load_profile("host")
+    rep = apply_and_measure(loaded, parse_strategy("quantize:int8"), str(tmp_path / "q"), hardware="host")
+    anchor = load_anchor(table, prof, 1)
+    point = anchor.runtimes["int8"]
+    assert point["probe_predicted_ms"] < point["predicted_ms"] and point["probe_measured_ms"] > 0
+    lat = rep.latency_measurement
+    assert lat["reference"] == "INT8 original" and "INT8 original" in lat["scale"]
+    assert rep.meas.latency_ms == pytest.approx(lat["ratio"] * anchor.total_ms, rel=1e-3)
+    assert 0.7 < rep.meas.latency_ms / point["measured_ms"] < 1.4
+    # a process that did not measure the anchor builds the INT8 original again to time against
+    forget_int8_references()
+    again = apply_and_measure(loaded, parse_strategy("prune:0.3,quantize:int8"), str(tmp_path / "p"),
+                              hardware="host")
+    assert again.latency_measurement["reference"] == "INT8 original" and again.meas.latency_ms > 0
+
 @pytest.mark.slow
 def test_truths_recorded_by_apply_change_the_next_prediction(tmp_path):
     """apply measures the candidate in alternation with the original and stores it as a truth of the anchor; the
