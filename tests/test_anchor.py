@@ -18,6 +18,14 @@ from hardware.anchor import PROBE_STRATEGY, build_anchor, load_anchor, runtime_o
 from hardware.latency import LatencyModel, predict_latency
 from hardware.profile import load_profile
 from search.batch import BatchEvaluator
+from hosts import seed_host
+
+
+def own_cache(tmp_path, monkeypatch) -> None:
+    """A cache of the test's own (this machine's host profile seeded), so that the anchors and truths it records
+    are not another test's."""
+    monkeypatch.setenv("DEPLOYFIT_CACHE_DIR", str(tmp_path / "cache"))
+    seed_host()
 
 
 def _loaded(model: nn.Module, shape: tuple[int, ...], spec: str) -> LoadedModel:
@@ -282,13 +290,14 @@ def test_int8_candidates_lie_on_the_line_of_the_two_int8_totals():
 
 
 @pytest.mark.slow
-def test_an_int8_candidate_is_timed_against_the_int8_original(tmp_path):
+def test_an_int8_candidate_is_timed_against_the_int8_original(tmp_path, monkeypatch):
     """apply's measurement of an INT8 candidate: in alternation with the anchor's compiled INT8 original (kept by
     the process that measured the anchor), put on the anchor's INT8 scale; the anchor has the INT8 line's second
     point. A candidate of the same program as the anchor's INT8 original measures about that original's time."""
     from tasks.anchoring import forget_int8_references
     from tasks.apply import apply_and_measure
 
+    own_cache(tmp_path, monkeypatch)
     loaded = load_model("demo:digits-cnn")
     table = analyze(loaded)
     prof = load_profile("host")
@@ -307,11 +316,12 @@ def test_an_int8_candidate_is_timed_against_the_int8_original(tmp_path):
     assert again.latency_measurement["reference"] == "INT8 original" and again.meas.latency_ms > 0
 
 @pytest.mark.slow
-def test_truths_recorded_by_apply_change_the_next_prediction(tmp_path):
+def test_truths_recorded_by_apply_change_the_next_prediction(tmp_path, monkeypatch):
     """apply measures the candidate in alternation with the original and stores it as a truth of the anchor; the
     next prediction of that model on this machine is refitted with it."""
     from tasks.apply import apply_and_measure
 
+    own_cache(tmp_path, monkeypatch)
     loaded = load_model("demo:digits-cnn")
     table = analyze(loaded)
     prof = load_profile("host")
