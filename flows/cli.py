@@ -58,7 +58,7 @@ def _with_latency(rep: dict[str, Any], loaded, table, strat, hardware: Optional[
                   anchor: bool = True, runtime: str = "pytorch") -> dict[str, Any]:
     if hardware:
         from estimators.compress import estimate as run_estimate
-        from hardware.latency import predict_latency
+        from hardware.latency import group_slow_note, predict_latency
         from tasks.anchoring import latency_context
         from tasks.onnx_runtime import slow_path_note
 
@@ -69,9 +69,9 @@ def _with_latency(rep: dict[str, Any], loaded, table, strat, hardware: Optional[
         rep["pred"]["latency_ms"] = round(lat.latency_ms, 4)
         rep["latency_basis"] = lat.basis
         rep["hardware"] = info
-        note = slow_path_note(table, est, runtime)
-        if note:
-            rep["notes"] = [*rep.get("notes", []), note]
+        for note in (slow_path_note(table, est, runtime), group_slow_note(table, est, prof, batch_size)):
+            if note:
+                rep["notes"] = [*rep.get("notes", []), note]
     return rep
 
 

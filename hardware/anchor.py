@@ -75,12 +75,19 @@ class Correction:
     outside_add_s: float = 0.0
     outside_floor: float | None = 0.0  # None: the time outside may be negative (the total floor still holds)
     total_floor: float = 0.0  # the least a candidate's corrected total is, per predicted second (rows and outside)
+    alone: float = 1.0  # multiplies rows priced by their kernel's own measured speed (the truths' factor)
 
-    def apply(self, rows: np.ndarray, outside: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The corrected seconds of K candidates' rows (K x rows) and of their time outside the operators (K)."""
+    def apply(self, rows: np.ndarray, outside: np.ndarray, alone: np.ndarray | None = None
+              ) -> tuple[np.ndarray, np.ndarray]:
+        """The corrected seconds of K candidates' rows (K x rows) and of their time outside the operators (K).
+        `alone` (K x rows): rows the profile prices by a kernel's own measured speed (a slow kernel the original
+        does not run, hardware.latency.LatencyModel.slow_rows); the original's measured-over-predicted ratios say
+        nothing of them, so they take the truths' factor alone."""
         out = rows * self.rows
         if self.add_s is not None:
             out = np.maximum(out + self.add_s, rows * self.floor)
+        if alone is not None:
+            out = np.where(alone, rows * self.alone, out)
         o = outside * self.outside + self.outside_add_s
         if self.outside_floor is not None:
             o = np.maximum(o, outside * self.outside_floor)
@@ -171,6 +178,15 @@ class Anchor:
     def correction(self, table: LayerTable, model) -> Correction:
         """How to correct `table`'s rows as the latency model `model` (hardware.latency.LatencyModel of that table)
         prices them, truths included."""
+        corr = self._correction(table, model)
+        rt = runtime_of(table)
+        corr.alone = self.truth_factor(rt)[0]
+        now, priced = (self.runtimes.get(rt) or {}).get("group_slow_ns"), model.slow_kernel_ns(rt)
+        if now and priced:  # the slow kernel as timed with the anchor, against the profile's price of it
+            corr.alone *= now / priced
+        return corr
+
+    def _correction(self, table: LayerTable, model) -> Correction:
         rt = runtime_of(table)
         k, n = self.truth_factor(rt)
         if rt != FLOAT:

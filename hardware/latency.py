@@ -289,10 +289,14 @@ def channels_off(kinds: np.ndarray, cin: np.ndarray, cout: np.ndarray, channel_m
     if aligned_below:
         off = off & ~((kinds == "conv") & (cin < aligned_below))
     if group_multiple and groups is not None:
-        g = np.maximum(np.asarray(groups), 1)
-        per_group_off = ((cin // g) % group_multiple != 0) | ((cout // g) % group_multiple != 0)
-        off = np.where(kinds == "gconv", per_group_off, off)
+        off = np.where(kinds == "gconv", per_group_off(cin, cout, groups, group_multiple), off)
     return off
+
+
+def per_group_off(cin: np.ndarray, cout: np.ndarray, groups: np.ndarray, multiple: int) -> np.ndarray:
+    """Rows (any leading candidate axes) whose input or output channels per group are not multiples of `multiple`."""
+    g = np.maximum(np.asarray(groups), 1)
+    return ((cin // g) % multiple != 0) | ((cout // g) % multiple != 0)
 
 
 def off_multiple(profile: HardwareProfile, kinds: np.ndarray, cin: np.ndarray, cout: np.ndarray,
@@ -415,8 +419,12 @@ class LatencyModel:
         self.parts = []  # (row positions, how, parameters) per dtype and class
         self.glue = []  # (row positions of a dtype, seconds per activation byte written)
         self.const_rows = np.zeros(t.n)  # views: a fixed time per row
+        self.group_slow = []  # (grouped-conv row positions of a dtype, its group_multiple, seconds per FLOP off it)
         call_s = 0.0
         for rows, eff, peak, factor, bs, classes in dtype_parts(t, self.kinds, profile, batch):
+            if (eff.group_multiple and eff.group_multiple > 1 and t.groups is not None
+                    and (gsel := rows & (self.kinds == "gconv")).any()):
+                self.group_slow.append((np.flatnonzero(gsel), eff.group_multiple, eff.group_slow_ns * 1e-9 * factor))
             for cls, mask in classes:
                 sel = np.flatnonzero(mask)
                 if eff.split:
@@ -438,6 +446,24 @@ class LatencyModel:
             call_s += eff.call_overhead_us * 1e-6 + eff.input_ns_per_element * 1e-9 * input_elements(t) * batch
         self.call_s = call_s
         self.unsupported = int((self.kinds == "unsupported").sum())
+
+    def slow_kernel_ns(self, dtype: str) -> float | None:
+        """The nanoseconds per FLOP the profile prices `dtype`'s slow grouped-convolution kernel at (None: no rule)."""
+        if dtype not in self.profile.peak_gflops:
+            return None
+        eff = self.profile.eff(self.profile.runs(dtype)[0], self.batch)
+        return eff.group_slow_ns if eff.group_multiple and eff.group_slow_ns > 0 else None
+
+    def slow_rows(self, cin: np.ndarray, cout: np.ndarray) -> np.ndarray | None:
+        """K x rows: the rows `seconds` prices on a slow kernel by the kernel's own measured speed (a grouped
+        convolution off its dtype's group_multiple), which an anchor's correction leaves as they are; None where the
+        profile has no such rows for this table."""
+        if not self.group_slow:
+            return None
+        out = np.zeros(np.shape(cin), dtype=bool)
+        for sel, multiple, _ in self.group_slow:
+            out[:, sel] = per_group_off(cin[:, sel], cout[:, sel], np.asarray(self.table.groups)[sel], multiple)
+        return out
 
     def seconds(self, q: np.ndarray, cin: np.ndarray, cout: np.ndarray, wb: np.ndarray, arb: np.ndarray,
                 awb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -486,10 +512,41 @@ class LatencyModel:
                 body = comp * slow + mem if prof.combine == "sum" else np.maximum(comp, mem) * slow
                 per = body * factor + kern
             out[:, sel] += per
+        for sel, multiple, s_per_flop in self.group_slow:
+            # off its per-group multiple a grouped convolution leaves the fast kernel for a slow one (oneDNN's INT8
+            # grouped convolution on AVX2 ran 0.75-0.9 ns per FLOP there, 30-80x its fast kernel): priced by its FLOPs
+            slow = per_group_off(cin[:, sel], cout[:, sel], np.asarray(t.groups)[sel], multiple)
+            out[:, sel] = np.where(slow, flops[:, sel] * s_per_flop, out[:, sel])
         outside = np.full(len(q), self.call_s)
         for rows, s_per_byte in self.glue:
             outside += awb_paid[:, rows].sum(1) * scale * s_per_byte
         return out, outside
+
+
+def group_slow_rows(table: LayerTable, profile: HardwareProfile, batch_size: int = 1) -> tuple[int, int | None]:
+    """(how many grouped convolutions of `table` the profile prices on their dtype's slow kernel, channels per group
+    off its group_multiple; that multiple, None where no dtype of the table has the rule)."""
+    model = LatencyModel(table, profile, batch_size)
+    ev = evaluate(table)
+    n, multiple = 0, None
+    for sel, m, _ in model.group_slow:
+        n += int(per_group_off(ev.cin[sel], ev.cout[sel], np.asarray(table.groups)[sel], m).sum())
+        multiple = m
+    return n, multiple
+
+
+def group_slow_note(table: LayerTable, candidate: LayerTable, profile: HardwareProfile, batch_size: int = 1
+                    ) -> str | None:
+    """A note where `candidate` (an estimate of the original `table`) puts grouped convolutions on the slow kernel
+    the profile prices for its dtype (an INT8 grouped convolution off its channel multiple per group): such a
+    candidate can run slower than its unpruned INT8 original. None where it puts none there."""
+    n, multiple = group_slow_rows(candidate, profile, batch_size)
+    if not n or n <= group_slow_rows(table, profile, batch_size)[0]:
+        return None
+    return (f"{n} grouped convolution(s) of this candidate have channels per group that are not multiples of "
+            f"{multiple}: this runtime runs them on a slow kernel here (priced in the prediction), which can make "
+            f"the candidate slower than its unpruned original; `:round_to={multiple}` on the prune step keeps them "
+            "on the fast one")
 
 
 def predict_latency(table: LayerTable, profile: HardwareProfile, batch_size: int = 1, ev=None,
@@ -504,7 +561,7 @@ def predict_latency(table: LayerTable, profile: HardwareProfile, batch_size: int
     basis = "profile"
     if anchor is not None:
         corr = anchor.correction(table, model)
-        rows, outside = corr.apply(rows, outside)
+        rows, outside = corr.apply(rows, outside, model.slow_rows(ev.cin[None], ev.cout[None]))
         basis = corr.basis
     per_row = rows[0]
     return LatencyPrediction(float((per_row.sum() + outside[0]) * 1e3), per_row * 1e3, batch_size, profile.name,

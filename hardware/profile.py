@@ -53,6 +53,12 @@ class Efficiency(_Strict):
     misaligned_factor: dict[OpClass, float] = Field(
         default_factory=dict, description="time multiplier when a layer's channels are not multiples of the profile's "
                                           "channel_multiple (kernels fall back to slower paths)")
+    group_multiple: Optional[int] = Field(
+        default=None, ge=1, description="a grouped (not depthwise) convolution of this dtype runs its fast kernel only "
+                                        "where its input and output channels per group are multiples of this; elsewhere "
+                                        "it takes group_slow_ns per FLOP (None: no such rule)")
+    group_slow_ns: float = Field(default=0.0, ge=0, description="nanoseconds per FLOP of a grouped convolution off "
+                                                                "group_multiple (its slow kernel)")
     # the split memory model (a calibrated CPU): given when weights and activations move at different rates
     overhead_us: dict[OpClass, float] = Field(default_factory=dict, description="fixed time per kernel of a class "
                                               "(default kernel_overhead_us)")

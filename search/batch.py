@@ -47,6 +47,6 @@ class BatchEvaluator:
             rows, outside = self.latency.seconds(ev.q, ev.cin, ev.cout, ev.weight_bytes, ev.act_read_bytes,
                                                  ev.act_write_bytes)
             if self.correction is not None:
-                rows, outside = self.correction.apply(rows, outside)
+                rows, outside = self.correction.apply(rows, outside, self.latency.slow_rows(ev.cin, ev.cout))
             out["latency_ms"] = (rows.sum(1) + outside) * 1e3
         return out

@@ -121,7 +121,10 @@ def measure_anchor(loaded: LoadedModel, table: LayerTable, profile, batch: int =
         fns.append(probe[0].program.module())
         at["probe"] = len(fns) - 1
     int8_probe = None
-    if probe is not None and "int8" in at:
+    if probe is not None and "int8" in at and probe_on_slow_kernels(table, profile, batch):
+        notes.append(f"no second INT8 point: {INT8_PROBE} puts grouped convolutions on the slow INT8 kernel the "
+                     "profile prices by its own speed; INT8 candidates are predicted by one measured ratio")
+    elif probe is not None and "int8" in at:
         progress(f"anchoring: the probe quantized and compiled as INT8 artifacts run ({INT8_PROBE})")
         try:
             int8_probe = int8_work(loaded, table, INT8_PROBE)
@@ -158,6 +161,9 @@ def measure_anchor(loaded: LoadedModel, table: LayerTable, profile, batch: int =
         if "int8probe" in at:
             runtimes["int8"].update(probe_measured_ms=total * got["ratio"][at["int8probe"]],
                                     probe_predicted_ms=predict_latency(int8_probe[1], profile, batch).latency_ms)
+        slow_ns = group_slow_now(table, profile, batch, progress)
+        if slow_ns:
+            runtimes["int8"]["group_slow_ns"] = slow_ns
         keep_int8_reference(table_fingerprint(table), batch, fns[at["int8"]])
     point = None
     if probe is not None:
@@ -179,6 +185,39 @@ def measure_anchor(loaded: LoadedModel, table: LayerTable, profile, batch: int =
                 f"{sum(anchor.probe['predicted_rows_ms']) + anchor.probe['predicted_outside_ms']:.3f})"
                 if anchor.probe else ""))
     return anchor
+
+
+def probe_on_slow_kernels(table: LayerTable, profile, batch: int) -> bool:
+    """Whether the INT8 probe (INT8_PROBE) has grouped convolutions the profile prices on their slow kernel: a line
+    through it would carry that kernel's time into every INT8 candidate's fast rows."""
+    from estimators.compress import estimate
+    from estimators.strategy import parse_strategy
+    from hardware.latency import group_slow_rows
+
+    return group_slow_rows(estimate(table, parse_strategy(INT8_PROBE)), profile, batch)[0] > 0
+
+
+def group_slow_now(table: LayerTable, profile, batch: int, progress: Progress = lambda m: None) -> float | None:
+    """Where the profile prices some of `table`'s grouped convolutions' INT8 kernels by a slow kernel's speed (its
+    group rule, hardware.calibrate.int8.group_rule), that slow kernel's nanoseconds per FLOP timed now, with the
+    anchor, in a compiled graph (int8_group_graph_ns): timed alone it ran 0.86 ns per FLOP in one calibration of this
+    AMD EPYC and 1.2-1.6 an hour later, a drift the original's fast kernels (the anchor's INT8 ratio) do not show. None where the rule is not the profile's, or the
+    table has no grouped convolution, or the kernels timed now fit no rule."""
+    from hardware.calibrate.int8 import group_rule, int8_group_graph_ns, int8_group_samples
+
+    eff = profile.eff("int8", batch) if "int8" in profile.peak_gflops else None
+    if eff is None or not eff.group_multiple or table.groups is None:
+        return None
+    from hardware.latency import latency_kinds
+
+    if not (latency_kinds(table) == "gconv").any():
+        return None
+    from .quantize_exec import compiled_int8
+
+    multiple, _ = group_rule(int8_group_samples(progress))
+    if multiple != eff.group_multiple:
+        return None
+    return round(int8_group_graph_ns(compiled_int8, multiple, progress), 4) or None
 
 
 def probe_work(loaded: LoadedModel, table: LayerTable, notes: list[str], progress: Progress,

@@ -372,9 +372,9 @@ def _latency(loaded, table, est, ep, work, hardware: str, batch_size: int, ancho
         notes.append(extra["hardware"]["warning"])
     from .onnx_runtime import slow_path_note
 
-    note = slow_path_note(table, est, runtime)
-    if note:
-        notes.append(note)
+    from hardware.latency import group_slow_note
+
+    notes.extend(n for n in (slow_path_note(table, est, runtime), group_slow_note(table, est, prof, batch_size)) if n)
     lat_info = None
     if prof.name == "host" and latency_now and runtime == "onnxruntime":
         lat_info = onnx_latency((onnx_check or {}).get("path"), loaded, batch_size, anchor, notes, progress)

@@ -13,7 +13,7 @@ from estimators.analyze import analyze
 from estimators.compress import estimate
 from estimators.modelspec import LoadedModel, load_model
 from estimators.strategy import Strategy, parse_strategy
-from estimators.table import METRICS, totals
+from estimators.table import METRICS, evaluate, totals
 from hardware.anchor import PROBE_STRATEGY, build_anchor, load_anchor, runtime_of
 from hardware.latency import LatencyModel, predict_latency
 from hardware.profile import load_profile
@@ -287,6 +287,40 @@ def test_int8_candidates_lie_on_the_line_of_the_two_int8_totals():
     est = estimate(table, parse_strategy("prune:0.3,quantize:int8"))
     assert predict_latency(est, prof, 1, anchor=anchor).latency_ms == pytest.approx(
         M0 / P0 * plain["prune:0.3,quantize:int8"], rel=1e-9)
+
+
+def test_rows_on_a_slow_kernel_measured_alone_keep_their_price_when_anchored():
+    """A grouped convolution the profile prices on its dtype's slow kernel (INT8, channels per group off the group
+    rule's multiple) is priced by that kernel's own measured speed: the anchor's INT8 ratio, which is the original's
+    fast kernels' against their prediction, leaves it as it is, while every other row takes the ratio; single and
+    batch path alike."""
+    from hardware.latency import LatencyModel
+
+    model = nn.Sequential(nn.Conv2d(3, 48, 3, padding=1), nn.ReLU(), nn.Conv2d(48, 48, 3, padding=1, groups=4),
+                          nn.ReLU(), nn.Conv2d(48, 16, 1)).eval()
+    table = analyze(_loaded(model, (1, 3, 16, 16), "test:grouped"))
+    base = load_profile("host")
+    prof = base.model_copy(update={"dtype_overrides": {"int8": base.dtype_overrides["int8"].model_copy(
+        update={"group_multiple": 4, "group_slow_ns": 1.5})}})
+    anchor = _anchor(table, prof, 1)  # the INT8 original measured at 0.6x its prediction
+    for text, slow in (("quantize:int8", False), ("prune:0.25,quantize:int8", True)):
+        est = estimate(table, parse_strategy(text))
+        plain = predict_latency(est, prof, 1)
+        pred = predict_latency(est, prof, 1, anchor=anchor)
+        ev = evaluate(est)
+        mask = LatencyModel(est, prof, 1).slow_rows(ev.cin[None], ev.cout[None])[0]
+        assert mask.sum() == int(slow)
+        assert np.allclose(pred.per_row_ms[mask], plain.per_row_ms[mask], rtol=1e-12)
+        assert np.allclose(pred.per_row_ms[~mask], 0.6 * plain.per_row_ms[~mask], rtol=1e-9)
+        out = BatchEvaluator(est, prof, 1, anchor=anchor)(est.state.kept[None, :])
+        assert out["latency_ms"][0] == pytest.approx(pred.latency_ms, rel=1e-9)
+    # the slow kernel timed with the anchor at 2 ns per FLOP, where the profile prices it at 1.5: those rows follow
+    anchor.runtimes["int8"]["group_slow_ns"] = 2.0
+    est = estimate(table, parse_strategy("prune:0.25,quantize:int8"))
+    ev = evaluate(est)
+    mask = LatencyModel(est, prof, 1).slow_rows(ev.cin[None], ev.cout[None])[0]
+    again = predict_latency(est, prof, 1, anchor=anchor).per_row_ms
+    assert np.allclose(again[mask], 2.0 / 1.5 * predict_latency(est, prof, 1).per_row_ms[mask], rtol=1e-12)
 
 
 @pytest.mark.slow

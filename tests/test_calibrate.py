@@ -324,3 +324,35 @@ def test_first_use_of_host_calibrates_this_machine_and_says_so(tmp_path, monkeyp
     assert key_of(prof) == host_key() and prof.name == "host"
     again = []
     assert load_profile("host", progress=again.append) == prof and again == []  # loaded, not calibrated again
+
+
+@pytest.mark.timing
+def test_the_int8_group_rule_read_from_kernels_holds_in_the_compiled_graph():
+    """The INT8 grouped-convolution rule read from oneDNN's kernels timed alone (int8_group_samples, group_rule)
+    holds in the compiled INT8 graph a pruned model runs as: a network whose channels per group are off the rule's
+    multiple takes about the slow kernel's time per FLOP, and one on it far less; with no rule, neither is slow."""
+    import torch
+    from torch import nn
+
+    from hardware.calibrate.int8 import int8_group_samples, group_rule
+    from hardware.measure import measure_interleaved
+    from tasks.quantize_exec import compiled_int8
+
+    multiple, s_per_flop = group_rule(int8_group_samples(lambda m: None))
+    on = 4 * (multiple or 4)  # 16 channels per group (32 for a multiple of 8, 64 for 16)
+    off = on - 1
+    fns, xs, flops = [], [], []
+    for pg in (on, off):
+        c = 4 * pg
+        model = nn.Sequential(*[m for _ in range(3) for m in (nn.Conv2d(c, c, 3, padding=1, groups=4, bias=False),
+                                                               nn.BatchNorm2d(c), nn.ReLU())]).eval()
+        fns.append(compiled_int8(model, torch.randn(2, c, 16, 16)))
+        xs.append(torch.randn(1, c, 16, 16))
+        flops.append(3 * 2.0 * c * pg * 9 * 16 * 16)
+    r = measure_interleaved(fns, xs, budget_s=1.0)
+    per_flop = [t / 1e3 / f for t, f in zip(r["latency_ms"], flops)]
+    if multiple:
+        assert per_flop[1] > 5 * per_flop[0]
+        assert 0.4 < per_flop[1] / s_per_flop < 2.5  # the graph's slow convolutions at about the kernel's rate
+    else:
+        assert per_flop[1] < 3 * per_flop[0]

@@ -14,6 +14,7 @@ from torch import nn
 from estimators.analyze import analyze
 from estimators.errors import UserInputError
 from estimators.modelspec import load_model
+from estimators.table import evaluate
 from hardware.calibrate.fit import fit_split_model, split_efficiency
 from hardware.calibrate.sampling import NetSample, exported, light_table, time_network
 from hardware.latency import SPLIT_WIDTH, row_features, pointwise, predict_latency
@@ -759,3 +760,79 @@ def test_interleaved_rounds_give_every_function_every_place_equally_often():
     assert len(rounds) == 9 and all(sorted(r) == [0, 1, 2] for r in rounds)
     assert collections.Counter(r[0] for r in rounds) == {0: 3, 1: 3, 2: 3}
     assert collections.Counter(r[2] for r in rounds) == {0: 3, 1: 3, 2: 3}
+
+
+def _grouped_table():
+    """conv 3->48, a grouped 3x3 conv 48->48 in 4 groups (12 channels per group), a depthwise conv, a 1x1 conv."""
+    from estimators.modelspec import LoadedModel
+
+    model = nn.Sequential(nn.Conv2d(3, 48, 3, padding=1), nn.ReLU(), nn.Conv2d(48, 48, 3, padding=1, groups=4),
+                          nn.ReLU(), nn.Conv2d(48, 48, 3, padding=1, groups=48), nn.Conv2d(48, 16, 1)).eval()
+    return analyze(LoadedModel("test:grouped", "factory", model, (1, 3, 16, 16)))
+
+
+def _int8_profile(group_multiple=None, group_slow_ns=0.0):
+    d = _split_profile()
+    d["peak_gflops"]["int8"] = 400.0
+    d["fast_dtypes"].append("int8")
+    d["dtype_overrides"] = {"int8": {**copy.deepcopy(d["efficiency"]), "group_multiple": group_multiple,
+                                     "group_slow_ns": group_slow_ns}}
+    return parse_profile(d, "test")
+
+
+def test_int8_grouped_convolutions_off_their_multiple_take_the_slow_kernel_by_hand():
+    """A dtype's group rule: an INT8 grouped (not depthwise) convolution whose channels per group are off
+    group_multiple is priced at group_slow_ns per FLOP in place of its fast price; every other row, and every row of
+    a candidate on the multiple, is priced as without the rule; the batch evaluator prices it as predict_latency."""
+    from estimators.compress import estimate
+    from estimators.strategy import parse_strategy
+    from hardware.latency import group_slow_note, latency_kinds
+    from search.batch import BatchEvaluator
+
+    table = _grouped_table()
+    plain, ruled = _int8_profile(), _int8_profile(4, 2.0)
+    for text, per_group in (("quantize:int8", 12), ("prune:0.25,quantize:int8", 9)):
+        est = estimate(table, parse_strategy(text))
+        ev = evaluate(est)
+        kinds = latency_kinds(est)
+        g = int(np.flatnonzero(kinds == "gconv")[0])
+        assert ev.cin[g] // 4 == per_group and ev.cout[g] // 4 == per_group
+        a, b = predict_latency(est, plain, 1).per_row_ms, predict_latency(est, ruled, 1).per_row_ms
+        others = np.arange(est.n) != g
+        assert np.array_equal(a[others], b[others])
+        if per_group % 4:
+            flops = 2 * 16 * 16 * (4 * per_group) * per_group * 9
+            assert b[g] == pytest.approx(flops * 2.0e-9 * 1e3, rel=1e-9) and b[g] > 10 * a[g]
+        else:
+            assert b[g] == a[g]
+    # a candidate that puts grouped convolutions on the slow kernel says so, and how to keep them off it
+    q, p = estimate(table, parse_strategy("quantize:int8")), estimate(table, parse_strategy("prune:0.25,quantize:int8"))
+    assert group_slow_note(table, q, ruled) is None and group_slow_note(table, p, plain) is None
+    assert "round_to=4" in group_slow_note(table, p, ruled)
+    assert group_slow_note(table, estimate(table, parse_strategy("prune:0.25:round_to=4,quantize:int8")), ruled) is None
+    # the float rows know no such rule
+    assert np.array_equal(predict_latency(table, plain, 1).per_row_ms, predict_latency(table, ruled, 1).per_row_ms)
+    q = estimate(table, parse_strategy("quantize:int8"))
+    gidx = np.array([grp.index for grp in q.plan.groups])
+    kept = np.tile(q.state.kept, (2, 1))
+    kept[1, gidx] = np.maximum(kept[1, gidx] - 12, 1)
+    out = BatchEvaluator(q, ruled, 1)(kept)["latency_ms"]
+    assert out[0] == pytest.approx(predict_latency(q, ruled, 1).latency_ms, rel=1e-9)
+    assert out[1] > 3 * out[0]
+
+
+def test_group_rule_reads_the_multiple_and_the_slow_kernels_speed():
+    from hardware.calibrate.int8 import GROUP_PROBE, GroupSample, group_rule
+
+    def samples(slow_of, fast_s=2.5e-4, slow_ns=1.0):  # about this AMD EPYC's times at GROUP_PROBE_SHAPE
+        flops = {pg: 2.0 * 4 * pg * pg * 9 * 32 * 32 for pg in GROUP_PROBE}
+        return [GroupSample(pg, 4, flops[pg], flops[pg] * slow_ns * 1e-9 if slow_of(pg) else fast_s)
+                for pg in GROUP_PROBE]
+
+    m, s = group_rule(samples(lambda pg: pg % 4 != 0))
+    assert m == 4 and s == pytest.approx(1e-9)
+    assert group_rule(samples(lambda pg: pg % 8 != 0))[0] == 8
+    assert group_rule(samples(lambda pg: pg % 2 != 0))[0] == 2
+    assert group_rule(samples(lambda pg: False)) == (None, 0.0)  # no slow kernel
+    assert group_rule(samples(lambda pg: pg == 10)) == (None, 0.0)  # slow, but not by a multiple
+    assert group_rule([]) == (None, 0.0)

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from estimators.progress import step
+from estimators.progress import status, step
 from estimators.registry import Q_INDEX
 from estimators.table import LayerTable, evaluate
 
@@ -275,6 +275,86 @@ def int8_op_samples(budget_s: float, progress: Progress, batches: tuple[int, ...
     counted.finish(f"{n} INT8 convolution/linear kernels timed at batch {', '.join(map(str, batches))} "
                    f"({len(elements)} with and without a fused SiLU)", done=time.perf_counter() - t0)
     return out, elements
+
+
+@dataclass
+class GroupSample:
+    """One INT8 grouped convolution kernel timed alone: its channels per group, groups, FLOPs and seconds."""
+
+    per_group: int
+    groups: int
+    flops: float
+    seconds: float
+
+
+# channels per group timed for the INT8 grouped-convolution rule: the largest is the reference; multiples of 2, 4, 8
+# and 16 are told apart by them. Four channels per group are not timed: a fast kernel of so few FLOPs is mostly
+# overhead and a slow one of so few is not far above it
+GROUP_PROBE = (16, 15, 14, 12, 10, 8, 6)
+GROUP_PROBE_SHAPE = (4, 32)  # groups, spatial size (3x3, stride 1, batch 1)
+GROUP_SLOW = 3.0  # a kernel this many times slower than the reference (which has the most FLOPs) is on a slow path
+
+
+def int8_group_samples(progress: Progress) -> list[GroupSample]:
+    """Time oneDNN's INT8 grouped convolution at the channels per group of GROUP_PROBE (a second or two): on this
+    AMD EPYC (AVX2) a grouped convolution whose channels per group are not multiples of 4 ran 0.75-0.9 ns per FLOP,
+    30-80x its fast kernel, so that pruning a RegNet to 11 channels per group made its INT8 program 2x slower than the
+    unpruned one. Which multiple, and how slow, is read here on each machine (group_rule)."""
+    g, hw = GROUP_PROBE_SHAPE
+    out = []
+    with status(progress, "timing INT8 grouped convolutions by channels per group"):
+        for pg in GROUP_PROBE:
+            c = pg * g
+            m = nn.Conv2d(c, c, 3, padding=1, groups=g)
+            shape = (1, c, hw, hw)
+            x = torch.randint(0, 255, shape, dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
+            with torch.inference_mode():
+                fn = _int8_kernel(m, shape, "relu", [None])
+                sec = measure_latency(fn, x, warmup=2, min_runs=5, max_runs=30, budget_s=0.1)["latency_ms"] / 1e3
+            out.append(GroupSample(pg, g, 2.0 * c * pg * 9 * hw * hw, sec))
+    return out
+
+
+def group_rule(samples: list[GroupSample]) -> tuple[int | None, float]:
+    """(the channel multiple per group INT8 grouped convolutions need for their fast kernel, the slow kernel's
+    seconds per FLOP) from int8_group_samples: a kernel is slow where it took GROUP_SLOW x the reference's time
+    (which has the most FLOPs); the multiple is the smallest of 2, 4, 8, 16 whose every timed multiple was fast.
+    (None, 0) where none was slow or the samples fit no such rule."""
+    if not samples:
+        return None, 0.0
+    ref = max(samples, key=lambda x: x.flops)
+    slow = {x.per_group for x in samples if x.seconds > GROUP_SLOW * ref.seconds}
+    if not slow:
+        return None, 0.0
+    for m in (2, 4, 8, 16):
+        if all(x.per_group not in slow for x in samples if x.per_group % m == 0):
+            if not all(x.per_group in slow for x in samples if x.per_group % m != 0):
+                return None, 0.0  # some counts off the multiple were fast: no rule by multiples
+            return m, float(np.median([x.seconds / x.flops for x in samples if x.per_group in slow]))
+    return None, 0.0
+
+
+def int8_group_graph_ns(build: Int8Builder, multiple: int, progress: Progress = lambda m: None) -> float:
+    """Nanoseconds per FLOP of INT8 grouped convolutions off `multiple` channels per group inside a compiled INT8
+    graph: three 3x3 grouped convolutions (with BatchNorm and ReLU; 4 groups, 16x16, batch 1) at one channel per
+    group short of 4 x `multiple`, compiled by `build` and timed in alternation with their twin on 4 x `multiple`
+    (whose time, scaled by FLOPs, is taken off: the call and the fast kernels' share): the price as the graph pays it,
+    its own quantize and requantize steps around the kernel included."""
+    from ..measure import measure_interleaved
+
+    g, hw = 4, 16
+    fns, xs, flops = [], [], []
+    with status(progress, "timing INT8 grouped convolutions off their channel multiple in a compiled graph"):
+        for pg in (4 * multiple, 4 * multiple - 1):
+            c = g * pg
+            model = nn.Sequential(*[m for _ in range(3) for m in (
+                nn.Conv2d(c, c, 3, padding=1, groups=g, bias=False), nn.BatchNorm2d(c), nn.ReLU())]).eval()
+            fns.append(build(model, torch.randn(2, c, hw, hw)))
+            xs.append(torch.randn(1, c, hw, hw))
+            flops.append(3 * 2.0 * c * pg * 9 * hw * hw)
+        got = measure_interleaved(fns, xs, budget_s=0.5, min_rounds=6)
+    fast, slow = (t / 1e3 for t in got["latency_ms"])
+    return max(slow - fast * flops[1] / flops[0], 0.0) / flops[1] * 1e9
 
 
 QPOOL_LANES = 32  # quantized max pooling vectorises 32 uint8 channels at a time; the rest run in a scalar tail

@@ -24,7 +24,7 @@ from ..measure import dominant_state, same_state
 from ..profile import Efficiency, HardwareProfile, Provenance
 from .fit import (FUSED_INT8, UNFUSED_INT8, Int8Fit, element_ns, fit_glue, fit_int8, fit_pool, fit_split_model,
                   glue_bound, int8_coef, nearest_batch, split_efficiency, unbiased)
-from .int8 import QPOOL_LANES, Int8Builder
+from .int8 import QPOOL_LANES, Int8Builder, group_rule
 from .samples import POOLED_LEAST, Samples, at_one_pace, collect_samples, pace_elasticity, paced_count, save_samples
 from .sampling import BATCHES, CACHE_SHARE, ELASTICITY_LEAST, PACE_BAND, Progress, channel_multiple
 
@@ -92,6 +92,7 @@ def fit_profile(samples: Samples, progress: Progress = lambda m: None) -> Hardwa
     overrides: dict[int, Efficiency] = {}
     if samples.ops or samples.q:
         overrides = _fit_int8(f, coefs, ops, elems, pools, q, progress)
+        overrides = _with_group_rule(f, overrides, samples.groups, samples.group_graph_ns, progress)
         if overrides:
             gflops["int8"] = round(INT8_LANES * f.peaks[0], 2)
     if pace_ms:
@@ -99,6 +100,28 @@ def fit_profile(samples: Samples, progress: Progress = lambda m: None) -> Hardwa
     _record_state(f, samples, progress)
     f.record["seconds"] = round(samples.seconds + time.perf_counter() - t0, 1)
     return _host_profile(samples, f, gflops, effs, overrides, pace_ms, elasticity)
+
+
+def _with_group_rule(f: _Fitting, overrides: dict[int, Efficiency], groups: list, graph_ns: list,
+                     progress: Progress) -> dict[int, Efficiency]:
+    """The INT8 efficiencies with the grouped-convolution rule read from `groups` (int8.group_rule): the channel
+    multiple per group its fast kernel needs and the slow kernel's time per FLOP, the same at every batch: as timed
+    in a compiled graph (`graph_ns`, int8.int8_group_graph_ns) where a full calibration did, else as timed alone."""
+    multiple, s_per_flop = group_rule(groups)
+    if multiple and graph_ns:
+        f.record["int8.group_alone_ns"] = round(s_per_flop * 1e9, 4)
+        s_per_flop = float(np.median(graph_ns)) * 1e-9
+    if groups:
+        f.record["int8.group_multiple"] = float(multiple or 0)
+        f.record["int8.group_slow_ns"] = round(s_per_flop * 1e9, 4)
+    if not overrides or not multiple:
+        if groups:
+            progress("int8 grouped convolutions: no slow path by channels per group")
+        return overrides
+    progress(f"int8 grouped convolutions: channels per group off a multiple of {multiple} run a slow kernel, "
+             f"{s_per_flop * 1e9:.3f} ns per FLOP")
+    return {b: e.model_copy(update={"group_multiple": multiple, "group_slow_ns": round(s_per_flop * 1e9, 4)})
+            for b, e in overrides.items()}
 
 
 def _fit_float(f: _Fitting, nets: dict, progress: Progress
@@ -242,7 +265,8 @@ def _host_profile(samples: Samples, f: _Fitting, gflops: dict[str, float], effs:
     method = ("split model per operator class, non-negative least squares on the error (relative to each network's "
               "total) of operators timed in context in random synthetic CNNs (exported), batches "
               f"{', '.join(map(str, BATCHES))}; int8: oneDNN kernels and quantized max pooling timed alone, plus what "
-              "compiled, profiled synthetic networks add (kernel context, generated loops, wrapper)"
+              "compiled, profiled synthetic networks add (kernel context, generated loops, wrapper), and its grouped "
+              "convolution at several channels per group (its slow kernel)"
               + (" [quick]" if samples.quick else "")
               + (f" [{samples.runs} calibrations pooled]" if samples.runs > 1 else ""))
     return HardwareProfile(

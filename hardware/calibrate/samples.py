@@ -18,7 +18,8 @@ from estimators.pruning import PrunePlan
 from estimators.table import LayerTable
 
 from ..measure import PaceClock, StateClock, at_pace, cpu_isa, cpu_name, dominant_state, same_state
-from .int8 import ElementSample, Int8Builder, Int8Sample, int8_op_samples, int8_pool_samples, int8_samples
+from .int8 import (ElementSample, GroupSample, Int8Builder, Int8Sample, group_rule, int8_group_graph_ns,
+                   int8_group_samples, int8_op_samples, int8_pool_samples, int8_samples)
 from .sampling import (ELASTICITY_LEAST, PACE_BAND, PACE_LEAST, RETIMED, NetSample, Progress, cache_bytes,
                        measure_peaks, network_samples)
 
@@ -58,6 +59,8 @@ class Samples:
     isa: str = ""  # the CPU's features (hardware.measure.cpu_isa; '' in samples kept before it was recorded)
     pace_readings: list = dataclasses.field(default_factory=list)  # the pace network throughout (ms; PaceClock)
     retimed: list = dataclasses.field(default_factory=list)  # float networks' totals timed again (retime_totals)
+    groups: list = dataclasses.field(default_factory=list)  # INT8 grouped convolutions (int8_group_samples)
+    group_graph_ns: list = dataclasses.field(default_factory=list)  # their slow kernel in a graph (int8_group_graph_ns)
 
 
 SEED_STRIDE = 1000  # seed offset between pooled calibrations (a part draws far fewer networks than this)
@@ -103,6 +106,8 @@ def collect_samples(quick: bool = False, progress: Progress = lambda m: None, in
     elems: list[ElementSample] = []
     pools: list[NetSample] = []
     q: list[Int8Sample] = []
+    groups: list[GroupSample] = []
+    graph_ns: list[float] = []
     if int8:
         left = max(budget_s - (time.perf_counter() - t0), 0.0)
         # INT8 is not paced: the compiled networks' pace readings fall between compiles, away from the machine's
@@ -111,6 +116,10 @@ def collect_samples(quick: bool = False, progress: Progress = lambda m: None, in
                                      min_ops=QUICK_LEAST["int8 kernels"] if quick else 24)
         pools = int8_pool_samples(0.05 * left, progress, seed0=300_000 + offset, state=clock,
                                   min_ops=QUICK_LEAST["int8 pools"] if quick else 12)
+        groups = int8_group_samples(progress)
+        multiple = group_rule(groups)[0]
+        if multiple and not quick:
+            graph_ns = [int8_group_graph_ns(build_int8, multiple, progress)]
         q = [] if quick else int8_samples(max(budget_s - (time.perf_counter() - t0), 0.0), progress, build_int8,
                                           seed0=100_000 + offset, state=clock)
     clock(fresh=True)  # a last reading at the end
@@ -127,7 +136,8 @@ def collect_samples(quick: bool = False, progress: Progress = lambda m: None, in
     return Samples(peaks, other, cache_bytes(), torch.get_num_threads(), nets, ops, elems, pools, q,
                    list(clock.readings), time.perf_counter() - t0, quick, cpu_name(), torch.__version__,
                    seed_offset=offset, peak_runs=[(tuple(peaks), peaks_state)], isa=cpu_isa(),
-                   pace_readings=list(pace.readings), retimed=retimed)
+                   pace_readings=list(pace.readings), retimed=retimed, groups=groups,
+                   group_graph_ns=graph_ns)
 
 
 SAMPLES_FORMAT = "deployfit-calibration-samples/1"
@@ -138,8 +148,8 @@ def _sample_classes() -> dict[str, type]:
     from estimators.pruning import PruneGroup
     from estimators.table import State
 
-    return {c.__name__: c for c in (Samples, NetSample, Int8Sample, ElementSample, LayerTable, State, PrunePlan,
-                                    PruneGroup)}
+    return {c.__name__: c for c in (Samples, NetSample, Int8Sample, ElementSample, GroupSample, LayerTable, State,
+                                    PrunePlan, PruneGroup)}
 
 
 def _encode(v, arrays: dict[str, np.ndarray], seen: dict[int, str], classes: dict[str, type]):
@@ -263,7 +273,8 @@ def merge_samples(parts: list[Samples]) -> Samples:
                    sum(p.seconds for p in parts), any(p.quick for p in parts), first.cpu, first.torch,
                    sum(p.runs for p in parts), max(p.seed_offset for p in parts),
                    [r for p in parts for r in p.peak_runs], first.isa, [r for p in parts for r in p.pace_readings],
-                   [r for p in parts for r in p.retimed])
+                   [r for p in parts for r in p.retimed], [g for p in parts for g in p.groups],
+                   [x for p in parts for x in p.group_graph_ns])
 
 
 def paced_count(samples: Samples) -> int:
