@@ -200,20 +200,18 @@ def probe_on_slow_kernels(table: LayerTable, profile, batch: int) -> bool:
 def group_slow_now(table: LayerTable, profile, batch: int, progress: Progress = lambda m: None) -> float | None:
     """Where the profile prices some of `table`'s grouped convolutions' INT8 kernels by a slow kernel's speed (its
     group rule, hardware.calibrate.int8.group_rule), that slow kernel's nanoseconds per FLOP timed now, with the
-    anchor, in a compiled graph (int8_group_graph_ns): timed alone it ran 0.86 ns per FLOP in one calibration of this
-    AMD EPYC and 1.2-1.6 an hour later, a drift the original's fast kernels (the anchor's INT8 ratio) do not show. None where the rule is not the profile's, or the
-    table has no grouped convolution, or the kernels timed now fit no rule."""
+    anchor, in a compiled graph (int8_group_graph_ns): timed alone it ran 0.86 ns per FLOP in one calibration of
+    this AMD EPYC and 1.2-1.6 an hour later, a drift the original's fast kernels (the anchor's INT8 ratio) do not
+    show. None where the rule is not the profile's, or the table has no grouped convolution, or the kernels timed
+    now fit no rule."""
     from hardware.calibrate.int8 import group_rule, int8_group_graph_ns, int8_group_samples
-
-    eff = profile.eff("int8", batch) if "int8" in profile.peak_gflops else None
-    if eff is None or not eff.group_multiple or table.groups is None:
-        return None
     from hardware.latency import latency_kinds
 
-    if not (latency_kinds(table) == "gconv").any():
-        return None
     from .quantize_exec import compiled_int8
 
+    eff = profile.eff("int8", batch) if "int8" in profile.peak_gflops else None
+    if eff is None or not eff.group_multiple or table.groups is None or not (latency_kinds(table) == "gconv").any():
+        return None
     multiple, _ = group_rule(int8_group_samples(progress))
     if multiple != eff.group_multiple:
         return None
