@@ -32,6 +32,10 @@ QUICK_FP32_SHARE = 0.7  # a quick calibration's float share: the rest times INT8
 # process on one of the two cores) a synthetic network took 6-9 s, and minimums of 3 networks, 24 kernels and 12
 # pools took a 45 s quick calibration to 52 s; above the least, nothing is started that would end past the budget
 QUICK_LEAST = {"fp32 networks": 1, "int8 kernels": 8, "int8 pools": 4}
+# the least compiled INT8 networks a full calibration times whatever its budget: the graph's costs around the
+# kernels (per call, per operator, per element moved, at two batches) are fitted on them, which one or two do not
+# determine; six is what a pooled fit asks for (POOLED_LEAST)
+INT8_LEAST_NETWORKS = 6
 
 
 @dataclass
@@ -121,7 +125,7 @@ def collect_samples(quick: bool = False, progress: Progress = lambda m: None, in
         if multiple and not quick:
             graph_ns = [int8_group_graph_ns(build_int8, multiple, progress)]
         q = [] if quick else int8_samples(max(budget_s - (time.perf_counter() - t0), 0.0), progress, build_int8,
-                                          seed0=100_000 + offset, state=clock)
+                                          seed0=100_000 + offset, state=clock, min_nets=INT8_LEAST_NETWORKS)
     clock(fresh=True)  # a last reading at the end
     ref = dominant_state(clock.readings)
     other = False
