@@ -14,7 +14,7 @@ from estimators.compress import estimate
 from estimators.modelspec import LoadedModel, load_model
 from estimators.strategy import Strategy, parse_strategy
 from estimators.table import METRICS, evaluate, totals
-from hardware.anchor import PROBE_STRATEGY, build_anchor, load_anchor, runtime_of
+from hardware.anchor import CLASS_SLOPE_MAX, PROBE_STRATEGY, build_anchor, load_anchor, runtime_of
 from hardware.latency import LatencyModel, predict_latency
 from hardware.profile import load_profile
 from search.batch import BatchEvaluator
@@ -197,6 +197,35 @@ def test_two_measured_points_put_every_class_on_its_line():
     est = estimate(table, parse_strategy("prune:0.7"))
     assert predict_latency(est, prof, 1, anchor=single).latency_ms > predict_latency(est, prof, 1,
                                                                                     anchor=anchor).latency_ms
+
+
+def test_a_class_line_steeper_than_its_bound_keeps_the_single_ratio():
+    """A class whose line is steeper than CLASS_SLOPE_MAX times its ratio at the original gets no line: a probe that
+    changes the class's prediction by 4% and its measurement by 18% gives a slope that is the rows' noise
+    (concat_group's grouped convolutions at batch 8: pruned candidates predicted at 2.5-4.9x). Its rows keep the
+    original's ratio; a class line within the bound is kept."""
+    table = analyze(load_model("torchvision:mobilenet_v2", input_shape="1,3,32,32"))
+    prof = load_profile("host")
+    ops = np.array(table.kinds) != "param"
+    kinds = np.array(LatencyModel(table, prof, 1).kinds)[ops]
+    half = estimate(table, parse_strategy(PROBE_STRATEGY))
+    p0 = predict_latency(table, prof, 1).per_row_ms[ops]
+    p1 = predict_latency(half, prof, 1).per_row_ms[ops]
+    rows0, rows1 = 0.8 * p0, 0.8 * p1
+    anchor = build_anchor(table, prof, 1, rows0 / 1e3, rows0.sum(), "test",
+                          probe=(half, rows1 / 1e3, rows1.sum()))
+    c = "conv"
+    sel = kinds == c
+    assert c in anchor.class_lines()
+    # the probe's prediction for the class 4% below the original's, its measurement 18% below
+    anchor.probe["predicted_rows_ms"] = list(np.where(sel, 0.96 * p0, anchor.probe["predicted_rows_ms"]))
+    anchor.probe["measured_rows_ms"] = list(np.where(sel, 0.82 * rows0, anchor.probe["measured_rows_ms"]))
+    assert (0.18 / 0.04) > CLASS_SLOPE_MAX and c not in anchor.class_lines()
+    for s in ("prune:0.3", "prune:0.6:global"):
+        est = estimate(table, parse_strategy(s))
+        plain = predict_latency(est, prof, 1).per_row_ms[ops]
+        got = predict_latency(est, prof, 1, anchor=anchor).per_row_ms[ops]
+        assert got[sel] == pytest.approx(0.8 * plain[sel], rel=1e-6), s
 
 
 def test_totals_only_anchor_puts_candidates_on_the_line_of_the_two_totals():
