@@ -5,8 +5,12 @@ without importing torch)."""
 FINETUNE_EPOCHS = 5
 
 # seconds of timing `deployfit calibrate` spends by default (hardware.calibrate.calibrate_host; peaks and fits come
-# on top: about 2.8 minutes in all on 2 cores, the command's start included)
+# on top: about 3 minutes in all on 2 cores, the command's start included)
 CALIBRATION_BUDGET_S = 160.0
+# the least compiled INT8 networks a full calibration times whatever its budget (hardware.calibrate.int8_samples):
+# the graph's costs around the kernels (per call, per operator, per element moved, at two batches) are fitted on
+# them, which one or two do not determine; six is what a pooled fit asks for (hardware.calibrate.samples.POOLED_LEAST)
+INT8_LEAST_NETWORKS = 6
 # the whole of a quick calibration (`deployfit calibrate --quick`, and the first use of `host` on a machine), start
 # to written profile: timing, peaks and fits (hardware.calibrate.collect_samples keeps to it)
 QUICK_CALIBRATION_S = 45.0

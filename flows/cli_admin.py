@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from estimators.defaults import CALIBRATION_BUDGET_S, ORT_CALIBRATION_S, QUICK_CALIBRATION_S
+from estimators.defaults import CALIBRATION_BUDGET_S, INT8_LEAST_NETWORKS, ORT_CALIBRATION_S, QUICK_CALIBRATION_S
 from estimators.errors import UserInputError
 from flows.cli_common import (
     app, console, progress, warn, fail, compute, JsonOpt, HardwareReq)
@@ -164,8 +164,8 @@ def calibrate(
     int8: Annotated[bool, typer.Option("--int8/--no-int8", help="also calibrate the compiled INT8 path")] = True,
     budget: Annotated[Optional[float], typer.Option(
         "--budget", help=f"seconds of timing (peaks and set-up come on top; default {CALIBRATION_BUDGET_S:.0f}, "
-                         f"with --runtime onnxruntime {ORT_CALIBRATION_S:.0f}; a full INT8 calibration compiles at least "
-                         "six INT8 networks whatever the budget)")] = None,
+                         f"with --runtime onnxruntime {ORT_CALIBRATION_S:.0f}; a full INT8 calibration compiles at "
+                         f"least {INT8_LEAST_NETWORKS} INT8 networks whatever the budget)")] = None,
     keep_samples: Annotated[Optional[str], typer.Option(
         "--keep-samples", help="also save what this calibration timed here (an npz of data only, for --pool "
                                "later)")] = None,
@@ -181,9 +181,8 @@ def calibrate(
     """Fit the host profile to operators timed inside synthetic networks on this machine (about 3 minutes
     on 2 cores, at least six compiled INT8 networks among them) and write it with its provenance. Calibrations of
     one machine can be pooled (--keep-samples, then --pool): more compiled INT8 networks and operators per fit, at
-    about 3 minutes a run. With --runtime
-    onnxruntime, fit this machine's ONNX Runtime profile instead: synthetic networks exported to ONNX (float and
-    INT8 QDQ) and timed whole in ONNX Runtime."""
+    about 3 minutes a run. With --runtime onnxruntime, fit this machine's ONNX Runtime profile instead: synthetic
+    networks exported to ONNX (float and INT8 QDQ) and timed whole in ONNX Runtime."""
 
     def body():
         from pathlib import Path

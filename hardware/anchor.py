@@ -264,8 +264,8 @@ class Anchor:
             if P0 <= 0 or P0 - P1 <= PROBE_MIN_CHANGE * P0 or M0 <= M1:
                 continue
             b = (M0 - M1) / (P0 - P1)
-            if self.intercept == "rows" and b > CLASS_SLOPE_MAX * M0 / P0:  # an anchor of totals: the whole
-                continue  # model's two totals, no class's few rows
+            if self.intercept == "rows" and b > CLASS_SLOPE_MAX * M0 / P0:  # not an anchor of totals
+                continue
             out[c] = (float((M0 - b * P0) / sel.sum()), float(b))
         return out
 

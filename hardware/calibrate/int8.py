@@ -100,7 +100,7 @@ def int8_samples(budget_s: float, progress: Progress, build: Int8Builder, batche
     each fit the graph's costs better than half as many at every batch. `build` makes the compiled program.
     At least `min_nets` are timed whatever the budget: the graph's costs around the kernels are fitted on them, and
     one or two networks fit none of those costs (a full calibration on a 2-vCPU AMD EPYC with AVX-512 compiled one
-    network in its budget, and its profile predicted compiled INT8 torchvision networks at 0.45-0.6x their time)."""
+    network in its budget, and its profile predicted compiled INT8 torchvision networks at 0.3-0.65x their time)."""
     import torch._inductor.config as inductor_config
 
     from estimators.methods.quantize import estimate as estimate_quantize
@@ -113,10 +113,9 @@ def int8_samples(budget_s: float, progress: Progress, build: Int8Builder, batche
     seed, spent = seed0, []  # seconds each network took (quantize, compile, time): the next one's expected cost
     with step(progress, "int8 networks", budget_s, "s") as counted, \
             inductor_config.patch({"cpp.enable_kernel_profile": True}):  # graphs compile at their first call
-        # the first network also pays the compiler's one-off start-up (20-30 s here): the next one's cost is
-        # predicted from those after it
-        while len(out) < min_nets or time.perf_counter() - t0 + (
-                float(np.median(spent[1:] if len(spent) > 1 else spent)) if spent else 0.0) < budget_s:
+        # the first network also pays the compiler's one-off start-up (it took 14-34 s here, later ones 10-15 s):
+        # the next one's cost is predicted from those after it
+        while len(out) < min_nets or time.perf_counter() - t0 + typical(spent[1:] or spent) < budget_s:
             model, shape = synthetic_cnn(seed)
             seed += 1
             with torch.inference_mode():

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from estimators.defaults import CALIBRATION_BUDGET_S, QUICK_CALIBRATION_S
+from estimators.defaults import CALIBRATION_BUDGET_S, INT8_LEAST_NETWORKS, QUICK_CALIBRATION_S
 from estimators.progress import status
 from estimators.pruning import PrunePlan
 from estimators.table import LayerTable
@@ -32,10 +32,6 @@ QUICK_FP32_SHARE = 0.7  # a quick calibration's float share: the rest times INT8
 # process on one of the two cores) a synthetic network took 6-9 s, and minimums of 3 networks, 24 kernels and 12
 # pools took a 45 s quick calibration to 52 s; above the least, nothing is started that would end past the budget
 QUICK_LEAST = {"fp32 networks": 1, "int8 kernels": 8, "int8 pools": 4}
-# the least compiled INT8 networks a full calibration times whatever its budget: the graph's costs around the
-# kernels (per call, per operator, per element moved, at two batches) are fitted on them, which one or two do not
-# determine; six is what a pooled fit asks for (POOLED_LEAST)
-INT8_LEAST_NETWORKS = 6
 
 
 @dataclass
