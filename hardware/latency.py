@@ -397,6 +397,51 @@ def dtype_parts(table: LayerTable, kinds: np.ndarray, profile: HardwareProfile, 
         yield rows, eff, peak, factor, byte_scale, classes
 
 
+class GroupTaps:
+    """A float grouped convolution's time per output element and kernel tap by its input channels per group
+    (Efficiency.group_tap_ns, timed alone: hardware.calibrate.groups), which the split model's fit leaves to it: the
+    kernel vectorizes within a group, so that below a few dozen channels per group an output costs about the same
+    whatever their count, and more off the kernel's block (pruning a RegNet's 16 channels per group to 11 halved its
+    grouped convolutions' FLOPs and slowed them). A count not timed takes the nearest lower count's time; beyond the
+    largest, the time per channel per group of the largest BEYOND_COUNTS counts (their kernel computes in proportion
+    there)."""
+
+    BEYOND_COUNTS = 8
+
+    def __init__(self, table: dict[int, float]):
+        counts = sorted(int(c) for c in table)
+        self.counts = np.array(counts)
+        self.values = np.array([float(table[c]) for c in counts])
+        self.per_channel = float(np.median(self.values[-self.BEYOND_COUNTS:] / self.counts[-self.BEYOND_COUNTS:]))
+
+    def ns(self, per_group: np.ndarray) -> np.ndarray:
+        """Nanoseconds per output element and tap at `per_group` channels per group (any shape)."""
+        pg = np.asarray(per_group)
+        at = np.clip(np.searchsorted(self.counts, pg, side="right") - 1, 0, len(self.counts) - 1)
+        return np.where(pg > self.counts[-1], pg * self.per_channel, self.values[at])
+
+    def seconds(self, cin: np.ndarray, groups: np.ndarray, out_elements: np.ndarray, taps: np.ndarray) -> np.ndarray:
+        """Per row (any leading axes): the time its output elements take at its channels per group."""
+        return self.ns(cin // np.maximum(groups, 1)) * 1e-9 * out_elements * taps
+
+
+def group_tap_rows(table: LayerTable, tap_ns: dict[int, float], batch: int) -> np.ndarray:
+    """Per row of `table` at `batch`, the seconds its float grouped convolutions take by the table `tap_ns`
+    (Efficiency.group_tap_ns, GroupTaps; zeros elsewhere, or where it is empty): the share of their time the split
+    model's fit does not take (hardware.calibrate.profile)."""
+    out = np.zeros(table.n)
+    kinds = latency_kinds(table)
+    sel = (kinds == "gconv") & (np.array(table.state.xdtype) == "fp32")
+    if not tap_ns or table.groups is None or not sel.any():
+        return out
+    ev = evaluate(table)
+    elems = ev.q[:, Q_INDEX["act_out"]] * batch / table.batch
+    window = table.ksize if table.ksize is not None else np.ones(table.n)
+    out[sel] = GroupTaps(tap_ns).seconds(ev.cin[sel], np.asarray(table.groups)[sel], elems[sel],
+                                                           window[sel])
+    return out
+
+
 class LatencyModel:
     """The latency model of one table's rows on one profile at one batch, evaluated for K candidates at once.
 
@@ -420,8 +465,11 @@ class LatencyModel:
         self.glue = []  # (row positions of a dtype, seconds per activation byte written)
         self.const_rows = np.zeros(t.n)  # views: a fixed time per row
         self.group_slow = []  # (grouped-conv row positions of a dtype, its group_multiple, seconds per FLOP off it)
+        self.group_taps = []  # (grouped-conv row positions of a dtype, its GroupTaps floor, slow-dtype factor)
         call_s = 0.0
         for rows, eff, peak, factor, bs, classes in dtype_parts(t, self.kinds, profile, batch):
+            if eff.group_tap_ns and t.groups is not None and (gsel := rows & (self.kinds == "gconv")).any():
+                self.group_taps.append((np.flatnonzero(gsel), GroupTaps(eff.group_tap_ns), factor))
             if (eff.group_multiple and eff.group_multiple > 1 and t.groups is not None
                     and (gsel := rows & (self.kinds == "gconv")).any()):
                 self.group_slow.append((np.flatnonzero(gsel), eff.group_multiple, eff.group_slow_ns * 1e-9 * factor))
@@ -512,6 +560,8 @@ class LatencyModel:
                 body = comp * slow + mem if prof.combine == "sum" else np.maximum(comp, mem) * slow
                 per = body * factor + kern
             out[:, sel] += per
+        for sel, taps, factor in self.group_taps:
+            out[:, sel] += taps.seconds(cin[:, sel], np.asarray(t.groups)[sel], elems[:, sel], self.window[sel]) * factor
         for sel, multiple, s_per_flop in self.group_slow:
             # off its per-group multiple a grouped convolution leaves the fast kernel for a slow one (oneDNN's INT8
             # grouped convolution on AVX2 ran 0.75-0.9 ns per FLOP there, 30-80x its fast kernel): priced by its FLOPs

@@ -836,3 +836,93 @@ def test_group_rule_reads_the_multiple_and_the_slow_kernels_speed():
     assert group_rule(samples(lambda pg: False)) == (None, 0.0)  # no slow kernel
     assert group_rule(samples(lambda pg: pg == 10)) == (None, 0.0)  # slow, but not by a multiple
     assert group_rule([]) == (None, 0.0)
+
+
+def _taps_profile(tap_ns: dict[int, float] | None):
+    d = _split_profile()
+    if tap_ns is not None:
+        d["efficiency"]["group_tap_ns"] = dict(tap_ns)
+    return parse_profile(d, "test")
+
+
+def test_float_grouped_convolutions_take_their_time_per_output_by_channels_per_group():
+    """Efficiency.group_tap_ns: a float grouped (not depthwise) convolution adds its output elements x kernel taps x
+    the time timed at its channels per group (the nearer lower count where not timed, in proportion beyond the
+    largest) to its split-model price; no other row changes; a pruned candidate off the fast count can cost more
+    than the original on it; the batch evaluator prices it as predict_latency."""
+    from estimators.compress import estimate
+    from estimators.strategy import parse_strategy
+    from hardware.latency import GroupTaps, latency_kinds
+    from search.batch import BatchEvaluator
+
+    taps = {pg: (0.2 if pg % 4 == 0 else 0.6) for pg in range(2, 17)}
+    plain, timed = _taps_profile(None), _taps_profile(taps)
+    table = _grouped_table()
+    for text, per_group in (("none", 12), ("prune:0.25", 9)):
+        est = estimate(table, parse_strategy(text))
+        ev = evaluate(est)
+        g = int(np.flatnonzero(latency_kinds(est) == "gconv")[0])
+        assert ev.cin[g] // 4 == per_group
+        a, b = predict_latency(est, plain, 1).per_row_ms, predict_latency(est, timed, 1).per_row_ms
+        others = np.arange(est.n) != g
+        assert np.array_equal(a[others], b[others])  # the depthwise convolution too
+        out_taps = 16 * 16 * 4 * per_group * 9
+        assert b[g] - a[g] == pytest.approx(out_taps * taps[per_group] * 1e-6, rel=1e-9)
+    g = int(np.flatnonzero(latency_kinds(table) == "gconv")[0])
+    orig = predict_latency(table, timed, 1).per_row_ms[g]
+    assert predict_latency(estimate(table, parse_strategy("prune:0.25")), timed, 1).per_row_ms[g] > orig
+    t = GroupTaps({8: 0.5, 16: 0.2, 24: 0.3})
+    assert t.ns(np.array([8, 9, 15, 16, 20, 24])).tolist() == [0.5, 0.5, 0.5, 0.2, 0.2, 0.3]
+    assert t.ns(np.array([48]))[0] == pytest.approx(48 * float(np.median([0.5 / 8, 0.2 / 16, 0.3 / 24])))
+    est = estimate(table, parse_strategy("none"))
+    kept = np.tile(est.state.kept, (2, 1))
+    gidx = np.array([grp.index for grp in est.plan.groups])
+    kept[1, gidx] = np.maximum(kept[1, gidx] - 12, 1)
+    out = BatchEvaluator(est, timed, 1)(kept)["latency_ms"]
+    assert out[0] == pytest.approx(predict_latency(est, timed, 1).latency_ms, rel=1e-9)
+
+
+def test_group_tap_table_is_the_slope_between_two_sizes_and_the_fit_leaves_it_out():
+    """group_tap_table: per count, the time per output element and tap between the two spatial sizes it was timed
+    at (a call's fixed cost cancels); fit_profile's networks have that time taken out of their grouped
+    convolutions' rows and totals (the split model fits the rest), and nothing else."""
+    from hardware.calibrate.groups import FloatGroupSample, group_tap_table
+    from hardware.calibrate.profile import _without_taps
+    from hardware.latency import group_tap_rows, latency_kinds
+
+    def sample(b, pg, hw, ns):
+        x = FloatGroupSample(b, pg, 4, hw, 0.0)
+        return dataclasses.replace(x, seconds=50e-6 + x.out_taps * ns * 1e-9)  # 50 us per call, then ns per tap
+
+    samples = [sample(b, pg, hw, 0.2 if pg % 8 == 0 else 0.6) for b in (1, 8) for pg in (8, 11, 16)
+               for hw in (7, 14)]
+    assert group_tap_table(samples, 1) == pytest.approx({8: 0.2, 11: 0.6, 16: 0.2})
+    assert group_tap_table(samples, 8) == pytest.approx({8: 0.2, 11: 0.6, 16: 0.2})
+    assert group_tap_table(samples, 4) == {}  # no sample at that batch
+    assert group_tap_table([s for s in samples if s.spatial == 7], 1) == {}  # one size: no slope
+    table = _grouped_table()
+    rows = group_tap_rows(table, {12: 0.5}, 2)
+    g = latency_kinds(table) == "gconv"
+    assert rows[~g].sum() == 0 and rows[g][0] == pytest.approx(2 * 16 * 16 * 48 * 9 * 0.5e-9)
+    net = NetSample("n", table, np.full(table.n, 1e-3), 0.02, batch=2)
+    less = _without_taps(net, {12: 0.5})
+    assert np.allclose(less.row_seconds, net.row_seconds - rows) and less.total_seconds == pytest.approx(0.02 - rows.sum())
+    assert _without_taps(net, {}) is net
+
+
+@pytest.mark.timing
+def test_float_grouped_convolutions_timed_alone_cost_by_their_channels_per_group():
+    """float_group_samples on this machine: every count at both sizes and both batches, positive times that grow
+    with the size; the table has a time per output element and tap for every count at both batches."""
+    from hardware.calibrate.groups import FLOAT_GROUP_SPATIAL, float_group_samples, group_tap_table
+
+    counts = (8, 11, 16)
+    samples = float_group_samples(lambda m: None, batches=(1, 8), counts=counts)
+    assert len(samples) == 2 * 2 * len(counts) and all(s.seconds > 0 for s in samples)
+    for b in (1, 8):
+        lo, hi = FLOAT_GROUP_SPATIAL[b]
+        for pg in counts:
+            t = {s.spatial: s.seconds for s in samples if s.batch == b and s.per_group == pg}
+            assert t[hi] > t[lo]
+        table = group_tap_table(samples, b)
+        assert set(table) == set(counts) and all(v > 0 for v in table.values())

@@ -10,6 +10,7 @@ network are first brought to one pace (at_one_pace); the profile's float predict
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import time
 from dataclasses import dataclass, field
@@ -19,14 +20,15 @@ import numpy as np
 
 from estimators.defaults import CALIBRATION_BUDGET_S
 
-from ..latency import COL, SPLIT_WIDTH
+from ..latency import COL, SPLIT_WIDTH, group_tap_rows
 from ..measure import dominant_state, same_state
 from ..profile import Efficiency, HardwareProfile, Provenance
 from .fit import (FUSED_INT8, UNFUSED_INT8, Int8Fit, element_ns, fit_glue, fit_int8, fit_pool, fit_split_model,
                   glue_bound, int8_coef, nearest_batch, split_efficiency, unbiased)
+from .groups import group_tap_table
 from .int8 import QPOOL_LANES, Int8Builder, group_rule
 from .samples import POOLED_LEAST, Samples, at_one_pace, collect_samples, pace_elasticity, paced_count, save_samples
-from .sampling import BATCHES, CACHE_SHARE, ELASTICITY_LEAST, PACE_BAND, Progress, channel_multiple
+from .sampling import BATCHES, CACHE_SHARE, ELASTICITY_LEAST, PACE_BAND, NetSample, Progress, channel_multiple
 
 INT8_LANES = 4  # int8 dot products (VNNI) do 4x the multiply-adds of fp32 FMA per instruction
 
@@ -87,7 +89,10 @@ def fit_profile(samples: Samples, progress: Progress = lambda m: None) -> Hardwa
     q = f.chosen(samples.q, "int8.networks", POOLED_LEAST["networks"])
     if samples.peaks_other_state:
         f.record["state.peaks_in_other_state"] = 1.0
+    taps = _float_group_tables(f, samples.float_groups, list(nets), progress)
+    nets = {b: [_without_taps(n, taps.get(b)) for n in ns] for b, ns in nets.items()}
     coefs, effs = _fit_float(f, nets, progress)
+    effs = {b: e.model_copy(update={"group_tap_ns": taps[b]}) if taps.get(b) else e for b, e in effs.items()}
     gflops = {"fp32": round(f.peaks[0], 2)}
     overrides: dict[int, Efficiency] = {}
     if samples.ops or samples.q:
@@ -100,6 +105,33 @@ def fit_profile(samples: Samples, progress: Progress = lambda m: None) -> Hardwa
     _record_state(f, samples, progress)
     f.record["seconds"] = round(samples.seconds + time.perf_counter() - t0, 1)
     return _host_profile(samples, f, gflops, effs, overrides, pace_ms, elasticity)
+
+
+def _float_group_tables(f: _Fitting, samples: list, batches: list[int], progress: Progress) -> dict[int, dict]:
+    """Per float batch, the grouped convolutions' time per output element and tap by channels per group
+    (groups.group_tap_table, Efficiency.group_tap_ns), from the nearest batch timed; empty where none was timed
+    (samples kept before they were)."""
+    timed = sorted({x.batch for x in samples})
+    out: dict[int, dict] = {}
+    for b in batches if timed else []:
+        out[b] = table = group_tap_table(samples, nearest_batch(b, timed))
+        at = {pg: table[pg] for pg in (8, 11, 16, 24) if pg in table}
+        f.record.update({f"fp32.b{b}.group_tap_ns_{pg}": v for pg, v in at.items()})
+        progress(f"fp32 batch {b} grouped convolutions: " + ", ".join(f"{v:.3f}" for v in at.values())
+                 + f" ns per output element and tap at {', '.join(map(str, at))} channels per group")
+    return out
+
+
+def _without_taps(net: NetSample, tap_ns: dict | None) -> NetSample:
+    """`net` less its float grouped convolutions' time per output element (group_tap_rows), which the profile
+    prices from its own timing: the split model is fitted on the rest."""
+    if not tap_ns:
+        return net
+    rows = group_tap_rows(net.table, tap_ns, net.batch or net.table.batch)
+    if not rows.any():
+        return net
+    return dataclasses.replace(net, row_seconds=np.asarray(net.row_seconds) - rows,
+                               total_seconds=float(net.total_seconds - rows.sum()))
 
 
 def _with_group_rule(f: _Fitting, overrides: dict[int, Efficiency], groups: list, graph_ns: list,

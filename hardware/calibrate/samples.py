@@ -18,6 +18,7 @@ from estimators.pruning import PrunePlan
 from estimators.table import LayerTable
 
 from ..measure import PaceClock, StateClock, at_pace, cpu_isa, cpu_name, dominant_state, same_state
+from .groups import FloatGroupSample, float_group_samples
 from .int8 import (ElementSample, GroupSample, Int8Builder, Int8Sample, group_rule, int8_group_graph_ns,
                    int8_group_samples, int8_op_samples, int8_pool_samples, int8_samples)
 from .sampling import (ELASTICITY_LEAST, PACE_BAND, PACE_LEAST, RETIMED, NetSample, Progress, cache_bytes,
@@ -61,6 +62,7 @@ class Samples:
     retimed: list = dataclasses.field(default_factory=list)  # float networks' totals timed again (retime_totals)
     groups: list = dataclasses.field(default_factory=list)  # INT8 grouped convolutions (int8_group_samples)
     group_graph_ns: list = dataclasses.field(default_factory=list)  # their slow kernel in a graph (int8_group_graph_ns)
+    float_groups: list = dataclasses.field(default_factory=list)  # float grouped convolutions (float_group_samples)
 
 
 SEED_STRIDE = 1000  # seed offset between pooled calibrations (a part draws far fewer networks than this)
@@ -97,7 +99,8 @@ def collect_samples(quick: bool = False, progress: Progress = lambda m: None, in
         peaks_probes = [clock()]
         peaks = measure_peaks(progress)
     peaks_probes.append(clock(fresh=True))  # the state before and after the peaks
-    spent = time.perf_counter() - t0  # the pace network's export and the peaks come out of the budget
+    float_groups = float_group_samples(progress)
+    spent = time.perf_counter() - t0  # the pace network's export, the peaks and the grouped convolutions come out of it
     share = (QUICK_FP32_SHARE if quick else FP32_SHARE) if int8 else 1.0
     nets, retimed = network_samples(max(budget_s - spent, 0.0) * share, progress,
                                     seed0=offset, state=clock, pace=pace, retime=2 if quick else RETIMED,
@@ -137,7 +140,7 @@ def collect_samples(quick: bool = False, progress: Progress = lambda m: None, in
                    list(clock.readings), time.perf_counter() - t0, quick, cpu_name(), torch.__version__,
                    seed_offset=offset, peak_runs=[(tuple(peaks), peaks_state)], isa=cpu_isa(),
                    pace_readings=list(pace.readings), retimed=retimed, groups=groups,
-                   group_graph_ns=graph_ns)
+                   group_graph_ns=graph_ns, float_groups=float_groups)
 
 
 SAMPLES_FORMAT = "deployfit-calibration-samples/1"
@@ -148,8 +151,8 @@ def _sample_classes() -> dict[str, type]:
     from estimators.pruning import PruneGroup
     from estimators.table import State
 
-    return {c.__name__: c for c in (Samples, NetSample, Int8Sample, ElementSample, GroupSample, LayerTable, State,
-                                    PrunePlan, PruneGroup)}
+    return {c.__name__: c for c in (Samples, NetSample, Int8Sample, ElementSample, GroupSample, FloatGroupSample,
+                                    LayerTable, State, PrunePlan, PruneGroup)}
 
 
 def _encode(v, arrays: dict[str, np.ndarray], seen: dict[int, str], classes: dict[str, type]):
@@ -274,7 +277,7 @@ def merge_samples(parts: list[Samples]) -> Samples:
                    sum(p.runs for p in parts), max(p.seed_offset for p in parts),
                    [r for p in parts for r in p.peak_runs], first.isa, [r for p in parts for r in p.pace_readings],
                    [r for p in parts for r in p.retimed], [g for p in parts for g in p.groups],
-                   [x for p in parts for x in p.group_graph_ns])
+                   [x for p in parts for x in p.group_graph_ns], [x for p in parts for x in p.float_groups])
 
 
 def paced_count(samples: Samples) -> int:
