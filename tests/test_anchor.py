@@ -228,6 +228,34 @@ def test_a_class_line_steeper_than_its_bound_keeps_the_single_ratio():
         assert got[sel] == pytest.approx(0.8 * plain[sel], rel=1e-6), s
 
 
+def test_the_outside_line_never_falls_below_zero_before_the_prediction():
+    """The time outside the operators takes the line through the original and the probe only where that line's
+    intercept is not negative: a probe whose outside time was measured short (dw_separable at batch 8: 0.11 ms
+    against 0.68 ms) would put pruned candidates near zero; it keeps the original's ratio instead."""
+    table = analyze(load_model("torchvision:mobilenet_v2", input_shape="1,3,32,32"))
+    prof = load_profile("host")
+    ops = np.array(table.kinds) != "param"
+    half = estimate(table, parse_strategy(PROBE_STRATEGY))
+    r0 = predict_latency(table, prof, 1).per_row_ms[ops]
+    r1 = predict_latency(half, prof, 1).per_row_ms[ops]
+    q0 = predict_latency(table, prof, 1).outside_ms
+    q1 = predict_latency(half, prof, 1).outside_ms
+    assert q0 - q1 > 0.02 * q0  # the probe changes the predicted time outside
+    for a_, b_, kept in ((0.3 * q0, 1.5, True), (-0.5 * q0, 3.0, False)):  # measured = a_ + b_ x predicted
+        o0, o1 = a_ + b_ * q0, a_ + b_ * q1
+        anchor = build_anchor(table, prof, 1, r0 / 1e3, r0.sum() + o0, "test",
+                              probe=(half, r1 / 1e3, r1.sum() + o1))
+        b, a = anchor.outside_line()
+        if kept:
+            assert a > 0 and a + b * q0 == pytest.approx(o0) and a + b * q1 == pytest.approx(o1)
+        else:
+            assert (b, a) == (pytest.approx(o0 / q0), 0.0)
+        est = estimate(table, parse_strategy("prune:0.6:global"))
+        q = predict_latency(est, prof, 1).outside_ms
+        assert predict_latency(est, prof, 1, anchor=anchor).outside_ms == pytest.approx(max(a + b * q, 0.2 * q * o0 / q0),
+                                                                                        rel=1e-6)
+
+
 def test_totals_only_anchor_puts_candidates_on_the_line_of_the_two_totals():
     """ONNX Runtime is timed as a whole: its anchor's rows are the profile's brought to the measured total, the
     original's and the probe's (tasks.onnx_runtime.measure_ort_anchor). One class, its intercept the time outside the
