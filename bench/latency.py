@@ -331,7 +331,16 @@ def resumed(prev: dict, now: dict) -> dict:
     done = [m for m in prev["models"] if m["status"] == "done"]
     names = {m["name"] for m in done}
     return {**prev, "command": f"{prev['command']}; {now['command']}", "date": f"{prev['date']}; {now['date']}",
-            "models": done, "rows": [r for r in prev["rows"] if r["model"] in names]}
+            "split": now["split"], "models": done, "rows": [r for r in prev["rows"] if r["model"] in names]}
+
+
+def dump_split(prev: dict) -> str:
+    """The split a dump's run measured: as it recorded it, else the one split of all its architectures (`all`
+    where they are of both)."""
+    if prev.get("split"):
+        return prev["split"]
+    splits = {m["split"] for m in prev.get("models", [])}
+    return splits.pop() if len(splits) == 1 else "all"
 
 
 def torchvision_names() -> list[str]:
@@ -350,7 +359,8 @@ def machine() -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--split", choices=("dev", "held-out", "all"), default="all")
+    ap.add_argument("--split", choices=("dev", "held-out", "all"), default=None,
+                    help="the architectures to run (default: all; with --resume, the split of the dump's run)")
     ap.add_argument("--models", default="", help="a subset of architectures (comma-separated), in place of --split")
     ap.add_argument("--budget-min", type=float, default=30.0,
                     help="start no model once the next one would end past this many minutes")
@@ -364,6 +374,8 @@ def main() -> None:
                     help="continue the run of this dump: measure the architectures it lacks, write them into it")
     ap.add_argument("--rescore", default="", metavar="DUMP.json", help="time nothing: score a --dump again")
     args = ap.parse_args()
+    if args.split is None:
+        args.split = dump_split(json.loads(Path(args.resume).read_text())) if args.resume else "all"
     if args.rescore:
         data = json.loads(Path(args.rescore).read_text())
         if args.split != "all":
@@ -385,7 +397,7 @@ def main() -> None:
     data = {"command": " ".join(shlex.quote(a) for a in ["python"] + sys.argv), "machine": machine(),
             "profile": args.profile, "profile_hash": profile_hash(profile), "date": time.strftime("%Y-%m-%d %H:%M"),
             "strategies": STRATEGIES, "batches": batches, "int8_batches": int8_batches, "rounds": args.rounds, "skipped": SKIPPED,
-            "models": [], "rows": []}
+            "split": args.split, "models": [], "rows": []}
     if args.resume:
         data = resumed(json.loads(Path(args.resume).read_text()), data)
         names = [n for n in names if n not in {m["name"] for m in data["models"]}]

@@ -437,8 +437,7 @@ def group_tap_rows(table: LayerTable, tap_ns: dict[int, float], batch: int) -> n
     ev = evaluate(table)
     elems = ev.q[:, Q_INDEX["act_out"]] * batch / table.batch
     window = table.ksize if table.ksize is not None else np.ones(table.n)
-    out[sel] = GroupTaps(tap_ns).seconds(ev.cin[sel], np.asarray(table.groups)[sel], elems[sel],
-                                                           window[sel])
+    out[sel] = GroupTaps(tap_ns).seconds(ev.cin[sel], np.asarray(table.groups)[sel], elems[sel], window[sel])
     return out
 
 
@@ -465,7 +464,7 @@ class LatencyModel:
         self.glue = []  # (row positions of a dtype, seconds per activation byte written)
         self.const_rows = np.zeros(t.n)  # views: a fixed time per row
         self.group_slow = []  # (grouped-conv row positions of a dtype, its group_multiple, seconds per FLOP off it)
-        self.group_taps = []  # (grouped-conv row positions of a dtype, its GroupTaps floor, slow-dtype factor)
+        self.group_taps = []  # (grouped-conv row positions of a dtype, its GroupTaps, slow-dtype factor)
         call_s = 0.0
         for rows, eff, peak, factor, bs, classes in dtype_parts(t, self.kinds, profile, batch):
             if eff.group_tap_ns and t.groups is not None and (gsel := rows & (self.kinds == "gconv")).any():
@@ -561,7 +560,8 @@ class LatencyModel:
                 per = body * factor + kern
             out[:, sel] += per
         for sel, taps, factor in self.group_taps:
-            out[:, sel] += taps.seconds(cin[:, sel], np.asarray(t.groups)[sel], elems[:, sel], self.window[sel]) * factor
+            g = np.asarray(t.groups)[sel]
+            out[:, sel] += taps.seconds(cin[:, sel], g, elems[:, sel], self.window[sel]) * factor
         for sel, multiple, s_per_flop in self.group_slow:
             # off its per-group multiple a grouped convolution leaves the fast kernel for a slow one (oneDNN's INT8
             # grouped convolution on AVX2 ran 0.75-0.9 ns per FLOP there, 30-80x its fast kernel): priced by its FLOPs

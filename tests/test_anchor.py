@@ -14,7 +14,7 @@ from estimators.compress import estimate
 from estimators.modelspec import LoadedModel, load_model
 from estimators.strategy import Strategy, parse_strategy
 from estimators.table import METRICS, evaluate, totals
-from hardware.anchor import CLASS_SLOPE_MAX, PROBE_STRATEGY, build_anchor, load_anchor, runtime_of
+from hardware.anchor import CLASS_SLOPE_MAX, PROBE_FLOOR, PROBE_STRATEGY, build_anchor, load_anchor, runtime_of
 from hardware.latency import LatencyModel, predict_latency
 from hardware.profile import load_profile
 from search.batch import BatchEvaluator
@@ -252,8 +252,8 @@ def test_the_outside_line_never_falls_below_zero_before_the_prediction():
             assert (b, a) == (pytest.approx(o0 / q0), 0.0)
         est = estimate(table, parse_strategy("prune:0.6:global"))
         q = predict_latency(est, prof, 1).outside_ms
-        assert predict_latency(est, prof, 1, anchor=anchor).outside_ms == pytest.approx(max(a + b * q, 0.2 * q * o0 / q0),
-                                                                                        rel=1e-6)
+        want = max(a + b * q, PROBE_FLOOR * q * o0 / q0)  # never below PROBE_FLOOR of the single ratio
+        assert predict_latency(est, prof, 1, anchor=anchor).outside_ms == pytest.approx(want, rel=1e-6)
 
 
 def test_totals_only_anchor_puts_candidates_on_the_line_of_the_two_totals():
@@ -311,8 +311,6 @@ def test_int8_candidates_lie_on_the_line_of_the_two_int8_totals():
     candidate's total lies on the line through those two measured totals against the profile's INT8 predictions:
     both points exactly, a third candidate on the line, never below PROBE_FLOOR of the single ratio; single and
     batch path alike. A float candidate keeps its own correction."""
-    from hardware.anchor import PROBE_FLOOR
-
     table = analyze(load_model("torchvision:mobilenet_v2", input_shape="1,3,32,32"))
     prof = load_profile("host")
     plain = {s: predict_latency(estimate(table, parse_strategy(s)), prof, 1).latency_ms

@@ -296,7 +296,8 @@ def _host_profile(samples: Samples, f: _Fitting, gflops: dict[str, float], effs:
     threads, first = f.threads, BATCHES[0]
     method = ("split model per operator class, non-negative least squares on the error (relative to each network's "
               "total) of operators timed in context in random synthetic CNNs (exported), batches "
-              f"{', '.join(map(str, BATCHES))}; int8: oneDNN kernels and quantized max pooling timed alone, plus what "
+              f"{', '.join(map(str, BATCHES))}, float grouped convolutions' time per output timed alone by channels "
+              "per group; int8: oneDNN kernels and quantized max pooling timed alone, plus what "
               "compiled, profiled synthetic networks add (kernel context, generated loops, wrapper), and its grouped "
               "convolution at several channels per group (its slow kernel)"
               + (" [quick]" if samples.quick else "")
