@@ -374,8 +374,9 @@ def main() -> None:
                     help="continue the run of this dump: measure the architectures it lacks, write them into it")
     ap.add_argument("--rescore", default="", metavar="DUMP.json", help="time nothing: score a --dump again")
     args = ap.parse_args()
+    prev = json.loads(Path(args.resume).read_text()) if args.resume else None  # the run to continue
     if args.split is None:
-        args.split = dump_split(json.loads(Path(args.resume).read_text())) if args.resume else "all"
+        args.split = dump_split(prev) if prev else "all"
     if args.rescore:
         data = json.loads(Path(args.rescore).read_text())
         if args.split != "all":
@@ -399,7 +400,7 @@ def main() -> None:
             "strategies": STRATEGIES, "batches": batches, "int8_batches": int8_batches, "rounds": args.rounds, "skipped": SKIPPED,
             "split": args.split, "models": [], "rows": []}
     if args.resume:
-        data = resumed(json.loads(Path(args.resume).read_text()), data)
+        data = resumed(prev, data)
         names = [n for n in names if n not in {m["name"] for m in data["models"]}]
         args.dump = args.dump or args.resume
     unlisted = [n for n in torchvision_names() if n not in set(DEV) | set(HELD_OUT) | set(SKIPPED)]

@@ -464,11 +464,12 @@ class LatencyModel:
         self.glue = []  # (row positions of a dtype, seconds per activation byte written)
         self.const_rows = np.zeros(t.n)  # views: a fixed time per row
         self.group_slow = []  # (grouped-conv row positions of a dtype, its group_multiple, seconds per FLOP off it)
-        self.group_taps = []  # (grouped-conv row positions of a dtype, its GroupTaps, slow-dtype factor)
+        self.group_taps = []  # (grouped-conv row positions of a dtype, their groups, its GroupTaps, slow-dtype factor)
         call_s = 0.0
         for rows, eff, peak, factor, bs, classes in dtype_parts(t, self.kinds, profile, batch):
             if eff.group_tap_ns and t.groups is not None and (gsel := rows & (self.kinds == "gconv")).any():
-                self.group_taps.append((np.flatnonzero(gsel), GroupTaps(eff.group_tap_ns), factor))
+                self.group_taps.append((np.flatnonzero(gsel), np.asarray(t.groups)[gsel], GroupTaps(eff.group_tap_ns),
+                                        factor))
             if (eff.group_multiple and eff.group_multiple > 1 and t.groups is not None
                     and (gsel := rows & (self.kinds == "gconv")).any()):
                 self.group_slow.append((np.flatnonzero(gsel), eff.group_multiple, eff.group_slow_ns * 1e-9 * factor))
@@ -559,9 +560,8 @@ class LatencyModel:
                 body = comp * slow + mem if prof.combine == "sum" else np.maximum(comp, mem) * slow
                 per = body * factor + kern
             out[:, sel] += per
-        for sel, taps, factor in self.group_taps:
-            g = np.asarray(t.groups)[sel]
-            out[:, sel] += taps.seconds(cin[:, sel], g, elems[:, sel], self.window[sel]) * factor
+        for sel, groups, taps, factor in self.group_taps:
+            out[:, sel] += taps.seconds(cin[:, sel], groups, elems[:, sel], self.window[sel]) * factor
         for sel, multiple, s_per_flop in self.group_slow:
             # off its per-group multiple a grouped convolution leaves the fast kernel for a slow one (oneDNN's INT8
             # grouped convolution on AVX2 ran 0.75-0.9 ns per FLOP there, 30-80x its fast kernel): priced by its FLOPs

@@ -60,10 +60,11 @@ class Efficiency(_Strict):
     group_slow_ns: float = Field(default=0.0, ge=0, description="nanoseconds per FLOP of a grouped convolution off "
                                                                 "group_multiple (its slow kernel)")
     group_tap_ns: dict[int, float] = Field(
-        default_factory=dict, description="a float grouped (not depthwise) convolution costs at least this many "
-                                          "nanoseconds per output element and kernel tap, by its input channels per "
-                                          "group (timed alone: hardware.calibrate.groups); beyond the largest count, "
-                                          "the largest counts' time per channel per group (empty: no such floor)")
+        default_factory=dict, description="a float grouped (not depthwise) convolution adds this many nanoseconds "
+                                          "per output element and kernel tap to its split-model price, by its input "
+                                          "channels per group (timed alone: hardware.calibrate.groups); beyond the "
+                                          "largest count, the largest counts' time per channel per group (empty: no "
+                                          "such term)")
     # the split memory model (a calibrated CPU): given when weights and activations move at different rates
     overhead_us: dict[OpClass, float] = Field(default_factory=dict, description="fixed time per kernel of a class "
                                               "(default kernel_overhead_us)")

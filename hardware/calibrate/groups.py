@@ -5,8 +5,8 @@ channels per group an output costs about the same whatever the channels per grou
 kernel's block. On a 2-vCPU AMD EPYC (AVX-512) an output element and kernel tap took 0.11-0.23 ns at 8 and 16
 channels per group and 0.55-0.79 ns at 9-15, beyond a fixed 40-75 us per call; pruning a RegNet's 16 channels per
 group to 11 halved its grouped convolutions' FLOPs and slowed them, and its pruned float candidates at batch 8
-measured as slow as the original. Every count is timed at two spatial sizes per batch; the slope between them is the
-time per output element and tap (group_tap_table), which the profile keeps per calibrated batch
+measured about as slow as the original. Every count is timed at two spatial sizes per batch; the slope between them
+is the time per output element and tap (group_tap_table), which the profile keeps per calibrated batch
 (Efficiency.group_tap_ns): the latency model adds it to a float grouped convolution's split-model price
 (hardware.latency.GroupTaps), and the split model is fitted on the rest of those rows' time (calibrate.profile).
 """
