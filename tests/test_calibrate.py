@@ -310,6 +310,25 @@ def test_compiled_int8_network_is_profiled_into_its_parts():
 
 
 
+@pytest.mark.timing
+def test_what_a_compiled_int8_graph_adds_is_timed_in_small_graphs():
+    """The three chains compile and time against their kernel alone: the long chain takes longer than the short one
+    (five times the convolutions), and the call's, a kernel's wrapper's and a generated loop's prices come out
+    non-negative and below the long chain's own time."""
+    from hardware.calibrate.fit import wrapper_costs
+    from hardware.calibrate.int8 import WRAPPER_CHAIN, WrapperChains
+    from tasks.quantize_exec import compiled_int8
+
+    messages = []
+    chains = WrapperChains(compiled_int8, messages.append)
+    assert messages and messages[0].startswith("compiling three small INT8 graphs")
+    sample = chains()
+    assert chains() is chains.samples[-1] and len(chains.samples) == 2  # timed again without compiling again
+    assert (sample.short_ops, sample.long_ops) == WRAPPER_CHAIN and sample.table.n == 1
+    assert sample.long_s > sample.short_s > sample.alone_s > 0 and sample.gated_s > 0
+    assert all(0 <= c < sample.long_s for c in wrapper_costs(chains.samples))
+
+
 def test_first_use_of_host_calibrates_this_machine_and_says_so(tmp_path, monkeypatch):
     """A command that needs `host` on a machine without its profile calibrates it first (quick), shows its
     progress, says so, and keeps it in the cache under this machine's key; the next use loads it."""

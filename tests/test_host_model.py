@@ -4,6 +4,7 @@ coefficients, and the steady-state allocator of every measurement."""
 from __future__ import annotations
 
 import copy
+import functools
 import dataclasses
 
 import numpy as np
@@ -233,25 +234,21 @@ def test_glue_fit_bounds_a_larger_batch_by_the_first_ones_python_not_its_bytes()
     assert fit_glue(b8, g1)[2] >= first[2]
 
 
-@pytest.mark.slow  # compiles INT8 graphs
-def test_int8_graph_fit_recovers_known_costs():
-    """Compiled INT8 synthetic networks whose profiled parts follow known costs (a kernel in a graph against alone,
-    per kernel and per activation byte up to the cache's size; the generated loops per operator, per element and
-    per element a channel shuffle reorders, the wrapper per call, per operator and per element moved): fit_int8
-    gets them back, the shuffle's extra cost from the networks that have shuffles after the per-operator and
-    per-element costs are fitted on those that do not. One network's kernels timed in a slow spell (1.8x) leave
-    the kernels' context as it was (a least-absolute fit)."""
+INT8_CACHE = 2e6
+INT8_COEF = {b: {"conv": np.array([8e-6, 1e-12, 0.0, 0.0, 2e-11, 1e-11, 2e-11] + [0.0] * 5)} for b in (1, 8)}
+
+
+@functools.lru_cache(maxsize=1)
+def _int8_networks():
+    """Eight synthetic networks' INT8 estimates (three with channel shuffles), each at batch 1 and 8, with their
+    parts (fit.int8_parts) under INT8_COEF: (an Int8Sample to time, its parts)."""
     from estimators.methods.quantize import estimate as estimate_quantize
     from estimators.strategy import QuantizeStep
-    from hardware.calibrate.fit import fit_int8, int8_parts
+    from hardware.calibrate.fit import int8_parts
     from hardware.calibrate.int8 import Int8Sample
     from hardware.synthetic import _Shuffle
 
-    cache = 2e6
-    coef8 = {1: {"conv": np.array([8e-6, 1e-12, 0.0, 0.0, 2e-11, 1e-11, 2e-11] + [0.0] * 5)}}
-    coef8[8] = coef8[1]
-    ctx, per_byte, other, element, permute, call, op, moved = 3e-6, 2e-11, 6e-6, 1e-10, 3e-10, 20e-6, 9e-6, 4e-11
-    samples, shuffled, plain = [], 0, 0
+    out, shuffled, plain = [], 0, 0
     for seed in range(60):
         model, shape = synthetic_cnn(seed)
         has = any(isinstance(m, _Shuffle) for m in model.modules())
@@ -260,15 +257,32 @@ def test_int8_graph_fit_recovers_known_costs():
         table = estimate_quantize(light_table(model, torch.randn(1, *shape[1:])), QuantizeStep(dtype="int8"))
         for b in (1, 8):
             s = Int8Sample(f"seed {seed}", table, b, 1.0)
-            a = int8_parts(s, coef8[b], cache)
-            kern = a[4] + ctx * a[1] + per_byte * a[8]
-            loops = other * a[2] + element * a[3] + permute * a[7]
-            rest = call + op * (a[1] + a[2]) + moved * (a[3] + a[5])
-            samples.append(Int8Sample(s.label, table, b, kern + loops + rest, kern, 0.0, loops))
+            out.append((s, int8_parts(s, INT8_COEF[b], INT8_CACHE)))
         shuffled += has
         plain += not has
     assert shuffled == 3 and plain == 5
-    f = fit_int8(samples, coef8, cache)
+    return tuple(out)
+
+
+@pytest.mark.slow  # builds the estimates of 8 synthetic networks
+def test_int8_graph_fit_recovers_known_costs():
+    """Compiled INT8 synthetic networks whose profiled parts follow known costs (a kernel in a graph against alone,
+    per kernel and per activation byte up to the cache's size; the generated loops per operator, per element and
+    per element a channel shuffle reorders, the wrapper per call, per operator and per element moved): fit_int8
+    gets them back, the shuffle's extra cost from the networks that have shuffles after the per-operator and
+    per-element costs are fitted on those that do not. One network's kernels timed in a slow spell (1.8x) leave
+    the kernels' context as it was (a least-absolute fit)."""
+    from hardware.calibrate.fit import fit_int8
+    from hardware.calibrate.int8 import Int8Sample
+
+    ctx, per_byte, other, element, permute, call, op, moved = 3e-6, 2e-11, 6e-6, 1e-10, 3e-10, 20e-6, 9e-6, 4e-11
+    samples = []
+    for s, a in _int8_networks():
+        kern = a[4] + ctx * a[1] + per_byte * a[8]
+        loops = other * a[2] + element * a[3] + permute * a[7]
+        rest = call + op * (a[1] + a[2]) + moved * (a[3] + a[5])
+        samples.append(Int8Sample(s.label, s.table, s.batch, kern + loops + rest, kern, 0.0, loops))
+    f = fit_int8(samples, INT8_COEF, INT8_CACHE)
     assert f.permute_s == pytest.approx(permute, rel=1e-3) and f.element_s == pytest.approx(element, rel=1e-3)
     assert f.other_s == pytest.approx(op + other, rel=1e-3) and f.kernel_s == pytest.approx(op, rel=1e-3)
     assert f.byte_s == pytest.approx(moved, rel=1e-3)
@@ -276,14 +290,71 @@ def test_int8_graph_fit_recovers_known_costs():
     assert f.byte_s_ctx[1] == pytest.approx(per_byte, rel=1e-3) and f.byte_s_ctx[8] == pytest.approx(per_byte, rel=1e-3)
     assert f.mape < 1e-3
     # the spilled bytes pay no context: some rows of these networks spill, so a context on all bytes would differ
-    assert any(int8_parts(s, coef8[s.batch], cache)[5] > int8_parts(s, coef8[s.batch], cache)[8] for s in samples)
+    assert any(a[5] > a[8] for _, a in _int8_networks())
     slow = samples[9]
     samples[9] = Int8Sample(slow.label, slow.table, slow.batch, slow.total_seconds + 0.8 * slow.kernel_seconds,
                             1.8 * slow.kernel_seconds, 0.0, slow.loop_seconds)
-    g = fit_int8(samples, coef8, cache)
+    g = fit_int8(samples, INT8_COEF, INT8_CACHE)
     for b in (1, 8):
         assert g.kernel_s_ctx[b] == pytest.approx(ctx, rel=1e-2)
         assert g.byte_s_ctx[b] == pytest.approx(per_byte, rel=1e-2)
+
+
+@pytest.mark.slow  # builds the estimates of 8 synthetic networks
+def test_int8_graph_fit_takes_the_wrapper_timed_in_small_graphs():
+    """With the call's and the operators' prices timed directly (wrapper_costs), fit_int8 keeps them as timed,
+    fits what a graph adds to its kernels per activation byte in the cache only (a per-kernel context is in the
+    timed per-kernel price), the generated loops per element (profiled), and what the totals leave per byte moved."""
+    from hardware.calibrate.fit import fit_int8
+    from hardware.calibrate.int8 import Int8Sample
+
+    per_byte, loop_op, element, permute, call, per_kernel, per_loop, moved = \
+        2e-11, 6e-6, 1e-10, 3e-10, 140e-6, 11e-6, 2e-6, 4e-11
+    samples = []
+    for s, a in _int8_networks():
+        kern = a[4] + per_byte * a[8]
+        loops = loop_op * a[2] + element * a[3] + permute * a[7]  # as profiled (the loops' own time)
+        total = call + per_kernel * a[1] + kern + per_loop * a[2] + element * a[3] + permute * a[7] \
+            + moved * (a[3] + a[5])
+        samples.append(Int8Sample(s.label, s.table, s.batch, total, kern, 0.0, loops))
+    f = fit_int8(samples, INT8_COEF, INT8_CACHE, wrapper=(call, per_kernel, per_loop))
+    assert (f.call_s, f.kernel_s, f.other_s) == (call, per_kernel, per_loop)
+    assert f.kernel_s_ctx == {1: 0.0, 8: 0.0}
+    assert f.byte_s_ctx[1] == pytest.approx(per_byte, rel=1e-3) and f.byte_s_ctx[8] == pytest.approx(per_byte, rel=1e-3)
+    assert f.element_s == pytest.approx(element, rel=1e-3) and f.permute_s == pytest.approx(permute, rel=1e-3)
+    assert f.byte_s == pytest.approx(moved, rel=1e-3) and f.mape < 1e-3
+
+
+def test_wrapper_costs_read_the_chains():
+    """The chains' times give the call (less its input's quantizing loop, priced as another operator), a kernel's
+    wrapper beyond the kernel alone and a generated loop's price; none without samples; never negative."""
+    from hardware.calibrate.fit import wrapper_costs
+    from hardware.calibrate.int8 import WrapperSample
+
+    call, kernel, alone, loop = 120e-6, 12e-6, 30e-6, 2e-6
+    sample = WrapperSample(2, 10, call + loop + 2 * (kernel + alone), call + loop + 10 * (kernel + alone),
+                           call + loop + 10 * (kernel + alone + loop), alone)
+    assert wrapper_costs([sample]) == pytest.approx((call, kernel, loop), rel=1e-9)
+    assert wrapper_costs([]) is None
+    odd = WrapperSample(2, 10, 1e-6, 50e-6, 40e-6, 100e-6)  # timed in a slow spell: nothing below zero
+    assert min(wrapper_costs([odd])) == 0.0
+    assert wrapper_costs([sample, sample, odd]) == pytest.approx((call, kernel, loop), rel=1e-9)
+    # at the kernel fit's level: the fit predicts the chain's kernel at 1.5x its time with the chains, and the costs
+    # read from them scale alike
+    from estimators.methods.quantize import estimate as estimate_quantize
+    from estimators.strategy import QuantizeStep
+    from hardware.calibrate.fit import int8_parts
+    from hardware.calibrate.int8 import Int8Sample
+
+    table = estimate_quantize(light_table(nn.Sequential(nn.Conv2d(16, 16, 1)), torch.randn(1, 16, 8, 8)),
+                              QuantizeStep(dtype="int8"))
+    fitted = int8_parts(Int8Sample("k", table, 1, 0.0), INT8_COEF[1], INT8_CACHE)[4]
+    assert fitted > 0
+    slow = dataclasses.replace(sample, table=table, alone_s=fitted / 1.5)
+    per_kernel = (slow.long_s - slow.short_s) / 8
+    got = wrapper_costs([slow], INT8_COEF[1], INT8_CACHE)
+    assert got == pytest.approx(((slow.short_s - 2 * per_kernel - loop) * 1.5, (per_kernel - slow.alone_s) * 1.5,
+                                 loop * 1.5), rel=1e-9)
 
 
 def test_efficiency_round_trips_the_fitted_coefficients():

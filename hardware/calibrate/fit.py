@@ -15,7 +15,7 @@ from estimators.table import LayerTable, evaluate
 from ..latency import (ALL_CLASSES, COL, GEMM_CLASSES, SPLIT_WIDTH, columns, conv_shape, eager_terms, fused_mask, in_place,
                        input_elements, latency_kinds, misaligned, pointwise, remainder_share, row_features, split_terms)
 from ..profile import SUBCLASSES, Efficiency
-from .int8 import QPOOL_LANES, ElementSample, Int8Sample
+from .int8 import QPOOL_LANES, ElementSample, Int8Sample, WrapperSample
 from .sampling import CHANNEL_MULTIPLE, NetSample
 
 # columns of latency.split_terms each class is fitted with (the others are held at zero); eager PyTorch's
@@ -313,9 +313,32 @@ class Int8Fit:
     byte_s: float = 0.0  # outside kernels and loops, per activation byte (INT8: per element) operators move
 
 
+def wrapper_costs(samples: list[WrapperSample], coef8: dict[str, np.ndarray] | None = None, cache: float = 0.0,
+                  multiple: int = CHANNEL_MULTIPLE) -> tuple[float, float, float] | None:
+    """Seconds a compiled INT8 graph adds per call (its input's quantizing loop left out: priced as another
+    operator), per convolution/linear beyond its kernel alone, and per generated loop (its elements aside), from
+    int8.WrapperChains: medians over the samples; None without any. With `coef8` (the batch-1 INT8 kernel
+    fit) each sample's costs are taken at the fit's level: scaled by the fit's prediction for the chain's kernel over
+    that kernel as timed with the chains (one calibration timed the chains and their kernel 1.6-1.8x slower than
+    another, minutes apart, while their ratios held within 10%)."""
+    if not samples:
+        return None
+    out = []
+    for s in samples:
+        scale = 1.0
+        if coef8 is not None and s.table is not None and s.alone_s > 0:
+            fitted = int8_parts(Int8Sample("chain kernel", s.table, 1, 0.0), coef8, cache, multiple=multiple)[4]
+            scale = fitted / s.alone_s if fitted > 0 else 1.0
+        per_kernel = (s.long_s - s.short_s) / (s.long_ops - s.short_ops)
+        other = max((s.gated_s - s.long_s) / s.long_ops, 0.0)
+        out.append((max(s.short_s - s.short_ops * per_kernel - other, 0.0) * scale,
+                    max(per_kernel - s.alone_s, 0.0) * scale, other * scale))
+    return tuple(float(v) for v in np.median(np.array(out), axis=0))
+
+
 def fit_int8(samples: list[Int8Sample], coefs8: dict[int, dict[str, np.ndarray]], cache: float,
              elem_ns: dict[str, float] | None = None, pool: np.ndarray | None = None,
-             multiple: int = CHANNEL_MULTIPLE) -> Int8Fit:
+             multiple: int = CHANNEL_MULTIPLE, wrapper: tuple[float, float, float] | None = None) -> Int8Fit:
     """Kernels in a graph take longer than the same kernels timed alone, where their input stays in the cache:
     per batch, the networks' profiled oneDNN kernel time beyond the kernel fit's prediction on their kernel count
     and their activation bytes up to the cache's size (bytes beyond it come from memory alone too), non-negative
@@ -334,11 +357,14 @@ def fit_int8(samples: list[Int8Sample], coefs8: dict[int, dict[str, np.ndarray]]
     G = np.array([s.loop_seconds for s in samples])
     per_k, per_b = {}, {}
     kern = A[:, 4].copy()
+    # with the wrapper timed directly (wrapper_costs), what a graph adds per kernel is in its per-operator price, and
+    # only the activation bytes in the cache are fitted here
+    ctx = [8] if wrapper is not None else [1, 8]
     for b in sorted(coefs8):
         sel = (near == b) & (K > 0)
         x = np.zeros(2)
         if sel.sum() >= 2:
-            x = l1_nnls(A[sel][:, [1, 8]] / K[sel, None], (K[sel] - A[sel, 4]) / K[sel])
+            x[2 - len(ctx):] = l1_nnls(A[sel][:, ctx] / K[sel, None], (K[sel] - A[sel, 4]) / K[sel])
         per_k[b], per_b[b] = float(x[0]), float(x[1])
         at = near == b
         kern[at] = A[at, 4] + A[at][:, [1, 8]] @ x
@@ -353,6 +379,18 @@ def fit_int8(samples: list[Int8Sample], coefs8: dict[int, dict[str, np.ndarray]]
     if (~plain).any():
         rest = G - A[:, [2, 3]] @ loop[:2]
         loop[2:], _ = nnls(A[~plain][:, [7]] * w[~plain, None], rest[~plain] * w[~plain])
+    if wrapper is not None:
+        # timed directly: the call, a kernel's wrapper and a generated loop's whole price per operator (its
+        # elements aside); what the networks' totals leave beyond those is fitted per activation byte moved,
+        # least absolute (a network timed in a slow spell does not pull it up)
+        call, per_kernel, per_loop = wrapper
+        fixed = call + A[:, 1] * per_kernel + A[:, 2] * per_loop + A[:, 3] * loop[1] + A[:, 7] * loop[2] + kern \
+            + A[:, 6]
+        moved = (A[:, 3] + A[:, 5])[:, None]
+        byte = float(l1_nnls(moved * w[:, None], (T - fixed) * w)[0]) if len(T) else 0.0
+        pred = fixed + moved[:, 0] * byte
+        return Int8Fit(per_k, per_b, call, per_kernel, per_loop, float(loop[1]),
+                       float(np.abs(pred / T - 1).mean()) if len(T) else 0.0, float(loop[2]), byte)
     # the rest of a call: per call, per operator (kernel or loop: the wrapper calls each alike) and per activation
     # byte (allocating outputs: 8-11 us an operator at batch 1, 15-48 at batch 8 in the same networks); fitting
     # kernels and loops apart, with no byte term, put 293 us on the call and nothing on a kernel (6 networks)

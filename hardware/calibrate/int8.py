@@ -1,10 +1,12 @@
 """Calibration's INT8 part. INT8 runs compiled (inductor with freezing), where operators cannot be timed one by one
-inside the graph, so three kinds of sample are taken:
+inside the graph, so four kinds of sample are taken:
 
 - the oneDNN INT8 convolution and linear kernels the compiled graph calls, timed directly (prepacked weights,
   uint8 channels-last activations, the following activation fused as a post-op; a SiLU timed with and without,
   for its cost per element): hundreds of kernels, no compile;
 - quantized max pooling, timed the same way (its channels beyond a multiple of QPOOL_LANES run a scalar tail);
+- small compiled chains of convolutions (WrapperChains), timed in alternation with one of their kernels alone:
+  what a graph adds per call, per kernel (the Python wrapper's call) and per generated loop;
 - whole quantized synthetic networks, compiled and profiled (torch.profiler with inductor's kernel profile), each
   call split into oneDNN kernels, quantized pooling, generated loops and the rest (Python wrapper, guards).
 
@@ -91,7 +93,8 @@ def profiled_parts(fn: Callable, x: torch.Tensor, runs: int = 5) -> tuple[float,
 
 
 def int8_samples(budget_s: float, progress: Progress, build: Int8Builder, batches: tuple[int, ...] = BATCHES,
-                 seed0: int = 100_000, state: State = lambda: 0.0, min_nets: int = 0) -> list[Int8Sample]:
+                 seed0: int = 100_000, state: State = lambda: 0.0, min_nets: int = 0,
+                 between: Callable[[], object] = lambda: None) -> list[Int8Sample]:
     """Quantize (Intel Neural Compressor static INT8), compile and time whole synthetic networks, and profile
     where each call goes (oneDNN kernels, quantized max pooling, generated loops; the rest is the Python
     wrapper and guards). The graphs compile with inductor's kernel profile, so the generated loops show.
@@ -100,7 +103,8 @@ def int8_samples(budget_s: float, progress: Progress, build: Int8Builder, batche
     each fit the graph's costs better than half as many at every batch. `build` makes the compiled program.
     At least `min_nets` are timed whatever the budget: the graph's costs around the kernels are fitted on them, and
     one or two networks fit none of those costs (a full calibration on a 2-vCPU AMD EPYC with AVX-512 compiled one
-    network in its budget, and its profile predicted compiled INT8 torchvision networks at 0.3-0.65x their time)."""
+    network in its budget, and its profile predicted compiled INT8 torchvision networks at 0.3-0.65x their time).
+    `between` runs after each network (WrapperChains: timed again)."""
     import torch._inductor.config as inductor_config
 
     from estimators.methods.quantize import estimate as estimate_quantize
@@ -136,6 +140,7 @@ def int8_samples(budget_s: float, progress: Progress, build: Int8Builder, batche
             second = measure_latency(fn, x, warmup=1, min_runs=5, max_runs=50, budget_s=0.15)["latency_ms"]
             out.append(Int8Sample(f"synthetic-{seed - 1} {(b,) + tuple(shape[1:])}", table, b,
                                   0.5 * (first + second) / 1e3, kern, pool, loops, probe))
+            between()
             spent.append(time.perf_counter() - t1)
             counted.update(time.perf_counter() - t0, f"{len(out)} compiled and timed; {out[-1].label}: "
                            f"{out[-1].total_seconds * 1e3:.2f} ms, oneDNN kernels {out[-1].kernel_seconds * 1e3:.2f}, "
@@ -360,6 +365,71 @@ def int8_group_graph_ns(build: Int8Builder, multiple: int, progress: Progress = 
         got = measure_interleaved(fns, xs, budget_s=0.5, min_rounds=6)
     fast, slow = (t / 1e3 for t in got["latency_ms"])
     return max(slow - fast * flops[1] / flops[0], 0.0) / flops[1] * 1e9
+
+
+@dataclass
+class WrapperSample:
+    """Compiled INT8 chains of small convolutions timed in alternation with one of their kernels alone (seconds):
+    what a compiled graph adds to its kernels per call and per operator (fit.wrapper_costs)."""
+
+    short_ops: int  # convolutions (each with a fused ReLU) in the short chain
+    long_ops: int  # in the long chains
+    short_s: float
+    long_s: float
+    gated_s: float  # the long chain with a sigmoid after each convolution instead (a generated loop each)
+    alone_s: float  # one of the chain's convolution kernels alone (int8_op_samples' kind of timing)
+    table: LayerTable | None = None  # that convolution's INT8 estimate: the kernel fit's prediction for it
+
+
+WRAPPER_CHAIN = (2, 10)  # convolutions in the short and long chains: the long ones take 8-12 s each to compile here
+WRAPPER_SHAPE = (16, 8)  # channels, spatial size (1x1 convolutions, batch 1): the kernels are mostly their overhead
+
+
+class WrapperChains:
+    """What a compiled INT8 graph adds around its oneDNN kernels, timed directly: a short and a long chain of 1x1
+    convolutions with fused ReLUs, and the long chain with a sigmoid after each convolution instead (inductor runs
+    it in a generated loop), compiled by `build` once and timed, at each call of this object, in alternation with one
+    of the convolutions' kernels alone (a WrapperSample appended to `samples`). The long chain's extra time per
+    convolution, less the kernel alone, is the wrapper's price per operator; the gated chain's extra time per
+    sigmoid is a generated loop's whole price (fit.wrapper_costs). Fitting these from whole networks' totals less
+    their profiled kernels (a residual of 20-45% of a total, at times negative) put 10 to 34 us on every operator
+    from one calibration to the next on a 2-vCPU AMD EPYC, where these chains measured 10-16 us in a quiet spell.
+    In a slow one they measured 27, and their ratio to the kernel alone moved 2x: a calibration times them again
+    between its compiled networks (about a second each time), and the fit takes the median."""
+
+    def __init__(self, build: Int8Builder, progress: Progress = lambda m: None):
+        from estimators.methods.quantize import estimate as estimate_quantize
+        from estimators.strategy import QuantizeStep
+
+        c, hw = WRAPPER_SHAPE
+        short, long = WRAPPER_CHAIN
+
+        def chain(n: int, act: type) -> nn.Module:
+            return nn.Sequential(*[m for _ in range(n) for m in (nn.Conv2d(c, c, 1), act())]).eval()
+
+        self.samples: list[WrapperSample] = []
+        with status(progress, "compiling three small INT8 graphs (what a graph adds per call and per operator)"):
+            self.fns = [build(chain(short, nn.ReLU), torch.randn(2, c, hw, hw)),
+                        build(chain(long, nn.ReLU), torch.randn(2, c, hw, hw)),
+                        build(chain(long, nn.Sigmoid), torch.randn(2, c, hw, hw))]
+            x = torch.randn(1, c, hw, hw)
+            xu = torch.randint(0, 255, (1, c, hw, hw), dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
+            conv = nn.Conv2d(c, c, 1)
+            with torch.inference_mode():
+                self.fns.append(_int8_kernel(conv, (1, c, hw, hw), "relu", [None]))
+                for fn in self.fns[:3]:  # the graphs compile at their first call
+                    fn(x)
+            self.inputs = [x, x, x, xu]
+            self.table = estimate_quantize(light_table(nn.Sequential(conv), torch.randn(1, c, hw, hw),
+                                                       name="int8-chain-kernel"), QuantizeStep(dtype="int8"))
+
+    def __call__(self) -> WrapperSample:
+        from ..measure import measure_interleaved
+
+        got = measure_interleaved(self.fns, self.inputs, budget_s=0.25, min_rounds=8)
+        t = [v / 1e3 for v in got["latency_ms"]]
+        self.samples.append(WrapperSample(*WRAPPER_CHAIN, t[0], t[1], t[2], t[3], self.table))
+        return self.samples[-1]
 
 
 QPOOL_LANES = 32  # quantized max pooling vectorises 32 uint8 channels at a time; the rest run in a scalar tail

@@ -24,7 +24,7 @@ from ..latency import COL, SPLIT_WIDTH, group_tap_rows
 from ..measure import dominant_state, same_state
 from ..profile import Efficiency, HardwareProfile, Provenance
 from .fit import (FUSED_INT8, UNFUSED_INT8, Int8Fit, element_ns, fit_glue, fit_int8, fit_pool, fit_split_model,
-                  glue_bound, int8_coef, nearest_batch, split_efficiency, unbiased)
+                  glue_bound, int8_coef, nearest_batch, split_efficiency, unbiased, wrapper_costs)
 from .groups import group_tap_table
 from .int8 import QPOOL_LANES, Int8Builder, group_rule
 from .samples import POOLED_LEAST, Samples, at_one_pace, collect_samples, pace_elasticity, paced_count, save_samples
@@ -96,7 +96,7 @@ def fit_profile(samples: Samples, progress: Progress = lambda m: None) -> Hardwa
     gflops = {"fp32": round(f.peaks[0], 2)}
     overrides: dict[int, Efficiency] = {}
     if samples.ops or samples.q:
-        overrides = _fit_int8(f, coefs, ops, elems, pools, q, progress)
+        overrides = _fit_int8(f, coefs, ops, elems, pools, q, progress, samples.int8_wrapper)
         overrides = _with_group_rule(f, overrides, samples.groups, samples.group_graph_ns, progress)
         if overrides:
             gflops["int8"] = round(INT8_LANES * f.peaks[0], 2)
@@ -189,7 +189,7 @@ def _fit_float(f: _Fitting, nets: dict, progress: Progress
 
 
 def _fit_int8(f: _Fitting, coefs: dict[int, dict[str, np.ndarray]], ops: dict, elems: list, pools: list, q: list,
-              progress: Progress) -> dict[int, Efficiency]:
+              progress: Progress, chains: list | None = None) -> dict[int, Efficiency]:
     """The INT8 efficiencies per float batch: kernels, pooling and fused activations timed alone, and what compiled
     graphs add around them (fit_int8); a quick calibration (no compiled networks) prices the graph's other
     operators as the float fit's elementwise rows. Empty where nothing INT8 was timed."""
@@ -210,8 +210,9 @@ def _fit_int8(f: _Fitting, coefs: dict[int, dict[str, np.ndarray]], ops: dict, e
     if not (q or coefs8):
         progress("int8: no time left in the budget; the profile has no int8 entry")
         return {}
+    wrapper = wrapper_costs(chains or [], coefs8.get(first), f.cache, f.multiple) if first in coefs8 else None
     if q:
-        f8 = fit_int8(q, coefs8, f.cache, elem_ns, pool, f.multiple)
+        f8 = fit_int8(q, coefs8, f.cache, elem_ns, pool, f.multiple, wrapper)
     else:
         # no compiled networks (a quick calibration): the graph adds nothing measured to its kernels; its other
         # operators (generated loops) cost as the float fit's elementwise rows, per operator and per byte
@@ -230,13 +231,15 @@ def _fit_int8(f: _Fitting, coefs: dict[int, dict[str, np.ndarray]], ops: dict, e
             "input_ns_per_element": round(2 * (f8.element_s + f8.byte_s) * 1e9, 5),  # quantizing the input
             "remainder_ns": {"maxpool": round(float(pool[2]) * 1e9, 5)},
             "remainder_multiple": {"maxpool": QPOOL_LANES}})
-    _record_int8(f, f8, pool, elem_ns, q, progress)
+    _record_int8(f, f8, pool, elem_ns, q, progress, bool(q) and wrapper is not None)
     return overrides
 
 
 def _record_int8(f: _Fitting, f8: Int8Fit, pool: np.ndarray, elem_ns: dict[str, float], q: list,
-                 progress: Progress) -> None:
+                 progress: Progress, timed: bool = False) -> None:
+    """`timed`: the call's and the operators' prices were timed directly (fit.wrapper_costs), not fitted."""
     f.record.update({"int8.networks": len(q), "int8.network_mape": round(f8.mape, 4),
+                     "int8.wrapper_timed": float(timed),
                      "int8.call_us": round(f8.call_s * 1e6, 2), "int8.kernel_wrapper_us": round(f8.kernel_s * 1e6, 2),
                      "int8.other_op_us": round(f8.other_s * 1e6, 2),
                      "int8.other_ns_per_element": round(f8.element_s * 1e9, 4),
@@ -252,7 +255,8 @@ def _record_int8(f: _Fitting, f8: Int8Fit, pool: np.ndarray, elem_ns: dict[str, 
                     "activation byte in the cache" for b in f8.kernel_s_ctx)
     per_batch = ", ".join(f"{sum(x.batch == b for x in q)} at batch {b}" for b in BATCHES)
     progress(f"fit int8: {len(q)} compiled networks ({per_batch}), MAPE "
-             f"{100 * f8.mape:.1f}% (in sample); a kernel in a graph against alone {ctx}; call "
+             f"{100 * f8.mape:.1f}% (in sample); a kernel in a graph against alone {ctx}; "
+             f"{'timed in small graphs: ' if timed else ''}call "
              f"{f8.call_s * 1e6:.0f} us, {f8.kernel_s * 1e6:.1f} us per kernel outside it and "
              f"{f8.byte_s * 1e9:.3f} ns per element operators move, "
              f"{f8.other_s * 1e6:.1f} us per other operator and {f8.element_s * 1e9:.2f} ns per element it "
@@ -297,8 +301,10 @@ def _host_profile(samples: Samples, f: _Fitting, gflops: dict[str, float], effs:
     method = ("split model per operator class, non-negative least squares on the error (relative to each network's "
               "total) of operators timed in context in random synthetic CNNs (exported), batches "
               f"{', '.join(map(str, BATCHES))}, float grouped convolutions' time per output timed alone by channels "
-              "per group; int8: oneDNN kernels and quantized max pooling timed alone, plus what "
-              "compiled, profiled synthetic networks add (kernel context, generated loops, wrapper), and its grouped "
+              "per group; int8: oneDNN kernels and quantized max pooling timed alone, what a compiled graph adds "
+              "per call, per kernel and per generated loop timed in small compiled chains (relative to their kernel "
+              "alone), what compiled, profiled synthetic networks add beyond (kernel context and bytes moved, "
+              "generated loops' elements), and its grouped "
               "convolution at several channels per group (its slow kernel)"
               + (" [quick]" if samples.quick else "")
               + (f" [{samples.runs} calibrations pooled]" if samples.runs > 1 else ""))

@@ -19,8 +19,8 @@ from estimators.table import LayerTable
 
 from ..measure import PaceClock, StateClock, at_pace, cpu_isa, cpu_name, dominant_state, same_state
 from .groups import FloatGroupSample, float_group_samples
-from .int8 import (ElementSample, GroupSample, Int8Builder, Int8Sample, group_rule, int8_group_graph_ns,
-                   int8_group_samples, int8_op_samples, int8_pool_samples, int8_samples)
+from .int8 import (ElementSample, GroupSample, Int8Builder, Int8Sample, WrapperChains, WrapperSample, group_rule,
+                   int8_group_graph_ns, int8_group_samples, int8_op_samples, int8_pool_samples, int8_samples)
 from .sampling import (ELASTICITY_LEAST, PACE_BAND, PACE_LEAST, RETIMED, NetSample, Progress, cache_bytes,
                        measure_peaks, network_samples)
 
@@ -63,6 +63,7 @@ class Samples:
     groups: list = dataclasses.field(default_factory=list)  # INT8 grouped convolutions (int8_group_samples)
     group_graph_ns: list = dataclasses.field(default_factory=list)  # their slow kernel in a graph (int8_group_graph_ns)
     float_groups: list = dataclasses.field(default_factory=list)  # float grouped convolutions (float_group_samples)
+    int8_wrapper: list = dataclasses.field(default_factory=list)  # compiled INT8 chains (int8.WrapperChains)
 
 
 SEED_STRIDE = 1000  # seed offset between pooled calibrations (a part draws far fewer networks than this)
@@ -111,6 +112,7 @@ def collect_samples(quick: bool = False, progress: Progress = lambda m: None, in
     q: list[Int8Sample] = []
     groups: list[GroupSample] = []
     graph_ns: list[float] = []
+    wrapper: list[WrapperSample] = []
     if int8:
         left = max(budget_s - (time.perf_counter() - t0), 0.0)
         # INT8 is not paced: the compiled networks' pace readings fall between compiles, away from the machine's
@@ -123,8 +125,12 @@ def collect_samples(quick: bool = False, progress: Progress = lambda m: None, in
         multiple = group_rule(groups)[0]
         if multiple and not quick:
             graph_ns = [int8_group_graph_ns(build_int8, multiple, progress)]
-        q = [] if quick else int8_samples(max(budget_s - (time.perf_counter() - t0), 0.0), progress, build_int8,
-                                          seed0=100_000 + offset, state=clock, min_nets=INT8_LEAST_NETWORKS)
+        if not quick:
+            chains = WrapperChains(build_int8, progress)
+            chains()
+            q = int8_samples(max(budget_s - (time.perf_counter() - t0), 0.0), progress, build_int8,
+                             seed0=100_000 + offset, state=clock, min_nets=INT8_LEAST_NETWORKS, between=chains)
+            wrapper = chains.samples
     clock(fresh=True)  # a last reading at the end
     ref = dominant_state(clock.readings)
     other = False
@@ -140,7 +146,7 @@ def collect_samples(quick: bool = False, progress: Progress = lambda m: None, in
                    list(clock.readings), time.perf_counter() - t0, quick, cpu_name(), torch.__version__,
                    seed_offset=offset, peak_runs=[(tuple(peaks), peaks_state)], isa=cpu_isa(),
                    pace_readings=list(pace.readings), retimed=retimed, groups=groups,
-                   group_graph_ns=graph_ns, float_groups=float_groups)
+                   group_graph_ns=graph_ns, float_groups=float_groups, int8_wrapper=wrapper)
 
 
 SAMPLES_FORMAT = "deployfit-calibration-samples/1"
@@ -152,7 +158,7 @@ def _sample_classes() -> dict[str, type]:
     from estimators.table import State
 
     return {c.__name__: c for c in (Samples, NetSample, Int8Sample, ElementSample, GroupSample, FloatGroupSample,
-                                    LayerTable, State, PrunePlan, PruneGroup)}
+                                    WrapperSample, LayerTable, State, PrunePlan, PruneGroup)}
 
 
 def _encode(v, arrays: dict[str, np.ndarray], seen: dict[int, str], classes: dict[str, type]):
@@ -277,7 +283,8 @@ def merge_samples(parts: list[Samples]) -> Samples:
                    sum(p.runs for p in parts), max(p.seed_offset for p in parts),
                    [r for p in parts for r in p.peak_runs], first.isa, [r for p in parts for r in p.pace_readings],
                    [r for p in parts for r in p.retimed], [g for p in parts for g in p.groups],
-                   [x for p in parts for x in p.group_graph_ns], [x for p in parts for x in p.float_groups])
+                   [x for p in parts for x in p.group_graph_ns], [x for p in parts for x in p.float_groups],
+                   [x for p in parts for x in p.int8_wrapper])
 
 
 def paced_count(samples: Samples) -> int:
