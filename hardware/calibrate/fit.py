@@ -320,7 +320,8 @@ def wrapper_costs(samples: list[WrapperSample], coef8: dict[str, np.ndarray] | N
     int8.WrapperChains: medians over the samples; None without any. With `coef8` (the batch-1 INT8 kernel
     fit) each sample's costs are taken at the fit's level: scaled by the fit's prediction for the chain's kernel over
     that kernel as timed with the chains (one calibration timed the chains and their kernel 1.6-1.8x slower than
-    another, minutes apart, while their ratios held within 10%)."""
+    another minutes later; relative to the kernel, the call moved by 12%, a kernel's wrapper by 2x: a slow spell
+    slows the Python wrapper more than oneDNN, hence several readings and their median)."""
     if not samples:
         return None
     out = []
@@ -346,7 +347,8 @@ def fit_int8(samples: list[Int8Sample], coefs8: dict[int, dict[str, np.ndarray]]
     a least-squares fit far up. The generated loops' profiled time is
     fitted per other operator and per element those move; what remains of each call (the Python wrapper,
     guards, allocation) per call, per convolution/linear and per other operator. All on the networks'
-    relative error."""
+    relative error. `wrapper` (wrapper_costs: the call, a kernel's wrapper and a generated loop, timed directly) takes
+    the place of those three fitted prices and of the per-kernel context."""
     from scipy.optimize import nnls
 
     near = np.array([nearest_batch(s.batch, list(coefs8)) for s in samples])
