@@ -381,27 +381,28 @@ def fit_int8(samples: list[Int8Sample], coefs8: dict[int, dict[str, np.ndarray]]
     if (~plain).any():
         rest = G - A[:, [2, 3]] @ loop[:2]
         loop[2:], _ = nnls(A[~plain][:, [7]] * w[~plain, None], rest[~plain] * w[~plain])
+    # what is priced apart from the call, the operators' wrappers and the bytes moved: the kernels in context,
+    # pooling and the generated loops' elements
+    parts = A[:, 3] * loop[1] + A[:, 7] * loop[2] + kern + A[:, 6]
+    moved = A[:, 3] + A[:, 5]
     if wrapper is not None:
         # timed directly: the call, a kernel's wrapper and a generated loop's whole price per operator (its
         # elements aside); what the networks' totals leave beyond those is fitted per activation byte moved,
         # least absolute (a network timed in a slow spell does not pull it up)
-        call, per_kernel, per_loop = wrapper
-        fixed = call + A[:, 1] * per_kernel + A[:, 2] * per_loop + A[:, 3] * loop[1] + A[:, 7] * loop[2] + kern \
-            + A[:, 6]
-        moved = (A[:, 3] + A[:, 5])[:, None]
-        byte = float(l1_nnls(moved * w[:, None], (T - fixed) * w)[0]) if len(T) else 0.0
-        pred = fixed + moved[:, 0] * byte
-        return Int8Fit(per_k, per_b, call, per_kernel, per_loop, float(loop[1]),
-                       float(np.abs(pred / T - 1).mean()) if len(T) else 0.0, float(loop[2]), byte)
-    # the rest of a call: per call, per operator (kernel or loop: the wrapper calls each alike) and per activation
-    # byte (allocating outputs: 8-11 us an operator at batch 1, 15-48 at batch 8 in the same networks); fitting
-    # kernels and loops apart, with no byte term, put 293 us on the call and nothing on a kernel (6 networks)
-    wrap, _ = nnls(np.stack([A[:, 0], A[:, 1] + A[:, 2], A[:, 3] + A[:, 5]], 1) * w[:, None],
-                   np.maximum(T - K - P - G, 0.0) * w)
-    pred = wrap[0] + (A[:, 1] + A[:, 2]) * wrap[1] + (A[:, 3] + A[:, 5]) * wrap[2] + A[:, 2] * loop[0] \
-        + A[:, 3] * loop[1] + A[:, 7] * loop[2] + kern + A[:, 6]
-    return Int8Fit(per_k, per_b, float(wrap[0]), float(wrap[1]), float(wrap[1] + loop[0]), float(loop[1]),
-                   float(np.abs(pred / T - 1).mean()) if len(T) else 0.0, float(loop[2]), float(wrap[2]))
+        call, per_kernel, per_other = wrapper
+        left = T - (call + A[:, 1] * per_kernel + A[:, 2] * per_other + parts)
+        byte = float(l1_nnls(moved[:, None] * w[:, None], left * w)[0]) if len(T) else 0.0
+    else:
+        # the rest of a call: per call, per operator (kernel or loop: the wrapper calls each alike) and per
+        # activation byte (allocating outputs: 8-11 us an operator at batch 1, 15-48 at batch 8 in the same
+        # networks); fitting kernels and loops apart, with no byte term, put 293 us on the call and nothing on a
+        # kernel (6 networks)
+        wrap, _ = nnls(np.stack([A[:, 0], A[:, 1] + A[:, 2], moved], 1) * w[:, None],
+                       np.maximum(T - K - P - G, 0.0) * w)
+        call, per_kernel, per_other, byte = float(wrap[0]), float(wrap[1]), float(wrap[1] + loop[0]), float(wrap[2])
+    pred = call + A[:, 1] * per_kernel + A[:, 2] * per_other + moved * byte + parts
+    return Int8Fit(per_k, per_b, call, per_kernel, per_other, float(loop[1]),
+                   float(np.abs(pred / T - 1).mean()) if len(T) else 0.0, float(loop[2]), byte)
 
 
 def l1_nnls(A: np.ndarray, y: np.ndarray, iterations: int = 50) -> np.ndarray:
