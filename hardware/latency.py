@@ -398,37 +398,67 @@ def dtype_parts(table: LayerTable, kinds: np.ndarray, profile: HardwareProfile, 
 
 
 class GroupTaps:
-    """A float grouped convolution's time per output element and kernel tap by its input channels per group
-    (Efficiency.group_tap_ns, timed alone: hardware.calibrate.groups), which the split model's fit leaves to it: the
-    kernel vectorizes within a group, so that below a few dozen channels per group an output costs about the same
-    whatever their count, and more off the kernel's block (pruning a RegNet's 16 channels per group to 11 halved its
-    grouped convolutions' FLOPs and slowed them). A count not timed takes the nearest lower count's time; beyond the
-    largest, the time per channel per group of the largest BEYOND_COUNTS counts (their kernel computes in proportion
-    there)."""
+    """A float grouped convolution's time beyond its split-model price, by its input channels per group, timed alone
+    (hardware.calibrate.groups), which the split model's fit leaves to it: per output element and kernel tap
+    (Efficiency.group_tap_ns), per image and group (group_call_ns) and per call (group_fixed_us). The kernel
+    vectorizes within a group, so that below a few dozen channels per group an output costs about the same whatever
+    their count, and more off the kernel's block, where each image and group also costs a fixed time (pruning a
+    RegNet's 16 channels per group to 11 halved its grouped convolutions' FLOPs and slowed them, most where its
+    outputs were 2x2); the kernel's block has a fixed cost of its own per call. A count not timed takes the nearest
+    lower count's times; beyond the largest, the times per output and per image and group grow in proportion to the
+    channels per group from the largest BEYOND_COUNTS counts' (their kernel computes in proportion there), and the
+    time per call is the largest count's."""
 
     BEYOND_COUNTS = 8
 
-    def __init__(self, table: dict[int, float]):
-        counts = sorted(int(c) for c in table)
-        self.counts = np.array(counts)
-        self.values = np.array([float(table[c]) for c in counts])
-        self.per_channel = float(np.median(self.values[-self.BEYOND_COUNTS:] / self.counts[-self.BEYOND_COUNTS:]))
+    def __init__(self, table: dict[int, float], calls: dict[int, float] | None = None,
+                 fixed: dict[int, float] | None = None):
+        self.taps = _ByCount(table)
+        self.calls = _ByCount(calls) if calls else None
+        self.fixed = _ByCount(fixed, proportional=False) if fixed else None
 
     def ns(self, per_group: np.ndarray) -> np.ndarray:
         """Nanoseconds per output element and tap at `per_group` channels per group (any shape)."""
+        return self.taps(per_group)
+
+    def seconds(self, cin: np.ndarray, groups: np.ndarray, out_elements: np.ndarray, taps: np.ndarray,
+                batch: int) -> np.ndarray:
+        """Per row (any leading axes): the time its output elements, its images x groups and its call take at its
+        channels per group, at `batch`."""
+        pg = cin // np.maximum(groups, 1)
+        out = self.taps(pg) * 1e-9 * out_elements * taps
+        if self.calls is not None:
+            out = out + self.calls(pg) * 1e-9 * batch * np.maximum(groups, 1)
+        if self.fixed is not None:
+            out = out + self.fixed(pg) * 1e-6
+        return out
+
+
+class _ByCount:
+    """A table by channels per group (GroupTaps), read at any count: the nearest lower count's value; beyond the
+    largest, in proportion to the count (`proportional`) or the largest count's value."""
+
+    def __init__(self, table: dict[int, float], proportional: bool = True):
+        counts = sorted(int(c) for c in table)
+        self.counts = np.array(counts)
+        self.values = np.array([float(table[c]) for c in counts])
+        n = GroupTaps.BEYOND_COUNTS
+        self.per_channel = float(np.median(self.values[-n:] / self.counts[-n:])) if proportional else None
+
+    def __call__(self, per_group: np.ndarray) -> np.ndarray:
         pg = np.asarray(per_group)
         at = np.clip(np.searchsorted(self.counts, pg, side="right") - 1, 0, len(self.counts) - 1)
+        if self.per_channel is None:
+            return self.values[at]
         return np.where(pg > self.counts[-1], pg * self.per_channel, self.values[at])
 
-    def seconds(self, cin: np.ndarray, groups: np.ndarray, out_elements: np.ndarray, taps: np.ndarray) -> np.ndarray:
-        """Per row (any leading axes): the time its output elements take at its channels per group."""
-        return self.ns(cin // np.maximum(groups, 1)) * 1e-9 * out_elements * taps
 
-
-def group_tap_rows(table: LayerTable, tap_ns: dict[int, float], batch: int) -> np.ndarray:
-    """Per row of `table` at `batch`, the seconds its float grouped convolutions take by the table `tap_ns`
-    (Efficiency.group_tap_ns, GroupTaps; zeros elsewhere, or where it is empty): the share of their time the split
-    model's fit does not take (hardware.calibrate.profile)."""
+def group_tap_rows(table: LayerTable, tap_ns: dict[int, float], batch: int, call_ns: dict[int, float] | None = None,
+                   fixed_us: dict[int, float] | None = None) -> np.ndarray:
+    """Per row of `table` at `batch`, the seconds its float grouped convolutions take by the tables `tap_ns`,
+    `call_ns` and `fixed_us` (Efficiency.group_tap_ns, group_call_ns and group_fixed_us, GroupTaps; zeros elsewhere,
+    or where `tap_ns` is empty): the share of their time the split model's fit does not take
+    (hardware.calibrate.profile)."""
     out = np.zeros(table.n)
     kinds = latency_kinds(table)
     sel = (kinds == "gconv") & (np.array(table.state.xdtype) == "fp32")
@@ -437,7 +467,8 @@ def group_tap_rows(table: LayerTable, tap_ns: dict[int, float], batch: int) -> n
     ev = evaluate(table)
     elems = ev.q[:, Q_INDEX["act_out"]] * batch / table.batch
     window = table.ksize if table.ksize is not None else np.ones(table.n)
-    out[sel] = GroupTaps(tap_ns).seconds(ev.cin[sel], np.asarray(table.groups)[sel], elems[sel], window[sel])
+    out[sel] = GroupTaps(tap_ns, call_ns, fixed_us).seconds(ev.cin[sel], np.asarray(table.groups)[sel], elems[sel],
+                                                            window[sel], batch)
     return out
 
 
@@ -468,8 +499,8 @@ class LatencyModel:
         call_s = 0.0
         for rows, eff, peak, factor, bs, classes in dtype_parts(t, self.kinds, profile, batch):
             if eff.group_tap_ns and t.groups is not None and (gsel := rows & (self.kinds == "gconv")).any():
-                self.group_taps.append((np.flatnonzero(gsel), np.asarray(t.groups)[gsel], GroupTaps(eff.group_tap_ns),
-                                        factor))
+                self.group_taps.append((np.flatnonzero(gsel), np.asarray(t.groups)[gsel],
+                                        GroupTaps(eff.group_tap_ns, eff.group_call_ns, eff.group_fixed_us), factor))
             if (eff.group_multiple and eff.group_multiple > 1 and t.groups is not None
                     and (gsel := rows & (self.kinds == "gconv")).any()):
                 self.group_slow.append((np.flatnonzero(gsel), eff.group_multiple, eff.group_slow_ns * 1e-9 * factor))
@@ -561,7 +592,7 @@ class LatencyModel:
                 per = body * factor + kern
             out[:, sel] += per
         for sel, groups, taps, factor in self.group_taps:
-            out[:, sel] += taps.seconds(cin[:, sel], groups, elems[:, sel], self.window[sel]) * factor
+            out[:, sel] += taps.seconds(cin[:, sel], groups, elems[:, sel], self.window[sel], self.batch) * factor
         for sel, multiple, s_per_flop in self.group_slow:
             # off its per-group multiple a grouped convolution leaves the fast kernel for a slow one (oneDNN's INT8
             # grouped convolution on AVX2 ran 0.75-0.9 ns per FLOP there, 30-80x its fast kernel): priced by its FLOPs

@@ -65,6 +65,15 @@ class Efficiency(_Strict):
                                           "channels per group (timed alone: hardware.calibrate.groups); beyond the "
                                           "largest count, the largest counts' time per channel per group (empty: no "
                                           "such term)")
+    group_call_ns: dict[int, float] = Field(
+        default_factory=dict, description="with group_tap_ns: a float grouped convolution adds this many nanoseconds "
+                                          "per image and group of the call, by its input channels per group (timed "
+                                          "alone: hardware.calibrate.groups; empty: no such term)")
+    group_fixed_us: dict[int, float] = Field(
+        default_factory=dict, description="with group_tap_ns: a float grouped convolution adds this many microseconds "
+                                          "per call, by its input channels per group (timed alone: "
+                                          "hardware.calibrate.groups; beyond the largest count, the largest count's; "
+                                          "empty: no such term)")
     # the split memory model (a calibrated CPU): given when weights and activations move at different rates
     overhead_us: dict[OpClass, float] = Field(default_factory=dict, description="fixed time per kernel of a class "
                                               "(default kernel_overhead_us)")

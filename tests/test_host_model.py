@@ -18,7 +18,7 @@ from estimators.modelspec import load_model
 from estimators.table import evaluate
 from hardware.calibrate.fit import fit_split_model, split_efficiency
 from hardware.calibrate.sampling import NetSample, exported, light_table, time_network
-from hardware.latency import SPLIT_WIDTH, row_features, pointwise, predict_latency
+from hardware.latency import COL, SPLIT_WIDTH, row_features, pointwise, predict_latency
 from hardware.measure import measure_latency, steady_allocator
 from hardware.profile import parse_profile
 from hardware.synthetic import synthetic_cnn
@@ -204,6 +204,36 @@ def test_fit_recovers_known_coefficients(pw):
     assert eff.reorder_in_ns["conv"] == pytest.approx(0.2) and eff.reorder_out_ns["conv"] == pytest.approx(0.15)
     assert eff.native_factor["conv"] == pytest.approx(1.5)
     assert eff.padding_ns["conv"] == pytest.approx(1.2e-3) and eff.padding_ns["dwconv"] == pytest.approx(5e-3)
+
+
+def test_timed_grouped_convolutions_are_fitted_on_their_activations_alone():
+    """fit_split_model(timed_groups=True): grouped convolutions whose compute and call the profile times alone are
+    fitted on TIMED_GROUPED (activation bytes): a weight-byte term and an overhead in their times are left out,
+    where the full grouped columns take them; the other classes' fits do not change."""
+    from hardware.calibrate.fit import TIMED_GROUPED, features
+
+    known = {"conv": np.array([20e-6, 2e-12, 0.0, 0.0, 5e-11, 1e-11, 8e-11] + [0.0] * 5),
+             "gconv": np.array([40e-6, 0.0, 0.0, 0.0, 2e-10, 1e-11, 3e-11] + [0.0] * 5),
+             "elementwise": np.array([3e-6, 1e-11, 0.0, 0.0, 0.0, 5e-12, 2e-11] + [0.0] * 5)}
+    cache, nets = 2e6, []
+    for seed in range(24):
+        model, shape = synthetic_cnn(seed)
+        table = light_table(model, torch.randn(*shape))
+        cols, kinds, _ = features(table, table.batch, 16, cache)
+        t = np.full(table.n, 1e-6)
+        for cls, x in known.items():
+            t[kinds == cls] = cols[kinds == cls] @ x
+        nets.append(NetSample(f"seed {seed}", table, t, float(t.sum())))
+    assert sum(int((features(n.table, n.table.batch, 16, cache)[1] == "gconv").sum()) for n in nets) >= 8
+    full, _, _ = fit_split_model(nets, 16, cache)
+    timed, _, _ = fit_split_model(nets, 16, cache, timed_groups=True)
+    w = COL["weight_bytes"]
+    assert full["gconv"][w] == pytest.approx(2e-10, rel=1e-3)
+    assert timed["gconv"][w] == 0.0
+    assert full["gconv"][COL["overhead"]] == pytest.approx(40e-6, rel=1e-3) and timed["gconv"][COL["overhead"]] == 0
+    assert set(np.flatnonzero(timed["gconv"])) <= set(TIMED_GROUPED)
+    for cls in ("conv", "elementwise"):
+        assert np.array_equal(timed[cls], full[cls])
 
 
 @pytest.mark.slow  # fits on real timed samples
@@ -953,48 +983,112 @@ def test_float_grouped_convolutions_take_their_time_per_output_by_channels_per_g
     assert out[0] == pytest.approx(predict_latency(est, timed, 1).latency_ms, rel=1e-9)
 
 
+def test_float_grouped_convolutions_take_their_time_per_image_and_group_by_channels_per_group():
+    """Efficiency.group_call_ns: beside its taps, a float grouped convolution adds batch x groups x the time per
+    image and group timed at its channels per group; it scales with the batch and the groups, prices a pruned
+    candidate off the fast count above its original, and the batch evaluator prices it as predict_latency."""
+    from estimators.compress import estimate
+    from estimators.strategy import parse_strategy
+    from hardware.latency import GroupTaps, latency_kinds
+    from search.batch import BatchEvaluator
+
+    taps = {pg: 0.2 for pg in range(2, 17)}
+    calls = {pg: (50.0 if pg % 4 == 0 else 500.0) for pg in range(2, 17)}
+    d = _split_profile()
+    d["efficiency"]["group_tap_ns"], d["efficiency"]["group_call_ns"] = dict(taps), dict(calls)
+    both, only_taps = parse_profile(d, "test"), _taps_profile(taps)
+    table = _grouped_table()
+    for text, per_group in (("none", 12), ("prune:0.25", 9)):
+        est = estimate(table, parse_strategy(text))
+        g = int(np.flatnonzero(latency_kinds(est) == "gconv")[0])
+        for batch in (1, 8):
+            a, b = predict_latency(est, only_taps, batch).per_row_ms, predict_latency(est, both, batch).per_row_ms
+            others = np.arange(est.n) != g
+            assert np.array_equal(a[others], b[others])
+            assert b[g] - a[g] == pytest.approx(batch * 4 * calls[per_group] * 1e-6, rel=1e-9)
+    t = GroupTaps(taps, calls)
+    got = t.seconds(np.array([36, 48]), np.array([4, 4]), np.array([100.0, 100.0]), np.array([9, 9]), 2)
+    assert got.tolist() == pytest.approx([900 * 0.2e-9 + 8 * 500e-9, 900 * 0.2e-9 + 8 * 50e-9])
+    fixed = GroupTaps(taps, calls, {8: 30.0, 12: 45.0, 16: 60.0})  # per call; beyond the largest count, its time
+    got_fixed = fixed.seconds(np.array([36, 48, 400]), np.array([4, 4, 4]), np.full(3, 100.0), np.full(3, 9), 2)
+    assert (got_fixed[:2] - got).tolist() == pytest.approx([30e-6, 45e-6])
+    assert got_fixed[2] - t.seconds(np.array([400]), np.array([4]), np.array([100.0]), np.array([9]), 2)[0] == \
+        pytest.approx(60e-6)
+    est = estimate(table, parse_strategy("prune:0.25"))
+    kept = np.tile(est.state.kept, (2, 1))
+    out = BatchEvaluator(est, both, 8)(kept)["latency_ms"]
+    assert out[0] == pytest.approx(predict_latency(est, both, 8).latency_ms, rel=1e-9)
+    assert out[0] > predict_latency(est, only_taps, 8).latency_ms
+
+
 def test_group_tap_table_is_the_slope_between_two_sizes_and_the_fit_leaves_it_out():
     """group_tap_table: per count, the time per output element and tap between the two spatial sizes it was timed
     at (a call's fixed cost cancels); fit_profile's networks have that time taken out of their grouped
     convolutions' rows and totals (the split model fits the rest), and nothing else."""
-    from hardware.calibrate.groups import FloatGroupSample, group_tap_table
+    from hardware.calibrate.groups import (FLOAT_GROUP_SMALL, FLOAT_WIDE_GROUPS, FloatGroupSample, group_call_table,
+                                           group_fixed_table, group_tap_table)
     from hardware.calibrate.profile import _without_taps
     from hardware.latency import group_tap_rows, latency_kinds
 
-    def sample(b, pg, hw, ns):
-        x = FloatGroupSample(b, pg, 4, hw, 0.0)
-        return dataclasses.replace(x, seconds=50e-6 + x.out_taps * ns * 1e-9)  # 50 us per call, then ns per tap
+    def sample(b, pg, hw, ns, g=4, call_ns=0.0):
+        x = FloatGroupSample(b, pg, g, hw, 0.0)
+        # a fixed time per call by channels per group, then ns per tap, then call_ns per image and group
+        return dataclasses.replace(x, seconds=fixed(pg) * 1e-6 + x.out_taps * ns * 1e-9 + b * g * call_ns * 1e-9)
 
-    samples = [sample(b, pg, hw, 0.2 if pg % 8 == 0 else 0.6) for b in (1, 8) for pg in (8, 11, 16)
+    def call(pg):
+        return 80.0 if pg % 8 == 0 else 500.0
+
+    def fixed(pg):
+        return 50.0 if pg % 8 == 0 else 35.0
+
+    samples = [sample(b, pg, hw, 0.2 if pg % 8 == 0 else 0.6, 4, call(pg)) for b in (1, 8) for pg in (8, 11, 16)
                for hw in (7, 14)]
     assert group_tap_table(samples, 1) == pytest.approx({8: 0.2, 11: 0.6, 16: 0.2})
     assert group_tap_table(samples, 8) == pytest.approx({8: 0.2, 11: 0.6, 16: 0.2})
     assert group_tap_table(samples, 4) == {}  # no sample at that batch
     assert group_tap_table([s for s in samples if s.spatial == 7], 1) == {}  # one size: no slope
+    assert group_call_table(samples, 8) == {} and group_fixed_table(samples, 8) == {}  # no small, wide call
+    small = [sample(b, pg, FLOAT_GROUP_SMALL, 0.2 if pg % 8 == 0 else 0.6, g, call(pg)) for b in (1, 8)
+             for pg in (8, 11, 16) for g in (4, FLOAT_WIDE_GROUPS)]
+    # the slope is the narrow calls' between the two sizes: neither the wide calls nor the small size change it
+    assert group_tap_table(samples + small, 8) == pytest.approx({8: 0.2, 11: 0.6, 16: 0.2})
+    for b in (1, 8):
+        assert group_call_table(samples + small, b) == pytest.approx({8: 80.0, 11: 500.0, 16: 80.0}, abs=1e-3)
+        assert group_fixed_table(samples + small, b) == pytest.approx({8: 50.0, 11: 35.0, 16: 50.0}, abs=1e-3)
     table = _grouped_table()
     rows = group_tap_rows(table, {12: 0.5}, 2)
     g = latency_kinds(table) == "gconv"
     assert rows[~g].sum() == 0 and rows[g][0] == pytest.approx(2 * 16 * 16 * 48 * 9 * 0.5e-9)
+    with_calls = group_tap_rows(table, {12: 0.5}, 2, {12: 300.0}, {12: 40.0})
+    assert with_calls[g][0] - rows[g][0] == pytest.approx(2 * 4 * 300e-9 + 40e-6)
     net = NetSample("n", table, np.full(table.n, 1e-3), 0.02, batch=2)
     less = _without_taps(net, {12: 0.5})
     assert np.allclose(less.row_seconds, net.row_seconds - rows)
     assert less.total_seconds == pytest.approx(0.02 - rows.sum())
+    assert np.allclose(_without_taps(net, {12: 0.5}, {12: 300.0}, {12: 40.0}).row_seconds,
+                       net.row_seconds - with_calls)
     assert _without_taps(net, {}) is net
 
 
 @pytest.mark.timing
 def test_float_grouped_convolutions_timed_alone_cost_by_their_channels_per_group():
-    """float_group_samples on this machine: every count at both sizes and both batches, positive times that grow
-    with the size; the table has a time per output element and tap for every count at both batches."""
-    from hardware.calibrate.groups import FLOAT_GROUP_SPATIAL, float_group_samples, group_tap_table
+    """float_group_samples on this machine: every count at both sizes and both batches with the narrow group count
+    and at the smaller size with the wide one, positive times that grow with the size and the groups; the tables
+    have a time per output element and tap and one per image and group for every count at both batches."""
+    from hardware.calibrate.groups import (FLOAT_GROUP_SMALL, FLOAT_GROUP_SPATIAL, FLOAT_GROUPS, FLOAT_WIDE_GROUPS,
+                                           float_group_samples, group_call_table, group_fixed_table, group_tap_table)
 
     counts = (8, 11, 16)
     samples = float_group_samples(lambda m: None, batches=(1, 8), counts=counts)
-    assert len(samples) == 2 * 2 * len(counts) and all(s.seconds > 0 for s in samples)
+    assert len(samples) == 2 * 4 * len(counts) and all(s.seconds > 0 for s in samples)
+    small = FLOAT_GROUP_SMALL
     for b in (1, 8):
         lo, hi = FLOAT_GROUP_SPATIAL[b]
         for pg in counts:
-            t = {s.spatial: s.seconds for s in samples if s.batch == b and s.per_group == pg}
-            assert t[hi] > t[lo]
+            t = {(s.spatial, s.groups): s.seconds for s in samples if s.batch == b and s.per_group == pg}
+            assert t[hi, FLOAT_GROUPS] > t[lo, FLOAT_GROUPS] and t[small, FLOAT_WIDE_GROUPS] > t[small, FLOAT_GROUPS]
         table = group_tap_table(samples, b)
         assert set(table) == set(counts) and all(v > 0 for v in table.values())
+        calls, fixed = group_call_table(samples, b), group_fixed_table(samples, b)
+        assert set(calls) == set(fixed) == set(counts) and all(v >= 0 for v in calls.values())
+        assert all(v > 0 for v in fixed.values())

@@ -26,6 +26,13 @@ _GROUPED = columns("overhead", "flops", "flops_misaligned", "weight_bytes", "act
 SPLIT_COLUMNS = {"conv": list(range(SPLIT_WIDTH)), "gconv": _GROUPED, "dwconv": _GROUPED,
                  "gemm": columns("overhead", "flops", "flops_misaligned", "weight_bytes", "act_cache_bytes",
                                  "act_memory_bytes")}
+# a float grouped convolution priced from its own timing (Efficiency.group_tap_ns, group_call_ns, group_fixed_us: per
+# output element and tap, per image and group, per call) is fitted on its activations' traffic alone: the synthetic
+# networks hold about ten grouped convolutions per batch, and fitting them on all of _GROUPED's columns gave weights 2%
+# of the read bandwidth, pricing a RegNet's grouped convolutions at 2-4x their measured time and a pruned one's cut in
+# weights as a speed-up it did not have; an overhead column of their own put 36 us on every one, where the timed
+# parts alone came within 10% of a RegNet's at batch 8
+TIMED_GROUPED = columns("act_cache_bytes", "act_memory_bytes")
 OTHER_COLUMNS = columns("overhead", "flops", "weight_bytes", "act_cache_bytes", "act_memory_bytes")
 FIT_FLOOR_S = 20e-6  # relative errors are floored: a 2 us row should not weigh like a 2 ms one
 
@@ -52,14 +59,15 @@ def _net_columns(net: NetSample, multiple: int, cache: float, threads: int = 0):
 
 
 def fit_split_model(nets: list[NetSample], multiple: int, cache: float, bound: dict[str, np.ndarray] | None = None,
-                    threads: int = 0) -> tuple[dict[str, np.ndarray], float, float]:
+                    threads: int = 0, timed_groups: bool = False) -> tuple[dict[str, np.ndarray], float, float]:
     """Per class, non-negative least squares of every row's seconds on the split model's columns, each row's
     error relative to its network's total (what a network's prediction sums: fitting each row's own relative
     error let the many small rows pull the large ones down and under-predicted the synthetic networks by 5-9%
     in sample). A one-row sample (a kernel timed alone) is fitted on its relative error. `bound`: another
     batch's fit whose per-operator overheads (column 0) bound these from below (a larger batch does not
     dispatch an operator faster; a small budget's noise could say so). `threads`: the networks ran in eager
-    PyTorch on that many threads (its convolution dispatch is fitted; 0: they did not).
+    PyTorch on that many threads (its convolution dispatch is fitted; 0: they did not). `timed_groups`: the rows'
+    grouped convolutions have their timed compute taken out (calibrate.profile): they are fitted on TIMED_GROUPED.
     Returns (seconds per column unit per class, view seconds, mean relative error of the rows, floored)."""
     from scipy.optimize import nnls
 
@@ -77,7 +85,7 @@ def fit_split_model(nets: list[NetSample], multiple: int, cache: float, bound: d
         sel = K == cls
         if sel.sum() < 8:
             continue
-        use = SPLIT_COLUMNS.get(cls, OTHER_COLUMNS)
+        use = TIMED_GROUPED if timed_groups and cls == "gconv" else SPLIT_COLUMNS.get(cls, OTHER_COLUMNS)
         w = 1.0 / N[sel]
         A = C[sel][:, use] * w[:, None]
         # 1x1 rows' FLOPs at their own rate: column 1 takes the other rows' FLOPs, column 2 the 1x1 rows'; both
@@ -89,8 +97,8 @@ def fit_split_model(nets: list[NetSample], multiple: int, cache: float, bound: d
             A[:, use.index(f_col)] -= A[:, use.index(pw_col)]
         scale = np.maximum(np.abs(A).max(0), 1e-30)  # columns differ by 12 orders of magnitude
         low = np.zeros(len(use))
-        if bound is not None and cls in bound:
-            low[0] = bound[cls][use[0]]  # use[0] is the overhead column, the per-operator overhead
+        if bound is not None and cls in bound and use[0] == COL["overhead"]:
+            low[0] = bound[cls][use[0]]  # the per-operator overhead
         x, _ = nnls(A / scale, T[sel] * w - A @ low)
         full = np.zeros(C.shape[1])
         full[use] = x / scale + low

@@ -25,7 +25,7 @@ from ..measure import dominant_state, same_state
 from ..profile import Efficiency, HardwareProfile, Provenance
 from .fit import (FUSED_INT8, UNFUSED_INT8, Int8Fit, element_ns, fit_glue, fit_int8, fit_pool, fit_split_model,
                   glue_bound, int8_coef, nearest_batch, split_efficiency, unbiased, wrapper_costs)
-from .groups import group_tap_table
+from .groups import group_call_table, group_fixed_table, group_tap_table
 from .int8 import QPOOL_LANES, Int8Builder, group_rule
 from .samples import POOLED_LEAST, Samples, at_one_pace, collect_samples, pace_elasticity, paced_count, save_samples
 from .sampling import BATCHES, CACHE_SHARE, ELASTICITY_LEAST, PACE_BAND, NetSample, Progress, channel_multiple
@@ -90,9 +90,10 @@ def fit_profile(samples: Samples, progress: Progress = lambda m: None) -> Hardwa
     if samples.peaks_other_state:
         f.record["state.peaks_in_other_state"] = 1.0
     taps = _float_group_tables(f, samples.float_groups, list(nets), progress)
-    nets = {b: [_without_taps(n, taps.get(b)) for n in ns] for b, ns in nets.items()}
-    coefs, effs = _fit_float(f, nets, progress)
-    effs = {b: e.model_copy(update={"group_tap_ns": taps[b]}) if taps.get(b) else e for b, e in effs.items()}
+    nets = {b: [_without_taps(n, *taps.get(b, ({}, {}, {}))) for n in ns] for b, ns in nets.items()}
+    coefs, effs = _fit_float(f, nets, progress, timed_groups=any(t[0] for t in taps.values()))
+    effs = {b: e.model_copy(update=dict(zip(("group_tap_ns", "group_call_ns", "group_fixed_us"), taps[b])))
+            if taps.get(b, ({},))[0] else e for b, e in effs.items()}
     gflops = {"fp32": round(f.peaks[0], 2)}
     overrides: dict[int, Efficiency] = {}
     if samples.ops or samples.q:
@@ -107,27 +108,38 @@ def fit_profile(samples: Samples, progress: Progress = lambda m: None) -> Hardwa
     return _host_profile(samples, f, gflops, effs, overrides, pace_ms, elasticity)
 
 
-def _float_group_tables(f: _Fitting, samples: list, batches: list[int], progress: Progress) -> dict[int, dict]:
-    """Per float batch, the grouped convolutions' time per output element and tap by channels per group
-    (groups.group_tap_table, Efficiency.group_tap_ns), from the nearest batch timed; empty where none was timed
+def _float_group_tables(f: _Fitting, samples: list, batches: list[int], progress: Progress
+                        ) -> dict[int, tuple[dict, dict, dict]]:
+    """Per float batch, the grouped convolutions' time per output element and tap, per image and group and per
+    call, by channels per group (groups.group_tap_table, group_call_table and group_fixed_table; Efficiency's
+    group_tap_ns, group_call_ns and group_fixed_us), from the nearest batch timed; empty where none was timed
     (samples kept before they were)."""
     timed = sorted({x.batch for x in samples})
-    out: dict[int, dict] = {}
+    out: dict[int, tuple[dict, dict, dict]] = {}
     for b in batches if timed else []:
-        out[b] = table = group_tap_table(samples, nearest_batch(b, timed))
-        at = {pg: table[pg] for pg in (8, 11, 16, 24) if pg in table}
-        f.record.update({f"fp32.b{b}.group_tap_ns_{pg}": v for pg, v in at.items()})
-        progress(f"fp32 batch {b} grouped convolutions: " + ", ".join(f"{v:.3f}" for v in at.values())
-                 + f" ns per output element and tap at {', '.join(map(str, at))} channels per group")
+        near = nearest_batch(b, timed)
+        table, calls, fixed = (group_tap_table(samples, near), group_call_table(samples, near),
+                               group_fixed_table(samples, near))
+        out[b] = table, calls, fixed
+        at = [pg for pg in (8, 11, 16, 24) if pg in table]
+        for name, got in (("tap_ns", table), ("call_ns", calls), ("fixed_us", fixed)):
+            f.record.update({f"fp32.b{b}.group_{name}_{pg}": got[pg] for pg in at if pg in got})
+        text = f"fp32 batch {b} grouped convolutions at {', '.join(map(str, at))} channels per group: "
+        text += ", ".join(f"{table[pg]:.3f}" for pg in at) + " ns per output element and tap"
+        if calls:
+            text += "; " + ", ".join(f"{calls.get(pg, 0.0):.0f}" for pg in at) + " ns per image and group; "
+            text += ", ".join(f"{fixed.get(pg, 0.0):.1f}" for pg in at) + " us per call"
+        progress(text)
     return out
 
 
-def _without_taps(net: NetSample, tap_ns: dict | None) -> NetSample:
-    """`net` less its float grouped convolutions' time per output element (group_tap_rows), which the profile
-    prices from its own timing: the split model is fitted on the rest."""
+def _without_taps(net: NetSample, tap_ns: dict | None, call_ns: dict | None = None,
+                  fixed_us: dict | None = None) -> NetSample:
+    """`net` less its float grouped convolutions' time per output element, per image and group and per call
+    (group_tap_rows), which the profile prices from its own timing: the split model is fitted on the rest."""
     if not tap_ns:
         return net
-    rows = group_tap_rows(net.table, tap_ns, net.batch or net.table.batch)
+    rows = group_tap_rows(net.table, tap_ns, net.batch or net.table.batch, call_ns, fixed_us)
     if not rows.any():
         return net
     return dataclasses.replace(net, row_seconds=np.asarray(net.row_seconds) - rows,
@@ -156,10 +168,11 @@ def _with_group_rule(f: _Fitting, overrides: dict[int, Efficiency], groups: list
             for b, e in overrides.items()}
 
 
-def _fit_float(f: _Fitting, nets: dict, progress: Progress
+def _fit_float(f: _Fitting, nets: dict, progress: Progress, timed_groups: bool = False
                ) -> tuple[dict[int, dict[str, np.ndarray]], dict[int, Efficiency]]:
     """Per batch, the split model, the glue and their efficiencies; larger batches are bounded below by the first
-    one's overheads (a larger batch does not dispatch an operator faster)."""
+    one's overheads (a larger batch does not dispatch an operator faster). `timed_groups`: the networks' grouped
+    convolutions have their timed compute taken out (fit.fit_split_model)."""
     peak, bw, cbw, rbw = f.peaks
     coefs: dict[int, dict[str, np.ndarray]] = {}
     effs: dict[int, Efficiency] = {}
@@ -167,7 +180,7 @@ def _fit_float(f: _Fitting, nets: dict, progress: Progress
     glues: dict[int, tuple[float, float, float]] = {}
     views: dict[int, float] = {}
     for b, ns in sorted(nets.items()):
-        coef, view_s, row_err = fit_split_model(ns, f.multiple, f.cache, coefs.get(first), f.threads)
+        coef, view_s, row_err = fit_split_model(ns, f.multiple, f.cache, coefs.get(first), f.threads, timed_groups)
         if not {"conv", "elementwise"} <= set(coef):
             raise RuntimeError(f"calibration budget too small: {len(ns)} networks timed at batch {b}, not enough "
                                "convolutions and elementwise operators to fit")
