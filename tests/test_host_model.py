@@ -1025,8 +1025,8 @@ def test_group_tap_table_is_the_slope_between_two_sizes_and_the_fit_leaves_it_ou
     """group_tap_table: per count, the time per output element and tap between the two spatial sizes it was timed
     at (a call's fixed cost cancels); fit_profile's networks have that time taken out of their grouped
     convolutions' rows and totals (the split model fits the rest), and nothing else."""
-    from hardware.calibrate.groups import (FLOAT_GROUP_SMALL, FLOAT_WIDE_GROUPS, FloatGroupSample, group_call_table,
-                                           group_fixed_table, group_tap_table)
+    from hardware.calibrate.groups import (FLOAT_GROUP_SMALL, FLOAT_WIDE_GROUPS, FloatGroupSample, group_call_tables,
+                                           group_tap_table)
     from hardware.calibrate.profile import _without_taps
     from hardware.latency import group_tap_rows, latency_kinds
 
@@ -1047,14 +1047,15 @@ def test_group_tap_table_is_the_slope_between_two_sizes_and_the_fit_leaves_it_ou
     assert group_tap_table(samples, 8) == pytest.approx({8: 0.2, 11: 0.6, 16: 0.2})
     assert group_tap_table(samples, 4) == {}  # no sample at that batch
     assert group_tap_table([s for s in samples if s.spatial == 7], 1) == {}  # one size: no slope
-    assert group_call_table(samples, 8) == {} and group_fixed_table(samples, 8) == {}  # no small, wide call
+    assert group_call_tables(samples, 8, group_tap_table(samples, 8)) == ({}, {})  # no small, wide call
     small = [sample(b, pg, FLOAT_GROUP_SMALL, 0.2 if pg % 8 == 0 else 0.6, g, call(pg)) for b in (1, 8)
              for pg in (8, 11, 16) for g in (4, FLOAT_WIDE_GROUPS)]
     # the slope is the narrow calls' between the two sizes: neither the wide calls nor the small size change it
     assert group_tap_table(samples + small, 8) == pytest.approx({8: 0.2, 11: 0.6, 16: 0.2})
     for b in (1, 8):
-        assert group_call_table(samples + small, b) == pytest.approx({8: 80.0, 11: 500.0, 16: 80.0}, abs=1e-3)
-        assert group_fixed_table(samples + small, b) == pytest.approx({8: 50.0, 11: 35.0, 16: 50.0}, abs=1e-3)
+        calls, fixed = group_call_tables(samples + small, b, group_tap_table(samples + small, b))
+        assert calls == pytest.approx({8: 80.0, 11: 500.0, 16: 80.0}, abs=1e-3)
+        assert fixed == pytest.approx({8: 50.0, 11: 35.0, 16: 50.0}, abs=1e-3)
     table = _grouped_table()
     rows = group_tap_rows(table, {12: 0.5}, 2)
     g = latency_kinds(table) == "gconv"
@@ -1076,7 +1077,7 @@ def test_float_grouped_convolutions_timed_alone_cost_by_their_channels_per_group
     and at the smaller size with the wide one, positive times that grow with the size and the groups; the tables
     have a time per output element and tap and one per image and group for every count at both batches."""
     from hardware.calibrate.groups import (FLOAT_GROUP_SMALL, FLOAT_GROUP_SPATIAL, FLOAT_GROUPS, FLOAT_WIDE_GROUPS,
-                                           float_group_samples, group_call_table, group_fixed_table, group_tap_table)
+                                           float_group_samples, group_call_tables, group_tap_table)
 
     counts = (8, 11, 16)
     samples = float_group_samples(lambda m: None, batches=(1, 8), counts=counts)
@@ -1089,6 +1090,6 @@ def test_float_grouped_convolutions_timed_alone_cost_by_their_channels_per_group
             assert t[hi, FLOAT_GROUPS] > t[lo, FLOAT_GROUPS] and t[small, FLOAT_WIDE_GROUPS] > t[small, FLOAT_GROUPS]
         table = group_tap_table(samples, b)
         assert set(table) == set(counts) and all(v > 0 for v in table.values())
-        calls, fixed = group_call_table(samples, b), group_fixed_table(samples, b)
+        calls, fixed = group_call_tables(samples, b, table)
         assert set(calls) == set(fixed) == set(counts) and all(v >= 0 for v in calls.values())
         assert all(v > 0 for v in fixed.values())

@@ -9,12 +9,12 @@ FLOPs and slowed them, and its pruned float candidates at batch 8 measured about
 A call's time is priced in three parts, each timed per channel count, per calibrated batch:
 - per output element and tap (group_tap_table, Efficiency.group_tap_ns): the slope between two FLOAT_GROUP_SPATIAL
   sizes with FLOAT_GROUPS groups, free of the call's fixed cost;
-- per image and group (group_call_table, Efficiency.group_call_ns): off the kernel's block a call pays a fixed time
+- per image and group (group_call_tables, Efficiency.group_call_ns): off the kernel's block a call pays a fixed time
   per image and group. At batch 8 with 2x2 outputs and 11 channels per group, 48 groups took 235 us where 4 took
   46 us (0.5 us per image and group, 0.05 us at 8 channels per group), so that a pruned RegNet's last stage (25
   groups, 2x2 outputs) nearly doubled while its taps priced +10%. It is the call with FLOAT_WIDE_GROUPS groups less
   the one with FLOAT_GROUPS groups, both at FLOAT_GROUP_SMALL, less their taps, per image and group added;
-- per call (group_fixed_table, Efficiency.group_fixed_us): the narrow call at FLOAT_GROUP_SMALL less its taps and
+- per call (group_call_tables, Efficiency.group_fixed_us): the narrow call at FLOAT_GROUP_SMALL less its taps and
   its images x groups. The kernel's block costs a fixed time of its own: at batch 1, 11 channels per group took
   33 us a call where 16 took 49, so that the pruned RegNet's grouped convolutions got faster at batch 1.
 The latency model adds the three to a float grouped convolution's split-model price (hardware.latency.GroupTaps),
@@ -116,25 +116,14 @@ def group_tap_table(samples: list[FloatGroupSample], batch: int) -> dict[int, fl
     return {pg: round(float(np.median(v)), 5) for pg, v in slopes.items()}
 
 
-def group_call_table(samples: list[FloatGroupSample], batch: int) -> dict[int, float]:
-    """Nanoseconds per image and group of a call, by channels per group, at `batch`: a count's call with
-    FLOAT_WIDE_GROUPS groups less its call with FLOAT_GROUPS groups, both at FLOAT_GROUP_SMALL, less the difference
-    of their output elements x taps at group_tap_table's time, over the images x groups added (never negative; the
-    median where several calibrations timed it); empty where no count was timed with both."""
-    return {pg: round(v[0], 3) for pg, v in _call_parts(samples, batch).items()}
-
-
-def group_fixed_table(samples: list[FloatGroupSample], batch: int) -> dict[int, float]:
-    """Microseconds per call, by channels per group, at `batch`: a count's call with FLOAT_GROUPS groups at
-    FLOAT_GROUP_SMALL less its output elements x taps at group_tap_table's time and its images x groups at
-    group_call_table's (never negative; the median where several calibrations timed it); empty where
-    group_call_table is."""
-    return {pg: round(v[1], 3) for pg, v in _call_parts(samples, batch).items()}
-
-
-def _call_parts(samples: list[FloatGroupSample], batch: int) -> dict[int, tuple[float, float]]:
-    """Per count: (ns per image and group, us per call), the medians over the calibrations that timed it."""
-    taps = group_tap_table(samples, batch)
+def group_call_tables(samples: list[FloatGroupSample], batch: int, taps: dict[int, float]
+                      ) -> tuple[dict[int, float], dict[int, float]]:
+    """(nanoseconds per image and group, microseconds per call), by channels per group, at `batch`, given `taps`
+    (group_tap_table's at that batch). Per image and group: a count's call with FLOAT_WIDE_GROUPS groups less its
+    call with FLOAT_GROUPS groups, both at FLOAT_GROUP_SMALL, less the difference of their output elements x taps at
+    the tap table's time, over the images x groups added. Per call: the narrow call less its output elements x taps
+    and its images x groups at that time per image and group. Neither is ever negative; each is the median where
+    several calibrations timed the count; both are empty where no count was timed with both group counts."""
     calls: dict[tuple[int, int], list[FloatGroupSample]] = {}
     for x in samples:
         if x.batch == batch and x.seconds > 0 and x.spatial == FLOAT_GROUP_SMALL:
@@ -144,11 +133,12 @@ def _call_parts(samples: list[FloatGroupSample], batch: int) -> dict[int, tuple[
         narrow = calls.get((pg, FLOAT_GROUPS))
         if g != FLOAT_WIDE_GROUPS or not narrow or pg not in taps:
             continue
+        tap_s = taps[pg] * 1e-9
         for a, b in zip(narrow, wide):  # one pair per calibration
-            tap_s = taps[pg] * 1e-9
             each = max((b.seconds - a.seconds - tap_s * (b.out_taps - a.out_taps)) / (batch * (b.groups - a.groups)),
                        0.0)
             fixed = max(a.seconds - tap_s * a.out_taps - each * batch * a.groups, 0.0)
             per.setdefault(pg, []).append((each * 1e9, fixed * 1e6))
-    return {pg: (float(np.median([e for e, _ in v])), float(np.median([f for _, f in v])))
-            for pg, v in sorted(per.items())}
+    each_ns = {pg: round(float(np.median([e for e, _ in v])), 3) for pg, v in sorted(per.items())}
+    fixed_us = {pg: round(float(np.median([f for _, f in v])), 3) for pg, v in sorted(per.items())}
+    return each_ns, fixed_us

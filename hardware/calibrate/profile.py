@@ -25,7 +25,7 @@ from ..measure import dominant_state, same_state
 from ..profile import Efficiency, HardwareProfile, Provenance
 from .fit import (FUSED_INT8, UNFUSED_INT8, Int8Fit, element_ns, fit_glue, fit_int8, fit_pool, fit_split_model,
                   glue_bound, int8_coef, nearest_batch, split_efficiency, unbiased, wrapper_costs)
-from .groups import group_call_table, group_fixed_table, group_tap_table
+from .groups import group_call_tables, group_tap_table
 from .int8 import QPOOL_LANES, Int8Builder, group_rule
 from .samples import POOLED_LEAST, Samples, at_one_pace, collect_samples, pace_elasticity, paced_count, save_samples
 from .sampling import BATCHES, CACHE_SHARE, ELASTICITY_LEAST, PACE_BAND, NetSample, Progress, channel_multiple
@@ -113,15 +113,15 @@ def fit_profile(samples: Samples, progress: Progress = lambda m: None) -> Hardwa
 def _float_group_tables(f: _Fitting, samples: list, batches: list[int], progress: Progress
                         ) -> dict[int, tuple[dict, dict, dict]]:
     """Per float batch, the grouped convolutions' time per output element and tap, per image and group and per
-    call, by channels per group (groups.group_tap_table, group_call_table and group_fixed_table; Efficiency's
+    call, by channels per group (groups.group_tap_table and group_call_tables; Efficiency's
     group_tap_ns, group_call_ns and group_fixed_us), from the nearest batch timed; empty where none was timed
     (samples kept before they were)."""
     timed = sorted({x.batch for x in samples})
     out: dict[int, tuple[dict, dict, dict]] = {}
     for b in batches if timed else []:
         near = nearest_batch(b, timed)
-        table, calls, fixed = (group_tap_table(samples, near), group_call_table(samples, near),
-                               group_fixed_table(samples, near))
+        table = group_tap_table(samples, near)
+        calls, fixed = group_call_tables(samples, near, table)
         out[b] = table, calls, fixed
         at = [pg for pg in (8, 11, 16, 24) if pg in table]
         for name, got in (("tap_ns", table), ("call_ns", calls), ("fixed_us", fixed)):
