@@ -1074,8 +1074,9 @@ def test_group_tap_table_is_the_slope_between_two_sizes_and_the_fit_leaves_it_ou
 @pytest.mark.timing
 def test_float_grouped_convolutions_timed_alone_cost_by_their_channels_per_group():
     """float_group_samples on this machine: every count at both sizes and both batches with the narrow group count
-    and at the smaller size with the wide one, positive times that grow with the size and the groups; the tables
-    have a time per output element and tap and one per image and group for every count at both batches."""
+    and at the small size with both group counts, positive times that grow with the size, and with the groups off
+    the kernel's block; the tables have a time per output element and tap, per image and group and per call for
+    every count at both batches."""
     from hardware.calibrate.groups import (FLOAT_GROUP_SMALL, FLOAT_GROUP_SPATIAL, FLOAT_GROUPS, FLOAT_WIDE_GROUPS,
                                            float_group_samples, group_call_tables, group_tap_table)
 
@@ -1087,7 +1088,12 @@ def test_float_grouped_convolutions_timed_alone_cost_by_their_channels_per_group
         lo, hi = FLOAT_GROUP_SPATIAL[b]
         for pg in counts:
             t = {(s.spatial, s.groups): s.seconds for s in samples if s.batch == b and s.per_group == pg}
-            assert t[hi, FLOAT_GROUPS] > t[lo, FLOAT_GROUPS] and t[small, FLOAT_WIDE_GROUPS] > t[small, FLOAT_GROUPS]
+            assert t[hi, FLOAT_GROUPS] > t[lo, FLOAT_GROUPS]
+            if pg == 11:
+                # off the kernel's block the groups cost a time of their own (at 2x2, 32 groups 46 us against 33 for 4
+                # at batch 1, 175 against 49 at batch 8); on it, at batch 1, the two calls differ by less than the
+                # machine's noise (8 channels per group: 49 and 51 us)
+                assert t[small, FLOAT_WIDE_GROUPS] > t[small, FLOAT_GROUPS]
         table = group_tap_table(samples, b)
         assert set(table) == set(counts) and all(v > 0 for v in table.values())
         calls, fixed = group_call_tables(samples, b, table)
